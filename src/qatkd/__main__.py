@@ -1,0 +1,5 @@
+import sys
+
+from qatkd.cli import main
+
+sys.exit(main())

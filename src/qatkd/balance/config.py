@@ -1,0 +1,73 @@
+"""The `balancer:` config section and the registry that turns it into a `LossBalancer`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from qatkd.balance.balancers import Fixed, GoR
+from qatkd.balance.base import LossBalancer
+from qatkd.errors import QatkdError
+from qatkd.registry import Registry
+
+
+class BalancerConfig(BaseModel):
+    """The `balancer:` section of a run config; `alpha` is read by `fixed` only, `form` and
+    `per_teacher` by `gor` only, `lr` (default: the model's) by balancers with parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "gor"
+    form: Literal["liebel", "kendall"] = "liebel"
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    per_teacher: bool = False
+    lr: float | None = Field(default=None, gt=0.0)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        # pydantic reports a ValueError with the field's location; reuse the registry's hint.
+        try:
+            BALANCERS.get(name)
+        except QatkdError as e:
+            raise ValueError(str(e)) from None
+        return name
+
+
+BalancerFactory = Callable[[BalancerConfig, int], LossBalancer]
+BALANCERS: Registry[BalancerFactory] = Registry("balancer")
+
+
+@BALANCERS.register("ts_only")
+def _ts_only(config: BalancerConfig, num_teachers: int) -> LossBalancer:
+    return Fixed(alpha=0.0)
+
+
+@BALANCERS.register("kd_only")
+def _kd_only(config: BalancerConfig, num_teachers: int) -> LossBalancer:
+    return Fixed(alpha=1.0)
+
+
+@BALANCERS.register("fixed")
+def _fixed(config: BalancerConfig, num_teachers: int) -> LossBalancer:
+    return Fixed(alpha=config.alpha)
+
+
+@BALANCERS.register("gor")
+def _gor(config: BalancerConfig, num_teachers: int) -> LossBalancer:
+    return GoR(form=config.form, num_teachers=num_teachers if config.per_teacher else None)
+
+
+def build_balancer(config: BalancerConfig, num_teachers: int) -> LossBalancer:
+    """The configured balancer, after checking it fits the number of teachers."""
+    factory = BALANCERS.get(config.name)
+    if config.per_teacher and config.name != "gor":
+        raise QatkdError(f"balancer.per_teacher=true needs balancer.name=gor, not '{config.name}'")
+    if num_teachers == 0 and config.name != "ts_only":
+        raise QatkdError(
+            f"balancer '{config.name}' needs at least one teacher: set teachers=[...] "
+            "(or balancer.name=ts_only for plain QAT)"
+        )
+    return factory(config, num_teachers)

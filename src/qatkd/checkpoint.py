@@ -1,0 +1,58 @@
+"""Checkpoint files: written atomically, read with `weights_only=True`, errors in one line.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (nothing pickled), so
+loading never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qatkd.errors import QatkdError
+
+FORMAT = "qatkd-checkpoint-v1"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write to a temporary file beside `path`, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a qatkd checkpoint on the CPU, refusing anything that is not one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise QatkdError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QatkdError(
+            f"refusing checkpoint {path}: it holds pickled objects, not only tensors "
+            f"({first[:120]})"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise QatkdError(f"cannot read checkpoint {path}: the file is truncated or corrupt") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise QatkdError(f"{path} is not a qatkd checkpoint (expected format '{FORMAT}')")
+    return state

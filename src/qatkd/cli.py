@@ -1,0 +1,173 @@
+"""The `qatkd` command: `qatkd <command> [--config FILE] [key=value ...]`.
+
+User mistakes end in one line on stderr and exit status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from qatkd.config import Config, _section_type, load_config
+from qatkd.errors import QatkdError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """`key = default  description` lines of every config key, for --help."""
+    lines = []
+    instance = model()
+    for name, field in model.model_fields.items():
+        section = _section_type(field.annotation)
+        default = getattr(instance, name)
+        if section is not None and default is not None:
+            lines += describe_keys(section, f"{prefix}{name}.")
+            continue
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        note = f"  {field.description}" if field.description else ""
+        lines.append(f"  {prefix}{name} = {json.dumps(default)}{note}")
+    return lines
+
+
+def _print_metrics(run_dir: Path | None, metrics: dict[str, Any]) -> None:
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    print(json.dumps(shown, indent=2))
+    if run_dir is not None:
+        print(f"run folder: {run_dir}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from qatkd import pipeline
+
+    if args.resume:
+        if args.overrides or args.config:
+            raise QatkdError(
+                "--resume continues a run with its saved config: drop --config and key=value"
+            )
+        _print_metrics(*pipeline.resume(args.resume))
+        return
+    run = pipeline.distill if args.command == "distill" else pipeline.train
+    _print_metrics(*run(load_config(args.config, args.overrides)))
+
+
+def cmd_ptq(args: argparse.Namespace) -> None:
+    from qatkd import pipeline
+
+    _print_metrics(*pipeline.ptq(load_config(args.config, args.overrides), args.ckpt))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from qatkd import pipeline
+
+    _print_metrics(None, pipeline.evaluate(args.ckpt, args.overrides))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from qatkd.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qatkd", description="Small quantized models by QAT + knowledge distillation with GoR."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    # SUPPRESS: a subcommand's unset --debug must not reset the value given before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    keys_help = "config keys (key = default):\n" + "\n".join(describe_keys())
+
+    def add(
+        name: str,
+        help_text: str,
+        handler: Callable[[argparse.Namespace], None],
+        configurable: bool = True,
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=keys_help if configurable else None,
+        )
+        if configurable:
+            p.add_argument(
+                "--config", metavar="FILE", help="YAML config (default: built-in defaults)"
+            )
+            p.add_argument(
+                "overrides",
+                nargs="*",
+                metavar="key=value",
+                help="dotted config overrides, values parsed as YAML",
+            )
+        p.set_defaults(handler=handler)
+        return p
+
+    for name, text in (
+        ("train", "train on labels: FP32 teachers/students, or plain QAT with quant.bits"),
+        ("distill", "train a (quantized) student from teachers with a loss balancer"),
+    ):
+        add(name, text, cmd_train).add_argument(
+            "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt"
+        )
+    add(
+        "ptq", "post-training quantization of an FP32 checkpoint (calibration only)", cmd_ptq
+    ).add_argument("--ckpt", required=True, metavar="PATH", help="FP32 checkpoint")
+    p = add("eval", "evaluate a checkpoint on its test set (data.* overrides allowed)", cmd_eval)
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint or run folder")
+    p = add("demo", "the end-to-end demo on Fashion-MNIST", cmd_demo, configurable=False)
+    p.add_argument("--out", default="runs/demo", help="demo folder (default: runs/demo)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides for every stage, e.g. data.root=DIR train.threads=2",
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller, faster demo (for tests)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except QatkdError as e:
+        if args.debug:
+            raise
+        print(f"qatkd: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(
+            "qatkd: interrupted; a train/distill run continues with --resume RUN_DIR",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"qatkd: internal error: {type(e).__name__}: {e} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

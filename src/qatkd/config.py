@@ -1,0 +1,175 @@
+"""The validated run configuration: YAML file + dotted `key=value` overrides -> `Config`.
+
+Every section rejects unknown keys, so a typo fails before any work starts, with the closest valid
+key in the message. The resolved config is saved as `config.yaml` in each run folder.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qatkd.balance import BalancerConfig
+from qatkd.distill import KDConfig
+from qatkd.errors import QatkdError
+from qatkd.quant import QuantConfig
+from qatkd.registry import closest
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "npz"] = "fashion-mnist"
+    root: str | None = Field(None, description="dataset folder or file; default: where it installs")
+    train_limit: int | None = Field(None, gt=0, description="use only the first N training samples")
+    test_limit: int | None = Field(None, gt=0, description="use only the first N test samples")
+    augment: bool = Field(True, description="train-time augmentation (crop + flip)")
+
+
+class ModelConfig(Section):
+    name: str = Field("resnet20", description="model registry name, e.g. resnet20, tv:resnet18")
+    init: str | None = Field(None, description="FP32 checkpoint to start from")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
+    log_every: int = Field(50, gt=0, description="steps between rows of steps.csv")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+
+
+class DiagConfig(Section):
+    every: int = Field(0, ge=0, description="gradient-conflict diagnostic every N steps; 0 = off")
+
+
+class Config(Section):
+    task: Literal["classification"] = "classification"
+    seed: int = 0
+    out: str | None = Field(None, description="run folder; default runs/<command>-<model>-<time>")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    quant: QuantConfig | None = Field(None, description="null = full precision")
+    teachers: list[str] = Field(default_factory=list, description="teacher checkpoints (distill)")
+    kd: KDConfig = KDConfig()
+    balancer: BalancerConfig = BalancerConfig()
+    diag: DiagConfig = DiagConfig()
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as `QuantConfig | None`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            found = _section_type(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key, for 'did you mean' hints and `--help`."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        sub = _section_type(field.annotation)
+        keys.append(prefix + name)
+        if sub is not None:
+            keys.extend(config_keys(sub, f"{prefix}{name}."))
+    return keys
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    messages = []
+    for err in error.errors():
+        key = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+        if err["type"] == "extra_forbidden":
+            messages.append(f"unknown config key '{key}'{closest(key, config_keys())}")
+        else:
+            reason = err["msg"].removeprefix("Value error, ")
+            messages.append(f"config key '{key}' = {err['input']!r}: {reason}")
+    return "; ".join(messages)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.05` -> ("train.lr", 0.05); values are parsed as YAML (lists, null, numbers)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise QatkdError(
+            f"cannot read override '{text}': write it as key=value, e.g. train.lr=0.05"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise QatkdError(f"cannot parse the value of override '{text}' as YAML") from e
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise QatkdError(
+                f"cannot set '{key}': '{'.'.join(parts[: i + 1])}' is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise QatkdError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise QatkdError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise QatkdError(
+            f"config file {path} must hold a mapping of keys, not {type(data).__name__}"
+        )
+    return data
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise QatkdError(_format_validation_error(e)) from e
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`raw` with each `key=value` override set (in place, and returned)."""
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The config of a run: defaults, then the YAML file, then command-line overrides."""
+    return build_config(apply_overrides(read_yaml(path) if path else {}, overrides or []))
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,30 @@
+"""Knowledge distillation: KD losses, the teacher ensemble and the teacher-logit cache."""
+
+from qatkd.distill.cache import TeacherLogitCache, file_sha256
+from qatkd.distill.ensemble import TeacherEnsemble
+from qatkd.distill.losses import (
+    KD_LOSSES,
+    KDConfig,
+    KDLoss,
+    KLLoss,
+    MSELoss,
+    build_kd_loss,
+    kd_kl,
+    kd_mse,
+    soften,
+)
+
+__all__ = [
+    "KD_LOSSES",
+    "KDConfig",
+    "KDLoss",
+    "KLLoss",
+    "MSELoss",
+    "TeacherEnsemble",
+    "TeacherLogitCache",
+    "build_kd_loss",
+    "file_sha256",
+    "kd_kl",
+    "kd_mse",
+    "soften",
+]

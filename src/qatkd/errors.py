@@ -1,0 +1,11 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad path, key, value or checkpoint) is raised as `QatkdError` with a
+one-line message that names the problem and the fix. The CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class QatkdError(Exception):
+    """An error caused by the user's input; its message is shown as-is, on one line."""

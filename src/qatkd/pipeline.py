@@ -1,0 +1,264 @@
+"""What each command does, wired from the parts: config -> data + models -> quantize -> engine.
+
+The CLI parses arguments and prints; these functions do the work and return what they measured,
+so scripts and benchmarks call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qatkd.balance import BalancerConfig, build_balancer
+from qatkd.checkpoint import load_checkpoint, save_checkpoint
+from qatkd.config import Config, apply_overrides, build_config, config_to_dict, save_config
+from qatkd.distill import TeacherEnsemble
+from qatkd.errors import QatkdError
+from qatkd.quant import QuantConfig, calibrate, prepare, quant_summary
+from qatkd.tasks.classification import (
+    MODELS,
+    ClassificationTask,
+    ImageData,
+    build_model,
+    load_data,
+    model_meta,
+)
+from qatkd.tasks.classification.models import TORCHVISION_PREFIX
+from qatkd.train import fit
+
+CALIBRATION_SAMPLES = 512
+
+
+def new_run_dir(config: Config, command: str) -> Path:
+    """The run folder; refuses to write over a folder that already holds a run."""
+    if config.out:
+        run_dir = Path(config.out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{command}-{config.model.name.replace(':', '_')}-{stamp}"
+    if (run_dir / "last.pt").exists() or (run_dir / "metrics.json").exists():
+        raise QatkdError(
+            f"run folder {run_dir} already holds a run: resume it with --resume {run_dir} "
+            "or choose another out="
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def data_meta(config: Config, data: ImageData) -> dict[str, Any]:
+    return model_meta(
+        config.model.name, data.in_channels, data.image_size, data.class_names, data.mean, data.std
+    )
+
+
+def model_from_meta(meta: dict[str, Any]) -> nn.Module:
+    model = build_model(
+        meta["model_name"], meta["in_channels"], len(meta["class_names"]), meta["mean"], meta["std"]
+    )
+    if meta.get("quant"):
+        prepare(model, QuantConfig(**meta["quant"]))
+    return model
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model stored in a checkpoint, in eval mode, and the checkpoint itself."""
+    state = load_checkpoint(path)
+    model = model_from_meta(state["meta"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise QatkdError(
+            f"checkpoint {path} does not fit model '{state['meta']['model_name']}': "
+            f"{str(e).splitlines()[0]}"
+        ) from e
+    return model.eval(), state
+
+
+def _check_matches_data(meta: dict[str, Any], data: ImageData, what: str, path: str) -> None:
+    if len(meta["class_names"]) != data.num_classes or meta["in_channels"] != data.in_channels:
+        raise QatkdError(
+            f"{what} {path} was trained for {len(meta['class_names'])} classes and "
+            f"{meta['in_channels']} input channels, but data '{data.name}' has "
+            f"{data.num_classes} classes and {data.in_channels} channels"
+        )
+
+
+def build_student(config: Config, data: ImageData) -> tuple[nn.Module, dict[str, Any]]:
+    """The student: built by name, loaded from `model.init` if set, quantized if `quant` is set."""
+    meta = data_meta(config, data)
+    model = build_model(config.model.name, data.in_channels, data.num_classes, data.mean, data.std)
+    if config.model.init:
+        init_model, init_state = load_model(config.model.init)
+        init_meta = init_state["meta"]
+        if init_meta.get("quant"):
+            raise QatkdError(
+                f"model.init={config.model.init} is quantized: "
+                "start from a full-precision checkpoint"
+            )
+        if init_meta["model_name"] != config.model.name:
+            raise QatkdError(
+                f"model.init={config.model.init} holds a '{init_meta['model_name']}', "
+                f"but model.name is '{config.model.name}'"
+            )
+        _check_matches_data(init_meta, data, "model.init", config.model.init)
+        model.load_state_dict(init_model.state_dict())
+    if config.quant is not None:
+        prepare(model, config.quant)
+        calibrate(model, calibration_batches(data, config), CALIBRATION_SAMPLES)
+        meta["quant"] = config.quant.model_dump(mode="json")
+    return model, meta
+
+
+def calibration_batches(data: ImageData, config: Config) -> DataLoader:
+    """A few hundred training images in a seeded order, to initialise the quantizers."""
+    return DataLoader(
+        data.train,
+        batch_size=128,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
+def load_teachers(config: Config, data: ImageData) -> TeacherEnsemble:
+    teachers = []
+    for path in config.teachers:
+        model, state = load_model(path)
+        _check_matches_data(state["meta"], data, "teacher", path)
+        teachers.append(model)
+    return TeacherEnsemble(teachers, names=config.teachers)
+
+
+def preflight(config: Config) -> None:
+    """Fail on a wrong model name or a missing file before any data is loaded or work done."""
+    if not config.model.name.startswith(TORCHVISION_PREFIX):
+        MODELS.get(config.model.name)
+    for what, path in [("model.init", config.model.init)] + [
+        ("teacher", t) for t in config.teachers
+    ]:
+        if path is not None and not Path(path).is_file():
+            raise QatkdError(f"{what} checkpoint not found: {path}")
+
+
+def _start(config: Config, command: str) -> tuple[Path, ImageData]:
+    preflight(config)
+    torch.manual_seed(config.seed)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    data = load_data(config.data)
+    run_dir = new_run_dir(config, command)
+    save_config(config, run_dir / "config.yaml")
+    return run_dir, data
+
+
+def train(config: Config) -> tuple[Path, dict[str, Any]]:
+    """Train on labels only: an FP32 model, or plain QAT when `quant` is set."""
+    if config.teachers:
+        raise QatkdError(
+            "train learns from labels only; to learn from teachers use 'qatkd distill'"
+        )
+    run_dir, data = _start(config, "train")
+    model, meta = build_student(config, data)
+    if config.quant is not None:
+        print(quant_summary(model))
+    task = ClassificationTask(data.num_classes)
+    balancer = build_balancer(BalancerConfig(name="ts_only"), num_teachers=0)
+    metrics = fit(model, task, data.train, data.test, config, run_dir, meta, balancer)
+    return run_dir, metrics
+
+
+def distill(config: Config) -> tuple[Path, dict[str, Any]]:
+    """QAT (or FP32) student trained on labels and teachers, balanced by `config.balancer`."""
+    balancer = build_balancer(config.balancer, num_teachers=len(config.teachers))
+    run_dir, data = _start(config, "distill")
+    teachers = load_teachers(config, data) if config.teachers else None
+    model, meta = build_student(config, data)
+    if config.quant is not None:
+        print(quant_summary(model))
+    task = ClassificationTask(data.num_classes, config.kd, config.balancer.per_teacher)
+    metrics = fit(model, task, data.train, data.test, config, run_dir, meta, balancer, teachers)
+    return run_dir, metrics
+
+
+def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Continue an interrupted train or distill run from its last checkpoint, exactly."""
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / "last.pt")
+    config = build_config(state["config"])
+    torch.manual_seed(config.seed)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    data = load_data(config.data)
+    model = model_from_meta(state["meta"])
+    has_teachers = bool(config.teachers)
+    balancer_config = config.balancer if has_teachers else BalancerConfig(name="ts_only")
+    balancer = build_balancer(balancer_config, num_teachers=len(config.teachers))
+    teachers = load_teachers(config, data) if has_teachers else None
+    task = ClassificationTask(data.num_classes, config.kd, config.balancer.per_teacher)
+    metrics = fit(
+        model,
+        task,
+        data.train,
+        data.test,
+        config,
+        run_dir,
+        state["meta"],
+        balancer,
+        teachers,
+        resume=state,
+    )
+    return run_dir, metrics
+
+
+def ptq(config: Config, ckpt: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Post-training quantization: calibrate an FP32 checkpoint's quantizers, no training."""
+    if config.quant is None:
+        raise QatkdError("ptq needs a bit-width: set quant.bits=W4A4 (or another)")
+    float_model, state = load_model(ckpt)
+    if state["meta"].get("quant"):
+        raise QatkdError(
+            f"{ckpt} is already quantized: ptq starts from a full-precision checkpoint"
+        )
+    config = build_config(
+        {
+            **config_to_dict(config),
+            "model": {"name": state["meta"]["model_name"], "init": str(ckpt)},
+        }
+    )
+    run_dir, data = _start(config, "ptq")
+    _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))
+    model = prepare(float_model, config.quant)
+    calibrate(model, calibration_batches(data, config), CALIBRATION_SAMPLES)
+    print(quant_summary(model))
+    task = ClassificationTask(data.num_classes)
+    metrics = task.evaluate(model, DataLoader(data.test, batch_size=512))
+    meta = {**state["meta"], "quant": config.quant.model_dump(mode="json")}
+    save_checkpoint(
+        {
+            "meta": meta,
+            "config": config_to_dict(config),
+            "model": model.state_dict(),
+            "metrics": metrics,
+        },
+        run_dir / "last.pt",
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return run_dir, metrics
+
+
+def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Test metrics of a checkpoint on the data it was trained on, `data.*` overrides applied."""
+    for text in overrides or []:
+        if not text.startswith("data."):
+            raise QatkdError(f"eval takes only data.* overrides, not '{text}'")
+    model, state = load_model(ckpt)
+    config = build_config(apply_overrides(state["config"], overrides or []))
+    data = load_data(config.data.model_copy(update={"augment": False}))
+    _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))
+    task = ClassificationTask(data.num_classes)
+    return task.evaluate(model, DataLoader(data.test, batch_size=512))

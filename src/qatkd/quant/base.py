@@ -1,0 +1,223 @@
+"""The quantizer interface shared by every method, and the straight-through estimator helpers.
+
+A quantizer computes integer codes and a scale and returns `codes * scale`, so its fake-quantized
+output equals `(quantize_int(x) - zero_point) * scale` bitwise: the exporter and the packer write
+exactly the numbers that training used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qatkd.errors import QatkdError
+from qatkd.registry import Registry
+
+ALLOWED_BITS = (2, 3, 4, 8, 16)
+GROUP_SIZES = (32, 64, 128)
+EPS = 1e-8
+"""Smallest scale: a dead channel (all zeros) must not divide by zero."""
+
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
+
+
+def check_bits(bits: int) -> int:
+    """`bits` if supported; 16 means "not quantized"."""
+    if bits not in ALLOWED_BITS:
+        raise QatkdError(
+            f"bit-width {bits} is not supported; choose one of: {', '.join(map(str, ALLOWED_BITS))}"
+        )
+    return bits
+
+
+def check_group_size(group_size: int) -> int:
+    if group_size not in GROUP_SIZES:
+        choices = ", ".join(map(str, GROUP_SIZES))
+        raise QatkdError(f"group_size {group_size} is not supported; choose one of: {choices}")
+    return group_size
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, g: float) -> Tensor:
+        ctx.g = g
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.g, None
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """`torch.round` (half to even, as ONNX QuantizeLinear) with an identity gradient. Same gradient
+    as LSQ's `round_pass` (`(x.round() - x).detach() + x`), but the value is `round(x)` bitwise."""
+    return _RoundSTE.apply(x)
+
+
+def grad_scale(x: Tensor, g: float) -> Tensor:
+    """`x` unchanged with its gradient multiplied by `g` (LSQ's `grad_scale`, value exact)."""
+    return _GradScale.apply(x, g)
+
+
+def abs_max(x: Tensor, dim: int) -> Tensor:
+    return x.abs().amax(dim)
+
+
+def abs_mean(x: Tensor, dim: int) -> Tensor:
+    return x.abs().mean(dim)
+
+
+class Quantizer(nn.Module):
+    """Fake quantizer for a weight (signed, per output channel or per input group) or an activation
+    (per tensor, signed only if the data it is initialised on has negatives).
+
+    Subclasses (one per method) define `_init` (data-driven start values), `_scale` (the scale in
+    its stored shape) and `_codes` (integer codes with their gradients, and the scale they use).
+    All state lives in parameters and buffers, so `state_dict()` round-trips it.
+    """
+
+    method = ""
+
+    def __init__(
+        self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+    ) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.is_weight = weight_shape is not None
+        self.group_size = None if group_size is None else check_group_size(group_size)
+        self.param_shape = _param_shape(weight_shape, self.group_size)
+        self.numel_per_scale = (
+            math.prod(weight_shape) // math.prod(self.param_shape) if weight_shape else 0
+        )
+        self.calibrating = False
+        """Set by `calibrate`: initialise and track ranges as in training, whatever the mode."""
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("is_signed", torch.tensor(self.is_weight))
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.is_signed)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        """The integer codes' (min, max)."""
+        if self.signed:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+    @property
+    def granularity(self) -> str:
+        if not self.is_weight:
+            return "tensor"
+        return "channel" if self.group_size is None else f"group{self.group_size}"
+
+    @property
+    def scale(self) -> Tensor:
+        """The scale, broadcastable against the quantized tensor: a scalar, `[C, 1, ...]`, or for
+        groups `[out, in]` (each group's scale repeated; `scale[:, ::group_size]` is compact).
+        Weight scales that follow the weight (min-max) are those of the last forward or
+        quantize_int."""
+        return self._broadcast(self._scale().detach())
+
+    @property
+    def zero_point(self) -> Tensor:
+        """Always 0: quantization is symmetric."""
+        return torch.zeros_like(self.scale, dtype=torch.int32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        codes, scale = self._quantize(x, update=self.training or self.calibrating)
+        return codes * scale
+
+    @torch.no_grad()
+    def quantize_int(self, x: Tensor) -> Tensor:
+        """The integer codes (as floats) with `forward(x) == (codes - zero_point) * scale`, as
+        forward in eval mode computes them; running statistics are left as they are."""
+        return self._quantize(x, update=False)[0]
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> None:
+        """Initialise from data (a weight, or a batch of activations, which fixes signedness)."""
+        if not self.is_weight:
+            self.is_signed.fill_(bool((x < 0).any()))
+        self._init(x.detach())
+        self.initialized.fill_(True)
+
+    def _quantize(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        """Codes and scale; `update`: training or calibrating, so running statistics move."""
+        if not bool(self.initialized):
+            if not (self.is_weight or update):
+                raise QatkdError(
+                    "an activation quantizer is used for inference before it was initialised; "
+                    "run qatkd.quant.calibrate(model, batches) first, or train the model"
+                )
+            self.init_from(x)
+        return self._codes(x, update)
+
+    def _init(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def _scale(self) -> Tensor:
+        raise NotImplementedError
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _reduce(self, x: Tensor, op: Callable[[Tensor, int], Tensor]) -> Tensor:
+        """A per-scale statistic of `x`, in the stored scale's shape."""
+        if not self.is_weight:
+            return op(x.reshape(-1), 0)
+        if self.group_size is not None:
+            return op(x.reshape(*self.param_shape, self.group_size), -1)
+        return op(x.reshape(x.shape[0], -1), 1).reshape(self.param_shape)
+
+    def _broadcast(self, scale: Tensor) -> Tensor:
+        if self.group_size is None:
+            return scale
+        return scale.repeat_interleave(self.group_size, dim=1)
+
+    def _elements_per_scale(self, x: Tensor) -> int:
+        """N in LSQ's gradient scale: elements per scale (weights) or features (activations)."""
+        if self.is_weight:
+            return self.numel_per_scale
+        return x[0].numel() if x.dim() > 1 else x.numel()
+
+    def _fake_codes(self, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """round(clamp(x / scale)), equal to clamp(round(x / scale)) as the range is integer, with
+        the STE: the gradient passes inside the range only. Clamping first, as LSQ's reference
+        does, keeps the gradient of values that round onto the range's ends."""
+        qmin, qmax = self.qrange
+        scale = self._broadcast(scale)
+        return round_ste(torch.clamp(x / scale, qmin, qmax)), scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, granularity={self.granularity}"
+
+
+def _param_shape(weight_shape: Sequence[int] | None, group_size: int | None) -> tuple[int, ...]:
+    if weight_shape is None:
+        return ()
+    if group_size is None:
+        return (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+    if len(weight_shape) != 2:
+        raise QatkdError(
+            f"per-group scales need a Linear weight [out, in], got shape {list(weight_shape)}"
+        )
+    if weight_shape[1] % group_size:
+        raise QatkdError(
+            f"in_features {weight_shape[1]} is not divisible by group_size {group_size}"
+        )
+    return (weight_shape[0], weight_shape[1] // group_size)

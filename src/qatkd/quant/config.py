@@ -1,0 +1,98 @@
+"""`QuantConfig`: the `quant:` section of a run's configuration, validated at construction."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from qatkd.errors import QatkdError
+
+# The methods register themselves on import; a config must see all of them.
+from qatkd.quant import quantizers as _quantizers  # noqa: F401
+from qatkd.quant.base import QUANTIZERS, check_bits, check_group_size
+
+T = TypeVar("T")
+_BITS = re.compile(r"W(\d+)A(\d+)")
+
+
+def _value_error(check: Callable[[T], object], value: T) -> T:
+    """Run a check that raises `QatkdError` and re-raise as `ValueError`, which pydantic reports."""
+    try:
+        check(value)
+    except QatkdError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
+def parse_bits(spec: str) -> tuple[int, int]:
+    """'W4A8' -> (4, 8): weight and activation bit-widths."""
+    match = _BITS.fullmatch(spec.strip().upper())
+    if match is None:
+        raise QatkdError(
+            f"bits '{spec}' is not of the form W<bits>A<bits> (e.g. W4A4, W8A8, W4A16)"
+        )
+    weight, act = int(match[1]), int(match[2])
+    for kind, bits in (("weight", weight), ("activation", act)):
+        try:
+            check_bits(bits)
+        except QatkdError as e:
+            raise QatkdError(f"bits '{spec}': {kind} {e}") from None
+    return weight, act
+
+
+class QuantConfig(BaseModel):
+    """Which bit-widths and methods `prepare` uses. `method` serves weights and activations unless
+    `weight_method` / `act_method` override it. The first and last Conv2d/Linear layers get
+    `first_last_bits` (None: the same as the rest) for their weights and inputs, except where the
+    rest are 16 (not quantized). Modules whose names match a `skip` pattern (fnmatch) stay float.
+    `group_size` gives Linear weights one scale per group of that many inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: str = "W4A4"
+    method: str = "lsq"
+    weight_method: str | None = None
+    act_method: str | None = None
+    first_last_bits: int | None = 8
+    skip: list[str] = []
+    group_size: int | None = None
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, value: str) -> str:
+        _value_error(parse_bits, value)
+        return value.strip().upper()
+
+    @field_validator("method", "weight_method", "act_method")
+    @classmethod
+    def _check_method(cls, value: str | None) -> str | None:
+        return value if value is None else _value_error(QUANTIZERS.get, value)
+
+    @field_validator("first_last_bits")
+    @classmethod
+    def _check_first_last_bits(cls, value: int | None) -> int | None:
+        return value if value is None else _value_error(check_bits, value)
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, value: int | None) -> int | None:
+        return value if value is None else _value_error(check_group_size, value)
+
+    @property
+    def weight_bits(self) -> int:
+        return parse_bits(self.bits)[0]
+
+    @property
+    def act_bits(self) -> int:
+        return parse_bits(self.bits)[1]
+
+    @property
+    def weight_method_name(self) -> str:
+        return self.weight_method or self.method
+
+    @property
+    def act_method_name(self) -> str:
+        return self.act_method or self.method

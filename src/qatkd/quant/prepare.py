@@ -1,0 +1,111 @@
+"""`prepare`: swap a float model's layers for quantized ones, in place; and inspection helpers."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+from qatkd.errors import QatkdError
+from qatkd.nn import QuantPoint
+from qatkd.quant.base import Quantizer
+from qatkd.quant.config import QuantConfig
+from qatkd.quant.modules import QuantAct, QuantConv2d, QuantLinear
+from qatkd.quant.quantizers import make_quantizer
+
+CONFIG_ATTR = "qatkd_quant_config"
+"""The attribute on a prepared model that holds its `QuantConfig`."""
+
+_QUANT_LAYERS: dict[type[nn.Module], type[QuantConv2d] | type[QuantLinear]] = {
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+}
+
+
+def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace every `nn.Conv2d` / `nn.Linear` (exact types: a subclass may have its own forward)
+    and every `QuantPoint` outside `config.skip` by its quantized counterpart, in place, and record
+    `config` on the model. First/last layer = first/last Conv2d or Linear in `named_modules()`
+    order, whether skipped or not. QuantPoints get 8 bits, or the activation bits if higher."""
+    if is_quantized(model):
+        raise QatkdError("the model is already quantized; prepare a fresh float model")
+    layers = [(n, m) for n, m in model.named_modules() if n and type(m) in _QUANT_LAYERS]
+    points = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantPoint)]
+    edges = {layers[0][0], layers[-1][0]} if layers else set()
+    targets = [(n, m) for n, m in layers if not _skipped(n, config)]
+    if not targets:
+        raise QatkdError(
+            "the model has no Conv2d or Linear layer to quantize"
+            + (f" outside the skip patterns {config.skip}" if layers else "")
+        )
+    for name, layer in targets:
+        weight_bits, act_bits = config.weight_bits, config.act_bits
+        if name in edges and config.first_last_bits is not None:
+            weight_bits = _edge_bits(weight_bits, config.first_last_bits)
+            act_bits = _edge_bits(act_bits, config.first_last_bits)
+        group_size = config.group_size if isinstance(layer, nn.Linear) else None
+        try:
+            weight_q = make_quantizer(
+                config.weight_method_name, weight_bits, layer.weight.shape, group_size
+            )
+        except QatkdError as e:
+            raise QatkdError(f"{name}: {e}") from None
+        input_q = make_quantizer(config.act_method_name, act_bits)
+        _set(model, name, _QUANT_LAYERS[type(layer)].from_float(
+            layer, _like(weight_q, layer.weight), _like(input_q, layer.weight)
+        ))  # fmt: skip
+    reference = next(model.parameters())
+    for name, _ in points:
+        if not _skipped(name, config):
+            quantizer = make_quantizer(config.act_method_name, max(8, config.act_bits))
+            _set(model, name, QuantAct(_like(quantizer, reference)))
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Quantizer) for m in model.modules())
+
+
+def quant_config_of(model: nn.Module) -> QuantConfig | None:
+    """The config `prepare` applied (save `config.model_dump()` with a checkpoint)."""
+    return getattr(model, CONFIG_ATTR, None)
+
+
+def quant_summary(model: nn.Module) -> str:
+    """A table of the quantized layers: name, type, weight/activation bits, method, granularity."""
+    rows = [("layer", "type", "w_bits", "a_bits", "method", "granularity")]
+    for name, module in model.named_modules():
+        if isinstance(module, QuantConv2d | QuantLinear):
+            w, a = module.weight_quantizer, module.input_quantizer
+            rows.append((
+                name, type(module).__name__, str(w.bits), str(a.bits),
+                f"{w.method}/{a.method}", w.granularity,
+            ))  # fmt: skip
+        elif isinstance(module, QuantAct):
+            q = module.quantizer
+            rows.append((name, "QuantAct", "-", str(q.bits), q.method, q.granularity))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _skipped(name: str, config: QuantConfig) -> bool:
+    return any(fnmatch(name, pattern) for pattern in config.skip)
+
+
+def _edge_bits(bits: int, first_last_bits: int) -> int:
+    """First/last-layer bits, except that a float (16-bit) side stays float."""
+    return bits if bits == 16 else first_last_bits
+
+
+def _like(quantizer: Quantizer, reference: torch.Tensor) -> Quantizer:
+    return quantizer.to(device=reference.device, dtype=reference.dtype)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)

@@ -1,0 +1,191 @@
+"""The quantization methods, registered by name in `QUANTIZERS`, and `make_quantizer`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from qatkd.quant.base import (
+    EPS,
+    QUANTIZERS,
+    Quantizer,
+    abs_max,
+    abs_mean,
+    check_bits,
+    grad_scale,
+    round_ste,
+)
+
+
+@QUANTIZERS.register("minmax")
+class MinMaxQuantizer(Quantizer):
+    """Scale = abs-max / Q_p, nothing learned. Weights use their exact per-channel abs-max at every
+    call. Activations use the abs-max of all calibration batches, then in training an EMA
+    (momentum 0.1) of the batch abs-max; frozen in eval."""
+
+    method = "minmax"
+    momentum = 0.1
+
+    def __init__(
+        self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+    ) -> None:
+        super().__init__(bits, weight_shape, group_size)
+        self.register_buffer("running_absmax", torch.zeros(self.param_shape))
+
+    def _init(self, x: Tensor) -> None:
+        self.running_absmax.copy_(self._reduce(x, abs_max))
+
+    def _scale(self) -> Tensor:
+        return (self.running_absmax / self.qrange[1]).clamp_min(EPS)
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            if self.is_weight:
+                self.running_absmax.copy_(self._reduce(x, abs_max))
+            elif self.calibrating:
+                batch_max = self._reduce(x, abs_max)
+                self.running_absmax.copy_(torch.maximum(self.running_absmax, batch_max))
+            elif update:
+                self.running_absmax.lerp_(self._reduce(x, abs_max), self.momentum)
+        return self._fake_codes(x, self._scale())
+
+
+@QUANTIZERS.register("lsq")
+class LSQQuantizer(Quantizer):
+    """Learned step size (Esser et al., ICLR 2020): the step's gradient is scaled by
+    1/sqrt(N * Q_p) and the step starts at 2 * mean|x| / sqrt(Q_p)."""
+
+    method = "lsq"
+
+    def __init__(
+        self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+    ) -> None:
+        super().__init__(bits, weight_shape, group_size)
+        self.step = nn.Parameter(torch.ones(self.param_shape))
+
+    def _init(self, x: Tensor) -> None:
+        """The paper's 2·mean|x|/sqrt(Q_p), capped at max|x|/Q_p: at 8 bits the paper's value
+        clips far beyond the data and wastes most levels (PTQ starts from this init)."""
+        q_p = self.qrange[1]
+        paper = self._reduce(x, abs_mean) * (2 / math.sqrt(q_p))
+        self.step.copy_(torch.minimum(paper, self._reduce(x, abs_max) / q_p))
+
+    def _scale(self) -> Tensor:
+        return self.step.clamp_min(EPS)
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        g = 1 / math.sqrt(self._elements_per_scale(x) * self.qrange[1])
+        return self._fake_codes(x, grad_scale(self.step, g).clamp_min(EPS))
+
+
+@QUANTIZERS.register("pact")
+class PACTQuantizer(Quantizer):
+    """Learned clip alpha (Choi et al., 2018), started at the data's abs-max; scale = alpha / Q_p.
+    Unsigned inputs are clipped to [0, alpha]; signed ones to [Q_n * scale, alpha], i.e. the full
+    signed code range (one level more below than [-alpha, alpha]), so that an integer runtime's
+    saturation reproduces the clip. The gradient reaches alpha only through the clip: 1 where
+    x >= alpha, Q_n / Q_p at and below the lower clip, 0 inside (the scale itself is not
+    differentiated, as in the paper)."""
+
+    method = "pact"
+
+    def __init__(
+        self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+    ) -> None:
+        super().__init__(bits, weight_shape, group_size)
+        self.alpha = nn.Parameter(torch.ones(self.param_shape))
+
+    def _init(self, x: Tensor) -> None:
+        self.alpha.copy_(self._reduce(x, abs_max))
+
+    def _scale(self) -> Tensor:
+        return self.alpha.clamp_min(EPS) / self.qrange[1]
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        qmin, qmax = self.qrange
+        upper = self._broadcast(self.alpha.clamp_min(EPS))
+        lower = upper * (qmin / qmax)
+        clipped = torch.where(x >= upper, upper, torch.where(x <= lower, lower, x))
+        # No second clamp: it would cut alpha's gradient where clipped / scale is exactly Q_p.
+        scale = self._broadcast(self._scale().detach())
+        return round_ste(clipped / scale), scale
+
+
+@QUANTIZERS.register("dorefa")
+class DoReFaQuantizer(Quantizer):
+    """DoReFa-Net (Zhou et al., 2016). Weights: w_n = tanh(w) / (2 max|tanh(w)|) + 0.5 (max per
+    channel or group), c = round(w_n (2^b - 1)), w_q = 2c / (2^b - 1) - 1, stored as the odd codes
+    2c - (2^b - 1) in [-(2^b - 1), 2^b - 1] with scale 1 / (2^b - 1): 2^b levels, but the codes need
+    b + 1 bits as signed integers (see `qrange`). Activations: the paper's fixed clip to [0, 1]
+    (signed inputs: the signed code range times 1 / Q_p), nothing learned; prefer `pact` or `lsq`
+    for activations of networks not designed for that range."""
+
+    method = "dorefa"
+
+    def __init__(
+        self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+    ) -> None:
+        super().__init__(bits, weight_shape, group_size)
+        self.register_buffer("fixed_scale", torch.ones(self.param_shape))
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        if self.is_weight:
+            return -(2**self.bits - 1), 2**self.bits - 1
+        return super().qrange
+
+    def _init(self, x: Tensor) -> None:
+        levels = 2**self.bits - 1 if self.is_weight else self.qrange[1]
+        self.fixed_scale.fill_(1 / levels)
+
+    def _scale(self) -> Tensor:
+        return self.fixed_scale
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        if not self.is_weight:
+            return self._fake_codes(x, self.fixed_scale)
+        levels = 2**self.bits - 1
+        t = torch.tanh(x)
+        normalized = t / (2 * self._broadcast(self._reduce(t, abs_max)).clamp_min(EPS)) + 0.5
+        return 2 * round_ste(normalized * levels) - levels, self._broadcast(self.fixed_scale)
+
+
+class FloatQuantizer(Quantizer):
+    """16 bits: not quantized. The identity, with codes = x and scale 1 so the interface holds."""
+
+    method = "float"
+
+    def __init__(
+        self, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+    ) -> None:
+        super().__init__(16, weight_shape, group_size)
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def _init(self, x: Tensor) -> None:
+        """Nothing to learn from data."""
+
+    def _scale(self) -> Tensor:
+        return torch.ones(self.param_shape, device=self.initialized.device)
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        return x, torch.ones((), dtype=x.dtype, device=x.device)
+
+
+def make_quantizer(
+    method: str,
+    bits: int,
+    weight_shape: Sequence[int] | None = None,
+    group_size: int | None = None,
+) -> Quantizer:
+    """A quantizer of a registered method; 16 bits gives the identity (`FloatQuantizer`).
+    `weight_shape` makes it a weight quantizer (per channel, or per group for a Linear weight)."""
+    cls = QUANTIZERS.get(method)
+    if check_bits(bits) == 16:
+        return FloatQuantizer(weight_shape, group_size)
+    return cls(bits, weight_shape, group_size)

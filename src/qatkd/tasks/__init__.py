@@ -1,0 +1,1 @@
+"""Task families. Each provides data, models, its task loss, its KD loss and its metrics."""

@@ -1,0 +1,189 @@
+"""Classification models: CIFAR-style ResNets and a small VGG of our own, and torchvision models.
+
+Models are built for any number of input channels and classes, and carry their input normalisation
+(`Classifier`), so a checkpoint or an exported graph takes raw [0, 1] pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from qatkd.errors import QatkdError
+from qatkd.nn import QuantPoint
+from qatkd.registry import Registry
+
+ModelFactory = Callable[[int, int], nn.Module]
+MODELS: Registry[ModelFactory] = Registry("model")
+TORCHVISION_PREFIX = "tv:"
+
+
+class Classifier(nn.Module):
+    """Normalises raw pixels with the dataset's mean/std, then runs the network."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; both inputs of the residual add are marked for 8-bit quantization."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        self.branch_point = QuantPoint()
+        self.shortcut_point = QuantPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.branch_point(self.bn2(self.conv2(out)))
+        return torch.relu(out + self.shortcut_point(self.shortcut(x)))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for small images (He et al. 2016, §4.2): 3 stages of n blocks, depth = 6n + 2."""
+
+    def __init__(self, depth: int, in_channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        blocks = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, in_planes = [], width
+        for stage, planes in enumerate((width, 2 * width, 4 * width)):
+            for i in range(blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class SmallVGG(nn.Module):
+    """A plain VGG-style network (no residuals): a structurally different teacher for ensembles."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, width in enumerate(widths):
+            layers += [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)]
+            layers.append(nn.ReLU(inplace=True))
+            if i % 2 == 1:
+                layers.append(nn.MaxPool2d(2))
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _register_resnet(depth: int, width: int = 16, suffix: str = "") -> None:
+    MODELS.register(f"resnet{depth}{suffix}")(
+        lambda in_channels, num_classes: CifarResNet(depth, in_channels, num_classes, width)
+    )
+
+
+for _depth in (8, 20, 32, 56):
+    _register_resnet(_depth)
+_register_resnet(20, width=32, suffix="_w2")
+
+
+@MODELS.register("vgg8")
+def _vgg8(in_channels: int, num_classes: int) -> nn.Module:
+    return SmallVGG(in_channels, num_classes, (32, 32, 64, 64, 128, 128))
+
+
+def _torchvision_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    """A torchvision model, untrained, with its first conv adapted to the input channels."""
+    try:
+        net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except ValueError as e:
+        raise QatkdError(
+            f"unknown torchvision model '{name}'; see torchvision.models.list_models()"
+        ) from e
+    parent, attr, conv = _first_conv(net)
+    if conv.in_channels != in_channels:
+        setattr(
+            parent,
+            attr,
+            nn.Conv2d(
+                in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+                conv.bias is not None,
+            ),
+        )
+    return net
+
+
+def _first_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    for parent in net.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                return parent, attr, child
+    raise QatkdError("the torchvision model has no Conv2d to adapt to the input channels")
+
+
+def model_names() -> list[str]:
+    return [*MODELS.names(), f"{TORCHVISION_PREFIX}<torchvision name>"]
+
+
+def build_model(
+    name: str, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float]
+) -> Classifier:
+    """A float classifier by registry name (`resnet20`, `vgg8`, `tv:resnet18`, ...)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        net = _torchvision_model(name.removeprefix(TORCHVISION_PREFIX), in_channels, num_classes)
+    else:
+        net = MODELS.get(name)(in_channels, num_classes)
+    return Classifier(net, mean, std)
+
+
+def model_meta(
+    name: str,
+    in_channels: int,
+    image_size: int,
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict[str, Any]:
+    """What a checkpoint records to rebuild its model without the dataset."""
+    return {
+        "task": "classification",
+        "model_name": name,
+        "in_channels": in_channels,
+        "image_size": image_size,
+        "class_names": list(class_names),
+        "mean": list(mean),
+        "std": list(std),
+    }

@@ -1,0 +1,46 @@
+"""The classification task family: cross-entropy as the task loss, accuracy as the metric."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+from qatkd.distill import KDConfig, build_kd_loss
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class ClassificationTask:
+    main_metric = "test_acc"
+
+    def __init__(self, num_classes: int, kd: KDConfig | None = None, per_teacher: bool = False):
+        self.num_classes = num_classes
+        self.kd = build_kd_loss(kd or KDConfig(), per_teacher=per_teacher)
+
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        return batch[0]
+
+    def task_loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(outputs, batch[1])
+
+    def kd_loss(
+        self, outputs: torch.Tensor, teacher_outputs: list[torch.Tensor]
+    ) -> torch.Tensor | list[torch.Tensor]:
+        return self.kd(outputs, teacher_outputs)
+
+    def batch_metrics(self, outputs: torch.Tensor, batch: Batch) -> dict[str, float]:
+        return {"train_acc": (outputs.argmax(1) == batch[1]).float().mean().item() * 100}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Top-1 accuracy in percent (torchmetrics), with the model in eval mode."""
+        was_training = model.training
+        model.eval()
+        accuracy = MulticlassAccuracy(self.num_classes, average="micro")
+        for x, y in loader:
+            accuracy.update(model(x), y)
+        model.train(was_training)
+        return {self.main_metric: accuracy.compute().item() * 100}

@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from qatkd.balance import BALANCERS, KENDALL_BOUND, BalancerConfig, Fixed, GoR, build_balancer
+from qatkd.errors import QatkdError
+
+L_TS, L_KD = torch.tensor(2.0), torch.tensor(0.3)
+
+
+def set_params(gor: GoR, values: list[float]) -> None:
+    with torch.no_grad():
+        for p, v in zip(gor.params, values, strict=True):
+            p.fill_(v)
+
+
+def build(num_teachers: int = 1, **config: object):
+    return build_balancer(BalancerConfig(**config), num_teachers)
+
+
+def test_registry_names() -> None:
+    assert BALANCERS.names() == ["fixed", "gor", "kd_only", "ts_only"]
+
+
+@pytest.mark.parametrize(
+    ("config", "expected", "weights"),
+    [
+        ({"name": "ts_only"}, 2.0, {"w_ts": 1.0, "w_kd": 0.0}),
+        ({"name": "kd_only"}, 0.3, {"w_ts": 0.0, "w_kd": 1.0}),
+        ({"name": "fixed", "alpha": 0.25}, 0.75 * 2.0 + 0.25 * 0.3, {"w_ts": 0.75, "w_kd": 0.25}),
+    ],
+)
+def test_fixed_balancers_follow_their_formula(config: dict, expected: float, weights: dict) -> None:
+    balancer = build(**config)
+    assert balancer.forward(L_TS, L_KD).item() == pytest.approx(expected)
+    assert balancer.weights() == pytest.approx(weights)
+    assert balancer.param_groups(None, 0.1) == []
+
+
+def test_ts_only_needs_no_teacher() -> None:
+    balancer = build(num_teachers=0, name="ts_only")
+    assert not balancer.needs_teacher
+    assert balancer(L_TS, None).item() == 2.0
+    assert build(name="fixed").needs_teacher
+
+
+def test_gor_liebel_formula() -> None:
+    gor = GoR()
+    assert gor.weights() == pytest.approx({"w_ts": 0.5, "w_kd": 0.5})
+    set_params(gor, [2.0, 0.5])
+    expected = 2.0 / (2 * 4) + math.log(1 + 4) + 0.3 / (2 * 0.25) + math.log(1 + 0.25)
+    assert gor(L_TS, L_KD).item() == pytest.approx(expected)
+    assert gor.weights() == pytest.approx({"w_ts": 1 / 8, "w_kd": 2.0})
+
+
+def test_gor_kendall_formula_and_bound() -> None:
+    gor = GoR(form="kendall")
+    assert gor.weights() == pytest.approx({"w_ts": 1.0, "w_kd": 1.0})
+    set_params(gor, [0.5, -1.0])
+    expected = math.exp(-0.5) * 2.0 + math.exp(1.0) * 0.3 + 0.5 - 1.0
+    assert gor(L_TS, L_KD).item() == pytest.approx(expected)
+    set_params(gor, [7.0, -9.0])
+    assert gor.weights() == pytest.approx({"w_ts": math.exp(-5), "w_kd": math.exp(5)})
+    gor(L_TS, L_KD).backward()
+    assert [p.item() for p in gor.params] == [KENDALL_BOUND, -KENDALL_BOUND]
+    assert all(p.grad.abs().item() > 0 for p in gor.params)  # projected, not stuck outside
+
+
+def test_gor_has_exactly_two_trainable_scalars_that_get_gradients() -> None:
+    gor = GoR()
+    params = [p for p in gor.parameters() if p.requires_grad]
+    assert len(params) == 2 and all(p.dim() == 0 and p.dtype == torch.float32 for p in params)
+    gor(L_TS, L_KD).backward()
+    assert all(p.grad is not None and p.grad.item() != 0 for p in params)
+
+
+@pytest.mark.parametrize("form", ["liebel", "kendall"])
+def test_gor_converges_to_the_analytic_optimum(form: str) -> None:
+    gor = GoR(form=form)
+    optimizer = torch.optim.Adam(gor.parameters(), lr=0.05)
+    for _ in range(400):
+        optimizer.zero_grad()
+        gor(L_TS, L_KD).backward()
+        optimizer.step()
+    if form == "liebel":
+        optimum = {
+            f"w_{k}": 1 / (2 * (v + math.sqrt(v * v + 8 * v)) / 4)
+            for k, v in (("ts", 2.0), ("kd", 0.3))
+        }
+    else:
+        optimum = {"w_ts": 1 / 2.0, "w_kd": 1 / 0.3}
+    weights = gor.weights()
+    assert weights == pytest.approx(optimum, rel=1e-3)
+    assert weights["w_ts"] < weights["w_kd"]  # the larger loss ends with the smaller weight
+
+
+def test_per_teacher_gor_has_one_weight_per_teacher() -> None:
+    gor = build(num_teachers=3, per_teacher=True)
+    assert sum(p.numel() for p in gor.parameters()) == 4 and gor.per_teacher
+    assert list(gor.weights()) == ["w_ts", "w_kd0", "w_kd1", "w_kd2"]
+    terms = [torch.tensor(0.1), torch.tensor(0.2), torch.tensor(0.4)]
+    expected = 0.5 * (2.0 + 0.7) + 4 * math.log(2)
+    assert gor(L_TS, terms).item() == pytest.approx(expected)
+    with pytest.raises(TypeError, match="takes a list of 3 KD losses"):
+        gor(L_TS, terms[:2])
+    with pytest.raises(TypeError, match="takes one KD loss tensor, got list"):
+        GoR()(L_TS, terms)
+
+
+def test_state_dict_round_trip_restores_parameters() -> None:
+    trained = build(num_teachers=2, per_teacher=True, form="kendall")
+    set_params(trained, [0.1, 0.2, 0.3])
+    restored = build(num_teachers=2, per_teacher=True, form="kendall")
+    restored.load_state_dict(trained.state_dict())
+    assert restored.weights() == trained.weights()
+
+
+def test_param_group_has_no_decay_and_its_own_lr() -> None:
+    gor = GoR()
+    (group,) = gor.param_groups(None, 0.1)
+    assert group["lr"] == 0.1 and group["weight_decay"] == 0.0
+    assert gor.param_groups(0.01, 0.1)[0]["lr"] == 0.01
+    torch.optim.SGD(gor.param_groups(None, 0.1), lr=1.0, weight_decay=0.5)
+
+
+def test_clear_errors() -> None:
+    with pytest.raises(
+        QatkdError, match=r"^balancer 'gor' needs at least one teacher: set teachers"
+    ):
+        build(num_teachers=0)
+    with pytest.raises(QatkdError, match=r"per_teacher=true needs balancer\.name=gor, not 'fixed'"):
+        build(num_teachers=2, name="fixed", per_teacher=True)
+    with pytest.raises(ValidationError, match=r"unknown balancer 'gorr' \(did you mean 'gor'\?\)"):
+        BalancerConfig(name="gorr")
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        BalancerConfig(alpha=1.5)
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        BalancerConfig(weight=0.5)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        Fixed(-0.1)

@@ -1,0 +1,226 @@
+"""prepare / calibrate / checkpoints on torchvision models and tiny CNNs built here."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v2, resnet18
+
+from qatkd.errors import QatkdError
+from qatkd.nn import QuantPoint
+from qatkd.quant import (
+    FloatQuantizer,
+    QuantAct,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    calibrate,
+    is_quantized,
+    prepare,
+    quant_config_of,
+    quant_summary,
+)
+
+
+class TinyCNN(nn.Module):
+    """conv-bn-relu x2 with a residual branch marked by QuantPoint, grouped conv, pool, fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.shortcut = QuantPoint()
+        self.branch = QuantPoint()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.branch(self.bn(self.grouped(x))) + self.shortcut(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def float_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+
+
+def bits_of(module: QuantConv2d | QuantLinear) -> tuple[int, int]:
+    return module.weight_quantizer.bits, module.input_quantizer.bits
+
+
+def test_resnet18_every_conv_and_linear_swapped_first_last_at_8_bits():
+    model = resnet18(weights=None)
+    names = float_layers(model)
+    assert len(names) == 21
+    prepare(model, QuantConfig(bits="W4A4"))
+    modules = dict(model.named_modules())
+    assert float_layers(model) == []
+    assert [n for n, m in modules.items() if isinstance(m, QuantConv2d | QuantLinear)] == names
+    assert bits_of(modules["conv1"]) == (8, 8)
+    assert bits_of(modules["fc"]) == (8, 8)
+    assert {bits_of(modules[n]) for n in names[1:-1]} == {(4, 4)}
+    assert isinstance(modules["layer2.0.downsample.1"], nn.BatchNorm2d)
+    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert modules["layer1.0.conv1"].input_quantizer.step.grad is not None
+
+
+def test_mobilenet_v2_depthwise_convs_swapped():
+    model = mobilenet_v2(weights=None)
+    names = float_layers(model)
+    assert len(names) == 53
+    prepare(model, QuantConfig(bits="W2A2", method="pact", weight_method="minmax"))
+    modules = dict(model.named_modules())
+    assert float_layers(model) == []
+    depthwise = [
+        m for m in modules.values()
+        if isinstance(m, QuantConv2d) and m.groups == m.in_channels > 1
+    ]  # fmt: skip
+    assert len(depthwise) == 17
+    assert bits_of(modules["features.0.0"]) == (8, 8)
+    assert bits_of(modules["classifier.1"]) == (8, 8)
+    assert bits_of(modules["features.1.conv.0.0"]) == (2, 2)
+    assert model.train()(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+def test_skip_patterns_keep_layers_float_without_moving_first_last():
+    model = resnet18(weights=None)
+    prepare(model, QuantConfig(bits="W4A4", skip=["layer4.*", "fc"]))
+    modules = dict(model.named_modules())
+    assert float_layers(model) == [
+        n for n in float_layers(resnet18()) if n.startswith(("layer4", "fc"))
+    ]
+    assert bits_of(modules["conv1"]) == (8, 8)
+    assert bits_of(modules["layer3.1.conv2"]) == (4, 4)
+
+
+def test_first_last_bits_none_and_float_activations():
+    model = prepare(TinyCNN(), QuantConfig(bits="W4A16", first_last_bits=None))
+    assert bits_of(model.stem[0]) == (4, 16)
+    model = prepare(TinyCNN(), QuantConfig(bits="W4A16"))
+    assert bits_of(model.stem[0]) == (8, 16)
+    assert isinstance(model.stem[0].input_quantizer, FloatQuantizer)
+
+
+@pytest.mark.parametrize(("bits", "point_bits"), [("W2A2", 8), ("W8A8", 8), ("W4A16", 16)])
+def test_quant_points_become_quant_act(bits, point_bits):
+    model = prepare(TinyCNN(), QuantConfig(bits=bits, skip=["shortcut"]))
+    assert isinstance(model.branch, QuantAct)
+    assert model.branch.quantizer.bits == point_bits
+    assert type(model.shortcut) is QuantPoint
+
+
+def test_group_size_applies_to_linear_weights_only():
+    model = nn.Sequential(nn.Conv2d(3, 4, 4), nn.Flatten(), nn.Linear(64, 32), nn.Linear(32, 4))
+    prepare(model, QuantConfig(bits="W4A8", group_size=32))
+    assert model[0].weight_quantizer.granularity == "channel"
+    assert model[2].weight_quantizer.granularity == "group32"
+    assert model[2].weight_quantizer.step.shape == (32, 2)
+    assert model.train()(torch.randn(2, 3, 7, 7)).shape == (2, 4)
+    with pytest.raises(QatkdError, match=r"^fc: in_features 8 is not divisible by group_size 32$"):
+        prepare(TinyCNN(), QuantConfig(group_size=32))
+
+
+def test_prepare_errors():
+    model = prepare(TinyCNN(), QuantConfig())
+    with pytest.raises(QatkdError, match="already quantized"):
+        prepare(model, QuantConfig())
+    with pytest.raises(QatkdError, match=r"no Conv2d or Linear layer to quantize$"):
+        prepare(nn.Sequential(nn.ReLU()), QuantConfig())
+    with pytest.raises(QatkdError, match=r"outside the skip patterns \['\*'\]"):
+        prepare(TinyCNN(), QuantConfig(skip=["*"]))
+
+
+def test_summary_config_and_flags():
+    model = TinyCNN()
+    assert not is_quantized(model)
+    config = QuantConfig(bits="W4A4", method="lsq")
+    prepare(model, config)
+    assert is_quantized(model)
+    assert quant_config_of(model) == config
+    lines = quant_summary(model).splitlines()
+    assert lines[0].split() == ["layer", "type", "w_bits", "a_bits", "method", "granularity"]
+    assert lines[1].split() == ["stem.0", "QuantConv2d", "8", "8", "lsq/lsq", "channel"]
+    assert lines[2].split() == ["grouped", "QuantConv2d", "4", "4", "lsq/lsq", "channel"]
+    assert ["branch", "QuantAct", "-", "8", "lsq", "tensor"] in [line.split() for line in lines]
+    assert len(lines) == 1 + 3 + 2
+
+
+def batches(n: int, seed: int = 0, size: int = 8):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(size, 3, 12, 12, generator=generator), torch.zeros(size)) for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize(("method", "bound"), [("minmax", 0.01), ("pact", 0.01), ("lsq", 0.01)])
+def test_w8a8_stays_close_to_fp32(method, bound):
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = batches(1, size=32)[0][0]  # one batch: LSQ and PACT initialise on the first they see
+    reference = model(x)
+    prepare(model, QuantConfig(bits="W8A8", method=method))
+    calibrate(model, [x])
+    assert (model(x) - reference).norm() / reference.norm() < bound
+
+
+def test_calibrate_initialises_everything_and_restores_mode():
+    model = prepare(TinyCNN(), QuantConfig(bits="W4A4", method="minmax")).train()
+    consumed = []
+
+    def stream():
+        for batch in batches(10):
+            consumed.append(batch)
+            yield batch
+
+    calibrate(model, stream(), num_samples=20)
+    assert len(consumed) == 3  # 8 + 8 + 8 >= 20
+    assert model.training
+    assert all(m.initialized for n, m in model.named_modules() if n.endswith("quantizer"))
+    assert model.stem[0].input_quantizer.signed  # normalised images have negatives
+    seen_max = max(x.abs().max() for x, _ in consumed)  # min-max: the range of every batch
+    assert torch.equal(model.stem[0].input_quantizer.running_absmax, seen_max)
+    assert not model.grouped.input_quantizer.signed  # after ReLU
+    assert model.bn.num_batches_tracked == 0  # BatchNorm ran in eval mode
+
+
+def test_inference_before_calibration_is_refused():
+    model = prepare(TinyCNN(), QuantConfig()).eval()
+    with pytest.raises(QatkdError, match="calibrate"):
+        model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(QatkdError, match="prepare"):
+        calibrate(TinyCNN(), batches(1))
+
+
+@pytest.mark.parametrize("method", ["minmax", "lsq", "pact", "dorefa"])
+def test_state_dict_round_trip_restores_identical_outputs(method):
+    torch.manual_seed(0)
+    config = QuantConfig(bits="W4A4", method=method)
+    model = prepare(TinyCNN(), config)
+    calibrate(model, batches(2), num_samples=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, _ in batches(2, seed=3):  # training moves steps, clips and running ranges
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+
+    torch.manual_seed(1)
+    restored = prepare(TinyCNN(), QuantConfig(**config.model_dump()))
+    restored.load_state_dict(state)
+    x = batches(1, seed=5)[0][0]
+    assert torch.equal(model.eval()(x), restored.eval()(x))
+
+
+def test_fp32_state_dict_loads_into_prepared_model():
+    float_model = TinyCNN()
+    model = prepare(TinyCNN(), QuantConfig())
+    result = model.load_state_dict(float_model.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert all("quantizer" in key for key in result.missing_keys)
+    torch.testing.assert_close(model.stem[0].weight, float_model.stem[0].weight)

@@ -1,0 +1,45 @@
+"""QuantConfig: shorthands, overrides, and one clear message per bad value."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from qatkd.quant import QuantConfig
+
+
+def test_defaults_and_shorthands():
+    config = QuantConfig()
+    assert (config.weight_bits, config.act_bits) == (4, 4)
+    assert (config.weight_method_name, config.act_method_name) == ("lsq", "lsq")
+    assert config.first_last_bits == 8
+    config = QuantConfig(bits="w4a16", method="minmax", act_method="pact", skip=["fc"])
+    assert config.bits == "W4A16"
+    assert (config.weight_bits, config.act_bits) == (4, 16)
+    assert (config.weight_method_name, config.act_method_name) == ("minmax", "pact")
+
+
+def test_dump_round_trip():
+    config = QuantConfig(
+        bits="W2A2", method="lsq", first_last_bits=None, skip=["fc"], group_size=64
+    )
+    assert QuantConfig(**config.model_dump()) == config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": "W5A4"}, "bits 'W5A4': weight bit-width 5 is not supported; choose one of: 2, 3"),
+        ({"bits": "W4A1"}, "bits 'W4A1': activation bit-width 1 is not supported"),
+        ({"bits": "4bit"}, "bits '4bit' is not of the form W<bits>A<bits>"),
+        ({"method": "lsqq"}, "unknown quantizer 'lsqq' (did you mean 'lsq'?); choose one of: "),
+        ({"act_method": "packt"}, "unknown quantizer 'packt'"),
+        ({"first_last_bits": 6}, "bit-width 6 is not supported"),
+        ({"group_size": 16}, "group_size 16 is not supported; choose one of: 32, 64, 128"),
+        ({"bitz": "W4A4"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_errors_name_the_value_and_the_choices(kwargs, message):
+    with pytest.raises(ValidationError) as info:
+        QuantConfig(**kwargs)
+    assert message in str(info.value)

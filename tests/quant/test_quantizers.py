@@ -1,0 +1,263 @@
+"""Quantizers against reference math written here: grids, saturation, STE and learned gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qatkd.errors import QatkdError
+from qatkd.quant import QUANTIZERS, LSQQuantizer, PACTQuantizer, make_quantizer
+
+METHODS = QUANTIZERS.names()
+BITS = (2, 3, 4, 8)
+
+
+def weight_quantizer(method: str, bits: int, shape: tuple[int, ...], group_size: int | None = None):
+    return make_quantizer(method, bits, shape, group_size)
+
+
+def act_quantizer(method: str, bits: int, data: torch.Tensor):
+    """An initialised activation quantizer (signed iff `data` has negatives)."""
+    q = make_quantizer(method, bits)
+    q.init_from(data)
+    return q
+
+
+def assert_exact(q, x: torch.Tensor) -> torch.Tensor:
+    """forward(x) == (quantize_int(x) - zero_point) * scale bitwise; integer codes in range."""
+    out = q(x)
+    codes = q.quantize_int(x)
+    assert torch.equal(out, (codes - q.zero_point) * q.scale)
+    if q.bits < 16:
+        qmin, qmax = q.qrange
+        assert torch.equal(codes, codes.round())
+        assert qmin <= codes.min() and codes.max() <= qmax
+    return out
+
+
+def test_registry_names():
+    assert METHODS == ["dorefa", "lsq", "minmax", "pact"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bits", (*BITS, 16))
+@pytest.mark.parametrize("training", (True, False))
+def test_forward_equals_codes_times_scale(method, bits, training):
+    torch.manual_seed(bits)
+    for shape, group in (((6, 3, 3, 3), None), ((5, 40), None), ((4, 64), 32)):
+        q = weight_quantizer(method, bits, shape, group).train(training)
+        assert_exact(q, torch.randn(shape))
+    for data in (torch.randn(4, 3, 5, 5), torch.rand(4, 3, 5, 5)):
+        q = act_quantizer(method, bits, data).train(training)
+        assert_exact(q, data * 1.7)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bits", BITS)
+def test_at_most_2_pow_b_levels_on_the_grid(method, bits):
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 9, 9)
+    q = weight_quantizer(method, bits, w.shape)
+    out = q(w)
+    for c in range(4):
+        assert out[c].unique().numel() <= 2**bits
+        levels = out[c] / q.scale[c]
+        torch.testing.assert_close(levels, levels.round())
+    w = torch.randn(3, 128)
+    q = weight_quantizer(method, bits, w.shape, group_size=32)
+    out = q(w).reshape(3, 4, 32)
+    assert all(out[i, g].unique().numel() <= 2**bits for i in range(3) for g in range(4))
+    x = torch.randn(2, 300)
+    q = act_quantizer(method, bits, x)
+    assert q(x).unique().numel() <= 2**bits
+
+
+@pytest.mark.parametrize("method", ("minmax", "lsq", "pact"))
+def test_values_beyond_the_clip_saturate(method):
+    q = act_quantizer(method, 4, torch.linspace(-2, 2, 50))
+    q.eval()
+    qmin, qmax = q.qrange
+    assert (qmin, qmax) == (-8, 7)
+    out = q(torch.tensor([-1e4, -50.0, 50.0, 1e4]))
+    s = q.scale
+    assert torch.equal(out, torch.stack([qmin * s, qmin * s, qmax * s, qmax * s]))
+
+
+def test_signedness_decided_by_initialisation_data():
+    assert act_quantizer("lsq", 4, torch.rand(10)).qrange == (0, 15)
+    assert act_quantizer("lsq", 4, torch.randn(10)).qrange == (-8, 7)
+    assert make_quantizer("lsq", 4, (3, 4)).qrange == (-8, 7)
+
+
+def test_ste_passes_gradient_inside_and_zero_outside():
+    q = act_quantizer("minmax", 4, torch.tensor([-1.0, 1.0])).eval()  # scale 1/7
+    x = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.3, 0.99, 1.2, 5.0], requires_grad=True)
+    upstream = torch.arange(1.0, 9.0)
+    (q(x) * upstream).sum().backward()
+    low, high = -8 / 7, 1.0
+    inside = (x > low) & (x < high)
+    torch.testing.assert_close(x.grad, torch.where(inside, upstream, 0.0))
+
+
+def test_lsq_step_gradient_matches_paper():
+    q = LSQQuantizer(4)
+    q.init_from(torch.tensor([-1.0, 1.0]))  # signed: Q_n = -8, Q_p = 7
+    with torch.no_grad():
+        q.step.fill_(0.5)
+    x = torch.tensor([[-5.0, -1.3, 0.2, 0.74, 1.1, 3.3, 4.0]], requires_grad=True)
+    upstream = torch.tensor([[0.3, -1.2, 0.7, 2.0, -0.4, 1.5, 0.9]])
+    (q(x) * upstream).sum().backward()
+
+    s, qn, qp = 0.5, -8, 7
+    g = 1 / math.sqrt(x.shape[1] * qp)  # N = features of one sample
+    expected_ds, expected_dx = 0.0, []
+    for xi, ui in zip(x.detach()[0].tolist(), upstream[0].tolist(), strict=True):
+        v = xi / s
+        if v <= qn:
+            expected_ds += ui * qn * g
+            expected_dx.append(0.0)
+        elif v >= qp:
+            expected_ds += ui * qp * g
+            expected_dx.append(0.0)
+        else:
+            expected_ds += ui * (round(v) - v) * g
+            expected_dx.append(ui)
+    torch.testing.assert_close(q.step.grad, torch.tensor(expected_ds))
+    torch.testing.assert_close(x.grad, torch.tensor([expected_dx]))
+
+
+def test_lsq_weight_gradient_scale_per_channel_and_init():
+    w = torch.tensor([[0.4, -0.2, 0.9, -3.0], [0.1, 0.05, -0.3, 0.2]])
+    q = LSQQuantizer(2, w.shape)  # Q_n = -2, Q_p = 1
+    q.init_from(w)
+    paper = 2 * w.abs().mean(1, keepdim=True) / math.sqrt(1)  # Esser et al.'s init
+    cap = w.abs().amax(1, keepdim=True) / 1  # max|w| / Q_p: never clip beyond the data
+    torch.testing.assert_close(q.step.detach(), torch.minimum(paper, cap))
+    assert q.step[0, 0] == paper[0, 0] and q.step[1, 0] == cap[1, 0]
+    with torch.no_grad():
+        q.step.copy_(torch.tensor([[0.5], [0.25]]))
+    q(w).sum().backward()
+    g = 1 / math.sqrt(4 * 1)
+    expected = []
+    for row, s in zip(w.tolist(), (0.5, 0.25), strict=True):
+        total = 0.0
+        for xi in row:
+            v = xi / s
+            total += -2 if v <= -2 else 1 if v >= 1 else round(v) - v
+        expected.append([total * g])
+    torch.testing.assert_close(q.step.grad, torch.tensor(expected))
+
+
+def test_pact_alpha_gradient():
+    q = PACTQuantizer(2)
+    q.init_from(torch.tensor([0.0, 3.0]))  # unsigned, alpha = 3
+    assert q.alpha.item() == 3.0
+    with torch.no_grad():
+        q.alpha.fill_(2.0)
+    x = torch.tensor([-1.0, 0.5, 1.9, 2.0, 2.5, 7.0], requires_grad=True)
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    out = q(x)
+    s = 2.0 / 3
+    reference = torch.clamp(torch.round(torch.clamp(x.detach(), 0, 2.0) / s), 0, 3) * s
+    torch.testing.assert_close(out, reference)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(q.alpha.grad, torch.tensor(4.0 + 5.0 + 6.0))  # x >= alpha
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 2.0, 3.0, 0.0, 0.0, 0.0]))
+
+
+def test_pact_signed_clip_uses_full_code_range():
+    q = PACTQuantizer(2)
+    q.init_from(torch.tensor([-1.0, 1.0]))  # signed: codes -2..1, scale alpha / 1
+    x = torch.tensor([-5.0, -0.4, 5.0], requires_grad=True)
+    out = q(x)
+    torch.testing.assert_close(out, torch.tensor([-2.0, 0.0, 1.0]))
+    out.sum().backward()
+    torch.testing.assert_close(q.alpha.grad, torch.tensor(-2.0 + 1.0))  # Q_n / Q_p below, 1 above
+
+
+def test_dorefa_weights_match_paper_formula():
+    torch.manual_seed(0)
+    w = torch.randn(3, 20)
+    for bits in BITS:
+        q = make_quantizer("dorefa", bits, w.shape)
+        n = 2**bits - 1
+        t = torch.tanh(w)
+        normalized = t / (2 * t.abs().amax(1, keepdim=True)) + 0.5
+        reference = 2 * torch.round(normalized * n) / n - 1
+        torch.testing.assert_close(assert_exact(q, w), reference)
+        codes = q.quantize_int(w)
+        assert torch.all(codes.remainder(2) == 1)  # odd codes in [-n, n]
+        assert q.qrange == (-n, n)
+
+
+def test_dorefa_activations_clip_to_unit_range():
+    q = act_quantizer("dorefa", 2, torch.rand(8))
+    out = q(torch.tensor([-1.0, 0.2, 0.5, 3.0]))
+    torch.testing.assert_close(out, torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+
+
+def test_scale_shapes():
+    assert make_quantizer("lsq", 4, (8, 3, 3, 3)).scale.shape == (8, 1, 1, 1)
+    assert make_quantizer("lsq", 4, (8, 1, 3, 3)).scale.shape == (8, 1, 1, 1)  # depthwise
+    assert make_quantizer("lsq", 4, (6, 40)).scale.shape == (6, 1)
+    q = make_quantizer("lsq", 4, (6, 128), group_size=64)
+    assert q.step.shape == (6, 2)
+    assert q.scale.shape == (6, 128)
+    torch.testing.assert_close(q.scale[:, ::64], q.step.detach())
+    assert make_quantizer("lsq", 4).scale.shape == ()
+    assert make_quantizer("minmax", 4, (6, 40)).zero_point.dtype == torch.int32
+
+
+def test_group_errors():
+    with pytest.raises(QatkdError, match="in_features 48 is not divisible by group_size 32"):
+        make_quantizer("lsq", 4, (6, 48), group_size=32)
+    with pytest.raises(QatkdError, match="need a Linear weight"):
+        make_quantizer("lsq", 4, (6, 64, 1, 1), group_size=32)
+    with pytest.raises(QatkdError, match="group_size 48 is not supported; choose one of: 32, 64"):
+        make_quantizer("lsq", 4, (6, 96), group_size=48)
+
+
+def test_minmax_activation_ema_in_training_only():
+    q = make_quantizer("minmax", 8)
+    q.train()
+    q(torch.tensor([0.0, 2.0]))
+    q(torch.tensor([0.0, 4.0]))
+    torch.testing.assert_close(q.running_absmax, torch.tensor(0.9 * 2.0 + 0.1 * 4.0))
+    q.eval()
+    q(torch.tensor([0.0, 100.0]))
+    torch.testing.assert_close(q.scale, torch.tensor(2.2 / 255))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_channel_gives_no_nan(method):
+    w = torch.randn(3, 32)
+    w[1] = 0
+    assert torch.isfinite(make_quantizer(method, 4, w.shape)(w)).all()
+
+
+def test_uninitialised_activation_quantizer_refuses_inference():
+    q = make_quantizer("lsq", 4).eval()
+    with pytest.raises(QatkdError, match="calibrate"):
+        q(torch.randn(3))
+
+
+def test_16_bits_is_identity():
+    x = torch.randn(5, 7)
+    q = make_quantizer("lsq", 16)
+    assert q.eval()(x) is x
+    assert list(q.parameters()) == []
+
+
+@pytest.mark.parametrize("bits", (1, 5, 6, 32))
+def test_unsupported_bits_error(bits):
+    with pytest.raises(
+        QatkdError, match=rf"bit-width {bits} is not supported; choose one of: 2, 3, 4, 8, 16"
+    ):
+        make_quantizer("lsq", bits)
+
+
+def test_unknown_method_error():
+    with pytest.raises(QatkdError, match=r"unknown quantizer 'lsqq' \(did you mean 'lsq'\?\)"):
+        make_quantizer("lsqq", 4)

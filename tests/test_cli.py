@@ -1,0 +1,82 @@
+"""The command line: exit codes, one-line errors without tracebacks, help text, eval."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from qatkd.cli import EXIT_USER_ERROR, main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, pattern: str) -> None:
+    assert code == EXIT_USER_ERROR
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qatkd: error: "), err
+    assert pattern in lines[0]
+    assert "Traceback" not in err
+
+
+def test_help_lists_commands_and_config_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "distill", "ptq", "eval", "demo"):
+        assert command in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "train.epochs = 10" in out and "quant = null" in out and "--resume" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "train.epoch=1"],
+            "unknown config key 'train.epoch' (did you mean 'train.epochs'?)",
+        ),
+        (["train", "train.epochs=zero"], "config key 'train.epochs' = 'zero'"),
+        (
+            ["train", "model.name=resnet21", "data.name=npz", "data.root=."],
+            "unknown model 'resnet21'",
+        ),
+        (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+        (["eval", "--ckpt", "missing.pt"], "checkpoint not found: missing.pt"),
+        (["train", "data.root=/nonexistent"], "Fashion-MNIST not found"),
+        (["train", "teachers=[t.pt]"], "train learns from labels only"),
+    ],
+)
+def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, message)
+
+
+def test_train_then_eval_from_the_cli(capsys, npz_root: Path, tmp_path: Path):
+    code, out, _ = run_cli(capsys, "train", *tiny_overrides(npz_root, tmp_path / "run"))
+    assert code == 0 and "run folder:" in out
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    code, out, _ = run_cli(capsys, "eval", "--ckpt", str(tmp_path / "run" / "last.pt"))
+    assert code == 0 and json.loads(out)["test_acc"] == pytest.approx(trained["test_acc"], abs=1e-3)
+    code, _, err = run_cli(capsys, "eval", "--ckpt", str(tmp_path / "run"), "train.lr=1")
+    assert_one_line_error(code, err, "eval takes only data.* overrides")
+
+
+def test_console_script_and_debug_flag(tmp_path: Path):
+    bad = [sys.executable, "-m", "qatkd", "train", "train.epoch=1"]
+    result = subprocess.run(bad, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [*bad[:3], "--debug", *bad[3:]], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert "Traceback" in result.stderr

@@ -1,0 +1,86 @@
+"""The engine on the tiny npz data: it learns, it is deterministic, and resume is exact."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from qatkd import pipeline
+from qatkd.checkpoint import load_checkpoint
+from qatkd.config import load_config
+from qatkd.errors import QatkdError
+from qatkd.train import engine
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "last.pt")["model"]
+
+
+def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_path: Path):
+    config = load_config(overrides=tiny_overrides(npz_root, tmp_path / "run"))
+    model, _ = pipeline.build_student(config, pipeline.load_data(config.data))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_dir, metrics = pipeline.train(config)
+    after = final_weights(run_dir)
+    assert not torch.equal(before["net.conv1.weight"], after["net.conv1.weight"])
+    for name in (
+        "config.yaml",
+        "last.pt",
+        "best.pt",
+        "log.csv",
+        "steps.csv",
+        "metrics.json",
+        "curves.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert 0 <= metrics["test_acc"] <= 100 and metrics["epochs"] == 2
+    assert len((run_dir / "log.csv").read_text().splitlines()) == 1 + 2
+
+
+def test_same_seed_same_numbers(npz_root: Path, tmp_path: Path):
+    runs = [
+        pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / f"r{i}")))[0]
+        for i in range(2)
+    ]
+    a, b = (final_weights(r) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    full, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "full")))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
+        m.setattr(engine, "plot_run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "cut")))
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    resumed, _ = pipeline.resume(tmp_path / "cut")
+    a, b = final_weights(full), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (full / "log.csv").read_text().count("\n") == (resumed / "log.csv").read_text().count(
+        "\n"
+    )
+
+
+def test_existing_run_folder_is_not_overwritten(npz_root: Path, tmp_path: Path):
+    pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "run")))
+    with pytest.raises(QatkdError, match="already holds a run: resume it with --resume"):
+        pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "run")))
+
+
+def test_warmup_cosine_schedule():
+    factor = engine.warmup_cosine(total_steps=10, warmup_steps=2)
+    assert [round(factor(s), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_weight_decay_skips_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    decay, no_decay = engine.parameter_groups(model, 1e-4)
+    assert [p.shape for p in decay["params"]] == [(2, 1, 3, 3)]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
