@@ -36,11 +36,15 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder standing for its `last.pt`."""
+    path = Path(path)
+    return path / "last.pt" if path.is_dir() else path
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a qatkd checkpoint on the CPU, refusing anything that is not one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
+    path = checkpoint_path(path)
     if not path.is_file():
         raise QatkdError(f"checkpoint not found: {path}")
     try:

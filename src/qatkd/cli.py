@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_ptq(args: argparse.Namespace) -> None:
     from qatkd import pipeline
 
-    _print_metrics(*pipeline.ptq(load_config(args.config, args.overrides), args.ckpt))
+    _print_metrics(*pipeline.ptq(args.ckpt, args.overrides, args.config))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

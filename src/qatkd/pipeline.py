@@ -16,8 +16,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qatkd.balance import BalancerConfig, build_balancer
-from qatkd.checkpoint import load_checkpoint, save_checkpoint
-from qatkd.config import Config, apply_overrides, build_config, config_to_dict, save_config
+from qatkd.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from qatkd.config import (
+    Config,
+    ModelConfig,
+    apply_overrides,
+    build_config,
+    config_to_dict,
+    read_yaml,
+    save_config,
+)
 from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare, quant_summary
@@ -141,7 +149,7 @@ def preflight(config: Config) -> None:
     for what, path in [("model.init", config.model.init)] + [
         ("teacher", t) for t in config.teachers
     ]:
-        if path is not None and not Path(path).is_file():
+        if path is not None and not checkpoint_path(path).is_file():
             raise QatkdError(f"{what} checkpoint not found: {path}")
 
 
@@ -215,20 +223,25 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     return run_dir, metrics
 
 
-def ptq(config: Config, ckpt: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Post-training quantization: calibrate an FP32 checkpoint's quantizers, no training."""
-    if config.quant is None:
-        raise QatkdError("ptq needs a bit-width: set quant.bits=W4A4 (or another)")
+def ptq(
+    ckpt: str | Path, overrides: list[str], config_file: str | Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Post-training quantization: calibrate an FP32 checkpoint's quantizers, no training.
+
+    The data and seed default to the checkpoint's own; `config_file` and `overrides` change them
+    and set `quant.*`."""
     float_model, state = load_model(ckpt)
     if state["meta"].get("quant"):
         raise QatkdError(
             f"{ckpt} is already quantized: ptq starts from a full-precision checkpoint"
         )
-    config = build_config(
-        {
-            **config_to_dict(config),
-            "model": {"name": state["meta"]["model_name"], "init": str(ckpt)},
-        }
+    raw = read_yaml(config_file) if config_file else {}
+    raw = {"data": state["config"]["data"], "seed": state["config"]["seed"], **raw}
+    config = build_config(apply_overrides(raw, overrides))
+    if config.quant is None:
+        raise QatkdError("ptq needs a bit-width: set quant.bits=W4A4 (or another)")
+    config = config.model_copy(
+        update={"model": ModelConfig(name=state["meta"]["model_name"], init=str(ckpt))}
     )
     run_dir, data = _start(config, "ptq")
     _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))

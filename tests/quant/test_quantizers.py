@@ -261,3 +261,15 @@ def test_unsupported_bits_error(bits):
 def test_unknown_method_error():
     with pytest.raises(QatkdError, match=r"unknown quantizer 'lsqq' \(did you mean 'lsq'\?\)"):
         make_quantizer("lsqq", 4)
+
+
+def test_lsq_step_that_crossed_zero_still_quantizes_with_its_magnitude():
+    x = torch.tensor([[0.3, -0.7, 1.2]])
+    q = LSQQuantizer(4)
+    q.init_from(x)
+    with torch.no_grad():
+        q.step.fill_(-0.1)
+    assert torch.equal(q.scale, torch.tensor(0.1))
+    torch.testing.assert_close(q(x), torch.tensor([[0.3, -0.7, 0.7]]))  # Q_p = 7 for signed 4-bit
+    q(x).sum().backward()
+    assert q.step.grad is not None and q.step.grad.abs().item() > 0

@@ -74,11 +74,13 @@ class LSQQuantizer(Quantizer):
         self.step.copy_(torch.minimum(paper, self._reduce(x, abs_max) / q_p))
 
     def _scale(self) -> Tensor:
-        return self.step.clamp_min(EPS)
+        return self.step.abs().clamp_min(EPS)
 
     def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        # |step|: an SGD update can carry a small step across zero; the magnitude stays a valid,
+        # trainable scale, where clamping would freeze it at EPS with a zero gradient.
         g = 1 / math.sqrt(self._elements_per_scale(x) * self.qrange[1])
-        return self._fake_codes(x, grad_scale(self.step, g).clamp_min(EPS))
+        return self._fake_codes(x, grad_scale(self.step, g).abs().clamp_min(EPS))
 
 
 @QUANTIZERS.register("pact")

@@ -1,0 +1,175 @@
+"""PTQ, plain QAT and distillation end to end on the tiny npz data, through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from qatkd import pipeline
+from qatkd.checkpoint import load_checkpoint
+from qatkd.cli import EXIT_USER_ERROR, main
+from qatkd.config import load_config
+from qatkd.quant import is_quantized
+from qatkd.train import engine
+
+
+@pytest.fixture
+def fp32_run(npz_root: Path, tmp_path: Path) -> Path:
+    run_dir, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "fp32")))
+    return run_dir
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ptq_writes_a_quantized_checkpoint_that_eval_reproduces(capsys, fp32_run, tmp_path):
+    out = tmp_path / "ptq"
+    code, stdout, _ = cli(
+        capsys,
+        "ptq",
+        "--ckpt",
+        str(fp32_run / "last.pt"),
+        "quant.bits=W4A4",
+        "quant.method=minmax",
+        f"out={out}",
+    )
+    assert code == 0 and "QuantConv2d" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    state = load_checkpoint(out / "last.pt")
+    assert state["meta"]["quant"]["bits"] == "W4A4"
+    model, _ = pipeline.load_model(out / "last.pt")
+    assert is_quantized(model)
+    code, stdout, _ = cli(capsys, "eval", "--ckpt", str(out))
+    assert json.loads(stdout)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-3)
+
+
+def test_ptq_refuses_a_quantized_checkpoint_and_needs_bits(capsys, fp32_run, tmp_path):
+    code, _, err = cli(capsys, "ptq", "--ckpt", str(fp32_run), f"out={tmp_path / 'a'}")
+    assert code == EXIT_USER_ERROR and "ptq needs a bit-width" in err
+    code, _, _ = cli(
+        capsys, "ptq", "--ckpt", str(fp32_run), "quant.bits=W8A8", f"out={tmp_path / 'b'}"
+    )
+    assert code == 0
+    code, _, err = cli(
+        capsys, "ptq", "--ckpt", str(tmp_path / "b"), "quant.bits=W4A4", f"out={tmp_path / 'c'}"
+    )
+    assert code == EXIT_USER_ERROR and "is already quantized" in err
+
+
+def test_qat_from_fp32_saves_and_restores_quantizer_state(npz_root, fp32_run, tmp_path):
+    config = load_config(
+        overrides=tiny_overrides(
+            npz_root, tmp_path / "qat", "quant.bits=W2A2", f"model.init={fp32_run / 'last.pt'}"
+        )
+    )
+    run_dir, metrics = pipeline.train(config)
+    state = load_checkpoint(run_dir / "last.pt")
+    steps = {k: v for k, v in state["model"].items() if k.endswith("quantizer.step")}
+    assert steps and all(bool(v.abs().gt(0).all()) for v in steps.values())
+    model, _ = pipeline.load_model(run_dir / "last.pt")
+    for key, value in steps.items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert pipeline.evaluate(run_dir)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)
+
+
+def test_init_must_match_the_model(npz_root, fp32_run, tmp_path):
+    overrides = tiny_overrides(
+        npz_root, tmp_path / "x", "model.name=resnet20", f"model.init={fp32_run / 'last.pt'}"
+    )
+    with pytest.raises(Exception, match="holds a 'resnet8', but model.name is 'resnet20'"):
+        pipeline.train(load_config(overrides=overrides))
+
+
+def test_distill_end_to_end_from_the_cli(capsys, npz_root, fp32_run, tmp_path):
+    teacher = fp32_run / "last.pt"
+    out = tmp_path / "gor"
+    argv = tiny_overrides(
+        npz_root,
+        out,
+        "train.epochs=1",
+        "quant.bits=W4A4",
+        f"model.init={teacher}",
+        f"teachers=[{teacher},{teacher}]",
+        "balancer.per_teacher=true",
+        "diag.every=2",
+    )
+    code, stdout, _ = cli(capsys, "distill", *argv)
+    assert code == 0, stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"final_w_ts", "final_w_kd0", "final_w_kd1"} <= metrics.keys()
+    steps = (out / "steps.csv").read_text().splitlines()
+    assert steps[0].split(",")[-4:] == ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
+    assert len(load_checkpoint(out / "last.pt")["balancer"]) == 3
+
+
+def test_resume_restores_the_balancer(npz_root, fp32_run, tmp_path, monkeypatch):
+    teacher = fp32_run / "last.pt"
+    extra = ("quant.bits=W4A4", f"teachers=[{teacher}]", "balancer.form=kendall")
+    full, _ = pipeline.distill(
+        load_config(overrides=tiny_overrides(npz_root, tmp_path / "f", *extra))
+    )
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "plot_run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.distill(
+                load_config(overrides=tiny_overrides(npz_root, tmp_path / "c", *extra))
+            )
+    resumed, _ = pipeline.resume(tmp_path / "c")
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(resumed / "last.pt")
+    for key in a["balancer"]:
+        assert torch.equal(a["balancer"][key], b["balancer"][key])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["teachers=[missing.pt]"], "teacher checkpoint not found: missing.pt"),
+        ([], "balancer 'gor' needs at least one teacher"),
+        (["balancer.name=gorr"], "unknown balancer 'gorr' (did you mean 'gor'?)"),
+        (["quant.bits=W5A5"], "quant.bits"),
+        (["quant.method=lsqq"], "unknown quantizer 'lsqq'"),
+    ],
+)
+def test_distill_errors_are_one_line(capsys, npz_root, tmp_path, extra, message):
+    code, _, err = cli(capsys, "distill", *tiny_overrides(npz_root, tmp_path / "e", *extra))
+    assert code == EXIT_USER_ERROR and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_teacher_with_other_classes_is_refused(capsys, npz_root, fashion_root, tmp_path):
+    fashion_teacher, _ = pipeline.train(
+        load_config(
+            overrides=[
+                f"data.root={fashion_root}",
+                "model.name=resnet8",
+                f"out={tmp_path / 't'}",
+                "train.epochs=1",
+                "train.batch_size=16",
+            ]
+        )
+    )
+    argv = tiny_overrides(npz_root, tmp_path / "s", f"teachers=[{fashion_teacher / 'last.pt'}]")
+    code, _, err = cli(capsys, "distill", *argv)
+    assert code == EXIT_USER_ERROR
+    assert "was trained for 10 classes and 1 input channels, but data 'npz' has 3 classes" in err
+
+
+def test_demo_quick_runs_every_stage(capsys, fashion_root, tmp_path):
+    code, stdout, _ = cli(
+        capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), f"data.root={fashion_root}"
+    )
+    assert code == 0
+    assert "W4A4 student, QAT-KD-GoR" in stdout and (tmp_path / "demo" / "summary.md").is_file()
+    code, stdout, _ = cli(
+        capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), f"data.root={fashion_root}"
+    )
+    assert code == 0 and stdout.count("done before, reusing") == 3
