@@ -24,15 +24,18 @@ def make_images(n: int, num_classes: int, size: int, channels: int, seed: int):
     return x, y
 
 
-@pytest.fixture
-def npz_root(tmp_path: Path) -> Path:
+def write_npz(root: Path) -> Path:
     """train.npz / test.npz with 3 classes of 1×12×12 images."""
-    root = tmp_path / "npz"
     root.mkdir()
     for split, n, seed in (("train", 64, 0), ("test", 24, 1)):
         x, y = make_images(n, 3, 12, 1, seed)
         np.savez(root / f"{split}.npz", x=x[..., 0], y=y)
     return root
+
+
+@pytest.fixture
+def npz_root(tmp_path: Path) -> Path:
+    return write_npz(tmp_path / "npz")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -11,6 +11,7 @@ from qatkd import pipeline
 from qatkd.checkpoint import load_checkpoint
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
+from qatkd.errors import QatkdError
 from qatkd.quant import is_quantized
 from qatkd.train import engine
 
@@ -81,7 +82,7 @@ def test_init_must_match_the_model(npz_root, fp32_run, tmp_path):
     overrides = tiny_overrides(
         npz_root, tmp_path / "x", "model.name=resnet20", f"model.init={fp32_run / 'last.pt'}"
     )
-    with pytest.raises(Exception, match="holds a 'resnet8', but model.name is 'resnet20'"):
+    with pytest.raises(QatkdError, match=r"holds a 'resnet8', but model\.name is 'resnet20'"):
         pipeline.train(load_config(overrides=overrides))
 
 
@@ -173,3 +174,31 @@ def test_demo_quick_runs_every_stage(capsys, fashion_root, tmp_path):
         capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), f"data.root={fashion_root}"
     )
     assert code == 0 and stdout.count("done before, reusing") == 3
+
+
+def test_teacher_logit_cache_is_reused_and_matches_live_teachers(npz_root, fp32_run, tmp_path):
+    teacher = fp32_run / "last.pt"
+    common = ("data.augment=false", f"teachers=[{teacher}]", f"kd.cache_dir={tmp_path / 'c'}")
+    live, _ = pipeline.distill(
+        load_config(overrides=tiny_overrides(npz_root, tmp_path / "l", *common))
+    )
+    cached, _ = pipeline.distill(
+        load_config(overrides=tiny_overrides(npz_root, tmp_path / "c1", *common, "kd.cache=true"))
+    )
+    files = list((tmp_path / "c").iterdir())
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again, _ = pipeline.distill(
+        load_config(overrides=tiny_overrides(npz_root, tmp_path / "c2", *common, "kd.cache=true"))
+    )
+    assert files[0].stat().st_mtime_ns == stamp  # read, not recomputed
+    a, b, c = (load_checkpoint(run)["model"] for run in (live, cached, again))
+    for key in a:
+        assert torch.equal(b[key], c[key])
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_logit_cache_refuses_augmented_data(npz_root, fp32_run, tmp_path):
+    overrides = tiny_overrides(npz_root, tmp_path / "x", f"teachers=[{fp32_run}]", "kd.cache=true")
+    with pytest.raises(QatkdError, match="kd.cache=true needs data.augment=false"):
+        pipeline.distill(load_config(overrides=overrides))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str
 
 
 def _print_metrics(run_dir: Path | None, metrics: dict[str, Any]) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     print(json.dumps(shown, indent=2))
     if run_dir is not None:

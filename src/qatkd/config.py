@@ -48,6 +48,9 @@ class TrainConfig(Section):
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
     log_every: int = Field(50, gt=0, description="steps between rows of steps.csv")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss stops the run (last.pt stays good) or skips the step"
+    )
 
 
 class DiagConfig(Section):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from qatkd.balance import BalancerConfig, build_balancer
 from qatkd.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
@@ -26,7 +26,7 @@ from qatkd.config import (
     read_yaml,
     save_config,
 )
-from qatkd.distill import TeacherEnsemble
+from qatkd.distill import TeacherEnsemble, TeacherLogitCache, file_sha256
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare, quant_summary
 from qatkd.tasks.classification import (
@@ -37,8 +37,12 @@ from qatkd.tasks.classification import (
     load_data,
     model_meta,
 )
+from qatkd.tasks.classification.data import WithIndex
 from qatkd.tasks.classification.models import TORCHVISION_PREFIX
+from qatkd.tasks.classification.task import predict_all
 from qatkd.train import fit
+from qatkd.train.distributed import World, broadcast, init_world
+from qatkd.train.engine import TeacherOutputs
 
 CALIBRATION_SAMPLES = 512
 
@@ -153,15 +157,73 @@ def preflight(config: Config) -> None:
             raise QatkdError(f"{what} checkpoint not found: {path}")
 
 
-def _start(config: Config, command: str) -> tuple[Path, ImageData]:
+def _start(config: Config, command: str) -> tuple[Path, ImageData, World]:
+    world = init_world()
     preflight(config)
     torch.manual_seed(config.seed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     data = load_data(config.data)
-    run_dir = new_run_dir(config, command)
-    save_config(config, run_dir / "config.yaml")
-    return run_dir, data
+    run_dir, error = None, None
+    if world.is_main:
+        try:
+            run_dir = new_run_dir(config, command)
+            save_config(config, run_dir / "config.yaml")
+        except QatkdError as e:
+            error = str(e)
+    run_dir, error = broadcast(world, (run_dir, error))
+    if error is not None:
+        raise QatkdError(error)
+    return run_dir, data, world
+
+
+def teacher_outputs(
+    config: Config, data: ImageData, task: ClassificationTask
+) -> tuple[TeacherOutputs, Dataset]:
+    """How the engine gets the teachers' logits for a batch, and the training set to use.
+
+    Live: the frozen ensemble runs on every batch. With `kd.cache=true` (non-augmented data only)
+    each teacher's logits for every training image are computed once, stored on disk keyed by the
+    teacher file's hash and the data, and looked up by sample index."""
+    ensemble = load_teachers(config, data)
+    if not config.kd.cache:
+        return (lambda batch: ensemble(task.inputs(batch))), data.train
+    if config.data.augment:
+        raise QatkdError(
+            "kd.cache=true needs data.augment=false: augmented images change every epoch"
+        )
+    data_key = config.data.model_dump(mode="json")
+    logits = []
+    for path, teacher in zip(config.teachers, ensemble.teachers, strict=True):
+        cache = TeacherLogitCache(
+            config.kd.cache_dir,
+            {"teacher": file_sha256(checkpoint_path(path)), "data": data_key, "transform": "none"},
+        )
+        logits.append(cache.get(lambda teacher=teacher: predict_all(teacher, data.train)))
+    return (lambda batch: [t[batch[-1]] for t in logits]), WithIndex(data.train)
+
+
+def _fit_run(
+    config: Config,
+    run_dir: Path,
+    data: ImageData,
+    model: nn.Module,
+    meta: dict[str, Any],
+    world: World,
+    resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Labels only when there are no teachers (train), else the configured balancer (distill)."""
+    balancer_config = config.balancer if config.teachers else BalancerConfig(name="ts_only")
+    balancer = build_balancer(balancer_config, num_teachers=len(config.teachers))
+    task = ClassificationTask(data.num_classes, config.kd, config.balancer.per_teacher)
+    outputs, train_set = (None, data.train)
+    if config.teachers:
+        outputs, train_set = teacher_outputs(config, data, task)
+    if world.is_main and config.quant is not None and resume is None:
+        print(quant_summary(model))
+    return fit(
+        model, task, train_set, data.test, config, run_dir, meta, balancer, outputs, resume, world
+    )
 
 
 def train(config: Config) -> tuple[Path, dict[str, Any]]:
@@ -170,27 +232,17 @@ def train(config: Config) -> tuple[Path, dict[str, Any]]:
         raise QatkdError(
             "train learns from labels only; to learn from teachers use 'qatkd distill'"
         )
-    run_dir, data = _start(config, "train")
+    run_dir, data, world = _start(config, "train")
     model, meta = build_student(config, data)
-    if config.quant is not None:
-        print(quant_summary(model))
-    task = ClassificationTask(data.num_classes)
-    balancer = build_balancer(BalancerConfig(name="ts_only"), num_teachers=0)
-    metrics = fit(model, task, data.train, data.test, config, run_dir, meta, balancer)
-    return run_dir, metrics
+    return run_dir, _fit_run(config, run_dir, data, model, meta, world)
 
 
 def distill(config: Config) -> tuple[Path, dict[str, Any]]:
     """QAT (or FP32) student trained on labels and teachers, balanced by `config.balancer`."""
-    balancer = build_balancer(config.balancer, num_teachers=len(config.teachers))
-    run_dir, data = _start(config, "distill")
-    teachers = load_teachers(config, data) if config.teachers else None
+    build_balancer(config.balancer, num_teachers=len(config.teachers))  # fail before any work
+    run_dir, data, world = _start(config, "distill")
     model, meta = build_student(config, data)
-    if config.quant is not None:
-        print(quant_summary(model))
-    task = ClassificationTask(data.num_classes, config.kd, config.balancer.per_teacher)
-    metrics = fit(model, task, data.train, data.test, config, run_dir, meta, balancer, teachers)
-    return run_dir, metrics
+    return run_dir, _fit_run(config, run_dir, data, model, meta, world)
 
 
 def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -198,29 +250,13 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir / "last.pt")
     config = build_config(state["config"])
+    world = init_world()
     torch.manual_seed(config.seed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     data = load_data(config.data)
     model = model_from_meta(state["meta"])
-    has_teachers = bool(config.teachers)
-    balancer_config = config.balancer if has_teachers else BalancerConfig(name="ts_only")
-    balancer = build_balancer(balancer_config, num_teachers=len(config.teachers))
-    teachers = load_teachers(config, data) if has_teachers else None
-    task = ClassificationTask(data.num_classes, config.kd, config.balancer.per_teacher)
-    metrics = fit(
-        model,
-        task,
-        data.train,
-        data.test,
-        config,
-        run_dir,
-        state["meta"],
-        balancer,
-        teachers,
-        resume=state,
-    )
-    return run_dir, metrics
+    return run_dir, _fit_run(config, run_dir, data, model, state["meta"], world, resume=state)
 
 
 def ptq(
@@ -243,7 +279,7 @@ def ptq(
     config = config.model_copy(
         update={"model": ModelConfig(name=state["meta"]["model_name"], init=str(ckpt))}
     )
-    run_dir, data = _start(config, "ptq")
+    run_dir, data, _ = _start(config, "ptq")
     _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))
     model = prepare(float_model, config.quant)
     calibrate(model, calibration_batches(data, config), CALIBRATION_SAMPLES)

@@ -25,6 +25,10 @@ class KDConfig(BaseModel):
 
     loss: Literal["kl", "mse"] = "kl"
     temperature: float = Field(default=4.0, gt=0)
+    cache: bool = Field(
+        default=False, description="compute teacher logits once (needs data.augment=false)"
+    )
+    cache_dir: str = Field(default=".cache/teacher_logits", description="teacher-logit cache")
 
 
 def _rows(x: Tensor) -> Tensor:

@@ -11,24 +11,29 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from qatkd.balance import LossBalancer, grad_conflict
 from qatkd.checkpoint import save_checkpoint
 from qatkd.config import Config, config_to_dict
-from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
 from qatkd.quant import Quantizer
+from qatkd.train.distributed import World, average_gradients, barrier
 from qatkd.train.logs import CsvLog
 from qatkd.train.plots import plot_run
 
 EVAL_BATCH_SIZE = 512
+DIAG_KEYS = ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
+TeacherOutputs = Callable[[Any], list[Any]]
+"""The teachers' outputs for a training batch: live (an ensemble) or looked up in a cache."""
 
 
 class Task(Protocol):
@@ -80,7 +85,7 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=train.lr)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Linear warm-up to the base rate, then cosine decay to zero: a factor per step."""
 
     def factor(step: int) -> float:
@@ -92,6 +97,31 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def per_rank_batch_size(batch_size: int, world: World) -> int:
+    """`train.batch_size` is the global batch: each of N processes takes 1/N of it."""
+    if batch_size % world.size:
+        raise QatkdError(
+            f"train.batch_size={batch_size} does not split over {world.size} processes: "
+            f"use a multiple of {world.size}"
+        )
+    return batch_size // world.size
+
+
+class _StepLogger:
+    """steps.csv (every `log_every` steps) and log.csv (every epoch), written by rank 0."""
+
+    def __init__(self, run_dir: Path, config: Config, task: Task, balancer: LossBalancer):
+        diag = DIAG_KEYS if config.diag.every else []
+        step_fields = ["step", "epoch", "lr", "loss", "l_ts", "l_kd", *balancer.weights(), *diag]
+        self.steps = CsvLog(run_dir / "steps.csv", step_fields)
+        epoch_fields = ["epoch", "step", "lr", "train_loss", "train_acc", task.main_metric]
+        self.epochs = CsvLog(run_dir / "log.csv", [*epoch_fields, "seconds"])
+
+    def start(self, resume: dict[str, Any] | None) -> None:
+        self.steps.start(("step", resume["step"]) if resume else None)
+        self.epochs.start(("epoch", resume["epoch"]) if resume else None)
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -101,160 +131,146 @@ def fit(
     run_dir: Path,
     meta: dict[str, Any],
     balancer: LossBalancer,
-    teachers: TeacherEnsemble | None = None,
+    teacher_outputs: TeacherOutputs | None = None,
     resume: dict[str, Any] | None = None,
+    world: World | None = None,
 ) -> dict[str, Any]:
-    """Train `model` for `config.train.epochs`, checkpointing every epoch; returns final metrics."""
+    """Train `model` for `config.train.epochs`, checkpointing every epoch; returns final metrics.
+
+    Under torchrun (`world.size > 1`) the model runs in DistributedDataParallel, each process
+    takes its share of every global batch, and the balancer's gradients are averaged too."""
+    world = world or World()
     train_cfg = config.train
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    sampler_rng = torch.Generator()
+    sampler = DistributedSampler(
+        train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed
+    )
     loader = DataLoader(
         train_set,
-        batch_size=train_cfg.batch_size,
-        sampler=RandomSampler(train_set, generator=sampler_rng),
+        batch_size=per_rank_batch_size(train_cfg.batch_size, world),
+        sampler=sampler,
         drop_last=len(train_set) > train_cfg.batch_size,
     )
-    test_loader = DataLoader(test_set, batch_size=EVAL_BATCH_SIZE)
     steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * train_cfg.epochs
     optimizer = build_optimizer(model, balancer, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        warmup_cosine(total_steps, round(train_cfg.warmup_epochs * steps_per_epoch)),
+        warmup_cosine(
+            steps_per_epoch * train_cfg.epochs, round(train_cfg.warmup_epochs * steps_per_epoch)
+        ),
     )
     start_epoch, step, best = 0, 0, -math.inf
+    last_metrics: dict[str, float] = {}
     if resume is not None:
         model.load_state_dict(resume["model"])
         balancer.load_state_dict(resume["balancer"])
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["scheduler"])
         start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
-
-    weight_keys = list(balancer.weights())
-    diag_keys = ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
-    step_log = CsvLog(
-        run_dir / "steps.csv",
-        [
-            "step",
-            "epoch",
-            "lr",
-            "loss",
-            "l_ts",
-            "l_kd",
-            *weight_keys,
-            *(diag_keys if config.diag.every else []),
-        ],
-    )
-    metric_keys = ["train_loss", "train_acc", task.main_metric]
-    epoch_log = CsvLog(run_dir / "log.csv", ["epoch", "step", "lr", *metric_keys, "seconds"])
-    step_log.start(("step", step) if resume else None)
-    epoch_log.start(("epoch", start_epoch) if resume else None)
-
-    student_params = [p for p in model.parameters() if p.requires_grad]
-    last_metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume else {}
+        last_metrics = dict(resume["metrics"])
+    student = model
+    if world.distributed:
+        model = DistributedDataParallel(model)
+    logger = _StepLogger(run_dir, config, task, balancer)
+    if world.is_main:
+        logger.start(resume)
+    student_params = [p for p in student.parameters() if p.requires_grad]
     started = time.perf_counter()
     for epoch in range(start_epoch, train_cfg.epochs):
         model.train()
         balancer.train()
-        sampler_rng.manual_seed(epoch_seed(config.seed, epoch))
-        torch.manual_seed(epoch_seed(config.seed, epoch))
-        epoch_start, loss_sum, train_acc_sum, seen = time.perf_counter(), 0.0, 0.0, 0
+        sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(config.seed, epoch) + world.rank)
+        epoch_start, loss_sum, acc_sum, seen = time.perf_counter(), 0.0, 0.0, 0
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
             leave=False,
             dynamic_ncols=True,
             mininterval=1.0,
+            disable=not world.is_main,
         )
         for batch in bar:
-            x = task.inputs(batch)
-            outputs = model(x)
+            outputs = model(task.inputs(batch))
             l_ts = task.task_loss(outputs, batch)
             l_kd = None
-            if teachers is not None and balancer.needs_teacher:
-                l_kd = task.kd_loss(outputs, teachers(x))
+            if teacher_outputs is not None and balancer.needs_teacher:
+                l_kd = task.kd_loss(outputs, teacher_outputs(batch))
             total = balancer(l_ts, l_kd)
-            if not torch.isfinite(total):
-                raise QatkdError(
-                    f"the loss became {total.item()} at step {step} (epoch {epoch + 1}); "
-                    f"the last good checkpoint is {run_dir / 'last.pt'}: lower train.lr and resume"
-                )
             diag = {}
             if config.diag.every and l_kd is not None and step % config.diag.every == 0:
                 diag = grad_conflict(l_ts, l_kd, student_params)
+            step += 1
+            if not torch.isfinite(total):
+                if train_cfg.on_nonfinite == "stop":
+                    raise QatkdError(
+                        f"the loss became {total.item()} at step {step} (epoch {epoch + 1}); "
+                        f"the last good checkpoint is {run_dir / 'last.pt'}: "
+                        "lower train.lr and resume, or set train.on_nonfinite=skip"
+                    )
+                tqdm.write(f"warning: skipped step {step}: the loss is {total.item()}")
+                schedule.step()
+                continue
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            average_gradients(world, balancer)
             optimizer.step()
             schedule.step()
-            step += 1
-            n = len(x)
+            n = len(task.inputs(batch))
             seen += n
             loss_sum += total.item() * n
-            batch_acc = task.batch_metrics(outputs, batch)["train_acc"]
-            train_acc_sum += batch_acc * n
+            acc_sum += task.batch_metrics(outputs, batch)["train_acc"] * n
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.3f}",
-                acc=f"{train_acc_sum / seen:.1f}",
-                img_s=f"{seen / (time.perf_counter() - epoch_start):.0f}",
+                acc=f"{acc_sum / seen:.1f}",
+                img_s=f"{seen * world.size / (time.perf_counter() - epoch_start):.0f}",
                 refresh=False,
             )
-            if step % train_cfg.log_every == 0 or diag:
-                kd_value = sum(l_kd).item() if isinstance(l_kd, list) else l_kd
-                step_log.append(
+            if world.is_main and (step % train_cfg.log_every == 0 or diag):
+                kd_sum = sum(l_kd) if isinstance(l_kd, list) else l_kd
+                logger.steps.append(
                     {
                         "step": step,
                         "epoch": epoch + 1,
                         "lr": schedule.get_last_lr()[0],
                         "loss": total.item(),
                         "l_ts": l_ts.item(),
-                        "l_kd": kd_value.item() if isinstance(kd_value, torch.Tensor) else kd_value,
+                        "l_kd": None if kd_sum is None else kd_sum.item(),
                         **balancer.weights(),
                         **diag,
                     }
                 )
         bar.close()
-        test_metrics = task.evaluate(model, test_loader)
-        last_metrics = {
-            "train_loss": loss_sum / seen,
-            "train_acc": train_acc_sum / seen,
-            **test_metrics,
-        }
-        is_best = test_metrics[task.main_metric] > best
-        best = max(best, test_metrics[task.main_metric])
-        state = {
-            "meta": meta,
-            "config": config_to_dict(config),
-            "model": model.state_dict(),
-            "balancer": balancer.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "epoch": epoch + 1,
-            "step": step,
-            "best": best,
-            "metrics": last_metrics,
-        }
-        save_checkpoint(state, run_dir / "last.pt")
-        if is_best:
-            save_checkpoint(state, run_dir / "best.pt")
-        epoch_log.append(
-            {
+        if seen == 0:
+            raise QatkdError(f"every step of epoch {epoch + 1} had a non-finite loss")
+        if world.is_main:
+            test_metrics = task.evaluate(student, DataLoader(test_set, EVAL_BATCH_SIZE))
+            last_metrics = {"train_loss": loss_sum / seen, "train_acc": acc_sum / seen}
+            last_metrics |= test_metrics
+            is_best = test_metrics[task.main_metric] > best
+            best = max(best, test_metrics[task.main_metric])
+            state = {
+                "meta": meta,
+                "config": config_to_dict(config),
+                "model": student.state_dict(),
+                "balancer": balancer.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict(),
                 "epoch": epoch + 1,
                 "step": step,
-                "lr": schedule.get_last_lr()[0],
-                **last_metrics,
-                "seconds": time.perf_counter() - epoch_start,
+                "best": best,
+                "metrics": last_metrics,
             }
-        )
-        plot_run(run_dir, f"{meta.get('model_name', 'model')} — {run_dir.name}")
-        weights = " ".join(
-            f"{k}={v:.3g}" for k, v in balancer.weights().items() if balancer.needs_teacher
-        )
-        tqdm.write(
-            f"epoch {epoch + 1}/{train_cfg.epochs}  loss {last_metrics['train_loss']:.4f}  "
-            f"train_acc {last_metrics['train_acc']:.2f}  {task.main_metric} "
-            f"{test_metrics[task.main_metric]:.2f}  {weights}".rstrip()
-        )
+            save_checkpoint(state, run_dir / "last.pt")
+            if is_best:
+                save_checkpoint(state, run_dir / "best.pt")
+            seconds = time.perf_counter() - epoch_start
+            lr = schedule.get_last_lr()[0]
+            logger.epochs.append(
+                {"epoch": epoch + 1, "step": step, "lr": lr, **last_metrics, "seconds": seconds}
+            )
+            plot_run(run_dir, f"{meta.get('model_name', 'model')} — {run_dir.name}")
+            _print_epoch(epoch, train_cfg.epochs, last_metrics, task.main_metric, balancer)
+        barrier(world)
     metrics = {
         **last_metrics,
         f"best_{task.main_metric}": best,
@@ -263,5 +279,18 @@ def fit(
         "train_seconds": round(time.perf_counter() - started, 1),
         **{f"final_{k}": v for k, v in balancer.weights().items()},
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if world.is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _print_epoch(
+    epoch: int, epochs: int, metrics: dict[str, float], main_metric: str, balancer: LossBalancer
+) -> None:
+    weights = ""
+    if balancer.needs_teacher:
+        weights = "  " + " ".join(f"{k}={v:.3g}" for k, v in balancer.weights().items())
+    tqdm.write(
+        f"epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  "
+        f"train_acc {metrics['train_acc']:.2f}  {main_metric} {metrics[main_metric]:.2f}{weights}"
+    )

@@ -80,6 +80,20 @@ class TensorImages(Dataset):
         return image, int(self.labels[i])
 
 
+class WithIndex(Dataset):
+    """Adds each sample's index to it, so per-sample results (cached teacher logits) can be
+    looked up for a shuffled batch."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        return (*self.dataset[i], i)
+
+
 def train_augmentation(image_size: int) -> v2.Compose:
     """Padded random crop and horizontal flip: the standard recipe for small images."""
     return v2.Compose(

@@ -5,12 +5,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
+from tqdm import tqdm
 
 from qatkd.distill import KDConfig, build_kd_loss
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]
+"""(images, labels), plus the sample indices when teacher logits come from a cache."""
+PREDICT_BATCH_SIZE = 512
+
+
+@torch.inference_mode()
+def predict_all(model: nn.Module, dataset: Dataset) -> torch.Tensor:
+    """The model's logits for every sample of `dataset`, in order (for the teacher-logit cache)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=PREDICT_BATCH_SIZE)
+    return torch.cat([model(x) for x, *_ in tqdm(loader, desc="teacher logits", leave=False)])
 
 
 class ClassificationTask:
@@ -39,8 +50,9 @@ class ClassificationTask:
         """Top-1 accuracy in percent (torchmetrics), with the model in eval mode."""
         was_training = model.training
         model.eval()
-        accuracy = MulticlassAccuracy(self.num_classes, average="micro")
-        for x, y in loader:
+        # Rank 0 alone evaluates under torchrun: no cross-process sync of the metric.
+        accuracy = MulticlassAccuracy(self.num_classes, average="micro", sync_on_compute=False)
+        for x, y, *_ in loader:
             accuracy.update(model(x), y)
         model.train(was_training)
         return {self.main_metric: accuracy.compute().item() * 100}

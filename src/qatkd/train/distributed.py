@@ -1,0 +1,64 @@
+"""Data-parallel training with PyTorch's own engine (torchrun + DistributedDataParallel).
+
+`torchrun --nproc_per_node=N -m qatkd distill ...` sets WORLD_SIZE/RANK; everything else works
+unchanged: gloo on CPU, nccl on GPU. Rank 0 alone writes logs, plots and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world() -> World:
+    """Join the process group that torchrun describes in the environment (once), or run alone."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def broadcast(world: World, value: Any) -> Any:
+    """Rank 0's `value` on every rank (a path, or an error message to raise everywhere)."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def average_gradients(world: World, module: nn.Module) -> None:
+    """All-reduce the gradients of a module that DDP does not wrap (the balancer), so its
+    parameters stay identical on every rank."""
+    if not world.distributed:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world.size
