@@ -200,5 +200,5 @@ def test_teacher_logit_cache_is_reused_and_matches_live_teachers(npz_root, fp32_
 
 def test_teacher_logit_cache_refuses_augmented_data(npz_root, fp32_run, tmp_path):
     overrides = tiny_overrides(npz_root, tmp_path / "x", f"teachers=[{fp32_run}]", "kd.cache=true")
-    with pytest.raises(QatkdError, match="kd.cache=true needs data.augment=false"):
+    with pytest.raises(QatkdError, match=r"kd\.cache=true needs data\.augment=false"):
         pipeline.distill(load_config(overrides=overrides))
