@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
 from qatkd.cli import EXIT_USER_ERROR, main
+from testdata import tiny_overrides
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -35,7 +35,7 @@ def test_help_lists_commands_and_config_keys(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "train.epochs = 10" in out and "quant = null" in out and "--resume" in out
+    assert "train.epochs = 5" in out and "quant = null" in out and "--resume" in out
 
 
 def test_train_then_eval_from_the_cli(capsys, npz_root: Path, tmp_path: Path):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_images, write_idx
 from qatkd.config import DataConfig
 from qatkd.errors import QatkdError
 from qatkd.tasks.classification.data import load_data, read_idx
+from testdata import make_images, write_idx
 
 
 def test_idx_round_trip(tmp_path: Path):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_overrides
 from qatkd.balance import GoR
 from qatkd.checkpoint import load_checkpoint
 from qatkd.train.distributed import World, average_gradients
+from testdata import tiny_overrides
 
 
 def free_port() -> int:

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from qatkd import pipeline
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.train import engine
+from testdata import tiny_overrides
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

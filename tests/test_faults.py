@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides, write_npz
 from qatkd import pipeline
 from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.tasks.classification import ClassificationTask, build_model
+from testdata import tiny_overrides, write_npz
 
 QATKD = [sys.executable, "-m", "qatkd"]
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from qatkd import pipeline
 from qatkd.checkpoint import load_checkpoint
 from qatkd.cli import EXIT_USER_ERROR, main
@@ -14,6 +13,7 @@ from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.quant import is_quantized
 from qatkd.train import engine
+from testdata import tiny_overrides
 
 
 @pytest.fixture

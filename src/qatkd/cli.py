@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from qatkd.checkpoint import checkpoint_path
 from qatkd.config import Config, _section_type, load_config
 from qatkd.errors import QatkdError
 
@@ -75,6 +76,32 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print_metrics(None, pipeline.evaluate(args.ckpt, args.overrides))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from qatkd.export import export_checkpoint
+
+    if not (args.run or args.ckpt):
+        raise QatkdError("export needs a run folder (qatkd export RUN_DIR) or --ckpt PATH")
+    result = export_checkpoint(args.run or args.ckpt, args.out, args.data_limit)
+    parity = result["parity"]["onnxruntime"]
+    print(
+        json.dumps(
+            {
+                "bytes": result["bytes"],
+                "integer_kernels": result["integer_kernels"],
+                "parity": parity,
+            },
+            indent=2,
+        )
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from qatkd.export import bench_run
+
+    bench_run(args.run, args.threads, tuple(args.batch), args.repeats, args.data_limit)
+    print((checkpoint_path(args.run).parent / "bench.md").read_text())
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from qatkd.demo import run_demo
 
@@ -133,6 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_argument("--ckpt", required=True, metavar="PATH", help="FP32 checkpoint")
     p = add("eval", "evaluate a checkpoint on its test set (data.* overrides allowed)", cmd_eval)
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint or run folder")
+    p = add(
+        "export",
+        "write the int8 ONNX (QDQ), FP32 ONNX and packed low-bit weights of a "
+        "quantized checkpoint, and check parity",
+        cmd_export,
+        configurable=False,
+    )
+    p.add_argument("run", nargs="?", metavar="RUN_DIR", help="run folder (its last.pt)")
+    p.add_argument("--ckpt", metavar="PATH", help="a checkpoint file instead of a run folder")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: beside the checkpoint)")
+    p.add_argument("--data-limit", type=int, metavar="N", help="parity on the first N test images")
+    p = add(
+        "bench",
+        "latency, size and parity of the exported model vs FP32, every backend",
+        cmd_bench,
+        configurable=False,
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="run folder (exported first if needed)")
+    p.add_argument("--threads", type=int, default=2, help="threads for every backend (2)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes (1 64)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per setting (20)")
+    p.add_argument("--data-limit", type=int, metavar="N", help="parity on the first N test images")
     p = add("demo", "the end-to-end demo on Fashion-MNIST", cmd_demo, configurable=False)
     p.add_argument("--out", default="runs/demo", help="demo folder (default: runs/demo)")
     p.add_argument(

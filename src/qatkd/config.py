@@ -39,7 +39,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(5, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.1, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"

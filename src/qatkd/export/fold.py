@@ -1,0 +1,56 @@
+"""BatchNorm folding that keeps the trained integer weights.
+
+Training fake-quantizes the *unfolded* weight and applies BatchNorm after the conv. Folding BN into
+the float weight and quantizing again would produce different codes than the ones trained. Instead
+BN's per-channel factor k = gamma / sqrt(var + eps) goes into the per-channel weight *scale*
+(scale' = scale * k) and into the bias (b' = beta + (b - mean) * k): the codes stay exactly the
+trained ones and the output is the same up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from qatkd.export.frozen import FrozenConv2d, freeze
+
+
+def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
+    """A frozen copy of `model` (see `qatkd.export.frozen.freeze`) with every BatchNorm2d that
+    directly follows a conv (as that conv's only user) folded into it. A BatchNorm elsewhere stays,
+    and the exporter writes it as BatchNormalization."""
+    gm = freeze(model)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(
+            gm.get_submodule(node.target), nn.BatchNorm2d
+        ):
+            continue
+        source = node.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "call_module"):
+            continue
+        conv = gm.get_submodule(source.target)
+        if len(source.users) != 1 or not isinstance(conv, FrozenConv2d | nn.Conv2d):
+            continue
+        _fold_into(conv, gm.get_submodule(node.target))
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+@torch.no_grad()
+def _fold_into(conv: FrozenConv2d | nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    mean, var = bn.running_mean, bn.running_var
+    gamma = bn.weight if bn.affine else torch.ones_like(mean)
+    beta = bn.bias if bn.affine else torch.zeros_like(mean)
+    k = gamma / torch.sqrt(var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+    new_bias = beta + (bias - mean) * k
+    if isinstance(conv, FrozenConv2d):
+        conv.scale = conv.scale * k.view(-1, 1, 1, 1)
+        conv.bias = new_bias
+    else:
+        conv.weight = nn.Parameter(conv.weight * k.view(-1, 1, 1, 1))
+        conv.bias = nn.Parameter(new_bias)

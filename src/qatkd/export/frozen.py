@@ -1,0 +1,165 @@
+"""The deployable integer description of a quantized model: integer weight codes plus scales.
+
+`freeze` traces a quantized model (torch.fx) and replaces each `QuantConv2d` / `QuantLinear` by a
+frozen layer that stores the trained integer weight codes and their per-channel scale instead of
+the float weight. Its output equals the fake-quantized layer's bitwise (the quantizers promise
+`forward(w) == quantize_int(w) * scale`), and it is what BatchNorm folding and the exporters read,
+so they never re-quantize a weight and never invent a scale.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from qatkd.errors import QatkdError
+from qatkd.quant import QuantAct, QuantConv2d, Quantizer, QuantLinear
+from qatkd.quant.quantizers import FloatQuantizer
+
+CODE_DTYPE = torch.int8
+"""Weight codes are stored as int8: every bit-width up to 8 fits, and int8 is what kernels read."""
+
+
+@dataclass(frozen=True)
+class ActRange:
+    """An activation quantizer as the exported graph sees it: codes = clamp(round(x / scale),
+    qmin, qmax), zero point 0. `bits` < 8 means the 8-bit runtime type must also saturate at
+    [qmin, qmax], which an 8-bit QuantizeLinear alone does not do."""
+
+    scale: float
+    qmin: int
+    qmax: int
+    bits: int
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+def act_range(quantizer: Quantizer, where: str) -> ActRange | None:
+    """The quantizer's range, or None for a float (16-bit) quantizer: that input stays float."""
+    if isinstance(quantizer, FloatQuantizer):
+        return None
+    if quantizer.scale.numel() != 1:
+        raise QatkdError(f"{where}: activation scales must be per tensor for export")
+    qmin, qmax = quantizer.qrange
+    _check_int8(qmin, qmax, where)
+    return ActRange(float(quantizer.scale), qmin, qmax, quantizer.bits)
+
+
+def _check_int8(qmin: int, qmax: int, where: str) -> None:
+    if qmin < -128 or qmax > 255 or (qmin < 0 and qmax > 127):
+        raise QatkdError(
+            f"{where}: integer codes [{qmin}, {qmax}] do not fit 8 bits, so no int8 kernel can "
+            "run them (DoReFa 8-bit weights need 9); use another method or fewer bits"
+        )
+
+
+class FrozenLayer(nn.Module):
+    """Shared state of a frozen conv / linear: `codes` (int8), `scale` (float32, broadcastable
+    per output channel), optional float `bias`, the trained input quantizer (kept as a module so
+    the PyTorch forward fake-quantizes exactly as in training), and the weight's bit-width."""
+
+    codes: Tensor
+    scale: Tensor
+    bias: Tensor | None
+
+    def __init__(self, layer: QuantConv2d | QuantLinear, where: str) -> None:
+        super().__init__()
+        wq = layer.weight_quantizer
+        if isinstance(wq, FloatQuantizer):
+            raise QatkdError(f"{where}: the weight is not quantized (16 bits); nothing to freeze")
+        if wq.group_size is not None:
+            raise QatkdError(
+                f"{where}: per-group weight scales (group_size={wq.group_size}) are not supported "
+                "by the exporter; it writes one scale per output channel"
+            )
+        qmin, qmax = wq.qrange
+        _check_int8(qmin, qmax, where)
+        with torch.no_grad():
+            codes = wq.quantize_int(layer.weight)
+            scale = wq.scale.expand(codes.shape[0], *([1] * (codes.dim() - 1))).clone()
+        self.register_buffer("codes", codes.to(CODE_DTYPE))
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        self.input_quantizer = copy.deepcopy(layer.input_quantizer)
+        self.weight_bits = wq.bits
+        self.weight_qrange = (qmin, qmax)
+        self.input_range = act_range(layer.input_quantizer, f"{where}.input_quantizer")
+
+    @property
+    def weight(self) -> Tensor:
+        """The fake-quantized float weight, `codes * scale` (as DequantizeLinear computes it)."""
+        return self.codes.float() * self.scale
+
+
+class FrozenConv2d(FrozenLayer):
+    def __init__(self, layer: QuantConv2d, where: str) -> None:
+        super().__init__(layer, where)
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise QatkdError(f"{where}: only explicit zero padding can be exported")
+        self.stride, self.padding = tuple(layer.stride), tuple(layer.padding)
+        self.dilation, self.groups = tuple(layer.dilation), layer.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(
+            self.input_quantizer(x),
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
+
+class FrozenLinear(FrozenLayer):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.weight, self.bias)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps quantized layers, quantizers and QuantActs whole: they become single graph nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, QuantConv2d | QuantLinear | QuantAct | Quantizer | FrozenLayer):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """A torch.fx graph of a deep copy of `model`, in eval mode (`model` is left untouched)."""
+    model = copy.deepcopy(model).eval()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types for code it cannot follow
+        raise QatkdError(
+            f"cannot trace {type(model).__name__} for export ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); its forward must be a plain graph of "
+            "modules and tensor ops, without data-dependent control flow"
+        ) from e
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def freeze(model: nn.Module) -> fx.GraphModule:
+    """A traced copy of `model` whose quantized layers hold integer weight codes (module doc)."""
+    gm = trace(model)
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, QuantConv2d):
+            _replace(gm, node.target, FrozenConv2d(module, node.target))
+        elif isinstance(module, QuantLinear):
+            _replace(gm, node.target, FrozenLinear(module, node.target))
+    gm.recompile()
+    return gm
+
+
+def _replace(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(gm.get_submodule(parent), child, module)

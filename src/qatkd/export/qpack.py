@@ -1,0 +1,195 @@
+"""The packed low-bit artifact (`model.qpack`): trained integer weights at their real bit-width.
+
+Format, version 1 (all numbers little-endian):
+
+    magic    6 bytes  b"QPACK\\0"
+    version  uint32   1
+    length   uint32   byte length of the header
+    header   UTF-8 JSON, `length` bytes
+    data     the blobs the header points at (offsets count from the first byte of `data`)
+
+The header is `{"format": "qatkd-qpack", "version": 1, "meta": {...}, "layers": [...],
+"activations": [...]}`. `meta` is the checkpoint's model description (model name, class names,
+mean/std, quantization config). Each entry of `layers` is one quantized conv / linear after
+BatchNorm folding, in graph order:
+
+    name        module path in the model, e.g. "net.layers.0.conv1"
+    shape       weight shape, e.g. [16, 16, 3, 3] (out, in / groups, kh, kw) or [out, in]
+    bits        the weight bit-width the model was trained with
+    qmin, qmax  the integer code range
+    width       bits per stored code: 1, 2, 4 or 8, the smallest that holds qmax - qmin + 1
+                values (3-bit codes are stored in 4-bit nibbles)
+    codes       [offset, nbytes]: codes in C order, each stored as the unsigned value
+                (code - qmin) in `width` bits; 8 / width codes per byte, the first code in the
+                lowest bits; the last byte is padded with zeros
+    scale       [offset, nbytes]: float32 per output channel: weight = code * scale (BN folded)
+    bias        [offset, nbytes] float32 per output channel, or null
+    input       the input activation quantizer: {"scale", "qmin", "qmax", "bits"}, or null
+                (float input): x_q = clamp(round(x / scale), qmin, qmax) * scale, round half
+                to even
+
+`activations` lists the other quantized tensors (residual-add inputs): {"name", "scale", "qmin",
+"qmax", "bits"}. `load_qpack` restores the integer codes bit for bit; runtimes without sub-8-bit
+kernels expand them to int8 (as `model.int8.onnx` does).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+from qatkd.errors import QatkdError
+from qatkd.export.frozen import ActRange, FrozenLayer, act_range
+from qatkd.quant import QuantAct
+
+MAGIC = b"QPACK\0"
+VERSION = 1
+_WIDTHS = (1, 2, 4, 8)
+
+
+@dataclass
+class PackedLayer:
+    """One layer as stored: integer codes (int8 array in the weight's shape) and its floats."""
+
+    name: str
+    bits: int
+    qmin: int
+    qmax: int
+    codes: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray | None
+    input: ActRange | None
+
+
+@dataclass
+class QPack:
+    meta: dict[str, Any]
+    layers: list[PackedLayer]
+    activations: dict[str, ActRange]
+
+
+def storage_width(qmin: int, qmax: int) -> int:
+    """Bits per stored code: the smallest of 1, 2, 4, 8 that holds qmax - qmin + 1 values."""
+    needed = max(1, (qmax - qmin).bit_length())
+    for width in _WIDTHS:
+        if width >= needed:
+            return width
+    raise QatkdError(f"codes in [{qmin}, {qmax}] do not fit 8 bits")
+
+
+def pack_codes(codes: np.ndarray, qmin: int, qmax: int) -> bytes:
+    """`codes` (integers in [qmin, qmax]) packed as described in the module doc."""
+    values = codes.reshape(-1).astype(np.int16)
+    if values.size and (values.min() < qmin or values.max() > qmax):
+        raise QatkdError(f"codes outside [{qmin}, {qmax}] cannot be packed")
+    width = storage_width(qmin, qmax)
+    per_byte = 8 // width
+    unsigned = (values - qmin).astype(np.uint8)
+    unsigned = np.concatenate([unsigned, np.zeros(-len(unsigned) % per_byte, np.uint8)])
+    shifts = (np.arange(per_byte, dtype=np.uint8) * width).astype(np.uint8)
+    packed = np.bitwise_or.reduce(unsigned.reshape(-1, per_byte) << shifts, axis=1)
+    return packed.astype(np.uint8).tobytes()
+
+
+def unpack_codes(data: bytes, qmin: int, qmax: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `pack_codes`: int8 codes of `shape`."""
+    width = storage_width(qmin, qmax)
+    per_byte = 8 // width
+    count = int(np.prod(shape))
+    packed = np.frombuffer(data, np.uint8)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * width).astype(np.uint8)
+    mask = np.uint8((1 << width) - 1)
+    unsigned = ((packed[:, None] >> shifts) & mask).reshape(-1)[:count]
+    return (unsigned.astype(np.int16) + qmin).astype(np.int8).reshape(shape)
+
+
+def save_qpack(gm: fx.GraphModule, meta: dict[str, Any], path: str | Path) -> int:
+    """Write the frozen, BN-folded model `gm` (`fold_batchnorm`) as a qpack; returns its size."""
+    blob = bytearray()
+
+    def put(data: bytes) -> list[int]:
+        blob.extend(b"\0" * (-len(blob) % 8))
+        start = len(blob)
+        blob.extend(data)
+        return [start, len(data)]
+
+    layers, activations = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, FrozenLayer):
+            qmin, qmax = module.weight_qrange
+            bias = module.bias
+            layers.append(
+                {
+                    "name": node.target,
+                    "shape": list(module.codes.shape),
+                    "bits": module.weight_bits,
+                    "qmin": qmin,
+                    "qmax": qmax,
+                    "width": storage_width(qmin, qmax),
+                    "codes": put(pack_codes(module.codes.numpy(), qmin, qmax)),
+                    "scale": put(module.scale.reshape(-1).numpy().astype("<f4").tobytes()),
+                    "bias": None if bias is None else put(bias.numpy().astype("<f4").tobytes()),
+                    "input": None if module.input_range is None else asdict(module.input_range),
+                }
+            )
+        elif isinstance(module, QuantAct):
+            r = act_range(module.quantizer, node.target)
+            if r is not None:
+                activations.append({"name": node.target, **asdict(r)})
+    header = json.dumps(
+        {
+            "format": "qatkd-qpack",
+            "version": VERSION,
+            "meta": meta,
+            "layers": layers,
+            "activations": activations,
+        }
+    ).encode()
+    data = MAGIC + struct.pack("<II", VERSION, len(header)) + header + bytes(blob)
+    Path(path).write_bytes(data)
+    return len(data)
+
+
+def load_qpack(path: str | Path) -> QPack:
+    """Read a qpack: the integer codes exactly as trained, with scales, biases and ranges."""
+    raw = Path(path).read_bytes()
+    if raw[: len(MAGIC)] != MAGIC:
+        raise QatkdError(f"{path} is not a qatkd qpack file")
+    version, length = struct.unpack_from("<II", raw, len(MAGIC))
+    if version != VERSION:
+        raise QatkdError(f"{path} is qpack version {version}; this qatkd reads version {VERSION}")
+    start = len(MAGIC) + 8
+    header = json.loads(raw[start : start + length])
+    data = memoryview(raw)[start + length :]
+
+    def get(ref: list[int]) -> bytes:
+        return bytes(data[ref[0] : ref[0] + ref[1]])
+
+    layers = []
+    for entry in header["layers"]:
+        qmin, qmax = entry["qmin"], entry["qmax"]
+        layers.append(
+            PackedLayer(
+                name=entry["name"],
+                bits=entry["bits"],
+                qmin=qmin,
+                qmax=qmax,
+                codes=unpack_codes(get(entry["codes"]), qmin, qmax, tuple(entry["shape"])),
+                scale=np.frombuffer(get(entry["scale"]), "<f4").copy(),
+                bias=None
+                if entry["bias"] is None
+                else np.frombuffer(get(entry["bias"]), "<f4").copy(),
+                input=None if entry["input"] is None else ActRange(**entry["input"]),
+            )
+        )
+    activations = {a.pop("name"): ActRange(**a) for a in header["activations"]}
+    return QPack(header["meta"], layers, activations)

@@ -1,0 +1,244 @@
+"""`export_checkpoint` and `bench_run`: what `qatkd export` and `qatkd bench` do with a run folder.
+
+Files written next to the checkpoint (or into `out_dir`): `model.int8.onnx` (QDQ, int8 kernels),
+`model.fp32.onnx` (the same network in float), `model.qpack` (packed low-bit weights),
+`parity.json` (int8 ONNX vs the fake-quantized PyTorch model on the test set), and from
+`bench_run` `bench.md` / `bench.json` (latency, sizes, speedups against FP32 in the same run).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qatkd.checkpoint import checkpoint_path, load_checkpoint
+from qatkd.config import build_config
+from qatkd.errors import QatkdError
+from qatkd.export.bench import Target, add_speedups, measure, speed_table
+from qatkd.export.fold import fold_batchnorm
+from qatkd.export.onnx_export import save_onnx, to_onnx
+from qatkd.export.parity import compare
+from qatkd.export.qpack import save_qpack
+from qatkd.export.runtime import INTEGER_OPS, fused_ops, load_runner, openvino_available
+from qatkd.pipeline import load_model
+from qatkd.tasks.classification import build_model, load_data
+
+INT8_ONNX, FP32_ONNX, QPACK = "model.int8.onnx", "model.fp32.onnx", "model.qpack"
+PARITY, BENCH_MD, BENCH_JSON = "parity.json", "bench.md", "bench.json"
+FP32_REFERENCE = ("onnxruntime", "fp32")
+"""Speedups are against the same network in FP32 on onnxruntime: PyTorch eager is a slower and
+noisier reference (its row is in the table too)."""
+
+
+def _load_quantized(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    model, state = load_model(path)
+    if not state["meta"].get("quant"):
+        raise QatkdError(
+            f"{path} is not quantized: export needs a QAT/PTQ checkpoint "
+            "(run qatkd ptq or qatkd distill with quant.bits)"
+        )
+    return model, state
+
+
+def _test_loader(state: dict[str, Any], data_limit: int | None) -> DataLoader:
+    data_config = build_config(state["config"]).data
+    update: dict[str, Any] = {"augment": False}
+    if data_limit is not None:
+        update["test_limit"] = data_limit
+    data = load_data(data_config.model_copy(update=update))
+    return DataLoader(data.test, batch_size=256)
+
+
+def _input_shape(meta: dict[str, Any]) -> list[int]:
+    return [meta["in_channels"], meta["image_size"], meta["image_size"]]
+
+
+def export_checkpoint(
+    ckpt_or_run_dir: str | Path, out_dir: str | Path | None = None, data_limit: int | None = None
+) -> dict[str, Any]:
+    """Fold BN, write the int8 and FP32 ONNX and the qpack, check parity of the int8 ONNX on the
+    first `data_limit` test samples (all by default); returns file sizes, the operators
+    onnxruntime runs, and the parity figures (also saved as parity.json)."""
+    path = checkpoint_path(ckpt_or_run_dir)
+    model, state = _load_quantized(path)
+    meta = state["meta"]
+    out = Path(out_dir) if out_dir is not None else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "class_names": meta["class_names"],
+        "model_name": meta["model_name"],
+        "quant": meta["quant"],
+        "input": "float pixels in [0, 1], NCHW",
+    }
+    shape = _input_shape(meta)
+    sizes = {
+        INT8_ONNX: save_onnx(to_onnx(model, shape, "int8", metadata), str(out / INT8_ONNX)),
+        FP32_ONNX: save_onnx(to_onnx(model, shape, "fp32", metadata), str(out / FP32_ONNX)),
+        QPACK: save_qpack(fold_batchnorm(model), meta, out / QPACK),
+        "checkpoint": path.stat().st_size,
+    }
+    parity = compare(model, load_runner(out / INT8_ONNX), _test_loader(state, data_limit))
+    ops = fused_ops(out / INT8_ONNX)
+    result = {
+        "checkpoint": str(path),
+        "bytes": sizes,
+        "onnxruntime_ops": ops,
+        "integer_kernels": {op: n for op, n in ops.items() if op in INTEGER_OPS},
+        "parity": {"onnxruntime": parity},
+    }
+    (out / PARITY).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def float_model(state: dict[str, Any]) -> nn.Module:
+    """The checkpoint's network without quantizers (its float weights), in eval mode: the FP32
+    PyTorch reference for speed."""
+    meta = state["meta"]
+    model = build_model(
+        meta["model_name"], meta["in_channels"], len(meta["class_names"]), meta["mean"], meta["std"]
+    )
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state["model"].items() if k in own})
+    return model.eval()
+
+
+def backend_targets(
+    name: str, torch_model: nn.Module, fp32_onnx: Path, int8_onnx: Path, threads: int = 2
+) -> list[Target]:
+    """FP32 PyTorch, onnxruntime fp32 / int8 and, if installed, OpenVINO f32 / bf16 / int8."""
+
+    def torch_run(x: Any) -> Any:
+        with torch.inference_mode():
+            return torch_model(torch.from_numpy(x))
+
+    sizes = {p: p.stat().st_size for p in (fp32_onnx, int8_onnx)}
+    targets = [
+        Target(name, "pytorch", "fp32", torch_run),
+        Target(
+            name, "onnxruntime", "fp32", load_runner(fp32_onnx, threads=threads), sizes[fp32_onnx]
+        ),
+        Target(
+            name, "onnxruntime", "int8", load_runner(int8_onnx, threads=threads), sizes[int8_onnx]
+        ),
+    ]
+    if openvino_available():
+        for precision, path, hint in (
+            ("fp32", fp32_onnx, "f32"),
+            ("bf16", fp32_onnx, "bf16"),
+            ("int8", int8_onnx, "f32"),
+        ):
+            runner = load_runner(path, "openvino", threads, hint)
+            targets.append(Target(name, "openvino", precision, runner, sizes[path]))
+    return targets
+
+
+def int8_parity(
+    model: nn.Module, targets: list[Target], loader: DataLoader, known: dict[str, Any]
+) -> dict[str, Any]:
+    """`known` parity figures plus those of every other int8 target, on `loader`."""
+    parity = dict(known)
+    for t in targets:
+        if t.precision == "int8" and t.backend not in parity:
+            parity[t.backend] = compare(model, t.run, loader, desc=f"parity {t.backend}")
+    return parity
+
+
+def checkpoint_test_loader(
+    ckpt_or_run_dir: str | Path, data_limit: int | None = None
+) -> DataLoader:
+    """The test split of the data the checkpoint was trained on (first `data_limit` samples)."""
+    return _test_loader(load_checkpoint(checkpoint_path(ckpt_or_run_dir)), data_limit)
+
+
+def bench_run(
+    run_dir: str | Path,
+    threads: int = 2,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    repeats: int = 20,
+    data_limit: int | None = None,
+) -> dict[str, Any]:
+    """Latency (median, p90) of every backend at each batch size, file sizes and parity (for every
+    int8 backend); exports first if the run folder has no ONNX yet. Writes bench.md and
+    bench.json into the run folder."""
+    path = checkpoint_path(run_dir)
+    out = path.parent
+    if not (out / INT8_ONNX).is_file() or not (out / PARITY).is_file():
+        export_checkpoint(path, data_limit=data_limit)
+    exported = json.loads((out / PARITY).read_text())
+    model, state = _load_quantized(path)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        targets = backend_targets(
+            state["meta"]["model_name"],
+            float_model(state),
+            out / FP32_ONNX,
+            out / INT8_ONNX,
+            threads,
+        )
+        parity = int8_parity(model, targets, _test_loader(state, data_limit), exported["parity"])
+        records = measure(targets, _input_shape(state["meta"]), batch_sizes, repeats)
+    finally:
+        torch.set_num_threads(previous_threads)
+    add_speedups(records, FP32_REFERENCE)
+    sizes = exported["bytes"]
+    result = {
+        "checkpoint": str(path),
+        "threads": threads,
+        "machine": machine(),
+        "records": records,
+        "bytes": sizes,
+        "parity": parity,
+        "size_ratio": {k: round(sizes["checkpoint"] / v, 2) for k, v in sizes.items()},
+        "onnxruntime_ops": exported["onnxruntime_ops"],
+    }
+    (out / BENCH_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    (out / BENCH_MD).write_text(bench_markdown(result))
+    return result
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {torch.get_num_threads()} torch threads available"
+
+
+def parity_table(parity: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| backend | samples | top-1 agreement % | acc PyTorch % | acc export % | diff |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for backend, p in parity.items():
+        lines.append(
+            f"| {backend} | {p['samples']} | {p['agreement']:.2f} | {p['accuracy_pytorch']:.2f} | "
+            f"{p['accuracy_export']:.2f} | {p['accuracy_diff']:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def bench_markdown(result: dict[str, Any]) -> str:
+    sizes = "\n".join(
+        f"| {name} | {size:,} | {result['size_ratio'][name]:.2f}x |"
+        for name, size in result["bytes"].items()
+    )
+    return (
+        f"# qatkd bench: {result['checkpoint']}\n\nmachine: {result['machine']}; "
+        f"{result['threads']} threads for every backend, measured round-robin in one process\n\n"
+        f"## Latency\n\n{speed_table(result['records'], 'onnxruntime FP32')}\n\n"
+        f"## Size (ratio: checkpoint bytes / file bytes)\n\n| file | bytes | smaller by |\n"
+        f"|---|---:|---:|\n{sizes}\n\n## Parity with the fake-quantized PyTorch model\n\n"
+        f"{parity_table(result['parity'])}\n\nonnxruntime runs: {result['onnxruntime_ops']}\n"
+    )

@@ -1,0 +1,91 @@
+"""Inference backends for the exported ONNX files, behind one call: `load_runner`.
+
+onnxruntime is the reference (CPU, int8 QLinear kernels); OpenVINO (optional `openvino` package)
+reads the same QDQ file and runs it with its own int8 / bf16 kernels (AMX where the CPU has it).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qatkd.errors import QatkdError
+from qatkd.export.onnx_export import INPUT_NAME
+
+Backend = Literal["onnxruntime", "openvino"]
+Runner = Callable[[np.ndarray], np.ndarray]
+INTEGER_OPS = (
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+    "ConvInteger",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "QLinearAdd",
+    "QLinearGlobalAveragePool",
+)
+"""Operators that compute on integers; `fused_ops` counts them in onnxruntime's optimized graph."""
+
+
+def ort_session(
+    path: str | Path, threads: int = 2, optimized_path: str | Path | None = None
+) -> ort.InferenceSession:
+    """A CPU session with all graph optimizations (the QDQ -> QLinear fusions) on `threads`
+    threads; `optimized_path` saves the graph onnxruntime actually runs."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # Idle threads must sleep: spinning ones would steal the cores of whatever runs next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def fused_ops(path: str | Path) -> dict[str, int]:
+    """Node counts by operator of the graph onnxruntime runs for the ONNX file at `path`: shows
+    whether the convolutions and matmuls became integer kernels (QLinearConv, QGemm, ...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        ort_session(path, optimized_path=optimized)
+        graph = onnx.load(str(optimized)).graph
+    return dict(collections.Counter(node.op_type for node in graph.node).most_common())
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def load_runner(
+    path: str | Path, backend: Backend = "onnxruntime", threads: int = 2, hint: str = "f32"
+) -> Runner:
+    """A function from a float NCHW batch to logits. `hint` is OpenVINO's inference precision
+    ("f32" or "bf16"); a QDQ graph runs int8 whatever the hint."""
+    if backend == "onnxruntime":
+        session = ort_session(path, threads)
+        return lambda x: session.run(None, {INPUT_NAME: x})[0]
+    if backend != "openvino":
+        raise QatkdError(f"unknown backend '{backend}'; choose onnxruntime or openvino")
+    if not openvino_available():
+        raise QatkdError("backend openvino needs the openvino package: pip install openvino")
+    import openvino as ov
+
+    config = {
+        "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": hint,
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+    }
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({INPUT_NAME: x})[0]

@@ -1,0 +1,95 @@
+"""export_checkpoint / bench_run on a tiny run folder, and the errors users can cause."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from qatkd.checkpoint import save_checkpoint
+from qatkd.config import build_config, config_to_dict
+from qatkd.errors import QatkdError
+from qatkd.export import bench_run, class_names_of, export_checkpoint, load_qpack, to_onnx
+from qatkd.quant import QuantConfig, calibrate, prepare
+from qatkd.tasks.classification import build_model, model_meta
+
+
+def _run_folder(tmp_path, npz_root, quant: QuantConfig | None):
+    """A run folder as `qatkd ptq` leaves it: a checkpoint of a resnet8 on the 3-class npz data."""
+    torch.manual_seed(0)
+    model = build_model("resnet8", 1, 3, [0.2], [0.3])
+    meta = model_meta("resnet8", 1, 12, ["a", "b", "c"], [0.2], [0.3])
+    if quant is not None:
+        prepare(model, quant)
+        calibrate(model, [torch.rand(16, 1, 12, 12)], 16)
+        meta["quant"] = quant.model_dump(mode="json")
+    config = build_config({"data": {"name": "npz", "root": str(npz_root)}})
+    run = tmp_path / "run"
+    save_checkpoint(
+        {"meta": meta, "config": config_to_dict(config), "model": model.state_dict()},
+        run / "last.pt",
+    )
+    return run
+
+
+def test_export_and_bench_a_run_folder(tmp_path, npz_root):
+    run = _run_folder(tmp_path, npz_root, QuantConfig(bits="W4A4"))
+    result = export_checkpoint(run)
+    for name in ("model.int8.onnx", "model.fp32.onnx", "model.qpack", "parity.json"):
+        assert (run / name).is_file(), name
+    assert result["parity"]["onnxruntime"]["samples"] == 24
+    assert result["parity"]["onnxruntime"]["agreement"] == 100.0
+    assert result["integer_kernels"]["QLinearConv"] >= 1
+    assert class_names_of(onnx.load(str(run / "model.int8.onnx"))) == ["a", "b", "c"]
+    assert load_qpack(run / "model.qpack").meta["quant"]["bits"] == "W4A4"
+    assert result["bytes"]["model.qpack"] < result["bytes"]["model.int8.onnx"]
+
+    bench = bench_run(run, batch_sizes=(2,), repeats=2)
+    kinds = {(r["backend"], r["precision"]) for r in bench["records"]}
+    assert {("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")} <= kinds
+    assert all(r["latency_ms"] > 0 and r["speedup"] > 0 for r in bench["records"])
+    assert all(p["agreement"] == 100.0 for p in bench["parity"].values())
+    assert json.loads((run / "bench.json").read_text())["records"] == bench["records"]
+    assert "| onnxruntime | int8 | 2 |" in (run / "bench.md").read_text()
+
+
+def test_fp32_checkpoint_is_refused(tmp_path, npz_root):
+    run = _run_folder(tmp_path, npz_root, None)
+    with pytest.raises(QatkdError, match=r"is not quantized: export needs a QAT/PTQ checkpoint"):
+        export_checkpoint(run)
+
+
+class _Gelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.act = nn.GELU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+def test_unsupported_layer_is_named():
+    model = prepare(_Gelu(), QuantConfig(bits="W8A8"))
+    calibrate(model, [torch.rand(4, 1, 8, 8)], 4)
+    with pytest.raises(QatkdError, match=r"cannot export module 'act' \(GELU\)"):
+        to_onnx(model.eval(), [1, 8, 8])
+
+
+def test_untraceable_model_is_explained():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    model = prepare(Branchy(), QuantConfig(bits="W8A8"))
+    calibrate(model, [torch.rand(4, 4)], 4)
+    with pytest.raises(QatkdError, match="cannot trace Branchy"):
+        to_onnx(model.eval(), [4])
