@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,8 +21,9 @@ from typing import Any
 
 import onnx
 import torch
+from _provenance import command as run_command
+from _provenance import git_commit
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from qatkd.checkpoint import load_checkpoint
 from qatkd.export import compare, export_checkpoint, fused_ops, to_onnx
@@ -40,7 +39,6 @@ from qatkd.export.run import (
     machine,
     parity_table,
 )
-from qatkd.nn import QuantPoint
 from qatkd.pipeline import load_model
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.classification import build_model
@@ -49,24 +47,10 @@ RESULTS = Path(__file__).parent / "results"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-class _PointedBlock(BasicBlock):
-    """torchvision's BasicBlock with both residual-add inputs marked for quantization."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.branch_point(self.bn2(self.conv2(out)))
-        return self.relu(out + self.shortcut_point(identity))
-
-
 def resnet18_w8a8(samples: int) -> tuple[nn.Module, nn.Module]:
     """(float model, W8A8 model calibrated on `samples` random images)."""
     torch.manual_seed(0)
     model = build_model("tv:resnet18", 3, 1000, IMAGENET_MEAN, IMAGENET_STD).eval()
-    for block in model.modules():
-        if isinstance(block, BasicBlock):
-            block.branch_point, block.shortcut_point = QuantPoint(), QuantPoint()
-            block.__class__ = _PointedBlock
     quantized = prepare(copy.deepcopy(model), QuantConfig(bits="W8A8", method="minmax"))
     batches = [torch.rand(8, 3, 224, 224) for _ in range(max(1, samples // 8))]
     calibrate(quantized, batches, samples, progress=True)
@@ -110,26 +94,6 @@ def bench_student(args: argparse.Namespace, path: str, tmp: Path) -> tuple[str, 
     }
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-        return out.stdout.strip() + (" (uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and samples")
@@ -165,7 +129,7 @@ def write_results(
     records: list[dict[str, Any]],
     wall: float,
 ) -> None:
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = run_command()
     RESULTS.mkdir(parents=True, exist_ok=True)
     keys = ("model", "backend", "precision", "batch", "latency_ms", "p90_ms", "bytes", "speedup")
     (RESULTS / "export_speed.json").write_text(

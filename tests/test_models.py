@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torchvision
 
 from qatkd.errors import QatkdError
 from qatkd.nn import QuantPoint
@@ -39,3 +40,13 @@ def test_unknown_model_names_the_choices():
         build_model("resnt20", 1, 10, [0.5], [0.5])
     with pytest.raises(QatkdError, match="unknown torchvision model 'nonet'"):
         build_model("tv:nonet", 1, 10, [0.5], [0.5])
+
+
+def test_torchvision_resnet_residual_adds_are_marked_and_outputs_unchanged():
+    torch.manual_seed(0)
+    model = build_model("tv:resnet18", 3, 10, [0.0] * 3, [1.0] * 3).eval()
+    assert sum(isinstance(m, QuantPoint) for m in model.modules()) == 2 * 8
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    reference.load_state_dict(model.net.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(model(x), reference(x))

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
 from qatkd.errors import QatkdError
 from qatkd.nn import QuantPoint
@@ -119,14 +120,50 @@ def _vgg8(in_channels: int, num_classes: int) -> nn.Module:
     return SmallVGG(in_channels, num_classes, (32, 32, 64, 64, 128, 128))
 
 
+class _MarkedBasicBlock(tv_resnet.BasicBlock):
+    """torchvision's BasicBlock with both inputs of the residual add marked for quantization."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.branch_point(self.bn2(self.conv2(out)))
+        return self.relu(out + self.shortcut_point(identity))
+
+
+class _MarkedBottleneck(tv_resnet.Bottleneck):
+    """torchvision's Bottleneck with both inputs of the residual add marked for quantization."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.branch_point(self.bn3(self.conv3(out)))
+        return self.relu(out + self.shortcut_point(identity))
+
+
+_MARKED_BLOCKS = {tv_resnet.BasicBlock: _MarkedBasicBlock, tv_resnet.Bottleneck: _MarkedBottleneck}
+
+
+def _mark_residual_adds(net: nn.Module) -> None:
+    """Give torchvision ResNet blocks the QuantPoints our own ResNets have, so that QAT
+    simulates the integer graph the exporter writes (int8 adds, not float ones)."""
+    for block in net.modules():
+        marked = _MARKED_BLOCKS.get(type(block))
+        if marked is not None:
+            block.branch_point, block.shortcut_point = QuantPoint(), QuantPoint()
+            block.__class__ = marked
+
+
 def _torchvision_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
-    """A torchvision model, untrained, with its first conv adapted to the input channels."""
+    """A torchvision model, untrained, with its first conv adapted to the input channels and its
+    residual adds (ResNets) marked for quantization."""
     try:
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     except ValueError as e:
         raise QatkdError(
             f"unknown torchvision model '{name}'; see torchvision.models.list_models()"
         ) from e
+    _mark_residual_adds(net)
     parent, attr, conv = _first_conv(net)
     if conv.in_channels != in_channels:
         setattr(
