@@ -107,6 +107,7 @@ def quantized_rows(work: Path, budget: Budget) -> list[dict[str, Any]]:
                     f"train.epochs={budget.qat_epochs}",
                     "train.lr=0.01",
                     "train.warmup_epochs=0",
+                    "train.log_every=10",
                 ]
                 command_name = "train" if method == "qat" else "distill"
                 metrics = run(work, f"{method}_{bits}_s{seed}", command_name, overrides)
@@ -167,15 +168,14 @@ def plot_gor_and_conflict(work: Path, path: Path) -> None:
     for bits in ("W4A4", "W2A2"):
         rows = read_csv(work / f"kd_gor_liebel_{bits}_s0" / "steps.csv")
         for key in ("w_ts", "w_kd"):
-            weights_ax.plot(
-                [r["step"] for r in rows], [r[key] for r in rows], label=f"{key} {bits}"
-            )
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            weights_ax.plot(*zip(*points, strict=True), marker=".", label=f"{key} {bits}")
     weights_ax.set(xlabel="step", title="GoR (liebel) effective weights")
     for method in DIAG_METHODS:
         rows = [r for r in read_csv(work / f"{method}_W2A2_s0" / "steps.csv") if "grad_ratio" in r]
         steps = [r["step"] for r in rows]
-        ratio_ax.plot(steps, [r["grad_ratio"] for r in rows], label=method)
-        cosine_ax.plot(steps, [r["grad_cosine"] for r in rows], label=method)
+        ratio_ax.plot(steps, [r["grad_ratio"] for r in rows], marker=".", label=method)
+        cosine_ax.plot(steps, [r["grad_cosine"] for r in rows], marker=".", label=method)
     ratio_ax.set(xlabel="step", title="W2A2: ‖∇L_TS‖ / ‖∇L_KD‖", yscale="log")
     cosine_ax.set(xlabel="step", title="W2A2: cos(∇L_TS, ∇L_KD)", ylim=(-1, 1))
     for ax in (weights_ax, ratio_ax, cosine_ax):
