@@ -47,6 +47,8 @@ def test_ptq_writes_a_quantized_checkpoint_that_eval_reproduces(capsys, fp32_run
     assert is_quantized(model)
     code, stdout, _ = cli(capsys, "eval", "--ckpt", str(out))
     assert json.loads(stdout)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-3)
+    with pytest.raises(QatkdError, match="is not a train or distill run"):
+        pipeline.resume(out)
 
 
 def test_ptq_refuses_a_quantized_checkpoint_and_needs_bits(capsys, fp32_run, tmp_path):

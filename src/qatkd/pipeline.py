@@ -249,6 +249,8 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """Continue an interrupted train or distill run from its last checkpoint, exactly."""
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir / "last.pt")
+    if "optimizer" not in state:
+        raise QatkdError(f"{run_dir} is not a train or distill run: there is nothing to resume")
     config = build_config(state["config"])
     world = init_world()
     torch.manual_seed(config.seed)
