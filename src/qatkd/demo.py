@@ -1,9 +1,8 @@
 """`qatkd demo`: the whole method on Fashion-MNIST in a few minutes on two CPU cores.
 
 FP32 teacher -> FP32 student -> W4A4 student distilled with GoR -> int8 ONNX export, parity and
-speed -> summary table. Each stage is a
-normal run folder under the demo folder; finished stages are reused and interrupted ones resumed,
-so running the demo again costs nothing it has already done.
+speed -> summary table. Each stage is a normal run folder under the demo folder; finished stages
+are reused and interrupted ones resumed, so running the demo again costs nothing already done.
 """
 
 from __future__ import annotations
