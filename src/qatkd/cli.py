@@ -97,9 +97,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from qatkd.export import bench_run
+    from qatkd.export.run import BENCH_MD
 
     bench_run(args.run, args.threads, tuple(args.batch), args.repeats, args.data_limit)
-    print((checkpoint_path(args.run).parent / "bench.md").read_text())
+    print((checkpoint_path(args.run).parent / BENCH_MD).read_text())
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

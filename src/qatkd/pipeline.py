@@ -157,13 +157,18 @@ def preflight(config: Config) -> None:
             raise QatkdError(f"{what} checkpoint not found: {path}")
 
 
-def _start(config: Config, command: str) -> tuple[Path, ImageData, World]:
+def _join(config: Config) -> tuple[World, ImageData]:
+    """This process's place among the workers, seeded and threaded as configured, and the data."""
     world = init_world()
-    preflight(config)
     torch.manual_seed(config.seed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    data = load_data(config.data)
+    return world, load_data(config.data)
+
+
+def _start(config: Config, command: str) -> tuple[Path, ImageData, World]:
+    preflight(config)
+    world, data = _join(config)
     run_dir, error = None, None
     if world.is_main:
         try:
@@ -252,11 +257,7 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     if "optimizer" not in state:
         raise QatkdError(f"{run_dir} is not a train or distill run: there is nothing to resume")
     config = build_config(state["config"])
-    world = init_world()
-    torch.manual_seed(config.seed)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    data = load_data(config.data)
+    world, data = _join(config)
     model = model_from_meta(state["meta"])
     return run_dir, _fit_run(config, run_dir, data, model, state["meta"], world, resume=state)
 

@@ -26,8 +26,8 @@ from qatkd.export.onnx_export import save_onnx, to_onnx
 from qatkd.export.parity import compare
 from qatkd.export.qpack import save_qpack
 from qatkd.export.runtime import INTEGER_OPS, fused_ops, load_runner, openvino_available
-from qatkd.pipeline import load_model
-from qatkd.tasks.classification import build_model, load_data
+from qatkd.pipeline import load_model, model_from_meta
+from qatkd.tasks.classification import load_data
 
 INT8_ONNX, FP32_ONNX, QPACK = "model.int8.onnx", "model.fp32.onnx", "model.qpack"
 PARITY, BENCH_MD, BENCH_JSON = "parity.json", "bench.md", "bench.json"
@@ -99,10 +99,7 @@ def export_checkpoint(
 def float_model(state: dict[str, Any]) -> nn.Module:
     """The checkpoint's network without quantizers (its float weights), in eval mode: the FP32
     PyTorch reference for speed."""
-    meta = state["meta"]
-    model = build_model(
-        meta["model_name"], meta["in_channels"], len(meta["class_names"]), meta["mean"], meta["std"]
-    )
+    model = model_from_meta({**state["meta"], "quant": None})
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in state["model"].items() if k in own})
     return model.eval()
