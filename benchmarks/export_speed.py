@@ -26,7 +26,7 @@ from _provenance import git_commit
 from torch import nn
 
 from qatkd.checkpoint import load_checkpoint
-from qatkd.export import compare, export_checkpoint, fused_ops, to_onnx
+from qatkd.export import aligned_copy, compare, export_checkpoint, fused_ops, to_onnx
 from qatkd.export.bench import add_speedups, measure, speed_table
 from qatkd.export.run import (
     FP32_ONNX,
@@ -48,13 +48,14 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def resnet18_w8a8(samples: int) -> tuple[nn.Module, nn.Module]:
-    """(float model, W8A8 model calibrated on `samples` random images)."""
+    """(float model, W8A8 model calibrated on `samples` random images, biases aligned to the
+    int32 grid as `qatkd export` does)."""
     torch.manual_seed(0)
     model = build_model("tv:resnet18", 3, 1000, IMAGENET_MEAN, IMAGENET_STD).eval()
     quantized = prepare(copy.deepcopy(model), QuantConfig(bits="W8A8", method="minmax"))
     batches = [torch.rand(8, 3, 224, 224) for _ in range(max(1, samples // 8))]
     calibrate(quantized, batches, samples, progress=True)
-    return model, quantized.eval()
+    return model, aligned_copy(quantized).eval()
 
 
 def bench_resnet18(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def bench_student(args: argparse.Namespace, path: str, tmp: Path) -> tuple[str, 
     targets = backend_targets(
         name, float_model(state), tmp / FP32_ONNX, tmp / INT8_ONNX, args.threads
     )
-    model, _ = load_model(path)
+    model = aligned_copy(load_model(path)[0])
     loader = checkpoint_test_loader(path, data_limit=2000 if args.quick else None)
     parity = int8_parity(model, targets, loader, exported["parity"])
     shape = [meta["in_channels"], meta["image_size"], meta["image_size"]]

@@ -5,6 +5,7 @@ parity; `bench_run(run_dir)` measures latency and size against FP32 in the same 
 """
 
 from qatkd.export.bench import Target, measure
+from qatkd.export.bias_grid import align_biases, aligned_copy
 from qatkd.export.fold import fold_batchnorm
 from qatkd.export.frozen import ActRange, freeze
 from qatkd.export.onnx_export import INPUT_NAME, OUTPUT_NAME, class_names_of, to_onnx
@@ -19,6 +20,8 @@ __all__ = [
     "ActRange",
     "QPack",
     "Target",
+    "align_biases",
+    "aligned_copy",
     "bench_run",
     "class_names_of",
     "compare",

@@ -14,12 +14,17 @@ from torch import fx, nn
 
 from qatkd.export.frozen import FrozenConv2d, freeze
 
+FOLDED_BATCHNORM = "folded_batchnorm"
+"""Key of `GraphModule.meta` holding {conv module path: path of the BatchNorm folded into it}."""
+
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """A frozen copy of `model` (see `qatkd.export.frozen.freeze`) with every BatchNorm2d that
     directly follows a conv (as that conv's only user) folded into it. A BatchNorm elsewhere stays,
-    and the exporter writes it as BatchNormalization."""
+    and the exporter writes it as BatchNormalization. `gm.meta[FOLDED_BATCHNORM]` maps each conv
+    to the BatchNorm folded into it."""
     gm = freeze(model)
+    gm.meta[FOLDED_BATCHNORM] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(
             gm.get_submodule(node.target), nn.BatchNorm2d
@@ -32,6 +37,7 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
         if len(source.users) != 1 or not isinstance(conv, FrozenConv2d | nn.Conv2d):
             continue
         _fold_into(conv, gm.get_submodule(node.target))
+        gm.meta[FOLDED_BATCHNORM][source.target] = node.target
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
     gm.graph.lint()

@@ -15,14 +15,14 @@ number in it is one that training used:
   -> DequantizeLinear, the standard QDQ form that int8 kernels need.
 
 That int32 bias is the one number the integer kernel rounds which training kept in float (BN's
-folded shift), and at low bit-widths its grid is coarse enough to flip codes. So the exporter puts
-the grid as fine as int8 allows without changing a single value: weight codes are stored times
-2^k (the largest power of two that still fits int8; k = 4 for 4-bit codes) with the scale divided
-by 2^k, and unsigned b-bit input codes are shifted left by 8 - b (BitShift, after the Clip) with
-the DQ scale divided by 2^(8-b); codes * scale is the same float bit for bit (powers of two). A
-conv whose output is not quantized (no int8 kernel can run it) keeps its float bias, exactly.
-With power-of-two scales every op is exact and the tests demand bitwise equality; with real scales
-the remaining bias rounding (< ~1e-4 of a step at W4A4, ~1e-2 at W8A8) flips near-ties only.
+folded shift). So the exporter puts the grid as fine as int8 allows without changing a single
+value (`bias_grid`): weight codes are stored times 2^k (the largest power of two that still fits
+int8; k = 4 for 4-bit codes) with the scale divided by 2^k, and unsigned b-bit input codes are
+shifted left by 8 - b (BitShift, after the Clip) with the DQ scale divided by 2^(8-b); codes *
+scale is the same float bit for bit (powers of two). The remaining rounding (~1e-4 of an output
+step at W4A4, ~1e-2 at W8A8) is what `bias_grid.align_biases` takes into the PyTorch model before
+a parity check. A conv whose output is not quantized (no int8 kernel can run it) keeps its float
+bias, exactly. With power-of-two scales every op is exact and the tests demand bitwise equality.
 
 `precision="fp32"` writes the same network with float weights (codes * scale) and no Q/DQ: the
 FP32 reference for speed and size.
@@ -44,6 +44,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from qatkd.errors import QatkdError
+from qatkd.export.bias_grid import (
+    bias_scale,
+    fine_input_scale,
+    fine_weight_scale,
+    input_shift,
+    spare_bits,
+)
 from qatkd.export.fold import fold_batchnorm
 from qatkd.export.frozen import ActRange, FrozenConv2d, FrozenLayer, FrozenLinear, act_range
 from qatkd.nn import QuantPoint
@@ -182,12 +189,12 @@ class _Builder:
             low = self._const(np.array(r.qmin, dtype=dtype), f"{hint}.qmin")
             high = self._const(np.array(r.qmax, dtype=dtype), f"{hint}.qmax")
             q = self._emit("Clip", [q, low, high], f"{hint}.clip")
-        shift = 8 - r.bits if widen and not r.signed else 0
+        shift = input_shift(r) if widen else 0
         if shift == 0:
             return self._emit("DequantizeLinear", [q, scale, zero], f"{hint}.dq"), r.scale
         amount = self._const(np.array(shift, dtype=np.uint8), f"{hint}.shift")
         q = self._emit("BitShift", [q, amount], f"{hint}.widen", direction="LEFT")
-        fine = float(np.float32(r.scale) / np.float32(2**shift))
+        fine = fine_input_scale(r)
         fine_scale = self._const(np.array(fine, dtype=np.float32), f"{hint}.fine_scale")
         return self._emit("DequantizeLinear", [q, fine_scale, zero], f"{hint}.dq"), fine
 
@@ -204,7 +211,6 @@ class _Builder:
             return [x, weight] + (
                 [] if bias is None else [self._const(bias.detach().numpy(), f"{hint}.bias")]
             )
-        scale = layer.scale.detach().reshape(-1).numpy().astype(np.float32)
         bias_values = None if layer.bias is None else layer.bias.detach().numpy()
         if not self.quantized:
             weight = self._const(layer.weight.detach().numpy(), f"{hint}.weight")
@@ -213,18 +219,18 @@ class _Builder:
             )
         r = layer.input_range
         if r is not None:
-            x, x_scale = self._qdq(x, r, f"{hint}.input", widen=True)
-        shift = _spare_bits(layer.codes)
-        scale = scale / np.float32(2**shift)
-        codes = self._const(layer.codes.numpy() * np.int8(2**shift), f"{hint}.weight_codes")
+            x = self._qdq(x, r, f"{hint}.input", widen=True)[0]
+        scale = fine_weight_scale(layer)
+        stored = layer.codes.numpy() * np.int8(2 ** spare_bits(layer.codes))
+        codes = self._const(stored, f"{hint}.weight_codes")
         w_scale = self._const(scale, f"{hint}.weight_scale")
         w_zero = self._const(np.zeros(scale.shape, np.int8), f"{hint}.weight_zero_point")
         weight = self._emit("DequantizeLinear", [codes, w_scale, w_zero], f"{hint}.weight", axis=0)
+        b_scale = bias_scale(layer)
         if bias_values is None:
             return [x, weight]
-        if r is None:
+        if b_scale is None:
             return [x, weight, self._const(bias_values, f"{hint}.bias")]
-        b_scale = (np.float32(x_scale) * scale).astype(np.float32)
         b_codes = np.clip(np.round(bias_values / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
         b_zero = self._const(np.zeros(scale.shape, np.int32), f"{hint}.bias_zero_point")
         b_names = [
@@ -346,15 +352,6 @@ def _feeds_one_quantize(name: str, users: Mapping[str, list[onnx.NodeProto]]) ->
     if len(readers) == 1 and readers[0].op_type == "Relu":
         readers = users.get(readers[0].output[0], [])
     return len(readers) == 1 and readers[0].op_type == "QuantizeLinear"
-
-
-def _spare_bits(codes: torch.Tensor) -> int:
-    """The largest k with codes * 2^k still in int8 (see the module doc)."""
-    low, high = int(codes.min()), int(codes.max())
-    k = 0
-    while low * 2 ** (k + 1) >= -128 and high * 2 ** (k + 1) <= 127 and k < 7:
-        k += 1
-    return k
 
 
 def _pair(value: Any) -> list[int]:

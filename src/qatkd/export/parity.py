@@ -1,8 +1,9 @@
 """Parity: does the exported integer model predict what the fake-quantized PyTorch model predicts?
 
 A disagreement is a bug, not noise: the graph quantizes at the trained points with the trained
-scales. The one number the integer kernels round that training did not is the BN-folded bias
-(int32 at input_scale * weight_scale), so rare flips at near-ties of the top two logits remain.
+scales, and the reference model has its biases on the kernels' int32 grid (`bias_grid`), so the
+two compute the same numbers up to float rounding. The trained model before that alignment can be
+passed as `trained`: its accuracy and agreement show what the alignment itself changed.
 """
 
 from __future__ import annotations
@@ -23,27 +24,37 @@ def compare(
     runner: Runner,
     batches: Iterable[tuple[Tensor, Tensor]],
     desc: str = "parity",
+    trained: nn.Module | None = None,
 ) -> dict[str, float | int]:
     """Top-1 agreement (%) between `model` (eval mode) and `runner` on labelled batches, the
-    accuracy (%) of each, their difference (runner - model) and the largest logit difference."""
-    model.eval()
-    agree = correct_model = correct_runner = total = 0
+    accuracy (%) of each, their difference (runner - model) and the largest logit difference;
+    with `trained`, also its accuracy and its agreement with `runner`."""
+    models = {"pytorch": model.eval()} | ({"trained": trained.eval()} if trained else {})
+    agree = dict.fromkeys(models, 0)
+    correct = dict.fromkeys([*models, "export"], 0)
+    total = 0
     max_diff = 0.0
     for x, y in tqdm(batches, desc=desc, leave=False):
-        expected = model(x).numpy()
         got = runner(np.ascontiguousarray(x.numpy(), dtype=np.float32))
         labels = y.numpy()
-        agree += int((expected.argmax(1) == got.argmax(1)).sum())
-        correct_model += int((expected.argmax(1) == labels).sum())
-        correct_runner += int((got.argmax(1) == labels).sum())
+        correct["export"] += int((got.argmax(1) == labels).sum())
+        for name, m in models.items():
+            expected = m(x).numpy()
+            agree[name] += int((expected.argmax(1) == got.argmax(1)).sum())
+            correct[name] += int((expected.argmax(1) == labels).sum())
+            if name == "pytorch":
+                max_diff = max(max_diff, float(np.abs(expected - got).max()))
         total += len(labels)
-        max_diff = max(max_diff, float(np.abs(expected - got).max()))
     pct = 100.0 / max(total, 1)
-    return {
+    result: dict[str, float | int] = {
         "samples": total,
-        "agreement": agree * pct,
-        "accuracy_pytorch": correct_model * pct,
-        "accuracy_export": correct_runner * pct,
-        "accuracy_diff": (correct_runner - correct_model) * pct,
+        "agreement": agree["pytorch"] * pct,
+        "accuracy_pytorch": correct["pytorch"] * pct,
+        "accuracy_export": correct["export"] * pct,
+        "accuracy_diff": (correct["export"] - correct["pytorch"]) * pct,
         "max_logit_diff": max_diff,
     }
+    if trained is not None:
+        result["agreement_trained"] = agree["trained"] * pct
+        result["accuracy_trained"] = correct["trained"] * pct
+    return result

@@ -21,6 +21,7 @@ from qatkd.checkpoint import checkpoint_path, load_checkpoint
 from qatkd.config import build_config
 from qatkd.errors import QatkdError
 from qatkd.export.bench import Target, add_speedups, measure, speed_table
+from qatkd.export.bias_grid import aligned_copy
 from qatkd.export.fold import fold_batchnorm
 from qatkd.export.onnx_export import save_onnx, to_onnx
 from qatkd.export.parity import compare
@@ -62,11 +63,13 @@ def _input_shape(meta: dict[str, Any]) -> list[int]:
 def export_checkpoint(
     ckpt_or_run_dir: str | Path, out_dir: str | Path | None = None, data_limit: int | None = None
 ) -> dict[str, Any]:
-    """Fold BN, write the int8 and FP32 ONNX and the qpack, check parity of the int8 ONNX on the
-    first `data_limit` test samples (all by default); returns file sizes, the operators
+    """Align the biases to the int32 grid (`bias_grid`), fold BN, write the int8 and FP32 ONNX and
+    the qpack, check parity of the int8 ONNX on the first `data_limit` test samples (all by
+    default), against the aligned model and the trained one; returns file sizes, the operators
     onnxruntime runs, and the parity figures (also saved as parity.json)."""
     path = checkpoint_path(ckpt_or_run_dir)
-    model, state = _load_quantized(path)
+    trained, state = _load_quantized(path)
+    model = aligned_copy(trained)
     meta = state["meta"]
     out = Path(out_dir) if out_dir is not None else path.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,8 @@ def export_checkpoint(
         QPACK: save_qpack(fold_batchnorm(model), meta, out / QPACK),
         "checkpoint": path.stat().st_size,
     }
-    parity = compare(model, load_runner(out / INT8_ONNX), _test_loader(state, data_limit))
+    runner = load_runner(out / INT8_ONNX)
+    parity = compare(model, runner, _test_loader(state, data_limit), trained=trained)
     ops = fused_ops(out / INT8_ONNX)
     result = {
         "checkpoint": str(path),
@@ -168,7 +172,8 @@ def bench_run(
     if not (out / INT8_ONNX).is_file() or not (out / PARITY).is_file():
         export_checkpoint(path, data_limit=data_limit)
     exported = json.loads((out / PARITY).read_text())
-    model, state = _load_quantized(path)
+    trained, state = _load_quantized(path)
+    model = aligned_copy(trained)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -1,0 +1,68 @@
+"""Aligning biases to the integer kernels' int32 grid (`qatkd.export.bias_grid`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qatkd.export import align_biases, aligned_copy, fold_batchnorm
+from qatkd.export.bias_grid import bias_scale, fine_input_scale, spare_bits
+from qatkd.export.frozen import ActRange, FrozenLayer
+
+
+def _folded_biases(model: torch.nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Folded bias and its int32 grid, per quantized layer with an integer input."""
+    out = {}
+    for name, layer in fold_batchnorm(model).named_modules():
+        if isinstance(layer, FrozenLayer) and layer.bias is not None:
+            grid = bias_scale(layer)
+            if grid is not None:
+                # |grid|: a negative BN gamma folds into a negative weight scale
+                out[name] = (layer.bias.numpy().astype(np.float64), np.abs(grid).astype(np.float64))
+    return out
+
+
+@pytest.mark.parametrize("bits", ["W8A8", "W4A4", "W2A2"])
+def test_aligned_biases_lie_on_the_grid_and_move_less_than_half_a_step(tiny_model, bits):
+    model, _ = tiny_model(bits, seed=2)
+    before = _folded_biases(model)
+    assert align_biases(model) == len(before) == 10  # 9 convs (2 shortcuts) + the classifier
+    after = _folded_biases(model)
+    for name, (bias, grid) in after.items():
+        # on the grid up to the float32 rounding of folding (beta - mean * k) again
+        off_grid = np.abs(bias - np.round(bias / grid) * grid)
+        ulp = np.spacing(np.abs(bias).astype(np.float32)).astype(np.float64)
+        assert np.all(off_grid <= np.maximum(0.01 * grid, 4 * ulp)), name
+        moved = np.abs(bias - before[name][0])
+        assert np.all(moved <= 0.51 * grid + 4 * ulp), name
+    # the unaligned biases were not on the grid: the test exercises a real change
+    off = [np.abs(b / g - np.round(b / g)).max() for b, g in before.values()]
+    assert max(off) > 0.1
+
+
+def test_aligning_twice_changes_nothing(tiny_model):
+    model, _ = tiny_model("W8A8", seed=3)
+    once = aligned_copy(model)
+    twice = aligned_copy(once)
+    for (name, a), (_, b) in zip(
+        once.state_dict().items(), twice.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_aligned_copy_leaves_the_model_untouched(tiny_model):
+    model, _ = tiny_model("W4A4", seed=4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    aligned_copy(model)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def test_grid_arithmetic():
+    """Unsigned 4-bit inputs move to the top of uint8 (scale / 16); signed inputs stay."""
+    assert fine_input_scale(ActRange(0.5, 0, 15, 4)) == 0.5 / 16
+    assert fine_input_scale(ActRange(0.5, -8, 7, 4)) == 0.5
+    assert spare_bits(torch.tensor([-8, 7])) == 4
+    assert spare_bits(torch.tensor([-2, 1])) == 6
+    assert spare_bits(torch.tensor([-128, 127])) == 0
