@@ -82,6 +82,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     if not (args.run or args.ckpt):
         raise QatkdError("export needs a run folder (qatkd export RUN_DIR) or --ckpt PATH")
     result = export_checkpoint(args.run or args.ckpt, args.out, args.data_limit)
+    if "parity" not in result:  # a task family without ONNX export (language)
+        print(json.dumps(result, indent=2))
+        return
     parity = result["parity"]["onnxruntime"]
     print(
         json.dumps(
@@ -157,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt"
         )
     add(
-        "ptq", "post-training quantization of an FP32 checkpoint (calibration only)", cmd_ptq
-    ).add_argument("--ckpt", required=True, metavar="PATH", help="FP32 checkpoint")
+        "ptq",
+        "post-training quantization of an FP32 checkpoint, or of the pretrained language model "
+        "of a task=language config (calibration only)",
+        cmd_ptq,
+    ).add_argument("--ckpt", metavar="PATH", help="FP32 checkpoint (classification)")
     p = add("eval", "evaluate a checkpoint on its test set (data.* overrides allowed)", cmd_eval)
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint or run folder")
     p = add(

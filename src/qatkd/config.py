@@ -26,16 +26,29 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "npz"] = "fashion-mnist"
+    name: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "npz", "text"] = (
+        "fashion-mnist"
+    )
     root: str | None = Field(None, description="dataset folder or file; default: where it installs")
     train_limit: int | None = Field(None, gt=0, description="use only the first N training samples")
     test_limit: int | None = Field(None, gt=0, description="use only the first N test samples")
     augment: bool = Field(True, description="train-time augmentation (crop + flip)")
+    train_files: list[str] = Field(
+        default_factory=list, description="language: training text files; default: generated"
+    )
+    eval_files: list[str] = Field(
+        default_factory=list, description="language: evaluation text files; default: GPL-3 text"
+    )
+    block_size: int = Field(128, ge=8, description="language: tokens per training block / window")
+    generate_samples: int = Field(
+        256, gt=0, description="language: teacher-generated training samples (no train_files)"
+    )
 
 
 class ModelConfig(Section):
     name: str = Field("resnet20", description="model registry name, e.g. resnet20, tv:resnet18")
     init: str | None = Field(None, description="FP32 checkpoint to start from")
+    path: str | None = Field(None, description="language: a local Hugging Face model folder")
 
 
 class TrainConfig(Section):
@@ -48,6 +61,10 @@ class TrainConfig(Section):
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
     log_every: int = Field(50, gt=0, description="steps between rows of steps.csv")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+    bf16: bool = Field(False, description="bfloat16 autocast for the forward passes")
+    gradient_checkpointing: bool = Field(
+        False, description="language: recompute activations in backward (less memory)"
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss stops the run (last.pt stays good) or skips the step"
     )
@@ -57,8 +74,29 @@ class DiagConfig(Section):
     every: int = Field(0, ge=0, description="gradient-conflict diagnostic every N steps; 0 = off")
 
 
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {},
+    "language": {
+        "data": {"name": "text", "augment": False},
+        "model": {"name": "smollm2-135m"},
+        "train": {
+            "optimizer": "adamw",
+            "lr": 2e-5,
+            "batch_size": 4,
+            "epochs": 1,
+            "warmup_epochs": 0.0,
+            "weight_decay": 0.0,
+            "log_every": 10,
+        },
+        "kd": {"temperature": 1.0},
+    },
+}
+"""Per task family, the defaults that differ from the classification ones; the keys a config
+gives explicitly win."""
+
+
 class Config(Section):
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "language"] = "classification"
     seed: int = 0
     out: str | None = Field(None, description="run folder; default runs/<command>-<model>-<time>")
     data: DataConfig = DataConfig()
@@ -150,9 +188,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _with_task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` on top of its task family's defaults (TASK_DEFAULTS)."""
+    defaults = TASK_DEFAULTS.get(raw.get("task", "classification"), {})
+    merged = dict(raw)
+    for section, values in defaults.items():
+        given = raw.get(section)
+        if given is None or isinstance(given, dict):
+            merged[section] = {**values, **(given or {})}
+    return merged
+
+
 def build_config(raw: dict[str, Any]) -> Config:
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(_with_task_defaults(raw))
     except ValidationError as e:
         raise QatkdError(_format_validation_error(e)) from e
 

@@ -6,9 +6,11 @@ so scripts and benchmarks call them directly.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from qatkd.config import (
     apply_overrides,
     build_config,
     config_to_dict,
+    load_config,
     read_yaml,
     save_config,
 )
@@ -78,9 +81,12 @@ def model_from_meta(meta: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The model stored in a checkpoint, in eval mode, and the checkpoint itself."""
-    state = load_checkpoint(path)
+def load_model(
+    path: str | Path, state: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model stored in a checkpoint, in eval mode, and the checkpoint itself (`state`: the
+    checkpoint when already loaded)."""
+    state = state if state is not None else load_checkpoint(path)
     model = model_from_meta(state["meta"])
     try:
         model.load_state_dict(state["model"])
@@ -157,18 +163,18 @@ def preflight(config: Config) -> None:
             raise QatkdError(f"{what} checkpoint not found: {path}")
 
 
-def _join(config: Config) -> tuple[World, ImageData]:
-    """This process's place among the workers, seeded and threaded as configured, and the data."""
+def join_world(config: Config) -> World:
+    """This process's place among the workers, seeded and threaded as configured."""
     world = init_world()
     torch.manual_seed(config.seed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    return world, load_data(config.data)
+    return world
 
 
-def _start(config: Config, command: str) -> tuple[Path, ImageData, World]:
-    preflight(config)
-    world, data = _join(config)
+def create_run_dir(config: Config, command: str, world: World) -> Path:
+    """The new run folder with its config.yaml, made by rank 0 and announced to every rank (an
+    error there, such as a folder that already holds a run, is raised on every rank)."""
     run_dir, error = None, None
     if world.is_main:
         try:
@@ -179,7 +185,20 @@ def _start(config: Config, command: str) -> tuple[Path, ImageData, World]:
     run_dir, error = broadcast(world, (run_dir, error))
     if error is not None:
         raise QatkdError(error)
-    return run_dir, data, world
+    return run_dir
+
+
+def _start(config: Config, command: str) -> tuple[Path, ImageData, World]:
+    preflight(config)
+    world = join_world(config)
+    data = load_data(config.data)
+    return create_run_dir(config, command, world), data, world
+
+
+def task_family(task: str) -> ModuleType:
+    """The run functions (train, distill, ptq, evaluate, resume) of a task family other than
+    classification, which this module runs itself: `qatkd.tasks.<task>.run`."""
+    return importlib.import_module(f"qatkd.tasks.{task}.run")
 
 
 def teacher_outputs(
@@ -233,6 +252,8 @@ def _fit_run(
 
 def train(config: Config) -> tuple[Path, dict[str, Any]]:
     """Train on labels only: an FP32 model, or plain QAT when `quant` is set."""
+    if config.task != "classification":
+        return task_family(config.task).train(config)
     if config.teachers:
         raise QatkdError(
             "train learns from labels only; to learn from teachers use 'qatkd distill'"
@@ -244,6 +265,8 @@ def train(config: Config) -> tuple[Path, dict[str, Any]]:
 
 def distill(config: Config) -> tuple[Path, dict[str, Any]]:
     """QAT (or FP32) student trained on labels and teachers, balanced by `config.balancer`."""
+    if config.task != "classification":
+        return task_family(config.task).distill(config)
     build_balancer(config.balancer, num_teachers=len(config.teachers))  # fail before any work
     run_dir, data, world = _start(config, "distill")
     model, meta = build_student(config, data)
@@ -257,18 +280,27 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     if "optimizer" not in state:
         raise QatkdError(f"{run_dir} is not a train or distill run: there is nothing to resume")
     config = build_config(state["config"])
-    world, data = _join(config)
+    if config.task != "classification":
+        return task_family(config.task).resume(run_dir, state)
+    world = join_world(config)
+    data = load_data(config.data)
     model = model_from_meta(state["meta"])
     return run_dir, _fit_run(config, run_dir, data, model, state["meta"], world, resume=state)
 
 
 def ptq(
-    ckpt: str | Path, overrides: list[str], config_file: str | Path | None = None
+    ckpt: str | Path | None, overrides: list[str], config_file: str | Path | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Post-training quantization: calibrate an FP32 checkpoint's quantizers, no training.
 
     The data and seed default to the checkpoint's own; `config_file` and `overrides` change them
-    and set `quant.*`."""
+    and set `quant.*`. Without `ckpt`, a task family that starts from a pretrained model
+    (language) quantizes the model its config names."""
+    if ckpt is None:
+        config = load_config(config_file, overrides)
+        if config.task == "classification":
+            raise QatkdError("ptq of a classifier needs the FP32 checkpoint: --ckpt PATH")
+        return task_family(config.task).ptq(config)
     float_model, state = load_model(ckpt)
     if state["meta"].get("quant"):
         raise QatkdError(
@@ -308,7 +340,10 @@ def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, 
     for text in overrides or []:
         if not text.startswith("data."):
             raise QatkdError(f"eval takes only data.* overrides, not '{text}'")
-    model, state = load_model(ckpt)
+    state = load_checkpoint(checkpoint_path(ckpt))
+    if state["config"].get("task", "classification") != "classification":
+        return task_family(state["config"]["task"]).evaluate(state, overrides or [])
+    model, state = load_model(ckpt, state)
     config = build_config(apply_overrides(state["config"], overrides or []))
     data = load_data(config.data.model_copy(update={"augment": False}))
     _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))

@@ -80,13 +80,13 @@ def test_config_rejects_bad_values() -> None:
         KDConfig(temperature=0)
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         KDConfig(tau=2.0)
-    with pytest.raises(ValidationError, match="'kl' or 'mse'"):
+    with pytest.raises(ValidationError, match="'kl', 'reverse_kl' or 'mse'"):
         KDConfig(loss="kll")
 
 
 def test_registry_names_unknown_losses() -> None:
     from qatkd.distill import KD_LOSSES
 
-    assert KD_LOSSES.names() == ["kl", "mse"]
+    assert KD_LOSSES.names() == ["kl", "mse", "reverse_kl"]
     with pytest.raises(QatkdError, match="did you mean 'mse'"):
         KD_LOSSES.get("mes")

@@ -11,6 +11,7 @@ from qatkd.distill.losses import (
     build_kd_loss,
     kd_kl,
     kd_mse,
+    kd_reverse_kl,
     soften,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "file_sha256",
     "kd_kl",
     "kd_mse",
+    "kd_reverse_kl",
     "soften",
 ]

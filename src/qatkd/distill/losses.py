@@ -23,7 +23,7 @@ class KDConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    loss: Literal["kl", "mse"] = "kl"
+    loss: Literal["kl", "reverse_kl", "mse"] = "kl"
     temperature: float = Field(default=4.0, gt=0)
     cache: bool = Field(
         default=False, description="compute teacher logits once (needs data.augment=false)"
@@ -48,6 +48,15 @@ def kd_kl(student_logits: Tensor, teacher_probs: Tensor, temperature: float) -> 
     """
     log_p_student = F.log_softmax(_rows(student_logits).float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, _rows(teacher_probs), reduction="batchmean")
+    return kl * temperature**2
+
+
+def kd_reverse_kl(student_logits: Tensor, teacher_probs: Tensor, temperature: float) -> Tensor:
+    """τ²·KL(softmax(z_S/τ) || p_T), averaged over rows: mode-seeking, the student is not pushed
+    to cover every token the teacher finds plausible (MiniLLM, Gu et al., 2024)."""
+    log_p_student = F.log_softmax(_rows(student_logits).float() / temperature, dim=-1)
+    log_p_teacher = _rows(teacher_probs).clamp_min(torch.finfo(torch.float32).tiny).log()
+    kl = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(-1).mean()
     return kl * temperature**2
 
 
@@ -108,6 +117,15 @@ class KLLoss(KDLoss):
 
     def distance(self, student_logits: Tensor, target: Tensor) -> Tensor:
         return kd_kl(student_logits, target, self.temperature)
+
+
+@KD_LOSSES.register("reverse_kl")
+class ReverseKLLoss(KLLoss):
+    """KL(student || teacher) on softened outputs; an ensemble's target is the mean of the
+    teachers' softened probabilities, as for `kl`."""
+
+    def distance(self, student_logits: Tensor, target: Tensor) -> Tensor:
+        return kd_reverse_kl(student_logits, target, self.temperature)
 
 
 @KD_LOSSES.register("mse")

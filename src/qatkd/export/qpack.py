@@ -22,7 +22,10 @@ BatchNorm folding, in graph order:
     codes       [offset, nbytes]: codes in C order, each stored as the unsigned value
                 (code - qmin) in `width` bits; 8 / width codes per byte, the first code in the
                 lowest bits; the last byte is padded with zeros
-    scale       [offset, nbytes]: float32 per output channel: weight = code * scale (BN folded)
+    scale       [offset, nbytes]: float32 per output channel: weight = code * scale (BN folded);
+                with `group_size`, float32 [out, in / group_size] in C order:
+                weight[o, i] = code[o, i] * scale[o, i // group_size]
+    group_size  inputs per scale of a Linear weight, or null (one scale per output channel)
     bias        [offset, nbytes] float32 per output channel, or null
     input       the input activation quantizer: {"scale", "qmin", "qmax", "bits"}, or null
                 (float input): x_q = clamp(round(x / scale), qmin, qmax) * scale, round half
@@ -65,6 +68,16 @@ class PackedLayer:
     scale: np.ndarray
     bias: np.ndarray | None
     input: ActRange | None
+    group_size: int | None = None
+
+    def weight(self) -> np.ndarray:
+        """The float weight the model computes with: codes times their scales (float32)."""
+        scale = self.scale.reshape(self.codes.shape[0], -1)
+        if self.group_size is not None:
+            scale = np.repeat(scale, self.group_size, axis=1)
+        else:
+            scale = scale.reshape(-1, *([1] * (self.codes.ndim - 1)))
+        return self.codes.astype(np.float32) * scale
 
 
 @dataclass
@@ -109,8 +122,42 @@ def unpack_codes(data: bytes, qmin: int, qmax: int, shape: tuple[int, ...]) -> n
     return (unsigned.astype(np.int16) + qmin).astype(np.int8).reshape(shape)
 
 
+def packed_layers(gm: fx.GraphModule) -> QPack:
+    """The quantized layers and activations of a frozen, BN-folded model (`fold_batchnorm`)."""
+    layers, activations = [], {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, FrozenLayer):
+            qmin, qmax = module.weight_qrange
+            layers.append(
+                PackedLayer(
+                    name=node.target,
+                    bits=module.weight_bits,
+                    qmin=qmin,
+                    qmax=qmax,
+                    codes=module.codes.numpy(),
+                    scale=module.scale.reshape(-1).numpy(),
+                    bias=None if module.bias is None else module.bias.numpy(),
+                    input=module.input_range,
+                )
+            )
+        elif isinstance(module, QuantAct):
+            r = act_range(module.quantizer, node.target)
+            if r is not None:
+                activations[node.target] = r
+    return QPack({}, layers, activations)
+
+
 def save_qpack(gm: fx.GraphModule, meta: dict[str, Any], path: str | Path) -> int:
     """Write the frozen, BN-folded model `gm` (`fold_batchnorm`) as a qpack; returns its size."""
+    pack = packed_layers(gm)
+    return write_qpack(QPack(meta, pack.layers, pack.activations), path)
+
+
+def write_qpack(pack: QPack, path: str | Path) -> int:
+    """Write `pack` in the format of the module doc; returns the file size."""
     blob = bytearray()
 
     def put(data: bytes) -> list[int]:
@@ -119,37 +166,28 @@ def save_qpack(gm: fx.GraphModule, meta: dict[str, Any], path: str | Path) -> in
         blob.extend(data)
         return [start, len(data)]
 
-    layers, activations = [], []
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        if isinstance(module, FrozenLayer):
-            qmin, qmax = module.weight_qrange
-            bias = module.bias
-            layers.append(
-                {
-                    "name": node.target,
-                    "shape": list(module.codes.shape),
-                    "bits": module.weight_bits,
-                    "qmin": qmin,
-                    "qmax": qmax,
-                    "width": storage_width(qmin, qmax),
-                    "codes": put(pack_codes(module.codes.numpy(), qmin, qmax)),
-                    "scale": put(module.scale.reshape(-1).numpy().astype("<f4").tobytes()),
-                    "bias": None if bias is None else put(bias.numpy().astype("<f4").tobytes()),
-                    "input": None if module.input_range is None else asdict(module.input_range),
-                }
-            )
-        elif isinstance(module, QuantAct):
-            r = act_range(module.quantizer, node.target)
-            if r is not None:
-                activations.append({"name": node.target, **asdict(r)})
+    layers = [
+        {
+            "name": layer.name,
+            "shape": list(layer.codes.shape),
+            "bits": layer.bits,
+            "qmin": layer.qmin,
+            "qmax": layer.qmax,
+            "width": storage_width(layer.qmin, layer.qmax),
+            "codes": put(pack_codes(layer.codes, layer.qmin, layer.qmax)),
+            "scale": put(np.ascontiguousarray(layer.scale).astype("<f4").tobytes()),
+            "group_size": layer.group_size,
+            "bias": None if layer.bias is None else put(layer.bias.astype("<f4").tobytes()),
+            "input": None if layer.input is None else asdict(layer.input),
+        }
+        for layer in pack.layers
+    ]
+    activations = [{"name": name, **asdict(r)} for name, r in pack.activations.items()]
     header = json.dumps(
         {
             "format": "qatkd-qpack",
             "version": VERSION,
-            "meta": meta,
+            "meta": pack.meta,
             "layers": layers,
             "activations": activations,
         }
@@ -177,6 +215,10 @@ def load_qpack(path: str | Path) -> QPack:
     layers = []
     for entry in header["layers"]:
         qmin, qmax = entry["qmin"], entry["qmax"]
+        group_size = entry.get("group_size")
+        scale = np.frombuffer(get(entry["scale"]), "<f4").copy()
+        if group_size is not None:
+            scale = scale.reshape(entry["shape"][0], -1)
         layers.append(
             PackedLayer(
                 name=entry["name"],
@@ -184,11 +226,12 @@ def load_qpack(path: str | Path) -> QPack:
                 qmin=qmin,
                 qmax=qmax,
                 codes=unpack_codes(get(entry["codes"]), qmin, qmax, tuple(entry["shape"])),
-                scale=np.frombuffer(get(entry["scale"]), "<f4").copy(),
+                scale=scale,
                 bias=None
                 if entry["bias"] is None
                 else np.frombuffer(get(entry["bias"]), "<f4").copy(),
                 input=None if entry["input"] is None else ActRange(**entry["input"]),
+                group_size=group_size,
             )
         )
     activations = {a.pop("name"): ActRange(**a) for a in header["activations"]}

@@ -27,7 +27,7 @@ from qatkd.export.onnx_export import save_onnx, to_onnx
 from qatkd.export.parity import compare
 from qatkd.export.qpack import save_qpack
 from qatkd.export.runtime import INTEGER_OPS, fused_ops, load_runner, openvino_available
-from qatkd.pipeline import load_model, model_from_meta
+from qatkd.pipeline import load_model, model_from_meta, task_family
 from qatkd.tasks.classification import load_data
 
 INT8_ONNX, FP32_ONNX, QPACK = "model.int8.onnx", "model.fp32.onnx", "model.qpack"
@@ -37,8 +37,10 @@ FP32_REFERENCE = ("onnxruntime", "fp32")
 noisier reference (its row is in the table too)."""
 
 
-def _load_quantized(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    model, state = load_model(path)
+def _load_quantized(
+    path: Path, state: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    model, state = load_model(path, state)
     if not state["meta"].get("quant"):
         raise QatkdError(
             f"{path} is not quantized: export needs a QAT/PTQ checkpoint "
@@ -63,12 +65,17 @@ def _input_shape(meta: dict[str, Any]) -> list[int]:
 def export_checkpoint(
     ckpt_or_run_dir: str | Path, out_dir: str | Path | None = None, data_limit: int | None = None
 ) -> dict[str, Any]:
-    """Align the biases to the int32 grid (`bias_grid`), fold BN, write the int8 and FP32 ONNX and
-    the qpack, check parity of the int8 ONNX on the first `data_limit` test samples (all by
-    default), against the aligned model and the trained one; returns file sizes, the operators
-    onnxruntime runs, and the parity figures (also saved as parity.json)."""
+    """Classification: align the biases to the int32 grid (`bias_grid`), fold BN, write the
+    int8 and FP32 ONNX and the qpack, check parity of the int8 ONNX on the first `data_limit` test
+    samples (all by default), against the aligned model and the trained one; returns file sizes,
+    the operators onnxruntime runs, and the parity figures (also saved as parity.json). Another
+    task family exports in its own way (`qatkd.tasks.<task>.run.export`)."""
     path = checkpoint_path(ckpt_or_run_dir)
-    trained, state = _load_quantized(path)
+    state = load_checkpoint(path)
+    task = state["config"].get("task", "classification")
+    if task != "classification":
+        return task_family(task).export(state, Path(out_dir) if out_dir else path.parent)
+    trained, state = _load_quantized(path, state)
     model = aligned_copy(trained)
     meta = state["meta"]
     out = Path(out_dir) if out_dir is not None else path.parent

@@ -30,16 +30,22 @@ from qatkd.train.distributed import World, average_gradients, barrier
 from qatkd.train.logs import CsvLog
 from qatkd.train.plots import plot_run
 
-EVAL_BATCH_SIZE = 512
 DIAG_KEYS = ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
 TeacherOutputs = Callable[[Any], list[Any]]
 """The teachers' outputs for a training batch: live (an ensemble) or looked up in a cache."""
 
 
 class Task(Protocol):
-    """What a task family gives the engine."""
+    """What a task family gives the engine. `maximize`: whether a larger `main_metric` is better
+    (accuracy, mAP) or a smaller one (perplexity); `unit` names what `units(batch)` counts for
+    the throughput in the progress bar (img, tok)."""
 
     main_metric: str
+    maximize: bool
+    eval_batch_size: int
+    unit: str
+
+    def units(self, batch: Any) -> int: ...
 
     def inputs(self, batch: Any) -> torch.Tensor: ...
 
@@ -158,6 +164,7 @@ def fit(
             steps_per_epoch * train_cfg.epochs, round(train_cfg.warmup_epochs * steps_per_epoch)
         ),
     )
+    sign = 1.0 if task.maximize else -1.0  # best is tracked as sign * main_metric
     start_epoch, step, best = 0, 0, -math.inf
     last_metrics: dict[str, float] = {}
     if resume is not None:
@@ -180,7 +187,7 @@ def fit(
         balancer.train()
         sampler.set_epoch(epoch)
         torch.manual_seed(epoch_seed(config.seed, epoch) + world.rank)
-        epoch_start, loss_sum, acc_sum, seen = time.perf_counter(), 0.0, 0.0, 0
+        epoch_start, loss_sum, acc_sum, seen, units = time.perf_counter(), 0.0, 0.0, 0, 0
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
@@ -190,11 +197,12 @@ def fit(
             disable=not world.is_main,
         )
         for batch in bar:
-            outputs = model(task.inputs(batch))
-            l_ts = task.task_loss(outputs, batch)
-            l_kd = None
-            if teacher_outputs is not None and balancer.needs_teacher:
-                l_kd = task.kd_loss(outputs, teacher_outputs(batch))
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=train_cfg.bf16):
+                outputs = model(task.inputs(batch))
+                l_ts = task.task_loss(outputs, batch)
+                l_kd = None
+                if teacher_outputs is not None and balancer.needs_teacher:
+                    l_kd = task.kd_loss(outputs, teacher_outputs(batch))
             total = balancer(l_ts, l_kd)
             diag = {}
             if config.diag.every and l_kd is not None and step % config.diag.every == 0:
@@ -217,12 +225,13 @@ def fit(
             schedule.step()
             n = len(task.inputs(batch))
             seen += n
+            units += task.units(batch)
             loss_sum += total.item() * n
             acc_sum += task.batch_metrics(outputs, batch)["train_acc"] * n
+            rate = units * world.size / (time.perf_counter() - epoch_start)
             bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}",
-                acc=f"{acc_sum / seen:.1f}",
-                img_s=f"{seen * world.size / (time.perf_counter() - epoch_start):.0f}",
+                {"loss": f"{loss_sum / seen:.3f}", "acc": f"{acc_sum / seen:.1f}"}
+                | {f"{task.unit}_s": f"{rate:.0f}"},
                 refresh=False,
             )
             if world.is_main and (step % train_cfg.log_every == 0 or diag):
@@ -243,11 +252,11 @@ def fit(
         if seen == 0:
             raise QatkdError(f"every step of epoch {epoch + 1} had a non-finite loss")
         if world.is_main:
-            test_metrics = task.evaluate(student, DataLoader(test_set, EVAL_BATCH_SIZE))
+            test_metrics = task.evaluate(student, DataLoader(test_set, task.eval_batch_size))
             last_metrics = {"train_loss": loss_sum / seen, "train_acc": acc_sum / seen}
             last_metrics |= test_metrics
-            is_best = test_metrics[task.main_metric] > best
-            best = max(best, test_metrics[task.main_metric])
+            is_best = sign * test_metrics[task.main_metric] > best
+            best = max(best, sign * test_metrics[task.main_metric])
             state = {
                 "meta": meta,
                 "config": config_to_dict(config),
@@ -273,7 +282,7 @@ def fit(
         barrier(world)
     metrics = {
         **last_metrics,
-        f"best_{task.main_metric}": best,
+        f"best_{task.main_metric}": sign * best,
         "epochs": train_cfg.epochs,
         "steps": step,
         "train_seconds": round(time.perf_counter() - started, 1),

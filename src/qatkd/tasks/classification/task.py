@@ -26,6 +26,9 @@ def predict_all(model: nn.Module, dataset: Dataset) -> torch.Tensor:
 
 class ClassificationTask:
     main_metric = "test_acc"
+    maximize = True
+    eval_batch_size = PREDICT_BATCH_SIZE
+    unit = "img"
 
     def __init__(self, num_classes: int, kd: KDConfig | None = None, per_teacher: bool = False):
         self.num_classes = num_classes
@@ -33,6 +36,9 @@ class ClassificationTask:
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         return batch[0]
+
+    def units(self, batch: Batch) -> int:
+        return len(batch[0])
 
     def task_loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(outputs, batch[1])

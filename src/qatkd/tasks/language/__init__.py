@@ -1,0 +1,18 @@
+"""The language task family: a pretrained causal LM (SmolLM2-135M by default) distilled into a
+weight-only low-bit student; perplexity and agreement with the teacher as metrics."""
+
+from qatkd.tasks.language.data import TextData, load_text_data, sliding_windows
+from qatkd.tasks.language.source import SMOLLM2, load_pretrained, model_folder
+from qatkd.tasks.language.task import CausalLM, LanguageTask, next_token_nll
+
+__all__ = [
+    "SMOLLM2",
+    "CausalLM",
+    "LanguageTask",
+    "TextData",
+    "load_pretrained",
+    "load_text_data",
+    "model_folder",
+    "next_token_nll",
+    "sliding_windows",
+]

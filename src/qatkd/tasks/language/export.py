@@ -1,0 +1,110 @@
+"""Export of a weight-quantized language model: packed low-bit weights, and a `transformers` model
+rebuilt from them.
+
+Written into the output folder:
+
+- `model.qpack`: every quantized Linear's integer codes at their bit-width with one float32 scale
+  per group (the packed format of `qatkd.export.qpack`, `group_size` set);
+- `float_tensors.safetensors`: the tensors that stay float (embedding, norms; a tied LM head is
+  the embedding and is stored once), float32;
+- `config.json` and the tokenizer files of the model;
+- `hf/`: a plain Hugging Face folder whose Linear weights are the dequantized codes (codes *
+  scale, bit for bit the fake-quantized weights), rebuilt *from the two files above* by
+  `load_packed_lm`, so any `transformers` script reproduces the student's perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qatkd.export.qpack import PackedLayer, QPack, load_qpack, write_qpack
+from qatkd.quant import QuantLinear
+from qatkd.tasks.language.run import load_student
+
+QPACK, FLOAT_TENSORS, HF_FOLDER = "model.qpack", "float_tensors.safetensors", "hf"
+HF_PREFIX = "hf."
+
+
+def packed_linear(name: str, layer: QuantLinear) -> PackedLayer:
+    """A fake-quantized Linear as stored: its integer codes and per-group (or per-row) scales."""
+    quantizer = layer.weight_quantizer
+    qmin, qmax = quantizer.qrange
+    with torch.no_grad():
+        codes = quantizer.quantize_int(layer.weight).to(torch.int8).numpy()
+        scale = quantizer.scale.expand_as(layer.weight)
+        if quantizer.group_size is not None:
+            scale = scale[:, :: quantizer.group_size]
+        else:
+            scale = scale[:, 0]
+    return PackedLayer(
+        name=name.removeprefix(HF_PREFIX),
+        bits=quantizer.bits,
+        qmin=qmin,
+        qmax=qmax,
+        codes=codes,
+        scale=scale.contiguous().float().numpy(),
+        bias=None if layer.bias is None else layer.bias.detach().float().numpy(),
+        input=None,
+        group_size=quantizer.group_size,
+    )
+
+
+def export_language(state: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write the files of the module doc for a language checkpoint; returns their sizes and the
+    sizes of the same model in fp32 and fp16."""
+    student, loaded = load_student(state)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = [
+        packed_linear(name, m) for name, m in student.named_modules() if isinstance(m, QuantLinear)
+    ]
+    qpack_bytes = write_qpack(QPack(state["meta"], layers, {}), out / QPACK)
+    quantized = {f"{layer.name}.weight" for layer in layers}
+    float_tensors, seen = {}, set()
+    for key, tensor in student.hf.state_dict().items():
+        if key in quantized or "_quantizer." in key or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        float_tensors[key] = tensor.detach().float().contiguous()
+    save_file(float_tensors, str(out / FLOAT_TENSORS))
+    loaded.hf.config.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    rebuilt, tokenizer = load_packed_lm(out)
+    rebuilt.save_pretrained(out / HF_FOLDER)
+    tokenizer.save_pretrained(out / HF_FOLDER)
+    params = sum(p.numel() for p in loaded.hf.parameters())
+    sizes = {
+        "qpack": qpack_bytes,
+        "float_tensors": (out / FLOAT_TENSORS).stat().st_size,
+        "fp32_model": params * 4,
+        "fp16_model": params * 2,
+    }
+    sizes["packed_total"] = sizes["qpack"] + sizes["float_tensors"]
+    result = {"files": [QPACK, FLOAT_TENSORS, HF_FOLDER], "bytes": sizes}
+    (out / "export.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def load_packed_lm(folder: Path) -> tuple[nn.Module, Any]:
+    """A `transformers` causal LM rebuilt from an export folder: float tensors from the
+    safetensors file, each quantized Linear's weight = codes * scale from the qpack."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, _ = model.load_state_dict(load_file(str(folder / FLOAT_TENSORS)), strict=False)
+    packed = load_qpack(folder / QPACK)
+    with torch.no_grad():
+        for layer in packed.layers:
+            model.get_submodule(layer.name).weight.copy_(torch.from_numpy(layer.weight()))
+    model.tie_weights()
+    restored = {f"{layer.name}.weight" for layer in packed.layers}
+    untied = [k for k in missing if k not in restored and k != "lm_head.weight"]
+    if untied:
+        raise ValueError(f"{folder}: no values for {untied[:3]}")
+    return model.eval(), AutoTokenizer.from_pretrained(folder)

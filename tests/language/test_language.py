@@ -1,0 +1,215 @@
+"""The language task family on a tiny Llama made in the test (tests/language/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qatkd.cli import main
+from qatkd.config import load_config
+from qatkd.distill import KDConfig
+from qatkd.errors import QatkdError
+from qatkd.quant import QuantConfig, QuantLinear
+from qatkd.tasks.language import CausalLM, LanguageTask, load_pretrained, sliding_windows
+from qatkd.tasks.language.data import IGNORE, generated_text, pack_blocks, read_text
+from qatkd.tasks.language.run import Loaded, build_student, language_quant
+
+
+def test_sliding_windows_score_every_token_once():
+    ids = torch.arange(100)
+    windows, labels = sliding_windows(ids, 16, 8, "text").tensors
+    assert windows.shape[1] == 16 and windows[-1, -1] == 99
+    scored = []
+    for window, label in zip(windows, labels, strict=True):
+        # token i+1 is predicted from the tokens before it in the window
+        scored += [int(window[i + 1]) for i in range(15) if label[i + 1] != IGNORE]
+    assert sorted(scored) == list(range(1, 100))
+
+
+def test_sliding_windows_and_blocks_refuse_short_text():
+    with pytest.raises(QatkdError, match=r"fewer than one window of data\.block_size=16"):
+        sliding_windows(torch.arange(10), 16, 8, "the evaluation text")
+    with pytest.raises(QatkdError, match="the training text has 10 tokens"):
+        pack_blocks(torch.arange(10), 16, "the training text")
+    blocks = pack_blocks(torch.arange(40), 16, "t").tensors[0]
+    assert torch.equal(blocks, torch.arange(32).view(2, 16))
+
+
+def test_read_text_errors(tmp_path):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text("  \n")
+    binary.write_bytes(b"\xff\xfe\x00abc")
+    with pytest.raises(QatkdError, match="text file not found"):
+        read_text([str(tmp_path / "missing.txt")])
+    with pytest.raises(QatkdError, match=r"empty\.txt is empty"):
+        read_text([str(empty)])
+    with pytest.raises(QatkdError, match="is not UTF-8 text"):
+        read_text([str(binary)])
+
+
+def test_perplexity_matches_transformers_loss(tiny_lm):
+    """One window covering the whole text: our perplexity is exp of transformers' own loss."""
+    hf, tokenizer = load_pretrained(tiny_lm)
+    ids = torch.tensor(tokenizer("the cat sat on the mat and the dog")["input_ids"])
+    loader = torch.utils.data.DataLoader(sliding_windows(ids, len(ids), 4, "t"), batch_size=2)
+    ppl = LanguageTask().evaluate(CausalLM(hf), loader)["eval_ppl"]
+    with torch.no_grad():
+        reference = hf(input_ids=ids[None], labels=ids[None]).loss
+    assert ppl == pytest.approx(math.exp(reference.item()), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["kl", "reverse_kl"])
+def test_token_kd_is_zero_for_the_teacher_itself_and_matches_reference(loss):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    task = LanguageTask(KDConfig(loss=loss, temperature=2.0))
+    assert task.kd_loss(teacher, [teacher]).item() == pytest.approx(0.0, abs=1e-6)
+    p_s, p_t = F.softmax(student / 2, -1), F.softmax(teacher / 2, -1)
+    a, b = (p_t, p_s) if loss == "kl" else (p_s, p_t)
+    reference = (a * (a.log() - b.log())).sum(-1).mean() * 4
+    assert task.kd_loss(student, [teacher]).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_language_quant_defaults_and_weight_only():
+    q = language_quant(QuantConfig(bits="W3A16"))
+    assert (q.group_size, q.skip, q.first_last_bits) == (64, ["*lm_head"], None)
+    assert language_quant(QuantConfig(bits="W3A16", group_size=32)).group_size == 32
+    with pytest.raises(QatkdError, match="weight-only; use W4A16"):
+        language_quant(QuantConfig(bits="W4A8"))
+
+
+def _config(tiny_lm: Path, text_files: tuple[Path, Path], *extra: str):
+    train, evaluation = text_files
+    return load_config(
+        overrides=[
+            "task=language",
+            f"model.path={tiny_lm}",
+            f"data.train_files=[{train}]",
+            f"data.eval_files=[{evaluation}]",
+            "data.block_size=16",
+            *extra,
+        ]
+    )
+
+
+def test_student_shares_the_frozen_embedding_and_quantizes_decoder_linears(tiny_lm, text_files):
+    config = _config(tiny_lm, text_files, "quant.bits=W2A16", "quant.group_size=32")
+    config = config.model_copy(update={"quant": language_quant(config.quant)})
+    loaded = Loaded(config)
+    student = build_student(config, loaded)
+    embed = student.hf.get_input_embeddings().weight
+    assert embed is loaded.hf.get_input_embeddings().weight and not embed.requires_grad
+    assert student.hf.get_output_embeddings().weight is embed  # tied, as in the model
+    assert not isinstance(student.hf.lm_head, QuantLinear)
+    linears = [m for m in student.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    down = student.hf.model.layers[0].mlp.down_proj  # 128 inputs -> 4 groups of 32
+    assert down.weight_quantizer.param_shape == (64, 4)
+    codes = down.weight_quantizer.quantize_int(down.weight)
+    assert codes.min() >= -2 and codes.max() <= 1
+
+
+def test_generated_text_is_seeded_and_cached(tiny_lm, tmp_path):
+    hf, tokenizer = load_pretrained(tiny_lm)
+    first = generated_text(hf, tokenizer, 3, 8, 0, tmp_path, "tiny")
+    assert len(first) == 3 and len(list(tmp_path.glob("generated-*.json"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached text must be reused")
+
+    hf.generate = refuse
+    assert generated_text(hf, tokenizer, 3, 8, 0, tmp_path, "tiny") == first
+
+
+def test_distill_eval_and_rtn_from_the_cli(tiny_lm, text_files, tmp_path, capsys):
+    train, evaluation = text_files
+    common = [
+        "task=language",
+        f"model.path={tiny_lm}",
+        f"data.train_files=[{train}]",
+        f"data.eval_files=[{evaluation}]",
+        "data.block_size=16",
+        "quant.bits=W4A16",
+        "quant.group_size=32",
+        "train.threads=1",
+    ]
+    out = tmp_path / "kd"
+    assert main(["distill", *common, f"teachers=[{tiny_lm}]", f"out={out}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_ppl"] > 1 and 0 <= metrics["teacher_agreement"] <= 100
+    rows = (out / "steps.csv").read_text().splitlines()
+    assert "w_ts" in rows[0]
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(out)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["eval_ppl"] == pytest.approx(metrics["eval_ppl"], rel=1e-5)
+    # export: packed codes + float tensors, rebuilt as a plain transformers folder whose
+    # perplexity, computed by a script that uses transformers only, is the reported one
+    assert main(["export", str(out)]) == 0
+    exported = json.loads((out / "export.json").read_text())["bytes"]
+    assert exported["packed_total"] < exported["fp32_model"]
+    script = Path(__file__).parents[2] / "benchmarks" / "llm_transformers_ppl.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(out / "hf"), str(evaluation), "--block-size", "16"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    reproduced = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reproduced["eval_tokens"] == metrics["eval_tokens"]
+    assert reproduced["eval_ppl"] == pytest.approx(metrics["eval_ppl"], rel=1e-5)
+    rtn = tmp_path / "rtn"
+    assert main(["ptq", *common, "quant.method=minmax", f"out={rtn}"]) == 0
+    assert json.loads((rtn / "metrics.json").read_text())["eval_ppl"] > 1
+
+
+def test_empty_text_file_is_a_one_line_error(tiny_lm, text_files, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code = main(["train", "task=language", f"model.path={tiny_lm}", f"data.train_files=[{empty}]"])
+    err = capsys.readouterr().err.strip()
+    assert (
+        code == 2
+        and err == f"qatkd: error: text file {empty} is empty: give it some text or leave it out"
+    )
+
+
+def test_unknown_language_model_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "task=language", "model.name=gpt-17", f"out={tmp_path / 'x'}"])
+    assert code == 2 and "language model 'gpt-17' is unknown" in capsys.readouterr().err
+
+
+def test_packed_lm_has_the_students_weights_bit_for_bit(tiny_lm, text_files, tmp_path):
+    from qatkd.tasks.language.export import FLOAT_TENSORS, load_packed_lm, packed_linear
+
+    config = _config(tiny_lm, text_files, "quant.bits=W3A16", "quant.group_size=32")
+    config = config.model_copy(update={"quant": language_quant(config.quant)})
+    loaded = Loaded(config)
+    student = build_student(config, loaded).eval()
+    layers = [packed_linear(n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear)]
+    from safetensors.torch import save_file
+
+    from qatkd.export.qpack import QPack, write_qpack
+
+    write_qpack(QPack({}, layers, {}), tmp_path / "model.qpack")
+    quantized = {f"{layer.name}.weight" for layer in layers}
+    rest = {k: v.clone() for k, v in loaded.hf.state_dict().items() if k not in quantized}
+    rest.pop("lm_head.weight")  # tied to the embedding
+    save_file(rest, str(tmp_path / FLOAT_TENSORS))
+    loaded.hf.config.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    rebuilt, _ = load_packed_lm(tmp_path)
+    for name, m in student.named_modules():
+        if isinstance(m, QuantLinear):
+            fake = m.weight_quantizer(m.weight).detach()
+            assert torch.equal(rebuilt.get_submodule(name.removeprefix("hf.")).weight, fake), name
+    ids = torch.tensor([[5, 9, 17, 3, 40, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(input_ids=ids).logits, student(ids), rtol=0, atol=1e-5)
