@@ -118,6 +118,18 @@ BAD_INPUTS = [
     ("truncated checkpoint", ["eval", "--ckpt", "{truncated}"], "truncated or corrupt"),
     ("another architecture", ["eval", "--ckpt", "{other_arch}"], "does not fit model 'resnet8'"),
     ("pickled checkpoint", ["eval", "--ckpt", "{pickled}"], "holds pickled objects"),
+    (
+        "language option on images",
+        ["train", "train.gradient_checkpointing=true"],
+        "train.gradient_checkpointing is for language models",
+    ),
+    (
+        "activation bits for an LLM",
+        ["train", "task=language", "quant.bits=W4A8"],
+        "language models are quantized weight-only; use W4A16",
+    ),
+    ("unknown language model", ["train", "task=language", "model.name=gpt-17"], "is unknown"),
+    ("missing text file", ["train", "task=language", "data.train_files=[nope.txt]"], "not found"),
 ]
 
 

@@ -154,6 +154,8 @@ def load_teachers(config: Config, data: ImageData) -> TeacherEnsemble:
 
 def preflight(config: Config) -> None:
     """Fail on a wrong model name or a missing file before any data is loaded or work done."""
+    if config.train.gradient_checkpointing:
+        raise QatkdError("train.gradient_checkpointing is for language models (task=language)")
     if not config.model.name.startswith(TORCHVISION_PREFIX):
         MODELS.get(config.model.name)
     for what, path in [("model.init", config.model.init)] + [
