@@ -45,9 +45,7 @@ EXPORTED = ("kd_gor", "W3A16")
 
 def schedule(quick: bool) -> list[str]:
     common = ["task=language", "train.lr=5e-5", "train.epochs=1", "train.log_every=5"]
-    if quick:
-        return [*common, "data.generate_samples=32"]
-    return common
+    return [*common, f"data.generate_samples={32 if quick else 128}"]
 
 
 def run(work: Path, name: str, command_name: str, overrides: list[str]) -> dict[str, Any]:
