@@ -9,7 +9,7 @@ import torch
 
 from qatkd.balance import GoR
 from qatkd.checkpoint import load_checkpoint
-from qatkd.train.distributed import World, average_gradients
+from qatkd.train.distributed import World, any_rank, average_gradients
 from testdata import tiny_overrides
 
 
@@ -71,3 +71,19 @@ def test_balancer_gradients_are_averaged_over_processes():
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_average_on_rank, args=(free_port(), results), nprocs=2)
     assert results[0] == results[1] == [5.0, 6.0]  # mean of (0, 10) and (1, 11)
+
+
+def _any_rank(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    world = World(rank, 2)
+    results[rank] = (any_rank(world, rank == 1), any_rank(world, False))
+    dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all():
+    """With train.on_nonfinite=skip, every rank must skip together (else the others hang)."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_any_rank, args=(free_port(), results), nprocs=2)
+    assert results[0] == results[1] == (True, False)

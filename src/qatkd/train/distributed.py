@@ -53,6 +53,16 @@ def broadcast(world: World, value: Any) -> Any:
     return box[0]
 
 
+def any_rank(world: World, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any: ranks decide together to skip a step, since
+    a rank that skipped alone would leave the others waiting in the gradient all-reduce."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor(float(flag))
+    dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
 def average_gradients(world: World, module: nn.Module) -> None:
     """All-reduce the gradients of a module that DDP does not wrap (the balancer), so its
     parameters stay identical on every rank."""

@@ -26,7 +26,7 @@ from qatkd.checkpoint import save_checkpoint
 from qatkd.config import Config, config_to_dict
 from qatkd.errors import QatkdError
 from qatkd.quant import Quantizer
-from qatkd.train.distributed import World, average_gradients, barrier
+from qatkd.train.distributed import World, any_rank, average_gradients, barrier
 from qatkd.train.logs import CsvLog
 from qatkd.train.plots import plot_run
 
@@ -208,14 +208,14 @@ def fit(
             if config.diag.every and l_kd is not None and step % config.diag.every == 0:
                 diag = grad_conflict(l_ts, l_kd, student_params)
             step += 1
-            if not torch.isfinite(total):
+            if any_rank(world, not bool(torch.isfinite(total))):
                 if train_cfg.on_nonfinite == "stop":
                     raise QatkdError(
                         f"the loss became {total.item()} at step {step} (epoch {epoch + 1}); "
                         f"the last good checkpoint is {run_dir / 'last.pt'}: "
                         "lower train.lr and resume, or set train.on_nonfinite=skip"
                     )
-                tqdm.write(f"warning: skipped step {step}: the loss is {total.item()}")
+                tqdm.write(f"warning: skipped step {step}: non-finite loss ({total.item()} here)")
                 schedule.step()
                 continue
             optimizer.zero_grad(set_to_none=True)
