@@ -337,6 +337,12 @@ def ptq(
     return run_dir, metrics
 
 
+def checkpoint_data(state: dict[str, Any], overrides: list[str]) -> ImageData:
+    """The data a checkpoint was trained on, without augmentation, `data.*` overrides applied."""
+    config = build_config(apply_overrides(state["config"], overrides))
+    return load_data(config.data.model_copy(update={"augment": False}))
+
+
 def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Test metrics of a checkpoint on the data it was trained on, `data.*` overrides applied."""
     for text in overrides or []:
@@ -346,8 +352,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, 
     if state["config"].get("task", "classification") != "classification":
         return task_family(state["config"]["task"]).evaluate(state, overrides or [])
     model, state = load_model(ckpt, state)
-    config = build_config(apply_overrides(state["config"], overrides or []))
-    data = load_data(config.data.model_copy(update={"augment": False}))
+    data = checkpoint_data(state, overrides or [])
     _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))
     task = ClassificationTask(data.num_classes)
     return task.evaluate(model, DataLoader(data.test, batch_size=512))

@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qatkd.checkpoint import checkpoint_path, load_checkpoint
-from qatkd.config import build_config
 from qatkd.errors import QatkdError
 from qatkd.export.bench import Target, add_speedups, measure, speed_table
 from qatkd.export.bias_grid import aligned_copy
@@ -27,8 +26,7 @@ from qatkd.export.onnx_export import save_onnx, to_onnx
 from qatkd.export.parity import compare
 from qatkd.export.qpack import save_qpack
 from qatkd.export.runtime import INTEGER_OPS, fused_ops, load_runner, openvino_available
-from qatkd.pipeline import load_model, model_from_meta, task_family
-from qatkd.tasks.classification import load_data
+from qatkd.pipeline import checkpoint_data, load_model, model_from_meta, task_family
 
 INT8_ONNX, FP32_ONNX, QPACK = "model.int8.onnx", "model.fp32.onnx", "model.qpack"
 PARITY, BENCH_MD, BENCH_JSON = "parity.json", "bench.md", "bench.json"
@@ -50,12 +48,8 @@ def _load_quantized(
 
 
 def _test_loader(state: dict[str, Any], data_limit: int | None) -> DataLoader:
-    data_config = build_config(state["config"]).data
-    update: dict[str, Any] = {"augment": False}
-    if data_limit is not None:
-        update["test_limit"] = data_limit
-    data = load_data(data_config.model_copy(update=update))
-    return DataLoader(data.test, batch_size=256)
+    limit = [] if data_limit is None else [f"data.test_limit={data_limit}"]
+    return DataLoader(checkpoint_data(state, limit).test, batch_size=256)
 
 
 def _input_shape(meta: dict[str, Any]) -> list[int]:
