@@ -26,8 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from _provenance import command, git_commit, machine
 
-from qatkd import pipeline
-from qatkd.config import load_config
+from qatkd.pipeline import run_or_reuse
 from qatkd.train.logs import read_csv
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,18 +62,6 @@ FULL = Budget(["data.train_limit=12000"], 64, 5, 2, {"W8A8": 1, "W4A4": 3, "W2A2
 QUICK = Budget(["data.train_limit=4000", "data.test_limit=2000"], 64, 3, 1, dict.fromkeys(BITS, 1))
 
 
-def run(work: Path, name: str, command_name: str, overrides: list[str]) -> dict[str, Any]:
-    """One run folder under `work`, reused if it finished before; `command_name` is `train`,
-    `distill` or `ptq` (whose `model.init` is the checkpoint to quantize)."""
-    out = work / name
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
-    overrides = [*overrides, f"out={out}"]
-    if command_name == "ptq":
-        return pipeline.ptq(load_config(overrides=overrides).model.init, overrides)[1]
-    return getattr(pipeline, command_name)(load_config(overrides=overrides))[1]
-
-
 def fp32_models(work: Path, budget: Budget) -> dict[str, dict[str, Any]]:
     results = {}
     for name, model in {**TEACHERS, "student": STUDENT}.items():
@@ -84,7 +71,7 @@ def fp32_models(work: Path, budget: Budget) -> dict[str, dict[str, Any]]:
             f"model.name={model}",
             f"train.epochs={budget.fp32_epochs}",
         ]
-        results[name] = run(work, f"fp32_{name}", "train", overrides)
+        results[name] = run_or_reuse(work / f"fp32_{name}", "train", overrides)
     return results
 
 
@@ -104,7 +91,9 @@ def quantized_rows(work: Path, budget: Budget) -> list[dict[str, Any]]:
                 f"model.init={student}",
             ]
             # min-max calibration: the better PTQ baseline (LSQ's init is made for training)
-            metrics = run(work, f"ptq_{bits}_s{seed}", "ptq", [*common, "quant.method=minmax"])
+            metrics = run_or_reuse(
+                work / f"ptq_{bits}_s{seed}", "ptq", [*common, "quant.method=minmax"]
+            )
             records.append(record("ptq", bits, seed, metrics))
             for method, balancer in METHODS.items():
                 teachers = (
@@ -122,7 +111,7 @@ def quantized_rows(work: Path, budget: Budget) -> list[dict[str, Any]]:
                     "train.log_every=10",
                 ]
                 command_name = "train" if method == "qat" else "distill"
-                metrics = run(work, f"{method}_{bits}_s{seed}", command_name, overrides)
+                metrics = run_or_reuse(work / f"{method}_{bits}_s{seed}", command_name, overrides)
                 records.append(record(method, bits, seed, metrics))
     return records
 

@@ -27,9 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from _provenance import command, git_commit, machine
 
-from qatkd import pipeline
 from qatkd.config import load_config
 from qatkd.export import export_checkpoint
+from qatkd.pipeline import run_or_reuse
 from qatkd.tasks.language.run import evaluate_pretrained
 
 RESULTS = Path(__file__).parent / "results"
@@ -46,17 +46,6 @@ EXPORTED = ("kd_gor", "W3A16")
 def schedule(quick: bool) -> list[str]:
     common = ["task=language", "train.lr=5e-5", "train.epochs=1", "train.log_every=5"]
     return [*common, f"data.generate_samples={32 if quick else 128}"]
-
-
-def run(work: Path, name: str, command_name: str, overrides: list[str]) -> dict[str, Any]:
-    """One run folder under `work`, reused if it finished before."""
-    out = work / name
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
-    overrides = [*overrides, f"out={out}"]
-    if command_name == "ptq":
-        return pipeline.ptq(None, overrides)[1]
-    return getattr(pipeline, command_name)(load_config(overrides=overrides))[1]
 
 
 def record(method: str, bits: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -116,12 +105,12 @@ def main() -> None:
     records = [record("fp_teacher", "FP", evaluate_pretrained(load_config(overrides=common)))]
     for bits in RTN_BITS:
         overrides = [*common, f"quant.bits={bits}", "quant.method=minmax"]
-        records.append(record("rtn", bits, run(work, f"rtn_{bits}", "ptq", overrides)))
+        records.append(record("rtn", bits, run_or_reuse(work / f"rtn_{bits}", "ptq", overrides)))
     for bits in TRAINED_BITS:
         for method, (command_name, extra) in METHODS.items():
             teachers = ["teachers=[smollm2-135m]"] if command_name == "distill" else []
             overrides = [*common, f"quant.bits={bits}", *extra, *teachers]
-            metrics = run(work, f"{method}_{bits}", command_name, overrides)
+            metrics = run_or_reuse(work / f"{method}_{bits}", command_name, overrides)
             records.append(record(method, bits, metrics))
     exported_dir = work / f"{EXPORTED[0]}_{EXPORTED[1]}"
     exported = export_checkpoint(exported_dir)

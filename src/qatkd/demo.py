@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from qatkd import pipeline
-from qatkd.config import Config, load_config
 from qatkd.export import bench_run
 
 FULL = ["data.train_limit=15000", "train.epochs=3", "train.batch_size=64"]
@@ -53,14 +52,11 @@ def run_stage(stage: Stage, out: Path, common: list[str]) -> dict[str, Any]:
     run_dir = out / stage.name
     if (run_dir / "metrics.json").is_file():
         print(f"[demo] {stage.name}: done before, reusing {run_dir}")
-        return json.loads((run_dir / "metrics.json").read_text())
-    if (run_dir / "last.pt").is_file():
+    elif (run_dir / "last.pt").is_file():
         print(f"[demo] {stage.name}: resuming {run_dir}")
-        return pipeline.resume(run_dir)[1]
-    print(f"[demo] {stage.name}: qatkd {stage.command} {' '.join(stage.overrides)}")
-    config: Config = load_config(overrides=[*common, *stage.overrides, f"out={run_dir}"])
-    run = pipeline.distill if stage.command == "distill" else pipeline.train
-    return run(config)[1]
+    else:
+        print(f"[demo] {stage.name}: qatkd {stage.command} {' '.join(stage.overrides)}")
+    return pipeline.run_or_reuse(run_dir, stage.command, [*common, *stage.overrides])
 
 
 def deploy(run_dir: Path, quick: bool) -> dict[str, Any]:

@@ -356,3 +356,18 @@ def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, 
     _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))
     task = ClassificationTask(data.num_classes)
     return task.evaluate(model, DataLoader(data.test, batch_size=512))
+
+
+def run_or_reuse(run_dir: Path, command: str, overrides: list[str]) -> dict[str, Any]:
+    """The metrics of `qatkd <command> overrides out=run_dir` (train, distill or ptq), reusing a
+    finished run folder and resuming an interrupted one: what a script that runs many stages
+    (the demo, the benchmarks) needs to survive being stopped and started again."""
+    if (run_dir / "metrics.json").is_file():
+        return json.loads((run_dir / "metrics.json").read_text())
+    if (run_dir / "last.pt").is_file() and command != "ptq":
+        return resume(run_dir)[1]
+    overrides = [*overrides, f"out={run_dir}"]
+    if command == "ptq":
+        config = load_config(overrides=overrides)
+        return ptq(config.model.init if config.task == "classification" else None, overrides)[1]
+    return {"train": train, "distill": distill}[command](load_config(overrides=overrides))[1]
