@@ -26,13 +26,21 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "npz", "text"] = (
-        "fashion-mnist"
-    )
+    name: Literal[
+        "fashion-mnist",
+        "cifar10",
+        "cifar100",
+        "imagefolder",
+        "npz",
+        "fashion-canvas",
+        "yolo",
+        "text",
+    ] = "fashion-mnist"
     root: str | None = Field(None, description="dataset folder or file; default: where it installs")
     train_limit: int | None = Field(None, gt=0, description="use only the first N training samples")
     test_limit: int | None = Field(None, gt=0, description="use only the first N test samples")
     augment: bool = Field(True, description="train-time augmentation (crop + flip)")
+    image_size: int = Field(96, ge=16, description="detection: YOLO images are resized to this")
     train_files: list[str] = Field(
         default_factory=list, description="language: training text files; default: generated"
     )
@@ -76,6 +84,12 @@ class DiagConfig(Section):
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classification": {},
+    "detection": {
+        "data": {"name": "fashion-canvas"},
+        "model": {"name": "det_s"},
+        "train": {"lr": 0.01, "batch_size": 32, "epochs": 10},
+        "kd": {"temperature": 1.0},
+    },
     "language": {
         "data": {"name": "text", "augment": False},
         "model": {"name": "smollm2-135m"},
@@ -96,7 +110,7 @@ gives explicitly win."""
 
 
 class Config(Section):
-    task: Literal["classification", "language"] = "classification"
+    task: Literal["classification", "detection", "language"] = "classification"
     seed: int = 0
     out: str | None = Field(None, description="run folder; default runs/<command>-<model>-<time>")
     data: DataConfig = DataConfig()

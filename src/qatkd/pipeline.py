@@ -32,20 +32,13 @@ from qatkd.config import (
 from qatkd.distill import TeacherEnsemble, TeacherLogitCache, file_sha256
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare, quant_summary
-from qatkd.tasks.classification import (
-    MODELS,
-    ClassificationTask,
-    ImageData,
-    build_model,
-    load_data,
-    model_meta,
-)
+from qatkd.tasks import ImageFamily, image_family
+from qatkd.tasks.classification import ImageData, model_meta
 from qatkd.tasks.classification.data import WithIndex
-from qatkd.tasks.classification.models import TORCHVISION_PREFIX
 from qatkd.tasks.classification.task import predict_all
 from qatkd.train import fit
 from qatkd.train.distributed import World, broadcast, init_world
-from qatkd.train.engine import TeacherOutputs
+from qatkd.train.engine import Task, TeacherOutputs
 
 CALIBRATION_SAMPLES = 512
 
@@ -66,14 +59,23 @@ def new_run_dir(config: Config, command: str) -> Path:
     return run_dir
 
 
+def family_of(task: str) -> ImageFamily:
+    """The image family that this module runs for `task` (classification, detection)."""
+    family = image_family(task)
+    if family is None:
+        raise QatkdError(f"task {task} is not an image task")
+    return family
+
+
 def data_meta(config: Config, data: ImageData) -> dict[str, Any]:
-    return model_meta(
+    meta = model_meta(
         config.model.name, data.in_channels, data.image_size, data.class_names, data.mean, data.std
     )
+    return {**meta, "task": config.task}
 
 
 def model_from_meta(meta: dict[str, Any]) -> nn.Module:
-    model = build_model(
+    model = family_of(meta.get("task", "classification")).build_model(
         meta["model_name"], meta["in_channels"], len(meta["class_names"]), meta["mean"], meta["std"]
     )
     if meta.get("quant"):
@@ -110,7 +112,8 @@ def _check_matches_data(meta: dict[str, Any], data: ImageData, what: str, path: 
 def build_student(config: Config, data: ImageData) -> tuple[nn.Module, dict[str, Any]]:
     """The student: built by name, loaded from `model.init` if set, quantized if `quant` is set."""
     meta = data_meta(config, data)
-    model = build_model(config.model.name, data.in_channels, data.num_classes, data.mean, data.std)
+    build = family_of(config.task).build_model
+    model = build(config.model.name, data.in_channels, data.num_classes, data.mean, data.std)
     if config.model.init:
         init_model, init_state = load_model(config.model.init)
         init_meta = init_state["meta"]
@@ -156,8 +159,7 @@ def preflight(config: Config) -> None:
     """Fail on a wrong model name or a missing file before any data is loaded or work done."""
     if config.train.gradient_checkpointing:
         raise QatkdError("train.gradient_checkpointing is for language models (task=language)")
-    if not config.model.name.startswith(TORCHVISION_PREFIX):
-        MODELS.get(config.model.name)
+    family_of(config.task).check_model_name(config.model.name)
     for what, path in [("model.init", config.model.init)] + [
         ("teacher", t) for t in config.teachers
     ]:
@@ -193,19 +195,17 @@ def create_run_dir(config: Config, command: str, world: World) -> Path:
 def _start(config: Config, command: str) -> tuple[Path, ImageData, World]:
     preflight(config)
     world = join_world(config)
-    data = load_data(config.data)
+    data = family_of(config.task).load_data(config.data)
     return create_run_dir(config, command, world), data, world
 
 
 def task_family(task: str) -> ModuleType:
-    """The run functions (train, distill, ptq, evaluate, resume) of a task family other than
-    classification, which this module runs itself: `qatkd.tasks.<task>.run`."""
+    """The run functions (train, distill, ptq, evaluate, resume, export) of a task family that is
+    not an image family (which this module runs itself): `qatkd.tasks.<task>.run`."""
     return importlib.import_module(f"qatkd.tasks.{task}.run")
 
 
-def teacher_outputs(
-    config: Config, data: ImageData, task: ClassificationTask
-) -> tuple[TeacherOutputs, Dataset]:
+def teacher_outputs(config: Config, data: ImageData, task: Task) -> tuple[TeacherOutputs, Dataset]:
     """How the engine gets the teachers' logits for a batch, and the training set to use.
 
     Live: the frozen ensemble runs on every batch. With `kd.cache=true` (non-augmented data only)
@@ -241,7 +241,9 @@ def _fit_run(
     """Labels only when there are no teachers (train), else the configured balancer (distill)."""
     balancer_config = config.balancer if config.teachers else BalancerConfig(name="ts_only")
     balancer = build_balancer(balancer_config, num_teachers=len(config.teachers))
-    task = ClassificationTask(data.num_classes, config.kd, config.balancer.per_teacher)
+    task = family_of(config.task).make_task(
+        data.num_classes, config.kd, config.balancer.per_teacher
+    )
     outputs, train_set = (None, data.train)
     if config.teachers:
         outputs, train_set = teacher_outputs(config, data, task)
@@ -254,7 +256,7 @@ def _fit_run(
 
 def train(config: Config) -> tuple[Path, dict[str, Any]]:
     """Train on labels only: an FP32 model, or plain QAT when `quant` is set."""
-    if config.task != "classification":
+    if image_family(config.task) is None:
         return task_family(config.task).train(config)
     if config.teachers:
         raise QatkdError(
@@ -267,7 +269,7 @@ def train(config: Config) -> tuple[Path, dict[str, Any]]:
 
 def distill(config: Config) -> tuple[Path, dict[str, Any]]:
     """QAT (or FP32) student trained on labels and teachers, balanced by `config.balancer`."""
-    if config.task != "classification":
+    if image_family(config.task) is None:
         return task_family(config.task).distill(config)
     build_balancer(config.balancer, num_teachers=len(config.teachers))  # fail before any work
     run_dir, data, world = _start(config, "distill")
@@ -282,10 +284,10 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     if "optimizer" not in state:
         raise QatkdError(f"{run_dir} is not a train or distill run: there is nothing to resume")
     config = build_config(state["config"])
-    if config.task != "classification":
+    if image_family(config.task) is None:
         return task_family(config.task).resume(run_dir, state)
     world = join_world(config)
-    data = load_data(config.data)
+    data = family_of(config.task).load_data(config.data)
     model = model_from_meta(state["meta"])
     return run_dir, _fit_run(config, run_dir, data, model, state["meta"], world, resume=state)
 
@@ -300,8 +302,8 @@ def ptq(
     (language) quantizes the model its config names."""
     if ckpt is None:
         config = load_config(config_file, overrides)
-        if config.task == "classification":
-            raise QatkdError("ptq of a classifier needs the FP32 checkpoint: --ckpt PATH")
+        if image_family(config.task) is not None:
+            raise QatkdError(f"ptq of a {config.task} model needs its FP32 checkpoint: --ckpt PATH")
         return task_family(config.task).ptq(config)
     float_model, state = load_model(ckpt)
     if state["meta"].get("quant"):
@@ -321,8 +323,8 @@ def ptq(
     model = prepare(float_model, config.quant)
     calibrate(model, calibration_batches(data, config), CALIBRATION_SAMPLES)
     print(quant_summary(model))
-    task = ClassificationTask(data.num_classes)
-    metrics = task.evaluate(model, DataLoader(data.test, batch_size=512))
+    task = family_of(config.task).make_task(data.num_classes, None, False)
+    metrics = task.evaluate(model, DataLoader(data.test, batch_size=task.eval_batch_size))
     meta = {**state["meta"], "quant": config.quant.model_dump(mode="json")}
     save_checkpoint(
         {
@@ -340,7 +342,7 @@ def ptq(
 def checkpoint_data(state: dict[str, Any], overrides: list[str]) -> ImageData:
     """The data a checkpoint was trained on, without augmentation, `data.*` overrides applied."""
     config = build_config(apply_overrides(state["config"], overrides))
-    return load_data(config.data.model_copy(update={"augment": False}))
+    return family_of(config.task).load_data(config.data.model_copy(update={"augment": False}))
 
 
 def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -349,13 +351,16 @@ def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, 
         if not text.startswith("data."):
             raise QatkdError(f"eval takes only data.* overrides, not '{text}'")
     state = load_checkpoint(checkpoint_path(ckpt))
-    if state["config"].get("task", "classification") != "classification":
-        return task_family(state["config"]["task"]).evaluate(state, overrides or [])
+    task_name = state["config"].get("task", "classification")
+    if image_family(task_name) is None:
+        return task_family(task_name).evaluate(state, overrides or [])
     model, state = load_model(ckpt, state)
     data = checkpoint_data(state, overrides or [])
     _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))
-    task = ClassificationTask(data.num_classes)
-    return task.evaluate(model, DataLoader(data.test, batch_size=512))
+    task = family_of(state["meta"].get("task", "classification")).make_task(
+        data.num_classes, None, False
+    )
+    return task.evaluate(model, DataLoader(data.test, batch_size=task.eval_batch_size))
 
 
 def run_or_reuse(run_dir: Path, command: str, overrides: list[str]) -> dict[str, Any]:
@@ -369,5 +374,6 @@ def run_or_reuse(run_dir: Path, command: str, overrides: list[str]) -> dict[str,
     overrides = [*overrides, f"out={run_dir}"]
     if command == "ptq":
         config = load_config(overrides=overrides)
-        return ptq(config.model.init if config.task == "classification" else None, overrides)[1]
+        ckpt = config.model.init if image_family(config.task) is not None else None
+        return ptq(ckpt, overrides)[1]
     return {"train": train, "distill": distill}[command](load_config(overrides=overrides))[1]

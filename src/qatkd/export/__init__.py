@@ -9,10 +9,10 @@ from qatkd.export.bias_grid import align_biases, aligned_copy
 from qatkd.export.fold import fold_batchnorm
 from qatkd.export.frozen import ActRange, freeze
 from qatkd.export.onnx_export import INPUT_NAME, OUTPUT_NAME, class_names_of, to_onnx
-from qatkd.export.parity import compare
 from qatkd.export.qpack import QPack, load_qpack, pack_codes, save_qpack, unpack_codes
 from qatkd.export.run import bench_run, export_checkpoint
 from qatkd.export.runtime import fused_ops, load_runner
+from qatkd.tasks.classification.parity import compare
 
 __all__ = [
     "INPUT_NAME",

@@ -4,7 +4,8 @@ The graph is written node by node from the BN-folded, frozen fx graph (`fold_bat
 number in it is one that training used:
 
 - input `pixels`: float [0, 1], NCHW, batch dynamic; the model's normalisation is inside the graph;
-  output `logits`; the class names are in `metadata_props` (`class_names`, a JSON list);
+  output `logits` (the network's output, of any rank); the class names are in `metadata_props`
+  (`class_names`, a JSON list);
 - each quantized activation (conv / linear input, QuantAct) is QuantizeLinear -> DequantizeLinear
   at its trained scale, zero point 0, uint8 (unsigned) or int8 (signed). An 8-bit QuantizeLinear
   saturates at the 8-bit range only, so a b < 8-bit activation gets an integer Clip to its
@@ -119,6 +120,8 @@ class _Builder:
         self.int_biases: dict[str, tuple[np.ndarray, list[str]]] = {}
 
     def build(self, input_shape: list[int]) -> onnx.GraphProto:
+        with torch.no_grad():  # logits [N, K], a detector's dense map [N, C, H, W], ...
+            output_rank = self.gm(torch.zeros(1, *input_shape)).dim()
         inputs, outputs = [], []
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -136,7 +139,9 @@ class _Builder:
                     raise QatkdError("export supports models with a single output tensor")
                 self._emit("Identity", [self.names[result]], OUTPUT_NAME)
                 outputs.append(
-                    helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", None])
+                    helper.make_tensor_value_info(
+                        OUTPUT_NAME, TensorProto.FLOAT, ["batch", *[None] * (output_rank - 1)]
+                    )
                 )
             elif node.op == "get_attr":
                 value = _attr(self.gm, node.target)

@@ -23,10 +23,10 @@ from qatkd.export.bench import Target, add_speedups, measure, speed_table
 from qatkd.export.bias_grid import aligned_copy
 from qatkd.export.fold import fold_batchnorm
 from qatkd.export.onnx_export import save_onnx, to_onnx
-from qatkd.export.parity import compare
 from qatkd.export.qpack import save_qpack
 from qatkd.export.runtime import INTEGER_OPS, fused_ops, load_runner, openvino_available
-from qatkd.pipeline import checkpoint_data, load_model, model_from_meta, task_family
+from qatkd.pipeline import checkpoint_data, family_of, load_model, model_from_meta, task_family
+from qatkd.tasks import image_family
 
 INT8_ONNX, FP32_ONNX, QPACK = "model.int8.onnx", "model.fp32.onnx", "model.qpack"
 PARITY, BENCH_MD, BENCH_JSON = "parity.json", "bench.md", "bench.json"
@@ -67,7 +67,8 @@ def export_checkpoint(
     path = checkpoint_path(ckpt_or_run_dir)
     state = load_checkpoint(path)
     task = state["config"].get("task", "classification")
-    if task != "classification":
+    family = image_family(task)
+    if family is None:
         return task_family(task).export(state, Path(out_dir) if out_dir else path.parent)
     trained, state = _load_quantized(path, state)
     model = aligned_copy(trained)
@@ -88,7 +89,7 @@ def export_checkpoint(
         "checkpoint": path.stat().st_size,
     }
     runner = load_runner(out / INT8_ONNX)
-    parity = compare(model, runner, _test_loader(state, data_limit), trained=trained)
+    parity = family.parity(model, runner, _test_loader(state, data_limit), trained=trained)
     ops = fused_ops(out / INT8_ONNX)
     result = {
         "checkpoint": str(path),
@@ -141,10 +142,16 @@ def backend_targets(
 
 
 def int8_parity(
-    model: nn.Module, targets: list[Target], loader: DataLoader, known: dict[str, Any]
+    model: nn.Module,
+    targets: list[Target],
+    loader: DataLoader,
+    known: dict[str, Any],
+    task: str = "classification",
 ) -> dict[str, Any]:
-    """`known` parity figures plus those of every other int8 target, on `loader`."""
+    """`known` parity figures plus those of every other int8 target, on `loader`, compared the
+    way the task family compares (`ImageFamily.parity`)."""
     parity = dict(known)
+    compare = family_of(task).parity
     for t in targets:
         if t.precision == "int8" and t.backend not in parity:
             parity[t.backend] = compare(model, t.run, loader, desc=f"parity {t.backend}")
@@ -185,7 +192,9 @@ def bench_run(
             out / INT8_ONNX,
             threads,
         )
-        parity = int8_parity(model, targets, _test_loader(state, data_limit), exported["parity"])
+        loader = _test_loader(state, data_limit)
+        task = state["config"].get("task", "classification")
+        parity = int8_parity(model, targets, loader, exported["parity"], task)
         records = measure(targets, _input_shape(state["meta"]), batch_sizes, repeats)
     finally:
         torch.set_num_threads(previous_threads)
@@ -220,15 +229,15 @@ def machine() -> str:
 
 
 def parity_table(parity: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| backend | samples | top-1 agreement % | acc PyTorch % | acc export % | diff |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    """One row per backend, one column per parity figure (the task family decides which)."""
+    keys = list(dict.fromkeys(k for p in parity.values() for k in p))
+    lines = ["| backend | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for backend, p in parity.items():
-        lines.append(
-            f"| {backend} | {p['samples']} | {p['agreement']:.2f} | {p['accuracy_pytorch']:.2f} | "
-            f"{p['accuracy_export']:.2f} | {p['accuracy_diff']:+.2f} |"
-        )
+        cells = [
+            "-" if k not in p else f"{p[k]:.2f}" if isinstance(p[k], float) else str(p[k])
+            for k in keys
+        ]
+        lines.append(f"| {backend} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

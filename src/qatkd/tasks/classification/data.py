@@ -129,7 +129,8 @@ def _find_idx(root: Path, stem: str) -> Path:
     )
 
 
-def load_fashion_mnist(root: Path, augment: bool) -> ImageData:
+def fashion_mnist_arrays(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"train"/"test": (uint8 images [N, 1, 28, 28], int64 labels [N])} from the idx files."""
     splits = {}
     for split, (images_stem, labels_stem) in FASHION_MNIST_FILES.items():
         images = torch.from_numpy(read_idx(_find_idx(root, images_stem)).copy()).unsqueeze(1)
@@ -139,6 +140,11 @@ def load_fashion_mnist(root: Path, augment: bool) -> ImageData:
                 f"Fashion-MNIST {split} split in {root}: images and labels differ in count"
             )
         splits[split] = (images, labels)
+    return splits
+
+
+def load_fashion_mnist(root: Path, augment: bool) -> ImageData:
+    splits = fashion_mnist_arrays(root)
     return ImageData(
         name="fashion-mnist",
         train=TensorImages(*splits["train"], train_augmentation(28) if augment else None),

@@ -1,4 +1,5 @@
-"""Parity: does the exported integer model predict what the fake-quantized PyTorch model predicts?
+"""Classification parity: does the exported integer model predict what the fake-quantized PyTorch
+model predicts?
 
 A disagreement is a bug, not noise: the graph quantizes at the trained points with the trained
 scales, and the reference model has its biases on the kernels' int32 grid (`bias_grid`), so the
@@ -8,20 +9,18 @@ passed as `trained`: its accuracy and agreement show what the alignment itself c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from qatkd.export.runtime import Runner
-
 
 @torch.no_grad()
 def compare(
     model: nn.Module,
-    runner: Runner,
+    runner: Callable[[np.ndarray], np.ndarray],
     batches: Iterable[tuple[Tensor, Tensor]],
     desc: str = "parity",
     trained: nn.Module | None = None,
