@@ -59,7 +59,7 @@ class Budget:
 
 
 FULL = Budget(["data.train_limit=12000"], 64, 5, 2, {"W8A8": 1, "W4A4": 3, "W2A2": 3})
-QUICK = Budget(["data.train_limit=4000", "data.test_limit=2000"], 64, 3, 1, dict.fromkeys(BITS, 1))
+QUICK = Budget(["data.train_limit=3000", "data.test_limit=1000"], 64, 2, 1, dict.fromkeys(BITS, 1))
 
 
 def fp32_models(work: Path, budget: Budget) -> dict[str, dict[str, Any]]:
