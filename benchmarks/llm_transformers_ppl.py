@@ -3,6 +3,7 @@ the check that an exported student (`qatkd export RUN_DIR` writes RUN_DIR/hf) re
 perplexity qatkd reported.
 
     python benchmarks/llm_transformers_ppl.py RUN_DIR/hf [TEXT_FILE ...] [--block-size 128]
+                                              [--windows N]
 
 Same protocol as qatkd: the files' text joined by blank lines, tokenised without special tokens,
 one end-of-text token appended; windows of `block-size` tokens every `block-size // 2` tokens (the
@@ -24,7 +25,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
 
-def perplexity(folder: str, texts: list[str], block_size: int) -> dict[str, float]:
+def perplexity(
+    folder: str, texts: list[str], block_size: int, windows: int | None = None
+) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
@@ -33,6 +36,7 @@ def perplexity(folder: str, texts: list[str], block_size: int) -> dict[str, floa
     starts = list(range(0, len(ids) - block_size + 1, stride))
     if starts[-1] != len(ids) - block_size:
         starts.append(len(ids) - block_size)
+    starts = starts[:windows]
     nll, count, scored_until = 0.0, 0, 0
     with torch.no_grad():
         for start in starts:
@@ -52,9 +56,10 @@ def main() -> None:
     parser.add_argument("folder", help="Hugging Face model folder (e.g. RUN_DIR/hf)")
     parser.add_argument("texts", nargs="*", default=[DEFAULT_TEXT], help="evaluation text files")
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--windows", type=int, help="score only the first N windows")
     args = parser.parse_args()
     texts = [Path(path).read_text(encoding="utf-8") for path in args.texts]
-    print(json.dumps(perplexity(args.folder, texts, args.block_size)))
+    print(json.dumps(perplexity(args.folder, texts, args.block_size, args.windows)))
 
 
 if __name__ == "__main__":

