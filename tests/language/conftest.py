@@ -63,3 +63,11 @@ def text_files(tmp_path: Path) -> tuple[Path, Path]:
     evaluation = tmp_path / "eval.txt"
     evaluation.write_text("the lazy cat predicts the quick dog on the mat. " * 6, encoding="utf-8")
     return train, evaluation
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Generated text and reference predictions of the tests go to a temporary cache."""
+    cache = tmp_path / "qatkd_cache"
+    monkeypatch.setenv("QATKD_CACHE", str(cache))
+    return cache

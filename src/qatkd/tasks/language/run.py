@@ -26,7 +26,7 @@ from qatkd.pipeline import create_run_dir, join_world
 from qatkd.quant import QuantConfig, calibrate, prepare, quant_summary
 from qatkd.tasks.language.data import TextData, check_text_files, load_text_data
 from qatkd.tasks.language.source import cache_root, load_pretrained, model_folder
-from qatkd.tasks.language.task import CausalLM, LanguageTask
+from qatkd.tasks.language.task import CausalLM, LanguageTask, reference_top1
 from qatkd.train import fit
 from qatkd.train.distributed import World
 
@@ -49,7 +49,8 @@ def language_quant(config: QuantConfig) -> QuantConfig:
 
 
 class Loaded:
-    """The pretrained model (teacher and agreement reference), its tokenizer and the text."""
+    """The pretrained model (teacher and agreement reference), its tokenizer, the text, and the
+    reference's top-1 predictions on the evaluation windows (cached)."""
 
     def __init__(self, config: Config) -> None:
         if config.data.name != "text":
@@ -62,9 +63,10 @@ class Loaded:
         self.hf.requires_grad_(False)
         self.reference = CausalLM(self.hf)
         key = ",".join(file_sha256(p) for p in sorted(self.folder.glob("*.safetensors")))
-        self.data: TextData = load_text_data(
-            config.data, self.tokenizer, self.hf, cache_root() / "text", key or str(self.folder)
-        )
+        key = key or str(self.folder)
+        cache = cache_root() / "text"
+        self.data: TextData = load_text_data(config.data, self.tokenizer, self.hf, cache, key)
+        self.reference_top1 = reference_top1(self.reference, self.data.test, cache, key)
 
 
 def _meta(config: Config, loaded: Loaded) -> dict[str, Any]:
@@ -112,7 +114,7 @@ def _fit(
     teachers = [_teacher(name, config, loaded) for name in config.teachers]
     balancer_config = config.balancer if config.teachers else BalancerConfig(name="ts_only")
     balancer = build_balancer(balancer_config, num_teachers=len(config.teachers))
-    task = LanguageTask(config.kd, config.balancer.per_teacher, teacher=loaded.reference)
+    task = LanguageTask(config.kd, config.balancer.per_teacher, loaded.reference_top1)
     outputs = None
     if teachers:
         ensemble = TeacherEnsemble(teachers, names=config.teachers)
@@ -218,7 +220,7 @@ def ptq(config: Config) -> tuple[Path, dict[str, Any]]:
 
 
 def _evaluate(model: nn.Module, loaded: Loaded) -> dict[str, float]:
-    task = LanguageTask(teacher=loaded.reference)
+    task = LanguageTask(reference=loaded.reference_top1)
     return task.evaluate(model, DataLoader(loaded.data.test, task.eval_batch_size))
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from qatkd.distill import KDConfig, build_kd_loss
@@ -42,10 +45,30 @@ def next_token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
     return nll, int((targets != IGNORE).sum())
 
 
+@torch.no_grad()
+def reference_top1(model: nn.Module, windows: Dataset, cache_dir: Path, model_key: str) -> Tensor:
+    """`model`'s top-1 next token at every position of the evaluation windows [N, T - 1], computed
+    once per model and text and cached on disk: every run compares its student with it."""
+    ids = windows.tensors[0]
+    digest = hashlib.sha256(model_key.encode() + ids.numpy().tobytes()).hexdigest()[:16]
+    path = cache_dir / f"reference-top1-{digest}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    model.eval()
+    loader = DataLoader(ids, batch_size=LanguageTask.eval_batch_size)
+    top1 = torch.cat([model(batch)[:, :-1].argmax(-1) for batch in tqdm(loader, desc="reference")])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    torch.save(top1, partial)
+    partial.replace(path)
+    return top1
+
+
 class LanguageTask:
     """L_TS: next-token cross-entropy. L_KD: the `kd:` loss on every token's logits (forward KL
     with temperature by default; `kd.loss=reverse_kl` for KL(student || teacher)). Metric:
-    perplexity on the evaluation windows and, with a teacher, top-1 next-token agreement."""
+    perplexity on the evaluation windows and, given the reference model's top-1 predictions on
+    them (`reference_top1`), top-1 next-token agreement."""
 
     main_metric = "eval_ppl"
     maximize = False
@@ -56,11 +79,10 @@ class LanguageTask:
         self,
         kd: KDConfig | None = None,
         per_teacher: bool = False,
-        teacher: nn.Module | None = None,
+        reference: Tensor | None = None,
     ) -> None:
         self.kd = build_kd_loss(kd or KDConfig(), per_teacher=per_teacher)
-        self.teacher = teacher
-        self._teacher_top1: dict[int, list[Tensor]] = {}
+        self.reference = reference
 
     def inputs(self, batch: Batch) -> Tensor:
         return batch[0]
@@ -82,25 +104,23 @@ class LanguageTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Perplexity exp(mean NLL) over the scored tokens; with a teacher, the % of scored
-        tokens where the student's top-1 next token equals the teacher's."""
+        """Perplexity exp(mean NLL) over the scored tokens; with the reference's predictions, the %
+        of scored tokens where the model's top-1 next token equals the reference's (the loader
+        must visit the windows in order)."""
         was_training = model.training
         model.eval()
-        nll_sum, count, agree = 0.0, 0, 0
-        # the teacher's predictions on an evaluation set are computed once per task
-        teacher_top1 = self._teacher_top1.setdefault(id(loader.dataset), [])
-        for i, (ids, labels) in enumerate(tqdm(loader, desc="perplexity", leave=False)):
+        nll_sum, count, agree, seen = 0.0, 0, 0, 0
+        for ids, labels in tqdm(loader, desc="perplexity", leave=False):
             logits = model(ids)
             nll, n = next_token_nll(logits, labels)
             nll_sum, count = nll_sum + nll.item(), count + n
-            if self.teacher is not None:
-                if i == len(teacher_top1):
-                    teacher_top1.append(self.teacher(ids)[:, :-1].argmax(-1))
+            if self.reference is not None:
                 scored = labels[:, 1:] != IGNORE
-                same = logits[:, :-1].argmax(-1) == teacher_top1[i]
+                same = logits[:, :-1].argmax(-1) == self.reference[seen : seen + len(ids)]
                 agree += int((same & scored).sum())
+            seen += len(ids)
         model.train(was_training)
         metrics = {self.main_metric: math.exp(nll_sum / max(count, 1)), "eval_tokens": count}
-        if self.teacher is not None:
+        if self.reference is not None:
             metrics["teacher_agreement"] = 100.0 * agree / max(count, 1)
         return metrics
