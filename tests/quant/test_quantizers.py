@@ -210,9 +210,29 @@ def test_scale_shapes():
     assert make_quantizer("minmax", 4, (6, 40)).zero_point.dtype == torch.int32
 
 
+@pytest.mark.parametrize("method", ("minmax", "lsq"))
+def test_a_last_group_narrower_than_group_size(method):
+    """72 inputs in groups of 32: 32 + 32 + 8, each group with its own scale (as SmolLM2's 576
+    inputs in groups of 128)."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 72)
+    w[:, 64:] *= 10  # the narrow last group has its own, larger range
+    q = make_quantizer(method, 4, w.shape, group_size=32)
+    codes = q.quantize_int(w)
+    assert q.param_shape == (5, 3) and q.scale.shape == (5, 72)
+    for g, (start, stop) in enumerate([(0, 32), (32, 64), (64, 72)]):
+        scale = q.scale[:, start:stop]
+        assert torch.equal(scale, scale[:, :1].expand_as(scale))
+        torch.testing.assert_close(q.scale[:, start], q.scale[:, ::32][:, g])
+    if method == "minmax":  # max |w| of each group maps to the top code
+        expected = torch.stack(
+            [w[:, a:b].abs().amax(1) for a, b in [(0, 32), (32, 64), (64, 72)]], 1
+        )
+        torch.testing.assert_close(q.scale[:, ::32] * 7, expected)
+    torch.testing.assert_close(q(w), codes * q.scale)
+
+
 def test_group_errors():
-    with pytest.raises(QatkdError, match="in_features 48 is not divisible by group_size 32"):
-        make_quantizer("lsq", 4, (6, 48), group_size=32)
     with pytest.raises(QatkdError, match="need a Linear weight"):
         make_quantizer("lsq", 4, (6, 64, 1, 1), group_size=32)
     with pytest.raises(QatkdError, match="group_size 48 is not supported; choose one of: 32, 64"):

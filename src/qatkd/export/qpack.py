@@ -23,8 +23,9 @@ BatchNorm folding, in graph order:
                 (code - qmin) in `width` bits; 8 / width codes per byte, the first code in the
                 lowest bits; the last byte is padded with zeros
     scale       [offset, nbytes]: float32 per output channel: weight = code * scale (BN folded);
-                with `group_size`, float32 [out, in / group_size] in C order:
-                weight[o, i] = code[o, i] * scale[o, i // group_size]
+                with `group_size`, float32 [out, ceil(in / group_size)] in C order:
+                weight[o, i] = code[o, i] * scale[o, i // group_size] (the last group
+                holds the remainder when group_size does not divide in)
     group_size  inputs per scale of a Linear weight, or null (one scale per output channel)
     bias        [offset, nbytes] float32 per output channel, or null
     input       the input activation quantizer: {"scale", "qmin", "qmax", "bits"}, or null
@@ -73,8 +74,8 @@ class PackedLayer:
     def weight(self) -> np.ndarray:
         """The float weight the model computes with: codes times their scales (float32)."""
         scale = self.scale.reshape(self.codes.shape[0], -1)
-        if self.group_size is not None:
-            scale = np.repeat(scale, self.group_size, axis=1)
+        if self.group_size is not None:  # the last group may be narrower
+            scale = np.repeat(scale, self.group_size, axis=1)[:, : self.codes.shape[1]]
         else:
             scale = scale.reshape(-1, *([1] * (self.codes.ndim - 1)))
         return self.codes.astype(np.float32) * scale

@@ -100,8 +100,18 @@ class Quantizer(nn.Module):
         self.is_weight = weight_shape is not None
         self.group_size = None if group_size is None else check_group_size(group_size)
         self.param_shape = _param_shape(weight_shape, self.group_size)
+        self.group_widths: list[int] = []
+        """Inputs per group, in order: all `group_size` but the last, which holds the remainder
+        when `group_size` does not divide in_features (576 = 4 x 128 + 64)."""
+        if self.group_size is not None and weight_shape is not None:
+            full, rest = divmod(weight_shape[1], self.group_size)
+            self.group_widths = [self.group_size] * full + ([rest] if rest else [])
         self.numel_per_scale = (
-            math.prod(weight_shape) // math.prod(self.param_shape) if weight_shape else 0
+            self.group_size
+            if self.group_widths
+            else math.prod(weight_shape) // math.prod(self.param_shape)
+            if weight_shape
+            else 0
         )
         self.calibrating = False
         """Set by `calibrate`: initialise and track ranges as in training, whatever the mode."""
@@ -128,7 +138,8 @@ class Quantizer(nn.Module):
     @property
     def scale(self) -> Tensor:
         """The scale, broadcastable against the quantized tensor: a scalar, `[C, 1, ...]`, or for
-        groups `[out, in]` (each group's scale repeated; `scale[:, ::group_size]` is compact).
+        groups `[out, in]` (each group's scale repeated; `scale[:, ::group_size]` is compact, one
+        per group, the last group possibly narrower).
         Weight scales that follow the weight (min-max) are those of the last forward or
         quantize_int."""
         return self._broadcast(self._scale().detach())
@@ -181,13 +192,14 @@ class Quantizer(nn.Module):
         if not self.is_weight:
             return op(x.reshape(-1), 0)
         if self.group_size is not None:
-            return op(x.reshape(*self.param_shape, self.group_size), -1)
+            return torch.stack([op(g, 1) for g in x.split(self.group_size, dim=1)], dim=1)
         return op(x.reshape(x.shape[0], -1), 1).reshape(self.param_shape)
 
     def _broadcast(self, scale: Tensor) -> Tensor:
         if self.group_size is None:
             return scale
-        return scale.repeat_interleave(self.group_size, dim=1)
+        widths = torch.tensor(self.group_widths, device=scale.device)
+        return scale.repeat_interleave(widths, dim=1, output_size=sum(self.group_widths))
 
     def _elements_per_scale(self, x: Tensor) -> int:
         """N in LSQ's gradient scale: elements per scale (weights) or features (activations)."""
@@ -216,8 +228,4 @@ def _param_shape(weight_shape: Sequence[int] | None, group_size: int | None) -> 
         raise QatkdError(
             f"per-group scales need a Linear weight [out, in], got shape {list(weight_shape)}"
         )
-    if weight_shape[1] % group_size:
-        raise QatkdError(
-            f"in_features {weight_shape[1]} is not divisible by group_size {group_size}"
-        )
-    return (weight_shape[0], weight_shape[1] // group_size)
+    return (weight_shape[0], -(-weight_shape[1] // group_size))
