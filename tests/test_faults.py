@@ -64,7 +64,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 ):
     _nan_at_step(monkeypatch, bad_step=6)  # 4 steps per epoch: epoch 2, step 6
     config = load_config(overrides=tiny_overrides(npz_root, tmp_path / "run"))
-    with pytest.raises(QatkdError, match=r"loss became nan at step 6 \(epoch 2\).*last\.pt"):
+    message = r"loss became non-finite at step 6 \(epoch 2; nan .*last\.pt"
+    with pytest.raises(QatkdError, match=message):
         pipeline.train(config)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 

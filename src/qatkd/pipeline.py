@@ -68,10 +68,15 @@ def family_of(task: str) -> ImageFamily:
 
 
 def data_meta(config: Config, data: ImageData) -> dict[str, Any]:
-    meta = model_meta(
-        config.model.name, data.in_channels, data.image_size, data.class_names, data.mean, data.std
+    return model_meta(
+        config.model.name,
+        data.in_channels,
+        data.image_size,
+        data.class_names,
+        data.mean,
+        data.std,
+        config.task,
     )
-    return {**meta, "task": config.task}
 
 
 def model_from_meta(meta: dict[str, Any]) -> nn.Module:
@@ -311,7 +316,9 @@ def ptq(
             f"{ckpt} is already quantized: ptq starts from a full-precision checkpoint"
         )
     raw = read_yaml(config_file) if config_file else {}
-    raw = {"data": state["config"]["data"], "seed": state["config"]["seed"], **raw}
+    saved = state["config"]
+    raw = {"task": saved.get("task", "classification"), "data": saved["data"], **raw}
+    raw = {"seed": saved["seed"], **raw}
     config = build_config(apply_overrides(raw, overrides))
     if config.quant is None:
         raise QatkdError("ptq needs a bit-width: set quant.bits=W4A4 (or another)")
@@ -357,9 +364,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, 
     model, state = load_model(ckpt, state)
     data = checkpoint_data(state, overrides or [])
     _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))
-    task = family_of(state["meta"].get("task", "classification")).make_task(
-        data.num_classes, None, False
-    )
+    task = family_of(task_name).make_task(data.num_classes, None, False)
     return task.evaluate(model, DataLoader(data.test, batch_size=task.eval_batch_size))
 
 

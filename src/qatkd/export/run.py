@@ -59,11 +59,12 @@ def _input_shape(meta: dict[str, Any]) -> list[int]:
 def export_checkpoint(
     ckpt_or_run_dir: str | Path, out_dir: str | Path | None = None, data_limit: int | None = None
 ) -> dict[str, Any]:
-    """Classification: align the biases to the int32 grid (`bias_grid`), fold BN, write the
-    int8 and FP32 ONNX and the qpack, check parity of the int8 ONNX on the first `data_limit` test
-    samples (all by default), against the aligned model and the trained one; returns file sizes,
-    the operators onnxruntime runs, and the parity figures (also saved as parity.json). Another
-    task family exports in its own way (`qatkd.tasks.<task>.run.export`)."""
+    """Image tasks: align the biases to the int32 grid (`bias_grid`), fold BN, write the int8 and
+    FP32 ONNX and the qpack, check parity of the int8 ONNX on the first `data_limit` test samples
+    (all by default), against the aligned model and the trained one, the way the task family
+    compares (`ImageFamily.parity`); returns file sizes, the operators onnxruntime runs, and the
+    parity figures (also saved as parity.json). A task family that is not an image family
+    exports in its own way (`qatkd.tasks.<task>.run.export`)."""
     path = checkpoint_path(ckpt_or_run_dir)
     state = load_checkpoint(path)
     task = state["config"].get("task", "classification")
@@ -177,6 +178,12 @@ def bench_run(
     bench.json into the run folder."""
     path = checkpoint_path(run_dir)
     out = path.parent
+    task = load_checkpoint(path)["config"].get("task", "classification")
+    if image_family(task) is None:
+        raise QatkdError(
+            f"qatkd bench times ONNX models of image tasks; {path} is a {task} model "
+            "(its export writes packed weights and a transformers folder)"
+        )
     if not (out / INT8_ONNX).is_file() or not (out / PARITY).is_file():
         export_checkpoint(path, data_limit=data_limit)
     exported = json.loads((out / PARITY).read_text())
@@ -193,7 +200,6 @@ def bench_run(
             threads,
         )
         loader = _test_loader(state, data_limit)
-        task = state["config"].get("task", "classification")
         parity = int8_parity(model, targets, loader, exported["parity"], task)
         records = measure(targets, _input_shape(state["meta"]), batch_sizes, repeats)
     finally:

@@ -211,7 +211,8 @@ def fit(
             if any_rank(world, not bool(torch.isfinite(total))):
                 if train_cfg.on_nonfinite == "stop":
                     raise QatkdError(
-                        f"the loss became {total.item()} at step {step} (epoch {epoch + 1}); "
+                        f"the loss became non-finite at step {step} (epoch {epoch + 1}; "
+                        f"{total.item()} on this process); "
                         f"the last good checkpoint is {run_dir / 'last.pt'}: "
                         "lower train.lr and resume, or set train.on_nonfinite=skip"
                     )

@@ -213,10 +213,11 @@ def model_meta(
     class_names: Sequence[str],
     mean: Sequence[float],
     std: Sequence[float],
+    task: str = "classification",
 ) -> dict[str, Any]:
-    """What a checkpoint records to rebuild its model without the dataset."""
+    """What a checkpoint records to rebuild its model without the dataset (any image family)."""
     return {
-        "task": "classification",
+        "task": task,
         "model_name": name,
         "in_channels": in_channels,
         "image_size": image_size,

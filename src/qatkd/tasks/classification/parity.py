@@ -28,7 +28,9 @@ def compare(
     """Top-1 agreement (%) between `model` (eval mode) and `runner` on labelled batches, the
     accuracy (%) of each, their difference (runner - model) and the largest logit difference;
     with `trained`, also its accuracy and its agreement with `runner`."""
-    models = {"pytorch": model.eval()} | ({"trained": trained.eval()} if trained else {})
+    models = {"pytorch": model.eval()} | (
+        {"trained": trained.eval()} if trained is not None else {}
+    )
     agree = dict.fromkeys(models, 0)
     correct = dict.fromkeys([*models, "export"], 0)
     total = 0

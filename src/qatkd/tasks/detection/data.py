@@ -35,7 +35,7 @@ from qatkd.tasks.classification.data import (
     fashion_mnist_arrays,
 )
 
-MAX_OBJECTS = 8
+MAX_OBJECTS = 32
 CANVAS = 96
 ITEM_SIZES = (22, 44)
 OBJECTS_PER_CANVAS = (1, 5)
@@ -48,8 +48,10 @@ Sample = tuple[Tensor, Tensor, Tensor]
 
 
 def padded(boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Boxes and labels padded (or cut) to MAX_OBJECTS rows; padding labels are -1."""
-    n = min(len(labels), MAX_OBJECTS)
+    """Boxes and labels padded to MAX_OBJECTS rows; padding labels are -1."""
+    n = len(labels)
+    if n > MAX_OBJECTS:
+        raise QatkdError(f"an image has {n} objects; at most {MAX_OBJECTS} are supported")
     out_boxes = torch.zeros(MAX_OBJECTS, 4)
     out_labels = torch.full((MAX_OBJECTS,), -1, dtype=torch.long)
     out_boxes[:n], out_labels[:n] = boxes[:n], labels[:n]
@@ -91,7 +93,8 @@ def make_canvas(
                 boxes.append(box)
                 labels.append(int(item_labels[index]))
                 break
-    return image, torch.stack(boxes), torch.tensor(labels, dtype=torch.long)
+    stacked = torch.stack(boxes) if boxes else torch.zeros(0, 4)
+    return image, stacked, torch.tensor(labels, dtype=torch.long)
 
 
 class CanvasDetection(Dataset):
@@ -185,6 +188,8 @@ def read_yolo_labels(path: Path, num_classes: int) -> list[YoloLabel]:
         if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
             raise QatkdError(f"{where}: cx, cy, w, h must lie in [0, 1], got {line.strip()!r}")
         objects.append(YoloLabel(cls, cx, cy, w, h))
+    if len(objects) > MAX_OBJECTS:
+        raise QatkdError(f"{path}: {len(objects)} objects; at most {MAX_OBJECTS} are supported")
     return objects
 
 
@@ -229,6 +234,10 @@ class YoloFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def keep(self, count: int) -> None:
+        """Use only the first `count` images (data.train_limit / data.test_limit)."""
+        self.paths, self.labels = self.paths[:count], self.labels[:count]
 
     def __getitem__(self, i: int) -> Sample:
         try:
@@ -304,8 +313,13 @@ def load_detection_data(config: Any) -> ImageData:
             raise QatkdError(f"data.root not found: {root}")
         names, size = read_class_names(root), config.image_size
         test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-        train, test = YoloFolder(root / "train", names, size), YoloFolder(test_dir, names, size)
+        train = YoloFolder(root / "train", names, size)
+        test = YoloFolder(test_dir, names, size, mode=train.mode)
         channels = train[0][0].shape[0]
+        if config.train_limit is not None and config.train_limit < len(train):
+            train.keep(config.train_limit)
+        if config.test_limit is not None and config.test_limit < len(test):
+            test.keep(config.test_limit)
     else:
         raise QatkdError(
             f"task detection reads data.name=fashion-canvas or yolo, not {config.name}"

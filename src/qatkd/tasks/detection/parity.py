@@ -18,23 +18,21 @@ from qatkd.tasks.detection.data import unpadded
 CONFIDENT_SCORE, BOX_TOLERANCE = 0.3, 0.5
 
 
-def _confident(found: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Labels and boxes scoring at least CONFIDENT_SCORE, in a canonical order (label, x1, y1):
-    detections near the score threshold or tied in score may legitimately flip or swap."""
-    keep = found["scores"] >= CONFIDENT_SCORE
-    labels, boxes = found["labels"][keep], found["boxes"][keep]
-    key = labels.double() * 1e6 + boxes[:, 0].double() * 1e3 + boxes[:, 1].double()
-    order = key.argsort()
-    return labels[order], boxes[order]
-
-
 def _same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
-    (labels_a, boxes_a), (labels_b, boxes_b) = _confident(a), _confident(b)
-    return (
-        torch.equal(labels_a, labels_b)
-        and boxes_a.shape == boxes_b.shape
-        and torch.allclose(boxes_a, boxes_b, atol=BOX_TOLERANCE)
-    )
+    """The detections scoring at least CONFIDENT_SCORE pair up one to one: same label, box
+    corners within BOX_TOLERANCE (order is free: near-equal scores may swap)."""
+    keep_a, keep_b = a["scores"] >= CONFIDENT_SCORE, b["scores"] >= CONFIDENT_SCORE
+    boxes_b, labels_b = b["boxes"][keep_b], b["labels"][keep_b]
+    if int(keep_a.sum()) != len(labels_b):
+        return False
+    unused = torch.ones(len(labels_b), dtype=torch.bool)
+    for box, label in zip(a["boxes"][keep_a], a["labels"][keep_a], strict=True):
+        close = (boxes_b - box).abs().amax(-1) <= BOX_TOLERANCE
+        match = torch.nonzero(unused & close & (labels_b == label))
+        if len(match) == 0:
+            return False
+        unused[match[0, 0]] = False
+    return True
 
 
 @torch.no_grad()
@@ -49,7 +47,9 @@ def compare_detections(
     labels, boxes within 0.5 px);
     mAP@0.5 / mAP@0.5:0.95 (%) of `model` (`_pytorch`), `runner` (`_export`) and, if given,
     `trained` (`_trained`); `max_output_diff` on the raw outputs."""
-    models = {"pytorch": model.eval()} | ({"trained": trained.eval()} if trained else {})
+    models = {"pytorch": model.eval()} | (
+        {"trained": trained.eval()} if trained is not None else {}
+    )
     metrics = {name: MeanAveragePrecision(sync_on_compute=False) for name in [*models, "export"]}
     agree = total = 0
     max_diff = 0.0

@@ -25,6 +25,7 @@ from torch import nn
 
 from qatkd.export.qpack import PackedLayer, QPack, load_qpack, write_qpack
 from qatkd.quant import QuantLinear
+from qatkd.quant.quantizers import FloatQuantizer
 from qatkd.tasks.language.run import load_student
 
 QPACK, FLOAT_TENSORS, HF_FOLDER = "model.qpack", "float_tensors.safetensors", "hf"
@@ -62,8 +63,10 @@ def export_language(
     `transformers_folder`); returns their sizes and the sizes of the model in fp32 and fp16."""
     student, loaded = load_student(state)
     out.mkdir(parents=True, exist_ok=True)
-    layers = [
-        packed_linear(name, m) for name, m in student.named_modules() if isinstance(m, QuantLinear)
+    layers = [  # a 16-bit (float) weight stays with the float tensors
+        packed_linear(name, m)
+        for name, m in student.named_modules()
+        if isinstance(m, QuantLinear) and not isinstance(m.weight_quantizer, FloatQuantizer)
     ]
     qpack_bytes = write_qpack(QPack(state["meta"], layers, {}), out / QPACK)
     quantized = {f"{layer.name}.weight" for layer in layers}

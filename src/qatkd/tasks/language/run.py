@@ -141,9 +141,8 @@ def _fit(
 def _teacher(name: str, config: Config, loaded: Loaded) -> nn.Module:
     """A teacher named by a model name or a Hugging Face folder; the student's own source is
     the model already loaded."""
-    if name in (config.model.name, config.model.path) or (
-        Path(name).is_dir() and Path(name).resolve() == loaded.folder.resolve()
-    ):
+    source = config.model.path or config.model.name
+    if name == source or (Path(name).is_dir() and Path(name).resolve() == loaded.folder.resolve()):
         return loaded.reference
     is_folder = Path(name).is_dir()
     folder = model_folder("" if is_folder else name, name if is_folder else None)
