@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qatkd.export import align_biases, aligned_copy, fold_batchnorm
+from qatkd.export import align_biases, aligned_copy, fold_batchnorm, int32_bias_layers
 from qatkd.export.bias_grid import bias_scale, fine_input_scale, spare_bits
 from qatkd.export.frozen import ActRange, FrozenLayer
 
@@ -66,3 +66,14 @@ def test_grid_arithmetic():
     assert spare_bits(torch.tensor([-8, 7])) == 4
     assert spare_bits(torch.tensor([-2, 1])) == 6
     assert spare_bits(torch.tensor([-128, 127])) == 0
+
+
+def test_only_layers_with_an_int32_bias_are_aligned(tiny_model):
+    """The stem conv's output feeds two quantizers (the first block's conv and its shortcut), so
+    no int8 kernel runs it: its float bias is exact in the graph and must not move."""
+    model, _ = tiny_model("W4A4", seed=5)
+    layers = int32_bias_layers(model, [1, 16, 16])
+    assert "net.conv1" not in layers and "net.fc" in layers and len(layers) == 9
+    stem_shift = model.net.bn1.bias.detach().clone()
+    assert align_biases(model, layers) == 9
+    assert torch.equal(model.net.bn1.bias, stem_shift)

@@ -8,7 +8,13 @@ from qatkd.export.bench import Target, measure
 from qatkd.export.bias_grid import align_biases, aligned_copy
 from qatkd.export.fold import fold_batchnorm
 from qatkd.export.frozen import ActRange, freeze
-from qatkd.export.onnx_export import INPUT_NAME, OUTPUT_NAME, class_names_of, to_onnx
+from qatkd.export.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    class_names_of,
+    int32_bias_layers,
+    to_onnx,
+)
 from qatkd.export.qpack import QPack, load_qpack, pack_codes, save_qpack, unpack_codes
 from qatkd.export.run import bench_run, export_checkpoint
 from qatkd.export.runtime import fused_ops, load_runner
@@ -29,6 +35,7 @@ __all__ = [
     "fold_batchnorm",
     "freeze",
     "fused_ops",
+    "int32_bias_layers",
     "load_qpack",
     "load_runner",
     "measure",

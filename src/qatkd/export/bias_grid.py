@@ -10,13 +10,17 @@ rounding then flips output codes at near-ties, and the flips add up to a differe
 
 `align_biases` removes that gap on the model's side: it moves each BatchNorm shift (or the layer's
 own bias where no BatchNorm follows) by less than half a grid step, so that the folded bias lies
-on the grid. The PyTorch model and the integer graph then add the same bias, and the change to
-the model is smaller than the rounding the kernel would do anyway.
+on the grid. Only layers whose bias the graph holds as int32 are moved
+(`onnx_export.int32_bias_layers`): a conv the runtime runs in float (its output is not
+quantized, e.g. a stem whose output feeds two quantizers) keeps its exact float bias, since a
+shift there would change the codes downstream. The PyTorch model and the integer graph then add
+the same bias, and the change to the model is smaller than the rounding the kernel does anyway.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -61,14 +65,18 @@ def bias_scale(layer: FrozenLayer) -> np.ndarray | None:
 
 
 @torch.no_grad()
-def align_biases(model: nn.Module) -> int:
+def align_biases(model: nn.Module, layers: Collection[str] | None = None) -> int:
     """Move `model`'s biases in place so that each quantized layer's folded bias lies on its int32
-    grid (module doc); returns how many layers were aligned. Aligning twice changes nothing."""
+    grid (module doc); `layers`: only these (the exporter's `int32_bias_layers`: a layer the
+    graph runs in float keeps its exact float bias). Returns how many layers were aligned.
+    Aligning twice changes nothing."""
     folded = fold_batchnorm(model)
     batchnorm_of = folded.meta[FOLDED_BATCHNORM]
     aligned = 0
     for name, layer in folded.named_modules():
         if not isinstance(layer, FrozenLayer) or layer.bias is None:
+            continue
+        if layers is not None and name not in layers:
             continue
         grid = bias_scale(layer)
         if grid is None:
@@ -84,8 +92,9 @@ def align_biases(model: nn.Module) -> int:
     return aligned
 
 
-def aligned_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` with `align_biases` applied: the PyTorch model an export computes."""
+def aligned_copy(model: nn.Module, layers: Collection[str] | None = None) -> nn.Module:
+    """A copy of `model` with `align_biases(copy, layers)` applied: with the exporter's
+    `int32_bias_layers`, the PyTorch model that the int8 graph computes."""
     model = copy.deepcopy(model)
-    align_biases(model)
+    align_biases(model, layers)
     return model

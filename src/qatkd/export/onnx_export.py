@@ -100,6 +100,15 @@ def to_onnx(
     return proto
 
 
+def int32_bias_layers(model: nn.Module, input_shape: Sequence[int]) -> set[str]:
+    """Names of the layers whose bias the int8 graph holds as int32 (rounded to the kernel's
+    grid): the ones `bias_grid.align_biases` must align, and only those (a float bias is exact,
+    and moving it would change what the graph computes)."""
+    builder = _Builder(fold_batchnorm(model), quantized=True)
+    builder.build(list(input_shape))
+    return {layer for _, _, layer in builder.int_biases.values()}
+
+
 def class_names_of(proto: onnx.ModelProto) -> list[str] | None:
     """The class names stored by `to_onnx(metadata={"class_names": [...]})`."""
     for entry in proto.metadata_props:
@@ -117,7 +126,8 @@ class _Builder:
         self.inits: list[TensorProto] = []
         self.names: dict[fx.Node, str] = {}
         self.used: set[str] = set()
-        self.int_biases: dict[str, tuple[np.ndarray, list[str]]] = {}
+        self.int_biases: dict[str, tuple[np.ndarray, list[str], str]] = {}
+        """Bias DequantizeLinear output -> (float values, its initializers, layer name)."""
 
     def build(self, input_shape: list[int]) -> onnx.GraphProto:
         with torch.no_grad():  # logits [N, K], a detector's dense map [N, C, H, W], ...
@@ -244,7 +254,7 @@ class _Builder:
             b_zero,
         ]
         bias = self._emit("DequantizeLinear", b_names, f"{hint}.bias", axis=0)
-        self.int_biases[bias] = (bias_values, b_names)
+        self.int_biases[bias] = (bias_values, b_names, hint)
         return [x, weight, bias]
 
     def _float_bias_where_unfused(self) -> None:
@@ -260,7 +270,7 @@ class _Builder:
                 continue
             if node.input[2] not in self.int_biases or _feeds_one_quantize(node.output[0], users):
                 continue
-            values, names = self.int_biases[node.input[2]]
+            values, names, _ = self.int_biases.pop(node.input[2])
             dropped.update([node.input[2], *names])
             node.input[2] = self._const(values, f"{node.name}.bias")
         self.nodes = [n for n in self.nodes if n.output[0] not in dropped]
