@@ -84,7 +84,8 @@ def test_token_kd_is_zero_for_the_teacher_itself_and_matches_reference(loss):
 
 def test_language_quant_defaults_and_weight_only():
     q = language_quant(QuantConfig(bits="W3A16"))
-    assert (q.group_size, q.skip, q.first_last_bits) == (64, ["*lm_head"], None)
+    assert (q.method, q.group_size, q.skip, q.first_last_bits) == ("minmax", 64, ["*lm_head"], None)
+    assert language_quant(QuantConfig(bits="W3A16", method="lsq")).method == "lsq"
     assert language_quant(QuantConfig(bits="W3A16", group_size=32)).group_size == 32
     with pytest.raises(QatkdError, match="weight-only; use W4A16"):
         language_quant(QuantConfig(bits="W4A8"))

@@ -31,9 +31,17 @@ from qatkd.train import fit
 from qatkd.train.distributed import World
 
 CALIBRATION_BLOCKS = 8
-LANGUAGE_QUANT_DEFAULTS = {"first_last_bits": None, "skip": ["*lm_head"], "group_size": 64}
-"""Quantization defaults for language models where the config does not set the key: no 8-bit
-first/last exception, the LM head (tied to the embedding) stays float, groups of 64 inputs."""
+LANGUAGE_QUANT_DEFAULTS = {
+    "method": "minmax",
+    "first_last_bits": None,
+    "skip": ["*lm_head"],
+    "group_size": 64,
+}
+"""Quantization defaults for language models where the config does not set the key: min-max
+scales (each group's max |w|, following the weights: QAT starts exactly at RTN; LSQ's init,
+made for CNNs, clips the outlier weights of an LLM and started SmolLM2's QAT at twice RTN's
+perplexity), no 8-bit first/last exception, the LM head (tied to the embedding) stays float,
+groups of 64 inputs."""
 
 
 def language_quant(config: QuantConfig) -> QuantConfig:
