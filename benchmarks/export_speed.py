@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    commit = git_commit()  # before this run writes its own result files
     start = time.time()
     sections: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +130,7 @@ def main() -> None:
             sections[name] = section
     records = [r for s in sections.values() for r in s["records"]]
     add_speedups(records, FP32_REFERENCE)
-    write_results(args, sections, records, time.time() - start)
+    write_results(args, sections, records, time.time() - start, commit)
 
 
 def write_results(
@@ -137,6 +138,7 @@ def write_results(
     sections: dict[str, dict[str, Any]],
     records: list[dict[str, Any]],
     wall: float,
+    commit: str,
 ) -> None:
     command = run_command()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,7 @@ def write_results(
     (RESULTS / "export_speed.json").write_text(
         json.dumps(
             {
-                "commit": git_commit(),
+                "commit": commit,
                 "command": command,
                 "machine": machine(),
                 "threads": args.threads,
@@ -160,7 +162,7 @@ def write_results(
     lines = [
         "# Export speed and size",
         "",
-        f"- commit: {git_commit()}",
+        f"- commit: {commit}",
         f"- command: `{command}`",
         f"- machine: {machine()}; {args.threads} threads for every backend",
         f"- wall time: {wall:.0f} s",
