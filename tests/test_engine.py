@@ -19,7 +19,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_path: Path):
     config = load_config(overrides=tiny_overrides(npz_root, tmp_path / "run"))
-    model, _ = pipeline.build_student(config, pipeline.load_data(config.data))
+    data = pipeline.family_of(config.task).load_data(config.data)
+    model, _ = pipeline.build_student(config, data)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     run_dir, metrics = pipeline.train(config)
     after = final_weights(run_dir)
