@@ -333,17 +333,17 @@ def ptq(
     task = family_of(config.task).make_task(data.num_classes, None, False)
     metrics = task.evaluate(model, DataLoader(data.test, batch_size=task.eval_batch_size))
     meta = {**state["meta"], "quant": config.quant.model_dump(mode="json")}
-    save_checkpoint(
-        {
-            "meta": meta,
-            "config": config_to_dict(config),
-            "model": model.state_dict(),
-            "metrics": metrics,
-        },
-        run_dir / "last.pt",
-    )
+    return run_dir, save_ptq_run(run_dir, meta, config, model, metrics)
+
+
+def save_ptq_run(
+    run_dir: Path, meta: dict[str, Any], config: Config, model: nn.Module, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """A PTQ run folder's last.pt (no optimizer: nothing to resume) and metrics.json."""
+    checkpoint = {"meta": meta, "config": config_to_dict(config), "model": model.state_dict()}
+    save_checkpoint({**checkpoint, "metrics": metrics}, run_dir / "last.pt")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return run_dir, metrics
+    return metrics
 
 
 def checkpoint_data(state: dict[str, Any], overrides: list[str]) -> ImageData:

@@ -10,7 +10,6 @@ of the 28M-parameter embedding.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qatkd.balance import BalancerConfig, build_balancer
-from qatkd.checkpoint import save_checkpoint
-from qatkd.config import Config, apply_overrides, build_config, config_to_dict
+from qatkd.config import Config, apply_overrides, build_config
 from qatkd.distill import TeacherEnsemble, file_sha256
 from qatkd.errors import QatkdError
-from qatkd.pipeline import create_run_dir, join_world
+from qatkd.pipeline import create_run_dir, join_world, save_ptq_run
 from qatkd.quant import QuantConfig, calibrate, prepare, quant_summary
 from qatkd.tasks.language.data import TextData, check_text_files, load_text_data
 from qatkd.tasks.language.source import cache_root, load_pretrained, model_folder
@@ -212,18 +210,7 @@ def ptq(config: Config) -> tuple[Path, dict[str, Any]]:
     student = build_student(config, loaded)
     print(quant_summary(student))
     metrics = _evaluate(student, loaded)
-    meta = _meta(config, loaded)
-    save_checkpoint(
-        {
-            "meta": meta,
-            "config": config_to_dict(config),
-            "model": student.state_dict(),
-            "metrics": metrics,
-        },
-        run_dir / "last.pt",
-    )
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return run_dir, metrics
+    return run_dir, save_ptq_run(run_dir, _meta(config, loaded), config, student, metrics)
 
 
 def _evaluate(model: nn.Module, loaded: Loaded) -> dict[str, float]:
