@@ -95,7 +95,9 @@ def run_demo(out: Path, quick: bool = False, overrides: list[str] | None = None)
         (
             "W4A4 student, int8 ONNX on onnxruntime",
             parity["accuracy_export"],
-            f"top-1 agreement with PyTorch {parity['agreement']:.2f}%; "
+            f"top-1 agreement {parity['agreement']:.2f}% with the bias-aligned PyTorch model "
+            f"(its accuracy {parity['accuracy_pytorch']:.2f}%), "
+            f"{parity['agreement_trained']:.2f}% with the trained one; "
             f"batch-1 speedup vs FP32 ONNX {speedup:.2f}x; "
             f"{bench['size_ratio']['model.qpack']:.1f}x smaller packed",
         ),
