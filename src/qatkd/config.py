@@ -107,6 +107,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
             "log_every": 10,
         },
         "kd": {"temperature": 1.0},
+        # AdamW moves a parameter by about lr per step: at the model's 2e-5 the two GoR
+        # weights (order 1) would not move within a fine-tuning run of a few hundred steps.
+        "balancer": {"lr": 0.01},
     },
 }
 """Per task family, the defaults that differ from the classification ones; the keys a config
