@@ -44,8 +44,8 @@ CHECKED = ("kd_gor", "W3A16")
 def schedule(quick: bool) -> list[str]:
     """Overrides shared by every run: quick mode samples 32 texts and scores 30 windows. The
     learning rate is above the task default (2e-5): with one epoch of about 60 steps, 2e-4 took
-    W3 g128 GoR to perplexity 74.8 where 5e-5 gave 107.3 (RTN: 351.8; first
-    30 windows; probe runs of `qatkd distill` with this schedule)."""
+    W3 g128 GoR to perplexity 74.8 where 5e-5 gave 107.3 (RTN: 351.8; first 30 windows; probe
+    runs of `qatkd distill` with this schedule)."""
     common = ["task=language", "train.lr=2e-4", "train.epochs=1", "train.log_every=5"]
     if quick:
         return [*common, "data.generate_samples=32", "data.test_limit=30"]
