@@ -41,3 +41,20 @@ def test_missing_and_foreign_files(tmp_path: Path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(QatkdError, match="is not a qatkd checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_file(tmp_path: Path, monkeypatch):
+    save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+
+    def full_disk(obj: object, f: object) -> None:  # what torch.save raises on a full disk
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(QatkdError, match=r"last\.pt: No space left on device; the previous"):
+        save_checkpoint({"epoch": 2}, tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

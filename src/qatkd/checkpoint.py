@@ -31,8 +31,15 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        # torch reports a full disk as a RuntimeError raised while handling the OSError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(e, Exception) and isinstance(cause, OSError):
+            kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+            raise QatkdError(
+                f"cannot write checkpoint {path}: {cause.strerror or cause}{kept}"
+            ) from e
         raise
 
 
