@@ -26,14 +26,7 @@ from _provenance import git_commit
 from torch import nn
 
 from qatkd.checkpoint import load_checkpoint
-from qatkd.export import (
-    aligned_copy,
-    compare,
-    export_checkpoint,
-    fused_ops,
-    int32_bias_layers,
-    to_onnx,
-)
+from qatkd.export import as_exported, compare, export_checkpoint, fused_ops, to_onnx
 from qatkd.export.bench import add_speedups, measure, speed_table
 from qatkd.export.run import (
     FP32_ONNX,
@@ -62,7 +55,7 @@ def resnet18_w8a8(samples: int) -> tuple[nn.Module, nn.Module]:
     quantized = prepare(copy.deepcopy(model), QuantConfig(bits="W8A8", method="minmax"))
     batches = [torch.rand(8, 3, 224, 224) for _ in range(max(1, samples // 8))]
     calibrate(quantized, batches, samples, progress=True)
-    return model, aligned_copy(quantized, int32_bias_layers(quantized, [3, 224, 224])).eval()
+    return model, as_exported(quantized, [3, 224, 224]).eval()
 
 
 def bench_resnet18(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -89,9 +82,8 @@ def bench_student(args: argparse.Namespace, path: str, tmp: Path) -> tuple[str, 
     targets = backend_targets(
         name, float_model(state), tmp / FP32_ONNX, tmp / INT8_ONNX, args.threads
     )
-    trained = load_model(path)[0]
     shape = [meta["in_channels"], meta["image_size"], meta["image_size"]]
-    model = aligned_copy(trained, int32_bias_layers(trained, shape))
+    model = as_exported(load_model(path)[0], shape)
     loader = checkpoint_test_loader(path, data_limit=2000 if args.quick else None)
     parity = int8_parity(model, targets, loader, exported["parity"])
     records = measure(targets, shape, (1, 64), 20 if args.quick else 100)

@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 from qatkd.cli import main
 from qatkd.errors import QatkdError
-from qatkd.export import aligned_copy, int32_bias_layers, to_onnx
+from qatkd.export import as_exported, to_onnx
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.detection import DetectionTask, build_detector
 from qatkd.tasks.detection.boxes import STRIDE, assign, locations
@@ -189,7 +189,7 @@ def test_exported_detector_matches_the_quantized_model():
     model = prepare(build_detector("det_res", 1, 10, [0.1], [0.25]), QuantConfig(bits="W8A8"))
     x = torch.stack([data[i][0] for i in range(16)])
     calibrate(model, [x], 16)
-    model = aligned_copy(model.eval(), int32_bias_layers(model, [1, 96, 96]))
+    model = as_exported(model.eval(), [1, 96, 96])
     session = ort.InferenceSession(to_onnx(model, [1, 96, 96]).SerializeToString())
 
     def runner(array: np.ndarray) -> np.ndarray:

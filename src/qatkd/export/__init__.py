@@ -11,6 +11,7 @@ from qatkd.export.frozen import ActRange, freeze
 from qatkd.export.onnx_export import (
     INPUT_NAME,
     OUTPUT_NAME,
+    as_exported,
     class_names_of,
     int32_bias_layers,
     to_onnx,
@@ -28,6 +29,7 @@ __all__ = [
     "Target",
     "align_biases",
     "aligned_copy",
+    "as_exported",
     "bench_run",
     "class_names_of",
     "compare",

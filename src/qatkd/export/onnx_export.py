@@ -46,6 +46,7 @@ from torch import fx, nn
 
 from qatkd.errors import QatkdError
 from qatkd.export.bias_grid import (
+    aligned_copy,
     bias_scale,
     fine_input_scale,
     fine_weight_scale,
@@ -107,6 +108,13 @@ def int32_bias_layers(model: nn.Module, input_shape: Sequence[int]) -> set[str]:
     builder = _Builder(fold_batchnorm(model), quantized=True)
     builder.build(list(input_shape))
     return {layer for _, _, layer in builder.int_biases.values()}
+
+
+def as_exported(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
+    """A copy of `model` with the biases the int8 graph holds as int32 moved onto that grid
+    (`bias_grid.aligned_copy` on `int32_bias_layers`): the PyTorch model the graph computes, the
+    reference for parity."""
+    return aligned_copy(model, int32_bias_layers(model, input_shape))
 
 
 def class_names_of(proto: onnx.ModelProto) -> list[str] | None:

@@ -20,9 +20,8 @@ from torch.utils.data import DataLoader
 from qatkd.checkpoint import checkpoint_path, load_checkpoint
 from qatkd.errors import QatkdError
 from qatkd.export.bench import Target, add_speedups, measure, speed_table
-from qatkd.export.bias_grid import aligned_copy
 from qatkd.export.fold import fold_batchnorm
-from qatkd.export.onnx_export import int32_bias_layers, save_onnx, to_onnx
+from qatkd.export.onnx_export import as_exported, save_onnx, to_onnx
 from qatkd.export.qpack import save_qpack
 from qatkd.export.runtime import INTEGER_OPS, fused_ops, load_runner, openvino_available
 from qatkd.pipeline import checkpoint_data, family_of, load_model, model_from_meta, task_family
@@ -73,7 +72,7 @@ def export_checkpoint(
         return task_family(task).export(state, Path(out_dir) if out_dir else path.parent)
     trained, state = _load_quantized(path, state)
     meta = state["meta"]
-    model = aligned_copy(trained, int32_bias_layers(trained, _input_shape(meta)))
+    model = as_exported(trained, _input_shape(meta))
     out = Path(out_dir) if out_dir is not None else path.parent
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -188,7 +187,7 @@ def bench_run(
         export_checkpoint(path, data_limit=data_limit)
     exported = json.loads((out / PARITY).read_text())
     trained, state = _load_quantized(path)
-    model = aligned_copy(trained, int32_bias_layers(trained, _input_shape(state["meta"])))
+    model = as_exported(trained, _input_shape(state["meta"]))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
