@@ -20,6 +20,7 @@ from typing import Any
 
 from _figures import plt, save_figure
 from _provenance import markdown_header, start
+from _seeds import cell, summarize
 
 from qatkd.pipeline import run_or_reuse
 from qatkd.train.logs import read_csv
@@ -115,25 +116,13 @@ def record(method: str, bits: str, seed: int, metrics: dict[str, Any]) -> dict[s
     return {"method": method, "bits": bits, "seed": seed, "top1": round(metrics["test_acc"], 2)}
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[float, float, int]]:
-    """(method, bits) -> (mean, std, number of seeds)."""
-    groups: dict[tuple[str, str], list[float]] = {}
-    for r in records:
-        groups.setdefault((r["method"], r["bits"]), []).append(r["top1"])
-    return {
-        k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-        for k, v in groups.items()
-    }
-
-
 def table(records: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> str:
-    stats = summarize(records)
-    cell = {k: f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}" for k, (m, s, n) in stats.items()}
+    stats = summarize(records, "top1")
     lines = ["| method | " + " | ".join(BITS) + " |", "|---|" + "---:|" * len(BITS)]
     fp32 = stats[("fp32", "FP32")][0]
     lines.append(f"| fp32 student (ResNet-8) | {fp32:.2f} | {fp32:.2f} | {fp32:.2f} |")
     for method in ["ptq", *METHODS]:
-        lines.append(f"| {method} | " + " | ".join(cell[(method, b)] for b in BITS) + " |")
+        lines.append(f"| {method} | " + " | ".join(cell(stats[(method, b)]) for b in BITS) + " |")
     for label, agg in (("kd_fixed best of α", max), ("kd_fixed mean of α", statistics.mean)):
         values = [agg(stats[(f"kd_fixed_{a}", b)][0] for a in ("0.1", "0.5", "0.9")) for b in BITS]
         lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
@@ -143,7 +132,7 @@ def table(records: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) ->
 
 
 def plot_accuracy(records: list[dict[str, Any]], path: Path) -> None:
-    stats = summarize(records)
+    stats = summarize(records, "top1")
     fig, ax = plt.subplots(figsize=(8, 5))
     for method in ["ptq", *METHODS]:
         means = [stats[(method, b)][0] for b in BITS]

@@ -12,7 +12,6 @@ of predicted boxes (W4A4 GoR student against the teacher) beside them.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from _figures import plt, save_figure
 from _provenance import markdown_header, start
+from _seeds import cell, summarize
 from matplotlib.patches import Rectangle
 
 from qatkd.pipeline import checkpoint_data, load_model, run_or_reuse
@@ -91,24 +91,6 @@ def run_all(work: Path, budget: Budget) -> tuple[list[dict[str, Any]], dict[str,
                 metrics = run_or_reuse(out, command_name, overrides)
                 records.append(record(method, bits, seed, metrics))
     return records, fp32
-
-
-def summarize(
-    records: list[dict[str, Any]], key: str
-) -> dict[tuple[str, str], tuple[float, float, int]]:
-    """(mean, std, count) per (method, bits)."""
-    groups: dict[tuple[str, str], list[float]] = {}
-    for r in records:
-        groups.setdefault((r["method"], r["bits"]), []).append(r[key])
-    return {
-        k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-        for k, v in groups.items()
-    }
-
-
-def cell(stat: tuple[float, float, int]) -> str:
-    mean, std, count = stat
-    return f"{mean:.2f} ± {std:.2f}" if count > 1 else f"{mean:.2f}"
 
 
 def table(records: list[dict[str, Any]], fp32: dict[str, Any]) -> str:
