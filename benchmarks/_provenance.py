@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qatkd.export.run import machine
+from qatkd.machine import machine
 
 __all__ = ["Invocation", "command", "git_commit", "machine", "markdown_header", "start"]
 

@@ -36,9 +36,9 @@ from qatkd.export.run import (
     checkpoint_test_loader,
     float_model,
     int8_parity,
-    machine,
     parity_table,
 )
+from qatkd.machine import machine
 from qatkd.pipeline import load_model
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.classification import build_model

@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 from qatkd.cli import main
 from qatkd.errors import QatkdError
 from qatkd.export import as_exported, to_onnx
+from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.detection import DetectionTask, build_detector
 from qatkd.tasks.detection.boxes import STRIDE, assign, locations
@@ -181,8 +182,6 @@ def test_kd_is_zero_for_the_teacher_itself_and_binary_kl_matches_reference():
 
 
 def test_exported_detector_matches_the_quantized_model():
-    import onnxruntime as ort
-
     items, labels = _items()
     data = CanvasDetection(items, labels, 16, seed=5)
     torch.manual_seed(0)
@@ -190,7 +189,7 @@ def test_exported_detector_matches_the_quantized_model():
     x = torch.stack([data[i][0] for i in range(16)])
     calibrate(model, [x], 16)
     model = as_exported(model.eval(), [1, 96, 96])
-    session = ort.InferenceSession(to_onnx(model, [1, 96, 96]).SerializeToString())
+    session = ort_session(to_onnx(model, [1, 96, 96]).SerializeToString())
 
     def runner(array: np.ndarray) -> np.ndarray:
         return session.run(None, {"pixels": array})[0]

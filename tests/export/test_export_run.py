@@ -42,6 +42,9 @@ def test_export_and_bench_a_run_folder(tmp_path, npz_root):
         assert (run / name).is_file(), name
     assert result["parity"]["onnxruntime"]["samples"] == 24
     assert result["parity"]["onnxruntime"]["agreement"] == 100.0
+    codes = result["parity"]["onnxruntime"]
+    assert codes["codes_compared"] > 0 and codes["code_mismatch_rate"] < 0.1
+    assert codes["code_first_mismatch_max_diff"] <= 1
     assert result["integer_kernels"]["QLinearConv"] >= 1
     assert class_names_of(onnx.load(str(run / "model.int8.onnx"))) == ["a", "b", "c"]
     assert load_qpack(run / "model.qpack").meta["quant"]["bits"] == "W4A4"

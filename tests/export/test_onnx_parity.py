@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 from qatkd.export import (
     INPUT_NAME,
@@ -17,78 +15,73 @@ from qatkd.export import (
     int32_bias_layers,
     to_onnx,
 )
+from qatkd.export.codes import CodeMismatch, code_runner, pytorch_codes
+from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantAct, QuantConv2d, Quantizer, QuantLinear
 
 SHAPE = [1, 16, 16]
 
 
-def _quantized_codes(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Every activation quantizer's integer codes in PyTorch, keyed by the ONNX name of the
-    node that holds the same codes (the Q output, or the Clip that saturates sub-8-bit codes)."""
-    codes, hooks = {}, []
-    for name, q in model.named_modules():
-        if isinstance(q, Quantizer) and not q.is_weight:
-            key = name.replace(".input_quantizer", ".input").replace(".quantizer", "")
-            key = key.replace(".", "_") + ("_clip" if q.bits < 8 else "_q")
-
-            def hook(m: nn.Module, inp: tuple, out: torch.Tensor, key: str = key) -> None:
-                codes[key] = torch.round(out / m.scale).numpy()
-
-            hooks.append(q.register_forward_hook(hook))
-    with torch.no_grad():
-        codes["logits"] = model(x).numpy()
-    for h in hooks:
-        h.remove()
-    return codes
-
-
-def _run_with_codes(proto: onnx.ModelProto, x: torch.Tensor, names: list[str], optimize: bool):
-    proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    for name in names:
-        if name != "logits":
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    outputs = session.run(None, {INPUT_NAME: x.numpy()})
-    return dict(zip([o.name for o in session.get_outputs()], outputs, strict=True))
-
-
 @pytest.mark.parametrize("bits", ["W8A8", "W4A4", "W2A2"])
 @pytest.mark.parametrize("optimize", [False, True], ids=["qdq", "int8-kernels"])
 def test_integer_exact_on_every_quantized_tensor(tiny_model, bits, optimize):
-    """Dyadic model (conftest): no float rounding anywhere, so codes and logits must be equal."""
+    """Dyadic model (conftest): no float rounding anywhere, so codes and logits must be equal on
+    any CPU. Without VNNI this holds only in onnxruntime's precise int8 mode, which `ort_session`
+    sets there (`PRECISE_INT8`): the default u8 x s8 kernels saturated 16-bit pair sums and were
+    up to 56 codes off at W8A8 on an AMD EPYC with AVX2 only."""
     model, x = tiny_model(bits, dyadic=True)
-    expected = _quantized_codes(model, x)
-    got = _run_with_codes(to_onnx(model, SHAPE), x, list(expected), optimize)
+    expected = pytorch_codes(model, x)
+    got = code_runner(to_onnx(model, SHAPE), expected, optimize)(x)
     assert len(expected) == 17  # 16 activation quantizers + logits
     for name, codes in expected.items():
         np.testing.assert_array_equal(got[name], codes, err_msg=name)
 
 
 @pytest.mark.parametrize("bits", ["W8A8", "W4A4", "W2A2"])
-def test_aligned_model_has_the_kernels_codes_with_calibrated_scales(tiny_model, bits):
-    """Real (non-dyadic) scales: with the biases on the int32 grid (`align_biases`), every
-    quantized tensor of PyTorch and of onnxruntime's int8 kernels holds the same codes."""
-    model, x = tiny_model(bits, seed=1)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_aligned_model_matches_the_kernels_codes_within_one_rounding_step(tiny_model, bits, seed):
+    """Real (non-dyadic) scales, biases on the int32 grid (`align_biases`): PyTorch sums float
+    products, the kernel sums integers, so near a tie a code may differ by one step (seen on an
+    AMD EPYC with AVX-512 VNNI: 1 code of 131,072; on one with AVX2 only: 0.03 % of all codes
+    once the first flips travel downstream, in 3 of 32 samples). The bound: the first differing
+    tensor is at most one step off, fewer than 0.1 % of the codes differ, and every sample whose
+    codes all agree has the same logits."""
+    model, x = tiny_model(bits, seed=seed)
     align_biases(model, int32_bias_layers(model, SHAPE))
-    expected = _quantized_codes(model, x)
-    got = _run_with_codes(to_onnx(model, SHAPE), x, list(expected), optimize=True)
-    for name, codes in expected.items():
-        if name != "logits":
-            np.testing.assert_array_equal(got[name], codes, err_msg=name)
-    np.testing.assert_allclose(got["logits"], expected["logits"], rtol=0, atol=1e-4)
+    expected = pytorch_codes(model, x)
+    got = code_runner(to_onnx(model, SHAPE), expected)(x)
+    mismatch = CodeMismatch()
+    exact = mismatch.add(expected, got)
+    figures = mismatch.figures()
+    assert figures["codes_compared"] == sum(c.size for n, c in expected.items() if n != "logits")
+    assert figures["code_first_mismatch_max_diff"] <= 1, figures
+    assert figures["code_mismatch_rate"] < 0.1, figures
+    assert exact.mean() >= 0.75, figures  # and the logits check below is not vacuous
+    np.testing.assert_allclose(got["logits"][exact], expected["logits"][exact], rtol=0, atol=1e-4)
+
+
+def test_code_mismatch_counts_differences_and_finds_the_first():
+    codes = {"a": np.zeros((2, 4)), "b": np.zeros((2, 3)), "logits": np.zeros((2, 10))}
+    got = {"a": np.zeros((2, 4)), "b": np.array([[0, 1, 0], [0, 0, 0]]), "logits": codes["logits"]}
+    got["b"] = got["b"] * 1.0
+    later = {**got, "a": np.array([[0, 0, 0, 0], [2, 0, 0, 0]]) * 1.0}
+    mismatch = CodeMismatch()
+    np.testing.assert_array_equal(mismatch.add(codes, got), [False, True])
+    np.testing.assert_array_equal(mismatch.add(codes, later), [False, False])
+    assert mismatch.figures() == {
+        "codes_compared": 28,
+        "code_mismatch_rate": 100 * 3 / 28,
+        "code_max_diff": 2.0,
+        "code_first_mismatch": "b",
+        "code_first_mismatch_max_diff": 2.0,
+    }
 
 
 def test_unaligned_biases_flip_codes_at_w8a8(tiny_model):
     """Why the alignment exists: without it the kernel's bias rounding changes some codes."""
     model, x = tiny_model("W8A8", seed=1)
-    expected = _quantized_codes(model, x)
-    got = _run_with_codes(to_onnx(model, SHAPE), x, list(expected), optimize=True)
+    expected = pytorch_codes(model, x)
+    got = code_runner(to_onnx(model, SHAPE), expected)(x)
     flipped = sum(int((got[n] != c).sum()) for n, c in expected.items() if n != "logits")
     assert flipped > 0
 
@@ -129,7 +122,7 @@ def test_fp32_graph_matches_unquantized_computation(tiny_model):
     model, x = tiny_model("W4A4")
     proto = to_onnx(model, SHAPE, precision="fp32")
     assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort_session(proto.SerializeToString())
     for m in model.modules():
         if isinstance(m, Quantizer) and not m.is_weight:
             m.forward = lambda t: t  # the activations stay float, the weights are fake-quantized

@@ -207,8 +207,7 @@ class _Builder:
         scale = self._const(np.array(r.scale, dtype=np.float32), f"{hint}.scale")
         zero = self._const(np.array(0, dtype=dtype), f"{hint}.zero_point")
         q = self._emit("QuantizeLinear", [x, scale, zero], f"{hint}.q")
-        info = np.iinfo(dtype)
-        if (r.qmin, r.qmax) != (info.min, info.max):
+        if needs_clip(r):
             low = self._const(np.array(r.qmin, dtype=dtype), f"{hint}.qmin")
             high = self._const(np.array(r.qmax, dtype=dtype), f"{hint}.qmax")
             q = self._emit("Clip", [q, low, high], f"{hint}.clip")
@@ -366,6 +365,19 @@ class _Builder:
             "Conv2d, Linear, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, global average pooling, "
             "Flatten, Identity/Dropout and QuantAct"
         )
+
+
+def needs_clip(r: ActRange) -> bool:
+    """Whether the codes need an integer Clip after QuantizeLinear (a range narrower than the
+    8-bit type's)."""
+    info = np.iinfo(np.int8 if r.signed else np.uint8)
+    return (r.qmin, r.qmax) != (info.min, info.max)
+
+
+def codes_tensor(hint: str, r: ActRange) -> str:
+    """The graph tensor that holds the integer codes of the activation exported at `hint` (a
+    layer's `<path>.input`, a QuantAct's `<path>`): the QuantizeLinear output, or the Clip's."""
+    return f"{hint}.{'clip' if needs_clip(r) else 'q'}".replace(".", "_")
 
 
 def _feeds_one_quantize(name: str, users: Mapping[str, list[onnx.NodeProto]]) -> bool:

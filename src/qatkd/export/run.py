@@ -9,7 +9,7 @@ Files written next to the checkpoint (or into `out_dir`): `model.int8.onnx` (QDQ
 from __future__ import annotations
 
 import json
-import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +20,20 @@ from torch.utils.data import DataLoader
 from qatkd.checkpoint import checkpoint_path, load_checkpoint
 from qatkd.errors import QatkdError
 from qatkd.export.bench import Target, add_speedups, measure, speed_table
+from qatkd.export.codes import code_parity
 from qatkd.export.fold import fold_batchnorm
 from qatkd.export.onnx_export import as_exported, save_onnx, to_onnx
 from qatkd.export.qpack import save_qpack
 from qatkd.export.runtime import INTEGER_OPS, fused_ops, load_runner, openvino_available
+from qatkd.machine import machine
 from qatkd.pipeline import checkpoint_data, family_of, load_model, model_from_meta, task_family
 from qatkd.tasks import image_family
 
 INT8_ONNX, FP32_ONNX, QPACK = "model.int8.onnx", "model.fp32.onnx", "model.qpack"
 PARITY, BENCH_MD, BENCH_JSON = "parity.json", "bench.md", "bench.json"
+CODE_PARITY_SAMPLES = 512
+"""Test samples whose every activation code is compared (`export.codes`): all of them would hold
+gigabytes of codes, and 512 give millions."""
 FP32_REFERENCE = ("onnxruntime", "fp32")
 """Speedups are against the same network in FP32 on onnxruntime: PyTorch eager is a slower and
 noisier reference (its row is in the table too)."""
@@ -53,6 +58,16 @@ def _test_loader(state: dict[str, Any], data_limit: int | None) -> DataLoader:
 
 def _input_shape(meta: dict[str, Any]) -> list[int]:
     return [meta["in_channels"], meta["image_size"], meta["image_size"]]
+
+
+def _first_inputs(loader: DataLoader, samples: int) -> Iterator[torch.Tensor]:
+    """The input batches holding the first `samples` samples of `loader`."""
+    seen = 0
+    for batch in loader:
+        if seen >= samples:
+            return
+        yield batch[0][: samples - seen]
+        seen += len(batch[0])
 
 
 def export_checkpoint(
@@ -82,14 +97,17 @@ def export_checkpoint(
         "input": "float pixels in [0, 1], NCHW",
     }
     shape = _input_shape(meta)
+    int8_proto = to_onnx(model, shape, "int8", metadata)
     sizes = {
-        INT8_ONNX: save_onnx(to_onnx(model, shape, "int8", metadata), str(out / INT8_ONNX)),
+        INT8_ONNX: save_onnx(int8_proto, str(out / INT8_ONNX)),
         FP32_ONNX: save_onnx(to_onnx(model, shape, "fp32", metadata), str(out / FP32_ONNX)),
         QPACK: save_qpack(fold_batchnorm(model), meta, out / QPACK),
         "checkpoint": path.stat().st_size,
     }
     runner = load_runner(out / INT8_ONNX)
-    parity = family.parity(model, runner, _test_loader(state, data_limit), trained=trained)
+    loader = _test_loader(state, data_limit)
+    parity = family.parity(model, runner, loader, trained=trained)
+    parity |= code_parity(model, int8_proto, _first_inputs(loader, CODE_PARITY_SAMPLES))
     ops = fused_ops(out / INT8_ONNX)
     result = {
         "checkpoint": str(path),
@@ -218,19 +236,6 @@ def bench_run(
     (out / BENCH_JSON).write_text(json.dumps(result, indent=2) + "\n")
     (out / BENCH_MD).write_text(bench_markdown(result))
     return result
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {torch.get_num_threads()} torch threads available"
 
 
 def parity_table(parity: dict[str, dict[str, Any]]) -> str:

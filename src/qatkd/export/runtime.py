@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from qatkd.errors import QatkdError
 from qatkd.export.onnx_export import INPUT_NAME
+from qatkd.machine import int8_dot_products_exact
 
 Backend = Literal["onnxruntime", "openvino"]
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -35,21 +36,40 @@ INTEGER_OPS = (
 """Operators that compute on integers; `fused_ops` counts them in onnxruntime's optimized graph."""
 
 
+PRECISE_INT8 = ("session.x64quantprecision", "1")
+"""onnxruntime's switch from u8 x s8 to u8 x u8 int8 kernels. Without VNNI or AMX the u8 x s8
+kernels add pairs of products in saturating 16-bit lanes (255 * 127 * 2 > 32767): 8-bit
+weights then give wrong codes, up to 56 steps off in the tests. qatkd sets it on such CPUs only
+(`int8_dot_products_exact`), where the u8 x s8 kernels are exact it would only cost speed."""
+
+
 def ort_session(
-    path: str | Path, threads: int = 2, optimized_path: str | Path | None = None
+    model: str | Path | bytes,
+    threads: int = 2,
+    optimized_path: str | Path | None = None,
+    optimize: bool = True,
 ) -> ort.InferenceSession:
-    """A CPU session with all graph optimizations (the QDQ -> QLinear fusions) on `threads`
-    threads; `optimized_path` saves the graph onnxruntime actually runs."""
+    """A CPU session for an ONNX file (or its bytes) on `threads` threads, with exact int8
+    kernels on every CPU (`PRECISE_INT8`) and all graph optimizations (the QDQ -> QLinear
+    fusions; `optimize=False` runs the QDQ graph as written, in float); `optimized_path` saves
+    the graph onnxruntime actually runs."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.log_severity_level = 3
     # Idle threads must sleep: spinning ones would steal the cores of whatever runs next.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not int8_dot_products_exact():
+        options.add_session_config_entry(*PRECISE_INT8)
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def fused_ops(path: str | Path) -> dict[str, int]:
