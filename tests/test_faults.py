@@ -96,6 +96,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "truncated": tmp_path / "truncated.pt",
         "other_arch": tmp_path / "other_arch.pt",
         "pickled": tmp_path / "pickled.pt",
+        "npz": npz_root,
     }
 
 
@@ -119,6 +120,11 @@ BAD_INPUTS = [
     ("truncated checkpoint", ["eval", "--ckpt", "{truncated}"], "truncated or corrupt"),
     ("another architecture", ["eval", "--ckpt", "{other_arch}"], "does not fit model 'resnet8'"),
     ("pickled checkpoint", ["eval", "--ckpt", "{pickled}"], "holds pickled objects"),
+    (
+        "run folder is a file",
+        ["train", "data.name=npz", "data.root={npz}", "model.name=resnet8", "out={pickled}"],
+        "is a file: name a folder for the run",
+    ),
     (
         "language option on images",
         ["train", "train.gradient_checkpointing=true"],

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.quant import is_quantized
 from qatkd.train import engine
-from testdata import tiny_overrides
+from testdata import make_images, tiny_overrides
 
 
 @pytest.fixture
@@ -164,6 +165,36 @@ def test_teacher_with_other_classes_is_refused(capsys, npz_root, fashion_root, t
     code, _, err = cli(capsys, "distill", *argv)
     assert code == EXIT_USER_ERROR
     assert "was trained for 10 classes and 1 input channels, but data 'npz' has 3 classes" in err
+
+
+def test_teacher_of_another_task_family_is_refused(capsys, fp32_run, fashion_root, tmp_path):
+    teacher = fp32_run / "last.pt"
+    capsys.readouterr()
+    code, _, err = cli(
+        capsys,
+        "distill",
+        "task=detection",
+        f"data.root={fashion_root}",
+        "data.train_limit=8",
+        "data.test_limit=4",
+        f"teachers=[{teacher}]",
+        f"out={tmp_path / 'd'}",
+    )
+    assert code == EXIT_USER_ERROR and len(err.strip().splitlines()) == 1
+    assert f"teacher {teacher} is a classification model, but this run's task is detection" in err
+
+
+def test_teacher_of_another_input_size_is_refused(capsys, fp32_run, tmp_path):
+    root = tmp_path / "npz16"
+    root.mkdir()
+    for split, n in (("train", 32), ("test", 8)):
+        x, y = make_images(n, 3, 16, 1, 0)
+        np.savez(root / f"{split}.npz", x=x[..., 0], y=y)
+    argv = tiny_overrides(root, tmp_path / "s", f"teachers=[{fp32_run}]")
+    capsys.readouterr()
+    code, _, err = cli(capsys, "distill", *argv)
+    assert code == EXIT_USER_ERROR and len(err.strip().splitlines()) == 1
+    assert f"teacher {fp32_run} was trained on 12x12 images, but data 'npz' has 16x16" in err
 
 
 def test_demo_quick_runs_every_stage(capsys, fashion_root, tmp_path):

@@ -50,6 +50,8 @@ def new_run_dir(config: Config, command: str) -> Path:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{command}-{config.model.name.replace(':', '_')}-{stamp}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise QatkdError(f"out={run_dir} is a file: name a folder for the run")
     if (run_dir / "last.pt").exists() or (run_dir / "metrics.json").exists():
         raise QatkdError(
             f"run folder {run_dir} already holds a run: resume it with --resume {run_dir} "
@@ -105,12 +107,24 @@ def load_model(
     return model.eval(), state
 
 
-def _check_matches_data(meta: dict[str, Any], data: ImageData, what: str, path: str) -> None:
+def _check_matches_data(
+    meta: dict[str, Any], data: ImageData, what: str, path: str, task: str
+) -> None:
+    """A checkpoint used with `data` (a teacher, `model.init`, the model under eval or ptq) must
+    be of the same task family, classes and input shape: a one-line error names the file."""
+    family = meta.get("task", "classification")
+    if family != task:
+        raise QatkdError(f"{what} {path} is a {family} model, but this run's task is {task}")
     if len(meta["class_names"]) != data.num_classes or meta["in_channels"] != data.in_channels:
         raise QatkdError(
             f"{what} {path} was trained for {len(meta['class_names'])} classes and "
             f"{meta['in_channels']} input channels, but data '{data.name}' has "
             f"{data.num_classes} classes and {data.in_channels} channels"
+        )
+    if meta["image_size"] != data.image_size:
+        raise QatkdError(
+            f"{what} {path} was trained on {meta['image_size']}x{meta['image_size']} images, "
+            f"but data '{data.name}' has {data.image_size}x{data.image_size}"
         )
 
 
@@ -120,8 +134,9 @@ def build_student(config: Config, data: ImageData) -> tuple[nn.Module, dict[str,
     build = family_of(config.task).build_model
     model = build(config.model.name, data.in_channels, data.num_classes, data.mean, data.std)
     if config.model.init:
-        init_model, init_state = load_model(config.model.init)
+        init_state = load_checkpoint(config.model.init)
         init_meta = init_state["meta"]
+        _check_matches_data(init_meta, data, "model.init", config.model.init, config.task)
         if init_meta.get("quant"):
             raise QatkdError(
                 f"model.init={config.model.init} is quantized: "
@@ -132,8 +147,7 @@ def build_student(config: Config, data: ImageData) -> tuple[nn.Module, dict[str,
                 f"model.init={config.model.init} holds a '{init_meta['model_name']}', "
                 f"but model.name is '{config.model.name}'"
             )
-        _check_matches_data(init_meta, data, "model.init", config.model.init)
-        model.load_state_dict(init_model.state_dict())
+        model.load_state_dict(load_model(config.model.init, init_state)[0].state_dict())
     if config.quant is not None:
         prepare(model, config.quant)
         calibrate(model, calibration_batches(data, config), CALIBRATION_SAMPLES)
@@ -154,9 +168,9 @@ def calibration_batches(data: ImageData, config: Config) -> DataLoader:
 def load_teachers(config: Config, data: ImageData) -> TeacherEnsemble:
     teachers = []
     for path in config.teachers:
-        model, state = load_model(path)
-        _check_matches_data(state["meta"], data, "teacher", path)
-        teachers.append(model)
+        state = load_checkpoint(path)
+        _check_matches_data(state["meta"], data, "teacher", path, config.task)
+        teachers.append(load_model(path, state)[0])
     return TeacherEnsemble(teachers, names=config.teachers)
 
 
@@ -326,7 +340,7 @@ def ptq(
         update={"model": ModelConfig(name=state["meta"]["model_name"], init=str(ckpt))}
     )
     run_dir, data, _ = _start(config, "ptq")
-    _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))
+    _check_matches_data(state["meta"], data, "checkpoint", str(ckpt), config.task)
     model = prepare(float_model, config.quant)
     calibrate(model, calibration_batches(data, config), CALIBRATION_SAMPLES)
     print(quant_summary(model))
@@ -363,7 +377,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, 
         return task_family(task_name).evaluate(state, overrides or [])
     model, state = load_model(ckpt, state)
     data = checkpoint_data(state, overrides or [])
-    _check_matches_data(state["meta"], data, "checkpoint", str(ckpt))
+    _check_matches_data(state["meta"], data, "checkpoint", str(ckpt), task_name)
     task = family_of(task_name).make_task(data.num_classes, None, False)
     return task.evaluate(model, DataLoader(data.test, batch_size=task.eval_batch_size))
 

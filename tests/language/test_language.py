@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qatkd.checkpoint import save_checkpoint
 from qatkd.cli import main
 from qatkd.config import load_config
 from qatkd.distill import KDConfig
@@ -185,6 +186,38 @@ def test_empty_text_file_is_a_one_line_error(tiny_lm, text_files, tmp_path, caps
         code == 2
         and err == f"qatkd: error: text file {empty} is empty: give it some text or leave it out"
     )
+
+
+def test_teachers_of_another_family_or_vocabulary_are_one_line_errors(
+    tiny_lm, text_files, tmp_path, capsys
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wider = tmp_path / "wider_vocab"
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    model.resize_token_embeddings(model.config.vocab_size + 64)
+    model.save_pretrained(wider)
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(wider)
+    image = tmp_path / "image.pt"
+    save_checkpoint({"meta": {"task": "detection"}}, image)
+    train, evaluation = text_files
+    common = [
+        "distill",
+        "task=language",
+        f"model.path={tiny_lm}",
+        f"data.train_files=[{train}]",
+        f"data.eval_files=[{evaluation}]",
+        "data.block_size=16",
+        "quant.bits=W4A16",
+        "train.threads=1",
+    ]
+    for teacher, message in (
+        (image, f"teacher {image} is a detection checkpoint; language teachers are"),
+        (wider, f"teacher {wider} predicts over {model.config.vocab_size} tokens, but"),
+    ):
+        code = main([*common, f"teachers=[{teacher}]", f"out={tmp_path / ('run_' + teacher.name)}"])
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bars
+        assert code == 2 and last.startswith("qatkd: error: ") and message in last, last
 
 
 def test_unknown_language_model_is_a_clear_error(tmp_path, capsys):

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qatkd.balance import BalancerConfig, build_balancer
+from qatkd.checkpoint import load_checkpoint
 from qatkd.config import Config, apply_overrides, build_config
 from qatkd.distill import TeacherEnsemble, file_sha256
 from qatkd.errors import QatkdError
@@ -150,9 +151,22 @@ def _teacher(name: str, config: Config, loaded: Loaded) -> nn.Module:
     source = config.model.path or config.model.name
     if name == source or (Path(name).is_dir() and Path(name).resolve() == loaded.folder.resolve()):
         return loaded.reference
+    if Path(name).is_file():
+        family = load_checkpoint(name)["meta"].get("task", "classification")
+        raise QatkdError(
+            f"teacher {name} is a {family} checkpoint; language teachers are model names or "
+            f"Hugging Face folders, e.g. teachers=[{source}]"
+        )
     is_folder = Path(name).is_dir()
     folder = model_folder("" if is_folder else name, name if is_folder else None)
-    return CausalLM(load_pretrained(folder)[0])
+    teacher = load_pretrained(folder)[0]
+    vocab, own = teacher.config.vocab_size, loaded.hf.config.vocab_size
+    if vocab != own:
+        raise QatkdError(
+            f"teacher {name} predicts over {vocab} tokens, but the student's vocabulary has "
+            f"{own}: use a teacher with the student's tokenizer"
+        )
+    return CausalLM(teacher)
 
 
 def _start(config: Config, command: str) -> tuple[Path, Loaded, World]:
