@@ -6,15 +6,17 @@ key in the message. The resolved config is saved as `config.yaml` in each run fo
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from qatkd.balance import BalancerConfig
+from qatkd.device import DEVICE_PATTERN
 from qatkd.distill import KDConfig
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig
@@ -73,13 +75,27 @@ class TrainConfig(Section):
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
     log_every: int = Field(50, gt=0, description="steps between rows of steps.csv")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
-    bf16: bool = Field(False, description="bfloat16 autocast for the forward passes")
+    device: str = Field(
+        "auto", description="auto (CUDA when available), cpu, cuda (the local rank's GPU), cuda:N"
+    )
+    bf16: bool = Field(
+        False,
+        description="bfloat16 autocast for the forward passes (float16 + loss scaling on GPUs "
+        "without bfloat16)",
+    )
     gradient_checkpointing: bool = Field(
         False, description="language: recompute activations in backward (less memory)"
     )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss stops the run (last.pt stays good) or skips the step"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, value):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
 
 
 class DiagConfig(Section):

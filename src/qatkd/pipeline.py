@@ -188,7 +188,7 @@ def preflight(config: Config) -> None:
 
 def join_world(config: Config) -> World:
     """This process's place among the workers, seeded and threaded as configured."""
-    world = init_world()
+    world = init_world(config.train.device)
     torch.manual_seed(config.seed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -224,13 +224,16 @@ def task_family(task: str) -> ModuleType:
     return importlib.import_module(f"qatkd.tasks.{task}.run")
 
 
-def teacher_outputs(config: Config, data: ImageData, task: Task) -> tuple[TeacherOutputs, Dataset]:
-    """How the engine gets the teachers' logits for a batch, and the training set to use.
+def teacher_outputs(
+    config: Config, data: ImageData, task: Task, device: torch.device
+) -> tuple[TeacherOutputs, Dataset]:
+    """How the engine gets the teachers' logits for a batch (on `device`), and the training set
+    to use.
 
     Live: the frozen ensemble runs on every batch. With `kd.cache=true` (non-augmented data only)
     each teacher's logits for every training image are computed once, stored on disk keyed by the
     teacher file's hash and the data, and looked up by sample index."""
-    ensemble = load_teachers(config, data)
+    ensemble = load_teachers(config, data).to(device)
     if not config.kd.cache:
         return (lambda batch: ensemble(task.inputs(batch))), data.train
     if config.data.augment:
@@ -244,7 +247,7 @@ def teacher_outputs(config: Config, data: ImageData, task: Task) -> tuple[Teache
             config.kd.cache_dir,
             {"teacher": file_sha256(checkpoint_path(path)), "data": data_key, "transform": "none"},
         )
-        logits.append(cache.get(lambda teacher=teacher: predict_all(teacher, data.train)))
+        logits.append(cache.get(lambda t=teacher: predict_all(t, data.train)).to(device))
     return (lambda batch: [t[batch[-1]] for t in logits]), WithIndex(data.train)
 
 
@@ -265,7 +268,7 @@ def _fit_run(
     )
     outputs, train_set = (None, data.train)
     if config.teachers:
-        outputs, train_set = teacher_outputs(config, data, task)
+        outputs, train_set = teacher_outputs(config, data, task, world.device)
     if world.is_main and config.quant is not None and resume is None:
         print(quant_summary(model))
     return fit(

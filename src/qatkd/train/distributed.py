@@ -1,24 +1,30 @@
 """Data-parallel training with PyTorch's own engine (torchrun + DistributedDataParallel).
 
-`torchrun --nproc_per_node=N -m qatkd distill ...` sets WORLD_SIZE/RANK; everything else works
-unchanged: gloo on CPU, nccl on GPU. Rank 0 alone writes logs, plots and checkpoints.
+`torchrun --nproc_per_node=N -m qatkd distill ...` sets WORLD_SIZE/RANK/LOCAL_RANK; everything
+else works unchanged: gloo on CPUs, nccl with one GPU per process (its local rank's) on GPUs.
+Rank 0 alone writes logs, plots and checkpoints.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from qatkd.device import resolve_device
+
 
 @dataclass(frozen=True)
 class World:
+    """This process's rank among `size` and the device it trains on."""
+
     rank: int = 0
     size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -29,14 +35,18 @@ class World:
         return self.size > 1
 
 
-def init_world() -> World:
-    """Join the process group that torchrun describes in the environment (once), or run alone."""
+def init_world(device: str = "auto") -> World:
+    """Join the process group that torchrun describes in the environment (once), or run alone,
+    on `device` (`train.device`, resolved for this process's local rank)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if size == 1:
-        return World()
+        return World(device=resolved)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), resolved)
 
 
 def barrier(world: World) -> None:
@@ -58,7 +68,7 @@ def any_rank(world: World, flag: bool) -> bool:
     a rank that skipped alone would leave the others waiting in the gradient all-reduce."""
     if not world.distributed:
         return flag
-    value = torch.tensor(float(flag))
+    value = torch.tensor(float(flag), device=world.device)  # nccl reduces GPU tensors only
     dist.all_reduce(value)
     return bool(value.item() > 0)
 

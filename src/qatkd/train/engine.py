@@ -24,6 +24,7 @@ from tqdm import tqdm
 from qatkd.balance import LossBalancer, grad_conflict
 from qatkd.checkpoint import save_checkpoint
 from qatkd.config import Config, config_to_dict
+from qatkd.device import loader_options, mixed_precision, to_device
 from qatkd.errors import QatkdError
 from qatkd.quant import Quantizer
 from qatkd.train.distributed import World, any_rank, average_gradients, barrier
@@ -143,10 +144,15 @@ def fit(
 ) -> dict[str, Any]:
     """Train `model` for `config.train.epochs`, checkpointing every epoch; returns final metrics.
 
-    Under torchrun (`world.size > 1`) the model runs in DistributedDataParallel, each process
-    takes its share of every global batch, and the balancer's gradients are averaged too."""
+    Training runs on `world.device` (model, balancer and batches go there; `teacher_outputs`
+    must answer there). Under torchrun (`world.size > 1`) the model runs in
+    DistributedDataParallel, each process takes its share of every global batch, and the
+    balancer's gradients are averaged too."""
     world = world or World()
     train_cfg = config.train
+    device = world.device
+    model.to(device)
+    balancer.to(device)
     sampler = DistributedSampler(
         train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed
     )
@@ -155,6 +161,7 @@ def fit(
         batch_size=per_rank_batch_size(train_cfg.batch_size, world),
         sampler=sampler,
         drop_last=len(train_set) > train_cfg.batch_size,
+        **loader_options(device),
     )
     steps_per_epoch = len(loader)
     optimizer = build_optimizer(model, balancer, config)
@@ -164,6 +171,8 @@ def fit(
             steps_per_epoch * train_cfg.epochs, round(train_cfg.warmup_epochs * steps_per_epoch)
         ),
     )
+    precision = mixed_precision(device, train_cfg.bf16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     sign = 1.0 if task.maximize else -1.0  # best is tracked as sign * main_metric
     start_epoch, step, best = 0, 0, -math.inf
     last_metrics: dict[str, float] = {}
@@ -172,11 +181,15 @@ def fit(
         balancer.load_state_dict(resume["balancer"])
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
         last_metrics = dict(resume["metrics"])
     student = model
     if world.distributed:
-        model = DistributedDataParallel(model)
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     logger = _StepLogger(run_dir, config, task, balancer)
     if world.is_main:
         logger.start(resume)
@@ -197,7 +210,8 @@ def fit(
             disable=not world.is_main,
         )
         for batch in bar:
-            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=train_cfg.bf16):
+            batch = to_device(batch, device)
+            with torch.autocast(device.type, precision.dtype, enabled=precision.enabled):
                 outputs = model(task.inputs(batch))
                 l_ts = task.task_loss(outputs, batch)
                 l_kd = None
@@ -220,9 +234,10 @@ def fit(
                 schedule.step()
                 continue
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            scaler.scale(total).backward()
             average_gradients(world, balancer)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             n = len(task.inputs(batch))
             seen += n
@@ -265,6 +280,7 @@ def fit(
                 "balancer": balancer.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": schedule.state_dict(),
+                "scaler": scaler.state_dict(),
                 "epoch": epoch + 1,
                 "step": step,
                 "best": best,

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
+from qatkd.device import module_device
 from qatkd.distill import KDConfig, build_kd_loss
 
 Batch = tuple[torch.Tensor, ...]
@@ -18,10 +19,13 @@ PREDICT_BATCH_SIZE = 512
 
 @torch.inference_mode()
 def predict_all(model: nn.Module, dataset: Dataset) -> torch.Tensor:
-    """The model's logits for every sample of `dataset`, in order (for the teacher-logit cache)."""
+    """The model's logits for every sample of `dataset`, in order, on the CPU (for the
+    teacher-logit cache), computed on the model's device."""
     model.eval()
+    device = module_device(model)
     loader = DataLoader(dataset, batch_size=PREDICT_BATCH_SIZE)
-    return torch.cat([model(x) for x, *_ in tqdm(loader, desc="teacher logits", leave=False)])
+    batches = tqdm(loader, desc="teacher logits", leave=False)
+    return torch.cat([model(x.to(device)).cpu() for x, *_ in batches])
 
 
 class ClassificationTask:
@@ -58,7 +62,9 @@ class ClassificationTask:
         model.eval()
         # Rank 0 alone evaluates under torchrun: no cross-process sync of the metric.
         accuracy = MulticlassAccuracy(self.num_classes, average="micro", sync_on_compute=False)
+        device = module_device(model)
+        accuracy.to(device)
         for x, y, *_ in loader:
-            accuracy.update(model(x), y)
+            accuracy.update(model(x.to(device)), y.to(device))
         model.train(was_training)
         return {self.main_metric: accuracy.compute().item() * 100}

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from qatkd.device import module_device
 from qatkd.distill import KDConfig
 from qatkd.errors import QatkdError
 from qatkd.tasks.detection.boxes import assign, centerness, decode, detections, locations, split
@@ -161,7 +162,8 @@ class DetectionTask:
                 dict(zip(("boxes", "labels"), unpadded(*target), strict=True))
                 for target in zip(boxes, labels, strict=True)
             ]
-            metric.update(detections(model(images)), truth)
+            found = detections(model(images.to(module_device(model))).cpu())
+            metric.update(found, truth)
         model.train(was_training)
         result = metric.compute()
         return {"map50": result["map_50"].item() * 100, "map": result["map"].item() * 100}

@@ -124,7 +124,7 @@ def _fit(
     task = LanguageTask(config.kd, config.balancer.per_teacher, loaded.reference_top1)
     outputs = None
     if teachers:
-        ensemble = TeacherEnsemble(teachers, names=config.teachers)
+        ensemble = TeacherEnsemble(teachers, names=config.teachers).to(world.device)
         outputs = lambda batch: ensemble(task.inputs(batch))  # noqa: E731
     if config.train.gradient_checkpointing:
         student.hf.gradient_checkpointing_enable()

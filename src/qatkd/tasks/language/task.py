@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from qatkd.device import module_device
 from qatkd.distill import KDConfig, build_kd_loss
 from qatkd.tasks.language.data import IGNORE
 
@@ -110,13 +111,16 @@ class LanguageTask:
         was_training = model.training
         model.eval()
         nll_sum, count, agree, seen = 0.0, 0, 0, 0
+        device = module_device(model)
         for ids, labels in tqdm(loader, desc="perplexity", leave=False):
+            ids, labels = ids.to(device), labels.to(device)
             logits = model(ids)
             nll, n = next_token_nll(logits, labels)
             nll_sum, count = nll_sum + nll.item(), count + n
             if self.reference is not None:
                 scored = labels[:, 1:] != IGNORE
-                same = logits[:, :-1].argmax(-1) == self.reference[seen : seen + len(ids)]
+                reference = self.reference[seen : seen + len(ids)].to(device)
+                same = logits[:, :-1].argmax(-1) == reference
                 agree += int((same & scored).sum())
             seen += len(ids)
         model.train(was_training)
