@@ -18,9 +18,10 @@ MAX_LOG_DISTANCE = 6.0
 SCORE_THRESHOLD, NMS_IOU, MAX_DETECTIONS = 0.05, 0.6, 50
 
 
-def locations(height: int, width: int) -> Tensor:
+def locations(height: int, width: int, device: torch.device | None = None) -> Tensor:
     """Pixel coordinates (x, y) of each output cell's centre, row-major: [H * W, 2]."""
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    rows, columns = torch.arange(height, device=device), torch.arange(width, device=device)
+    ys, xs = torch.meshgrid(rows, columns, indexing="ij")
     return torch.stack([xs, ys], -1).reshape(-1, 2).float().add(0.5).mul(STRIDE)
 
 
@@ -41,7 +42,7 @@ def assign(points: Tensor, boxes: Tensor) -> Tensor:
     """For each location the index of its ground-truth box, -1 for background: the smallest box
     that contains it within CENTER_RADIUS strides of its centre."""
     if len(boxes) == 0:
-        return torch.full((len(points),), -1, dtype=torch.long)
+        return torch.full((len(points),), -1, dtype=torch.long, device=points.device)
     x, y = points[:, 0:1], points[:, 1:2]
     inside = (x > boxes[:, 0]) & (x < boxes[:, 2]) & (y > boxes[:, 1]) & (y < boxes[:, 3])
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
@@ -67,7 +68,7 @@ def detections(outputs: Tensor) -> list[dict[str, Tensor]]:
     """Per image: boxes, scores (sqrt(class prob * centerness)) and labels after class-wise NMS,
     in torchmetrics' format."""
     logits, box_values, ctr = split(outputs.float())
-    points = locations(*outputs.shape[-2:])
+    points = locations(*outputs.shape[-2:], device=outputs.device)
     results = []
     for cls_logits, values, c in zip(logits, box_values, ctr, strict=True):
         scores = (cls_logits.sigmoid() * c.sigmoid()[:, None]).sqrt()

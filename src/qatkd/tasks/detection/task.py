@@ -50,7 +50,7 @@ class DetectionKD:
     def _targets(self, teacher_outputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Softened class probabilities, decoded boxes and confidence of one teacher."""
         logits, box_values, _ = split(teacher_outputs.float())
-        points = locations(*teacher_outputs.shape[-2:])
+        points = locations(*teacher_outputs.shape[-2:], device=teacher_outputs.device)
         confidence = logits.sigmoid().amax(-1)
         return (logits / self.temperature).sigmoid(), decode(box_values, points), confidence
 
@@ -62,7 +62,7 @@ class DetectionKD:
         weight = torch.where(confidence > CONFIDENT, confidence, torch.zeros_like(confidence))
         if weight.sum() == 0:
             return class_term
-        student_boxes = decode(box_values, locations(*outputs.shape[-2:]))
+        student_boxes = decode(box_values, locations(*outputs.shape[-2:], device=outputs.device))
         giou = generalized_box_iou_loss(student_boxes.reshape(-1, 4), boxes.reshape(-1, 4))
         return class_term + (giou * weight.reshape(-1)).sum() / weight.sum()
 
@@ -104,7 +104,7 @@ class DetectionTask:
     def _assigned(self, outputs: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Per location of the batch: ground-truth index into the flattened boxes (-1 background),
         and the flattened boxes and labels."""
-        points = locations(*outputs.shape[-2:])
+        points = locations(*outputs.shape[-2:], device=outputs.device)
         indices, all_boxes, all_labels, offset = [], [], [], 0
         for boxes, labels in zip(batch[1], batch[2], strict=True):
             boxes, labels = unpadded(boxes, labels)
@@ -129,7 +129,8 @@ class DetectionTask:
         target[positive, labels[index[positive]]] = 1.0
         loss = sigmoid_focal_loss(logits, target, reduction="sum") / num_positive
         if positive.any():
-            points = locations(*outputs.shape[-2:]).repeat(len(outputs), 1)[positive]
+            grid = locations(*outputs.shape[-2:], device=outputs.device)
+            points = grid.repeat(len(outputs), 1)[positive]
             gt = boxes[index[positive]]
             predicted = decode(box_values[positive], points)
             loss = loss + generalized_box_iou_loss(predicted, gt, reduction="mean")
