@@ -22,7 +22,8 @@ from _provenance import markdown_header, start
 from _seeds import cell, summarize
 from matplotlib.patches import Rectangle
 
-from qatkd.pipeline import checkpoint_data, load_model, run_or_reuse
+from qatkd.artifacts import checkpoint_source, load_model
+from qatkd.pipeline import run_or_reuse
 from qatkd.tasks.detection.boxes import detections
 from qatkd.tasks.detection.data import unpadded
 
@@ -141,7 +142,7 @@ def picture(work: Path, path: Path, count: int = 4) -> None:
     fig, axes = plt.subplots(len(runs), count, figsize=(3 * count, 3 * len(runs)))
     for row, (title, run_dir) in enumerate(runs.items()):
         model, state = load_model(run_dir / "best.pt")
-        data = checkpoint_data(state, [])
+        data = checkpoint_source(state)
         names = state["meta"]["class_names"]
         for col in range(count):
             image, boxes, labels = data.test[col]

@@ -24,24 +24,25 @@ import torch
 from _provenance import command as run_command
 from _provenance import git_commit
 from torch import nn
+from torch.utils.data import DataLoader
 
+from qatkd.artifacts import checkpoint_source, load_model
 from qatkd.checkpoint import load_checkpoint
-from qatkd.export import as_exported, compare, export_checkpoint, fused_ops, to_onnx
+from qatkd.export import as_exported, fused_ops, to_onnx
 from qatkd.export.bench import add_speedups, measure, speed_table
 from qatkd.export.run import (
     FP32_ONNX,
     FP32_REFERENCE,
     INT8_ONNX,
     backend_targets,
-    checkpoint_test_loader,
-    float_model,
     int8_parity,
     parity_table,
 )
 from qatkd.machine import machine
-from qatkd.pipeline import load_model
+from qatkd.pipeline import export
 from qatkd.quant import QuantConfig, calibrate, prepare
-from qatkd.tasks.classification import build_model
+from qatkd.tasks.classification import CLASSIFICATION, build_model
+from qatkd.tasks.classification.parity import compare
 
 RESULTS = Path(__file__).parent / "results"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -75,17 +76,19 @@ def bench_resnet18(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def bench_student(args: argparse.Namespace, path: str, tmp: Path) -> tuple[str, dict[str, Any]]:
-    exported = export_checkpoint(path, tmp, data_limit=2000 if args.quick else None)
+    limit = 2000 if args.quick else None
+    exported = export(path, tmp, data_limit=limit)
     state = load_checkpoint(path)
     meta = state["meta"]
     name = f"{meta['model_name']}-{meta['quant']['bits'].lower()}"
     targets = backend_targets(
-        name, float_model(state), tmp / FP32_ONNX, tmp / INT8_ONNX, args.threads
+        name, CLASSIFICATION.float_model(state), tmp / FP32_ONNX, tmp / INT8_ONNX, args.threads
     )
     shape = [meta["in_channels"], meta["image_size"], meta["image_size"]]
     model = as_exported(load_model(path)[0], shape)
-    loader = checkpoint_test_loader(path, data_limit=2000 if args.quick else None)
-    parity = int8_parity(model, targets, loader, exported["parity"])
+    limits = [] if limit is None else [f"data.test_limit={limit}"]
+    loader = DataLoader(checkpoint_source(state, limits).test, batch_size=256)
+    parity = int8_parity(model, targets, loader, exported["parity"], compare)
     records = measure(targets, shape, (1, 64), 20 if args.quick else 100)
     return name, {
         "records": records,

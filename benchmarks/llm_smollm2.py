@@ -27,8 +27,7 @@ from _provenance import markdown_header, start
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.pipeline import run_or_reuse
-from qatkd.tasks.language.export import export_language
-from qatkd.tasks.language.run import evaluate_pretrained
+from qatkd.tasks.language.family import LANGUAGE, evaluate_pretrained
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = (("W3A16", 128), ("W2A16", 64), ("W4A16", 128))
@@ -119,8 +118,10 @@ def main() -> None:
             run_dir = work / f"{method}_{bits}_g{group}"
             metrics = run_or_reuse(run_dir, command_name, [*overrides, *teachers])
             rebuild = (method, bits) == CHECKED  # the transformers folder for the check
-            state = load_checkpoint(run_dir / "last.pt")
-            exported = exports[(method, bits)] = export_language(state, run_dir, rebuild)
+            path = run_dir / "last.pt"
+            state = load_checkpoint(path)
+            exported = LANGUAGE.export(state, path, run_dir, None, transformers_folder=rebuild)
+            exports[(method, bits)] = exported
             records.append(record(method, bits, group, metrics, exported["bytes"]["packed_total"]))
     records.insert(0, record("fp", "FP", None, fp, exports[CHECKED]["bytes"]["fp32_model"]))
     checked_group = dict(CONFIGS)[CHECKED[1]]

@@ -9,6 +9,7 @@ from qatkd import pipeline
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
+from qatkd.tasks import task_family
 from qatkd.train import engine
 from testdata import tiny_overrides
 
@@ -19,8 +20,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_path: Path):
     config = load_config(overrides=tiny_overrides(npz_root, tmp_path / "run"))
-    data = pipeline.family_of(config.task).load_data(config.data)
-    model, _ = pipeline.build_student(config, data)
+    family = task_family(config.task)
+    model, _ = family.build_student(config, family.load(config))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     run_dir, metrics = pipeline.train(config)
     after = final_weights(run_dir)

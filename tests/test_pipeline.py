@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qatkd import pipeline
+from qatkd.artifacts import load_model
 from qatkd.checkpoint import load_checkpoint
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
@@ -44,7 +45,7 @@ def test_ptq_writes_a_quantized_checkpoint_that_eval_reproduces(capsys, fp32_run
     metrics = json.loads((out / "metrics.json").read_text())
     state = load_checkpoint(out / "last.pt")
     assert state["meta"]["quant"]["bits"] == "W4A4"
-    model, _ = pipeline.load_model(out / "last.pt")
+    model, _ = load_model(out / "last.pt")
     assert is_quantized(model)
     code, stdout, _ = cli(capsys, "eval", "--ckpt", str(out))
     assert json.loads(stdout)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-3)
@@ -75,7 +76,7 @@ def test_qat_from_fp32_saves_and_restores_quantizer_state(npz_root, fp32_run, tm
     state = load_checkpoint(run_dir / "last.pt")
     steps = {k: v for k, v in state["model"].items() if k.endswith("quantizer.step")}
     assert steps and all(bool(v.abs().gt(0).all()) for v in steps.values())
-    model, _ = pipeline.load_model(run_dir / "last.pt")
+    model, _ = load_model(run_dir / "last.pt")
     for key, value in steps.items():
         assert torch.equal(model.state_dict()[key], value)
     assert pipeline.evaluate(run_dir)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)

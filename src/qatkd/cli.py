@@ -77,11 +77,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from qatkd.export import export_checkpoint
+    from qatkd import pipeline
 
     if not (args.run or args.ckpt):
         raise QatkdError("export needs a run folder (qatkd export RUN_DIR) or --ckpt PATH")
-    result = export_checkpoint(args.run or args.ckpt, args.out, args.data_limit)
+    result = pipeline.export(args.run or args.ckpt, args.out, args.data_limit)
     if "parity" not in result:  # a task family without ONNX export (language)
         print(json.dumps(result, indent=2))
         return
@@ -99,10 +99,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from qatkd.export import bench_run
+    from qatkd import pipeline
     from qatkd.export.run import BENCH_MD
 
-    bench_run(args.run, args.threads, tuple(args.batch), args.repeats, args.data_limit)
+    pipeline.bench(args.run, args.threads, tuple(args.batch), args.repeats, args.data_limit)
     print((checkpoint_path(args.run).parent / BENCH_MD).read_text())
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from qatkd import pipeline
-from qatkd.export import bench_run
 
 FULL = ["data.train_limit=15000", "train.epochs=3", "train.batch_size=64"]
 QUICK = ["data.train_limit=64", "data.test_limit=32", "train.epochs=1", "train.batch_size=16"]
@@ -64,7 +63,7 @@ def deploy(run_dir: Path, quick: bool) -> dict[str, Any]:
     if (run_dir / "bench.json").is_file():
         return json.loads((run_dir / "bench.json").read_text())
     print(f"[demo] export and bench: qatkd export {run_dir} && qatkd bench {run_dir}")
-    return bench_run(run_dir, repeats=3 if quick else 20, batch_sizes=(1, 64))
+    return pipeline.bench(run_dir, repeats=3 if quick else 20, batch_sizes=(1, 64))
 
 
 def latency(bench: dict[str, Any], backend: str, precision: str, batch: int) -> float:

@@ -1,4 +1,5 @@
-"""export_checkpoint / bench_run on a tiny run folder, and the errors users can cause."""
+"""`qatkd export` / `qatkd bench` (`pipeline.export`, `pipeline.bench`) on a tiny run folder,
+and the errors users can cause."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from torch import nn
 from qatkd.checkpoint import save_checkpoint
 from qatkd.config import build_config, config_to_dict
 from qatkd.errors import QatkdError
-from qatkd.export import bench_run, class_names_of, export_checkpoint, load_qpack, to_onnx
+from qatkd.export import class_names_of, load_qpack, to_onnx
+from qatkd.pipeline import bench, export
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.classification import build_model, model_meta
 
@@ -37,7 +39,7 @@ def _run_folder(tmp_path, npz_root, quant: QuantConfig | None):
 
 def test_export_and_bench_a_run_folder(tmp_path, npz_root):
     run = _run_folder(tmp_path, npz_root, QuantConfig(bits="W4A4"))
-    result = export_checkpoint(run)
+    result = export(run)
     for name in ("model.int8.onnx", "model.fp32.onnx", "model.qpack", "parity.json"):
         assert (run / name).is_file(), name
     assert result["parity"]["onnxruntime"]["samples"] == 24
@@ -50,19 +52,19 @@ def test_export_and_bench_a_run_folder(tmp_path, npz_root):
     assert load_qpack(run / "model.qpack").meta["quant"]["bits"] == "W4A4"
     assert result["bytes"]["model.qpack"] < result["bytes"]["model.int8.onnx"]
 
-    bench = bench_run(run, batch_sizes=(2,), repeats=2)
-    kinds = {(r["backend"], r["precision"]) for r in bench["records"]}
+    benched = bench(run, batch_sizes=(2,), repeats=2)
+    kinds = {(r["backend"], r["precision"]) for r in benched["records"]}
     assert {("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")} <= kinds
-    assert all(r["latency_ms"] > 0 and r["speedup"] > 0 for r in bench["records"])
-    assert all(p["agreement"] == 100.0 for p in bench["parity"].values())
-    assert json.loads((run / "bench.json").read_text())["records"] == bench["records"]
+    assert all(r["latency_ms"] > 0 and r["speedup"] > 0 for r in benched["records"])
+    assert all(p["agreement"] == 100.0 for p in benched["parity"].values())
+    assert json.loads((run / "bench.json").read_text())["records"] == benched["records"]
     assert "| onnxruntime | int8 | 2 |" in (run / "bench.md").read_text()
 
 
 def test_fp32_checkpoint_is_refused(tmp_path, npz_root):
     run = _run_folder(tmp_path, npz_root, None)
     with pytest.raises(QatkdError, match=r"is not quantized: export needs a QAT/PTQ checkpoint"):
-        export_checkpoint(run)
+        export(run)
 
 
 class _Gelu(nn.Module):

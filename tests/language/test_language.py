@@ -21,7 +21,7 @@ from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, QuantLinear
 from qatkd.tasks.language import CausalLM, LanguageTask, load_pretrained, sliding_windows
 from qatkd.tasks.language.data import IGNORE, generated_text, pack_blocks, read_text
-from qatkd.tasks.language.run import Loaded, build_student, language_quant
+from qatkd.tasks.language.family import Loaded, build_student, language_quant
 
 USER_CACHE = os.environ.get("QATKD_CACHE")
 """The cache a user's runs share, read before the tests' own (the real SmolLM2 test keeps it:

@@ -1,7 +1,9 @@
 """Deployment: BN folding, ONNX QDQ export (int8 kernels), packed low-bit weights, parity, speed.
 
-`export_checkpoint(run_dir)` writes everything for a trained quantized checkpoint and checks
-parity; `bench_run(run_dir)` measures latency and size against FP32 in the same process.
+`export_onnx(...)` writes everything for a trained quantized image model and checks parity;
+`bench_exported(...)` measures latency and size against FP32 in the same process. Which checkpoint,
+data and parity check: the task family decides (`qatkd export` / `qatkd bench` of a run folder
+are `qatkd.pipeline.export` / `qatkd.pipeline.bench`).
 """
 
 from qatkd.export.bench import Target, measure
@@ -17,9 +19,8 @@ from qatkd.export.onnx_export import (
     to_onnx,
 )
 from qatkd.export.qpack import QPack, load_qpack, pack_codes, save_qpack, unpack_codes
-from qatkd.export.run import bench_run, export_checkpoint
+from qatkd.export.run import bench_exported, export_onnx
 from qatkd.export.runtime import fused_ops, load_runner
-from qatkd.tasks.classification.parity import compare
 
 __all__ = [
     "INPUT_NAME",
@@ -30,10 +31,9 @@ __all__ = [
     "align_biases",
     "aligned_copy",
     "as_exported",
-    "bench_run",
+    "bench_exported",
     "class_names_of",
-    "compare",
-    "export_checkpoint",
+    "export_onnx",
     "fold_batchnorm",
     "freeze",
     "fused_ops",

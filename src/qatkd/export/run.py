@@ -1,15 +1,16 @@
-"""`export_checkpoint` and `bench_run`: what `qatkd export` and `qatkd bench` do with a run folder.
+"""`export_onnx` and `bench_exported`: the deployable files of a quantized image model, and their
+speed, for whichever task family calls them (it passes its parity check).
 
-Files written next to the checkpoint (or into `out_dir`): `model.int8.onnx` (QDQ, int8 kernels),
-`model.fp32.onnx` (the same network in float), `model.qpack` (packed low-bit weights),
-`parity.json` (int8 ONNX vs the fake-quantized PyTorch model on the test set), and from
-`bench_run` `bench.md` / `bench.json` (latency, sizes, speedups against FP32 in the same run).
+Files written into the output folder: `model.int8.onnx` (QDQ, int8 kernels), `model.fp32.onnx`
+(the same network in float), `model.qpack` (packed low-bit weights), `parity.json` (int8 ONNX vs
+the fake-quantized PyTorch model on the test set), and from `bench_exported` `bench.md` /
+`bench.json` (latency, sizes, speedups against FP32 in the same run).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from qatkd.checkpoint import checkpoint_path, load_checkpoint
-from qatkd.errors import QatkdError
 from qatkd.export.bench import Target, add_speedups, measure, speed_table
 from qatkd.export.codes import code_parity
 from qatkd.export.fold import fold_batchnorm
@@ -26,8 +25,6 @@ from qatkd.export.onnx_export import as_exported, save_onnx, to_onnx
 from qatkd.export.qpack import save_qpack
 from qatkd.export.runtime import INTEGER_OPS, fused_ops, load_runner, openvino_available
 from qatkd.machine import machine
-from qatkd.pipeline import checkpoint_data, family_of, load_model, model_from_meta, task_family
-from qatkd.tasks import image_family
 
 INT8_ONNX, FP32_ONNX, QPACK = "model.int8.onnx", "model.fp32.onnx", "model.qpack"
 PARITY, BENCH_MD, BENCH_JSON = "parity.json", "bench.md", "bench.json"
@@ -39,28 +36,11 @@ FP32_REFERENCE = ("onnxruntime", "fp32")
 noisier reference (its row is in the table too)."""
 
 
-def _load_quantized(
-    path: Path, state: dict[str, Any] | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    model, state = load_model(path, state)
-    if not state["meta"].get("quant"):
-        raise QatkdError(
-            f"{path} is not quantized: export needs a QAT/PTQ checkpoint "
-            "(run qatkd ptq or qatkd distill with quant.bits)"
-        )
-    return model, state
+Compare = Callable[..., dict[str, Any]]
+"""A task family's parity check: `compare(model, runner, batches, desc=..., trained=None)`."""
 
 
-def _test_loader(state: dict[str, Any], data_limit: int | None) -> DataLoader:
-    limit = [] if data_limit is None else [f"data.test_limit={data_limit}"]
-    return DataLoader(checkpoint_data(state, limit).test, batch_size=256)
-
-
-def _input_shape(meta: dict[str, Any]) -> list[int]:
-    return [meta["in_channels"], meta["image_size"], meta["image_size"]]
-
-
-def _first_inputs(loader: DataLoader, samples: int) -> Iterator[torch.Tensor]:
+def first_inputs(loader: DataLoader, samples: int) -> Iterator[torch.Tensor]:
     """The input batches holding the first `samples` samples of `loader`."""
     seen = 0
     for batch in loader:
@@ -70,25 +50,21 @@ def _first_inputs(loader: DataLoader, samples: int) -> Iterator[torch.Tensor]:
         seen += len(batch[0])
 
 
-def export_checkpoint(
-    ckpt_or_run_dir: str | Path, out_dir: str | Path | None = None, data_limit: int | None = None
+def export_onnx(
+    trained: nn.Module,
+    meta: dict[str, Any],
+    input_shape: list[int],
+    out: Path,
+    loader: DataLoader,
+    compare: Compare,
+    checkpoint: Path,
 ) -> dict[str, Any]:
-    """Image tasks: align the biases to the int32 grid (`bias_grid`), fold BN, write the int8 and
-    FP32 ONNX and the qpack, check parity of the int8 ONNX on the first `data_limit` test samples
-    (all by default), against the aligned model and the trained one, the way the task family
-    compares (`ImageFamily.parity`); returns file sizes, the operators onnxruntime runs, and the
-    parity figures (also saved as parity.json). A task family that is not an image family
-    exports in its own way (`qatkd.tasks.<task>.run.export`)."""
-    path = checkpoint_path(ckpt_or_run_dir)
-    state = load_checkpoint(path)
-    task = state["config"].get("task", "classification")
-    family = image_family(task)
-    if family is None:
-        return task_family(task).export(state, Path(out_dir) if out_dir else path.parent)
-    trained, state = _load_quantized(path, state)
-    meta = state["meta"]
-    model = as_exported(trained, _input_shape(meta))
-    out = Path(out_dir) if out_dir is not None else path.parent
+    """Align the biases of the quantized `trained` model to the int32 grid (`bias_grid`), fold
+    BN, write the int8 and FP32 ONNX and the qpack into `out`, and check the int8 ONNX against
+    the aligned model and the trained one on `loader` (`compare`, the task family's check) and
+    code by code (`codes`); returns file sizes, the operators onnxruntime runs and the parity
+    figures (also saved as parity.json)."""
+    model = as_exported(trained, input_shape)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
         "class_names": meta["class_names"],
@@ -96,21 +72,19 @@ def export_checkpoint(
         "quant": meta["quant"],
         "input": "float pixels in [0, 1], NCHW",
     }
-    shape = _input_shape(meta)
-    int8_proto = to_onnx(model, shape, "int8", metadata)
+    int8_proto = to_onnx(model, input_shape, "int8", metadata)
     sizes = {
         INT8_ONNX: save_onnx(int8_proto, str(out / INT8_ONNX)),
-        FP32_ONNX: save_onnx(to_onnx(model, shape, "fp32", metadata), str(out / FP32_ONNX)),
+        FP32_ONNX: save_onnx(to_onnx(model, input_shape, "fp32", metadata), str(out / FP32_ONNX)),
         QPACK: save_qpack(fold_batchnorm(model), meta, out / QPACK),
-        "checkpoint": path.stat().st_size,
+        "checkpoint": checkpoint.stat().st_size,
     }
     runner = load_runner(out / INT8_ONNX)
-    loader = _test_loader(state, data_limit)
-    parity = family.parity(model, runner, loader, trained=trained)
-    parity |= code_parity(model, int8_proto, _first_inputs(loader, CODE_PARITY_SAMPLES))
+    parity = compare(model, runner, loader, trained=trained)
+    parity |= code_parity(model, int8_proto, first_inputs(loader, CODE_PARITY_SAMPLES))
     ops = fused_ops(out / INT8_ONNX)
     result = {
-        "checkpoint": str(path),
+        "checkpoint": str(checkpoint),
         "bytes": sizes,
         "onnxruntime_ops": ops,
         "integer_kernels": {op: n for op, n in ops.items() if op in INTEGER_OPS},
@@ -118,15 +92,6 @@ def export_checkpoint(
     }
     (out / PARITY).write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def float_model(state: dict[str, Any]) -> nn.Module:
-    """The checkpoint's network without quantizers (its float weights), in eval mode: the FP32
-    PyTorch reference for speed."""
-    model = model_from_meta({**state["meta"], "quant": None})
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state["model"].items() if k in own})
-    return model.eval()
 
 
 def backend_targets(
@@ -164,67 +129,47 @@ def int8_parity(
     targets: list[Target],
     loader: DataLoader,
     known: dict[str, Any],
-    task: str = "classification",
+    compare: Compare,
 ) -> dict[str, Any]:
     """`known` parity figures plus those of every other int8 target, on `loader`, compared the
-    way the task family compares (`ImageFamily.parity`)."""
+    task family's way (`compare`)."""
     parity = dict(known)
-    compare = family_of(task).parity
     for t in targets:
         if t.precision == "int8" and t.backend not in parity:
             parity[t.backend] = compare(model, t.run, loader, desc=f"parity {t.backend}")
     return parity
 
 
-def checkpoint_test_loader(
-    ckpt_or_run_dir: str | Path, data_limit: int | None = None
-) -> DataLoader:
-    """The test split of the data the checkpoint was trained on (first `data_limit` samples)."""
-    return _test_loader(load_checkpoint(checkpoint_path(ckpt_or_run_dir)), data_limit)
-
-
-def bench_run(
-    run_dir: str | Path,
+def bench_exported(
+    trained: nn.Module,
+    float_model: nn.Module,
+    meta: dict[str, Any],
+    input_shape: list[int],
+    out: Path,
+    loader: DataLoader,
+    compare: Compare,
     threads: int = 2,
     batch_sizes: tuple[int, ...] = (1, 64),
     repeats: int = 20,
-    data_limit: int | None = None,
 ) -> dict[str, Any]:
-    """Latency (median, p90) of every backend at each batch size, file sizes and parity (for every
-    int8 backend); exports first if the run folder has no ONNX yet. Writes bench.md and
-    bench.json into the run folder."""
-    path = checkpoint_path(run_dir)
-    out = path.parent
-    task = load_checkpoint(path)["config"].get("task", "classification")
-    if image_family(task) is None:
-        raise QatkdError(
-            f"qatkd bench times ONNX models of image tasks; {path} is a {task} model "
-            "(its export writes packed weights and a transformers folder)"
-        )
-    if not (out / INT8_ONNX).is_file() or not (out / PARITY).is_file():
-        export_checkpoint(path, data_limit=data_limit)
+    """Latency (median, p90) of every backend at each batch size, file sizes and parity (for
+    every int8 backend) of the files `export_onnx` wrote into `out`; `float_model` is the FP32
+    PyTorch reference. Writes bench.md and bench.json there."""
     exported = json.loads((out / PARITY).read_text())
-    trained, state = _load_quantized(path)
-    model = as_exported(trained, _input_shape(state["meta"]))
+    model = as_exported(trained, input_shape)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        targets = backend_targets(
-            state["meta"]["model_name"],
-            float_model(state),
-            out / FP32_ONNX,
-            out / INT8_ONNX,
-            threads,
-        )
-        loader = _test_loader(state, data_limit)
-        parity = int8_parity(model, targets, loader, exported["parity"], task)
-        records = measure(targets, _input_shape(state["meta"]), batch_sizes, repeats)
+        name = meta["model_name"]
+        targets = backend_targets(name, float_model, out / FP32_ONNX, out / INT8_ONNX, threads)
+        parity = int8_parity(model, targets, loader, exported["parity"], compare)
+        records = measure(targets, input_shape, batch_sizes, repeats)
     finally:
         torch.set_num_threads(previous_threads)
     add_speedups(records, FP32_REFERENCE)
     sizes = exported["bytes"]
     result = {
-        "checkpoint": str(path),
+        "checkpoint": exported["checkpoint"],
         "threads": threads,
         "machine": machine(),
         "records": records,

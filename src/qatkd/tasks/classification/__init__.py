@@ -1,16 +1,11 @@
 """Image classification: datasets, models, task loss and metrics."""
 
-from qatkd.tasks import ImageFamily
-from qatkd.tasks.classification.data import ImageData, load_data
-from qatkd.tasks.classification.models import (
-    MODELS,
-    TORCHVISION_PREFIX,
-    Classifier,
-    build_model,
-    model_meta,
-)
+from qatkd.tasks.classification.data import load_data
+from qatkd.tasks.classification.models import MODELS, TORCHVISION_PREFIX, Classifier, build_model
 from qatkd.tasks.classification.parity import compare
 from qatkd.tasks.classification.task import ClassificationTask
+from qatkd.tasks.family import FAMILIES
+from qatkd.tasks.image import ImageData, ImageFamily, model_meta
 
 
 def check_model_name(name: str) -> None:
@@ -19,10 +14,14 @@ def check_model_name(name: str) -> None:
         MODELS.get(name)
 
 
-IMAGE_FAMILY = ImageFamily(load_data, build_model, check_model_name, ClassificationTask, compare)
+CLASSIFICATION = FAMILIES.register("classification")(
+    ImageFamily(
+        "classification", load_data, build_model, check_model_name, ClassificationTask, compare
+    )
+)
 
 __all__ = [
-    "IMAGE_FAMILY",
+    "CLASSIFICATION",
     "MODELS",
     "ClassificationTask",
     "Classifier",

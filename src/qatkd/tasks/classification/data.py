@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from torchvision.transforms import v2
 
 from qatkd.config import DataConfig
 from qatkd.errors import QatkdError
+from qatkd.tasks.image import ImageData
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -46,24 +46,6 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IMAGEFOLDER_SIZE = 32
 
 
-@dataclass
-class ImageData:
-    """A train/test pair plus what a model and an exporter need to know about the images."""
-
-    name: str
-    train: Dataset
-    test: Dataset
-    class_names: list[str]
-    in_channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
 class TensorImages(Dataset):
     """Images held in memory as uint8 NCHW, converted to float and augmented per sample."""
 
@@ -78,20 +60,6 @@ class TensorImages(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[i])
-
-
-class WithIndex(Dataset):
-    """Adds each sample's index to it, so per-sample results (cached teacher logits) can be
-    looked up for a shuffled batch."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> tuple:
-        return (*self.dataset[i], i)
 
 
 def train_augmentation(image_size: int) -> v2.Compose:

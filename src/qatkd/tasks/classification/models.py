@@ -7,7 +7,6 @@ Models are built for any number of input channels and classes, and carry their i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torchvision
@@ -204,24 +203,3 @@ def build_model(
     else:
         net = MODELS.get(name)(in_channels, num_classes)
     return Classifier(net, mean, std)
-
-
-def model_meta(
-    name: str,
-    in_channels: int,
-    image_size: int,
-    class_names: Sequence[str],
-    mean: Sequence[float],
-    std: Sequence[float],
-    task: str = "classification",
-) -> dict[str, Any]:
-    """What a checkpoint records to rebuild its model without the dataset (any image family)."""
-    return {
-        "task": task,
-        "model_name": name,
-        "in_channels": in_channels,
-        "image_size": image_size,
-        "class_names": list(class_names),
-        "mean": list(mean),
-        "std": list(std),
-    }

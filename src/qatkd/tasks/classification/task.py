@@ -5,33 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
-from tqdm import tqdm
 
 from qatkd.device import module_device
 from qatkd.distill import KDConfig, build_kd_loss
 
 Batch = tuple[torch.Tensor, ...]
 """(images, labels), plus the sample indices when teacher logits come from a cache."""
-PREDICT_BATCH_SIZE = 512
-
-
-@torch.inference_mode()
-def predict_all(model: nn.Module, dataset: Dataset) -> torch.Tensor:
-    """The model's logits for every sample of `dataset`, in order, on the CPU (for the
-    teacher-logit cache), computed on the model's device."""
-    model.eval()
-    device = module_device(model)
-    loader = DataLoader(dataset, batch_size=PREDICT_BATCH_SIZE)
-    batches = tqdm(loader, desc="teacher logits", leave=False)
-    return torch.cat([model(x.to(device)).cpu() for x, *_ in batches])
+EVAL_BATCH_SIZE = 512
 
 
 class ClassificationTask:
     main_metric = "test_acc"
     maximize = True
-    eval_batch_size = PREDICT_BATCH_SIZE
+    eval_batch_size = EVAL_BATCH_SIZE
     unit = "img"
 
     def __init__(self, num_classes: int, kd: KDConfig | None = None, per_teacher: bool = False):

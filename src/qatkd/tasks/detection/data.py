@@ -31,9 +31,9 @@ from qatkd.errors import QatkdError
 from qatkd.tasks.classification.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
-    ImageData,
     fashion_mnist_arrays,
 )
+from qatkd.tasks.image import ImageData
 
 MAX_OBJECTS = 32
 CANVAS = 96

@@ -2,12 +2,15 @@
 weight-only low-bit student; perplexity and agreement with the teacher as metrics."""
 
 from qatkd.tasks.language.data import TextData, load_text_data, sliding_windows
+from qatkd.tasks.language.family import LANGUAGE, LanguageFamily
 from qatkd.tasks.language.source import SMOLLM2, load_pretrained, model_folder
 from qatkd.tasks.language.task import CausalLM, LanguageTask, next_token_nll
 
 __all__ = [
+    "LANGUAGE",
     "SMOLLM2",
     "CausalLM",
+    "LanguageFamily",
     "LanguageTask",
     "TextData",
     "load_pretrained",

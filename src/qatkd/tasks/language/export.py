@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qatkd.export.qpack import PackedLayer, QPack, load_qpack, write_qpack
 from qatkd.quant import QuantLinear
 from qatkd.quant.quantizers import FloatQuantizer
-from qatkd.tasks.language.run import load_student
 
 QPACK, FLOAT_TENSORS, HF_FOLDER = "model.qpack", "float_tensors.safetensors", "hf"
 HF_PREFIX = "hf."
@@ -57,11 +55,18 @@ def packed_linear(name: str, layer: QuantLinear) -> PackedLayer:
 
 
 def export_language(
-    state: dict[str, Any], out: Path, transformers_folder: bool = True
+    state: dict[str, Any],
+    student: nn.Module,
+    pretrained: nn.Module,
+    tokenizer: Any,
+    out: Path,
+    transformers_folder: bool = True,
 ) -> dict[str, Any]:
-    """Write the files of the module doc for a language checkpoint (`hf/` only with
-    `transformers_folder`); returns their sizes and the sizes of the model in fp32 and fp16."""
-    student, loaded = load_student(state)
+    """Write the files of the module doc for the `student` of a language checkpoint `state` and
+    its `pretrained` source model and tokenizer (`hf/` only with `transformers_folder`); returns
+    their sizes and the sizes of the model in fp32 and fp16."""
+    from safetensors.torch import save_file  # the `llm` extra
+
     out.mkdir(parents=True, exist_ok=True)
     layers = [  # a 16-bit (float) weight stays with the float tensors
         packed_linear(name, m)
@@ -77,13 +82,13 @@ def export_language(
         seen.add(tensor.data_ptr())
         float_tensors[key] = tensor.detach().float().contiguous()
     save_file(float_tensors, str(out / FLOAT_TENSORS))
-    loaded.hf.config.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
+    pretrained.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     if transformers_folder:
         rebuilt, tokenizer = load_packed_lm(out)
         rebuilt.save_pretrained(out / HF_FOLDER)
         tokenizer.save_pretrained(out / HF_FOLDER)
-    params = sum(p.numel() for p in loaded.hf.parameters())
+    params = sum(p.numel() for p in pretrained.parameters())
     sizes = {
         "qpack": qpack_bytes,
         "float_tensors": (out / FLOAT_TENSORS).stat().st_size,
@@ -100,6 +105,7 @@ def export_language(
 def load_packed_lm(folder: Path) -> tuple[nn.Module, Any]:
     """A `transformers` causal LM rebuilt from an export folder: float tensors from the
     safetensors file, each quantized Linear's weight = codes * scale from the qpack."""
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder)

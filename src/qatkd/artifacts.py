@@ -1,0 +1,36 @@
+"""Run artifacts read back: the model a checkpoint holds and the data it was trained on, for any
+task family. Below the pipeline, so export scripts and benchmarks use it without the commands."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qatkd.checkpoint import checkpoint_path, load_checkpoint
+from qatkd.config import Config, apply_overrides, build_config
+from qatkd.tasks import Source, checkpoint_task, task_family
+
+
+def config_of(state: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """The configuration a checkpoint was made with, `overrides` (`key=value`) applied."""
+    raw = copy.deepcopy(state["config"])
+    raw["task"] = checkpoint_task(state)
+    return build_config(apply_overrides(raw, overrides or []))
+
+
+def load_model(
+    path: str | Path, state: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model stored in a checkpoint (or run folder), in eval mode, and the checkpoint itself
+    (`state`: the checkpoint when already loaded)."""
+    state = state if state is not None else load_checkpoint(checkpoint_path(path))
+    return task_family(checkpoint_task(state)).restore(state), state
+
+
+def checkpoint_source(state: dict[str, Any], overrides: list[str] | None = None) -> Source:
+    """The data a checkpoint was trained on, without augmentation, `data.*` overrides applied."""
+    config = config_of(state, [*(overrides or []), "data.augment=false"])
+    return task_family(config.task).load(config)

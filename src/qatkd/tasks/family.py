@@ -1,0 +1,104 @@
+"""The `TaskFamily` protocol: everything task-specific, behind one interface the pipeline calls.
+
+A family (classification, detection, language, or a new one) is a registered object that owns its
+data, its models and checkpoints, its teachers, its losses and metrics (the `Task` it makes for
+the engine), its calibration data and its export. `qatkd.pipeline` only calls these methods and
+names no family, so adding a family is one new package that registers itself here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qatkd.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from qatkd.config import Config
+    from qatkd.train.engine import Task, TeacherOutputs
+
+
+class Source(Protocol):
+    """What a family loaded for a run: the train and test splits, and whatever its models need
+    (image statistics and class names, a tokenizer and a pretrained model, ...)."""
+
+    train: Dataset
+    test: Dataset
+
+
+class TaskFamily(Protocol):
+    """A task family. `ptq_from_checkpoint`: whether `qatkd ptq` quantizes an FP32 checkpoint
+    (`--ckpt`) or the pretrained model the config names."""
+
+    name: str
+    ptq_from_checkpoint: bool
+
+    def resolve(self, config: Config) -> Config:
+        """The config with the family's own rules applied (defaults that depend on other keys)."""
+        ...
+
+    def check(self, config: Config) -> None:
+        """Fail on a wrong model name or a missing file before any data is loaded."""
+        ...
+
+    def load(self, config: Config) -> Source:
+        """The data (and pretrained parts) a run of `config` needs."""
+        ...
+
+    def build_student(self, config: Config, source: Source) -> tuple[nn.Module, dict[str, Any]]:
+        """The student and its checkpoint `meta`: built by name or from `model.init` / the
+        pretrained model, quantized and calibrated when `config.quant` is set."""
+        ...
+
+    def restore(self, state: dict[str, Any], source: Source | None = None) -> nn.Module:
+        """The model a checkpoint holds, with its weights, in eval mode. `source`: the loaded
+        data of the checkpoint's config, for families whose models need it."""
+        ...
+
+    def make_task(self, config: Config, source: Source) -> Task:
+        """The losses and metrics the engine trains and evaluates with."""
+        ...
+
+    def teacher_outputs(
+        self, config: Config, source: Source, task: Task, device: torch.device
+    ) -> tuple[TeacherOutputs, Dataset]:
+        """The teachers' outputs for a training batch (on `device`) and the training set to
+        use with them."""
+        ...
+
+    def export(
+        self, state: dict[str, Any], path: Path, out: Path, data_limit: int | None
+    ) -> dict[str, Any]:
+        """Write the deployable files of the checkpoint `state` (read from `path`) into `out`."""
+        ...
+
+    def bench(
+        self,
+        state: dict[str, Any],
+        path: Path,
+        threads: int,
+        batch_sizes: tuple[int, ...],
+        repeats: int,
+        data_limit: int | None,
+    ) -> dict[str, Any]:
+        """Latency, size and parity of the exported model against FP32, in one process."""
+        ...
+
+
+FAMILIES: Registry[TaskFamily] = Registry("task family")
+
+
+def task_family(name: str) -> TaskFamily:
+    """The registered family called `name` (`qatkd.tasks` registers the built-in ones)."""
+    return FAMILIES.get(name)
+
+
+def checkpoint_task(state: dict[str, Any]) -> str:
+    """The task family a checkpoint belongs to (checkpoints before the field: classification)."""
+    return state.get("config", {}).get("task") or state.get("meta", {}).get(
+        "task", "classification"
+    )

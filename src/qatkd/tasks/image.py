@@ -1,0 +1,310 @@
+"""What the image task families (classification, detection) share: the data they load
+(`ImageData`), the checkpoint description of an image model (`model_meta`), and `ImageFamily`,
+the `TaskFamily` built from a family's own data loader, model builder, task and parity check.
+
+An image checkpoint rebuilds its model from `meta` alone (name, channels, classes, normalisation);
+teachers are checkpoints of the same family; export is the int8 ONNX of `qatkd.export`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from qatkd.checkpoint import checkpoint_path, load_checkpoint
+from qatkd.config import Config, DataConfig
+from qatkd.device import module_device
+from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache, file_sha256
+from qatkd.errors import QatkdError
+from qatkd.export import bench_exported, export_onnx
+from qatkd.quant import QuantConfig, calibrate, prepare
+from qatkd.train.engine import Task, TeacherOutputs
+
+CALIBRATION_SAMPLES = 512
+PREDICT_BATCH_SIZE = 512
+EXPORT_BATCH_SIZE = 256
+
+
+@dataclass
+class ImageData:
+    """A train/test pair plus what a model and an exporter need to know about the images."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    class_names: list[str]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class WithIndex(Dataset):
+    """Adds each sample's index to it, so per-sample results (cached teacher logits) can be
+    looked up for a shuffled batch."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        return (*self.dataset[i], i)
+
+
+def model_meta(
+    name: str,
+    in_channels: int,
+    image_size: int,
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    task: str = "classification",
+) -> dict[str, Any]:
+    """What a checkpoint records to rebuild its model without the dataset (any image family)."""
+    return {
+        "task": task,
+        "model_name": name,
+        "in_channels": in_channels,
+        "image_size": image_size,
+        "class_names": list(class_names),
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+@torch.inference_mode()
+def predict_all(model: nn.Module, dataset: Dataset) -> torch.Tensor:
+    """The model's outputs for every sample of `dataset`, in order, on the CPU (for the
+    teacher-logit cache), computed on the model's device."""
+    model.eval()
+    device = module_device(model)
+    loader = DataLoader(dataset, batch_size=PREDICT_BATCH_SIZE)
+    batches = tqdm(loader, desc="teacher logits", leave=False)
+    return torch.cat([model(x.to(device)).cpu() for x, *_ in batches])
+
+
+ModelBuilder = Callable[[str, int, int, Sequence[float], Sequence[float]], nn.Module]
+
+
+@dataclass(frozen=True)
+class ImageFamily:
+    """A `TaskFamily` for images, made from the family's own parts: `load_data(DataConfig)`,
+    `build_model(name, channels, classes, mean, std)`, `check_model_name`, `make_task_for(num
+    classes, kd config, per_teacher)` and `parity(model, runner, batches, desc=, trained=)`."""
+
+    name: str
+    load_data: Callable[[DataConfig], ImageData]
+    build_model: ModelBuilder
+    check_model_name: Callable[[str], None]
+    make_task_for: Callable[[int, KDConfig | None, bool], Task]
+    parity: Callable[..., dict[str, Any]]
+    ptq_from_checkpoint: bool = True
+
+    def resolve(self, config: Config) -> Config:
+        if config.train.gradient_checkpointing:
+            raise QatkdError("train.gradient_checkpointing is for language models (task=language)")
+        return config
+
+    def check(self, config: Config) -> None:
+        self.check_model_name(config.model.name)
+        named = [("model.init", config.model.init)] + [("teacher", t) for t in config.teachers]
+        for what, path in named:
+            if path is not None and not checkpoint_path(path).is_file():
+                raise QatkdError(f"{what} checkpoint not found: {path}")
+
+    def load(self, config: Config) -> ImageData:
+        return self.load_data(config.data)
+
+    def model_from_meta(self, meta: dict[str, Any]) -> nn.Module:
+        """The network a checkpoint describes (quantized if it was), without its weights."""
+        classes = len(meta["class_names"])
+        model = self.build_model(
+            meta["model_name"], meta["in_channels"], classes, meta["mean"], meta["std"]
+        )
+        if meta.get("quant"):
+            prepare(model, QuantConfig(**meta["quant"]))
+        return model
+
+    def restore(
+        self, state: dict[str, Any], source: ImageData | None = None, path: str = "checkpoint"
+    ) -> nn.Module:
+        """With `source`, the checkpoint must also fit that data (see `check_fits`)."""
+        if source is not None:
+            self.check_fits(state["meta"], source, "checkpoint", path)
+        model = self.model_from_meta(state["meta"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise QatkdError(
+                f"checkpoint {path} does not fit model '{state['meta']['model_name']}': "
+                f"{str(e).splitlines()[0]}"
+            ) from e
+        return model.eval()
+
+    def check_fits(self, meta: dict[str, Any], data: ImageData, what: str, path: str) -> None:
+        """A checkpoint used with `data` (a teacher, `model.init`, the model under eval or ptq)
+        must be of this family, classes and input shape: a one-line error names the file."""
+        family = meta.get("task", "classification")
+        if family != self.name:
+            raise QatkdError(
+                f"{what} {path} is a {family} model, but this run's task is {self.name}"
+            )
+        if len(meta["class_names"]) != data.num_classes or meta["in_channels"] != data.in_channels:
+            raise QatkdError(
+                f"{what} {path} was trained for {len(meta['class_names'])} classes and "
+                f"{meta['in_channels']} input channels, but data '{data.name}' has "
+                f"{data.num_classes} classes and {data.in_channels} channels"
+            )
+        if meta["image_size"] != data.image_size:
+            raise QatkdError(
+                f"{what} {path} was trained on {meta['image_size']}x{meta['image_size']} images, "
+                f"but data '{data.name}' has {data.image_size}x{data.image_size}"
+            )
+
+    def build_student(self, config: Config, data: ImageData) -> tuple[nn.Module, dict[str, Any]]:
+        meta = model_meta(
+            config.model.name,
+            data.in_channels,
+            data.image_size,
+            data.class_names,
+            data.mean,
+            data.std,
+            self.name,
+        )
+        model = self.build_model(
+            config.model.name, data.in_channels, data.num_classes, data.mean, data.std
+        )
+        if config.model.init:
+            init = load_checkpoint(config.model.init)
+            self.check_fits(init["meta"], data, "model.init", config.model.init)
+            if init["meta"].get("quant"):
+                raise QatkdError(
+                    f"model.init={config.model.init} is quantized: "
+                    "start from a full-precision checkpoint"
+                )
+            if init["meta"]["model_name"] != config.model.name:
+                raise QatkdError(
+                    f"model.init={config.model.init} holds a '{init['meta']['model_name']}', "
+                    f"but model.name is '{config.model.name}'"
+                )
+            model.load_state_dict(self.restore(init, path=config.model.init).state_dict())
+        if config.quant is not None:
+            prepare(model, config.quant)
+            batches = DataLoader(
+                data.train,
+                batch_size=128,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(config.seed),
+            )
+            calibrate(model, batches, CALIBRATION_SAMPLES)
+            meta["quant"] = config.quant.model_dump(mode="json")
+        return model, meta
+
+    def make_task(self, config: Config, data: ImageData) -> Task:
+        return self.make_task_for(data.num_classes, config.kd, config.balancer.per_teacher)
+
+    def teacher_outputs(
+        self, config: Config, data: ImageData, task: Task, device: torch.device
+    ) -> tuple[TeacherOutputs, Dataset]:
+        """Live: the frozen ensemble runs on every batch. With `kd.cache=true` (non-augmented
+        data only) each teacher's outputs for every training image are computed once, stored on
+        disk keyed by the teacher file's hash and the data, and looked up by sample index."""
+        teachers = []
+        for path in config.teachers:
+            state = load_checkpoint(path)
+            self.check_fits(state["meta"], data, "teacher", path)
+            teachers.append(self.restore(state, path=path))
+        ensemble = TeacherEnsemble(teachers, names=config.teachers).to(device)
+        if not config.kd.cache:
+            return (lambda batch: ensemble(task.inputs(batch))), data.train
+        if config.data.augment:
+            raise QatkdError(
+                "kd.cache=true needs data.augment=false: augmented images change every epoch"
+            )
+        data_key = config.data.model_dump(mode="json")
+        logits = []
+        for path, teacher in zip(config.teachers, ensemble.teachers, strict=True):
+            key = {"teacher": file_sha256(checkpoint_path(path)), "data": data_key}
+            cache = TeacherLogitCache(config.kd.cache_dir, key | {"transform": "none"})
+            logits.append(cache.get(lambda t=teacher: predict_all(t, data.train)).to(device))
+        return (lambda batch: [t[batch[-1]] for t in logits]), WithIndex(data.train)
+
+    def _quantized(self, state: dict[str, Any], path: Path) -> nn.Module:
+        if not state["meta"].get("quant"):
+            raise QatkdError(
+                f"{path} is not quantized: export needs a QAT/PTQ checkpoint "
+                "(run qatkd ptq or qatkd distill with quant.bits)"
+            )
+        return self.restore(state, path=str(path))
+
+    def _test_loader(self, state: dict[str, Any], data_limit: int | None) -> DataLoader:
+        data = self.load_data(state_data_config(state, data_limit))
+        return DataLoader(data.test, batch_size=EXPORT_BATCH_SIZE)
+
+    def export(
+        self, state: dict[str, Any], path: Path, out: Path, data_limit: int | None
+    ) -> dict[str, Any]:
+        """The int8 ONNX, FP32 ONNX and qpack, with parity on the first `data_limit` test
+        samples (all by default) against the aligned and the trained model."""
+        trained = self._quantized(state, path)
+        loader = self._test_loader(state, data_limit)
+        shape = input_shape(state["meta"])
+        return export_onnx(trained, state["meta"], shape, out, loader, self.parity, path)
+
+    def bench(
+        self,
+        state: dict[str, Any],
+        path: Path,
+        threads: int,
+        batch_sizes: tuple[int, ...],
+        repeats: int,
+        data_limit: int | None,
+    ) -> dict[str, Any]:
+        """Exports first if the run folder has no ONNX yet."""
+        out = path.parent
+        if not (out / "model.int8.onnx").is_file() or not (out / "parity.json").is_file():
+            self.export(state, path, out, data_limit)
+        return bench_exported(
+            self._quantized(state, path),
+            self.float_model(state),
+            state["meta"],
+            input_shape(state["meta"]),
+            out,
+            self._test_loader(state, data_limit),
+            self.parity,
+            threads,
+            batch_sizes,
+            repeats,
+        )
+
+    def float_model(self, state: dict[str, Any]) -> nn.Module:
+        """The checkpoint's network without quantizers (its float weights), in eval mode: the
+        FP32 PyTorch reference for speed."""
+        model = self.model_from_meta({**state["meta"], "quant": None})
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in state["model"].items() if k in own})
+        return model.eval()
+
+
+def input_shape(meta: dict[str, Any]) -> list[int]:
+    return [meta["in_channels"], meta["image_size"], meta["image_size"]]
+
+
+def state_data_config(state: dict[str, Any], test_limit: int | None = None) -> DataConfig:
+    """The data settings a checkpoint was trained with, without augmentation, `test_limit`
+    samples of the test split if given."""
+    data = DataConfig.model_validate(state["config"]["data"]).model_copy(update={"augment": False})
+    return data if test_limit is None else data.model_copy(update={"test_limit": test_limit})
