@@ -30,5 +30,6 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
+	$(VENV)/bin/lint-imports --no-logo
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
