@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from qatkd.export import fold_batchnorm, load_qpack, pack_codes, save_qpack, unpack_codes
-from qatkd.quant import QuantConv2d, QuantLinear
+from qatkd.errors import QatkdError
+from qatkd.export import fold_batchnorm, load_qpack, pack_codes, save_qpack, to_onnx, unpack_codes
+from qatkd.export.frozen import FrozenLinear
+from qatkd.export.qpack import packed_layer
+from qatkd.quant import QuantConfig, QuantConv2d, QuantLinear, calibrate, prepare
 
 
 @pytest.mark.parametrize(
@@ -43,3 +48,25 @@ def test_qpack_file_restores_trained_codes(tiny_model, tmp_path, bits):
     assert len(pack.activations) == 6
     inner = [layer for layer in pack.layers if layer.bits == int(bits[1])]
     assert inner and all(layer.codes.min() >= layer.qmin for layer in inner)
+
+
+def test_per_group_linear_freezes_to_the_fake_quantized_weight_and_stays_out_of_onnx():
+    """One convert step for per-channel and per-group weights: a grouped Linear (80 inputs in
+    groups of 32: the last group holds 16) freezes to exactly the fake-quantized weight and packs
+    with one scale per group; the ONNX QDQ exporter, which has no per-group form, refuses it."""
+    torch.manual_seed(0)
+    model = prepare(
+        nn.Sequential(nn.Flatten(), nn.Linear(80, 6)),
+        QuantConfig(bits="W4A16", method="minmax", first_last_bits=None, group_size=32),
+    )
+    calibrate(model, [torch.randn(8, 80)], 8)
+    layer = model[1]
+    assert isinstance(layer, QuantLinear)
+    frozen = FrozenLinear(layer, "1")
+    with torch.no_grad():
+        assert torch.equal(frozen.weight, layer.weight_quantizer(layer.weight))
+    packed = packed_layer("1", frozen)
+    assert packed.group_size == 32 and packed.scale.shape == (6, 3)
+    np.testing.assert_array_equal(packed.weight(), frozen.weight.numpy())
+    with pytest.raises(QatkdError, match=r"group_size=32\) have no per-channel QDQ form"):
+        to_onnx(model.eval(), [80])

@@ -1,10 +1,13 @@
 """The deployable integer description of a quantized model: integer weight codes plus scales.
 
 `freeze` traces a quantized model (torch.fx) and replaces each `QuantConv2d` / `QuantLinear` by a
-frozen layer that stores the trained integer weight codes and their per-channel scale instead of
-the float weight. Its output equals the fake-quantized layer's bitwise (the quantizers promise
-`forward(w) == quantize_int(w) * scale`), and it is what BatchNorm folding and the exporters read,
-so they never re-quantize a weight and never invent a scale.
+frozen layer that stores the trained integer weight codes and their scales (one per output
+channel, or one per group of inputs for language models' Linear layers) instead of the float
+weight. A model that fx cannot trace (a `transformers` LM) freezes layer by layer with
+`FrozenLinear(layer, name)`; both are the one convert step of every exporter. Its output equals
+the fake-quantized layer's bitwise (the quantizers promise `forward(w) == quantize_int(w) *
+scale`), and it is what BatchNorm folding and the exporters read, so they never re-quantize a
+weight and never invent a scale.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ def _check_int8(qmin: int, qmax: int, where: str) -> None:
 
 
 class FrozenLayer(nn.Module):
-    """Shared state of a frozen conv / linear: `codes` (int8), `scale` (float32, broadcastable
-    per output channel), optional float `bias`, the trained input quantizer (kept as a module so
-    the PyTorch forward fake-quantizes exactly as in training), and the weight's bit-width."""
+    """Shared state of a frozen conv / linear: `codes` (int8), `scale` (float32: broadcastable per
+    output channel, or `[out, groups]` with `group_size`, the last group possibly narrower),
+    optional float `bias`, the trained input quantizer (kept as a module so the PyTorch forward
+    fake-quantizes exactly as in training), and the weight's bit-width."""
 
     codes: Tensor
     scale: Tensor
@@ -73,16 +77,15 @@ class FrozenLayer(nn.Module):
         wq = layer.weight_quantizer
         if isinstance(wq, FloatQuantizer):
             raise QatkdError(f"{where}: the weight is not quantized (16 bits); nothing to freeze")
-        if wq.group_size is not None:
-            raise QatkdError(
-                f"{where}: per-group weight scales (group_size={wq.group_size}) are not supported "
-                "by the exporter; it writes one scale per output channel"
-            )
         qmin, qmax = wq.qrange
         _check_int8(qmin, qmax, where)
+        self.group_size = wq.group_size
         with torch.no_grad():
             codes = wq.quantize_int(layer.weight)
-            scale = wq.scale.expand(codes.shape[0], *([1] * (codes.dim() - 1))).clone()
+            if self.group_size is None:
+                scale = wq.scale.expand(codes.shape[0], *([1] * (codes.dim() - 1))).clone()
+            else:  # the quantizer's scale repeats each group's value over its inputs
+                scale = wq.scale.expand_as(codes)[:, :: self.group_size].clone()
         self.register_buffer("codes", codes.to(CODE_DTYPE))
         self.register_buffer("scale", scale.float())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
@@ -94,7 +97,10 @@ class FrozenLayer(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The fake-quantized float weight, `codes * scale` (as DequantizeLinear computes it)."""
-        return self.codes.float() * self.scale
+        scale = self.scale
+        if self.group_size is not None:
+            scale = scale.repeat_interleave(self.group_size, dim=1)[:, : self.codes.shape[1]]
+        return self.codes.float() * scale
 
 
 class FrozenConv2d(FrozenLayer):

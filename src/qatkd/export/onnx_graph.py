@@ -187,6 +187,11 @@ class GraphBuilder:
             return [x, weight] + (
                 [] if bias_values is None else [self.const(bias_values, f"{hint}.bias")]
             )
+        if layer.group_size is not None:
+            raise QatkdError(
+                f"{hint}: per-group weight scales (group_size={layer.group_size}) have no "
+                "per-channel QDQ form; such a model exports through the packed format (qpack)"
+            )
         r = layer.input_range
         if r is not None:
             x = self.qdq(x, r, f"{hint}.input", widen=True)[0]

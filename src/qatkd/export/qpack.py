@@ -123,6 +123,23 @@ def unpack_codes(data: bytes, qmin: int, qmax: int, shape: tuple[int, ...]) -> n
     return (unsigned.astype(np.int16) + qmin).astype(np.int8).reshape(shape)
 
 
+def packed_layer(name: str, layer: FrozenLayer) -> PackedLayer:
+    """A frozen layer as stored: its codes, scales (per channel, or `[out, groups]`) and bias."""
+    qmin, qmax = layer.weight_qrange
+    scale = layer.scale if layer.group_size is not None else layer.scale.reshape(-1)
+    return PackedLayer(
+        name=name,
+        bits=layer.weight_bits,
+        qmin=qmin,
+        qmax=qmax,
+        codes=layer.codes.numpy(),
+        scale=scale.contiguous().numpy(),
+        bias=None if layer.bias is None else layer.bias.detach().float().numpy(),
+        input=layer.input_range,
+        group_size=layer.group_size,
+    )
+
+
 def packed_layers(gm: fx.GraphModule) -> QPack:
     """The quantized layers and activations of a frozen, BN-folded model (`fold_batchnorm`)."""
     layers, activations = [], {}
@@ -131,19 +148,7 @@ def packed_layers(gm: fx.GraphModule) -> QPack:
             continue
         module = gm.get_submodule(node.target)
         if isinstance(module, FrozenLayer):
-            qmin, qmax = module.weight_qrange
-            layers.append(
-                PackedLayer(
-                    name=node.target,
-                    bits=module.weight_bits,
-                    qmin=qmin,
-                    qmax=qmax,
-                    codes=module.codes.numpy(),
-                    scale=module.scale.reshape(-1).numpy(),
-                    bias=None if module.bias is None else module.bias.numpy(),
-                    input=module.input_range,
-                )
-            )
+            layers.append(packed_layer(node.target, module))
         elif isinstance(module, QuantAct):
             r = act_range(module.quantizer, node.target)
             if r is not None:

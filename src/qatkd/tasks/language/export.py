@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qatkd.export.qpack import PackedLayer, QPack, load_qpack, write_qpack
+from qatkd.export.frozen import FrozenLinear
+from qatkd.export.qpack import PackedLayer, QPack, load_qpack, packed_layer, write_qpack
 from qatkd.quant import QuantLinear
 from qatkd.quant.quantizers import FloatQuantizer
 
@@ -31,27 +32,9 @@ HF_PREFIX = "hf."
 
 
 def packed_linear(name: str, layer: QuantLinear) -> PackedLayer:
-    """A fake-quantized Linear as stored: its integer codes and per-group (or per-row) scales."""
-    quantizer = layer.weight_quantizer
-    qmin, qmax = quantizer.qrange
-    with torch.no_grad():
-        codes = quantizer.quantize_int(layer.weight).to(torch.int8).numpy()
-        scale = quantizer.scale.expand_as(layer.weight)
-        if quantizer.group_size is not None:
-            scale = scale[:, :: quantizer.group_size]
-        else:
-            scale = scale[:, 0]
-    return PackedLayer(
-        name=name.removeprefix(HF_PREFIX),
-        bits=quantizer.bits,
-        qmin=qmin,
-        qmax=qmax,
-        codes=codes,
-        scale=scale.contiguous().float().numpy(),
-        bias=None if layer.bias is None else layer.bias.detach().float().numpy(),
-        input=None,
-        group_size=quantizer.group_size,
-    )
+    """A fake-quantized Linear as stored: its integer codes and per-group (or per-row) scales,
+    frozen by the exporters' one convert step (`FrozenLinear`)."""
+    return packed_layer(name.removeprefix(HF_PREFIX), FrozenLinear(layer, name))
 
 
 def export_language(
