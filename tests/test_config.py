@@ -2,13 +2,22 @@ from pathlib import Path
 
 import pytest
 
-from qatkd.config import Config, config_keys, load_config, parse_override, save_config
+from qatkd.config import (
+    Config,
+    build_config,
+    config_keys,
+    load_config,
+    parse_override,
+    save_config,
+    saved_config,
+)
 from qatkd.errors import QatkdError
+from qatkd.tasks.classification.config import ClassificationConfig
 
 
 def test_defaults_are_valid():
     config = load_config()
-    assert config == Config()
+    assert config == ClassificationConfig()
     assert config.data.name == "fashion-mnist" and config.model.name == "resnet20"
     assert config.quant is None and config.teachers == []
 
@@ -86,3 +95,33 @@ def test_task_defaults_apply_under_explicit_keys():
     given = load_config(overrides=["task=language", "balancer.lr=0.5"])
     assert given.balancer.lr == 0.5 and given.balancer.name == Config().balancer.name
     assert load_config().balancer.lr is None  # image tasks: the model's learning rate
+
+
+def test_fine_tuning_defaults_follow_model_init():
+    scratch = load_config()
+    assert (scratch.train.lr, scratch.train.warmup_epochs) == (0.1, 1.0)
+    tuned = load_config(overrides=["model.init=fp32.pt"])
+    assert (tuned.train.lr, tuned.train.warmup_epochs) == (0.01, 0.0)
+    detector = load_config(overrides=["task=detection", "model.init=fp32.pt"])
+    assert (detector.train.lr, detector.train.batch_size) == (0.002, 32)
+    given = load_config(overrides=["model.init=fp32.pt", "train.lr=0.05"])
+    assert (given.train.lr, given.train.warmup_epochs) == (0.05, 0.0)
+
+
+def test_each_family_owns_its_data_keys():
+    with pytest.raises(QatkdError, match=r"unknown config key 'data.train_files'"):
+        load_config(overrides=["data.train_files=[a.txt]"])
+    with pytest.raises(QatkdError, match=r"'data.name' = 'npz': .*'text'"):
+        load_config(overrides=["task=language", "data.name=npz"])
+    assert load_config(overrides=["task=detection", "data.image_size=64"]).data.image_size == 64
+    with pytest.raises(QatkdError, match=r"'task' = 'segmentation': unknown task family"):
+        load_config(overrides=["task=segmentation"])
+
+
+def test_configs_saved_with_every_familys_data_keys_still_load():
+    """Before each family had its own configuration, every checkpoint saved all data keys."""
+    old = load_config().model_dump(mode="json")
+    old["data"] |= {"image_size": 96, "train_files": [], "block_size": 128}
+    with pytest.raises(QatkdError, match="unknown config key"):
+        build_config(old)
+    assert build_config(saved_config(old)) == load_config()

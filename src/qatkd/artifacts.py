@@ -3,21 +3,19 @@ task family. Below the pipeline, so export scripts and benchmarks use it without
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from qatkd.checkpoint import checkpoint_path, load_checkpoint
-from qatkd.config import Config, apply_overrides, build_config
+from qatkd.config import Config, apply_overrides, build_config, saved_config
 from qatkd.tasks import Source, checkpoint_task, task_family
 
 
 def config_of(state: dict[str, Any], overrides: list[str] | None = None) -> Config:
     """The configuration a checkpoint was made with, `overrides` (`key=value`) applied."""
-    raw = copy.deepcopy(state["config"])
-    raw["task"] = checkpoint_task(state)
+    raw = saved_config({**state["config"], "task": checkpoint_task(state)})
     return build_config(apply_overrides(raw, overrides or []))
 
 
@@ -33,4 +31,4 @@ def load_model(
 def checkpoint_source(state: dict[str, Any], overrides: list[str] | None = None) -> Source:
     """The data a checkpoint was trained on, without augmentation, `data.*` overrides applied."""
     config = config_of(state, [*(overrides or []), "data.augment=false"])
-    return task_family(config.task).load(config)
+    return task_family(config.task).load(config, training=False)

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from qatkd.checkpoint import checkpoint_path
-from qatkd.config import Config, _section_type, load_config
+from qatkd.config import FAMILY_CONFIGS, Config, _section_type, load_config
 from qatkd.errors import QatkdError
 
 EXIT_USER_ERROR = 2
@@ -38,6 +38,17 @@ def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str
             default = default.model_dump(mode="json")
         note = f"  {field.description}" if field.description else ""
         lines.append(f"  {prefix}{name} = {json.dumps(default)}{note}")
+    return lines
+
+
+def describe_all_keys() -> list[str]:
+    """The keys of every run, then per task family the data keys it adds or changes."""
+    common = describe_keys()
+    lines = list(common)
+    for task, family in sorted(FAMILY_CONFIGS.items()):
+        data = family.config_type.model_fields["data"].annotation
+        own = [line for line in describe_keys(data, "data.") if line not in common]
+        lines += [f"task={task}:", *own]
     return lines
 
 
@@ -123,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    keys_help = "config keys (key = default):\n" + "\n".join(describe_keys())
+    keys_help = "config keys (key = default):\n" + "\n".join(describe_all_keys())
 
     def add(
         name: str,

@@ -6,9 +6,11 @@ key in the message. The resolved config is saved as `config.yaml` in each run fo
 
 from __future__ import annotations
 
+import copy
 import re
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,16 +30,10 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal[
-        "fashion-mnist",
-        "cifar10",
-        "cifar100",
-        "imagefolder",
-        "npz",
-        "fashion-canvas",
-        "yolo",
-        "text",
-    ] = "fashion-mnist"
+    """The data keys of every task family; a family's config adds its own (and the choices of
+    `data.name`) in a subclass (`register_family`)."""
+
+    name: str = Field("fashion-mnist", description="dataset; the task family lists its choices")
     root: str | None = Field(None, description="dataset folder or file; default: where it installs")
     train_limit: int | None = Field(
         None, gt=0, description="use only the first N training samples (language: blocks)"
@@ -46,17 +42,6 @@ class DataConfig(Section):
         None, gt=0, description="use only the first N test samples (language: windows)"
     )
     augment: bool = Field(True, description="train-time augmentation (crop + flip)")
-    image_size: int = Field(96, ge=16, description="detection: YOLO images are resized to this")
-    train_files: list[str] = Field(
-        default_factory=list, description="language: training text files; default: generated"
-    )
-    eval_files: list[str] = Field(
-        default_factory=list, description="language: evaluation text files; default: GPL-3 text"
-    )
-    block_size: int = Field(128, ge=8, description="language: tokens per training block / window")
-    generate_samples: int = Field(
-        256, gt=0, description="language: teacher-generated training samples (no train_files)"
-    )
 
 
 class ModelConfig(Section):
@@ -102,38 +87,11 @@ class DiagConfig(Section):
     every: int = Field(0, ge=0, description="gradient-conflict diagnostic every N steps; 0 = off")
 
 
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classification": {},
-    "detection": {
-        "data": {"name": "fashion-canvas"},
-        "model": {"name": "det_s"},
-        "train": {"lr": 0.01, "batch_size": 32, "epochs": 10},
-        "kd": {"temperature": 1.0},
-    },
-    "language": {
-        "data": {"name": "text", "augment": False},
-        "model": {"name": "smollm2-135m"},
-        "train": {
-            "optimizer": "adamw",
-            "lr": 2e-5,
-            "batch_size": 4,
-            "epochs": 1,
-            "warmup_epochs": 0.0,
-            "weight_decay": 0.0,
-            "log_every": 10,
-        },
-        "kd": {"temperature": 1.0},
-        # AdamW moves a parameter by about lr per step: at the model's 2e-5 the two GoR
-        # weights (order 1) would not move within a fine-tuning run of a few hundred steps.
-        "balancer": {"lr": 0.01},
-    },
-}
-"""Per task family, the defaults that differ from the classification ones; the keys a config
-gives explicitly win."""
-
-
 class Config(Section):
-    task: Literal["classification", "detection", "language"] = "classification"
+    """The sections every run has. Each task family validates with its own subclass (its `task`
+    value and `data` section), registered with `register_family`."""
+
+    task: str = "classification"
     seed: int = 0
     out: str | None = Field(None, description="run folder; default runs/<command>-<model>-<time>")
     data: DataConfig = DataConfig()
@@ -144,6 +102,38 @@ class Config(Section):
     kd: KDConfig = KDConfig()
     balancer: BalancerConfig = BalancerConfig()
     diag: DiagConfig = DiagConfig()
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    """How a task family's configuration is validated: its `Config` subclass, the defaults that
+    differ from the base ones, and those of a run that fine-tunes a trained model (`model.init`
+    given: QAT, distillation, PTQ). Keys a config gives explicitly win over both."""
+
+    config_type: type[Config]
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fine_tune: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+FAMILY_CONFIGS: dict[str, FamilyConfig] = {}
+"""Task name -> its configuration, filled by the task families as they are imported
+(`qatkd.tasks`, which `import qatkd` loads)."""
+
+
+def register_family(task: str, family_config: FamilyConfig) -> None:
+    if task in FAMILY_CONFIGS:
+        raise ValueError(f"task family '{task}' registers its configuration twice")
+    FAMILY_CONFIGS[task] = family_config
+
+
+def family_config(task: str) -> FamilyConfig:
+    if task not in FAMILY_CONFIGS:
+        names = sorted(FAMILY_CONFIGS)
+        raise QatkdError(
+            f"config key 'task' = {task!r}: unknown task family{closest(str(task), names)}; "
+            f"choose one of: {', '.join(names)}"
+        )
+    return FAMILY_CONFIGS[task]
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
@@ -161,20 +151,20 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     """Every valid dotted key, for 'did you mean' hints and `--help`."""
     keys: list[str] = []
-    for name, field in model.model_fields.items():
-        sub = _section_type(field.annotation)
+    for name, info in model.model_fields.items():
+        sub = _section_type(info.annotation)
         keys.append(prefix + name)
         if sub is not None:
             keys.extend(config_keys(sub, f"{prefix}{name}."))
     return keys
 
 
-def _format_validation_error(error: ValidationError) -> str:
+def _format_validation_error(error: ValidationError, config_type: type[Config]) -> str:
     messages = []
     for err in error.errors():
         key = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
         if err["type"] == "extra_forbidden":
-            messages.append(f"unknown config key '{key}'{closest(key, config_keys())}")
+            messages.append(f"unknown config key '{key}'{closest(key, config_keys(config_type))}")
         else:
             reason = err["msg"].removeprefix("Value error, ")
             messages.append(f"config key '{key}' = {err['input']!r}: {reason}")
@@ -225,9 +215,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _with_task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw` on top of its task family's defaults (TASK_DEFAULTS)."""
-    defaults = TASK_DEFAULTS.get(raw.get("task", "classification"), {})
+def _merged(raw: dict[str, Any], defaults: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`raw` on top of `defaults`, section by section."""
     merged = dict(raw)
     for section, values in defaults.items():
         given = raw.get(section)
@@ -237,10 +226,28 @@ def _with_task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_config(raw: dict[str, Any]) -> Config:
+    """The validated config of `raw` (sections of key: value) for its task family: the family's
+    defaults, then its fine-tuning defaults when `model.init` is given, under `raw`."""
+    family = family_config(raw.get("task", "classification"))
+    model = raw.get("model")
+    fine_tuning = isinstance(model, dict) and model.get("init") is not None
+    defaults = _merged(family.fine_tune, family.defaults) if fine_tuning else family.defaults
     try:
-        return Config.model_validate(_with_task_defaults(raw))
+        return family.config_type.model_validate(_merged(raw, defaults))
     except ValidationError as e:
-        raise QatkdError(_format_validation_error(e)) from e
+        raise QatkdError(_format_validation_error(e, family.config_type)) from e
+
+
+def saved_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A configuration as a checkpoint or config.yaml saved it, ready for `build_config`: the
+    data keys its task family does not own are dropped (qatkd saved every family's data keys
+    before each family had its own configuration)."""
+    raw = copy.deepcopy(raw)
+    data_type = family_config(raw.get("task", "classification")).config_type
+    known = data_type.model_fields["data"].annotation.model_fields
+    if isinstance(raw.get("data"), dict):
+        raw["data"] = {k: v for k, v in raw["data"].items() if k in known}
+    return raw
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

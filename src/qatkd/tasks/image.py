@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from qatkd.checkpoint import checkpoint_path, load_checkpoint
-from qatkd.config import Config, DataConfig
+from qatkd.config import Config, DataConfig, build_config, saved_config
 from qatkd.device import module_device
 from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache, file_sha256
 from qatkd.errors import QatkdError
@@ -125,7 +125,8 @@ class ImageFamily:
             if path is not None and not checkpoint_path(path).is_file():
                 raise QatkdError(f"{what} checkpoint not found: {path}")
 
-    def load(self, config: Config) -> ImageData:
+    def load(self, config: Config, training: bool = True) -> ImageData:
+        """Image datasets load lazily: the training split costs nothing unless read."""
         return self.load_data(config.data)
 
     def model_from_meta(self, meta: dict[str, Any]) -> nn.Module:
@@ -306,5 +307,5 @@ def input_shape(meta: dict[str, Any]) -> list[int]:
 def state_data_config(state: dict[str, Any], test_limit: int | None = None) -> DataConfig:
     """The data settings a checkpoint was trained with, without augmentation, `test_limit`
     samples of the test split if given."""
-    data = DataConfig.model_validate(state["config"]["data"]).model_copy(update={"augment": False})
+    data = build_config(saved_config(state["config"])).data.model_copy(update={"augment": False})
     return data if test_limit is None else data.model_copy(update={"test_limit": test_limit})

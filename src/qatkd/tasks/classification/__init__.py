@@ -1,5 +1,6 @@
 """Image classification: datasets, models, task loss and metrics."""
 
+from qatkd.tasks.classification import config  # noqa: F401  (registers the configuration)
 from qatkd.tasks.classification.data import load_data
 from qatkd.tasks.classification.models import MODELS, TORCHVISION_PREFIX, Classifier, build_model
 from qatkd.tasks.classification.parity import compare

@@ -1,6 +1,7 @@
 """Object detection: generated canvases of Fashion-MNIST items or YOLO folders, compact FCOS-style
 detectors, focal / GIoU / centerness losses, dense-output KD and mAP."""
 
+from qatkd.tasks.detection import config  # noqa: F401  (registers the configuration)
 from qatkd.tasks.detection.data import load_detection_data
 from qatkd.tasks.detection.models import DETECTORS, build_detector
 from qatkd.tasks.detection.parity import compare_detections

@@ -1,7 +1,8 @@
 """The language task family: a pretrained causal LM (SmolLM2-135M by default) distilled into a
 weight-only low-bit student; perplexity and agreement with the teacher as metrics."""
 
-from qatkd.tasks.language.data import TextData, load_text_data, sliding_windows
+from qatkd.tasks.language import config  # noqa: F401  (registers the configuration)
+from qatkd.tasks.language.data import load_eval_text, load_train_text, sliding_windows
 from qatkd.tasks.language.family import LANGUAGE, LanguageFamily
 from qatkd.tasks.language.source import SMOLLM2, load_pretrained, model_folder
 from qatkd.tasks.language.task import CausalLM, LanguageTask, next_token_nll
@@ -12,9 +13,9 @@ __all__ = [
     "CausalLM",
     "LanguageFamily",
     "LanguageTask",
-    "TextData",
+    "load_eval_text",
     "load_pretrained",
-    "load_text_data",
+    "load_train_text",
     "model_folder",
     "next_token_nll",
     "sliding_windows",

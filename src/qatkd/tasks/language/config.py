@@ -1,0 +1,51 @@
+"""The configuration of `task: language`: text files, blocks, generated text, and the
+fine-tuning defaults of a pretrained LLM."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from qatkd.config import Config, DataConfig, FamilyConfig, register_family
+
+
+class LanguageData(DataConfig):
+    name: Literal["text"] = Field("text", description="text: UTF-8 files or generated text")
+    augment: bool = Field(False, description="no augmentation of text")
+    train_files: list[str] = Field(
+        default_factory=list, description="training text files; default: generated"
+    )
+    eval_files: list[str] = Field(
+        default_factory=list, description="evaluation text files; default: GPL-3 text"
+    )
+    block_size: int = Field(128, ge=8, description="tokens per training block / window")
+    generate_samples: int = Field(
+        256, gt=0, description="teacher-generated training samples (no train_files)"
+    )
+
+
+class LanguageConfig(Config):
+    task: Literal["language"] = "language"
+    data: LanguageData = LanguageData()
+
+
+DEFAULTS = {
+    "model": {"name": "smollm2-135m"},
+    "train": {
+        "optimizer": "adamw",
+        "lr": 2e-5,
+        "batch_size": 4,
+        "epochs": 1,
+        "warmup_epochs": 0.0,
+        "weight_decay": 0.0,
+        "log_every": 10,
+    },
+    "kd": {"temperature": 1.0},
+    # AdamW moves a parameter by about lr per step: at the model's 2e-5 the two GoR weights
+    # (order 1) would not move within a fine-tuning run of a few hundred steps.
+    "balancer": {"lr": 0.01},
+}
+"""Every language run fine-tunes a pretrained model: these are fine-tuning defaults."""
+
+register_family("language", FamilyConfig(LanguageConfig, DEFAULTS))
