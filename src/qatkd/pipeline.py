@@ -29,6 +29,7 @@ from qatkd.config import (
     load_config,
     read_yaml,
     save_config,
+    saved_config,
 )
 from qatkd.errors import QatkdError
 from qatkd.quant import quant_summary
@@ -87,7 +88,7 @@ def _start(config: Config, command: str) -> tuple[Config, TaskFamily, Path, Sour
     config = family.resolve(config)
     family.check(config)
     world = join_world(config)
-    source = family.load(config)
+    source = family.load(config, training=command != "ptq")
     return config, family, create_run_dir(config, command, world), source, world
 
 
@@ -140,7 +141,7 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     state = load_checkpoint(run_dir / "last.pt")
     if "optimizer" not in state:
         raise QatkdError(f"{run_dir} is not a train or distill run: there is nothing to resume")
-    config = build_config(state["config"])
+    config = build_config(saved_config(state["config"]))
     family = task_family(config.task)
     world = join_world(config)
     source = family.load(config)
@@ -164,7 +165,7 @@ def _ptq_config(ckpt: str | Path | None, overrides: list[str], config_file: Any)
         raise QatkdError(
             f"{ckpt} is already quantized: ptq starts from a full-precision checkpoint"
         )
-    saved = state["config"]
+    saved = saved_config({**state["config"], "task": checkpoint_task(state)})
     raw = read_yaml(config_file) if config_file else {}
     raw = {"seed": saved["seed"], "task": checkpoint_task(state), "data": saved["data"], **raw}
     config = build_config(apply_overrides(raw, overrides))
@@ -211,7 +212,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, 
     state = load_checkpoint(path)
     config = config_of(state, overrides or [])
     family = task_family(config.task)
-    source = family.load(config)
+    source = family.load(config, training=False)
     model = family.restore(state, source)
     task = family.make_task(config, source)
     return task.evaluate(model, DataLoader(source.test, batch_size=task.eval_batch_size))

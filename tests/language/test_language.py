@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-from qatkd.checkpoint import save_checkpoint
+from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.cli import main
 from qatkd.config import load_config
 from qatkd.distill import KDConfig
 from qatkd.errors import QatkdError
-from qatkd.quant import QuantConfig, QuantLinear
+from qatkd.quant import QuantConfig, QuantLinear, calibrate, prepare
 from qatkd.tasks.language import CausalLM, LanguageTask, load_pretrained, sliding_windows
+from qatkd.tasks.language import data as language_data
 from qatkd.tasks.language.data import IGNORE, generated_text, pack_blocks, read_text
 from qatkd.tasks.language.family import Loaded, build_student, language_quant
 
@@ -121,6 +123,42 @@ def test_student_shares_the_frozen_embedding_and_quantizes_decoder_linears(tiny_
     assert down.weight_quantizer.param_shape == (64, 4)
     codes = down.weight_quantizer.quantize_int(down.weight)
     assert codes.min() >= -2 and codes.max() <= 1
+
+
+@pytest.mark.parametrize("method", ["minmax", "lsq"])
+def test_weight_only_calibration_reads_no_text(tiny_lm, text_files, method):
+    """The student's quantizers calibrate from the weights alone: calibrating on the training
+    blocks gives exactly what `build_student`'s one dummy forward pass gives."""
+    config = _config(tiny_lm, text_files, "quant.bits=W3A16", f"quant.method={method}")
+    config = config.model_copy(update={"quant": language_quant(config.quant)})
+    loaded = Loaded(config)
+    student = build_student(config, loaded)
+    on_text = build_student(config.model_copy(update={"quant": None}), loaded)
+    prepare(on_text, config.quant)
+    calibrate(on_text, ([ids] for (ids,) in DataLoader(loaded.train, batch_size=4)), 8)
+    expected = on_text.state_dict()
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_rtn_generates_no_training_text(tiny_lm, text_files, tmp_path, monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("PTQ generated training text")
+
+    monkeypatch.setattr(language_data, "generated_text", no_generation)
+    out = tmp_path / "rtn"
+    argv = [
+        "ptq",
+        "task=language",
+        f"model.path={tiny_lm}",
+        f"data.eval_files=[{text_files[1]}]",
+        "data.block_size=16",
+        "quant.bits=W4A16",
+        "quant.method=minmax",
+        f"out={out}",
+    ]
+    assert main(argv) == 0
+    assert load_checkpoint(out / "last.pt")["meta"]["train_text"] is None
 
 
 def test_generated_text_is_seeded_and_cached(tiny_lm, tmp_path):

@@ -45,8 +45,9 @@ class TaskFamily(Protocol):
         """Fail on a wrong model name or a missing file before any data is loaded."""
         ...
 
-    def load(self, config: Config) -> Source:
-        """The data (and pretrained parts) a run of `config` needs."""
+    def load(self, config: Config, training: bool = True) -> Source:
+        """The data (and pretrained parts) a run of `config` needs; without `training` (ptq,
+        eval, export) the training split may be left unloaded (None)."""
         ...
 
     def build_student(self, config: Config, source: Source) -> tuple[nn.Module, dict[str, Any]]:
