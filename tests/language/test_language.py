@@ -94,18 +94,21 @@ def test_language_quant_defaults_and_weight_only():
         language_quant(QuantConfig(bits="W4A8"))
 
 
-def _config(tiny_lm: Path, text_files: tuple[Path, Path], *extra: str):
+def _overrides(tiny_lm: Path, text_files: tuple[Path, Path], *extra: str) -> list[str]:
+    """A language run on the tiny model and the test's text files, blocks of 16 tokens."""
     train, evaluation = text_files
-    return load_config(
-        overrides=[
-            "task=language",
-            f"model.path={tiny_lm}",
-            f"data.train_files=[{train}]",
-            f"data.eval_files=[{evaluation}]",
-            "data.block_size=16",
-            *extra,
-        ]
-    )
+    return [
+        "task=language",
+        f"model.path={tiny_lm}",
+        f"data.train_files=[{train}]",
+        f"data.eval_files=[{evaluation}]",
+        "data.block_size=16",
+        *extra,
+    ]
+
+
+def _config(tiny_lm: Path, text_files: tuple[Path, Path], *extra: str):
+    return load_config(overrides=_overrides(tiny_lm, text_files, *extra))
 
 
 def test_student_shares_the_frozen_embedding_and_quantizes_decoder_linears(tiny_lm, text_files):
@@ -174,17 +177,10 @@ def test_generated_text_is_seeded_and_cached(tiny_lm, tmp_path):
 
 
 def test_distill_eval_and_rtn_from_the_cli(tiny_lm, text_files, tmp_path, capsys):
-    train, evaluation = text_files
-    common = [
-        "task=language",
-        f"model.path={tiny_lm}",
-        f"data.train_files=[{train}]",
-        f"data.eval_files=[{evaluation}]",
-        "data.block_size=16",
-        "quant.bits=W4A16",
-        "quant.group_size=32",
-        "train.threads=1",
-    ]
+    evaluation = text_files[1]
+    common = _overrides(
+        tiny_lm, text_files, "quant.bits=W4A16", "quant.group_size=32", "train.threads=1"
+    )
     out = tmp_path / "kd"
     assert main(["distill", *common, f"teachers=[{tiny_lm}]", f"out={out}"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -238,17 +234,7 @@ def test_teachers_of_another_family_or_vocabulary_are_one_line_errors(
     AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(wider)
     image = tmp_path / "image.pt"
     save_checkpoint({"meta": {"task": "detection"}}, image)
-    train, evaluation = text_files
-    common = [
-        "distill",
-        "task=language",
-        f"model.path={tiny_lm}",
-        f"data.train_files=[{train}]",
-        f"data.eval_files=[{evaluation}]",
-        "data.block_size=16",
-        "quant.bits=W4A16",
-        "train.threads=1",
-    ]
+    common = ["distill", *_overrides(tiny_lm, text_files, "quant.bits=W4A16", "train.threads=1")]
     for teacher, message in (
         (image, f"teacher {image} is a detection checkpoint; language teachers are"),
         (wider, f"teacher {wider} predicts over {model.config.vocab_size} tokens, but"),
