@@ -180,8 +180,9 @@ def _ptq_config(ckpt: str | Path | None, overrides: list[str], config_file: Any)
 def ptq(
     ckpt: str | Path | None, overrides: list[str], config_file: str | Path | None = None
 ) -> tuple[Path, dict[str, Any]]:
-    """Post-training quantization: calibrate the quantizers of an FP32 checkpoint (image
-    families) or of the pretrained model the config names (language), no training."""
+    """Post-training quantization, no training: calibrate the quantizers of the model the task
+    family starts from, an FP32 checkpoint (`ckpt`) or the pretrained model the config names
+    (`TaskFamily.ptq_from_checkpoint`)."""
     config = _ptq_config(ckpt, overrides, config_file)
     if config.quant is None:
         raise QatkdError("ptq needs a bit-width: set quant.bits=W4A4 (or another)")
