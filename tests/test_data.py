@@ -7,7 +7,8 @@ from PIL import Image
 
 from qatkd.config import DataConfig
 from qatkd.errors import QatkdError
-from qatkd.tasks.classification.data import load_data, read_idx
+from qatkd.tasks.classification.data import load_data
+from qatkd.tasks.fashion_mnist import read_idx
 from testdata import make_images, write_idx
 
 

@@ -14,48 +14,12 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from qatkd.errors import QatkdError
-from qatkd.nn import QuantPoint
+from qatkd.nn import BasicBlock, Classifier, QuantPoint
 from qatkd.registry import Registry
 
 ModelFactory = Callable[[int, int], nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
 TORCHVISION_PREFIX = "tv:"
-
-
-class Classifier(nn.Module):
-    """Normalises raw pixels with the dataset's mean/std, then runs the network."""
-
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block; both inputs of the residual add are marked for 8-bit quantization."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
-        self.branch_point = QuantPoint()
-        self.shortcut_point = QuantPoint()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.branch_point(self.bn2(self.conv2(out)))
-        return torch.relu(out + self.shortcut_point(self.shortcut(x)))
 
 
 class CifarResNet(nn.Module):

@@ -28,7 +28,7 @@ from torchvision.ops import box_convert, box_iou
 from torchvision.transforms import v2
 
 from qatkd.errors import QatkdError
-from qatkd.tasks.classification.data import (
+from qatkd.tasks.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
     fashion_mnist_arrays,

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from qatkd.nn import BasicBlock, Classifier
 from qatkd.registry import Registry
-from qatkd.tasks.classification.models import BasicBlock, Classifier
 
 STRIDE = 8
 EXTRA = 5  # 4 box values + 1 centerness after the class logits
