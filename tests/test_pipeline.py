@@ -9,6 +9,7 @@ import torch
 
 from qatkd import pipeline
 from qatkd.artifacts import load_model
+from qatkd.balance import BalancerConfig, build_balancer
 from qatkd.checkpoint import load_checkpoint
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
@@ -128,10 +129,18 @@ def test_resume_restores_the_balancer(npz_root, fp32_run, tmp_path, monkeypatch)
             pipeline.distill(
                 load_config(overrides=tiny_overrides(npz_root, tmp_path / "c", *extra))
             )
+    # GoR's parameters are optimised: they moved from their initial values in the first epoch
+    # (this fails if the balancer's parameter group never reaches the optimizer) ...
+    initial = build_balancer(BalancerConfig(form="kendall"), num_teachers=1).state_dict()
+    moved = load_checkpoint(tmp_path / "c" / "last.pt")["balancer"]
+    assert initial.keys() == moved.keys()
+    assert all(not torch.equal(moved[k], initial[k]) for k in initial), moved
+    # ... and resume continues from those moved values: it ends where the uninterrupted run does
     resumed, _ = pipeline.resume(tmp_path / "c")
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(resumed / "last.pt")
     for key in a["balancer"]:
         assert torch.equal(a["balancer"][key], b["balancer"][key])
+        assert not torch.equal(a["balancer"][key], moved[key])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
