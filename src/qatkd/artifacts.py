@@ -9,14 +9,8 @@ from typing import Any
 from torch import nn
 
 from qatkd.checkpoint import checkpoint_path, load_checkpoint
-from qatkd.config import Config, apply_overrides, build_config, saved_config
+from qatkd.config import checkpoint_config
 from qatkd.tasks import Source, checkpoint_task, task_family
-
-
-def config_of(state: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    """The configuration a checkpoint was made with, `overrides` (`key=value`) applied."""
-    raw = saved_config({**state["config"], "task": checkpoint_task(state)})
-    return build_config(apply_overrides(raw, overrides or []))
 
 
 def load_model(
@@ -30,5 +24,5 @@ def load_model(
 
 def checkpoint_source(state: dict[str, Any], overrides: list[str] | None = None) -> Source:
     """The data a checkpoint was trained on, without augmentation, `data.*` overrides applied."""
-    config = config_of(state, [*(overrides or []), "data.augment=false"])
+    config = checkpoint_config(state, [*(overrides or []), "data.augment=false"])
     return task_family(config.task).load(config, training=False)

@@ -250,6 +250,11 @@ def saved_config(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def checkpoint_config(state: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """The configuration a checkpoint (`state`) was made with, `overrides` (`key=value`) applied."""
+    return build_config(apply_overrides(saved_config(state["config"]), overrides or []))
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`raw` with each `key=value` override set (in place, and returned)."""
     for text in overrides:

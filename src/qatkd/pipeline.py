@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from qatkd.artifacts import config_of
 from qatkd.balance import BalancerConfig, build_balancer
 from qatkd.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from qatkd.config import (
@@ -25,6 +24,7 @@ from qatkd.config import (
     ModelConfig,
     apply_overrides,
     build_config,
+    checkpoint_config,
     config_to_dict,
     load_config,
     read_yaml,
@@ -141,7 +141,7 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     state = load_checkpoint(run_dir / "last.pt")
     if "optimizer" not in state:
         raise QatkdError(f"{run_dir} is not a train or distill run: there is nothing to resume")
-    config = build_config(saved_config(state["config"]))
+    config = checkpoint_config(state)
     family = task_family(config.task)
     world = join_world(config)
     source = family.load(config)
@@ -211,7 +211,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, 
             raise QatkdError(f"eval takes only data.* overrides, not '{text}'")
     path = checkpoint_path(ckpt)
     state = load_checkpoint(path)
-    config = config_of(state, overrides or [])
+    config = checkpoint_config(state, overrides)
     family = task_family(config.task)
     source = family.load(config, training=False)
     model = family.restore(state, source)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from qatkd.checkpoint import checkpoint_path, load_checkpoint
-from qatkd.config import Config, DataConfig, build_config, saved_config
+from qatkd.config import Config, DataConfig, checkpoint_config
 from qatkd.device import module_device
 from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache, file_sha256
 from qatkd.errors import QatkdError
@@ -307,5 +307,5 @@ def input_shape(meta: dict[str, Any]) -> list[int]:
 def state_data_config(state: dict[str, Any], test_limit: int | None = None) -> DataConfig:
     """The data settings a checkpoint was trained with, without augmentation, `test_limit`
     samples of the test split if given."""
-    data = build_config(saved_config(state["config"])).data.model_copy(update={"augment": False})
-    return data if test_limit is None else data.model_copy(update={"test_limit": test_limit})
+    limit = [] if test_limit is None else [f"data.test_limit={test_limit}"]
+    return checkpoint_config(state, ["data.augment=false", *limit]).data

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from qatkd.checkpoint import load_checkpoint
-from qatkd.config import Config, build_config, saved_config
+from qatkd.config import Config, checkpoint_config
 from qatkd.distill import TeacherEnsemble, file_sha256
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
@@ -154,7 +154,7 @@ class LanguageFamily:
         return build_student(config, source), _meta(config, source)
 
     def restore(self, state: dict[str, Any], source: Loaded | None = None) -> nn.Module:
-        config = build_config(saved_config(state["config"]))
+        config = checkpoint_config(state)
         source = source or Loaded(config, training=False)
         student = build_student(config.model_copy(update={"quant": None}), source)
         if config.quant is not None:
@@ -182,7 +182,7 @@ class LanguageFamily:
     ) -> dict[str, Any]:
         """Packed weights and, with `transformers_folder`, a rebuilt `transformers` folder
         (`qatkd.tasks.language.export`); `data_limit` has no use here (no parity run)."""
-        source = Loaded(build_config(saved_config(state["config"])), training=False)
+        source = Loaded(checkpoint_config(state), training=False)
         student = self.restore(state, source)
         hf, tokenizer = source.hf, source.tokenizer
         return export_language(state, student, hf, tokenizer, out, transformers_folder)
