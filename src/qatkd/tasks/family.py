@@ -4,6 +4,10 @@ A family (classification, detection, language, or a new one) is a registered obj
 data, its models and checkpoints, its teachers, its losses and metrics (the `Task` it makes for
 the engine), its calibration data and its export. `qatkd.pipeline` only calls these methods and
 names no family, so adding a family is one new package that registers itself here.
+
+`import qatkd` registers every built-in family, so what a family imports at module level every
+command pays, `qatkd --help` and one-line config errors included: the slow libraries that only
+evaluation or export use (torchmetrics, which loads transformers; onnx) are imported where used.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from qatkd.config import Config, DataConfig, checkpoint_config
 from qatkd.device import module_device
 from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache, file_sha256
 from qatkd.errors import QatkdError
-from qatkd.export import bench_exported, export_onnx
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.train.engine import Task, TeacherOutputs
 
@@ -260,6 +259,8 @@ class ImageFamily:
     ) -> dict[str, Any]:
         """The int8 ONNX, FP32 ONNX and qpack, with parity on the first `data_limit` test
         samples (all by default) against the aligned and the trained model."""
+        from qatkd.export import export_onnx  # slow import (onnx): see tasks/family.py
+
         trained = self._quantized(state, path)
         loader = self._test_loader(state, data_limit)
         shape = input_shape(state["meta"])
@@ -275,6 +276,8 @@ class ImageFamily:
         data_limit: int | None,
     ) -> dict[str, Any]:
         """Exports first if the run folder has no ONNX yet."""
+        from qatkd.export import bench_exported  # slow import (onnx): see tasks/family.py
+
         out = path.parent
         if not (out / "model.int8.onnx").is_file() or not (out / "parity.json").is_file():
             self.export(state, path, out, data_limit)

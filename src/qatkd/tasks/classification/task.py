@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 
 from qatkd.device import module_device
 from qatkd.distill import KDConfig, build_kd_loss
@@ -49,6 +48,8 @@ class ClassificationTask:
         was_training = model.training
         model.eval()
         # Rank 0 alone evaluates under torchrun: no cross-process sync of the metric.
+        from torchmetrics.classification import MulticlassAccuracy  # slow import: see family.py
+
         accuracy = MulticlassAccuracy(self.num_classes, average="micro", sync_on_compute=False)
         device = module_device(model)
         accuracy.to(device)

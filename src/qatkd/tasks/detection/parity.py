@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchmetrics.detection import MeanAveragePrecision
 from tqdm import tqdm
 
 from qatkd.tasks.detection.boxes import detections
@@ -50,6 +49,8 @@ def compare_detections(
     models = {"pytorch": model.eval()} | (
         {"trained": trained.eval()} if trained is not None else {}
     )
+    from torchmetrics.detection import MeanAveragePrecision  # slow import: see family.py
+
     metrics = {name: MeanAveragePrecision(sync_on_compute=False) for name in [*models, "export"]}
     agree = total = 0
     max_diff = 0.0

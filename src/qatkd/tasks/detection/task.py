@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from qatkd.device import module_device
@@ -157,6 +156,8 @@ class DetectionTask:
         pycocotools backend)."""
         was_training = model.training
         model.eval()
+        from torchmetrics.detection import MeanAveragePrecision  # slow import: see family.py
+
         metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", sync_on_compute=False)
         for images, boxes, labels in loader:
             truth = [

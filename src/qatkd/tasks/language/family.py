@@ -25,7 +25,6 @@ from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.family import FAMILIES
 from qatkd.tasks.language.data import check_text_files, load_eval_text, load_train_text
-from qatkd.tasks.language.export import export_language
 from qatkd.tasks.language.source import cache_root, load_pretrained, model_folder
 from qatkd.tasks.language.task import CausalLM, LanguageTask, reference_top1
 from qatkd.train.engine import Task, TeacherOutputs
@@ -182,6 +181,8 @@ class LanguageFamily:
     ) -> dict[str, Any]:
         """Packed weights and, with `transformers_folder`, a rebuilt `transformers` folder
         (`qatkd.tasks.language.export`); `data_limit` has no use here (no parity run)."""
+        from qatkd.tasks.language.export import export_language  # slow import: tasks/family.py
+
         source = Loaded(checkpoint_config(state), training=False)
         student = self.restore(state, source)
         hf, tokenizer = source.hf, source.tokenizer
