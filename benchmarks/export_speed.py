@@ -41,7 +41,8 @@ from qatkd.export.run import (
 from qatkd.machine import machine
 from qatkd.pipeline import export
 from qatkd.quant import QuantConfig, calibrate, prepare
-from qatkd.tasks.classification import CLASSIFICATION, build_model
+from qatkd.tasks.classification.family import CLASSIFICATION
+from qatkd.tasks.classification.models import build_model
 from qatkd.tasks.classification.parity import compare
 
 RESULTS = Path(__file__).parent / "results"

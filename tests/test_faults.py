@@ -16,7 +16,8 @@ from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
-from qatkd.tasks.classification import ClassificationTask, build_model
+from qatkd.tasks.classification.models import build_model
+from qatkd.tasks.classification.task import ClassificationTask
 from testdata import tiny_overrides, write_npz
 
 QATKD = [sys.executable, "-m", "qatkd"]

@@ -15,7 +15,6 @@ from qatkd.errors import QatkdError
 from qatkd.export import as_exported, to_onnx
 from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantConfig, calibrate, prepare
-from qatkd.tasks.detection import DetectionTask, build_detector
 from qatkd.tasks.detection.boxes import STRIDE, assign, locations
 from qatkd.tasks.detection.data import (
     VISIBLE,
@@ -26,8 +25,9 @@ from qatkd.tasks.detection.data import (
     unpadded,
     write_yolo_folder,
 )
+from qatkd.tasks.detection.models import build_detector
 from qatkd.tasks.detection.parity import compare_detections
-from qatkd.tasks.detection.task import binary_kl
+from qatkd.tasks.detection.task import DetectionTask, binary_kl
 
 NAMES = [f"c{i}" for i in range(10)]
 

@@ -16,7 +16,8 @@ from qatkd.errors import QatkdError
 from qatkd.export import class_names_of, load_qpack, to_onnx
 from qatkd.pipeline import bench, export
 from qatkd.quant import QuantConfig, calibrate, prepare
-from qatkd.tasks.classification import build_model, model_meta
+from qatkd.tasks.classification.models import build_model
+from qatkd.tasks.image import model_meta
 
 
 def _run_folder(tmp_path, npz_root, quant: QuantConfig | None):

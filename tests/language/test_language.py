@@ -20,10 +20,17 @@ from qatkd.config import load_config
 from qatkd.distill import KDConfig
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, QuantLinear, calibrate, prepare
-from qatkd.tasks.language import CausalLM, LanguageTask, load_pretrained, sliding_windows
 from qatkd.tasks.language import data as language_data
-from qatkd.tasks.language.data import IGNORE, generated_text, pack_blocks, read_text
+from qatkd.tasks.language.data import (
+    IGNORE,
+    generated_text,
+    pack_blocks,
+    read_text,
+    sliding_windows,
+)
 from qatkd.tasks.language.family import Loaded, build_student, language_quant
+from qatkd.tasks.language.source import load_pretrained
+from qatkd.tasks.language.task import CausalLM, LanguageTask
 
 USER_CACHE = os.environ.get("QATKD_CACHE")
 """The cache a user's runs share, read before the tests' own (the real SmolLM2 test keeps it:

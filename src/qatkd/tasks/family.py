@@ -5,13 +5,14 @@ data, its models and checkpoints, its teachers, its losses and metrics (the `Tas
 the engine), its calibration data and its export. `qatkd.pipeline` only calls these methods and
 names no family, so adding a family is one new package that registers itself here.
 
-`import qatkd` registers every built-in family, so what a family imports at module level every
-command pays, `qatkd --help` and one-line config errors included: the slow libraries that only
-evaluation or export use (torchmetrics, which loads transformers; onnx) are imported where used.
+`import qatkd` registers every built-in family's configuration (light modules); the family itself
+loads on first use (`BUILT_IN`). Within a family, the slow libraries that only evaluation or
+export use (torchmetrics, which loads transformers; onnx) are imported where used.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -95,10 +96,19 @@ class TaskFamily(Protocol):
 
 
 FAMILIES: Registry[TaskFamily] = Registry("task family")
+BUILT_IN = {
+    "classification": "qatkd.tasks.classification.family",
+    "detection": "qatkd.tasks.detection.family",
+    "language": "qatkd.tasks.language.family",
+}
+"""The modules that register the built-in families, imported on first use: a family's models,
+data code and libraries load only for runs of that family."""
 
 
 def task_family(name: str) -> TaskFamily:
-    """The registered family called `name` (`qatkd.tasks` registers the built-in ones)."""
+    """The registered family called `name`, loading a built-in one on first use."""
+    if name not in FAMILIES and name in BUILT_IN:
+        importlib.import_module(BUILT_IN[name])
     return FAMILIES.get(name)
 
 
