@@ -66,3 +66,24 @@ def test_layering_contracts_are_kept():
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "0 broken" in result.stdout
+
+
+def test_importing_qatkd_and_validating_configs_loads_no_family():
+    """`import qatkd` registers the families' configurations only: `qatkd --help` and one-line
+    config errors must not wait for torchvision, torchmetrics (which loads transformers) or the
+    ONNX stack; a family loads on first use (`task_family`)."""
+    heavy = ["torchvision", "torchmetrics", "transformers", "onnx", "onnxruntime", "openvino"]
+    script = (
+        "import sys, qatkd\n"
+        "from qatkd.config import load_config\n"
+        "for task in ('classification', 'detection', 'language'):\n"
+        "    load_config(overrides=[f'task={task}'])\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])\n"
+        "from qatkd.tasks import task_family\n"
+        "task_family('classification')\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
