@@ -9,8 +9,8 @@ from typing import Any
 from torch import nn
 
 from qatkd.checkpoint import checkpoint_path, load_checkpoint
-from qatkd.config import checkpoint_config
-from qatkd.tasks import Source, checkpoint_task, task_family
+from qatkd.config import checkpoint_config, checkpoint_task
+from qatkd.tasks import Source, task_family
 
 
 def load_model(

@@ -250,9 +250,17 @@ def saved_config(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def checkpoint_task(state: dict[str, Any]) -> str:
+    """The task family a checkpoint belongs to (checkpoints before the field: classification)."""
+    return state.get("config", {}).get("task") or state.get("meta", {}).get(
+        "task", "classification"
+    )
+
+
 def checkpoint_config(state: dict[str, Any], overrides: list[str] | None = None) -> Config:
     """The configuration a checkpoint (`state`) was made with, `overrides` (`key=value`) applied."""
-    return build_config(apply_overrides(saved_config(state["config"]), overrides or []))
+    raw = saved_config({**state["config"], "task": checkpoint_task(state)})
+    return build_config(apply_overrides(raw, overrides or []))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

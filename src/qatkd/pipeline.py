@@ -25,6 +25,7 @@ from qatkd.config import (
     apply_overrides,
     build_config,
     checkpoint_config,
+    checkpoint_task,
     config_to_dict,
     load_config,
     read_yaml,
@@ -33,7 +34,7 @@ from qatkd.config import (
 )
 from qatkd.errors import QatkdError
 from qatkd.quant import quant_summary
-from qatkd.tasks import Source, TaskFamily, checkpoint_task, task_family
+from qatkd.tasks import Source, TaskFamily, task_family
 from qatkd.train import fit
 from qatkd.train.distributed import World, broadcast, init_world
 
@@ -167,7 +168,7 @@ def _ptq_config(ckpt: str | Path | None, overrides: list[str], config_file: Any)
         )
     saved = saved_config({**state["config"], "task": checkpoint_task(state)})
     raw = read_yaml(config_file) if config_file else {}
-    raw = {"seed": saved["seed"], "task": checkpoint_task(state), "data": saved["data"], **raw}
+    raw = {"seed": saved["seed"], "task": saved["task"], "data": saved["data"], **raw}
     config = build_config(apply_overrides(raw, overrides))
     if not task_family(config.task).ptq_from_checkpoint:
         raise QatkdError(

@@ -110,10 +110,3 @@ def task_family(name: str) -> TaskFamily:
     if name not in FAMILIES and name in BUILT_IN:
         importlib.import_module(BUILT_IN[name])
     return FAMILIES.get(name)
-
-
-def checkpoint_task(state: dict[str, Any]) -> str:
-    """The task family a checkpoint belongs to (checkpoints before the field: classification)."""
-    return state.get("config", {}).get("task") or state.get("meta", {}).get(
-        "task", "classification"
-    )

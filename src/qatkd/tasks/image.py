@@ -139,11 +139,16 @@ class ImageFamily:
         return model
 
     def restore(
-        self, state: dict[str, Any], source: ImageData | None = None, path: str = "checkpoint"
+        self,
+        state: dict[str, Any],
+        source: ImageData | None = None,
+        path: str = "checkpoint",
+        what: str = "checkpoint",
     ) -> nn.Module:
-        """With `source`, the checkpoint must also fit that data (see `check_fits`)."""
+        """With `source`, the checkpoint must also fit that data (`check_fits`; `what` names
+        its role in the error: checkpoint, teacher, model.init)."""
         if source is not None:
-            self.check_fits(state["meta"], source, "checkpoint", path)
+            self.check_fits(state["meta"], source, what, path)
         model = self.model_from_meta(state["meta"])
         try:
             model.load_state_dict(state["model"])
@@ -222,11 +227,9 @@ class ImageFamily:
         """Live: the frozen ensemble runs on every batch. With `kd.cache=true` (non-augmented
         data only) each teacher's outputs for every training image are computed once, stored on
         disk keyed by the teacher file's hash and the data, and looked up by sample index."""
-        teachers = []
-        for path in config.teachers:
-            state = load_checkpoint(path)
-            self.check_fits(state["meta"], data, "teacher", path)
-            teachers.append(self.restore(state, path=path))
+        teachers = [
+            self.restore(load_checkpoint(path), data, path, "teacher") for path in config.teachers
+        ]
         ensemble = TeacherEnsemble(teachers, names=config.teachers).to(device)
         if not config.kd.cache:
             return (lambda batch: ensemble(task.inputs(batch))), data.train
@@ -251,8 +254,10 @@ class ImageFamily:
         return self.restore(state, path=str(path))
 
     def _test_loader(self, state: dict[str, Any], data_limit: int | None) -> DataLoader:
-        data = self.load_data(state_data_config(state, data_limit))
-        return DataLoader(data.test, batch_size=EXPORT_BATCH_SIZE)
+        """The checkpoint's test split, its first `data_limit` samples if given."""
+        limit = [] if data_limit is None else [f"data.test_limit={data_limit}"]
+        config = checkpoint_config(state, ["data.augment=false", *limit])
+        return DataLoader(self.load(config, training=False).test, batch_size=EXPORT_BATCH_SIZE)
 
     def export(
         self, state: dict[str, Any], path: Path, out: Path, data_limit: int | None
@@ -305,10 +310,3 @@ class ImageFamily:
 
 def input_shape(meta: dict[str, Any]) -> list[int]:
     return [meta["in_channels"], meta["image_size"], meta["image_size"]]
-
-
-def state_data_config(state: dict[str, Any], test_limit: int | None = None) -> DataConfig:
-    """The data settings a checkpoint was trained with, without augmentation, `test_limit`
-    samples of the test split if given."""
-    limit = [] if test_limit is None else [f"data.test_limit={test_limit}"]
-    return checkpoint_config(state, ["data.augment=false", *limit]).data
