@@ -58,16 +58,24 @@ def _make_dyadic(model: nn.Module, gen: torch.Generator) -> None:
 
 @pytest.fixture
 def tiny_model() -> Callable[..., tuple[nn.Module, torch.Tensor]]:
-    """`tiny_model(bits, dyadic=False)`: a calibrated quantized CIFAR ResNet-8 (1x16x16 inputs,
-    10 classes) in eval mode, and a batch of 32 inputs on the 1/256 pixel grid."""
+    """`tiny_model(bits, dyadic=False, seed=0, name="resnet8", channels=1, size=SIZE)`: a
+    calibrated quantized model (default a CIFAR ResNet-8 on 1x16x16 inputs), 10 classes, in eval
+    mode, and a batch of 32 inputs on the 1/256 pixel grid."""
 
-    def make(bits: str, dyadic: bool = False, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    def make(
+        bits: str,
+        dyadic: bool = False,
+        seed: int = 0,
+        name: str = "resnet8",
+        channels: int = 1,
+        size: int = SIZE,
+    ) -> tuple[nn.Module, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        model = build_model("resnet8", 1, 10, [0.5], [0.25])
+        model = build_model(name, channels, 10, [0.5] * channels, [0.25] * channels)
         _randomize_batchnorm(model, gen)
         prepare(model, QuantConfig(bits=bits, method="lsq"))
-        x = torch.randint(0, 256, (64, 1, SIZE, SIZE), generator=gen).float() / 256
+        x = torch.randint(0, 256, (64, channels, size, size), generator=gen).float() / 256
         calibrate(model, [x[:32], x[32:]], 64)
         if dyadic:
             _make_dyadic(model, gen)

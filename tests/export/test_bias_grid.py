@@ -9,6 +9,7 @@ import torch
 from qatkd.export import align_biases, aligned_copy, fold_batchnorm, int32_bias_layers
 from qatkd.export.bias_grid import bias_scale, fine_input_scale, spare_bits
 from qatkd.export.frozen import ActRange, FrozenLayer
+from qatkd.quant import QuantConfig, calibrate, prepare
 
 
 def _folded_biases(model: torch.nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -68,12 +69,19 @@ def test_grid_arithmetic():
     assert spare_bits(torch.tensor([-128, 127])) == 0
 
 
-def test_only_layers_with_an_int32_bias_are_aligned(tiny_model):
-    """The stem conv's output feeds two quantizers (the first block's conv and its shortcut), so
-    no int8 kernel runs it: its float bias is exact in the graph and must not move."""
-    model, _ = tiny_model("W4A4", seed=5)
-    layers = int32_bias_layers(model, [1, 16, 16])
-    assert "net.conv1" not in layers and "net.fc" in layers and len(layers) == 9
-    stem_shift = model.net.bn1.bias.detach().clone()
-    assert align_biases(model, layers) == 9
-    assert torch.equal(model.net.bn1.bias, stem_shift)
+def test_only_layers_with_an_int32_bias_are_aligned():
+    """A conv whose output is read in float (here the network's output) runs in float: its bias
+    is exact in the graph and must not move; the conv whose output is quantized gets int32."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4),
+    )  # fmt: skip
+    model = prepare(model, QuantConfig(bits="W4A4", method="minmax")).eval()
+    calibrate(model, [torch.rand(2, 1, 8, 8)], 2)
+    model[4].bias.data.normal_()
+    layers = int32_bias_layers(model, [1, 8, 8])
+    assert layers == {"0"}
+    head_shift = model[4].bias.detach().clone()
+    assert align_biases(model, layers) == 1
+    assert torch.equal(model[4].bias, head_shift)

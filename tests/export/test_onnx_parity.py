@@ -15,9 +15,9 @@ from qatkd.export import (
     int32_bias_layers,
     to_onnx,
 )
-from qatkd.export.codes import CodeMismatch, code_runner, pytorch_codes
+from qatkd.export.codes import CodeMismatch, activation_quantizers, code_runner, pytorch_codes
 from qatkd.export.runtime import ort_session
-from qatkd.quant import QuantAct, QuantConv2d, Quantizer, QuantLinear
+from qatkd.quant import QuantConv2d, Quantizer, QuantLinear
 
 SHAPE = [1, 16, 16]
 
@@ -32,7 +32,7 @@ def test_integer_exact_on_every_quantized_tensor(tiny_model, bits, optimize):
     model, x = tiny_model(bits, dyadic=True)
     expected = pytorch_codes(model, x)
     got = code_runner(to_onnx(model, SHAPE), expected, optimize)(x)
-    assert len(expected) == 17  # 16 activation quantizers + logits
+    assert len(expected) == 15  # 14 quantized tensors (each once, whatever reads it) + logits
     for name, codes in expected.items():
         np.testing.assert_array_equal(got[name], codes, err_msg=name)
 
@@ -102,9 +102,10 @@ def test_qdq_around_every_quantized_layer(tiny_model):
             chain = producer[chain.input[0]]
         assert chain.op_type == "QuantizeLinear", node.name
         assert inits[w_dq.input[0]].data_type == onnx.TensorProto.INT8, node.name
-    acts = [m for m in model.modules() if isinstance(m, QuantAct)]
     q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    assert len(q_nodes) == len(layers) + len(acts)
+    # each tensor quantized once; the classifier's input again after DQ -> Flatten -> Q, which
+    # runtimes run on the codes
+    assert len(q_nodes) == len(activation_quantizers(model)) + 1 == 15
     assert class_names_of(proto) == [f"c{i}" for i in range(10)]
     assert proto.graph.input[0].name == INPUT_NAME
 
@@ -114,8 +115,33 @@ def test_onnxruntime_runs_int8_kernels(tiny_model, tmp_path, bits):
     model, _ = tiny_model(bits)
     onnx.save(to_onnx(model, SHAPE), tmp_path / "m.onnx")
     ops = fused_ops(tmp_path / "m.onnx")
-    # The stem conv stays float: its output feeds two quantizers (block input and shortcut).
-    assert ops.get("QLinearConv") == 8 and ops.get("QGemm") == 1, ops
+    integer = {"QLinearConv": 9, "QLinearAdd": 3, "QLinearGlobalAveragePool": 1, "QGemm": 1}
+    assert {op: ops.get(op) for op in integer} == integer, ops
+    assert ops.get("QuantizeLinear") == 1, ops  # the input, after the in-graph normalisation
+    float_ops = {"Conv", "FusedConv", "Add", "Relu", "GlobalAveragePool", "DequantizeLinear"}
+    assert not float_ops & set(ops), ops
+
+
+@pytest.mark.parametrize("name", ["tv:resnet18", "tv:mobilenet_v2"])
+def test_torchvision_models_run_entirely_on_integer_kernels(tiny_model, tmp_path, name):
+    """Stem, max pooling, every residual add (with its ReLU or none), ReLU6 and the global
+    pooling run as integer kernels, with one QuantizeLinear at the input; dyadic, so every code
+    is PyTorch's exactly."""
+    shape = [3, 32, 32]
+    model, x = tiny_model("W8A8", dyadic=True, name=name, channels=3, size=shape[-1])
+    proto = to_onnx(model, shape)
+    onnx.save(proto, tmp_path / "m.onnx")
+    ops = fused_ops(tmp_path / "m.onnx")
+    assert ops.get("QuantizeLinear") == 1, ops
+    float_ops = {"Conv", "FusedConv", "Add", "Relu", "MaxPool", "DequantizeLinear"}
+    assert not float_ops & set(ops), ops
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    clips = [n for n in proto.graph.node if n.op_type == "Clip"]  # ReLU6 on the codes
+    assert all(producer[n.input[0]].op_type == "QuantizeLinear" for n in clips)
+    expected = pytorch_codes(model, x[:4])
+    got = code_runner(proto, expected)(x[:4])
+    for name, codes in expected.items():
+        np.testing.assert_array_equal(got[name], codes, err_msg=name)
 
 
 def test_fp32_graph_matches_unquantized_computation(tiny_model):

@@ -16,6 +16,7 @@ from qatkd.quant import (
     QuantAct,
     QuantConfig,
     QuantConv2d,
+    QuantGlobalAvgPool2d,
     QuantLinear,
     calibrate,
     is_quantized,
@@ -23,6 +24,7 @@ from qatkd.quant import (
     quant_config_of,
     quant_summary,
 )
+from qatkd.tasks.classification.models import build_model
 
 
 class TinyCNN(nn.Module):
@@ -131,6 +133,38 @@ def test_prepare_errors():
         prepare(TinyCNN(), QuantConfig(skip=["*"]))
 
 
+def test_one_quantizer_per_tensor_round_trips_through_a_state_dict():
+    """Every tensor read by several layers has one quantizer (block input: first conv, shortcut
+    conv or shortcut point), and a fresh prepared model loads the trained values into it."""
+    config = QuantConfig(bits="W4A4")
+
+    def resnet() -> nn.Module:
+        return prepare(build_model("resnet8", 1, 10, [0.5], [0.25]), config)
+
+    model = resnet()
+    model.train()(torch.rand(4, 1, 16, 16))
+    first, second = model.net.layers[0], model.net.layers[1]
+    assert first.conv1.input_quantizer is first.shortcut_point.quantizer
+    assert second.conv1.input_quantizer is second.shortcut[0].input_quantizer
+    # read by the 8-bit shortcut point as well: one quantizer at the higher bit-width
+    assert first.conv1.input_quantizer.bits == 8
+    assert second.conv1.input_quantizer.bits == first.conv2.input_quantizer.bits == 4
+    fresh = resnet()
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.net.layers[0].conv1.input_quantizer is fresh.net.layers[0].shortcut_point.quantizer
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_mobilenet_v2_adds_and_pooling_are_quantized():
+    model = build_model("tv:mobilenet_v2", 3, 10, [0.5] * 3, [0.25] * 3)
+    prepare(model, QuantConfig(bits="W4A4"))
+    assert isinstance(model.net.avgpool, QuantGlobalAvgPool2d)
+    block = model.net.features[3]  # the first block with a residual add
+    assert block.use_res_connect
+    assert block.shortcut_point.quantizer is block.conv[0][0].input_quantizer
+
+
 def test_summary_config_and_flags():
     model = TinyCNN()
     assert not is_quantized(model)
@@ -141,7 +175,9 @@ def test_summary_config_and_flags():
     lines = quant_summary(model).splitlines()
     assert lines[0].split() == ["layer", "type", "w_bits", "a_bits", "method", "granularity"]
     assert lines[1].split() == ["stem.0", "QuantConv2d", "8", "8", "lsq/lsq", "channel"]
-    assert lines[2].split() == ["grouped", "QuantConv2d", "4", "4", "lsq/lsq", "channel"]
+    # the grouped conv reads the tensor the shortcut also reads: one quantizer, at the higher bits
+    assert lines[2].split() == ["grouped", "QuantConv2d", "4", "8", "lsq/lsq", "channel"]
+    assert model.grouped.input_quantizer is model.shortcut.quantizer
     assert ["branch", "QuantAct", "-", "8", "lsq", "tensor"] in [line.split() for line in lines]
     assert len(lines) == 1 + 3 + 2
 

@@ -14,6 +14,7 @@ where any differs: that one comes from rounding alone and is at most one step.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,32 +24,33 @@ import torch
 from torch import nn
 
 from qatkd.export.frozen import act_range
-from qatkd.export.onnx_export import INPUT_NAME, OUTPUT_NAME, codes_tensor
+from qatkd.export.onnx_export import ACTIVATION_CODES, INPUT_NAME, OUTPUT_NAME
+from qatkd.export.onnx_graph import tensor_hint
 from qatkd.export.runtime import ort_session
-from qatkd.quant import QuantAct, QuantConv2d, Quantizer, QuantLinear
+from qatkd.quant import QuantAct, Quantizer
+from qatkd.quant.tensors import QUANTIZED_INPUT
 
 
 def activation_quantizers(model: nn.Module) -> dict[str, Quantizer]:
-    """Graph tensor holding the codes -> the PyTorch quantizer that makes them, for every
-    quantized activation that the exported graph quantizes (float inputs left out)."""
+    """Quantized tensor's hint -> the PyTorch quantizer that makes its codes, for every tensor
+    that the exported graph quantizes (float inputs left out)."""
     found = {}
     for name, m in model.named_modules():
-        if isinstance(m, QuantConv2d | QuantLinear):
+        if isinstance(m, QUANTIZED_INPUT):
             hint, quantizer = f"{name}.input", m.input_quantizer
         elif isinstance(m, QuantAct):
             hint, quantizer = name, m.quantizer
         else:
             continue
-        r = act_range(quantizer, hint)
-        if r is not None:
-            found[codes_tensor(hint, r)] = quantizer
+        if act_range(quantizer, hint) is not None:
+            found.setdefault(tensor_hint(quantizer, hint), quantizer)
     return found
 
 
 @torch.no_grad()
 def pytorch_codes(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """The integer codes of every quantized activation of `model` (eval mode) on `x`, in execution
-    order, keyed by their graph tensor name, and the output under `OUTPUT_NAME`."""
+    """The integer codes of every quantized tensor of `model` (eval mode) on `x`, in execution
+    order, keyed by the tensor's hint, and the output under `OUTPUT_NAME`."""
     codes: dict[str, np.ndarray] = {}
     hooks = []
     for key, quantizer in activation_quantizers(model).items():
@@ -68,18 +70,28 @@ def pytorch_codes(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
 def code_runner(
     proto: onnx.ModelProto, names: Iterable[str], optimize: bool = True
 ) -> Callable[[torch.Tensor], dict[str, np.ndarray]]:
-    """A function from an input batch to the tensors `names` as onnxruntime computes them (int8
+    """A function from an input batch to the codes of the quantized tensors `names` (hints, as
+    `pytorch_codes` keys them; `OUTPUT_NAME` for the output) as onnxruntime computes them (int8
     kernels, or with `optimize=False` the QDQ graph in float), made graph outputs of a copy of
     `proto`."""
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    tensors = {OUTPUT_NAME: (OUTPUT_NAME, 0)}
+    for entry in proto.metadata_props:
+        if entry.key == ACTIVATION_CODES:
+            tensors |= {hint: tuple(value) for hint, value in json.loads(entry.value).items()}
     for name in names:
         if name != OUTPUT_NAME:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensors[name][0]))
     session = ort_session(proto.SerializeToString(), threads=1, optimize=optimize)
-    outputs = [o.name for o in session.get_outputs()]
+    hints = {tensor: hint for hint, (tensor, _) in tensors.items()}
+    outputs = [hints[o.name] for o in session.get_outputs()]
 
     def run(x: torch.Tensor) -> dict[str, np.ndarray]:
-        return dict(zip(outputs, session.run(None, {INPUT_NAME: x.numpy()}), strict=True))
+        values = session.run(None, {INPUT_NAME: x.numpy()})
+        return {
+            hint: value if hint == OUTPUT_NAME else value.astype(np.int32) - tensors[hint][1]
+            for hint, value in zip(outputs, values, strict=True)
+        }
 
     return run
 

@@ -12,7 +12,6 @@ weight and never invent a scale.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from qatkd.errors import QatkdError
-from qatkd.quant import QuantAct, QuantConv2d, Quantizer, QuantLinear
+from qatkd.quant import QuantConv2d, Quantizer, QuantLinear
 from qatkd.quant.quantizers import FloatQuantizer
+from qatkd.quant.tensors import trace
 
 CODE_DTYPE = torch.int8
 """Weight codes are stored as int8: every bit-width up to 8 fits, and int8 is what kernels read."""
@@ -89,7 +89,7 @@ class FrozenLayer(nn.Module):
         self.register_buffer("codes", codes.to(CODE_DTYPE))
         self.register_buffer("scale", scale.float())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-        self.input_quantizer = copy.deepcopy(layer.input_quantizer)
+        self.input_quantizer = layer.input_quantizer  # shared with the tensor's other readers
         self.weight_bits = wq.bits
         self.weight_qrange = (qmin, qmax)
         self.input_range = act_range(layer.input_quantizer, f"{where}.input_quantizer")
@@ -126,29 +126,6 @@ class FrozenConv2d(FrozenLayer):
 class FrozenLinear(FrozenLayer):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.input_quantizer(x), self.weight, self.bias)
-
-
-class _Tracer(fx.Tracer):
-    """Keeps quantized layers, quantizers and QuantActs whole: they become single graph nodes."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, QuantConv2d | QuantLinear | QuantAct | Quantizer | FrozenLayer):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """A torch.fx graph of a deep copy of `model`, in eval mode (`model` is left untouched)."""
-    model = copy.deepcopy(model).eval()
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # fx raises many types for code it cannot follow
-        raise QatkdError(
-            f"cannot trace {type(model).__name__} for export ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); its forward must be a plain graph of "
-            "modules and tensor ops, without data-dependent control flow"
-        ) from e
-    return fx.GraphModule(model, graph, type(model).__name__)
 
 
 def freeze(model: nn.Module) -> fx.GraphModule:

@@ -6,11 +6,16 @@ number in it is one that training used:
 - input `pixels`: float [0, 1], NCHW, batch dynamic; the model's normalisation is inside the graph;
   output `logits` (the network's output, of any rank); the class names are in `metadata_props`
   (`class_names`, a JSON list);
-- each quantized activation (conv / linear input, QuantAct) is QuantizeLinear -> DequantizeLinear
-  at its trained scale, zero point 0, uint8 (unsigned) or int8 (signed). An 8-bit QuantizeLinear
+- each quantized tensor (what a conv / linear / global pooling reads, a QuantAct) is quantized
+  once, QuantizeLinear -> DequantizeLinear at its trained scale, uint8 at zero point 0
+  (unsigned) or 128 (signed: the int8 codes plus 128, so that both inputs of an add have one
+  type), right after the conv / matmul / add that computes it (moved before ReLU,
+  ReLU6, MaxPool and Flatten, which commute with quantization: `onnx_graph`); every conv,
+  residual add and global pooling then runs as one integer kernel. An 8-bit QuantizeLinear
   saturates at the 8-bit range only, so a b < 8-bit activation gets an integer Clip to its
-  [qmin, qmax] between Q and DQ: clamp(clamp(round(x / s), 0, 255), 0, 15) is the 4-bit code
-  exactly, and the Clip sits outside the DQ -> Conv -> Q group that the runtime fuses;
+  [qmin, qmax] (narrowed further by a ReLU6) between Q and DQ: clamp(clamp(round(x / s), 0,
+  255), 0, 15) is the 4-bit code exactly, and the Clip sits outside the DQ -> Conv -> Q group that the runtime fuses; the
+  tensor holding each one's codes is listed in `metadata_props` (`activation_codes`);
 - each quantized weight is an int8 initializer holding the trained codes -> DequantizeLinear (per
   output channel, axis 0) -> Conv / Gemm; the bias is int32 at scale input_scale * weight_scale
   -> DequantizeLinear, the standard QDQ form that int8 kernels need.
@@ -43,24 +48,20 @@ from qatkd.errors import QatkdError
 from qatkd.export import onnx_ops  # noqa: F401  (registers the op handlers)
 from qatkd.export.bias_grid import aligned_copy
 from qatkd.export.fold import fold_batchnorm
-from qatkd.export.onnx_graph import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    GraphBuilder,
-    codes_tensor,
-    needs_clip,
-)
+from qatkd.export.onnx_graph import INPUT_NAME, OUTPUT_NAME, GraphBuilder
 
 OPSET = 17
+ACTIVATION_CODES = "activation_codes"
+"""`metadata_props` key of an int8 graph: {quantized tensor's hint: [the tensor holding its codes,
+their zero point]}."""
 Precision = Literal["int8", "fp32"]
 __all__ = [
+    "ACTIVATION_CODES",
     "INPUT_NAME",
     "OUTPUT_NAME",
     "as_exported",
     "class_names_of",
-    "codes_tensor",
     "int32_bias_layers",
-    "needs_clip",
     "save_onnx",
     "to_onnx",
 ]
@@ -83,7 +84,10 @@ def to_onnx(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qatkd"
     )
     proto.ir_version = 8
-    for key, value in (metadata or {}).items():
+    metadata = dict(metadata or {})
+    if builder.code_tensors:
+        metadata[ACTIVATION_CODES] = builder.code_tensors
+    for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(proto, full_check=True)

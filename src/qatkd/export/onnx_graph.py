@@ -4,12 +4,20 @@ function node. A new layer type is exported by registering a handler, not by edi
 
 The builder owns what every handler shares: unique names, constants, Q/DQ pairs at the trained
 scales and the Conv / Gemm inputs (int8 weight codes, int32 bias) described in `onnx_export`.
+
+Each quantized tensor is quantized once (`codes`), however many nodes read it, and its
+QuantizeLinear is moved before the ops that commute with quantization (ReLU, ReLU6, MaxPool,
+Flatten: q(max(x, 0)) = max(q(x), 0) for any non-decreasing q), so that it directly follows the
+conv, matmul or add that computes the tensor and the runtime fuses them into one integer kernel.
+ReLU and ReLU6 become the bounds of the integer Clip; MaxPool and Flatten run between a
+DequantizeLinear and a QuantizeLinear of the same scale, which runtimes execute on the codes.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,6 +71,18 @@ def function_op(*targets: Any) -> Callable[[FunctionHandler], FunctionHandler]:
     return register
 
 
+@dataclass(frozen=True)
+class Commuting:
+    """A float node whose output the exporter may quantize on its input instead (module doc):
+    a clamp to [low, high] (ReLU, ReLU6) or an order-preserving op (MaxPool, Flatten)."""
+
+    op: str
+    input: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    low: float = -np.inf
+    high: float = np.inf
+
+
 def _module_handler(m: nn.Module) -> ModuleHandler | None:
     exact = MODULE_OPS.get(type(m))
     if exact is not None:
@@ -84,6 +104,11 @@ class GraphBuilder:
         self.used: set[str] = set()
         self.int_biases: dict[str, tuple[np.ndarray, list[str], str]] = {}
         """Bias DequantizeLinear output -> (float values, its initializers, layer name)."""
+        self.commuting: dict[str, Commuting] = {}
+        self.code_tensors: dict[str, tuple[str, int]] = {}
+        """Quantized tensor's hint -> (the graph tensor holding its codes, their zero point)."""
+        self._codes: dict[tuple[str, ActRange], str] = {}
+        self._widened: dict[str, str] = {}
 
     def build(self, input_shape: list[int]) -> onnx.GraphProto:
         with torch.no_grad():  # logits [N, K], a detector's dense map [N, C, H, W], ...
@@ -114,6 +139,7 @@ class GraphBuilder:
                 self.names[node] = self.const(value.detach().float().numpy(), node.target)
             else:
                 self.names[node] = self._convert(node)
+        self._drop_unused()
         self._float_bias_where_unfused()
         return helper.make_graph(self.nodes, "qatkd", inputs, outputs, self.inits)
 
@@ -129,7 +155,9 @@ class GraphBuilder:
 
     def const(self, array: np.ndarray, hint: str) -> str:
         name = self.name(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(
+            numpy_helper.from_array(np.array(array, order="C"), name)
+        )  # 0-d stays 0-d
         return name
 
     def emit(self, op: str, inputs: list[str], hint: str, **attrs: Any) -> str:
@@ -146,27 +174,78 @@ class GraphBuilder:
 
     # -- quantization ----------------------------------------------------------------------------
 
+    def emit_commuting(
+        self,
+        op: str,
+        inputs: list[str],
+        hint: str,
+        low: float = -np.inf,
+        high: float = np.inf,
+        **attrs: Any,
+    ) -> str:
+        """Emit a float node that commutes with quantization (module doc) and remember it, so
+        that `codes` of its output can quantize its input instead."""
+        out = self.emit(op, inputs, hint, **attrs)
+        self.commuting[out] = Commuting(op, inputs[0], attrs, low, high)
+        return out
+
     def qdq(self, x: str, r: ActRange, hint: str, widen: bool = False) -> tuple[str, float]:
-        """x -> QuantizeLinear -> [Clip to the b-bit codes] -> [BitShift] -> DequantizeLinear;
-        returns the DQ output and its scale. `widen` (conv / linear inputs): unsigned b-bit codes
-        are shifted left by 8 - b and the DQ scale divided by 2^(8 - b), the same values bit for
-        bit on a finer grid for the int32 bias (see the module doc)."""
-        dtype = np.int8 if r.signed else np.uint8
-        scale = self.const(np.array(r.scale, dtype=np.float32), f"{hint}.scale")
-        zero = self.const(np.array(0, dtype=dtype), f"{hint}.zero_point")
-        q = self.emit("QuantizeLinear", [x, scale, zero], f"{hint}.q")
-        if needs_clip(r):
-            low = self.const(np.array(r.qmin, dtype=dtype), f"{hint}.qmin")
-            high = self.const(np.array(r.qmax, dtype=dtype), f"{hint}.qmax")
-            q = self.emit("Clip", [q, low, high], f"{hint}.clip")
+        """A DequantizeLinear of `codes(x, r, hint)` for one reader (runtimes fuse a DQ into
+        the kernel that reads it, so each reader gets its own), and its scale. `widen` (conv /
+        linear inputs): unsigned b-bit codes are shifted left by 8 - b and the DQ scale divided by
+        2^(8 - b), the same values bit for bit on a finer grid for the int32 bias (see the
+        module doc of `onnx_export`)."""
+        codes = self.codes(x, r, hint)
         shift = input_shift(r) if widen else 0
+        scale, zero = self._scale_zero(r.scale, r, hint)
         if shift == 0:
-            return self.emit("DequantizeLinear", [q, scale, zero], f"{hint}.dq"), r.scale
-        amount = self.const(np.array(shift, dtype=np.uint8), f"{hint}.shift")
-        q = self.emit("BitShift", [q, amount], f"{hint}.widen", direction="LEFT")
+            return self.emit("DequantizeLinear", [codes, scale, zero], f"{hint}.dq"), r.scale
+        if codes not in self._widened:
+            amount = self.const(np.array(shift, dtype=np.uint8), f"{hint}.shift")
+            self._widened[codes] = self.emit(
+                "BitShift", [codes, amount], f"{hint}.widen", direction="LEFT"
+            )
+        widened = self._widened[codes]
         fine = fine_input_scale(r)
-        fine_scale = self.const(np.array(fine, dtype=np.float32), f"{hint}.fine_scale")
-        return self.emit("DequantizeLinear", [q, fine_scale, zero], f"{hint}.dq"), fine
+        fine_scale, _ = self._scale_zero(fine, r, f"{hint}.fine")
+        return self.emit("DequantizeLinear", [widened, fine_scale, zero], f"{hint}.dq"), fine
+
+    def codes(self, x: str, r: ActRange, hint: str) -> str:
+        """The integer codes of tensor `x` at range `r` (uint8 / int8), made once per tensor:
+        QuantizeLinear, moved before the commuting ops that produce `x`, then an integer Clip
+        where the codes' range (narrowed by a ReLU6's bound) is not the 8-bit type's."""
+        key = (x, r)
+        if key not in self._codes:
+            self._codes[key] = self._quantize(x, r, hint, r.qmin, r.qmax)
+            self.code_tensors.setdefault(hint, (self._codes[key], zero_point(r)))
+        return self._codes[key]
+
+    def _quantize(self, x: str, r: ActRange, hint: str, low: int, high: int) -> str:
+        source = self.commuting.get(x)
+        if source is not None and source.op in ("Relu", "Clip"):
+            low, high = max(low, code_of(source.low, r)), min(high, code_of(source.high, r))
+            return self._quantize(source.input, r, hint, low, high)
+        scale, zero = self._scale_zero(r.scale, r, hint)
+        if source is not None:  # MaxPool, Flatten: on the codes, between DQ and Q
+            inner = self._quantize(source.input, r, f"{hint}.before_{source.op}", low, high)
+            dq = self.emit("DequantizeLinear", [inner, scale, zero], f"{hint}.{source.op}_dq")
+            y = self.emit(source.op, [dq], f"{hint}.{source.op}", **source.attrs)
+            return self.emit("QuantizeLinear", [y, scale, zero], f"{hint}.q")
+        q = self.emit("QuantizeLinear", [x, scale, zero], f"{hint}.q")
+        low, high = low + zero_point(r), high + zero_point(r)
+        if (low, high) == (0, 255):
+            return q
+        bounds = [
+            self.const(np.array(low, dtype=np.uint8), f"{hint}.qmin"),
+            self.const(np.array(high, dtype=np.uint8), f"{hint}.qmax"),
+        ]
+        return self.emit("Clip", [q, *bounds], f"{hint}.clip")
+
+    def _scale_zero(self, scale: float, r: ActRange, hint: str) -> tuple[str, str]:
+        return (
+            self.const(np.array(scale, dtype=np.float32), f"{hint}.scale"),
+            self.const(np.array(zero_point(r), dtype=np.uint8), f"{hint}.zero_point"),
+        )
 
     def layer_inputs(
         self,
@@ -194,7 +273,7 @@ class GraphBuilder:
             )
         r = layer.input_range
         if r is not None:
-            x = self.qdq(x, r, f"{hint}.input", widen=True)[0]
+            x = self.qdq(x, r, tensor_hint(layer.input_quantizer, f"{hint}.input"), widen=True)[0]
         scale = fine_weight_scale(layer)
         stored = layer.codes.numpy() * np.int8(2 ** spare_bits(layer.codes))
         codes = self.const(stored, f"{hint}.weight_codes")
@@ -228,13 +307,27 @@ class GraphBuilder:
         for node in self.nodes:
             if node.op_type != "Conv" or len(node.input) < 3:
                 continue
-            if node.input[2] not in self.int_biases or _feeds_one_quantize(node.output[0], users):
+            readers = users.get(node.output[0], [])
+            quantized = len(readers) == 1 and readers[0].op_type == "QuantizeLinear"
+            if node.input[2] not in self.int_biases or quantized:
                 continue
             values, names, _ = self.int_biases.pop(node.input[2])
             dropped.update([node.input[2], *names])
             node.input[2] = self.const(values, f"{node.name}.bias")
         self.nodes = [n for n in self.nodes if n.output[0] not in dropped]
         self.inits = [t for t in self.inits if t.name not in dropped]
+
+    def _drop_unused(self) -> None:
+        """Remove the nodes whose output nothing reads (the float ops that `codes` moved a
+        QuantizeLinear before, where nothing else reads them), then unused initializers."""
+        while True:
+            read = {name for node in self.nodes for name in node.input} | {OUTPUT_NAME}
+            kept = [n for n in self.nodes if any(o in read for o in n.output)]
+            if len(kept) == len(self.nodes):
+                break
+            self.nodes = kept
+        read = {name for node in self.nodes for name in node.input}
+        self.inits = [t for t in self.inits if t.name in read]
 
     # -- dispatch to the op handlers ------------------------------------------------------------
 
@@ -264,26 +357,24 @@ class GraphBuilder:
         return handler(self, node, hint)
 
 
-def needs_clip(r: ActRange) -> bool:
-    """Whether the codes need an integer Clip after QuantizeLinear (a range narrower than the
-    8-bit type's)."""
-    info = np.iinfo(np.int8 if r.signed else np.uint8)
-    return (r.qmin, r.qmax) != (info.min, info.max)
+def zero_point(r: ActRange) -> int:
+    """Activations are uint8 in the graph, signed ones at zero point 128: the same values as
+    int8 codes, and the one type every integer kernel takes for both inputs of an add."""
+    return 128 if r.signed else 0
 
 
-def codes_tensor(hint: str, r: ActRange) -> str:
-    """The graph tensor that holds the integer codes of the activation exported at `hint` (a
-    layer's `<path>.input`, a QuantAct's `<path>`): the QuantizeLinear output, or the Clip's."""
-    return f"{hint}.{'clip' if needs_clip(r) else 'q'}".replace(".", "_")
+def code_of(value: float, r: ActRange) -> int:
+    """The code that `value` quantizes to at `r` (clamped; infinities to the range's ends)."""
+    if np.isinf(value):
+        return r.qmin if value < 0 else r.qmax
+    code = np.round(np.float32(value) / np.float32(r.scale))
+    return int(np.clip(code, r.qmin, r.qmax))
 
 
-def _feeds_one_quantize(name: str, users: Mapping[str, list[onnx.NodeProto]]) -> bool:
-    """`name` is read only by one QuantizeLinear, directly or through one Relu (which a uint8
-    QuantizeLinear at zero point 0 makes redundant, so runtimes drop it)."""
-    readers = users.get(name, [])
-    if len(readers) == 1 and readers[0].op_type == "Relu":
-        readers = users.get(readers[0].output[0], [])
-    return len(readers) == 1 and readers[0].op_type == "QuantizeLinear"
+def tensor_hint(quantizer: nn.Module, default: str) -> str:
+    """The name under which the graph quantizes the tensor `quantizer` reads (shared by all its
+    readers, `qatkd.quant.tensors`), or `default` where `prepare` gave it none."""
+    return getattr(quantizer, "tensor_hint", None) or default
 
 
 def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:

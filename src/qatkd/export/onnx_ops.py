@@ -7,15 +7,16 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from qatkd.errors import QatkdError
 from qatkd.export.frozen import FrozenConv2d, FrozenLinear, act_range
-from qatkd.export.onnx_graph import GraphBuilder, function_op, module_op
+from qatkd.export.onnx_graph import GraphBuilder, function_op, module_op, tensor_hint
 from qatkd.nn import QuantPoint
-from qatkd.quant import QuantAct
+from qatkd.quant import QuantAct, QuantGlobalAvgPool2d
 
 BINARY = {
     operator.add: "Add",
@@ -69,12 +70,21 @@ def linear(b: GraphBuilder, m: FrozenLinear | nn.Linear, x: str, hint: str) -> s
 @module_op(QuantAct, subclasses=True)
 def quant_act(b: GraphBuilder, m: QuantAct, x: str, hint: str) -> str:
     r = act_range(m.quantizer, hint)
-    return b.qdq(x, r, hint)[0] if b.quantized and r is not None else x
+    if not b.quantized or r is None:
+        return x
+    return b.qdq(x, r, tensor_hint(m.quantizer, hint))[0]
 
 
 @module_op(nn.ReLU)
 def relu(b: GraphBuilder, m: nn.ReLU, x: str, hint: str) -> str:
-    return b.emit("Relu", [x], hint)
+    return b.emit_commuting("Relu", [x], hint, low=0.0)
+
+
+@module_op(nn.ReLU6, nn.Hardtanh)
+def clamp(b: GraphBuilder, m: nn.Hardtanh, x: str, hint: str) -> str:
+    low, high = float(m.min_val), float(m.max_val)
+    bounds = [b.const(np.array(v, dtype=np.float32), f"{hint}.bound") for v in (low, high)]
+    return b.emit_commuting("Clip", [x, *bounds], hint, low=low, high=high)
 
 
 @module_op(nn.BatchNorm2d)
@@ -91,7 +101,7 @@ def max_pool(b: GraphBuilder, m: nn.MaxPool2d, x: str, hint: str) -> str:
     if m.return_indices:
         raise QatkdError(f"{hint}: MaxPool2d with return_indices is not supported")
     k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
-    return b.emit(
+    return b.emit_commuting(
         "MaxPool",
         [x],
         hint,
@@ -127,11 +137,19 @@ def global_average_pool(b: GraphBuilder, m: nn.AdaptiveAvgPool2d, x: str, hint: 
     return b.emit("GlobalAveragePool", [x], hint)
 
 
+@module_op(QuantGlobalAvgPool2d)
+def quant_global_average_pool(b: GraphBuilder, m: QuantGlobalAvgPool2d, x: str, hint: str) -> str:
+    r = act_range(m.input_quantizer, f"{hint}.input_quantizer")
+    if b.quantized and r is not None:
+        x = b.qdq(x, r, tensor_hint(m.input_quantizer, f"{hint}.input"))[0]
+    return b.emit("GlobalAveragePool", [x], hint)
+
+
 @module_op(nn.Flatten)
 def flatten_module(b: GraphBuilder, m: nn.Flatten, x: str, hint: str) -> str:
     if m.end_dim != -1:
         raise QatkdError(f"{hint}: Flatten with end_dim={m.end_dim} is not supported")
-    return b.emit("Flatten", [x], hint, axis=m.start_dim)
+    return b.emit_commuting("Flatten", [x], hint, axis=m.start_dim)
 
 
 # -- functions and methods -----------------------------------------------------------------------
@@ -147,7 +165,7 @@ def binary(b: GraphBuilder, node: fx.Node, hint: str) -> str:
 
 @function_op(torch.relu, F.relu, "relu")
 def relu_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
-    return b.emit("Relu", [b.names[node.args[0]]], hint)
+    return b.emit_commuting("Relu", [b.names[node.args[0]]], hint, low=0.0)
 
 
 @function_op(torch.flatten, "flatten")
@@ -157,4 +175,4 @@ def flatten_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
     if end != -1:
         raise QatkdError(f"{hint}: flatten with end_dim={end} is not supported by export")
-    return b.emit("Flatten", [b.names[args[0]]], hint, axis=start)
+    return b.emit_commuting("Flatten", [b.names[args[0]]], hint, axis=start)

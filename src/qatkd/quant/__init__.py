@@ -7,7 +7,7 @@ directly (quantizers initialise themselves on their first training batch).
 from qatkd.quant.base import ALLOWED_BITS, GROUP_SIZES, QUANTIZERS, Quantizer
 from qatkd.quant.calibrate import calibrate
 from qatkd.quant.config import QuantConfig, parse_bits
-from qatkd.quant.modules import QuantAct, QuantConv2d, QuantLinear
+from qatkd.quant.modules import QuantAct, QuantConv2d, QuantGlobalAvgPool2d, QuantLinear
 from qatkd.quant.prepare import CONFIG_ATTR, is_quantized, prepare, quant_config_of, quant_summary
 from qatkd.quant.quantizers import (
     DoReFaQuantizer,
@@ -31,6 +31,7 @@ __all__ = [
     "QuantAct",
     "QuantConfig",
     "QuantConv2d",
+    "QuantGlobalAvgPool2d",
     "QuantLinear",
     "Quantizer",
     "calibrate",

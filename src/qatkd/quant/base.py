@@ -91,6 +91,9 @@ class Quantizer(nn.Module):
     """
 
     method = ""
+    tensor_hint: str | None = None
+    """Set by `prepare` on activation quantizers: the name of the tensor they quantize in the
+    exported graph (`quant.tensors`)."""
 
     def __init__(
         self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None

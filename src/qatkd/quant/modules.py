@@ -73,3 +73,17 @@ class QuantAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.quantizer(x)
+
+
+class QuantGlobalAvgPool2d(nn.AdaptiveAvgPool2d):
+    """Global average pooling of a fake-quantized input: the integer graph averages codes
+    (QLinearGlobalAveragePool), so the tensor it reads is quantized once, like a conv's input."""
+
+    input_quantizer: Quantizer
+
+    def __init__(self, input_quantizer: Quantizer) -> None:
+        super().__init__(1)
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(self.input_quantizer(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from fnmatch import fnmatch
 
 import torch
@@ -11,8 +12,9 @@ from qatkd.errors import QatkdError
 from qatkd.nn import QuantPoint
 from qatkd.quant.base import Quantizer
 from qatkd.quant.config import QuantConfig
-from qatkd.quant.modules import QuantAct, QuantConv2d, QuantLinear
+from qatkd.quant.modules import QuantAct, QuantConv2d, QuantGlobalAvgPool2d, QuantLinear
 from qatkd.quant.quantizers import make_quantizer
+from qatkd.quant.tensors import share_tensor_quantizers
 
 CONFIG_ATTR = "qatkd_quant_config"
 """The attribute on a prepared model that holds its `QuantConfig`."""
@@ -24,14 +26,22 @@ _QUANT_LAYERS: dict[type[nn.Module], type[QuantConv2d] | type[QuantLinear]] = {
 
 
 def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Replace every `nn.Conv2d` / `nn.Linear` (exact types: a subclass may have its own forward)
-    and every `QuantPoint` outside `config.skip` by its quantized counterpart, in place, and record
-    `config` on the model. First/last layer = first/last Conv2d or Linear in `named_modules()`
-    order, whether skipped or not. QuantPoints get 8 bits, or the activation bits if higher."""
+    """Replace every `nn.Conv2d` / `nn.Linear` (exact types: a subclass may have its own forward),
+    every global `nn.AdaptiveAvgPool2d` and every `QuantPoint` outside `config.skip` by its
+    quantized counterpart, in place, make the quantizers that read the same tensor one
+    (`quant.tensors`; a model torch.fx cannot trace, such as a `transformers` LM, keeps one per
+    layer input), and record `config` on the model. First/last layer = first/last Conv2d or
+    Linear in `named_modules()` order, whether skipped or not. QuantPoints and pooling inputs get
+    8 bits, or the activation bits if higher."""
     if is_quantized(model):
         raise QatkdError("the model is already quantized; prepare a fresh float model")
     layers = [(n, m) for n, m in model.named_modules() if n and type(m) in _QUANT_LAYERS]
     points = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantPoint)]
+    pools = [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1))
+    ]
     edges = {layers[0][0], layers[-1][0]} if layers else set()
     targets = [(n, m) for n, m in layers if not _skipped(n, config)]
     if not targets:
@@ -56,10 +66,18 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
             layer, _like(weight_q, layer.weight), _like(input_q, layer.weight)
         ))  # fmt: skip
     reference = next(model.parameters())
+
+    def point_quantizer() -> Quantizer:
+        return _like(make_quantizer(config.act_method_name, max(8, config.act_bits)), reference)
+
     for name, _ in points:
         if not _skipped(name, config):
-            quantizer = make_quantizer(config.act_method_name, max(8, config.act_bits))
-            _set(model, name, QuantAct(_like(quantizer, reference)))
+            _set(model, name, QuantAct(point_quantizer()))
+    for name, _ in pools:
+        if not _skipped(name, config):
+            _set(model, name, QuantGlobalAvgPool2d(point_quantizer()))
+    with contextlib.suppress(QatkdError):  # not traceable: one quantizer per layer input
+        share_tensor_quantizers(model)
     setattr(model, CONFIG_ATTR, config)
     return model
 
@@ -83,9 +101,9 @@ def quant_summary(model: nn.Module) -> str:
                 name, type(module).__name__, str(w.bits), str(a.bits),
                 f"{w.method}/{a.method}", w.granularity,
             ))  # fmt: skip
-        elif isinstance(module, QuantAct):
-            q = module.quantizer
-            rows.append((name, "QuantAct", "-", str(q.bits), q.method, q.granularity))
+        elif isinstance(module, QuantAct | QuantGlobalAvgPool2d):
+            q = module.quantizer if isinstance(module, QuantAct) else module.input_quantizer
+            rows.append((name, type(module).__name__, "-", str(q.bits), q.method, q.granularity))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import mobilenetv2 as tv_mobilenet
 from torchvision.models import resnet as tv_resnet
 
 from qatkd.errors import QatkdError
@@ -104,29 +105,54 @@ class _MarkedBottleneck(tv_resnet.Bottleneck):
         return self.relu(out + self.shortcut_point(identity))
 
 
-_MARKED_BLOCKS = {tv_resnet.BasicBlock: _MarkedBasicBlock, tv_resnet.Bottleneck: _MarkedBottleneck}
+class _MarkedInvertedResidual(tv_mobilenet.InvertedResidual):
+    """torchvision's MobileNetV2 block with both inputs of its residual add marked."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_res_connect:
+            return self.conv(x)
+        return self.shortcut_point(x) + self.branch_point(self.conv(x))
 
 
-def _mark_residual_adds(net: nn.Module) -> None:
-    """Give torchvision ResNet blocks the QuantPoints our own ResNets have, so that QAT
-    simulates the integer graph the exporter writes (int8 adds, not float ones)."""
+class _PooledMobileNetV2(tv_mobilenet.MobileNetV2):
+    """torchvision's MobileNetV2 with its global pooling as a module, which `prepare` quantizes
+    (the functional call it replaces is invisible to it)."""
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+_MARKED = {
+    tv_resnet.BasicBlock: _MarkedBasicBlock,
+    tv_resnet.Bottleneck: _MarkedBottleneck,
+    tv_mobilenet.InvertedResidual: _MarkedInvertedResidual,
+}
+
+
+def _mark_for_quantization(net: nn.Module) -> None:
+    """Give torchvision's residual blocks the QuantPoints our own ResNets have and MobileNetV2 a
+    pooling module, so that QAT simulates the integer graph the exporter writes (int8 adds and
+    pooling, not float ones)."""
     for block in net.modules():
-        marked = _MARKED_BLOCKS.get(type(block))
+        marked = _MARKED.get(type(block))
         if marked is not None:
             block.branch_point, block.shortcut_point = QuantPoint(), QuantPoint()
             block.__class__ = marked
+    if type(net) is tv_mobilenet.MobileNetV2:
+        net.avgpool = nn.AdaptiveAvgPool2d(1)
+        net.__class__ = _PooledMobileNetV2
 
 
 def _torchvision_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
     """A torchvision model, untrained, with its first conv adapted to the input channels and its
-    residual adds (ResNets) marked for quantization."""
+    residual adds and pooling marked for quantization."""
     try:
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     except ValueError as e:
         raise QatkdError(
             f"unknown torchvision model '{name}'; see torchvision.models.list_models()"
         ) from e
-    _mark_residual_adds(net)
+    _mark_for_quantization(net)
     parent, attr, conv = _first_conv(net)
     if conv.in_channels != in_channels:
         setattr(
