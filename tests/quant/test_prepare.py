@@ -24,6 +24,7 @@ from qatkd.quant import (
     quant_config_of,
     quant_summary,
 )
+from qatkd.quant.tensors import check_state_fits_shared_quantizers
 from qatkd.tasks.classification.models import build_model
 
 
@@ -258,3 +259,19 @@ def test_fp32_state_dict_loads_into_prepared_model():
     assert result.unexpected_keys == []
     assert all("quantizer" in key for key in result.missing_keys)
     torch.testing.assert_close(model.stem[0].weight, float_model.stem[0].weight)
+
+
+def test_a_checkpoint_from_before_shared_quantizers_is_refused():
+    """Two values for one shared quantizer, or none for a pooling input: one line, no silent
+    load of one of them."""
+    model = prepare(build_model("resnet8", 1, 10, [0.5], [0.25]), QuantConfig(bits="W4A4"))
+    model.train()(torch.rand(4, 1, 16, 16))
+    state = model.state_dict()
+    check_state_fits_shared_quantizers(model, state)
+    old = dict(state)
+    old["net.layers.0.shortcut_point.quantizer.step"] = torch.tensor(0.5)
+    with pytest.raises(QatkdError, match="quantized each layer input on its own"):
+        check_state_fits_shared_quantizers(model, old)
+    old = {k: v for k, v in state.items() if not k.startswith("net.pool.")}
+    with pytest.raises(QatkdError, match="run its training or ptq again"):
+        check_state_fits_shared_quantizers(model, old)

@@ -99,3 +99,24 @@ def _source(gm: fx.GraphModule, node: object) -> object:
             break
         node = node.args[0]
     return node
+
+
+def check_state_fits_shared_quantizers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise `QatkdError` where `state` (a state dict for `model`) gives one shared quantizer
+    different values under its different names, or has none for a quantized pooling input: a
+    checkpoint made before qatkd quantized each tensor once, which would load silently wrong."""
+    names: dict[int, list[str]] = collections.defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Quantizer) and not module.is_weight:
+            names[id(module)].append(name)
+    for paths in names.values():
+        for key in model.get_submodule(paths[0]).state_dict():
+            values = [state.get(f"{path}.{key}") for path in paths]
+            if any(v is None for v in values) or any(
+                not torch.equal(v, values[0]) for v in values[1:]
+            ):
+                raise QatkdError(
+                    "the checkpoint was made by a qatkd that quantized each layer input on its "
+                    f"own ({paths[0]} and {paths[-1]} differ or are missing); run its training "
+                    "or ptq again with this version"
+                )

@@ -24,6 +24,7 @@ from qatkd.device import module_device
 from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache, file_sha256
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
+from qatkd.quant.tensors import check_state_fits_shared_quantizers
 from qatkd.train.engine import Task, TeacherOutputs
 
 CALIBRATION_SAMPLES = 512
@@ -150,6 +151,8 @@ class ImageFamily:
         if source is not None:
             self.check_fits(state["meta"], source, what, path)
         model = self.model_from_meta(state["meta"])
+        if state["meta"].get("quant"):
+            check_state_fits_shared_quantizers(model, state["model"])
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
