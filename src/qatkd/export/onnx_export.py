@@ -7,15 +7,16 @@ number in it is one that training used:
   output `logits` (the network's output, of any rank); the class names are in `metadata_props`
   (`class_names`, a JSON list);
 - each quantized tensor (what a conv / linear / global pooling reads, a QuantAct) is quantized
-  once, QuantizeLinear -> DequantizeLinear at its trained scale, uint8 at zero point 0
-  (unsigned) or 128 (signed: the int8 codes plus 128, so that both inputs of an add have one
-  type), right after the conv / matmul / add that computes it (moved before ReLU,
-  ReLU6, MaxPool and Flatten, which commute with quantization: `onnx_graph`); every conv,
-  residual add and global pooling then runs as one integer kernel. An 8-bit QuantizeLinear
-  saturates at the 8-bit range only, so a b < 8-bit activation gets an integer Clip to its
-  [qmin, qmax] (narrowed further by a ReLU6) between Q and DQ: clamp(clamp(round(x / s), 0,
-  255), 0, 15) is the 4-bit code exactly, and the Clip sits outside the DQ -> Conv -> Q group that the runtime fuses; the
-  tensor holding each one's codes is listed in `metadata_props` (`activation_codes`);
+  once, QuantizeLinear -> DequantizeLinear at its trained scale, zero point 0, uint8 (unsigned)
+  or int8 (signed; uint8 at zero point 128 where a residual add reads it: the same values, and
+  one type for both inputs of the add), right after the conv / matmul / add that computes it
+  (moved before ReLU, ReLU6, MaxPool and Flatten, which commute with quantization:
+  `onnx_graph`); every conv, residual add and global pooling then runs as one integer kernel.
+  An 8-bit QuantizeLinear saturates at the 8-bit range only, so a b < 8-bit activation gets an
+  integer Clip to its [qmin, qmax] (narrowed further by a ReLU6) between Q and DQ:
+  clamp(clamp(round(x / s), 0, 255), 0, 15) is the 4-bit code exactly, and the Clip sits
+  outside the DQ -> Conv -> Q group that the runtime fuses; the tensor holding each one's codes
+  is listed in `metadata_props` (`activation_codes`);
 - each quantized weight is an int8 initializer holding the trained codes -> DequantizeLinear (per
   output channel, axis 0) -> Conv / Gemm; the bias is int32 at scale input_scale * weight_scale
   -> DequantizeLinear, the standard QDQ form that int8 kernels need.

@@ -35,6 +35,7 @@ from qatkd.export.bias_grid import (
     spare_bits,
 )
 from qatkd.export.frozen import ActRange, FrozenLayer
+from qatkd.quant import QuantAct
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
@@ -109,6 +110,12 @@ class GraphBuilder:
         """Quantized tensor's hint -> (the graph tensor holding its codes, their zero point)."""
         self._codes: dict[tuple[str, ActRange], str] = {}
         self._widened: dict[str, str] = {}
+        self.add_operands = {
+            tensor_hint(m.quantizer, path)
+            for path, m in gm.named_modules()
+            if isinstance(m, QuantAct)
+        }
+        """Hints of the tensors that residual adds read (QuantActs quantize them)."""
 
     def build(self, input_shape: list[int]) -> onnx.GraphProto:
         with torch.no_grad():  # logits [N, K], a detector's dense map [N, C, H, W], ...
@@ -196,56 +203,68 @@ class GraphBuilder:
         2^(8 - b), the same values bit for bit on a finer grid for the int32 bias (see the
         module doc of `onnx_export`)."""
         codes = self.codes(x, r, hint)
+        zero = self.const(self._zero_point(r, hint), f"{hint}.zero_point")
         shift = input_shift(r) if widen else 0
-        scale, zero = self._scale_zero(r.scale, r, hint)
         if shift == 0:
+            scale = self.const(np.array(r.scale, dtype=np.float32), f"{hint}.scale")
             return self.emit("DequantizeLinear", [codes, scale, zero], f"{hint}.dq"), r.scale
         if codes not in self._widened:
             amount = self.const(np.array(shift, dtype=np.uint8), f"{hint}.shift")
             self._widened[codes] = self.emit(
                 "BitShift", [codes, amount], f"{hint}.widen", direction="LEFT"
             )
-        widened = self._widened[codes]
         fine = fine_input_scale(r)
-        fine_scale, _ = self._scale_zero(fine, r, f"{hint}.fine")
-        return self.emit("DequantizeLinear", [widened, fine_scale, zero], f"{hint}.dq"), fine
+        scale = self.const(np.array(fine, dtype=np.float32), f"{hint}.fine_scale")
+        return self.emit(
+            "DequantizeLinear", [self._widened[codes], scale, zero], f"{hint}.dq"
+        ), fine
 
     def codes(self, x: str, r: ActRange, hint: str) -> str:
-        """The integer codes of tensor `x` at range `r` (uint8 / int8), made once per tensor:
-        QuantizeLinear, moved before the commuting ops that produce `x`, then an integer Clip
-        where the codes' range (narrowed by a ReLU6's bound) is not the 8-bit type's."""
+        """The integer codes of tensor `x` at range `r`, made once per tensor: QuantizeLinear,
+        moved before the commuting ops that produce `x`, then an integer Clip where the codes'
+        range (narrowed by a ReLU6's bound) is not the 8-bit type's."""
         key = (x, r)
         if key not in self._codes:
-            self._codes[key] = self._quantize(x, r, hint, r.qmin, r.qmax)
-            self.code_tensors.setdefault(hint, (self._codes[key], zero_point(r)))
+            zero = self._zero_point(r, hint)
+            self._codes[key] = self._quantize(x, r, zero, hint, r.qmin, r.qmax)
+            self.code_tensors.setdefault(hint, (self._codes[key], int(zero)))
         return self._codes[key]
 
-    def _quantize(self, x: str, r: ActRange, hint: str, low: int, high: int) -> str:
+    def _zero_point(self, r: ActRange, hint: str) -> np.ndarray:
+        """The codes' type and zero point: uint8 at 0 for unsigned codes; int8 at 0 for signed
+        ones, except where a residual add reads them (a QuantAct's tensor): uint8 at 128 there,
+        the same values, because an integer add takes one type for both inputs."""
+        if not r.signed:
+            return np.array(0, dtype=np.uint8)
+        if hint in self.add_operands:
+            return np.array(128, dtype=np.uint8)
+        return np.array(0, dtype=np.int8)
+
+    def _quantize(
+        self, x: str, r: ActRange, zero_point: np.ndarray, hint: str, low: int, high: int
+    ) -> str:
         source = self.commuting.get(x)
         if source is not None and source.op in ("Relu", "Clip"):
             low, high = max(low, code_of(source.low, r)), min(high, code_of(source.high, r))
-            return self._quantize(source.input, r, hint, low, high)
-        scale, zero = self._scale_zero(r.scale, r, hint)
+            return self._quantize(source.input, r, zero_point, hint, low, high)
+        scale = self.const(np.array(r.scale, dtype=np.float32), f"{hint}.scale")
+        zero = self.const(zero_point, f"{hint}.zero_point")
         if source is not None:  # MaxPool, Flatten: on the codes, between DQ and Q
-            inner = self._quantize(source.input, r, f"{hint}.before_{source.op}", low, high)
+            inner_hint = f"{hint}.before_{source.op}"
+            inner = self._quantize(source.input, r, zero_point, inner_hint, low, high)
             dq = self.emit("DequantizeLinear", [inner, scale, zero], f"{hint}.{source.op}_dq")
             y = self.emit(source.op, [dq], f"{hint}.{source.op}", **source.attrs)
             return self.emit("QuantizeLinear", [y, scale, zero], f"{hint}.q")
         q = self.emit("QuantizeLinear", [x, scale, zero], f"{hint}.q")
-        low, high = low + zero_point(r), high + zero_point(r)
-        if (low, high) == (0, 255):
+        info = np.iinfo(zero_point.dtype)
+        low, high = low + int(zero_point), high + int(zero_point)
+        if (low, high) == (info.min, info.max):
             return q
         bounds = [
-            self.const(np.array(low, dtype=np.uint8), f"{hint}.qmin"),
-            self.const(np.array(high, dtype=np.uint8), f"{hint}.qmax"),
+            self.const(np.array(low, dtype=zero_point.dtype), f"{hint}.qmin"),
+            self.const(np.array(high, dtype=zero_point.dtype), f"{hint}.qmax"),
         ]
         return self.emit("Clip", [q, *bounds], f"{hint}.clip")
-
-    def _scale_zero(self, scale: float, r: ActRange, hint: str) -> tuple[str, str]:
-        return (
-            self.const(np.array(scale, dtype=np.float32), f"{hint}.scale"),
-            self.const(np.array(zero_point(r), dtype=np.uint8), f"{hint}.zero_point"),
-        )
 
     def layer_inputs(
         self,
@@ -355,12 +374,6 @@ class GraphBuilder:
                 "the exporter supports conv / linear / pooling / ReLU / add networks"
             )
         return handler(self, node, hint)
-
-
-def zero_point(r: ActRange) -> int:
-    """Activations are uint8 in the graph, signed ones at zero point 128: the same values as
-    int8 codes, and the one type every integer kernel takes for both inputs of an add."""
-    return 128 if r.signed else 0
 
 
 def code_of(value: float, r: ActRange) -> int:
