@@ -15,9 +15,16 @@ from qatkd.export import (
     int32_bias_layers,
     to_onnx,
 )
-from qatkd.export.codes import CodeMismatch, activation_quantizers, code_runner, pytorch_codes
+from qatkd.export.codes import (
+    CodeMismatch,
+    activation_codes,
+    activation_quantizers,
+    code_runner,
+    pytorch_codes,
+)
+from qatkd.export.onnx_graph import tensor_hint
 from qatkd.export.runtime import ort_session
-from qatkd.quant import QuantConv2d, Quantizer, QuantLinear
+from qatkd.quant import QuantAct, QuantConv2d, Quantizer, QuantLinear
 
 SHAPE = [1, 16, 16]
 
@@ -106,6 +113,16 @@ def test_qdq_around_every_quantized_layer(tiny_model):
     # each tensor quantized once; the classifier's input again after DQ -> Flatten -> Q, which
     # runtimes run on the codes
     assert len(q_nodes) == len(activation_quantizers(model)) + 1 == 15
+    # the metadata names every quantized tensor's codes; signed ones are uint8 at 128 where a
+    # residual add (a QuantAct's tensor) reads them
+    codes, quantizers = activation_codes(proto), activation_quantizers(model)
+    acts = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantAct)]
+    add_operands = {tensor_hint(m.quantizer, n) for n, m in acts}
+    assert set(codes) == set(quantizers)
+    assert any(quantizers[h].signed for h in add_operands)
+    for hint, (tensor, zero_point) in codes.items():
+        assert producer[tensor].op_type in ("QuantizeLinear", "Clip"), hint
+        assert zero_point == (128 if quantizers[hint].signed and hint in add_operands else 0)
     assert class_names_of(proto) == [f"c{i}" for i in range(10)]
     assert proto.graph.input[0].name == INPUT_NAME
 

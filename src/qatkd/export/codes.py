@@ -67,6 +67,15 @@ def pytorch_codes(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     return codes
 
 
+def activation_codes(proto: onnx.ModelProto) -> dict[str, tuple[str, int]]:
+    """Each quantized tensor's hint -> (the graph tensor holding its codes, their zero point),
+    from the graph's metadata."""
+    for entry in proto.metadata_props:
+        if entry.key == ACTIVATION_CODES:
+            return {hint: tuple(value) for hint, value in json.loads(entry.value).items()}
+    return {}
+
+
 def code_runner(
     proto: onnx.ModelProto, names: Iterable[str], optimize: bool = True
 ) -> Callable[[torch.Tensor], dict[str, np.ndarray]]:
@@ -75,10 +84,7 @@ def code_runner(
     kernels, or with `optimize=False` the QDQ graph in float), made graph outputs of a copy of
     `proto`."""
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    tensors = {OUTPUT_NAME: (OUTPUT_NAME, 0)}
-    for entry in proto.metadata_props:
-        if entry.key == ACTIVATION_CODES:
-            tensors |= {hint: tuple(value) for hint, value in json.loads(entry.value).items()}
+    tensors = {OUTPUT_NAME: (OUTPUT_NAME, 0)} | activation_codes(proto)
     for name in names:
         if name != OUTPUT_NAME:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensors[name][0]))

@@ -7,8 +7,7 @@ Reading the same tensor means the same value up to shape and identity ops (Flatt
 Dropout in eval, Identity) or through another quantizer of it (a `QuantAct` output quantized
 again by a conv is the same codes). The shared quantizer keeps the highest bit-width of the group
 (a block input that an 8-bit shortcut point also reads reaches the block's 4-bit conv at
-8 bits), and its `tensor_hint` names it in
-the exported graph and in code parity.
+8 bits), and its `tensor_hint` names it in the exported graph and in code parity.
 """
 
 from __future__ import annotations
