@@ -42,6 +42,14 @@ class DataConfig(Section):
         None, gt=0, description="use only the first N test samples (language: windows)"
     )
     augment: bool = Field(True, description="train-time augmentation (crop + flip)")
+    val_split: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="share of the training set held out for validation (seeded; stratified by "
+        "class where there are labels): best.pt is chosen on it; 0 turns it off (best.pt then "
+        "chosen on the test set)",
+    )
 
 
 class ModelConfig(Section):

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from qatkd.balance import BalancerConfig, build_balancer
 from qatkd.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
@@ -35,7 +34,7 @@ from qatkd.config import (
 from qatkd.errors import QatkdError
 from qatkd.quant import quant_summary
 from qatkd.tasks import Source, TaskFamily, task_family
-from qatkd.train import fit
+from qatkd.train import evaluate_splits, fit
 from qatkd.train.distributed import World, broadcast, init_world
 
 
@@ -113,7 +112,18 @@ def _fit_run(
     if world.is_main and config.quant is not None and resume is None:
         print(quant_summary(model))
     return fit(
-        model, task, train_set, source.test, config, run_dir, meta, balancer, outputs, resume, world
+        model,
+        task,
+        train_set,
+        source.val,
+        source.test,
+        config,
+        run_dir,
+        meta,
+        balancer,
+        outputs,
+        resume,
+        world,
     )
 
 
@@ -191,7 +201,7 @@ def ptq(
     model, meta = family.build_student(config, source)
     print(quant_summary(model))
     task = family.make_task(config, source)
-    metrics = task.evaluate(model.eval(), DataLoader(source.test, task.eval_batch_size))
+    metrics = evaluate_splits(task, model.eval(), {"test": source.test})
     return run_dir, save_ptq_run(run_dir, meta, config, model, metrics)
 
 
@@ -217,7 +227,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | None = None) -> dict[str, 
     source = family.load(config, training=False)
     model = family.restore(state, source)
     task = family.make_task(config, source)
-    return task.evaluate(model, DataLoader(source.test, batch_size=task.eval_batch_size))
+    return evaluate_splits(task, model, {"test": source.test})
 
 
 def export(

@@ -229,5 +229,5 @@ def test_detection_cli_train_distill_eval(tmp_path, capsys, fashion_root):
     assert main(["distill", *common, *student, f"out={tmp_path / 's'}"]) == 0
     capsys.readouterr()
     assert main(["eval", "--ckpt", str(tmp_path / "s")]) == 0
-    assert '"map50"' in capsys.readouterr().out
+    assert '"test_map50"' in capsys.readouterr().out
     assert Path(tmp_path / "s" / "metrics.json").is_file()

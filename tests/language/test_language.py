@@ -74,7 +74,7 @@ def test_perplexity_matches_transformers_loss(tiny_lm):
     hf, tokenizer = load_pretrained(tiny_lm)
     ids = torch.tensor(tokenizer("the cat sat on the mat and the dog")["input_ids"])
     loader = torch.utils.data.DataLoader(sliding_windows(ids, len(ids), 4, "t"), batch_size=2)
-    ppl = LanguageTask().evaluate(CausalLM(hf), loader)["eval_ppl"]
+    ppl = LanguageTask().evaluate(CausalLM(hf), loader)["ppl"]
     with torch.no_grad():
         reference = hf(input_ids=ids[None], labels=ids[None]).loss
     assert ppl == pytest.approx(math.exp(reference.item()), rel=1e-5)
@@ -191,13 +191,14 @@ def test_distill_eval_and_rtn_from_the_cli(tiny_lm, text_files, tmp_path, capsys
     out = tmp_path / "kd"
     assert main(["distill", *common, f"teachers=[{tiny_lm}]", f"out={out}"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["eval_ppl"] > 1 and 0 <= metrics["teacher_agreement"] <= 100
+    assert metrics["test_ppl"] > 1 and 0 <= metrics["test_teacher_agreement"] <= 100
+    assert metrics["val_ppl"] > 1 and "val_teacher_agreement" not in metrics
     rows = (out / "steps.csv").read_text().splitlines()
     assert "w_ts" in rows[0]
     capsys.readouterr()
     assert main(["eval", "--ckpt", str(out)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
-    assert evaluated["eval_ppl"] == pytest.approx(metrics["eval_ppl"], rel=1e-5)
+    assert evaluated["test_ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-5)
     # export: packed codes + float tensors, rebuilt as a plain transformers folder whose
     # perplexity, computed by a script that uses transformers only, is the reported one
     assert main(["export", str(out)]) == 0
@@ -211,11 +212,11 @@ def test_distill_eval_and_rtn_from_the_cli(tiny_lm, text_files, tmp_path, capsys
         check=True,
     )
     reproduced = json.loads(result.stdout.strip().splitlines()[-1])
-    assert reproduced["eval_tokens"] == metrics["eval_tokens"]
-    assert reproduced["eval_ppl"] == pytest.approx(metrics["eval_ppl"], rel=1e-5)
+    assert reproduced["eval_tokens"] == metrics["test_tokens"]
+    assert reproduced["eval_ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-5)
     rtn = tmp_path / "rtn"
     assert main(["ptq", *common, "quant.method=minmax", f"out={rtn}"]) == 0
-    assert json.loads((rtn / "metrics.json").read_text())["eval_ppl"] > 1
+    assert json.loads((rtn / "metrics.json").read_text())["test_ppl"] > 1
 
 
 def test_empty_text_file_is_a_one_line_error(tiny_lm, text_files, tmp_path, capsys):
@@ -295,7 +296,7 @@ def test_uniform_prediction_has_the_vocabulary_size_as_perplexity():
     windows = sliding_windows(torch.randint(37, (50,)), 16, 8, "t")
     loader = torch.utils.data.DataLoader(windows, batch_size=4)
     metrics = LanguageTask().evaluate(Uniform(), loader)
-    assert metrics["eval_ppl"] == pytest.approx(37.0, rel=1e-5) and metrics["eval_tokens"] == 49
+    assert metrics["ppl"] == pytest.approx(37.0, rel=1e-5) and metrics["tokens"] == 49
 
 
 def test_a_16_bit_student_computes_what_the_teacher_computes(tiny_lm, text_files):

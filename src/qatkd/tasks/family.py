@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 
 
 class Source(Protocol):
-    """What a family loaded for a run: the train and test splits, and whatever its models need
-    (image statistics and class names, a tokenizer and a pretrained model, ...)."""
+    """What a family loaded for a run: the train, validation (held out from the training data
+    by `data.val_split`; None when 0 or not training) and test splits, and whatever its models
+    need (image statistics and class names, a tokenizer and a pretrained model, ...)."""
 
     train: Dataset
+    val: Dataset | None
     test: Dataset
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from qatkd.checkpoint import checkpoint_path, load_checkpoint
@@ -26,6 +26,7 @@ from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.quant.tensors import check_state_fits_shared_quantizers
 from qatkd.train.engine import Task, TeacherOutputs
+from qatkd.train.validation import split_indices
 
 CALIBRATION_SAMPLES = 512
 PREDICT_BATCH_SIZE = 512
@@ -34,7 +35,9 @@ EXPORT_BATCH_SIZE = 256
 
 @dataclass
 class ImageData:
-    """A train/test pair plus what a model and an exporter need to know about the images."""
+    """The train / validation / test splits plus what a model and an exporter need to know about
+    the images. A loader returns train and test; `ImageFamily.load` holds out `val` (without
+    augmentation) from the training set."""
 
     name: str
     train: Dataset
@@ -44,6 +47,7 @@ class ImageData:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    val: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -103,7 +107,9 @@ ModelBuilder = Callable[[str, int, int, Sequence[float], Sequence[float]], nn.Mo
 class ImageFamily:
     """A `TaskFamily` for images, made from the family's own parts: `load_data(DataConfig)`,
     `build_model(name, channels, classes, mean, std)`, `check_model_name`, `make_task_for(num
-    classes, kd config, per_teacher)` and `parity(model, runner, batches, desc=, trained=)`."""
+    classes, kd config, per_teacher)` and `parity(model, runner, batches, desc=, trained=)`;
+    `labels(train set)`, where the family has one label per image, stratifies the validation
+    split."""
 
     name: str
     load_data: Callable[[DataConfig], ImageData]
@@ -112,6 +118,7 @@ class ImageFamily:
     make_task_for: Callable[[int, KDConfig | None, bool], Task]
     parity: Callable[..., dict[str, Any]]
     ptq_from_checkpoint: bool = True
+    labels: Callable[[Dataset], torch.Tensor] | None = None
 
     def resolve(self, config: Config) -> Config:
         if config.train.gradient_checkpointing:
@@ -126,8 +133,17 @@ class ImageFamily:
                 raise QatkdError(f"{what} checkpoint not found: {path}")
 
     def load(self, config: Config, training: bool = True) -> ImageData:
-        """Image datasets load lazily: the training split costs nothing unless read."""
-        return self.load_data(config.data)
+        """Image datasets load lazily: the training split costs nothing unless read. For
+        training, `data.val_split` of the training images become the validation set, read
+        without augmentation."""
+        data = self.load_data(config.data)
+        if not training or config.data.val_split == 0:
+            return data
+        plain = self.load_data(config.data.model_copy(update={"augment": False}))
+        labels = None if self.labels is None else self.labels(plain.train)
+        kept, held = split_indices(len(data.train), config.data.val_split, config.seed, labels)
+        data.train, data.val = Subset(data.train, kept), Subset(plain.train, held)
+        return data
 
     def model_from_meta(self, meta: dict[str, Any]) -> nn.Module:
         """The network a checkpoint describes (quantized if it was), without its weights."""

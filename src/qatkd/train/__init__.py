@@ -1,5 +1,5 @@
 """The task-agnostic training engine: loop, optimizer groups, schedule, checkpoints, logs."""
 
-from qatkd.train.engine import Task, fit
+from qatkd.train.engine import Task, evaluate_splits, fit
 
-__all__ = ["Task", "fit"]
+__all__ = ["Task", "evaluate_splits", "fit"]

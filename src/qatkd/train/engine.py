@@ -58,7 +58,25 @@ class Task(Protocol):
 
     def batch_metrics(self, outputs: Any, batch: Any) -> dict[str, float]: ...
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]: ...
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, split: str = "test"
+    ) -> dict[str, float]:
+        """Metrics by their plain names (`main_metric` among them); `split` ("val" or "test")
+        says which data `loader` holds."""
+        ...
+
+
+def evaluate_splits(
+    task: Task, model: nn.Module, splits: dict[str, Dataset | None]
+) -> dict[str, float]:
+    """`task`'s metrics on each split that is there, prefixed by its name (val_acc, test_acc)."""
+    metrics = {}
+    for split, dataset in splits.items():
+        if dataset is not None:
+            loader = DataLoader(dataset, task.eval_batch_size)
+            evaluated = task.evaluate(model, loader, split=split)
+            metrics |= {f"{split}_{k}": v for k, v in evaluated.items()}
+    return metrics
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -117,11 +135,19 @@ def per_rank_batch_size(batch_size: int, world: World) -> int:
 class _StepLogger:
     """steps.csv (every `log_every` steps) and log.csv (every epoch), written by rank 0."""
 
-    def __init__(self, run_dir: Path, config: Config, task: Task, balancer: LossBalancer):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Config,
+        task: Task,
+        balancer: LossBalancer,
+        splits: list[str],
+    ) -> None:
         diag = DIAG_KEYS if config.diag.every else []
         step_fields = ["step", "epoch", "lr", "loss", "l_ts", "l_kd", *balancer.weights(), *diag]
         self.steps = CsvLog(run_dir / "steps.csv", step_fields)
-        epoch_fields = ["epoch", "step", "lr", "train_loss", "train_acc", task.main_metric]
+        evaluated = [f"{split}_{task.main_metric}" for split in splits]
+        epoch_fields = ["epoch", "step", "lr", "train_loss", "train_acc", *evaluated]
         self.epochs = CsvLog(run_dir / "log.csv", [*epoch_fields, "seconds"])
 
     def start(self, resume: dict[str, Any] | None) -> None:
@@ -133,6 +159,7 @@ def fit(
     model: nn.Module,
     task: Task,
     train_set: Dataset,
+    val_set: Dataset | None,
     test_set: Dataset,
     config: Config,
     run_dir: Path,
@@ -143,6 +170,10 @@ def fit(
     world: World | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `config.train.epochs`, checkpointing every epoch; returns final metrics.
+
+    Every epoch evaluates the validation and the test set (`val_*`, `test_*` metrics); `best.pt`
+    is the epoch with the best validation `main_metric`, or, without a validation set, the best
+    test one (`selected_on` in metrics.json says which).
 
     Training runs on `world.device` (model, balancer and batches go there; `teacher_outputs`
     must answer there). Under torchrun (`world.size > 1`) the model runs in
@@ -174,8 +205,11 @@ def fit(
     precision = mixed_precision(device, train_cfg.bf16)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     sign = 1.0 if task.maximize else -1.0  # best is tracked as sign * main_metric
-    start_epoch, step, best = 0, 0, -math.inf
+    splits = {"val": val_set, "test": test_set}
+    selected_on = "test" if val_set is None else "val"
+    start_epoch, step, best, best_epoch = 0, 0, -math.inf, 0
     last_metrics: dict[str, float] = {}
+    best_metrics: dict[str, float] = {}
     if resume is not None:
         model.load_state_dict(resume["model"])
         balancer.load_state_dict(resume["balancer"])
@@ -185,12 +219,15 @@ def fit(
             scaler.load_state_dict(resume["scaler"])
         start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
         last_metrics = dict(resume["metrics"])
+        best_epoch, best_metrics = resume.get("best_epoch", 0), resume.get("best_metrics", {})
     student = model
     if world.distributed:
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    logger = _StepLogger(run_dir, config, task, balancer)
+    logger = _StepLogger(
+        run_dir, config, task, balancer, [s for s, d in splits.items() if d is not None]
+    )
     if world.is_main:
         logger.start(resume)
     student_params = [p for p in student.parameters() if p.requires_grad]
@@ -268,11 +305,12 @@ def fit(
         if seen == 0:
             raise QatkdError(f"every step of epoch {epoch + 1} had a non-finite loss")
         if world.is_main:
-            test_metrics = task.evaluate(student, DataLoader(test_set, task.eval_batch_size))
             last_metrics = {"train_loss": loss_sum / seen, "train_acc": acc_sum / seen}
-            last_metrics |= test_metrics
-            is_best = sign * test_metrics[task.main_metric] > best
-            best = max(best, sign * test_metrics[task.main_metric])
+            last_metrics |= evaluate_splits(task, student, splits)
+            score = sign * last_metrics[f"{selected_on}_{task.main_metric}"]
+            is_best = score > best
+            if is_best:
+                best, best_epoch, best_metrics = score, epoch + 1, dict(last_metrics)
             state = {
                 "meta": meta,
                 "config": config_to_dict(config),
@@ -284,6 +322,8 @@ def fit(
                 "epoch": epoch + 1,
                 "step": step,
                 "best": best,
+                "best_epoch": best_epoch,
+                "best_metrics": best_metrics,
                 "metrics": last_metrics,
             }
             save_checkpoint(state, run_dir / "last.pt")
@@ -297,9 +337,12 @@ def fit(
             plot_run(run_dir, f"{meta.get('model_name', 'model')} — {run_dir.name}")
             _print_epoch(epoch, train_cfg.epochs, last_metrics, task.main_metric, balancer)
         barrier(world)
+    evaluated = {k: v for k, v in best_metrics.items() if k.startswith(("val_", "test_"))}
     metrics = {
         **last_metrics,
-        f"best_{task.main_metric}": sign * best,
+        "selected_on": selected_on,
+        "best_epoch": best_epoch,
+        **{f"best_{k}": v for k, v in evaluated.items()},
         "epochs": train_cfg.epochs,
         "steps": step,
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -316,7 +359,12 @@ def _print_epoch(
     weights = ""
     if balancer.needs_teacher:
         weights = "  " + " ".join(f"{k}={v:.3g}" for k, v in balancer.weights().items())
+    evaluated = "  ".join(
+        f"{key} {metrics[key]:.2f}"
+        for key in (f"val_{main_metric}", f"test_{main_metric}")
+        if key in metrics
+    )
     tqdm.write(
         f"epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  "
-        f"train_acc {metrics['train_acc']:.2f}  {main_metric} {metrics[main_metric]:.2f}{weights}"
+        f"train_acc {metrics['train_acc']:.2f}  {evaluated}{weights}"
     )

@@ -31,7 +31,7 @@ def plot_run(run_dir: Path, title: str) -> Path:
             ax.set(xlabel="step", title="training loss", yscale="log")
         elif panel == "metric":
             metric_keys = sorted(
-                {k for r in epochs for k in r if k.startswith(("train_", "test_"))}
+                {k for r in epochs for k in r if k.startswith(("train_", "val_", "test_"))}
             )
             for key in metric_keys:
                 if key.endswith("loss"):

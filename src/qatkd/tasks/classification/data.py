@@ -171,6 +171,16 @@ def load_imagefolder(root: Path, augment: bool) -> ImageData:
     return ImageData("imagefolder", train, test, train.classes, 3, IMAGEFOLDER_SIZE, mean, std)
 
 
+def labels(dataset: Dataset) -> torch.Tensor:
+    """The label of every image of a dataset `load_data` made (or a Subset of one), without
+    reading the images."""
+    if isinstance(dataset, Subset):
+        return labels(dataset.dataset)[list(dataset.indices)]
+    if isinstance(dataset, TensorImages):
+        return dataset.labels
+    return torch.as_tensor(dataset.targets)  # torchvision's ImageFolder
+
+
 def load_data(config: DataConfig) -> ImageData:
     """Build the train/test datasets that `config` names, capped by train_limit / test_limit."""
     if config.name == "fashion-mnist":

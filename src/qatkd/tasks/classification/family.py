@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qatkd.tasks.classification.data import load_data
+from qatkd.tasks.classification.data import labels, load_data
 from qatkd.tasks.classification.models import MODELS, TORCHVISION_PREFIX, build_model
 from qatkd.tasks.classification.parity import compare
 from qatkd.tasks.classification.task import ClassificationTask
@@ -18,6 +18,12 @@ def check_model_name(name: str) -> None:
 
 CLASSIFICATION = FAMILIES.register("classification")(
     ImageFamily(
-        "classification", load_data, build_model, check_model_name, ClassificationTask, compare
+        "classification",
+        load_data,
+        build_model,
+        check_model_name,
+        ClassificationTask,
+        compare,
+        labels=labels,
     )
 )

@@ -16,7 +16,7 @@ EVAL_BATCH_SIZE = 512
 
 
 class ClassificationTask:
-    main_metric = "test_acc"
+    main_metric = "acc"
     maximize = True
     eval_batch_size = EVAL_BATCH_SIZE
     unit = "img"
@@ -43,7 +43,9 @@ class ClassificationTask:
         return {"train_acc": (outputs.argmax(1) == batch[1]).float().mean().item() * 100}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, split: str = "test"
+    ) -> dict[str, float]:
         """Top-1 accuracy in percent (torchmetrics), with the model in eval mode."""
         was_training = model.training
         model.eval()

@@ -151,7 +151,9 @@ class DetectionTask:
         return {"train_acc": hits.float().mean().item() * 100}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, split: str = "test"
+    ) -> dict[str, float]:
         """mAP@0.5 and mAP@0.5:0.95 (%) from torchmetrics' MeanAveragePrecision (COCO protocol,
         pycocotools backend)."""
         was_training = model.training

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm import tqdm
 
 from qatkd.errors import QatkdError
+from qatkd.train.validation import split_indices
 
 DEFAULT_EVAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
 IGNORE = -100
@@ -128,7 +129,7 @@ def sliding_windows(ids: Tensor, length: int, stride: int, what: str) -> TensorD
 
 def load_train_text(
     data: Any, tokenizer: Any, teacher: nn.Module, cache_dir: Path, model_key: str
-) -> tuple[Dataset, str]:
+) -> tuple[TensorDataset, str]:
     """The training blocks of `data` (module doc) and where their text came from. `teacher`
     samples the default training text (cached under `cache_dir`, keyed by `model_key` and the
     settings)."""
@@ -143,6 +144,15 @@ def load_train_text(
     if data.train_limit and data.train_limit < len(train):
         train = TensorDataset(train.tensors[0][: data.train_limit])
     return train, source
+
+
+def hold_out_blocks(train: TensorDataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(training blocks, validation blocks): `share` of the training text's blocks held out
+    (`data.val_split`), each validation block scored on every token, as an evaluation window
+    (ids, labels) is."""
+    kept, held = split_indices(len(train), share, seed)
+    ids = train.tensors[0]
+    return TensorDataset(ids[kept]), TensorDataset(ids[held], ids[held])
 
 
 def load_eval_text(data: Any, tokenizer: Any) -> tuple[Dataset, str]:

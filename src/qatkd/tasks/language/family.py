@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import Config, checkpoint_config
@@ -24,9 +24,15 @@ from qatkd.distill import TeacherEnsemble, file_sha256
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.family import FAMILIES
-from qatkd.tasks.language.data import check_text_files, load_eval_text, load_train_text
+from qatkd.tasks.language.data import (
+    check_text_files,
+    hold_out_blocks,
+    load_eval_text,
+    load_train_text,
+)
 from qatkd.tasks.language.source import cache_root, load_pretrained, model_folder
 from qatkd.tasks.language.task import CausalLM, LanguageTask, reference_top1
+from qatkd.train import evaluate_splits
 from qatkd.train.engine import Task, TeacherOutputs
 
 LANGUAGE_QUANT_DEFAULTS = {
@@ -71,10 +77,15 @@ class Loaded:
         self.test, self.eval_source = load_eval_text(config.data, self.tokenizer)
         self.reference_top1 = reference_top1(self.reference, self.test, cache, key)
         self.train: Dataset | None = None
+        self.val: Dataset | None = None
         self.train_source: str | None = None
         if training:
-            text = load_train_text(config.data, self.tokenizer, self.hf, cache, key)
-            self.train, self.train_source = text
+            blocks, self.train_source = load_train_text(
+                config.data, self.tokenizer, self.hf, cache, key
+            )
+            self.train = blocks
+            if config.data.val_split:
+                self.train, self.val = hold_out_blocks(blocks, config.data.val_split, config.seed)
 
 
 def _meta(config: Config, loaded: Loaded) -> dict[str, Any]:
@@ -199,8 +210,8 @@ LANGUAGE = FAMILIES.register("language")(LanguageFamily())
 
 
 def evaluate_pretrained(config: Config) -> dict[str, float]:
-    """Perplexity of the pretrained model itself (the FP teacher row of a benchmark)."""
+    """Test perplexity of the pretrained model itself (the FP teacher row of a benchmark)."""
     torch.manual_seed(config.seed)
     source = Loaded(config, training=False)
     task = LanguageTask(reference=source.reference_top1)
-    return task.evaluate(source.reference, DataLoader(source.test, task.eval_batch_size))
+    return evaluate_splits(task, source.reference, {"test": source.test})

@@ -68,10 +68,11 @@ def reference_top1(model: nn.Module, windows: Dataset, cache_dir: Path, model_ke
 class LanguageTask:
     """L_TS: next-token cross-entropy. L_KD: the `kd:` loss on every token's logits (forward KL
     with temperature by default; `kd.loss=reverse_kl` for KL(student || teacher)). Metric:
-    perplexity on the evaluation windows and, given the reference model's top-1 predictions on
-    them (`reference_top1`), top-1 next-token agreement."""
+    perplexity on the evaluation windows (test) or the held-out training blocks (val) and, on the
+    test windows, given the reference model's top-1 predictions on them (`reference_top1`), top-1
+    next-token agreement."""
 
-    main_metric = "eval_ppl"
+    main_metric = "ppl"
     maximize = False
     eval_batch_size = 8
     unit = "tok"
@@ -104,10 +105,13 @@ class LanguageTask:
         return {"train_acc": hits.item() * 100}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Perplexity exp(mean NLL) over the scored tokens; with the reference's predictions, the %
-        of scored tokens where the model's top-1 next token equals the reference's (the loader
-        must visit the windows in order)."""
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, split: str = "test"
+    ) -> dict[str, float]:
+        """Perplexity exp(mean NLL) over the scored tokens; on the test windows, with the
+        reference's predictions, the % of scored tokens where the model's top-1 next token
+        equals the reference's (the loader must visit the windows in order)."""
+        reference = self.reference if split == "test" else None
         was_training = model.training
         model.eval()
         nll_sum, count, agree, seen = 0.0, 0, 0, 0
@@ -117,14 +121,14 @@ class LanguageTask:
             logits = model(ids)
             nll, n = next_token_nll(logits, labels)
             nll_sum, count = nll_sum + nll.item(), count + n
-            if self.reference is not None:
+            if reference is not None:
                 scored = labels[:, 1:] != IGNORE
-                reference = self.reference[seen : seen + len(ids)].to(device)
-                same = logits[:, :-1].argmax(-1) == reference
+                expected = reference[seen : seen + len(ids)].to(device)
+                same = logits[:, :-1].argmax(-1) == expected
                 agree += int((same & scored).sum())
             seen += len(ids)
         model.train(was_training)
-        metrics = {self.main_metric: math.exp(nll_sum / max(count, 1)), "eval_tokens": count}
-        if self.reference is not None:
+        metrics = {self.main_metric: math.exp(nll_sum / max(count, 1)), "tokens": count}
+        if reference is not None:
             metrics["teacher_agreement"] = 100.0 * agree / max(count, 1)
         return metrics

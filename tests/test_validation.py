@@ -1,0 +1,97 @@
+"""The validation split: seeded, stratified, without augmentation, and what `best.pt` is
+chosen on."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qatkd import pipeline
+from qatkd.checkpoint import load_checkpoint
+from qatkd.config import load_config
+from qatkd.errors import QatkdError
+from qatkd.tasks import task_family
+from qatkd.tasks.classification.data import labels
+from qatkd.tasks.classification.task import ClassificationTask
+from qatkd.tasks.language.data import hold_out_blocks
+from qatkd.train.validation import split_indices
+from testdata import tiny_overrides
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    kept, held = split_indices(100, 0.1, seed=3, labels=y)
+    assert sorted(kept + held) == list(range(100)) and not set(kept) & set(held)
+    assert kept == sorted(kept) and held == sorted(held)
+    assert torch.bincount(y[held]).tolist() == [5, 3, 2]
+    assert split_indices(100, 0.1, seed=3, labels=y) == (kept, held)
+    assert split_indices(100, 0.1, seed=4, labels=y)[1] != held
+    assert len(split_indices(100, 0.25, seed=0)[1]) == 25  # no labels: a plain random share
+
+
+def test_split_share_zero_and_bad_shares():
+    assert split_indices(10, 0.0, seed=0) == (list(range(10)), [])
+    with pytest.raises(QatkdError, match=r"data\.val_split=1\.0: use a share in"):
+        split_indices(10, 1.0, seed=0)
+    with pytest.raises(QatkdError, match="holds out no sample of 1"):
+        split_indices(1, 0.1, seed=0)
+    with pytest.raises(QatkdError, match=r"data\.val_split"):
+        load_config(overrides=["data.val_split=1"])
+
+
+def test_validation_images_are_held_out_of_training_and_not_augmented(npz_root, tmp_path):
+    config = load_config(overrides=tiny_overrides(npz_root, tmp_path, "data.val_split=0.25"))
+    data = task_family("classification").load(config)
+    assert data.train.dataset.transform is not None and data.val.dataset.transform is None
+    assert not set(data.train.indices) & set(data.val.indices)
+    total = len(data.train) + len(data.val)
+    assert len(data.val) == pytest.approx(total / 4, abs=len(data.class_names))
+    everything = labels(data.train.dataset)
+    assert set(everything[data.val.indices].tolist()) == set(everything.tolist())
+    assert task_family("classification").load(config, training=False).val is None
+
+
+def test_language_blocks_are_held_out_and_scored_on_every_token():
+    blocks = torch.utils.data.TensorDataset(torch.arange(40).reshape(10, 4))
+    train, val = hold_out_blocks(blocks, 0.2, seed=0)
+    ids, labels_ = val.tensors
+    assert len(train) == 8 and len(val) == 2 and torch.equal(ids, labels_)
+    assert not {int(r[0]) for r in ids} & {int(r[0]) for r in train.tensors[0]}
+
+
+def test_best_checkpoint_is_chosen_on_validation_and_reported_on_test(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    scripted = {"val": iter([10.0, 30.0, 20.0]), "test": iter([50.0, 10.0, 40.0])}
+    monkeypatch.setattr(
+        ClassificationTask,
+        "evaluate",
+        lambda self, model, loader, split: {"acc": next(scripted[split])},
+    )
+    overrides = tiny_overrides(npz_root, tmp_path / "run", "train.epochs=3")
+    run_dir, metrics = pipeline.train(load_config(overrides=overrides))
+    assert metrics["selected_on"] == "val" and metrics["best_epoch"] == 2
+    assert (metrics["best_val_acc"], metrics["best_test_acc"]) == (30.0, 10.0)
+    assert (metrics["val_acc"], metrics["test_acc"]) == (20.0, 40.0)  # the last epoch
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["best_test_acc"] == 10.0
+    with (run_dir / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["val_acc"], r["test_acc"]) for r in rows] == [
+        ("10", "50"),
+        ("30", "10"),
+        ("20", "40"),
+    ]
+
+
+def test_without_validation_the_test_set_chooses(npz_root, tmp_path, monkeypatch):
+    scripted = iter([50.0, 10.0])
+    monkeypatch.setattr(
+        ClassificationTask, "evaluate", lambda self, model, loader, split: {"acc": next(scripted)}
+    )
+    overrides = tiny_overrides(npz_root, tmp_path / "run", "data.val_split=0")
+    run_dir, metrics = pipeline.train(load_config(overrides=overrides))
+    assert metrics["selected_on"] == "test" and metrics["best_test_acc"] == 50.0
+    assert "val_acc" not in metrics and load_checkpoint(run_dir / "best.pt")["epoch"] == 1
