@@ -57,8 +57,8 @@ def record(method: str, bits: str, seed: int, metrics: dict[str, Any]) -> dict[s
         "method": method,
         "bits": bits,
         "seed": seed,
-        "map50": round(metrics["map50"], 2),
-        "map": round(metrics["map"], 2),
+        "map50": round(metrics["test_map50"], 2),
+        "map": round(metrics["test_map"], 2),
     }
 
 
@@ -115,7 +115,9 @@ def table(records: list[dict[str, Any]], fp32: dict[str, Any]) -> str:
     best_cells = " | ".join(f"{v:.2f} | -" for v in best)
     lines.append(f"| kd_fixed best of α (mAP@0.5) | {best_cells} |")
     lines += ["", "| FP32 teacher | mAP@0.5 | mAP |", "|---|---:|---:|"]
-    lines += [f"| {t} | {fp32[t]['map50']:.2f} | {fp32[t]['map']:.2f} |" for t in TEACHERS]
+    lines += [
+        f"| {t} | {fp32[t]['test_map50']:.2f} | {fp32[t]['test_map']:.2f} |" for t in TEACHERS
+    ]
     return "\n".join(lines)
 
 

@@ -56,8 +56,8 @@ def record(method: str, bits: str, group: int | None, metrics: dict[str, Any], s
         "method": method,
         "bits": bits,
         "group": group,
-        "ppl": round(metrics["eval_ppl"], 3),
-        "agreement": round(metrics["teacher_agreement"], 2),
+        "ppl": round(metrics["test_ppl"], 3),
+        "agreement": round(metrics["test_teacher_agreement"], 2),
         "bytes": size,
     }
 
