@@ -140,3 +140,49 @@ def test_clear_errors() -> None:
         BalancerConfig(weight=0.5)
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
         Fixed(-0.1)
+
+
+def test_scale_aware_gor_divides_each_loss_by_its_first_value() -> None:
+    gor = build(scale="initial")
+    first = 0.5 * 1.0 + math.log(2) + 0.5 * 1.0 + math.log(2)  # both losses become 1
+    assert gor(L_TS, L_KD).item() == pytest.approx(first)
+    assert gor.weights() == pytest.approx({"w_ts": 0.5 / 2.0, "w_kd": 0.5 / 0.3})
+    later = 0.5 * 2.0 + 0.5 * 2.0 + 2 * math.log(2)  # the estimate stays at the first values
+    assert gor(2 * L_TS, 2 * L_KD).item() == pytest.approx(later)
+    assert gor.loss_sizes.tolist() == pytest.approx([2.0, 0.3])
+
+
+def test_running_scale_is_a_bias_corrected_mean_updated_in_training_only() -> None:
+    gor = build(scale="running")
+    gor.eval()
+    assert gor(L_TS, L_KD).item() == pytest.approx(1.0 + 2 * math.log(2))  # no estimate yet
+    assert gor.size_updates.item() == 0
+    gor.train()
+    gor(L_TS, L_KD)
+    gor(2 * L_TS, 2 * L_KD)
+    m = 0.99
+    mean = (m * (1 - m) * 2.0 + (1 - m) * 4.0) / (1 - m**2)  # the task loss's estimate
+    assert gor.weights()["w_ts"] == pytest.approx(0.5 / mean, rel=1e-5)  # float32 buffers
+    restored = build(scale="running")
+    restored.load_state_dict(gor.state_dict())  # the estimate is saved and resumed
+    assert restored.weights() == pytest.approx(gor.weights())
+
+
+def test_scale_aware_gor_equalises_the_weighted_losses() -> None:
+    """Plain GoR ends with w·L ∝ √L (the smaller loss weighted up but contributing less); with
+    the losses' scale divided out, both contribute alike, whatever their size."""
+    gor = build(scale="running")
+    optimizer = torch.optim.Adam(gor.parameters(), lr=0.05)
+    for _ in range(400):
+        optimizer.zero_grad()
+        gor(L_TS, L_KD).backward()
+        optimizer.step()
+    weights = gor.weights()
+    assert weights["w_ts"] * 2.0 == pytest.approx(weights["w_kd"] * 0.3, rel=1e-3)
+
+
+def test_scale_needs_gor() -> None:
+    with pytest.raises(QatkdError, match=r"balancer\.scale=initial needs balancer\.name=gor"):
+        build(name="fixed", scale="initial")
+    with pytest.raises(ValidationError):
+        BalancerConfig(scale="median")

@@ -14,13 +14,14 @@ from qatkd.registry import Registry
 
 
 class BalancerConfig(BaseModel):
-    """The `balancer:` section of a run config; `alpha` is read by `fixed` only, `form` and
-    `per_teacher` by `gor` only, `lr` (default: the model's) by balancers with parameters."""
+    """The `balancer:` section of a run config; `alpha` is read by `fixed` only, `form`, `scale`
+    and `per_teacher` by `gor` only, `lr` (default: the model's) by balancers with parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = "gor"
     form: Literal["liebel", "kendall"] = "liebel"
+    scale: Literal["none", "initial", "running"] = "none"
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     per_teacher: bool = False
     lr: float | None = Field(default=None, gt=0.0)
@@ -57,7 +58,11 @@ def _fixed(config: BalancerConfig, num_teachers: int) -> LossBalancer:
 
 @BALANCERS.register("gor")
 def _gor(config: BalancerConfig, num_teachers: int) -> LossBalancer:
-    return GoR(form=config.form, num_teachers=num_teachers if config.per_teacher else None)
+    return GoR(
+        form=config.form,
+        num_teachers=num_teachers if config.per_teacher else None,
+        scale=config.scale,
+    )
 
 
 def build_balancer(config: BalancerConfig, num_teachers: int) -> LossBalancer:
@@ -65,6 +70,10 @@ def build_balancer(config: BalancerConfig, num_teachers: int) -> LossBalancer:
     factory = BALANCERS.get(config.name)
     if config.per_teacher and config.name != "gor":
         raise QatkdError(f"balancer.per_teacher=true needs balancer.name=gor, not '{config.name}'")
+    if config.scale != "none" and config.name != "gor":
+        raise QatkdError(
+            f"balancer.scale={config.scale} needs balancer.name=gor, not '{config.name}'"
+        )
     if num_teachers == 0 and config.name != "ts_only":
         raise QatkdError(
             f"balancer '{config.name}' needs at least one teacher: set teachers=[...] "
