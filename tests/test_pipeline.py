@@ -91,6 +91,16 @@ def test_init_must_match_the_model(npz_root, fp32_run, tmp_path):
         pipeline.train(load_config(overrides=overrides))
 
 
+def test_run_or_reuse_reuses_only_a_folder_made_with_the_same_settings(npz_root, fp32_run):
+    same = tiny_overrides(npz_root, fp32_run)
+    reused = pipeline.run_or_reuse(fp32_run, "train", same)
+    assert reused == json.loads((fp32_run / "metrics.json").read_text())
+    with pytest.raises(
+        QatkdError, match=r"fp32 was made with other settings \(train.epochs: 2 there, 3 now\)"
+    ):
+        pipeline.run_or_reuse(fp32_run, "train", [*same, "train.epochs=3"])
+
+
 def test_distill_end_to_end_from_the_cli(capsys, npz_root, fp32_run, tmp_path):
     teacher = fp32_run / "last.pt"
     out = tmp_path / "gor"

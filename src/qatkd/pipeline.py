@@ -27,6 +27,7 @@ from qatkd.config import (
     checkpoint_task,
     config_to_dict,
     load_config,
+    parse_override,
     read_yaml,
     save_config,
     saved_config,
@@ -255,10 +256,46 @@ def bench(
     return family.bench(state, path, threads, batch_sizes, repeats, data_limit)
 
 
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_reusable(run_dir: Path, overrides: list[str]) -> None:
+    """Refuse a run folder whose config.yaml disagrees with `overrides` on a key they set: its
+    metrics would be another experiment's, reported under this one's name."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    keys = {parse_override(text)[0] for text in overrides} - {"out"}
+    wanted = _dotted(config_to_dict(load_config(overrides=overrides)))
+    made = _dotted(read_yaml(saved))
+    differ = [
+        k
+        for k in wanted
+        if any(k == key or k.startswith(f"{key}.") for key in keys) and made.get(k) != wanted[k]
+    ]
+    if differ:
+        first, more = differ[0], len(differ) - 1
+        raise QatkdError(
+            f"{run_dir} was made with other settings ({first}: {made.get(first)!r} there, "
+            f"{wanted[first]!r} now{f', and {more} more' if more else ''}); delete the folder "
+            "or choose another one"
+        )
+
+
 def run_or_reuse(run_dir: Path, command: str, overrides: list[str]) -> dict[str, Any]:
     """The metrics of `qatkd <command> overrides out=run_dir` (train, distill or ptq), reusing a
     finished run folder and resuming an interrupted one: what a script that runs many stages
-    (the demo, the benchmarks) needs to survive being stopped and started again."""
+    (the demo, the benchmarks) needs to survive being stopped and started again. A folder made
+    with other values for the keys `overrides` set is refused (`check_reusable`)."""
+    check_reusable(run_dir, overrides)
     if (run_dir / "metrics.json").is_file():
         return json.loads((run_dir / "metrics.json").read_text())
     if (run_dir / "last.pt").is_file() and command != "ptq":
