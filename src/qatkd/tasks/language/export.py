@@ -10,7 +10,9 @@ Written into the output folder:
 - `config.json` and the tokenizer files of the model;
 - `hf/`: a plain Hugging Face folder whose Linear weights are the dequantized codes (codes *
   scale, bit for bit the fake-quantized weights), rebuilt *from the two files above* by
-  `load_packed_lm`, so any `transformers` script reproduces the student's perplexity.
+  `load_packed_lm`, so any `transformers` script reproduces the student's perplexity;
+- `genai/`: with `hf/`, an onnxruntime-genai folder whose `MatMulNBits` kernels hold the codes
+  (`qatkd.tasks.language.genai`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from qatkd.export.frozen import FrozenLinear
 from qatkd.export.qpack import PackedLayer, QPack, load_qpack, packed_layer, write_qpack
 from qatkd.quant import QuantLinear
 from qatkd.quant.quantizers import FloatQuantizer
+from qatkd.tasks.language.genai import GENAI_FOLDER, build_genai
 
 QPACK, FLOAT_TENSORS, HF_FOLDER = "model.qpack", "float_tensors.safetensors", "hf"
 HF_PREFIX = "hf."
@@ -46,8 +49,9 @@ def export_language(
     transformers_folder: bool = True,
 ) -> dict[str, Any]:
     """Write the files of the module doc for the `student` of a language checkpoint `state` and
-    its `pretrained` source model and tokenizer (`hf/` only with `transformers_folder`); returns
-    their sizes and the sizes of the model in fp32 and fp16."""
+    its `pretrained` source model and tokenizer (`hf/` and `genai/` only with
+    `transformers_folder`); returns their sizes, the sizes of the model in fp32 and fp16, and
+    how the genai folder stores the codes."""
     from safetensors.torch import save_file  # the `llm` extra
 
     out.mkdir(parents=True, exist_ok=True)
@@ -67,10 +71,12 @@ def export_language(
     save_file(float_tensors, str(out / FLOAT_TENSORS))
     pretrained.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    genai = None
     if transformers_folder:
         rebuilt, tokenizer = load_packed_lm(out)
         rebuilt.save_pretrained(out / HF_FOLDER)
         tokenizer.save_pretrained(out / HF_FOLDER)
+        genai = build_genai(out / HF_FOLDER, layers, out / GENAI_FOLDER)
     params = sum(p.numel() for p in pretrained.parameters())
     sizes = {
         "qpack": qpack_bytes,
@@ -79,8 +85,11 @@ def export_language(
         "fp16_model": params * 2,
     }
     sizes["packed_total"] = sizes["qpack"] + sizes["float_tensors"]
-    files = [QPACK, FLOAT_TENSORS, *([HF_FOLDER] if transformers_folder else [])]
-    result = {"files": files, "bytes": sizes}
+    files = [QPACK, FLOAT_TENSORS, *([HF_FOLDER, GENAI_FOLDER] if transformers_folder else [])]
+    result: dict[str, Any] = {"files": files, "bytes": sizes}
+    if genai is not None:
+        sizes["genai"] = genai.pop("bytes")
+        result["genai"] = genai
     (out / "export.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

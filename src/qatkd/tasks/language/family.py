@@ -190,8 +190,8 @@ class LanguageFamily:
         data_limit: int | None,
         transformers_folder: bool = True,
     ) -> dict[str, Any]:
-        """Packed weights and, with `transformers_folder`, a rebuilt `transformers` folder
-        (`qatkd.tasks.language.export`); `data_limit` has no use here (no parity run)."""
+        """Packed weights and, with `transformers_folder`, a rebuilt `transformers` folder and an
+        onnxruntime-genai folder (`qatkd.tasks.language.export`); `data_limit` has no use here."""
         from qatkd.tasks.language.export import export_language  # slow import: tasks/family.py
 
         source = Loaded(checkpoint_config(state), training=False)

@@ -1,0 +1,207 @@
+"""An onnxruntime-genai folder for a weight-quantized language student, whose low-bit weights are
+the student's own integer codes and scales in `MatMulNBits` kernels, not a re-quantization.
+
+onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder ... -p fp32`) writes
+the float graph with its KV cache, `genai_config.json` and the tokenizer from the export's `hf/`
+folder (whose weights are the dequantized codes); each quantized `MatMul` of that graph is then
+replaced by a `MatMulNBits` holding the codes. The builder's weights are checked against the codes
+first: a graph that does not hold exactly the student's weights is refused, not patched.
+
+The mapping keeps every trained value:
+- codes are stored offset by the kernel's default zero point 2^(bits-1) (no zero-point input):
+  signed codes in [-2^(b-1), 2^(b-1) - 1] dequantize to code * scale, as in training;
+- W2 and W4 are 2- and 4-bit blocks; W3 codes are stored in 4-bit blocks (the kernels have no
+  3-bit form), W5-W8 in 8-bit blocks;
+- a block is the largest power of two in [16, 256] that divides the group size, each group's
+  scale repeated over its blocks; a narrower last group (576 = 4 x 128 + 64) is the last block,
+  padded with zero-point codes that the kernel never multiplies with an input.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qatkd.errors import QatkdError
+from qatkd.export.qpack import PackedLayer
+
+if TYPE_CHECKING:
+    from onnx import NodeProto, TensorProto
+
+GENAI_FOLDER, GENAI_MODEL = "genai", "model.onnx"
+_BUILDER_MATMUL = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
+_PACKED_PROJECTIONS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def storage_bits(bits: int) -> int:
+    """The `MatMulNBits` width that holds `bits`-bit codes unchanged."""
+    for width in (2, 4, 8):
+        if bits <= width:
+            return width
+    raise QatkdError(f"MatMulNBits holds at most 8-bit weights; the student has {bits} bits")
+
+
+def block_size(group_size: int) -> int:
+    """The largest power of two in [16, 256] (the kernels' blocks) dividing `group_size`."""
+    for size in (256, 128, 64, 32, 16):
+        if group_size % size == 0:
+            return size
+    raise QatkdError(
+        f"quant.group_size={group_size} is not a multiple of 16: MatMulNBits' blocks (16 to 256 "
+        "weights, powers of two) cannot hold its groups without changing trained values; train "
+        "with a multiple of 16"
+    )
+
+
+def pack_codes(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """Signed codes `[N, K]` as `MatMulNBits`' B input `[N, ceil(K / block), block * bits / 8]`:
+    offset by the default zero point, padded to whole blocks with it, the first code of a byte in
+    its low bits."""
+    zero = 2 ** (bits - 1)
+    rows, columns = codes.shape
+    blocks = -(-columns // block)
+    stored = np.full((rows, blocks * block), zero, dtype=np.uint8)
+    stored[:, :columns] = codes.astype(np.int16) + zero
+    per_byte = 8 // bits
+    parts = stored.reshape(rows, -1, per_byte)
+    packed = np.zeros(parts.shape[:2], dtype=np.uint8)
+    for i in range(per_byte):
+        packed |= parts[:, :, i] << (bits * i)
+    return packed.reshape(rows, blocks, block * bits // 8)
+
+
+def block_scales(layer: PackedLayer, block: int) -> np.ndarray:
+    """One scale per block `[N * blocks]`: each group's scale repeated over its blocks."""
+    rows, columns = layer.codes.shape
+    scale = layer.scale.reshape(rows, -1).astype(np.float32)
+    group = layer.group_size or columns  # per row: one group of the whole row
+    repeated = np.repeat(scale, group // block, axis=1)[:, : -(-columns // block)]
+    return np.ascontiguousarray(repeated).reshape(-1)
+
+
+def student_layers(initializer: str, layers: dict[str, PackedLayer]) -> list[PackedLayer] | None:
+    """The student's layers behind one of the builder's MatMul weights (q, k and v for its
+    packed `qkv_proj`), or None for a MatMul that is not a quantized decoder projection."""
+    match = _BUILDER_MATMUL.fullmatch(initializer)
+    if match is None:
+        return None
+    index, block, projection = match.groups()
+    parent = f"model.layers.{index}.{'self_attn' if block == 'attn' else 'mlp'}"
+    names = [f"{parent}.{p}" for p in _PACKED_PROJECTIONS.get(projection, (projection,))]
+    if not all(name in layers for name in names):
+        return None
+    return [layers[name] for name in names]
+
+
+def matmul_nbits(
+    node_name: str, inputs: list[str], outputs: list[str], parts: list[PackedLayer]
+) -> tuple[NodeProto, list[TensorProto]]:
+    """The `MatMulNBits` node and initializers for the student's `parts` (one, or q/k/v packed
+    along the output rows)."""
+    from onnx import helper, numpy_helper
+
+    bits = {p.bits for p in parts}
+    groups = {p.group_size or p.codes.shape[1] for p in parts}
+    if len(bits) != 1 or len(groups) != 1:
+        raise QatkdError(f"{node_name}: the packed projections differ in bits or group size")
+    width, block = storage_bits(bits.pop()), block_size(groups.pop())
+    codes = np.concatenate([p.codes for p in parts])
+    scales = np.concatenate([block_scales(p, block) for p in parts])
+    rows, columns = codes.shape
+    weight_name, scale_name = f"{node_name}.qweight", f"{node_name}.scales"
+    node = helper.make_node(
+        "MatMulNBits",
+        [inputs[0], weight_name, scale_name],
+        outputs,
+        name=node_name,
+        domain="com.microsoft",
+        K=columns,
+        N=rows,
+        bits=width,
+        block_size=block,
+        accuracy_level=0,
+    )
+    return node, [
+        numpy_helper.from_array(pack_codes(codes, width, block), weight_name),
+        numpy_helper.from_array(scales, scale_name),
+    ]
+
+
+def replace_matmuls(model_path: Path, layers: list[PackedLayer]) -> int:
+    """Replace the builder's MatMuls of the student's quantized layers in `model_path` by
+    `MatMulNBits` of their codes, in place; returns how many layers. Each replaced weight must
+    equal the dequantized codes bit for bit, and every quantized layer must be found."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    by_name = {layer.name: layer for layer in layers}
+    initializers = {t.name: t for t in model.graph.initializer}
+    replaced_weights, students = set(), set()
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in initializers:
+            continue
+        parts = student_layers(node.input[1], by_name)
+        if parts is None:
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        expected = np.concatenate([p.weight() for p in parts]).T
+        if weight.shape != expected.shape or not np.array_equal(weight, expected):
+            raise QatkdError(
+                f"the builder's {node.input[1]} is not the student's dequantized weight; "
+                "the genai folder would not run the trained codes"
+            )
+        replaced_weights.add(node.input[1])
+        students.update(p.name for p in parts)
+        nbits, tensors = matmul_nbits(node.name, list(node.input), list(node.output), parts)
+        node.CopyFrom(nbits)
+        model.graph.initializer.extend(tensors)
+    missing = sorted(set(by_name) - students)
+    if missing:
+        raise QatkdError(
+            f"{model_path}: no MatMul of the builder's graph holds {missing[0]} "
+            f"({len(missing)} quantized layers missing); this architecture is not supported"
+        )
+    kept = [t for t in model.graph.initializer if t.name not in replaced_weights]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    data = model_path.with_name(model_path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save(model, str(model_path), save_as_external_data=True, location=data.name)
+    return len(students)
+
+
+def build_genai(hf_folder: Path, layers: list[PackedLayer], out: Path) -> dict[str, Any]:
+    """Write `out` (the module doc) from the export's `hf/` folder and the student's packed
+    layers; returns the number of layers in MatMulNBits, the kernel width that stores each
+    trained bit-width, the block sizes and the folder's size in bytes."""
+    try:
+        import onnxruntime_genai  # noqa: F401  (the `llm` extra)
+    except ImportError as e:
+        raise QatkdError(
+            "the genai folder needs onnxruntime-genai and onnx-ir: pip install -e '.[llm]'"
+        ) from e
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+    command += ["-i", str(hf_folder), "-o", str(out), "-p", "fp32", "-e", "cpu"]
+    with tempfile.TemporaryDirectory() as cache:
+        command += ["-c", cache]
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise QatkdError(f"onnxruntime-genai's model builder failed on {hf_folder}: {last}")
+    replaced = replace_matmuls(out / GENAI_MODEL, layers)
+    return {
+        "layers_in_matmul_nbits": replaced,
+        "storage_bits": {str(b): storage_bits(b) for b in sorted({x.bits for x in layers})},
+        "block_size": sorted({block_size(x.group_size or x.codes.shape[1]) for x in layers}),
+        "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+    }

@@ -1,0 +1,142 @@
+"""The onnxruntime-genai folder: MatMulNBits kernels holding the student's codes, checked against
+the fake-quantized student through onnxruntime and onnxruntime-genai themselves."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qatkd.config import load_config
+from qatkd.errors import QatkdError
+from qatkd.quant import QuantLinear
+from qatkd.tasks.language.export import export_language, packed_linear
+from qatkd.tasks.language.family import Loaded, build_student, language_quant
+from qatkd.tasks.language.genai import (
+    GENAI_FOLDER,
+    GENAI_MODEL,
+    block_scales,
+    build_genai,
+    pack_codes,
+)
+
+IDS = np.array([[5, 9, 17, 3, 40, 2, 33, 70]], dtype=np.int64)
+
+
+def exported_student(tiny_lm: Path, text_files, out: Path, bits: str, group: int):
+    train, evaluation = text_files
+    config = load_config(
+        overrides=[
+            "task=language",
+            f"model.path={tiny_lm}",
+            f"data.train_files=[{train}]",
+            f"data.eval_files=[{evaluation}]",
+            "data.block_size=16",
+            f"quant.bits={bits}",
+            f"quant.group_size={group}",
+        ]
+    )
+    config = config.model_copy(update={"quant": language_quant(config.quant)})
+    loaded = Loaded(config, training=False)
+    student = build_student(config, loaded).eval()
+    result = export_language({"meta": {}}, student, loaded.hf, loaded.tokenizer, out)
+    return student, result
+
+
+def ort_logits(folder: Path, ids: np.ndarray) -> np.ndarray:
+    """The genai graph's logits for `ids` as one prompt (empty KV cache)."""
+    import onnxruntime as ort
+
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    session = ort.InferenceSession(str(folder / GENAI_MODEL))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for tensor in session.get_inputs():
+        if tensor.name.startswith("past_key_values"):
+            shape = (ids.shape[0], decoder["num_key_value_heads"], 0, decoder["head_size"])
+            feeds[tensor.name] = np.zeros(shape, np.float32)
+    return session.run(["logits"], feeds)[0]
+
+
+def test_codes_pack_low_bits_first_offset_by_the_default_zero_point():
+    codes = np.array([[-8, 7, 0, 1, -1]], dtype=np.int8)
+    packed = pack_codes(codes, bits=4, block=16)
+    assert packed.shape == (1, 1, 8)
+    # stored codes 0, 15, 8, 9, 7, then zero-point padding (8) up to the block of 16
+    assert packed[0, 0].tolist() == [0xF0, 0x98, 0x87, 0x88, 0x88, 0x88, 0x88, 0x88]
+    two = pack_codes(np.array([[-2, 1, 0, -1]], dtype=np.int8), bits=2, block=16)
+    assert two[0, 0, 0] == 0b01_10_11_00 and two.shape == (1, 1, 4)
+
+
+@pytest.mark.parametrize(("bits", "group", "stored"), [("W2A16", 32, 2), ("W3A16", 32, 4)])
+def test_genai_graph_computes_the_students_logits(
+    tiny_lm, text_files, tmp_path, bits, group, stored
+):
+    student, result = exported_student(tiny_lm, text_files, tmp_path, bits, group)
+    folder = tmp_path / GENAI_FOLDER
+    graph = onnx.load(str(folder / GENAI_MODEL), load_external_data=False).graph
+    ops = Counter(node.op_type for node in graph.node)
+    assert ops["MatMulNBits"] == 2 * 5 and ops["MatMul"] == 1  # qkv, o, gate, up, down; lm_head
+    widths = {
+        a.i
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "bits"
+    }
+    assert widths == {stored}
+    assert result["genai"]["layers_in_matmul_nbits"] == 2 * 7
+    assert result["genai"]["storage_bits"] == {bits[1]: stored}
+    with torch.no_grad():
+        expected = student(torch.from_numpy(IDS)).numpy()
+    np.testing.assert_allclose(ort_logits(folder, IDS), expected, rtol=0, atol=1e-5)
+
+
+def test_genai_generates_the_students_greedy_tokens_with_a_narrower_last_group(
+    tiny_lm, text_files, tmp_path
+):
+    """Groups of 128 over 64 inputs: one group narrower than its block, padded, not changed."""
+    import onnxruntime_genai as og
+
+    student, _ = exported_student(tiny_lm, text_files, tmp_path, "W4A16", 128)
+    model = og.Model(str(tmp_path / GENAI_FOLDER))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(IDS)
+    while not generator.is_done():
+        generator.generate_next_token()
+    generated = [int(t) for t in generator.get_sequence(0)]
+    ids = torch.from_numpy(IDS)
+    with torch.no_grad():
+        while ids.shape[1] < len(generated):
+            ids = torch.cat([ids, student(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert len(generated) > IDS.shape[1] and generated == ids[0].tolist()
+
+
+def test_a_graph_without_the_students_weights_is_refused(tiny_lm, text_files, tmp_path):
+    student, _ = exported_student(tiny_lm, text_files, tmp_path, "W4A16", 32)
+    layers = [packed_linear(n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear)]
+    layers[0].codes[0, 0] += 1  # the codes no longer match the weights the builder reads
+    with pytest.raises(QatkdError, match="is not the student's dequantized weight"):
+        build_genai(tmp_path / "hf", layers, tmp_path / "other")
+
+
+def test_block_scales_repeat_each_group_scale_over_its_blocks():
+    from qatkd.export.qpack import PackedLayer
+
+    layer = PackedLayer(
+        "x",
+        4,
+        -8,
+        7,
+        np.zeros((2, 80), np.int8),
+        np.array([[1.0, 2.0], [3.0, 4.0]]),
+        None,
+        None,
+        64,
+    )
+    # blocks of 32: group 1 (64 wide) -> 2 blocks, group 2 (16 wide) -> 1 block
+    assert block_scales(layer, 32).tolist() == [1.0, 1.0, 2.0, 3.0, 3.0, 4.0]
