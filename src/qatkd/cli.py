@@ -93,7 +93,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if not (args.run or args.ckpt):
         raise QatkdError("export needs a run folder (qatkd export RUN_DIR) or --ckpt PATH")
     result = pipeline.export(args.run or args.ckpt, args.out, args.data_limit)
-    if "parity" not in result:  # a task family without ONNX export (language)
+    if "parity" not in result:  # language: packed weights, hf/ and genai/, printed whole
         print(json.dumps(result, indent=2))
         return
     parity = result["parity"]["onnxruntime"]

@@ -204,6 +204,11 @@ def test_distill_eval_and_rtn_from_the_cli(tiny_lm, text_files, tmp_path, capsys
     assert main(["export", str(out)]) == 0
     exported = json.loads((out / "export.json").read_text())["bytes"]
     assert exported["packed_total"] < exported["fp32_model"]
+    # the genai folder's perplexity, its logits from onnxruntime, on the run's windows
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["pytorch"]["ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-5)
+    assert parity["pytorch"]["tokens"] == parity["genai"]["tokens"] == metrics["test_tokens"]
+    assert abs(parity["ppl_relative_diff_percent"]) < 1e-3
     script = Path(__file__).parents[2] / "benchmarks" / "llm_transformers_ppl.py"
     result = subprocess.run(
         [sys.executable, str(script), str(out / "hf"), str(evaluation), "--block-size", "16"],

@@ -11,6 +11,7 @@ of the 28M-parameter embedding.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -191,13 +192,21 @@ class LanguageFamily:
         transformers_folder: bool = True,
     ) -> dict[str, Any]:
         """Packed weights and, with `transformers_folder`, a rebuilt `transformers` folder and an
-        onnxruntime-genai folder (`qatkd.tasks.language.export`); `data_limit` has no use here."""
+        onnxruntime-genai folder (`qatkd.tasks.language.export`), whose perplexity on the first
+        `data_limit` evaluation windows is compared with the student's (`parity.json`)."""
         from qatkd.tasks.language.export import export_language  # slow import: tasks/family.py
+        from qatkd.tasks.language.genai import GENAI_FOLDER, genai_parity
 
         source = Loaded(checkpoint_config(state), training=False)
         student = self.restore(state, source)
         hf, tokenizer = source.hf, source.tokenizer
-        return export_language(state, student, hf, tokenizer, out, transformers_folder)
+        result = export_language(state, student, hf, tokenizer, out, transformers_folder)
+        if transformers_folder:
+            task = LanguageTask(reference=source.reference_top1)
+            parity = genai_parity(student, out / GENAI_FOLDER, task, source.test, data_limit)
+            (out / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+            result["genai_parity"] = parity
+        return result
 
     def bench(self, state: dict[str, Any], path: Path, *args: Any) -> dict[str, Any]:
         raise QatkdError(

@@ -19,6 +19,7 @@ The mapping keeps every trained value:
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -27,12 +28,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from qatkd.errors import QatkdError
 from qatkd.export.qpack import PackedLayer
 
 if TYPE_CHECKING:
     from onnx import NodeProto, TensorProto
+
+    from qatkd.tasks.language.task import LanguageTask
 
 GENAI_FOLDER, GENAI_MODEL = "genai", "model.onnx"
 _BUILDER_MATMUL = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
@@ -204,4 +210,44 @@ def build_genai(hf_folder: Path, layers: list[PackedLayer], out: Path) -> dict[s
         "storage_bits": {str(b): storage_bits(b) for b in sorted({x.bits for x in layers})},
         "block_size": sorted({block_size(x.group_size or x.codes.shape[1]) for x in layers}),
         "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+    }
+
+
+class GenaiLogits(nn.Module):
+    """The genai folder's graph as a causal LM for `LanguageTask.evaluate`: each window's logits
+    from onnxruntime with an empty KV cache, so perplexity is measured through the exported
+    runtime with the protocol of training."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.session = ort.InferenceSession(str(folder / decoder["filename"]))
+        self.kv_shape = (decoder["num_key_value_heads"], 0, decoder["head_size"])
+        self.past = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        array = ids.cpu().numpy().astype(np.int64)
+        feeds = {"input_ids": array, "attention_mask": np.ones_like(array)}
+        feeds |= {name: np.zeros((len(array), *self.kv_shape), np.float32) for name in self.past}
+        return torch.from_numpy(self.session.run(["logits"], feeds)[0])
+
+
+def genai_parity(
+    student: nn.Module, folder: Path, task: LanguageTask, windows: Dataset, limit: int | None
+) -> dict[str, Any]:
+    """Perplexity and teacher agreement of the student in PyTorch and through the genai folder
+    on the first `limit` evaluation windows (all without one), and the perplexities' relative
+    difference in %."""
+    count = len(windows) if limit is None else min(limit, len(windows))  # type: ignore[arg-type]
+    loader = DataLoader(Subset(windows, range(count)), batch_size=task.eval_batch_size)
+    with torch.no_grad():
+        pytorch = task.evaluate(student, loader)
+        genai = task.evaluate(GenaiLogits(folder), loader)
+    return {
+        "windows": count,
+        "pytorch": pytorch,
+        "genai": genai,
+        "ppl_relative_diff_percent": 100 * (genai["ppl"] / pytorch["ppl"] - 1),
     }
