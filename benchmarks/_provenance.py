@@ -4,6 +4,7 @@ script, with the `--quick` / `--work` options the training benchmarks have in co
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -39,18 +40,37 @@ def command() -> str:
 @dataclass(frozen=True)
 class Invocation:
     """One run of a benchmark script: quick or full, the stem of its result files
-    (`<name>` or `<name>_quick`), the folder its training runs go to, and when it started."""
+    (`<name>` or `<name>_quick`), the folder its training runs go to, when it started, and how
+    many finished runs that folder held then (reused, so not in the wall time)."""
 
     quick: bool
     stem: str
     work: Path
     commit: str
     started: float
+    reused: int
 
     def provenance(self) -> dict[str, Any]:
-        """Commit, command, machine and wall time so far, as the results JSON records them."""
+        """Commit, command, machine, wall time so far, the finished runs reused, and the training
+        time summed over every run of the work folder (what a run from scratch trains), as the
+        results JSON records them."""
         wall = round(time.time() - self.started, 1)
-        return {"commit": self.commit, "command": command(), "machine": machine(), "wall_s": wall}
+        train = sum(
+            json.loads(m.read_text()).get("train_seconds", 0.0) for m in finished(self.work)
+        )
+        return {
+            "commit": self.commit,
+            "command": command(),
+            "machine": machine(),
+            "wall_s": wall,
+            "runs_reused": self.reused,
+            "train_s": round(train, 1),
+        }
+
+
+def finished(work: Path) -> list[Path]:
+    """The metrics.json of every finished run in `work`."""
+    return sorted(work.glob("*/metrics.json"))
 
 
 def start(doc: str, name: str, quick_help: str) -> Invocation:
@@ -64,7 +84,7 @@ def start(doc: str, name: str, quick_help: str) -> Invocation:
     args = parser.parse_args()
     stem = f"{name}_quick" if args.quick else name
     work = args.work or Path("runs") / f"bench_{stem}"
-    return Invocation(args.quick, stem, work, git_commit(), time.time())
+    return Invocation(args.quick, stem, work, git_commit(), time.time(), len(finished(work)))
 
 
 def markdown_header(title: str, provenance: dict[str, Any], schedule: str) -> str:
@@ -72,5 +92,16 @@ def markdown_header(title: str, provenance: dict[str, Any], schedule: str) -> st
     return (
         f"# {title}\n\n- commit: {provenance['commit']}\n"
         f"- command: `{provenance['command']}`\n- machine: {provenance['machine']}\n"
-        f"- wall time: {provenance['wall_s'] / 60:.1f} min\n- schedule: {schedule}\n\n"
+        f"- wall time: {provenance['wall_s'] / 60:.1f} min{_reuse_note(provenance)}\n"
+        f"- schedule: {schedule}\n\n"
+    )
+
+
+def _reuse_note(provenance: dict[str, Any]) -> str:
+    """How much of the work the wall time does not include (scripts without run folders: none)."""
+    if not provenance.get("runs_reused"):
+        return ""
+    return (
+        f" ({provenance['runs_reused']} finished runs reused from an earlier invocation; "
+        f"training time of all runs: {provenance['train_s'] / 60:.1f} min)"
     )

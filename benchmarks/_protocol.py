@@ -1,0 +1,121 @@
+"""The comparison protocol of the GoR benchmarks: every method trained on the same seeds, fixed α
+on a grid picked on validation (the test-set pick shown too, as an oracle), GoR's forms in one run
+each, and differences taken seed by seed. A record is a dict with method, bits, seed, and the
+`val` and `test` scores of the run's best.pt (PTQ: `val` is None)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from _seeds import Stat, cell
+
+ALPHAS = ("0.1", "0.3", "0.5", "0.7", "0.9")
+GOR = {
+    "gor_liebel": ["balancer.form=liebel"],
+    "gor_kendall": ["balancer.form=kendall"],
+    "gor_liebel_initial": ["balancer.form=liebel", "balancer.scale=initial"],
+    "gor_liebel_running": ["balancer.form=liebel", "balancer.scale=running"],
+}
+"""GoR's forms and its scale-aware variants; `DEFAULT_GOR` is the configuration default."""
+DEFAULT_GOR = "gor_liebel"
+VAL_PICK, ORACLE = "kd_fixed_val_pick", "kd_fixed_oracle"
+TABLE_METHODS = (
+    "ptq",
+    "qat",
+    *(f"kd_fixed_{a}" for a in ALPHAS),
+    VAL_PICK,
+    ORACLE,
+    *GOR,
+    "ekd_gor",
+)
+"""The rows of a results table, in order."""
+
+
+def method_overrides(one_teacher: str, ensemble: str) -> dict[str, list[str]]:
+    """Each trained method's overrides, given the `teachers=[...]` of the KD teacher and of the
+    ensemble: plain QAT, the fixed-α grid, GoR's forms, and EKD-GoR."""
+    return {
+        "qat": ["balancer.name=ts_only"],
+        **{
+            f"kd_fixed_{a}": [one_teacher, "balancer.name=fixed", f"balancer.alpha={a}"]
+            for a in ALPHAS
+        },
+        **{name: [one_teacher, "balancer.name=gor", *form] for name, form in GOR.items()},
+        "ekd_gor": [ensemble, "balancer.name=gor"],
+    }
+
+
+def label(method: str) -> str:
+    return {
+        VAL_PICK: "kd fixed α, picked on validation",
+        ORACLE: "kd fixed α, picked on test (**oracle**)",
+    }.get(method, method)
+
+
+def runs_needed(method: str) -> int:
+    """Training runs a user needs for the row: one per grid point for a picked fixed α."""
+    return len(ALPHAS) if method in (VAL_PICK, ORACLE) else 1
+
+
+def fixed_alpha_picks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (bits, seed), the fixed-α run picked on validation and the one picked on test (the
+    oracle), as records of their own."""
+    grids: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["method"].startswith("kd_fixed_"):
+            grids.setdefault((r["bits"], r["seed"]), []).append(r)
+    picks = []
+    for grid in grids.values():
+        by_val = max(grid, key=lambda r: r["val"])
+        by_test = max(grid, key=lambda r: r["test"])
+        picks += [
+            {**by_val, "method": VAL_PICK, "alpha": by_val["method"].removeprefix("kd_fixed_")},
+            {**by_test, "method": ORACLE, "alpha": by_test["method"].removeprefix("kd_fixed_")},
+        ]
+    return picks
+
+
+def paired(records: list[dict[str, Any]], method: str, baseline: str, bits: str) -> Stat:
+    """Mean, std and count of test(method) − test(baseline) over the seeds both ran."""
+    test = {(r["method"], r["seed"]): r["test"] for r in records if r["bits"] == bits}
+    diffs = [
+        test[(method, seed)] - test[(baseline, seed)]
+        for (m, seed) in test
+        if m == method and (baseline, seed) in test
+    ]
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return statistics.mean(diffs), std, len(diffs)
+
+
+def gor_by_validation(records: list[dict[str, Any]]) -> str:
+    """The GoR form with the best mean validation score over every bit-width and seed."""
+    return max(GOR, key=lambda m: statistics.mean(r["val"] for r in records if r["method"] == m))
+
+
+def paired_table(records: list[dict[str, Any]], bits: tuple[str, ...], metric: str) -> str:
+    """GoR's forms and EKD-GoR against the validation-picked fixed α and against plain QAT."""
+    lines = [
+        f"| test {metric} difference, same seeds | " + " | ".join(bits) + " |",
+        "|---|" + "---:|" * len(bits),
+    ]
+    for method in (*GOR, "ekd_gor"):
+        for baseline, name in ((VAL_PICK, "fixed α (validation pick)"), ("qat", "QAT")):
+            diffs = [paired(records, method, baseline, b) for b in bits]
+            lines.append(f"| {method} − {name} | " + " | ".join(cell(d) for d in diffs) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(rows: list[tuple[str, float, str]]) -> tuple[str, list[dict[str, Any]]]:
+    """`(what, measured, target)` rows, the target as '>= x' or '<= x', as a markdown table and
+    as JSON records with `met` computed."""
+    checked = []
+    for what, value, goal in rows:
+        sign, bound = goal.split()
+        met = value >= float(bound) if sign == ">=" else value <= float(bound)
+        checked.append({"what": what, "measured": value, "target": goal, "met": met})
+    lines = ["| what | measured | target | met |", "|---|---:|---|---|"]
+    for t in checked:
+        met = "yes" if t["met"] else "**no**"
+        lines.append(f"| {t['what']} | {t['measured']:+.2f} | {t['target']} | {met} |")
+    return "\n".join(lines), checked
