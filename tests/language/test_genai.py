@@ -78,7 +78,7 @@ def test_genai_graph_computes_the_students_logits(
     folder = tmp_path / GENAI_FOLDER
     graph = onnx.load(str(folder / GENAI_MODEL), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
-    assert ops["MatMulNBits"] == 2 * 5 and ops["MatMul"] == 1  # qkv, o, gate, up, down; lm_head
+    assert ops["MatMulNBits"] == 2 * 5 + 1 and ops["MatMul"] == 0  # qkv, o, gate, up, down; head
     widths = {
         a.i
         for n in graph.node
@@ -86,9 +86,9 @@ def test_genai_graph_computes_the_students_logits(
         for a in n.attribute
         if a.name == "bits"
     }
-    assert widths == {stored}
-    assert result["genai"]["layers_in_matmul_nbits"] == 2 * 7
-    assert result["genai"]["storage_bits"] == {bits[1]: stored}
+    assert widths == {stored, 8}  # the LM head at 8 bits
+    assert result["genai"]["layers_in_matmul_nbits"] == 2 * 7 + 1
+    assert result["genai"]["storage_bits"] == {bits[1]: stored, "8": 8}
     with torch.no_grad():
         expected = student(torch.from_numpy(IDS)).numpy()
     np.testing.assert_allclose(ort_logits(folder, IDS), expected, rtol=0, atol=1e-5)

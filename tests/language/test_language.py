@@ -94,7 +94,8 @@ def test_token_kd_is_zero_for_the_teacher_itself_and_matches_reference(loss):
 
 def test_language_quant_defaults_and_weight_only():
     q = language_quant(QuantConfig(bits="W3A16"))
-    assert (q.method, q.group_size, q.skip, q.first_last_bits) == ("minmax", 64, ["*lm_head"], None)
+    assert (q.method, q.group_size, q.skip, q.first_last_bits) == ("minmax", 64, [], None)
+    assert q.layer_weight_bits == {"*lm_head": 8}
     assert language_quant(QuantConfig(bits="W3A16", method="lsq")).method == "lsq"
     assert language_quant(QuantConfig(bits="W3A16", group_size=32)).group_size == 32
     with pytest.raises(QatkdError, match="weight-only; use W4A16"):
@@ -125,10 +126,11 @@ def test_student_shares_the_frozen_embedding_and_quantizes_decoder_linears(tiny_
     student = build_student(config, loaded)
     embed = student.hf.get_input_embeddings().weight
     assert embed is loaded.hf.get_input_embeddings().weight and not embed.requires_grad
-    assert student.hf.get_output_embeddings().weight is embed  # tied, as in the model
-    assert not isinstance(student.hf.lm_head, QuantLinear)
+    head = student.hf.lm_head
+    assert head.weight is embed  # tied, as in the model: the head quantizes the same tensor
+    assert isinstance(head, QuantLinear) and head.weight_quantizer.bits == 8
     linears = [m for m in student.modules() if isinstance(m, QuantLinear)]
-    assert len(linears) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; the LM head
     down = student.hf.model.layers[0].mlp.down_proj  # 128 inputs -> 4 groups of 32
     assert down.weight_quantizer.param_shape == (64, 4)
     codes = down.weight_quantizer.quantize_int(down.weight)
@@ -277,7 +279,6 @@ def test_packed_lm_has_the_students_weights_bit_for_bit(tiny_lm, text_files, tmp
     write_qpack(QPack({}, layers, {}), tmp_path / "model.qpack")
     quantized = {f"{layer.name}.weight" for layer in layers}
     rest = {k: v.clone() for k, v in loaded.hf.state_dict().items() if k not in quantized}
-    rest.pop("lm_head.weight")  # tied to the embedding
     save_file(rest, str(tmp_path / FLOAT_TENSORS))
     loaded.hf.config.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)

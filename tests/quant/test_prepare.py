@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torchvision.models import mobilenet_v2, resnet18
 
@@ -105,6 +106,18 @@ def test_first_last_bits_none_and_float_activations():
     model = prepare(TinyCNN(), QuantConfig(bits="W4A16"))
     assert bits_of(model.stem[0]) == (8, 16)
     assert isinstance(model.stem[0].input_quantizer, FloatQuantizer)
+
+
+def test_layer_weight_bits_set_matching_weights_only_and_keep_a_float_model_float():
+    config = QuantConfig(bits="W4A4", layer_weight_bits={"fc": 2, "stem.*": 3})
+    model = prepare(TinyCNN(), config)
+    assert bits_of(model.fc) == (2, 8)  # over first_last_bits, weights only
+    assert bits_of(model.stem[0]) == (3, 8)
+    assert model.grouped.weight_quantizer.bits == 4
+    model = prepare(TinyCNN(), QuantConfig(bits="W16A16", layer_weight_bits={"fc": 8}))
+    assert isinstance(model.fc.weight_quantizer, FloatQuantizer)
+    with pytest.raises(ValidationError, match="'fc'"):
+        QuantConfig(layer_weight_bits={"fc": 5})
 
 
 @pytest.mark.parametrize(("bits", "point_bits"), [("W2A2", 8), ("W8A8", 8), ("W4A16", 16)])

@@ -48,7 +48,10 @@ class QuantConfig(BaseModel):
     `weight_method` / `act_method` override it. The first and last Conv2d/Linear layers get
     `first_last_bits` (None: the same as the rest) for their weights and inputs, except where the
     rest are 16 (not quantized). Modules whose names match a `skip` pattern (fnmatch) stay float.
-    `group_size` gives Linear weights one scale per group of that many inputs."""
+    `layer_weight_bits` gives the weights of the layers matching a pattern their own bit-width
+    (the first matching pattern; over `first_last_bits`; not where the rest are 16), e.g.
+    `{"*lm_head": 8}`. `group_size`
+    gives Linear weights one scale per group of that many inputs."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +61,7 @@ class QuantConfig(BaseModel):
     act_method: str | None = None
     first_last_bits: int | None = 8
     skip: list[str] = []
+    layer_weight_bits: dict[str, int] = {}
     group_size: int | None = None
 
     @field_validator("bits")
@@ -75,6 +79,16 @@ class QuantConfig(BaseModel):
     @classmethod
     def _check_first_last_bits(cls, value: int | None) -> int | None:
         return value if value is None else _value_error(check_bits, value)
+
+    @field_validator("layer_weight_bits")
+    @classmethod
+    def _check_layer_weight_bits(cls, value: dict[str, int]) -> dict[str, int]:
+        for pattern, bits in value.items():
+            try:
+                check_bits(bits)
+            except QatkdError as e:
+                raise ValueError(f"'{pattern}': {e}") from None
+        return value
 
     @field_validator("group_size")
     @classmethod

@@ -54,6 +54,8 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
         if name in edges and config.first_last_bits is not None:
             weight_bits = _edge_bits(weight_bits, config.first_last_bits)
             act_bits = _edge_bits(act_bits, config.first_last_bits)
+        if weight_bits != 16:  # a float model stays float
+            weight_bits = _pattern_bits(name, config) or weight_bits
         group_size = config.group_size if isinstance(layer, nn.Linear) else None
         try:
             weight_q = make_quantizer(
@@ -113,6 +115,11 @@ def quant_summary(model: nn.Module) -> str:
 
 def _skipped(name: str, config: QuantConfig) -> bool:
     return any(fnmatch(name, pattern) for pattern in config.skip)
+
+
+def _pattern_bits(name: str, config: QuantConfig) -> int | None:
+    """The weight bits of the first `layer_weight_bits` pattern that `name` matches."""
+    return next((b for p, b in config.layer_weight_bits.items() if fnmatch(name, p)), None)
 
 
 def _edge_bits(bits: int, first_last_bits: int) -> int:

@@ -96,14 +96,17 @@ def export_language(
 
 def load_packed_lm(folder: Path) -> tuple[nn.Module, Any]:
     """A `transformers` causal LM rebuilt from an export folder: float tensors from the
-    safetensors file, each quantized Linear's weight = codes * scale from the qpack."""
+    safetensors file, each quantized Linear's weight = codes * scale from the qpack (a quantized
+    LM head is untied from the float embedding)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder)
+    packed = load_qpack(folder / QPACK)
+    if any(layer.name == "lm_head" for layer in packed.layers):
+        config.tie_word_embeddings = False  # a quantized head no longer equals the embedding
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, _ = model.load_state_dict(load_file(str(folder / FLOAT_TENSORS)), strict=False)
-    packed = load_qpack(folder / QPACK)
     with torch.no_grad():
         for layer in packed.layers:
             model.get_submodule(layer.name).weight.copy_(torch.from_numpy(layer.weight()))

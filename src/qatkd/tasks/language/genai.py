@@ -96,7 +96,9 @@ def block_scales(layer: PackedLayer, block: int) -> np.ndarray:
 
 def student_layers(initializer: str, layers: dict[str, PackedLayer]) -> list[PackedLayer] | None:
     """The student's layers behind one of the builder's MatMul weights (q, k and v for its
-    packed `qkv_proj`), or None for a MatMul that is not a quantized decoder projection."""
+    packed `qkv_proj`), or None for a MatMul that is not a quantized layer."""
+    if initializer == "lm_head.MatMul.weight":
+        return [layers["lm_head"]] if "lm_head" in layers else None
     match = _BUILDER_MATMUL.fullmatch(initializer)
     if match is None:
         return None
