@@ -26,7 +26,7 @@ from qatkd.tasks.language.genai import (
 IDS = np.array([[5, 9, 17, 3, 40, 2, 33, 70]], dtype=np.int64)
 
 
-def exported_student(tiny_lm: Path, text_files, out: Path, bits: str, group: int):
+def exported_student(tiny_lm: Path, text_files, out: Path, bits: str, group: int, *extra: str):
     train, evaluation = text_files
     config = load_config(
         overrides=[
@@ -37,6 +37,7 @@ def exported_student(tiny_lm: Path, text_files, out: Path, bits: str, group: int
             "data.block_size=16",
             f"quant.bits={bits}",
             f"quant.group_size={group}",
+            *extra,
         ]
     )
     config = config.model_copy(update={"quant": language_quant(config.quant)})
@@ -70,25 +71,33 @@ def test_codes_pack_low_bits_first_offset_by_the_default_zero_point():
     assert two[0, 0, 0] == 0b01_10_11_00 and two.shape == (1, 1, 4)
 
 
-@pytest.mark.parametrize(("bits", "group", "stored"), [("W2A16", 32, 2), ("W3A16", 32, 4)])
+HEAD_8 = ("quant.skip=[]", "quant.layer_weight_bits={'*lm_head': 8}")
+
+
+@pytest.mark.parametrize(
+    ("bits", "extra", "widths"), [("W2A16", (), {"2": 2}), ("W3A16", HEAD_8, {"3": 4, "8": 8})]
+)
 def test_genai_graph_computes_the_students_logits(
-    tiny_lm, text_files, tmp_path, bits, group, stored
+    tiny_lm, text_files, tmp_path, bits, extra, widths
 ):
-    student, result = exported_student(tiny_lm, text_files, tmp_path, bits, group)
+    """W2 in 2-bit blocks, float head; W3 in 4-bit blocks, the 8-bit head untied from the
+    float embedding."""
+    student, result = exported_student(tiny_lm, text_files, tmp_path, bits, 32, *extra)
     folder = tmp_path / GENAI_FOLDER
     graph = onnx.load(str(folder / GENAI_MODEL), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
-    assert ops["MatMulNBits"] == 2 * 5 + 1 and ops["MatMul"] == 0  # qkv, o, gate, up, down; head
-    widths = {
+    head = 1 if extra else 0  # qkv, o, gate, up, down per layer, and the head
+    assert (ops["MatMulNBits"], ops["MatMul"]) == (2 * 5 + head, 1 - head)
+    stored = {
         a.i
         for n in graph.node
         if n.op_type == "MatMulNBits"
         for a in n.attribute
         if a.name == "bits"
     }
-    assert widths == {stored, 8}  # the LM head at 8 bits
-    assert result["genai"]["layers_in_matmul_nbits"] == 2 * 7 + 1
-    assert result["genai"]["storage_bits"] == {bits[1]: stored, "8": 8}
+    assert stored == set(widths.values())
+    assert result["genai"]["layers_in_matmul_nbits"] == 2 * 7 + head
+    assert result["genai"]["storage_bits"] == widths
     with torch.no_grad():
         expected = student(torch.from_numpy(IDS)).numpy()
     np.testing.assert_allclose(ort_logits(folder, IDS), expected, rtol=0, atol=1e-5)

@@ -94,8 +94,7 @@ def test_token_kd_is_zero_for_the_teacher_itself_and_matches_reference(loss):
 
 def test_language_quant_defaults_and_weight_only():
     q = language_quant(QuantConfig(bits="W3A16"))
-    assert (q.method, q.group_size, q.skip, q.first_last_bits) == ("minmax", 64, [], None)
-    assert q.layer_weight_bits == {"*lm_head": 8}
+    assert (q.method, q.group_size, q.skip, q.first_last_bits) == ("minmax", 64, ["*lm_head"], None)
     assert language_quant(QuantConfig(bits="W3A16", method="lsq")).method == "lsq"
     assert language_quant(QuantConfig(bits="W3A16", group_size=32)).group_size == 32
     with pytest.raises(QatkdError, match="weight-only; use W4A16"):
@@ -126,11 +125,10 @@ def test_student_shares_the_frozen_embedding_and_quantizes_decoder_linears(tiny_
     student = build_student(config, loaded)
     embed = student.hf.get_input_embeddings().weight
     assert embed is loaded.hf.get_input_embeddings().weight and not embed.requires_grad
-    head = student.hf.lm_head
-    assert head.weight is embed  # tied, as in the model: the head quantizes the same tensor
-    assert isinstance(head, QuantLinear) and head.weight_quantizer.bits == 8
+    assert student.hf.get_output_embeddings().weight is embed  # tied, as in the model
+    assert not isinstance(student.hf.lm_head, QuantLinear)
     linears = [m for m in student.modules() if isinstance(m, QuantLinear)]
-    assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; the LM head
+    assert len(linears) == 2 * 7  # q, k, v, o, gate, up, down per layer
     down = student.hf.model.layers[0].mlp.down_proj  # 128 inputs -> 4 groups of 32
     assert down.weight_quantizer.param_shape == (64, 4)
     codes = down.weight_quantizer.quantize_int(down.weight)
@@ -267,11 +265,13 @@ def test_unknown_language_model_is_a_clear_error(tmp_path, capsys):
 def test_packed_lm_has_the_students_weights_bit_for_bit(tiny_lm, text_files, tmp_path):
     from qatkd.tasks.language.export import FLOAT_TENSORS, load_packed_lm, packed_linear
 
-    config = _config(tiny_lm, text_files, "quant.bits=W3A16", "quant.group_size=32")
+    head = ["quant.skip=[]", "quant.layer_weight_bits={'*lm_head': 8}"]  # untied when rebuilt
+    config = _config(tiny_lm, text_files, "quant.bits=W3A16", "quant.group_size=32", *head)
     config = config.model_copy(update={"quant": language_quant(config.quant)})
     loaded = Loaded(config)
     student = build_student(config, loaded).eval()
     layers = [packed_linear(n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear)]
+    assert student.hf.lm_head.weight_quantizer.bits == 8 and len(layers) == 2 * 7 + 1
     from safetensors.torch import save_file
 
     from qatkd.export.qpack import QPack, write_qpack

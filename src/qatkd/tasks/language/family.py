@@ -39,16 +39,15 @@ from qatkd.train.engine import Task, TeacherOutputs
 LANGUAGE_QUANT_DEFAULTS = {
     "method": "minmax",
     "first_last_bits": None,
-    "skip": [],
-    "layer_weight_bits": {"*lm_head": 8},
+    "skip": ["*lm_head"],
     "group_size": 64,
 }
 """Quantization defaults for language models where the config does not set the key: min-max
 scales (each group's max |w|, following the weights: QAT starts exactly at RTN; LSQ's init,
 made for CNNs, clips the outlier weights of an LLM and started SmolLM2's QAT at twice RTN's
-perplexity), no 8-bit first/last exception, groups of 64 inputs, and the LM head at 8 bits: it
-reads the frozen embedding (tied), whose float copy would be read in full for every generated
-token at run time (a third of SmolLM2-135M's weights); the embedding itself stays float."""
+perplexity), no 8-bit first/last exception, the LM head (tied to the embedding) stays float,
+groups of 64 inputs. `quant.skip=[] quant.layer_weight_bits={'*lm_head': 8}` quantizes the head
+(README: what it costs and gains in onnxruntime-genai)."""
 
 
 def language_quant(config: QuantConfig) -> QuantConfig:
