@@ -50,8 +50,8 @@ class QuantConfig(BaseModel):
     rest are 16 (not quantized). Modules whose names match a `skip` pattern (fnmatch) stay float.
     `layer_weight_bits` gives the weights of the layers matching a pattern their own bit-width
     (the first matching pattern; over `first_last_bits`; not where the rest are 16), e.g.
-    `{"*lm_head": 8}`. `group_size`
-    gives Linear weights one scale per group of that many inputs."""
+    `{"*lm_head": 8}`. `group_size` gives Linear weights one scale per group of that many
+    inputs."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -42,10 +42,7 @@ if TYPE_CHECKING:
 
 GENAI_FOLDER, GENAI_MODEL = "genai", "model.onnx"
 _BUILDER_MATMUL = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
-_PACKED_PROJECTIONS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
+_PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
 
 def storage_bits(bits: int) -> int:
