@@ -64,7 +64,7 @@ class Budget:
 
 
 FULL = Budget([], 128, 6, 6, 1, 3)
-"""What two CPU cores finish in about two hours: 60 QAT runs of one 54k-image epoch each (about
+"""What two CPU cores finish in about two hours: 66 QAT runs of one 54k-image epoch each (about
 80 s a run), the FP32 nets six epochs each. A twice-as-wide ResNet-20 teacher (4 ms an image, 3x
 ResNet-32's cost per epoch) and longer schedules did not fit."""
 QUICK = Budget(["data.train_limit=6000", "data.test_limit=2000"], 128, 3, 3, 2, 1)
