@@ -21,6 +21,8 @@ ALLOWED_BITS = (2, 3, 4, 8, 16)
 GROUP_SIZES = (32, 64, 128)
 EPS = 1e-8
 """Smallest scale: a dead channel (all zeros) must not divide by zero."""
+FLOAT16_TINY = 2.0**-24
+"""Smallest positive float16 (a float16 scale's floor: EPS rounds to 0 in float16)."""
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
 
@@ -45,6 +47,16 @@ class _RoundSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _HalfSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.to(torch.float16).to(x.dtype).clamp_min(FLOAT16_TINY)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
@@ -94,6 +106,10 @@ class Quantizer(nn.Module):
     tensor_hint: str | None = None
     """Set by `prepare` on activation quantizers: the name of the tensor they quantize in the
     exported graph (`quant.tensors`)."""
+    float16_scale = False
+    """Set by `prepare` for a format that stores scales in float16 (`quant.format`, GGUF's
+    blocks): every scale the quantizer computes with or reports is rounded to float16 first
+    (identity gradient), so training runs on exactly the stored grid."""
 
     def __init__(
         self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
@@ -145,7 +161,11 @@ class Quantizer(nn.Module):
         per group, the last group possibly narrower).
         Weight scales that follow the weight (min-max) are those of the last forward or
         quantize_int."""
-        return self._broadcast(self._scale().detach())
+        return self._broadcast(self._stored(self._scale().detach()))
+
+    def _stored(self, scale: Tensor) -> Tensor:
+        """`scale` as the deployed format stores it (float16 with `float16_scale`)."""
+        return _HalfSTE.apply(scale) if self.float16_scale else scale
 
     @property
     def zero_point(self) -> Tensor:
@@ -215,7 +235,7 @@ class Quantizer(nn.Module):
         the STE: the gradient passes inside the range only. Clamping first, as LSQ's reference
         does, keeps the gradient of values that round onto the range's ends."""
         qmin, qmax = self.qrange
-        scale = self._broadcast(scale)
+        scale = self._broadcast(self._stored(scale))
         return round_ste(torch.clamp(x / scale, qmin, qmax)), scale
 
     def extra_repr(self) -> str:

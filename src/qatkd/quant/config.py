@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from qatkd.errors import QatkdError
 
@@ -16,6 +16,10 @@ from qatkd.quant.base import QUANTIZERS, check_bits, check_group_size
 
 T = TypeVar("T")
 _BITS = re.compile(r"W(\d+)A(\d+)")
+FORMATS = {"q4_0": 4, "q8_0": 8}
+"""GGUF block formats (`quant.format`): blocks of 32 weights, one float16 scale each, signed
+codes of these bits, no zero point."""
+FORMAT_GROUP = 32
 
 
 def _value_error(check: Callable[[T], object], value: T) -> T:
@@ -51,7 +55,9 @@ class QuantConfig(BaseModel):
     `layer_weight_bits` gives the weights of the layers matching a pattern their own bit-width
     (the first matching pattern; over `first_last_bits`; not where the rest are 16), e.g.
     `{"*lm_head": 8}`. `group_size` gives Linear weights one scale per group of that many
-    inputs."""
+    inputs. `format` trains on a deployed format's grid exactly: `q4_0` / `q8_0` (GGUF) mean
+    weight-only W4 / W8 in groups of 32 with float16 scales; it sets `bits` and `group_size`
+    where they are not given, and refuses values that contradict it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +69,37 @@ class QuantConfig(BaseModel):
     skip: list[str] = []
     layer_weight_bits: dict[str, int] = {}
     group_size: int | None = None
+    format: Literal["q4_0", "q8_0"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format") in FORMATS:
+            bits = FORMATS[data["format"]]
+            defaults = {"bits": f"W{bits}A16", "group_size": FORMAT_GROUP, "first_last_bits": None}
+            data = {**defaults, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_format(self) -> QuantConfig:
+        if self.format is None:
+            return self
+        bits = FORMATS[self.format]
+        wanted = {"bits": f"W{bits}A16", "group_size": FORMAT_GROUP, "first_last_bits": None}
+        given = {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "first_last_bits": self.first_last_bits,
+        }
+        methods = {self.weight_method_name} - {"minmax", "lsq"}
+        if given != wanted or methods or self.layer_weight_bits:
+            raise ValueError(
+                f"format {self.format} is blocks of {FORMAT_GROUP} {bits}-bit weights with "
+                f"float16 scales: it needs bits={wanted['bits']}, group_size={FORMAT_GROUP}, "
+                "first_last_bits=null, a minmax or lsq weight method and no layer_weight_bits "
+                f"(got {given}, weight method {self.weight_method_name})"
+            )
+        return self
 
     @field_validator("bits")
     @classmethod

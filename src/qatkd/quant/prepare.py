@@ -63,6 +63,7 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
             )
         except QatkdError as e:
             raise QatkdError(f"{name}: {e}") from None
+        weight_q.float16_scale = config.format is not None
         input_q = make_quantizer(config.act_method_name, act_bits)
         _set(model, name, _QUANT_LAYERS[type(layer)].from_float(
             layer, _like(weight_q, layer.weight), _like(input_q, layer.weight)

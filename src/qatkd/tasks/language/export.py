@@ -12,7 +12,10 @@ Written into the output folder:
   scale, bit for bit the fake-quantized weights), rebuilt *from the two files above* by
   `load_packed_lm`, so any `transformers` script reproduces the student's perplexity;
 - `genai/`: with `hf/`, an onnxruntime-genai folder whose `MatMulNBits` kernels hold the codes
-  (`qatkd.tasks.language.genai`).
+  (`qatkd.tasks.language.genai`);
+- `model.gguf`: for a student trained on a GGUF grid (`quant.format`) whose teacher came from a
+  GGUF file, llama.cpp's format with the codes as Q4_0 / Q8_0 blocks
+  (`qatkd.tasks.language.gguf_file`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from qatkd.export.qpack import PackedLayer, QPack, load_qpack, packed_layer, wri
 from qatkd.quant import QuantLinear
 from qatkd.quant.quantizers import FloatQuantizer
 from qatkd.tasks.language.genai import GENAI_FOLDER, build_genai
+from qatkd.tasks.language.gguf_file import GGUF_FILE, write_gguf
 
 QPACK, FLOAT_TENSORS, HF_FOLDER = "model.qpack", "float_tensors.safetensors", "hf"
 HF_PREFIX = "hf."
@@ -47,11 +51,14 @@ def export_language(
     tokenizer: Any,
     out: Path,
     transformers_folder: bool = True,
+    gguf_format: str | None = None,
+    gguf_source: Path | None = None,
 ) -> dict[str, Any]:
     """Write the files of the module doc for the `student` of a language checkpoint `state` and
     its `pretrained` source model and tokenizer (`hf/` and `genai/` only with
-    `transformers_folder`); returns their sizes, the sizes of the model in fp32 and fp16, and
-    how the genai folder stores the codes."""
+    `transformers_folder`; `model.gguf` for a `gguf_format` student, from the `gguf_source` file
+    the teacher came from); returns their sizes, the sizes of the model in fp32 and fp16, and
+    how the genai folder and the GGUF file store the codes."""
     from safetensors.torch import save_file  # the `llm` extra
 
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +97,18 @@ def export_language(
     if genai is not None:
         sizes["genai"] = genai.pop("bytes")
         result["genai"] = genai
+    if gguf_format is not None:
+        if gguf_source is None:
+            result["gguf"] = {
+                "written": False,
+                "why": "the model did not come from a GGUF file, whose metadata a GGUF needs",
+            }
+        else:
+            floats = {k: v.numpy() for k, v in float_tensors.items()}
+            gguf = write_gguf(gguf_source, layers, floats, gguf_format, out / GGUF_FILE)
+            sizes["gguf"] = gguf.pop("bytes")
+            files.append(GGUF_FILE)
+            result["gguf"] = {"written": True, **gguf}
     (out / "export.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -31,7 +31,13 @@ from qatkd.tasks.language.data import (
     load_eval_text,
     load_train_text,
 )
-from qatkd.tasks.language.source import cache_root, load_pretrained, model_folder
+from qatkd.tasks.language.source import (
+    SMOLLM2,
+    cache_root,
+    load_pretrained,
+    model_folder,
+    smollm2_gguf,
+)
 from qatkd.tasks.language.task import CausalLM, LanguageTask, reference_top1
 from qatkd.train import evaluate_splits
 from qatkd.train.engine import Task, TeacherOutputs
@@ -198,10 +204,14 @@ class LanguageFamily:
         from qatkd.tasks.language.export import export_language  # slow import: tasks/family.py
         from qatkd.tasks.language.genai import GENAI_FOLDER, genai_parity
 
-        source = Loaded(checkpoint_config(state), training=False)
+        config = checkpoint_config(state)
+        source = Loaded(config, training=False)
         student = self.restore(state, source)
         hf, tokenizer = source.hf, source.tokenizer
-        result = export_language(state, student, hf, tokenizer, out, transformers_folder)
+        fmt = config.quant.format if config.quant is not None else None
+        from_gguf = config.model.path is None and config.model.name == SMOLLM2
+        gguf = smollm2_gguf() if fmt is not None and from_gguf else None
+        result = export_language(state, student, hf, tokenizer, out, transformers_folder, fmt, gguf)
         if transformers_folder:
             task = LanguageTask(reference=source.reference_top1)
             parity = genai_parity(student, out / GENAI_FOLDER, task, source.test, data_limit)
