@@ -1,0 +1,183 @@
+"""SmolLM2-135M on CPU through onnxruntime-genai: FP32, the model builder's own int4, and qatkd
+students whose `MatMulNBits` hold their trained codes, measured in one run.
+
+    python benchmarks/llm_runtime.py [--quick] [--work runs/bench_llm_runtime]
+
+Rows:
+- FP32: the builder's `-p fp32` graph of the dequantized teacher;
+- builder int4: the builder's `-p int4` at block 128, its own round-to-nearest and its CPU
+  default of int8 compute (`accuracy_level=4`; LM head and embedding in 4 bits too);
+- qatkd RTN students at W4 g128, W3 g128 and W2 g64 (`qatkd ptq`, the starting point of QAT),
+  exported by `qatkd export` (`genai/`, float32 compute).
+Perplexity and teacher agreement: the training protocol's sliding windows over the evaluation
+text, logits from onnxruntime (`GenaiLogits`); for the students also the PyTorch figure
+(`parity.json`). Speed: greedy generation of 128 new tokens after a 256-token prompt, batch 1,
+2 threads, each model in a fresh process (`_genai_speed.py`: its peak resident memory), the
+models timed round-robin, best of the rounds. Size: the folder's files. Writes
+benchmarks/results/llm_runtime{,_quick}.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from _figures import plt, save_figure
+from _protocol import targets_table
+from _provenance import markdown_header, start
+from torch.utils.data import DataLoader
+
+from qatkd import pipeline
+from qatkd.config import load_config
+from qatkd.tasks.language.data import DEFAULT_EVAL_TEXT, read_text, tokenize
+from qatkd.tasks.language.family import Loaded
+from qatkd.tasks.language.genai import GENAI_FOLDER, GenaiLogits
+from qatkd.tasks.language.source import SMOLLM2, model_folder
+from qatkd.tasks.language.task import LanguageTask
+
+RESULTS = Path(__file__).parent / "results"
+STUDENTS = (("W4A16", 128), ("W3A16", 128), ("W2A16", 64))
+PROMPT_TOKENS, NEW_TOKENS, THREADS = 256, 128, 2
+
+
+def builder(teacher: Path, out: Path, precision: str) -> Path:
+    """onnxruntime-genai's own export of the teacher (`fp32`, or `int4` at block 128)."""
+    if not (out / "genai_config.json").is_file():
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(teacher)]
+        command += ["-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "cache")]
+        if precision == "int4":
+            command += ["--extra_options", "block_size=128"]
+        subprocess.run(command, check=True, capture_output=True)
+    return out
+
+
+def student(work: Path, bits: str, group: int, limit: list[str]) -> Path:
+    """A qatkd RTN student, exported; its run folder."""
+    run_dir = work / f"rtn_{bits}_g{group}"
+    overrides = ["task=language", f"quant.bits={bits}", f"quant.group_size={group}", *limit]
+    pipeline.run_or_reuse(run_dir, "ptq", [*overrides, "quant.method=minmax"])
+    if not (run_dir / "parity.json").is_file():
+        pipeline.export(run_dir)
+    return run_dir
+
+
+def timed(folders: dict[str, Path], prompt: Path, rounds: int) -> dict[str, dict[str, float]]:
+    """Each folder's best prefill and decode tokens/s over `rounds` round-robin rounds, each a
+    fresh process; its largest peak memory."""
+    script = Path(__file__).with_name("_genai_speed.py")
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        for name, folder in folders.items():
+            args = [str(folder), str(prompt), str(NEW_TOKENS), str(THREADS), "1"]
+            done = subprocess.run([sys.executable, str(script), *args], capture_output=True)
+            if done.returncode != 0:
+                raise SystemExit(f"timing {folder} failed: {done.stderr.decode()[-500:]}")
+            run = json.loads(done.stdout.decode().strip().splitlines()[-1])
+            seen = best.setdefault(name, {k: 0.0 for k in run})
+            best[name] = {k: max(seen[k], v) for k, v in run.items()}
+    return best
+
+
+def size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, (speed_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["model"] for r in rows]
+    speed_ax.barh(names, [r["decode_tok_s"] for r in rows])
+    speed_ax.set(xlabel="decode tokens/s (batch 1, 2 threads)", title="speed")
+    ppl_ax.barh(names, [r["ppl"] for r in rows])
+    ppl_ax.set(xlabel="perplexity (evaluation text)", title="quality", xscale="log")
+    for ax in (speed_ax, ppl_ax):
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+    save_figure(fig, path)
+
+
+def main() -> None:
+    run = start(__doc__, "llm_runtime", "8 evaluation windows, one timing round")
+    limit = ["data.test_limit=8"] if run.quick else []
+    rounds = 1 if run.quick else 3
+    run.work.mkdir(parents=True, exist_ok=True)
+    teacher = model_folder(SMOLLM2, None)
+    folders = {
+        "FP32": builder(teacher, run.work / "fp32", "fp32"),
+        "builder int4 g128": builder(teacher, run.work / "int4_g128", "int4"),
+    }
+    runs = {f"qatkd RTN {b[:2]} g{g}": student(run.work, b, g, limit) for b, g in STUDENTS}
+    folders |= {name: run_dir / GENAI_FOLDER for name, run_dir in runs.items()}
+
+    source = Loaded(load_config(overrides=["task=language", *limit]), training=False)
+    task = LanguageTask(reference=source.reference_top1)
+    windows = DataLoader(source.test, batch_size=task.eval_batch_size)
+    quality = {name: task.evaluate(GenaiLogits(f), windows) for name, f in folders.items()}
+    prompt = run.work / "prompt.json"  # the evaluation text's first tokens
+    ids = tokenize(source.tokenizer, [read_text([str(DEFAULT_EVAL_TEXT)])])[:PROMPT_TOKENS]
+    prompt.write_text(json.dumps([int(t) for t in ids]))
+    speed = timed(folders, prompt, rounds)
+
+    fp32 = speed["FP32"]
+    rows = []
+    for name, folder in folders.items():
+        parity = json.loads((runs[name] / "parity.json").read_text()) if name in runs else None
+        rows.append(
+            {
+                "model": name,
+                "ppl": round(quality[name]["ppl"], 3),
+                "teacher_agreement": round(quality[name]["teacher_agreement"], 2),
+                "pytorch_ppl": None if parity is None else round(parity["pytorch"]["ppl"], 3),
+                **{k: round(v, 1) for k, v in speed[name].items()},
+                "decode_vs_fp32": round(speed[name]["decode_tok_s"] / fp32["decode_tok_s"], 2),
+                "size_mb": round(size_mb(folder), 1),
+            }
+        )
+    targets, checked = targets_table(target_rows({r["model"]: r for r in rows}))
+    provenance = run.provenance()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{run.stem}.json").write_text(
+        json.dumps({**provenance, "rows": rows, "targets": checked}, indent=2) + "\n"
+    )
+    plot(rows, RESULTS / f"{run.stem}.png")
+    schedule = (
+        f"{len(source.test)} evaluation windows; prompt {PROMPT_TOKENS} tokens, "
+        f"{NEW_TOKENS} new, {THREADS} threads, best of {rounds} rounds"
+    )
+    title = "SmolLM2-135M in onnxruntime-genai: speed, size and perplexity"
+    (RESULTS / f"{run.stem}.md").write_text(
+        markdown_header(title, provenance, schedule)
+        + f"{rows_table(rows)}\n\n## Targets (computed from the rows above)\n\n{targets}\n\n"
+        f"![runtime]({run.stem}.png)\n"
+    )
+    print((RESULTS / f"{run.stem}.md").read_text())
+
+
+COLUMNS = (
+    "model", "ppl", "pytorch_ppl", "teacher_agreement", "prefill_tok_s", "decode_tok_s",
+    "decode_vs_fp32", "peak_rss_mb", "size_mb",
+)  # fmt: skip
+
+
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def target_rows(rows: dict[str, dict[str, Any]]) -> list[tuple[str, float, str]]:
+    """Issue 15's runtime targets for the W4 student (RTN here; trained students: later)."""
+    w4, int4 = rows["qatkd RTN W4 g128"], rows["builder int4 g128"]
+    parity = abs(w4["ppl"] / w4["pytorch_ppl"] - 1) * 100
+    return [
+        ("W4 student decode tokens/s / FP32", w4["decode_vs_fp32"], ">= 3"),
+        ("W4 student: genai vs PyTorch perplexity (%)", parity, "<= 0.5"),
+        ("W4 student perplexity − builder int4's", w4["ppl"] - int4["ppl"], "<= 0"),
+    ]
+
+
+if __name__ == "__main__":
+    main()
