@@ -198,23 +198,29 @@ def plot_accuracy(records: list[dict[str, Any]], fp32: float, path: Path) -> Non
 
 
 def plot_training(work: Path, path: Path) -> None:
-    """Validation accuracy per epoch (has QAT converged?) and GoR's effective weights, seed 0."""
-    fig, (curves_ax, weights_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    """Has QAT converged? The task loss per logged step and the validation accuracy per epoch;
+    and GoR's effective weights; seed 0."""
+    fig, (loss_ax, val_ax, weights_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
     for bits in BITS:
         for method in ("qat", "kd_fixed_0.5", DEFAULT_GOR, "gor_liebel_running"):
-            rows = read_csv(work / f"{method}_{bits}_s0" / "log.csv")
-            points = [(r["epoch"], r["val_acc"]) for r in rows if "val_acc" in r]
+            steps = read_csv(work / f"{method}_{bits}_s0" / "steps.csv")
+            points = [(r["step"], r["l_ts"]) for r in steps if "l_ts" in r]
             if points:
-                curves_ax.plot(*zip(*points, strict=True), marker="o", label=f"{method} {bits}")
+                loss_ax.plot(*zip(*points, strict=True), label=f"{method} {bits}")
+            epochs = read_csv(work / f"{method}_{bits}_s0" / "log.csv")
+            points = [(r["epoch"], r["val_acc"]) for r in epochs if "val_acc" in r]
+            if points:
+                val_ax.plot(*zip(*points, strict=True), marker="o", label=f"{method} {bits}")
         for method in (DEFAULT_GOR, "gor_liebel_running"):
-            rows = read_csv(work / f"{method}_{bits}_s0" / "steps.csv")
+            steps = read_csv(work / f"{method}_{bits}_s0" / "steps.csv")
             for key in ("w_ts", "w_kd"):
-                points = [(r["step"], r[key]) for r in rows if key in r]
+                points = [(r["step"], r[key]) for r in steps if key in r]
                 if points:
                     weights_ax.plot(*zip(*points, strict=True), label=f"{method} {key} {bits}")
-    curves_ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="QAT convergence")
+    loss_ax.set(xlabel="step", ylabel="task loss L_TS (training batches)", title="QAT convergence")
+    val_ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="validation per epoch")
     weights_ax.set(xlabel="step", title="GoR effective weights", yscale="log")
-    for ax in (curves_ax, weights_ax):
+    for ax in (loss_ax, val_ax, weights_ax):
         ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
     save_figure(fig, path)
