@@ -1,7 +1,6 @@
 """The onnxruntime-genai folder: MatMulNBits kernels holding the student's codes, checked against
 the fake-quantized student through onnxruntime and onnxruntime-genai themselves."""
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from qatkd.tasks.language.family import Loaded, build_student, language_quant
 from qatkd.tasks.language.genai import (
     GENAI_FOLDER,
     GENAI_MODEL,
+    GenaiLogits,
     block_scales,
     build_genai,
     pack_codes,
@@ -45,20 +45,6 @@ def exported_student(tiny_lm: Path, text_files, out: Path, bits: str, group: int
     student = build_student(config, loaded).eval()
     result = export_language({"meta": {}}, student, loaded.hf, loaded.tokenizer, out)
     return student, result
-
-
-def ort_logits(folder: Path, ids: np.ndarray) -> np.ndarray:
-    """The genai graph's logits for `ids` as one prompt (empty KV cache)."""
-    import onnxruntime as ort
-
-    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    session = ort.InferenceSession(str(folder / GENAI_MODEL))
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for tensor in session.get_inputs():
-        if tensor.name.startswith("past_key_values"):
-            shape = (ids.shape[0], decoder["num_key_value_heads"], 0, decoder["head_size"])
-            feeds[tensor.name] = np.zeros(shape, np.float32)
-    return session.run(["logits"], feeds)[0]
 
 
 def test_codes_pack_low_bits_first_offset_by_the_default_zero_point():
@@ -100,7 +86,9 @@ def test_genai_graph_computes_the_students_logits(
     assert result["genai"]["storage_bits"] == widths
     with torch.no_grad():
         expected = student(torch.from_numpy(IDS)).numpy()
-    np.testing.assert_allclose(ort_logits(folder, IDS), expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        logits = GenaiLogits(folder)(torch.from_numpy(IDS)).numpy()  # one prompt, empty KV cache
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
 
 
 def test_genai_generates_the_students_greedy_tokens_with_a_narrower_last_group(
