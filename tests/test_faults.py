@@ -136,7 +136,7 @@ BAD_INPUTS = [
     (
         "activation bits for an LLM",
         ["train", "task=language", "quant.bits=W4A8"],
-        "language models are quantized weight-only; use W4A16",
+        "language models are quantized weight-only (W4A16), or with int8 activations",
     ),
     ("unknown language model", ["train", "task=language", "model.name=gpt-17"], "is unknown"),
     ("missing text file", ["train", "task=language", "data.train_files=[nope.txt]"], "not found"),

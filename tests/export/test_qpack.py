@@ -10,7 +10,7 @@ from torch import nn
 from qatkd.errors import QatkdError
 from qatkd.export import fold_batchnorm, load_qpack, pack_codes, save_qpack, to_onnx, unpack_codes
 from qatkd.export.frozen import FrozenLinear
-from qatkd.export.qpack import packed_layer
+from qatkd.export.qpack import QPack, packed_layer, write_qpack
 from qatkd.quant import QuantConfig, QuantConv2d, QuantLinear, calibrate, prepare
 
 
@@ -70,3 +70,16 @@ def test_per_group_linear_freezes_to_the_fake_quantized_weight_and_stays_out_of_
     np.testing.assert_array_equal(packed.weight(), frozen.weight.numpy())
     with pytest.raises(QatkdError, match=r"group_size=32\) have no per-channel QDQ form"):
         to_onnx(model.eval(), [80])
+
+
+def test_int8_inputs_quantized_at_run_time_pack_their_block_and_stay_out_of_onnx(tmp_path):
+    """A Linear with `dynamic` int8 inputs: the qpack keeps the input's block (the genai export
+    runs it in the int8 kernels); an exporter with one scale per tensor refuses it, naming why."""
+    config = QuantConfig(bits="W4A8", method="minmax", act_method="dynamic", first_last_bits=None)
+    model = prepare(nn.Sequential(nn.Flatten(), nn.Linear(96, 6)), config).eval()
+    frozen = FrozenLinear(model[1], "1")
+    assert frozen.input_block == 32 and frozen.input_range is None  # 96 = 3 x 32
+    write_qpack(QPack({}, [packed_layer("1", frozen)], {}), tmp_path / "m.qpack")
+    assert load_qpack(tmp_path / "m.qpack").layers[0].input_block == 32
+    with pytest.raises(QatkdError, match="quantized per row at run time"):
+        to_onnx(model, [96])

@@ -15,11 +15,14 @@ from qatkd.quant import QuantLinear
 from qatkd.tasks.language.export import export_language, packed_linear
 from qatkd.tasks.language.family import Loaded, build_student, language_quant
 from qatkd.tasks.language.genai import (
+    FLOAT_INPUT,
     GENAI_FOLDER,
     GENAI_MODEL,
+    INT8_INPUT,
     GenaiLogits,
     block_scales,
     build_genai,
+    matmul_nbits,
     pack_codes,
 )
 
@@ -60,14 +63,22 @@ def test_codes_pack_low_bits_first_offset_by_the_default_zero_point():
 HEAD_8 = ("quant.skip=[]", "quant.layer_weight_bits={'*lm_head': 8}")
 
 
+DYNAMIC = ("quant.act_method=dynamic", *HEAD_8)
+
+
 @pytest.mark.parametrize(
-    ("bits", "extra", "widths"), [("W2A16", (), {"2": 2}), ("W3A16", HEAD_8, {"3": 4, "8": 8})]
+    ("bits", "extra", "widths"),
+    [
+        ("W2A16", (), {"2": 2}),
+        ("W3A16", HEAD_8, {"3": 4, "8": 8}),
+        ("W4A8", DYNAMIC, {"4": 4, "8": 8}),
+    ],
 )
 def test_genai_graph_computes_the_students_logits(
     tiny_lm, text_files, tmp_path, bits, extra, widths
 ):
     """W2 in 2-bit blocks, float head; W3 in 4-bit blocks, the 8-bit head untied from the
-    float embedding."""
+    float embedding; W4 with int8 inputs in the int8 kernels (accuracy_level 4), head included."""
     student, result = exported_student(tiny_lm, text_files, tmp_path, bits, 32, *extra)
     folder = tmp_path / GENAI_FOLDER
     graph = onnx.load(str(folder / GENAI_MODEL), load_external_data=False).graph
@@ -82,7 +93,17 @@ def test_genai_graph_computes_the_students_logits(
         if a.name == "bits"
     }
     assert stored == set(widths.values())
+    levels = {
+        a.i
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    }
+    int8 = extra == DYNAMIC
+    assert levels == {INT8_INPUT if int8 else FLOAT_INPUT}
     assert result["genai"]["layers_in_matmul_nbits"] == 2 * 7 + head
+    assert result["genai"]["int8_input_layers"] == (2 * 7 + head if int8 else 0)
     assert result["genai"]["storage_bits"] == widths
     with torch.no_grad():
         expected = student(torch.from_numpy(IDS)).numpy()
@@ -137,3 +158,41 @@ def test_block_scales_repeat_each_group_scale_over_its_blocks():
     )
     # blocks of 32: group 1 (64 wide) -> 2 blocks, group 2 (16 wide) -> 1 block
     assert block_scales(layer, 32).tolist() == [1.0, 1.0, 2.0, 3.0, 3.0, 4.0]
+
+
+def test_int8_kernels_compute_what_training_simulated():
+    """One Linear of 576 inputs, W4 in groups of 128 (the last 64 wide) with dynamic int8 inputs,
+    through onnxruntime's MatMulNBits at accuracy_level 4: the fake-quantized layer's output to
+    float rounding, where the float input (what training without `dynamic` assumes) is far off."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from qatkd.quant import QuantConfig, prepare
+
+    torch.manual_seed(0)
+    config = QuantConfig(
+        bits="W4A8", method="minmax", act_method="dynamic", group_size=128, first_last_bits=None
+    )
+    model = prepare(torch.nn.Sequential(torch.nn.Linear(576, 48, bias=False)), config).eval()
+    layer = packed_linear("0", model[0])
+    assert layer.input_block == 128
+    node, weights = matmul_nbits("y", ["x"], ["y"], [layer])
+    graph = helper.make_graph(
+        [node],
+        "one_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 576])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])],
+        weights,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    session = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    )
+    x = torch.randn(5, 576) * torch.linspace(0.1, 3.0, 576)  # blocks of different ranges
+    got = session.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        simulated = model(x).numpy()
+        float_input = (x @ torch.from_numpy(layer.weight()).T).numpy()
+    size = np.abs(simulated).max()
+    assert np.abs(got - simulated).max() < 1e-5 * size
+    assert np.abs(got - float_input).max() > 1e-3 * size

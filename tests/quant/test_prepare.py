@@ -147,6 +147,18 @@ def test_prepare_errors():
         prepare(TinyCNN(), QuantConfig(skip=["*"]))
 
 
+def test_dynamic_inputs_get_the_kernel_block_of_linear_layers_only():
+    """Blocks follow the weight groups (per-row weights: the row); convolutions are refused."""
+    dynamic = {"bits": "W4A8", "act_method": "dynamic", "first_last_bits": None}
+    grouped = prepare(nn.Sequential(nn.Linear(576, 4)), QuantConfig(group_size=128, **dynamic))
+    rows = prepare(nn.Sequential(nn.Linear(576, 4)), QuantConfig(**dynamic))
+    assert (grouped[0].input_quantizer.block, rows[0].input_quantizer.block) == (128, 64)
+    with pytest.raises(QatkdError, match=r"^stem\.0: quant\.act_method=dynamic simulates"):
+        prepare(TinyCNN(), QuantConfig(**dynamic))
+    with pytest.raises(QatkdError, match=r"^0: weight groups of 40 inputs are not a multiple"):
+        prepare(nn.Sequential(nn.Linear(40, 4)), QuantConfig(**dynamic))
+
+
 def test_one_quantizer_per_tensor_round_trips_through_a_state_dict():
     """Every tensor read by several layers has one quantizer (block input: first conv, shortcut
     conv or shortcut point), and a fresh prepared model loads the trained values into it."""

@@ -37,6 +37,8 @@ def test_dump_round_trip():
         ({"first_last_bits": 6}, "bit-width 6 is not supported"),
         ({"group_size": 16}, "group_size 16 is not supported; choose one of: 32, 64, 128"),
         ({"bitz": "W4A4"}, "Extra inputs are not permitted"),
+        ({"bits": "W4A4", "act_method": "dynamic"}, "act_method=dynamic quantizes activations to"),
+        ({"method": "dynamic", "bits": "W4A8"}, "dynamic quantizes activations only"),
     ],
 )
 def test_errors_name_the_value_and_the_choices(kwargs, message):

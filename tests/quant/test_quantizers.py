@@ -9,8 +9,11 @@ import torch
 
 from qatkd.errors import QatkdError
 from qatkd.quant import QUANTIZERS, LSQQuantizer, PACTQuantizer, make_quantizer
+from qatkd.quant.quantizers import matmul_nbits_block
 
-METHODS = QUANTIZERS.names()
+METHODS = [m for m in QUANTIZERS.names() if m != "dynamic"]
+"""The methods for weights and activations; `dynamic` (int8 inputs quantized at run time) has its
+own tests below."""
 BITS = (2, 3, 4, 8)
 
 
@@ -38,7 +41,7 @@ def assert_exact(q, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_registry_names():
-    assert METHODS == ["dorefa", "lsq", "minmax", "pact"]
+    assert QUANTIZERS.names() == ["dorefa", "dynamic", "lsq", "minmax", "pact"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -293,3 +296,64 @@ def test_lsq_step_that_crossed_zero_still_quantizes_with_its_magnitude():
     torch.testing.assert_close(q(x), torch.tensor([[0.3, -0.7, 0.7]]))  # Q_p = 7 for signed 4-bit
     q(x).sum().backward()
     assert q.step.grad is not None and q.step.grad.abs().item() > 0
+
+
+def dynamic_reference(x: torch.Tensor, block: int) -> torch.Tensor:
+    """onnxruntime's int8 input of MatMulNBits (accuracy_level 4), element by element: per row and
+    block of `block` inputs, scale = abs-max / 127, code = round(x * (127 / abs-max))."""
+    out = torch.empty_like(x)
+    for row in range(x.shape[0]):
+        for start in range(0, x.shape[1], block):
+            values = x[row, start : start + block]
+            absmax = values.abs().max()
+            inverse = 127 / absmax if absmax > 0 else torch.zeros(())
+            out[row, start : start + block] = torch.round(values * inverse) * (absmax / 127)
+    return out
+
+
+def test_dynamic_quantizes_each_row_block_by_its_own_abs_max():
+    """Blocks of 32 over 80 inputs: two whole blocks and a narrower last one; a zero block stays
+    zero; the result does not depend on training mode or on other rows."""
+    torch.manual_seed(0)
+    q = make_quantizer("dynamic", 8)
+    q.block = 32
+    x = torch.randn(3, 80) * torch.tensor([[0.01], [1.0], [50.0]])
+    x[1, 32:64] = 0
+    expected = dynamic_reference(x, 32)
+    assert torch.equal(q.train()(x), expected)
+    assert torch.equal(q.eval()(x), expected)
+    assert torch.equal(q(x[2:]), expected[2:])
+    codes = q.quantize_int(x)
+    assert codes.abs().max() == 127 and torch.equal(codes, codes.round())
+    assert torch.equal(codes[1, 32:64], torch.zeros(32))
+    assert q.granularity == "row-block32" and q.qrange == (-127, 127)
+
+
+def test_dynamic_passes_the_gradient_straight_through():
+    q = make_quantizer("dynamic", 8)
+    q.block = 16
+    x = torch.randn(2, 4, 48, requires_grad=True)  # any leading dimensions: tokens of a batch
+    q(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+def test_dynamic_errors():
+    with pytest.raises(QatkdError, match="int8"):
+        make_quantizer("dynamic", 4)
+    with pytest.raises(QatkdError, match="activations only"):
+        make_quantizer("dynamic", 8, (4, 64), 32)
+    q = make_quantizer("dynamic", 8)
+    with pytest.raises(QatkdError, match="before prepare set its block"):
+        q(torch.randn(2, 32))
+    with pytest.raises(QatkdError, match="no stored scale"):
+        _ = q.scale
+
+
+@pytest.mark.parametrize(("inputs", "block"), [(128, 128), (576, 64), (192, 64), (48, 16)])
+def test_matmul_nbits_block_is_the_largest_power_of_two_dividing_a_group(inputs, block):
+    assert matmul_nbits_block(inputs) == block
+
+
+def test_matmul_nbits_block_refuses_groups_it_cannot_hold():
+    with pytest.raises(QatkdError, match="not a multiple of 16"):
+        matmul_nbits_block(40)

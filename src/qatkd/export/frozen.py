@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConv2d, Quantizer, QuantLinear
-from qatkd.quant.quantizers import FloatQuantizer
+from qatkd.quant.quantizers import DynamicBlockQuantizer, FloatQuantizer
 from qatkd.quant.tensors import trace
 
 CODE_DTYPE = torch.int8
@@ -44,14 +44,27 @@ class ActRange:
 
 
 def act_range(quantizer: Quantizer, where: str) -> ActRange | None:
-    """The quantizer's range, or None for a float (16-bit) quantizer: that input stays float."""
+    """The quantizer's range, or None for a float (16-bit) quantizer: that input stays float.
+    An input quantized at run time (`dynamic`) has no range: only onnxruntime's int8 MatMulNBits
+    kernels (the language genai export) compute it."""
     if isinstance(quantizer, FloatQuantizer):
         return None
+    if isinstance(quantizer, DynamicBlockQuantizer):
+        raise run_time_input_error(where)
     if quantizer.scale.numel() != 1:
         raise QatkdError(f"{where}: activation scales must be per tensor for export")
     qmin, qmax = quantizer.qrange
     _check_int8(qmin, qmax, where)
     return ActRange(float(quantizer.scale), qmin, qmax, quantizer.bits)
+
+
+def run_time_input_error(where: str) -> QatkdError:
+    """For an exporter with fixed activation scales given an input quantized at run time."""
+    return QatkdError(
+        f"{where}: the input is quantized per row at run time (quant.act_method=dynamic), which "
+        "only the genai export of a language model deploys (int8 MatMulNBits); this export has "
+        "one fixed scale per tensor"
+    )
 
 
 def _check_int8(qmin: int, qmax: int, where: str) -> None:
@@ -92,7 +105,12 @@ class FrozenLayer(nn.Module):
         self.input_quantizer = layer.input_quantizer  # shared with the tensor's other readers
         self.weight_bits = wq.bits
         self.weight_qrange = (qmin, qmax)
-        self.input_range = act_range(layer.input_quantizer, f"{where}.input_quantizer")
+        dynamic = isinstance(layer.input_quantizer, DynamicBlockQuantizer)
+        self.input_block = layer.input_quantizer.block if dynamic else None
+        """Where the input is quantized per row at run time: its block (`DynamicBlockQuantizer`)."""
+        self.input_range = (
+            None if dynamic else act_range(layer.input_quantizer, f"{where}.input_quantizer")
+        )
 
     @property
     def weight(self) -> Tensor:

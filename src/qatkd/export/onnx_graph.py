@@ -34,7 +34,7 @@ from qatkd.export.bias_grid import (
     input_shift,
     spare_bits,
 )
-from qatkd.export.frozen import ActRange, FrozenLayer
+from qatkd.export.frozen import ActRange, FrozenLayer, run_time_input_error
 from qatkd.quant import QuantAct
 
 INPUT_NAME = "pixels"
@@ -290,6 +290,8 @@ class GraphBuilder:
                 f"{hint}: per-group weight scales (group_size={layer.group_size}) have no "
                 "per-channel QDQ form; such a model exports through the packed format (qpack)"
             )
+        if layer.input_block is not None:
+            raise run_time_input_error(f"{hint}.input_quantizer")
         r = layer.input_range
         if r is not None:
             x = self.qdq(x, r, tensor_hint(layer.input_quantizer, f"{hint}.input"), widen=True)[0]

@@ -31,6 +31,9 @@ BatchNorm folding, in graph order:
     input       the input activation quantizer: {"scale", "qmin", "qmax", "bits"}, or null
                 (float input): x_q = clamp(round(x / scale), qmin, qmax) * scale, round half
                 to even
+    input_block optional: the input is quantized to int8 at run time, each row in blocks of
+                this many inputs (scale = block abs-max / 127; `quant.act_method=dynamic`);
+                `input` is then null
 
 `activations` lists the other quantized tensors (residual-add inputs): {"name", "scale", "qmin",
 "qmax", "bits"}. `load_qpack` restores the integer codes bit for bit; runtimes without sub-8-bit
@@ -70,6 +73,8 @@ class PackedLayer:
     bias: np.ndarray | None
     input: ActRange | None
     group_size: int | None = None
+    input_block: int | None = None
+    """Set where the input is quantized to int8 per row at run time, in blocks of this many."""
 
     def weight(self) -> np.ndarray:
         """The float weight the model computes with: codes times their scales (float32)."""
@@ -137,6 +142,7 @@ def packed_layer(name: str, layer: FrozenLayer) -> PackedLayer:
         bias=None if layer.bias is None else layer.bias.detach().float().numpy(),
         input=layer.input_range,
         group_size=layer.group_size,
+        input_block=layer.input_block,
     )
 
 
@@ -185,6 +191,7 @@ def write_qpack(pack: QPack, path: str | Path) -> int:
             "group_size": layer.group_size,
             "bias": None if layer.bias is None else put(layer.bias.astype("<f4").tobytes()),
             "input": None if layer.input is None else asdict(layer.input),
+            **({"input_block": layer.input_block} if layer.input_block else {}),
         }
         for layer in pack.layers
     ]
@@ -238,6 +245,7 @@ def load_qpack(path: str | Path) -> QPack:
                 else np.frombuffer(get(entry["bias"]), "<f4").copy(),
                 input=None if entry["input"] is None else ActRange(**entry["input"]),
                 group_size=group_size,
+                input_block=entry.get("input_block"),
             )
         )
     activations = {a.pop("name"): ActRange(**a) for a in header["activations"]}

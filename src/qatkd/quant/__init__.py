@@ -11,11 +11,13 @@ from qatkd.quant.modules import QuantAct, QuantConv2d, QuantGlobalAvgPool2d, Qua
 from qatkd.quant.prepare import CONFIG_ATTR, is_quantized, prepare, quant_config_of, quant_summary
 from qatkd.quant.quantizers import (
     DoReFaQuantizer,
+    DynamicBlockQuantizer,
     FloatQuantizer,
     LSQQuantizer,
     MinMaxQuantizer,
     PACTQuantizer,
     make_quantizer,
+    matmul_nbits_block,
 )
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "GROUP_SIZES",
     "QUANTIZERS",
     "DoReFaQuantizer",
+    "DynamicBlockQuantizer",
     "FloatQuantizer",
     "LSQQuantizer",
     "MinMaxQuantizer",
@@ -37,6 +40,7 @@ __all__ = [
     "calibrate",
     "is_quantized",
     "make_quantizer",
+    "matmul_nbits_block",
     "parse_bits",
     "prepare",
     "quant_config_of",

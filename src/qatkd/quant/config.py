@@ -55,9 +55,11 @@ class QuantConfig(BaseModel):
     `layer_weight_bits` gives the weights of the layers matching a pattern their own bit-width
     (the first matching pattern; over `first_last_bits`; not where the rest are 16), e.g.
     `{"*lm_head": 8}`. `group_size` gives Linear weights one scale per group of that many
-    inputs. `format` trains on a deployed format's grid exactly: `q4_0` / `q8_0` (GGUF) mean
-    weight-only W4 / W8 in groups of 32 with float16 scales; it sets `bits` and `group_size`
-    where they are not given, and refuses values that contradict it."""
+    inputs. `act_method=dynamic` (A8, Linear layers) quantizes each input row in blocks at run time,
+    as onnxruntime's int8 MatMulNBits kernels do (`DynamicBlockQuantizer`). `format` trains on a
+    deployed format's grid exactly: `q4_0` / `q8_0` (GGUF) mean weight-only W4 / W8 in groups of 32
+    with float16 scales; it sets `bits` and `group_size` where they are not given, and refuses
+    values that contradict it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -98,6 +100,20 @@ class QuantConfig(BaseModel):
                 f"float16 scales: it needs bits={wanted['bits']}, group_size={FORMAT_GROUP}, "
                 "first_last_bits=null, a minmax or lsq weight method and no layer_weight_bits "
                 f"(got {given}, weight method {self.weight_method_name})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_dynamic(self) -> QuantConfig:
+        if self.weight_method_name == "dynamic":
+            raise ValueError(
+                "dynamic quantizes activations only: set act_method=dynamic and keep a weight "
+                "method (minmax, lsq, ...) in method or weight_method"
+            )
+        if self.act_method_name == "dynamic" and self.act_bits != 8:
+            raise ValueError(
+                f"act_method=dynamic quantizes activations to int8 at run time: use A8 (e.g. "
+                f"W{self.weight_bits}A8), got bits={self.bits}"
             )
         return self
 

@@ -13,11 +13,16 @@ from qatkd.nn import QuantPoint
 from qatkd.quant.base import Quantizer
 from qatkd.quant.config import QuantConfig
 from qatkd.quant.modules import QuantAct, QuantConv2d, QuantGlobalAvgPool2d, QuantLinear
-from qatkd.quant.quantizers import make_quantizer
+from qatkd.quant.quantizers import DynamicBlockQuantizer, make_quantizer, matmul_nbits_block
 from qatkd.quant.tensors import share_tensor_quantizers
 
 CONFIG_ATTR = "qatkd_quant_config"
 """The attribute on a prepared model that holds its `QuantConfig`."""
+
+DYNAMIC_LINEAR_ONLY = (
+    "quant.act_method=dynamic simulates onnxruntime's int8 MatMulNBits kernels, which compute "
+    "Linear layers only; quantize this model's activations with another method"
+)
 
 _QUANT_LAYERS: dict[type[nn.Module], type[QuantConv2d] | type[QuantLinear]] = {
     nn.Conv2d: QuantConv2d,
@@ -65,20 +70,25 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
             raise QatkdError(f"{name}: {e}") from None
         weight_q.float16_scale = config.format is not None
         input_q = make_quantizer(config.act_method_name, act_bits)
+        if isinstance(input_q, DynamicBlockQuantizer):
+            input_q.block = _dynamic_block(name, layer, group_size)
         _set(model, name, _QUANT_LAYERS[type(layer)].from_float(
             layer, _like(weight_q, layer.weight), _like(input_q, layer.weight)
         ))  # fmt: skip
     reference = next(model.parameters())
 
-    def point_quantizer() -> Quantizer:
-        return _like(make_quantizer(config.act_method_name, max(8, config.act_bits)), reference)
+    def point_quantizer(name: str) -> Quantizer:
+        quantizer = make_quantizer(config.act_method_name, max(8, config.act_bits))
+        if isinstance(quantizer, DynamicBlockQuantizer):
+            raise QatkdError(f"{name}: {DYNAMIC_LINEAR_ONLY}")
+        return _like(quantizer, reference)
 
     for name, _ in points:
         if not _skipped(name, config):
-            _set(model, name, QuantAct(point_quantizer()))
+            _set(model, name, QuantAct(point_quantizer(name)))
     for name, _ in pools:
         if not _skipped(name, config):
-            _set(model, name, QuantGlobalAvgPool2d(point_quantizer()))
+            _set(model, name, QuantGlobalAvgPool2d(point_quantizer(name)))
     with contextlib.suppress(QatkdError):  # not traceable: one quantizer per layer input
         share_tensor_quantizers(model)
     setattr(model, CONFIG_ATTR, config)
@@ -112,6 +122,16 @@ def quant_summary(model: nn.Module) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def _dynamic_block(name: str, layer: nn.Module, group_size: int | None) -> int:
+    """The kernel block of a Linear whose input is quantized at run time (`dynamic`)."""
+    if not isinstance(layer, nn.Linear):
+        raise QatkdError(f"{name}: {DYNAMIC_LINEAR_ONLY}")
+    try:
+        return matmul_nbits_block(group_size or layer.in_features)
+    except QatkdError as e:
+        raise QatkdError(f"{name}: {e}") from None
 
 
 def _skipped(name: str, config: QuantConfig) -> bool:

@@ -6,8 +6,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qatkd.errors import QatkdError
 from qatkd.quant.base import (
     EPS,
     QUANTIZERS,
@@ -153,6 +155,79 @@ class DoReFaQuantizer(Quantizer):
         t = torch.tanh(x)
         normalized = t / (2 * self._broadcast(self._reduce(t, abs_max)).clamp_min(EPS)) + 0.5
         return 2 * round_ste(normalized * levels) - levels, self._broadcast(self.fixed_scale)
+
+
+def matmul_nbits_block(inputs: int) -> int:
+    """The block of onnxruntime's `MatMulNBits` kernels for weight groups of `inputs` inputs (a
+    row's width where the weights have no groups): the largest power of two in [16, 256] that
+    divides it, so that the kernel's blocks never straddle a trained group."""
+    for size in (256, 128, 64, 32, 16):
+        if inputs % size == 0:
+            return size
+    raise QatkdError(
+        f"weight groups of {inputs} inputs are not a multiple of 16: MatMulNBits' blocks (16 to "
+        "256 weights, powers of two) cannot hold them without changing trained values; set "
+        "quant.group_size to a multiple of 16"
+    )
+
+
+@QUANTIZERS.register("dynamic")
+class DynamicBlockQuantizer(Quantizer):
+    """Activations quantized at run time, as onnxruntime's int8 `MatMulNBits` kernels
+    (accuracy_level 4) quantize their input: each row (token) in blocks of `block` inputs (the
+    kernel's block, `matmul_nbits_block`; a narrower last block where the width is not a
+    multiple), scale = the block's abs-max / 127, codes = round(x * (127 / abs-max)), half to
+    even, in [-127, 127]. Training on these codes is what lets the deployed graph use the int8
+    kernels without leaving the trained model. Nothing is learned or stored; 8 bits only. `block`
+    is set by `prepare` from the layer the quantizer feeds."""
+
+    method = "dynamic"
+    levels = 127.0
+
+    def __init__(
+        self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+    ) -> None:
+        if weight_shape is not None:
+            raise QatkdError(
+                "the dynamic method quantizes activations only; set quant.act_method=dynamic "
+                "and another weight method"
+            )
+        if bits != 8:
+            raise QatkdError(f"dynamic activations are int8 (A8), got {bits} bits")
+        super().__init__(bits)
+        self.block = 0
+        self.initialized.fill_(True)
+        self.is_signed.fill_(True)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return -127, 127
+
+    @property
+    def granularity(self) -> str:
+        return f"row-block{self.block}"
+
+    @property
+    def scale(self) -> Tensor:
+        raise QatkdError(
+            "a dynamic activation quantizer has no stored scale: it takes one per row and block "
+            "of each input at run time"
+        )
+
+    def _init(self, x: Tensor) -> None:
+        """Nothing to learn from data."""
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        if self.block <= 0:
+            raise QatkdError("a dynamic activation quantizer is used before prepare set its block")
+        width = x.shape[-1]
+        blocks = -(-width // self.block)
+        padded = F.pad(x, (0, blocks * self.block - width)).unflatten(-1, (blocks, self.block))
+        absmax = padded.detach().abs().amax(-1, keepdim=True)
+        inverse = torch.where(absmax > 0, self.levels / absmax, torch.zeros_like(absmax))
+        codes = round_ste(padded * inverse)
+        scale = (absmax / self.levels).expand_as(padded)
+        return codes.flatten(-2)[..., :width], scale.flatten(-2)[..., :width]
 
 
 class FloatQuantizer(Quantizer):

@@ -10,7 +10,8 @@ Written into the output folder:
 - `config.json` and the tokenizer files of the model;
 - `hf/`: a plain Hugging Face folder whose Linear weights are the dequantized codes (codes *
   scale, bit for bit the fake-quantized weights), rebuilt *from the two files above* by
-  `load_packed_lm`, so any `transformers` script reproduces the student's perplexity;
+  `load_packed_lm`, so any `transformers` script reproduces a weight-only student's perplexity
+  (a student with int8 inputs, `quant.act_method=dynamic`, computes float activations there);
 - `genai/`: with `hf/`, an onnxruntime-genai folder whose `MatMulNBits` kernels hold the codes
   (`qatkd.tasks.language.genai`);
 - `model.gguf`: for a student trained on a GGUF grid (`quant.format`) whose teacher came from a

@@ -57,12 +57,15 @@ groups of 64 inputs. `quant.skip=[] quant.layer_weight_bits={'*lm_head': 8}` qua
 
 
 def language_quant(config: QuantConfig) -> QuantConfig:
-    """`config` with the language defaults for the keys it does not set; activations must stay
-    float (weight-only quantization)."""
-    if config.act_bits != 16:
+    """`config` with the language defaults for the keys it does not set; activations stay float
+    (weight-only), or are int8 as onnxruntime's int8 MatMulNBits kernels quantize them
+    (`quant.act_method=dynamic`, A8)."""
+    dynamic = config.act_method_name == "dynamic"
+    if config.act_bits != 16 and not dynamic:
         raise QatkdError(
-            f"quant.bits={config.bits}: language models are quantized weight-only; "
-            f"use W{config.weight_bits}A16"
+            f"quant.bits={config.bits}: language models are quantized weight-only "
+            f"(W{config.weight_bits}A16), or with int8 activations computed per token at run time "
+            f"(W{config.weight_bits}A8 quant.act_method=dynamic)"
         )
     unset = {k: v for k, v in LANGUAGE_QUANT_DEFAULTS.items() if k not in config.model_fields_set}
     return config.model_copy(update=unset)

@@ -14,7 +14,10 @@ The mapping keeps every trained value:
   3-bit form), W5-W8 in 8-bit blocks;
 - a block is the largest power of two in [16, 256] that divides the group size, each group's
   scale repeated over its blocks; a narrower last group (576 = 4 x 128 + 64) is the last block,
-  padded with zero-point codes that the kernel never multiplies with an input.
+  padded with zero-point codes that the kernel never multiplies with an input;
+- a layer trained on int8 inputs (`quant.act_method=dynamic`) runs the int8 kernels
+  (accuracy_level 4), whose input quantization training simulated; the others multiply float
+  inputs (accuracy_level 0).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from qatkd.errors import QatkdError
 from qatkd.export.qpack import PackedLayer
+from qatkd.quant.quantizers import matmul_nbits_block
 
 if TYPE_CHECKING:
     from onnx import NodeProto, TensorProto
@@ -41,6 +45,10 @@ if TYPE_CHECKING:
     from qatkd.tasks.language.task import LanguageTask
 
 GENAI_FOLDER, GENAI_MODEL = "genai", "model.onnx"
+FLOAT_INPUT, INT8_INPUT = 0, 4
+"""MatMulNBits' `accuracy_level`: 0 multiplies the float input with the dequantized weights; 4
+quantizes the input to int8 per row in the kernel's blocks (`DynamicBlockQuantizer`) and runs
+integer dot products, the fast path, used where the student was trained on that input."""
 _BUILDER_MATMUL = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
 _PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
@@ -51,18 +59,6 @@ def storage_bits(bits: int) -> int:
         if bits <= width:
             return width
     raise QatkdError(f"MatMulNBits holds at most 8-bit weights; the student has {bits} bits")
-
-
-def block_size(group_size: int) -> int:
-    """The largest power of two in [16, 256] (the kernels' blocks) dividing `group_size`."""
-    for size in (256, 128, 64, 32, 16):
-        if group_size % size == 0:
-            return size
-    raise QatkdError(
-        f"quant.group_size={group_size} is not a multiple of 16: MatMulNBits' blocks (16 to 256 "
-        "weights, powers of two) cannot hold its groups without changing trained values; train "
-        "with a multiple of 16"
-    )
 
 
 def pack_codes(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
@@ -116,9 +112,21 @@ def matmul_nbits(
 
     bits = {p.bits for p in parts}
     groups = {p.group_size or p.codes.shape[1] for p in parts}
-    if len(bits) != 1 or len(groups) != 1:
-        raise QatkdError(f"{node_name}: the packed projections differ in bits or group size")
-    width, block = storage_bits(bits.pop()), block_size(groups.pop())
+    input_blocks = {p.input_block for p in parts}
+    if len(bits) != 1 or len(groups) != 1 or len(input_blocks) != 1:
+        raise QatkdError(
+            f"{node_name}: the packed projections differ in bits, group size or input quantization"
+        )
+    width, block, input_block = (
+        storage_bits(bits.pop()),
+        matmul_nbits_block(groups.pop()),
+        input_blocks.pop(),
+    )
+    if input_block not in (None, block):
+        raise QatkdError(
+            f"{node_name}: the input was trained in int8 blocks of {input_block}, the kernel's "
+            f"blocks are {block}"
+        )
     codes = np.concatenate([p.codes for p in parts])
     scales = np.concatenate([block_scales(p, block) for p in parts])
     rows, columns = codes.shape
@@ -133,7 +141,7 @@ def matmul_nbits(
         N=rows,
         bits=width,
         block_size=block,
-        accuracy_level=0,
+        accuracy_level=FLOAT_INPUT if input_block is None else INT8_INPUT,
     )
     return node, [
         numpy_helper.from_array(pack_codes(codes, width, block), weight_name),
@@ -188,7 +196,8 @@ def replace_matmuls(model_path: Path, layers: list[PackedLayer]) -> int:
 def build_genai(hf_folder: Path, layers: list[PackedLayer], out: Path) -> dict[str, Any]:
     """Write `out` (the module doc) from the export's `hf/` folder and the student's packed
     layers; returns the number of layers in MatMulNBits, the kernel width that stores each
-    trained bit-width, the block sizes and the folder's size in bytes."""
+    trained bit-width, the block sizes, how many layers run the int8 kernels and the folder's
+    size in bytes."""
     try:
         import onnxruntime_genai  # noqa: F401  (the `llm` extra)
     except ImportError as e:
@@ -207,7 +216,10 @@ def build_genai(hf_folder: Path, layers: list[PackedLayer], out: Path) -> dict[s
     return {
         "layers_in_matmul_nbits": replaced,
         "storage_bits": {str(b): storage_bits(b) for b in sorted({x.bits for x in layers})},
-        "block_size": sorted({block_size(x.group_size or x.codes.shape[1]) for x in layers}),
+        "block_size": sorted(
+            {matmul_nbits_block(x.group_size or x.codes.shape[1]) for x in layers}
+        ),
+        "int8_input_layers": sum(x.input_block is not None for x in layers),
         "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
     }
 
