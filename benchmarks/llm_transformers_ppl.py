@@ -14,6 +14,7 @@ with the tokens before it. Prints JSON {"eval_ppl", "eval_tokens"}.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 from pathlib import Path
@@ -51,6 +52,12 @@ def perplexity(
     return {"eval_ppl": math.exp(nll / count), "eval_tokens": count}
 
 
+def read(path: Path) -> str:
+    """A UTF-8 text file, gzipped or not (Debian ships long documents as .gz)."""
+    raw = path.read_bytes()
+    return (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="Hugging Face model folder (e.g. RUN_DIR/hf)")
@@ -58,7 +65,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--windows", type=int, help="score only the first N windows")
     args = parser.parse_args()
-    texts = [Path(path).read_text(encoding="utf-8") for path in args.texts]
+    texts = [read(Path(path)) for path in args.texts]
     print(json.dumps(perplexity(args.folder, texts, args.block_size, args.windows)))
 
 

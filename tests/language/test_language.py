@@ -67,6 +67,20 @@ def test_read_text_errors(tmp_path):
         read_text([str(empty)])
     with pytest.raises(QatkdError, match="is not UTF-8 text"):
         read_text([str(binary)])
+    broken = tmp_path / "broken.txt.gz"
+    broken.write_bytes(b"plain text, not gzip")
+    with pytest.raises(QatkdError, match=r"broken\.txt\.gz is not gzip data"):
+        read_text([str(broken)])
+
+
+def test_read_text_decompresses_gz_files(tmp_path):
+    """Debian ships long documentation gzipped (the large evaluation text is one)."""
+    import gzip
+
+    plain, packed = tmp_path / "a.txt", tmp_path / "b.txt.gz"
+    plain.write_text("first file")
+    packed.write_bytes(gzip.compress("zweite Datei, gzipped".encode()))
+    assert read_text([str(plain), str(packed)]) == "first file\n\nzweite Datei, gzipped"
 
 
 def test_perplexity_matches_transformers_loss(tiny_lm):
