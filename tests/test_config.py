@@ -103,7 +103,7 @@ def test_fine_tuning_defaults_follow_model_init():
     tuned = load_config(overrides=["model.init=fp32.pt"])
     assert (tuned.train.lr, tuned.train.warmup_epochs) == (0.01, 0.0)
     detector = load_config(overrides=["task=detection", "model.init=fp32.pt"])
-    assert (detector.train.lr, detector.train.batch_size) == (0.002, 32)
+    assert (detector.train.lr, detector.train.batch_size) == (0.005, 32)
     given = load_config(overrides=["model.init=fp32.pt", "train.lr=0.05"])
     assert (given.train.lr, given.train.warmup_epochs) == (0.05, 0.0)
 
