@@ -49,6 +49,8 @@ class Invocation:
     commit: str
     started: float
     reused: int
+    seeds: int | None = None
+    """`--seeds`: fewer paired seeds than the schedule's, to save time (None: the schedule's)."""
 
     def provenance(self) -> dict[str, Any]:
         """Commit, command, machine, wall time so far, the finished runs reused, and the training
@@ -74,17 +76,21 @@ def finished(work: Path) -> list[Path]:
 
 
 def start(doc: str, name: str, quick_help: str) -> Invocation:
-    """Parse `--quick` and `--work` (default runs/bench_<stem>) and note the commit now: the tree
-    may change while the run goes on."""
+    """Parse `--quick`, `--work` (default runs/bench_<stem>) and `--seeds`, and note the commit
+    now: the tree may change while the run goes on."""
     parser = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument(
         "--work", type=Path, help=f"run folders (default runs/bench_{name}[_quick])"
     )
+    parser.add_argument(
+        "--seeds", type=int, help="paired seeds to run (default: the schedule's); the page says"
+    )
     args = parser.parse_args()
     stem = f"{name}_quick" if args.quick else name
     work = args.work or Path("runs") / f"bench_{stem}"
-    return Invocation(args.quick, stem, work, git_commit(), time.time(), len(finished(work)))
+    reused = len(finished(work))
+    return Invocation(args.quick, stem, work, git_commit(), time.time(), reused, args.seeds)
 
 
 def markdown_header(title: str, provenance: dict[str, Any], schedule: str) -> str:

@@ -1,7 +1,7 @@
 """Does GoR earn its place? PTQ, QAT, QAT+KD with fixed α, GoR (its forms and the scale-aware
 variants) and EKD-GoR on Fashion-MNIST, in a regime where distillation has something to give.
 
-    python benchmarks/cls_fashion.py [--quick] [--work runs/bench_cls_fashion]
+    python benchmarks/cls_fashion.py [--quick] [--work runs/bench_cls_fashion] [--seeds N]
 
 - Data: the full 60k training set, 10 % held out for validation (`data.val_split`, stratified),
   the 10k test set only reported. Every number is the test top-1 of the checkpoint a user keeps,
@@ -20,7 +20,7 @@ Writes benchmarks/results/cls_fashion{,_quick}.{md,json} and PNG plots beside th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +229,8 @@ def plot_training(work: Path, path: Path) -> None:
 def main() -> None:
     run = start(__doc__, "cls_fashion", "6k images, short schedules, 1 seed (< 10 min)")
     budget = QUICK if run.quick else FULL
+    if run.seeds is not None:
+        budget = replace(budget, seeds=run.seeds)
     fp32 = fp32_models(run.work, budget)
     teacher = max(TEACHERS, key=lambda t: fp32[t]["best_val_acc"])
     records = quantized_runs(run.work, budget, teacher)

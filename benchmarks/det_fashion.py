@@ -1,7 +1,7 @@
 """Does GoR earn its place in detection? PTQ, QAT, QAT+KD with fixed α, GoR (its forms and the
 scale-aware variants) and QAT-EKD-GoR on generated Fashion-MNIST canvases, at W4A4.
 
-    python benchmarks/det_fashion.py [--quick] [--work runs/bench_det_fashion]
+    python benchmarks/det_fashion.py [--quick] [--work runs/bench_det_fashion] [--seeds N]
 
 The protocol of `cls_fashion.py` (`_protocol.py`): 10 % of the training canvases held out for
 validation, every number the test mAP of the run's `best.pt` (chosen on validation mAP@0.5),
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +287,8 @@ def picture(work: Path, path: Path, teacher: str, count: int = 4) -> None:
 def main() -> None:
     run = start(__doc__, "det_fashion", "600 canvases, 1 seed (< 10 min)")
     budget = QUICK if run.quick else FULL
+    if run.seeds is not None:
+        budget = replace(budget, seeds=run.seeds)
     records, fp32, teacher, recipes = run_all(run.work, budget)
     records += fixed_alpha_picks(records)
     targets, checked = targets_table(target_rows(records, fp32))
