@@ -79,8 +79,8 @@ def test_read_text_decompresses_gz_files(tmp_path):
 
     plain, packed = tmp_path / "a.txt", tmp_path / "b.txt.gz"
     plain.write_text("first file")
-    packed.write_bytes(gzip.compress("zweite Datei, gzipped".encode()))
-    assert read_text([str(plain), str(packed)]) == "first file\n\nzweite Datei, gzipped"
+    packed.write_bytes(gzip.compress("zweite Datei, gepackt: äöü".encode()))
+    assert read_text([str(plain), str(packed)]) == "first file\n\nzweite Datei, gepackt: äöü"
 
 
 def test_perplexity_matches_transformers_loss(tiny_lm):
