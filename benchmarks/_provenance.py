@@ -9,11 +9,14 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qatkd.machine import machine
+
+S = TypeVar("S")
+"""A benchmark's schedule type."""
 
 __all__ = ["Invocation", "command", "git_commit", "machine", "markdown_header", "start"]
 
@@ -51,6 +54,11 @@ class Invocation:
     reused: int
     seeds: int | None = None
     """`--seeds`: fewer paired seeds than the schedule's, to save time (None: the schedule's)."""
+
+    def schedule(self, quick: S, full: S) -> S:
+        """The mode's schedule (a dataclass with `seeds`), with `--seeds` applied."""
+        chosen = quick if self.quick else full
+        return chosen if self.seeds is None else replace(chosen, seeds=self.seeds)
 
     def provenance(self) -> dict[str, Any]:
         """Commit, command, machine, wall time so far, the finished runs reused, and the training

@@ -20,7 +20,7 @@ Writes benchmarks/results/cls_fashion{,_quick}.{md,json} and PNG plots beside th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,9 +228,7 @@ def plot_training(work: Path, path: Path) -> None:
 
 def main() -> None:
     run = start(__doc__, "cls_fashion", "6k images, short schedules, 1 seed (< 10 min)")
-    budget = QUICK if run.quick else FULL
-    if run.seeds is not None:
-        budget = replace(budget, seeds=run.seeds)
+    budget = run.schedule(QUICK, FULL)
     fp32 = fp32_models(run.work, budget)
     teacher = max(TEACHERS, key=lambda t: fp32[t]["best_val_acc"])
     records = quantized_runs(run.work, budget, teacher)

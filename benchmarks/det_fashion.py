@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,9 @@ def pick_recipe(quantized: list[str], work: Path) -> tuple[list[str], list[dict[
                     "test": round(metrics["best_test_map50"], 2),
                 }
             )
-    return max(rows, key=lambda r: r["val"])["overrides"], rows
+    picked = max(rows, key=lambda r: r["val"])
+    picked["picked"] = True
+    return picked["overrides"], rows
 
 
 def run_all(
@@ -182,10 +184,9 @@ def table(records: list[dict[str, Any]], fp32: dict[str, Any]) -> str:
 
 
 def recipe_table(recipes: list[dict[str, Any]]) -> str:
-    picked = max(recipes, key=lambda r: r["val"])
     lines = ["| QAT epochs | lr | val mAP@0.5 | test mAP@0.5 |", "|---:|---:|---:|---:|"]
     for r in recipes:
-        mark = " **(picked)**" if r is picked else ""
+        mark = " **(picked)**" if r.get("picked") else ""
         lines.append(f"| {r['epochs']} | {r['lr']}{mark} | {r['val']:.2f} | {r['test']:.2f} |")
     return "\n".join(lines)
 
@@ -286,9 +287,7 @@ def picture(work: Path, path: Path, teacher: str, count: int = 4) -> None:
 
 def main() -> None:
     run = start(__doc__, "det_fashion", "600 canvases, 1 seed (< 10 min)")
-    budget = QUICK if run.quick else FULL
-    if run.seeds is not None:
-        budget = replace(budget, seeds=run.seeds)
+    budget = run.schedule(QUICK, FULL)
     records, fp32, teacher, recipes = run_all(run.work, budget)
     records += fixed_alpha_picks(records)
     targets, checked = targets_table(target_rows(records, fp32))

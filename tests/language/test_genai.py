@@ -66,6 +66,13 @@ HEAD_8 = ("quant.skip=[]", "quant.layer_weight_bits={'*lm_head': 8}")
 DYNAMIC = ("quant.act_method=dynamic", *HEAD_8)
 
 
+def nbits_attribute(graph, name: str) -> set[int]:
+    """The values the graph's MatMulNBits nodes give the integer attribute `name`."""
+    return {
+        a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == name
+    }
+
+
 @pytest.mark.parametrize(
     ("bits", "extra", "widths"),
     [
@@ -85,23 +92,9 @@ def test_genai_graph_computes_the_students_logits(
     ops = Counter(node.op_type for node in graph.node)
     head = 1 if extra else 0  # qkv, o, gate, up, down per layer, and the head
     assert (ops["MatMulNBits"], ops["MatMul"]) == (2 * 5 + head, 1 - head)
-    stored = {
-        a.i
-        for n in graph.node
-        if n.op_type == "MatMulNBits"
-        for a in n.attribute
-        if a.name == "bits"
-    }
-    assert stored == set(widths.values())
-    levels = {
-        a.i
-        for n in graph.node
-        if n.op_type == "MatMulNBits"
-        for a in n.attribute
-        if a.name == "accuracy_level"
-    }
+    assert nbits_attribute(graph, "bits") == set(widths.values())
     int8 = extra == DYNAMIC
-    assert levels == {INT8_INPUT if int8 else FLOAT_INPUT}
+    assert nbits_attribute(graph, "accuracy_level") == {INT8_INPUT if int8 else FLOAT_INPUT}
     assert result["genai"]["layers_in_matmul_nbits"] == 2 * 7 + head
     assert result["genai"]["int8_input_layers"] == (2 * 7 + head if int8 else 0)
     assert result["genai"]["storage_bits"] == widths
