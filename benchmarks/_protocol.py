@@ -18,7 +18,9 @@ GOR = {
     "gor_liebel_running": ["balancer.form=liebel", "balancer.scale=running"],
 }
 """GoR's forms and its scale-aware variants; `DEFAULT_GOR` is the configuration default."""
-DEFAULT_GOR = "gor_liebel"
+DEFAULT_GOR = "gor_kendall"
+EKD_GOR = "gor_liebel"
+"""EKD-GoR's form, named so that a change of the default does not silently reuse its runs."""
 VAL_PICK, ORACLE = "kd_fixed_val_pick", "kd_fixed_oracle"
 TABLE_METHODS = (
     "ptq",
@@ -42,7 +44,7 @@ def method_overrides(one_teacher: str, ensemble: str) -> dict[str, list[str]]:
             for a in ALPHAS
         },
         **{name: [one_teacher, "balancer.name=gor", *form] for name, form in GOR.items()},
-        "ekd_gor": [ensemble, "balancer.name=gor"],
+        "ekd_gor": [ensemble, "balancer.name=gor", *GOR[EKD_GOR]],
     }
 
 

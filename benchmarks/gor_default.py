@@ -90,7 +90,7 @@ def main() -> None:
         )
         + "\n"
     )
-    agrees = "is" if chosen == DEFAULT_GOR else f"is not (it is {DEFAULT_GOR})"
+    agrees = "is the same" if chosen == DEFAULT_GOR else f"is not (it is {DEFAULT_GOR})"
     (RESULTS / "gor_default.md").write_text(
         "# The default GoR form, chosen on validation\n\n"
         f"- commit: {provenance['commit']}\n- command: `{provenance['command']}`\n"

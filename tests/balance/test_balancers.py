@@ -47,12 +47,16 @@ def test_ts_only_needs_no_teacher() -> None:
 
 
 def test_gor_liebel_formula() -> None:
-    gor = GoR()
+    gor = GoR(form="liebel")
     assert gor.weights() == pytest.approx({"w_ts": 0.5, "w_kd": 0.5})
     set_params(gor, [2.0, 0.5])
     expected = 2.0 / (2 * 4) + math.log(1 + 4) + 0.3 / (2 * 0.25) + math.log(1 + 0.25)
     assert gor(L_TS, L_KD).item() == pytest.approx(expected)
     assert gor.weights() == pytest.approx({"w_ts": 1 / 8, "w_kd": 2.0})
+
+
+def test_gor_kendall_is_the_default_form() -> None:
+    assert GoR().form == "kendall" and BalancerConfig().form == "kendall"
 
 
 def test_gor_kendall_formula_and_bound() -> None:
@@ -101,7 +105,7 @@ def test_per_teacher_gor_has_one_weight_per_teacher() -> None:
     assert sum(p.numel() for p in gor.parameters()) == 4 and gor.per_teacher
     assert list(gor.weights()) == ["w_ts", "w_kd0", "w_kd1", "w_kd2"]
     terms = [torch.tensor(0.1), torch.tensor(0.2), torch.tensor(0.4)]
-    expected = 0.5 * (2.0 + 0.7) + 4 * math.log(2)
+    expected = 2.0 + 0.7  # kendall at s = 0: every weight 1, the regularizer 0
     assert gor(L_TS, terms).item() == pytest.approx(expected)
     with pytest.raises(TypeError, match="takes a list of 3 KD losses"):
         gor(L_TS, terms[:2])
@@ -143,7 +147,7 @@ def test_clear_errors() -> None:
 
 
 def test_scale_aware_gor_divides_each_loss_by_its_first_value() -> None:
-    gor = build(scale="initial")
+    gor = build(form="liebel", scale="initial")
     first = 0.5 * 1.0 + math.log(2) + 0.5 * 1.0 + math.log(2)  # both losses become 1
     assert gor(L_TS, L_KD).item() == pytest.approx(first)
     assert gor.weights() == pytest.approx({"w_ts": 0.5 / 2.0, "w_kd": 0.5 / 0.3})
@@ -153,7 +157,7 @@ def test_scale_aware_gor_divides_each_loss_by_its_first_value() -> None:
 
 
 def test_running_scale_is_a_bias_corrected_mean_updated_in_training_only() -> None:
-    gor = build(scale="running")
+    gor = build(form="liebel", scale="running")
     gor.eval()
     assert gor(L_TS, L_KD).item() == pytest.approx(1.0 + 2 * math.log(2))  # no estimate yet
     assert gor.size_updates.item() == 0
@@ -163,7 +167,7 @@ def test_running_scale_is_a_bias_corrected_mean_updated_in_training_only() -> No
     m = 0.99
     mean = (m * (1 - m) * 2.0 + (1 - m) * 4.0) / (1 - m**2)  # the task loss's estimate
     assert gor.weights()["w_ts"] == pytest.approx(0.5 / mean, rel=1e-5)  # float32 buffers
-    restored = build(scale="running")
+    restored = build(form="liebel", scale="running")
     restored.load_state_dict(gor.state_dict())  # the estimate is saved and resumed
     assert restored.weights() == pytest.approx(gor.weights())
 

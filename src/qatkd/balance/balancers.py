@@ -42,8 +42,10 @@ class GoR(LossBalancer):
     """Game of Regularizer: one learned weight per loss term, with a regularizer that keeps the
     weights from collapsing to zero.
 
-    `liebel` (default) learns σ (init 1): Σ L_i/(2σ_i²) + ln(1+σ_i²), weight 1/(2σ²).
-    `kendall` learns s = log σ² (init 0, kept in [-5, 5]): Σ e^{-s_i}·L_i + s_i, weight e^{-s}.
+    `kendall` (default) learns s = log σ² (init 0, kept in [-5, 5]): Σ e^{-s_i}·L_i + s_i,
+    weight e^{-s}. `liebel` learns σ (init 1): Σ L_i/(2σ_i²) + ln(1+σ_i²), weight 1/(2σ²).
+    The default is the form with the best mean validation rank over the GoR benchmarks' cells
+    (benchmarks/results/gor_default.md).
     By default there are two parameters (TS and one KD term); `num_teachers=k` makes it k+1, one
     per teacher, and `forward` then takes a list of k KD terms.
 
@@ -58,7 +60,7 @@ class GoR(LossBalancer):
 
     def __init__(
         self,
-        form: GoRForm = "liebel",
+        form: GoRForm = "kendall",
         num_teachers: int | None = None,
         scale: LossScale = "none",
     ) -> None:

@@ -20,7 +20,7 @@ class BalancerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "gor"
-    form: Literal["liebel", "kendall"] = "liebel"
+    form: Literal["liebel", "kendall"] = "kendall"
     scale: Literal["none", "initial", "running"] = "none"
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     per_teacher: bool = False
