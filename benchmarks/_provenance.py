@@ -65,9 +65,9 @@ class Invocation:
         time summed over every run of the work folder (what a run from scratch trains), as the
         results JSON records them."""
         wall = round(time.time() - self.started, 1)
-        train = sum(
-            json.loads(m.read_text()).get("train_seconds", 0.0) for m in finished(self.work)
-        )
+        runs = [json.loads(m.read_text()) for m in finished(self.work)]
+        train = sum(r.get("train_seconds", 0.0) for r in runs)
+        devices = sorted({r["device"] for r in runs if r.get("device", "cpu") != "cpu"})
         return {
             "commit": self.commit,
             "command": command(),
@@ -75,6 +75,7 @@ class Invocation:
             "wall_s": wall,
             "runs_reused": self.reused,
             "train_s": round(train, 1),
+            "gpus": devices,
         }
 
 
@@ -105,10 +106,17 @@ def markdown_header(title: str, provenance: dict[str, Any], schedule: str) -> st
     """The top of a results page: title, then where its numbers come from."""
     return (
         f"# {title}\n\n- commit: {provenance['commit']}\n"
-        f"- command: `{provenance['command']}`\n- machine: {provenance['machine']}\n"
+        f"- command: `{provenance['command']}`\n- machine: {provenance['machine']}"
+        f"{_gpu_note(provenance)}\n"
         f"- wall time: {provenance['wall_s'] / 60:.1f} min{_reuse_note(provenance)}\n"
         f"- schedule: {schedule}\n\n"
     )
+
+
+def _gpu_note(provenance: dict[str, Any]) -> str:
+    """The GPUs that trained some of the runs (their metrics.json name the device), if any."""
+    gpus = provenance.get("gpus")
+    return f"; runs trained on the GPU: {', '.join(gpus)}" if gpus else ""
 
 
 def _reuse_note(provenance: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_
     ):
         assert (run_dir / name).is_file(), name
     assert 0 <= metrics["test_acc"] <= 100 and metrics["epochs"] == 2
+    assert metrics["device"] == "cpu"  # what benchmark pages name when a GPU trained a run
     assert len((run_dir / "log.csv").read_text().splitlines()) == 1 + 2
 
 

@@ -51,6 +51,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def device_name(device: torch.device) -> str:
+    """`cpu`, or the GPU's name: what a run's metrics.json records it was trained on."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter (the CPU for a module without any)."""
     return next(module.parameters(), torch.empty(0)).device

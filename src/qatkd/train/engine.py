@@ -24,7 +24,7 @@ from tqdm import tqdm
 from qatkd.balance import LossBalancer, grad_conflict
 from qatkd.checkpoint import save_checkpoint
 from qatkd.config import Config, config_to_dict
-from qatkd.device import loader_options, mixed_precision, to_device
+from qatkd.device import device_name, loader_options, mixed_precision, to_device
 from qatkd.errors import QatkdError
 from qatkd.quant import Quantizer
 from qatkd.train.distributed import World, any_rank, average_gradients, barrier
@@ -346,6 +346,7 @@ def fit(
         "epochs": train_cfg.epochs,
         "steps": step,
         "train_seconds": round(time.perf_counter() - started, 1),
+        "device": device_name(device),
         **{f"final_{k}": v for k, v in balancer.weights().items()},
     }
     if world.is_main:
