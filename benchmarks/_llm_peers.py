@@ -75,12 +75,14 @@ def gptq(hf: nn.Module, bits: int, group: int, calibration: Tensor) -> None:
     """GPTQ through gptqmodel's own quantize loop on the `calibration` blocks (token ids
     [N, T]), with its defaults (symmetric, no act-order, damping 0.01). gptqmodel loads the model
     from a folder; its fake-quantized weights are taken just before packing, since the packed
-    layer's dequantization is wrong for 576 inputs in groups of 128 (checked: perplexity 5e8)."""
+    layer's dequantization is wrong for 576 inputs in groups of 128 (checked: perplexity 5e8).
+    The tokenizer is read from the folder `hf` was loaded from."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its loader pool refuses 1
     import tempfile
 
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.looper.gptq_processor import GPTQProcessor
+    from transformers import AutoTokenizer
 
     weights: dict[str, Tensor] = {}
     original = GPTQProcessor.process
@@ -94,6 +96,7 @@ def gptq(hf: nn.Module, bits: int, group: int, calibration: Tensor) -> None:
     rows = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in calibration]
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(hf.name_or_path).save_pretrained(folder)
         GPTQProcessor.process = keep_weight
         try:
             model = GPTQModel.load(folder, config, dtype=torch.float32)
