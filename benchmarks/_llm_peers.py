@@ -15,6 +15,7 @@ and the rest separately (it would otherwise make groups that wrap across rows).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -94,7 +95,8 @@ def gptq(hf: nn.Module, bits: int, group: int, calibration: Tensor) -> None:
 
     config = QuantizeConfig(bits=bits, group_size=group, device="cpu", offload_to_disk=False)
     rows = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in calibration]
-    with tempfile.TemporaryDirectory() as folder:
+    # gptqmodel writes its logs to ./logs: chdir keeps them in the temporary folder
+    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
         hf.save_pretrained(folder)
         AutoTokenizer.from_pretrained(hf.name_or_path).save_pretrained(folder)
         GPTQProcessor.process = keep_weight
