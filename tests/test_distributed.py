@@ -32,6 +32,9 @@ def test_two_processes_match_one(npz_root: Path, tmp_path: Path):
     )
     teacher = tmp_path / "teacher" / "last.pt"
     common = ["data.augment=false", "train.threads=1", f"teachers=[{teacher}]", "diag.every=1"]
+    # liebel weighs each loss by 1/2 at first, kendall by 1: the tolerances below were set for
+    # liebel's smaller steps (kendall doubles them, and the two BatchNorm halves drift further)
+    common.append("balancer.form=liebel")
     one = tiny_overrides(npz_root, tmp_path / "one", *common)
     subprocess.run([*qatkd, "distill", *one], check=True, capture_output=True)
     torchrun = [
