@@ -13,11 +13,11 @@ Rows:
   rate (picked there on held-out training text; its probe runs are reused), exported by
   `qatkd export` (`genai/`).
 Perplexity and teacher agreement: the training protocol's sliding windows over the evaluation
-text, logits from onnxruntime (`GenaiLogits`); for the students also the PyTorch figure
-(`parity.json`). Speed: greedy generation of 128 new tokens after a 256-token prompt, batch 1,
-2 threads, each model in a fresh process (`_genai_speed.py`: its peak resident memory), the
-models timed round-robin, best of the rounds. Size: the folder's files. Writes
-benchmarks/results/llm_runtime{,_quick}.{md,json,png}.
+text, logits from onnxruntime (`GenaiLogits`); for the students both come from their export's
+`parity.json`, which scores every window through genai and in PyTorch. Speed: greedy generation
+of 128 new tokens after a 256-token prompt, batch 1, 2 threads, each model in a fresh process
+(`_genai_speed.py`: its peak resident memory), the models timed round-robin, best of the rounds.
+Size: the folder's files. Writes benchmarks/results/llm_runtime{,_quick}.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -130,7 +130,10 @@ def main() -> None:
     source = Loaded(load_config(overrides=common), training=False)  # the students' windows
     task = LanguageTask(reference=source.reference_top1)
     windows = DataLoader(source.test, batch_size=task.eval_batch_size)
-    quality = {name: task.evaluate(GenaiLogits(f), windows) for name, f in folders.items()}
+    parity = {name: json.loads((d / "parity.json").read_text()) for name, d in runs.items()}
+    quality = {name: p["genai"] for name, p in parity.items()}  # the export scored every window
+    for name in folders.keys() - runs.keys():
+        quality[name] = task.evaluate(GenaiLogits(folders[name]), windows)
     prompt = run.work / "prompt.json"  # the GPL-3's first tokens: a fixed prompt for timing
     ids = tokenize(source.tokenizer, [read_text([str(DEFAULT_EVAL_TEXT)])])[:PROMPT_TOKENS]
     prompt.write_text(json.dumps([int(t) for t in ids]))
@@ -139,13 +142,12 @@ def main() -> None:
     fp32 = speed["FP32"]
     rows = []
     for name, folder in folders.items():
-        parity = json.loads((runs[name] / "parity.json").read_text()) if name in runs else None
         rows.append(
             {
                 "model": name,
                 "ppl": round(quality[name]["ppl"], 3),
                 "teacher_agreement": round(quality[name]["teacher_agreement"], 2),
-                "pytorch_ppl": None if parity is None else round(parity["pytorch"]["ppl"], 3),
+                "pytorch_ppl": round(parity[name]["pytorch"]["ppl"], 3) if name in parity else None,
                 **{k: round(v, 1) for k, v in speed[name].items()},
                 "decode_vs_fp32": round(speed[name]["decode_tok_s"] / fp32["decode_tok_s"], 2),
                 "size_mb": round(size_mb(folder), 1),
