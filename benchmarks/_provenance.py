@@ -22,7 +22,8 @@ __all__ = ["Invocation", "command", "git_commit", "machine", "markdown_header", 
 
 
 def git_commit() -> str:
-    """The commit the benchmark ran on, flagged when the tree had uncommitted changes."""
+    """The commit the benchmark ran on, flagged when the tree had uncommitted changes (other
+    than result pages, which benchmarks write and which no benchmark runs)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -30,7 +31,7 @@ def git_commit() -> str:
         ).stdout.strip()
 
     try:
-        dirty = git("status", "--porcelain")
+        dirty = git("status", "--porcelain", "--", ":(top)", ":(top,exclude)benchmarks/results")
         return git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
