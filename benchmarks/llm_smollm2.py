@@ -66,7 +66,7 @@ language default (2e-5)."""
 EVAL_TEXTS = {True: (DEFAULT_EVAL_TEXT, "GPL-3"), False: (LARGE_EVAL_TEXT, "Debian Policy")}
 """Quick mode's evaluation text and the full mode's (about 8k and 120k tokens), with a name."""
 WINDOWS = {True: 30, False: 800}
-"""Evaluation windows scored: 800 windows of 128 tokens at stride 64 score 51,264 tokens."""
+"""Evaluation windows scored: 800 windows of 128 tokens at stride 64 score 51,263 tokens."""
 
 
 def check_eval_text(quick: bool) -> None:
