@@ -1,5 +1,7 @@
 """torchrun with two gloo processes matches one process with the same global batch."""
 
+import atexit
+import os
 import socket
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import torch
 
 from qatkd.balance import GoR
 from qatkd.checkpoint import load_checkpoint
-from qatkd.train.distributed import World, any_rank, average_gradients
+from qatkd.train.distributed import World, any_rank, average_gradients, init_world
 from testdata import tiny_overrides
 
 
@@ -43,7 +45,7 @@ def test_two_processes_match_one(npz_root: Path, tmp_path: Path):
         *["-m", "qatkd", "distill", *tiny_overrides(npz_root, tmp_path / "two", *common)],
     ]
     result = subprocess.run(torchrun, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-6000:]  # the ranks' own errors come first
     assert result.stdout.count("run folder:") == 1  # rank 0 alone reports
     a, b = (load_checkpoint(tmp_path / run / "last.pt") for run in ("one", "two"))
     # BatchNorm normalises each process's half of the batch: close, not identical
@@ -89,4 +91,23 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all():
     """With train.on_nonfinite=skip, every rank must skip together (else the others hang)."""
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_any_rank, args=(free_port(), results), nprocs=2)
+    assert results[0] == results[1] == (True, False)
+
+
+def _join_and_exit(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    os.environ |= {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    init_world("cpu")
+    joined = dist.is_initialized()
+    atexit._run_exitfuncs()  # what the interpreter runs as it shuts down
+    results[rank] = (joined, dist.is_initialized())
+
+
+def test_the_process_group_is_destroyed_at_exit():
+    """Left to the interpreter's teardown, a gloo rank that exits first can abort (SIGABRT) and
+    fail a finished torchrun run."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_join_and_exit, args=(free_port(), results), nprocs=2)
     assert results[0] == results[1] == (True, False)

@@ -7,6 +7,7 @@ Rank 0 alone writes logs, plots and checkpoints.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,17 @@ def init_world(device: str = "auto") -> World:
         torch.cuda.set_device(resolved)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     return World(dist.get_rank(), dist.get_world_size(), resolved)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group while the interpreter is still whole: left to its teardown,
+    gloo's worker threads can release tensors after Python is gone and the rank aborts
+    ("terminate called without an active exception", SIGABRT) after a finished run
+    (pytorch/pytorch#179291 proposed the same atexit handler inside PyTorch)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(world: World) -> None:
