@@ -38,7 +38,12 @@ def git_commit() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    """The command line, its script named from the repository root (where benchmarks run) however
+    it was invoked."""
+    script = Path(sys.argv[0]).resolve()
+    root = Path(__file__).resolve().parent.parent
+    shown = str(script.relative_to(root)) if script.is_relative_to(root) else sys.argv[0]
+    return "python " + " ".join(shlex.quote(a) for a in [shown, *sys.argv[1:]])
 
 
 @dataclass(frozen=True)
