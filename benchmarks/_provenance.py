@@ -18,7 +18,15 @@ from qatkd.machine import machine
 S = TypeVar("S")
 """A benchmark's schedule type."""
 
-__all__ = ["Invocation", "command", "git_commit", "machine", "markdown_header", "start"]
+__all__ = [
+    "Invocation",
+    "command",
+    "default_work",
+    "git_commit",
+    "machine",
+    "markdown_header",
+    "start",
+]
 
 
 def git_commit() -> str:
@@ -90,6 +98,17 @@ def finished(work: Path) -> list[Path]:
     return sorted(work.glob("*/metrics.json"))
 
 
+def result_stem(name: str, quick: bool) -> str:
+    """The stem of a benchmark's result files: `<name>` or `<name>_quick`."""
+    return f"{name}_quick" if quick else name
+
+
+def default_work(name: str, quick: bool) -> Path:
+    """Where a benchmark's run folders go without `--work` (another benchmark reusing its runs
+    finds them there)."""
+    return Path("runs") / f"bench_{result_stem(name, quick)}"
+
+
 def start(doc: str, name: str, quick_help: str) -> Invocation:
     """Parse `--quick`, `--work` (default runs/bench_<stem>) and `--seeds`, and note the commit
     now: the tree may change while the run goes on."""
@@ -102,8 +121,8 @@ def start(doc: str, name: str, quick_help: str) -> Invocation:
         "--seeds", type=int, help="paired seeds to run (default: the schedule's); the page says"
     )
     args = parser.parse_args()
-    stem = f"{name}_quick" if args.quick else name
-    work = args.work or Path("runs") / f"bench_{stem}"
+    stem = result_stem(name, args.quick)
+    work = args.work or default_work(name, args.quick)
     reused = len(finished(work))
     return Invocation(args.quick, stem, work, git_commit(), time.time(), reused, args.seeds)
 

