@@ -6,9 +6,12 @@ each, and differences taken seed by seed. A record is a dict with method, bits, 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
 
 from _seeds import Stat, cell
+
+from qatkd.pipeline import run_or_reuse
 
 ALPHAS = ("0.1", "0.3", "0.5", "0.7", "0.9")
 GOR = {
@@ -32,6 +35,16 @@ TABLE_METHODS = (
     "ekd_gor",
 )
 """The rows of a results table, in order."""
+
+
+def trained(run_dir: Path, command: str, overrides: list[str]) -> dict[str, Any]:
+    """`run_or_reuse`, refusing a run whose validation images one of its teachers or its
+    `model.init` trained on: what it picks on validation would be picked on training images."""
+    metrics = run_or_reuse(run_dir, command, overrides)
+    for model, verdict in metrics.get("validation_independence", {}).items():
+        if verdict != "independent":
+            raise SystemExit(f"{run_dir}: {model}: {verdict}; validation must be independent")
+    return metrics
 
 
 def method_overrides(one_teacher: str, ensemble: str) -> dict[str, list[str]]:

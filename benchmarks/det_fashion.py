@@ -38,13 +38,13 @@ from _protocol import (
     paired_table,
     runs_needed,
     targets_table,
+    trained,
 )
 from _provenance import markdown_header, start
 from _seeds import cell, summarize
 from matplotlib.patches import Rectangle
 
 from qatkd.artifacts import checkpoint_source, load_model
-from qatkd.pipeline import run_or_reuse
 from qatkd.tasks.detection.boxes import detections
 from qatkd.tasks.detection.data import unpadded
 
@@ -92,7 +92,7 @@ def pick_recipe(quantized: list[str], work: Path) -> tuple[list[str], list[dict[
         for lr in QAT_LRS:
             recipe = [f"train.epochs={epochs}", f"train.lr={lr}", "train.warmup_epochs=0"]
             out = work / f"recipe_qat_e{epochs}_lr{lr}"
-            metrics = run_or_reuse(out, "train", [*quantized, "seed=0", *recipe])
+            metrics = trained(out, "train", [*quantized, "seed=0", *recipe])
             rows.append(
                 {
                     "epochs": epochs,
@@ -114,7 +114,7 @@ def run_all(
     recipes tried."""
     common = ["task=detection", *budget.data]
     fp32 = {
-        name: run_or_reuse(
+        name: trained(
             work / f"fp32_{name}",
             "train",
             [*common, f"model.name={name}", f"train.epochs={budget.fp32_epochs}"],
@@ -134,12 +134,12 @@ def run_all(
         for seed in range(budget.seeds):
             quantized = [*student_at, f"seed={seed}"]
             ptq = [*quantized, "quant.method=minmax"]
-            metrics = run_or_reuse(work / f"ptq_{bits}_s{seed}", "ptq", ptq)
+            metrics = trained(work / f"ptq_{bits}_s{seed}", "ptq", ptq)
             records.append(record("ptq", bits, seed, metrics))
             for method, extra in methods.items():
                 command_name = "train" if method == "qat" else "distill"
                 out = work / f"{method}_{bits}_s{seed}"
-                metrics = run_or_reuse(out, command_name, [*quantized, *extra, *recipe])
+                metrics = trained(out, command_name, [*quantized, *extra, *recipe])
                 records.append(record(method, bits, seed, metrics))
     return records, fp32, teacher, recipes
 

@@ -37,7 +37,7 @@ from _provenance import default_work, markdown_header, start
 from torch import Tensor
 
 from qatkd.balance import BalancerConfig
-from qatkd.checkpoint import load_checkpoint
+from qatkd.checkpoint import file_sha256, load_checkpoint
 from qatkd.config import load_config
 from qatkd.pipeline import run_or_reuse
 from qatkd.tasks.language.data import DEFAULT_EVAL_TEXT, LARGE_EVAL_TEXT
@@ -125,12 +125,14 @@ def exported(folder: Path, rebuild: bool) -> dict[str, Any]:
     """The export of a run folder (`export.json`), made from its last.pt unless there already;
     with `rebuild` it has the rebuilt transformers folder (no onnxruntime-genai folder: that is
     `llm_runtime.py`'s)."""
-    done = folder / "export.json"
+    done, path = folder / "export.json", folder / "last.pt"
     if done.is_file():
         export = json.loads(done.read_text())
-        if not rebuild or "hf" in export["files"]:
+        # a run whose checkpoint was deleted to save disk keeps its export as the record
+        current = not path.is_file() or export.get("checkpoint_sha256") == file_sha256(path)
+        if current and (not rebuild or "hf" in export["files"]):
             return export
-    path = folder / "last.pt"
+    (folder / "transformers_ppl.json").unlink(missing_ok=True)  # it checked the old export
     return LANGUAGE.export(
         load_checkpoint(path), path, folder, None, transformers_folder=rebuild, genai=False
     )

@@ -256,3 +256,27 @@ def test_teacher_logit_cache_refuses_augmented_data(npz_root, fp32_run, tmp_path
     overrides = tiny_overrides(npz_root, tmp_path / "x", f"teachers=[{fp32_run}]", "kd.cache=true")
     with pytest.raises(QatkdError, match=r"kd\.cache=true needs data\.augment=false"):
         pipeline.distill(load_config(overrides=overrides))
+
+
+def test_ptq_calibrates_on_images_as_they_are_whatever_the_checkpoint_trained_with(
+    fp32_run: Path, tmp_path: Path
+):
+    """Two copies of one checkpoint, one recorded as trained with augmentation: PTQ calibrates
+    both on the plain images, so their quantizers come out the same."""
+    state = load_checkpoint(fp32_run / "last.pt")
+    assert state["config"]["data"]["augment"] is True
+    plain = tmp_path / "plain.pt"
+    torch.save(
+        {
+            **state,
+            "config": {**state["config"], "data": {**state["config"]["data"], "augment": False}},
+        },
+        plain,
+    )
+    runs = [
+        pipeline.ptq(ckpt, ["quant.bits=W4A4", f"out={tmp_path / name}"])[0]
+        for name, ckpt in (("a", fp32_run / "last.pt"), ("b", plain))
+    ]
+    a, b = (load_checkpoint(run / "last.pt") for run in runs)
+    assert a["config"]["data"]["augment"] is False
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

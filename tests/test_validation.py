@@ -95,3 +95,46 @@ def test_without_validation_the_test_set_chooses(npz_root, tmp_path, monkeypatch
     run_dir, metrics = pipeline.train(load_config(overrides=overrides))
     assert metrics["selected_on"] == "test" and metrics["best_test_acc"] == 50.0
     assert "val_acc" not in metrics and load_checkpoint(run_dir / "best.pt")["epoch"] == 1
+
+
+def test_validation_split_belongs_to_the_data_not_to_the_seed(npz_root, tmp_path):
+    family = task_family("classification")
+
+    def held(*extra: str) -> list[int]:
+        config = load_config(overrides=tiny_overrides(npz_root, tmp_path, *extra))
+        return list(family.load(config).val.indices)
+
+    assert held("seed=0") == held("seed=1") == held("seed=7")
+    assert held("data.val_seed=1") != held()
+
+
+def test_runs_record_whether_teachers_trained_on_their_validation_images(
+    npz_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    def trained(name: str, *extra: str) -> Path:
+        overrides = tiny_overrides(npz_root, tmp_path / name, "train.epochs=1", *extra)
+        return pipeline.train(load_config(overrides=overrides))[0] / "last.pt"
+
+    same, everything = trained("same"), trained("all", "data.val_split=0")
+    other = trained("other", "data.val_seed=1")
+    unrecorded = tmp_path / "unrecorded.pt"
+    state = load_checkpoint(same)
+    del state["meta"]["held_out"]
+    torch.save(state, unrecorded)
+    teachers = f"teachers=[{same},{everything},{other},{unrecorded}]"
+    overrides = tiny_overrides(npz_root, tmp_path / "s", "train.epochs=1", teachers)
+    capsys.readouterr()
+    _, metrics = pipeline.distill(load_config(overrides=overrides))
+    verdicts = metrics["validation_independence"]
+    data = task_family("classification").load(load_config(overrides=overrides))
+    held = len(data.val)
+    assert verdicts[f"teacher {same}"] == "independent"
+    assert verdicts[f"teacher {everything}"] == (
+        f"{held} of {held} validation samples in its training data"
+    )
+    overlap = int(verdicts[f"teacher {other}"].split()[0])
+    assert 0 < overlap < held  # its own held-out images overlap ours in part
+    assert verdicts[f"teacher {unrecorded}"].startswith("unknown (its checkpoint does not record")
+    printed = capsys.readouterr().out
+    assert f"note: teacher {everything}: {held} of {held} validation samples" in printed
+    assert f"teacher {same}" not in printed

@@ -6,6 +6,7 @@ loading never executes code from the file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -41,6 +42,31 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
                 f"cannot write checkpoint {path}: {cause.strerror or cause}{kept}"
             ) from e
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes: the identity of a checkpoint or model file, by
+    content (reuse keys, the checkpoint an artifact was made from)."""
+    path = Path(path)
+    if not path.is_file():
+        raise QatkdError(f"file not found: {path}")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_sha256(path: str | Path) -> str:
+    """The content hash of a file (`file_sha256`) or of a folder (every file's relative name and
+    bytes, in order): the identity of a model a run starts from or learns from."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def checkpoint_path(path: str | Path) -> Path:

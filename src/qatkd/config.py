@@ -50,6 +50,13 @@ class DataConfig(Section):
         "class where there are labels): best.pt is chosen on it; 0 turns it off (best.pt then "
         "chosen on the test set)",
     )
+    val_seed: int = Field(
+        0,
+        ge=0,
+        description="draws the validation split: it belongs to the data, so teachers, model.init "
+        "and students of one dataset share one held-out set; seed varies initialisation, order "
+        "and augmentation only",
+    )
 
 
 class ModelConfig(Section):

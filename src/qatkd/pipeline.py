@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qatkd.balance import BalancerConfig, build_balancer
-from qatkd.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from qatkd.checkpoint import checkpoint_path, content_sha256, load_checkpoint, save_checkpoint
 from qatkd.config import (
     Config,
     ModelConfig,
@@ -27,7 +27,6 @@ from qatkd.config import (
     checkpoint_task,
     config_to_dict,
     load_config,
-    parse_override,
     read_yaml,
     save_config,
     saved_config,
@@ -67,14 +66,36 @@ def join_world(config: Config) -> World:
     return world
 
 
+INPUTS = "inputs.json"
+"""A run folder's record of the content of every model it started or learned from."""
+
+
+def input_digests(config: Config) -> dict[str, str]:
+    """The content hash of every model a run starts or learns from (`model.init`, `model.path`,
+    each teacher), by config key and path: what reusing a finished run compares beside its
+    configuration. A run folder stands for its last.pt; a name that is no file or folder (a
+    built-in model) stands for itself."""
+    named = [("model.init", config.model.init), ("model.path", config.model.path)]
+    named += [("teacher", t) for t in config.teachers]
+    digests = {}
+    for role, value in named:
+        if value is not None:
+            path = checkpoint_path(value) if checkpoint_path(value).is_file() else Path(value)
+            digests[f"{role} {value}"] = content_sha256(path) if path.exists() else "a name"
+    return digests
+
+
 def create_run_dir(config: Config, command: str, world: World) -> Path:
-    """The new run folder with its config.yaml, made by rank 0 and announced to every rank (an
-    error there, such as a folder that already holds a run, is raised on every rank)."""
+    """The new run folder with its config.yaml and inputs.json, made by rank 0 and announced to
+    every rank (an error there, such as a folder that already holds a run, is raised on every
+    rank)."""
     run_dir, error = None, None
     if world.is_main:
         try:
             run_dir = new_run_dir(config, command)
             save_config(config, run_dir / "config.yaml")
+            inputs = json.dumps(input_digests(config), indent=2)
+            (run_dir / INPUTS).write_text(inputs + "\n")
         except QatkdError as e:
             error = str(e)
     run_dir, error = broadcast(world, (run_dir, error))
@@ -112,6 +133,15 @@ def _fit_run(
         outputs, train_set = family.teacher_outputs(config, source, task, world.device)
     if world.is_main and config.quant is not None and resume is None:
         print(quant_summary(model))
+    independence = family.validation_independence(config, source)
+    if world.is_main:
+        for model_file, verdict in independence.items():
+            if verdict != "independent":
+                known = not verdict.startswith("unknown")
+                print(
+                    f"note: {model_file}: {verdict}"
+                    + ("; validation is not independent of it" if known else "")
+                )
     return fit(
         model,
         task,
@@ -125,6 +155,7 @@ def _fit_run(
         outputs,
         resume,
         world,
+        {"validation_independence": independence},
     )
 
 
@@ -166,7 +197,13 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
 def _ptq_config(ckpt: str | Path | None, overrides: list[str], config_file: Any) -> Config:
     """Without `ckpt`: the config of the file and overrides (a family that quantizes its
     pretrained model). With it: the checkpoint's task, data and seed, then the file and the
-    overrides, starting from the checkpoint (`model.init`)."""
+    overrides, starting from the checkpoint (`model.init`). Either way calibration reads the
+    data as it is (`data.augment=false`), whatever the checkpoint trained with."""
+    config = _ptq_source_config(ckpt, overrides, config_file)
+    return config.model_copy(update={"data": config.data.model_copy(update={"augment": False})})
+
+
+def _ptq_source_config(ckpt: str | Path | None, overrides: list[str], config_file: Any) -> Config:
     if ckpt is None:
         config = load_config(config_file, overrides)
         if task_family(config.task).ptq_from_checkpoint:
@@ -267,42 +304,61 @@ def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_reusable(run_dir: Path, overrides: list[str]) -> None:
-    """Refuse a run folder whose config.yaml disagrees with `overrides` on a key they set: its
-    metrics would be another experiment's, reported under this one's name."""
+def command_config(command: str, overrides: list[str]) -> Config:
+    """The resolved config that `qatkd <command> overrides` (train, distill or ptq) runs with:
+    what its run folder's config.yaml holds."""
+    config = load_config(overrides=overrides)
+    if command == "ptq":
+        from_checkpoint = task_family(config.task).ptq_from_checkpoint
+        config = _ptq_config(config.model.init if from_checkpoint else None, overrides, None)
+    return task_family(config.task).resolve(config)
+
+
+def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
+    """Refuse a run folder made with another resolved configuration (any key but `out`), or
+    from other model files (`input_digests`): its metrics would be another experiment's,
+    reported under this one's name."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    keys = {parse_override(text)[0] for text in overrides} - {"out"}
-    wanted = _dotted(config_to_dict(load_config(overrides=overrides)))
+    config = command_config(command, overrides)
+    wanted = _dotted(config_to_dict(config))
     made = _dotted(read_yaml(saved))
     differ = [
         k
-        for k in wanted
-        if any(k == key or k.startswith(f"{key}.") for key in keys) and made.get(k) != wanted[k]
+        for k in sorted(wanted.keys() | made.keys())
+        if k != "out" and made.get(k) != wanted.get(k)
     ]
     if differ:
         first, more = differ[0], len(differ) - 1
         raise QatkdError(
             f"{run_dir} was made with other settings ({first}: {made.get(first)!r} there, "
-            f"{wanted[first]!r} now{f', and {more} more' if more else ''}); delete the folder "
+            f"{wanted.get(first)!r} now{f', and {more} more' if more else ''}); delete the folder "
             "or choose another one"
         )
+    inputs = run_dir / INPUTS
+    recorded = json.loads(inputs.read_text()) if inputs.is_file() else {}
+    for key, digest in input_digests(config).items():
+        if recorded.get(key) != digest:
+            raise QatkdError(
+                f"{run_dir} was not made from the current {key} (its content differs, or the "
+                "folder has no record of it); delete the folder or choose another one"
+            )
 
 
 def run_or_reuse(run_dir: Path, command: str, overrides: list[str]) -> dict[str, Any]:
     """The metrics of `qatkd <command> overrides out=run_dir` (train, distill or ptq), reusing a
     finished run folder and resuming an interrupted one: what a script that runs many stages
     (the demo, the benchmarks) needs to survive being stopped and started again. A folder made
-    with other values for the keys `overrides` set is refused (`check_reusable`)."""
-    check_reusable(run_dir, overrides)
+    with another configuration or from other model files is refused (`check_reusable`)."""
+    overrides = [*overrides, f"out={run_dir}"]
+    check_reusable(run_dir, command, overrides)
     if (run_dir / "metrics.json").is_file():
         return json.loads((run_dir / "metrics.json").read_text())
     if (run_dir / "last.pt").is_file() and command != "ptq":
         return resume(run_dir)[1]
-    overrides = [*overrides, f"out={run_dir}"]
+    config = command_config(command, overrides)
     if command == "ptq":
-        config = load_config(overrides=overrides)
         from_checkpoint = task_family(config.task).ptq_from_checkpoint
         return ptq(config.model.init if from_checkpoint else None, overrides)[1]
-    return {"train": train, "distill": distill}[command](load_config(overrides=overrides))[1]
+    return {"train": train, "distill": distill}[command](config)[1]

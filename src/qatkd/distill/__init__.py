@@ -1,6 +1,6 @@
 """Knowledge distillation: KD losses, the teacher ensemble and the teacher-logit cache."""
 
-from qatkd.distill.cache import TeacherLogitCache, file_sha256
+from qatkd.distill.cache import TeacherLogitCache
 from qatkd.distill.ensemble import TeacherEnsemble
 from qatkd.distill.losses import (
     KD_LOSSES,
@@ -24,7 +24,6 @@ __all__ = [
     "TeacherEnsemble",
     "TeacherLogitCache",
     "build_kd_loss",
-    "file_sha256",
     "kd_kl",
     "kd_mse",
     "kd_reverse_kl",

@@ -4,7 +4,8 @@ speed, for whichever task family calls them (it passes its parity check).
 Files written into the output folder: `model.int8.onnx` (QDQ, int8 kernels), `model.fp32.onnx`
 (the same network in float), `model.qpack` (packed low-bit weights), `parity.json` (int8 ONNX vs
 the fake-quantized PyTorch model on the test set), and from `bench_exported` `bench.md` /
-`bench.json` (latency, sizes, speedups against FP32 in the same run).
+`bench.json` (latency, sizes, speedups against FP32 in the same run). parity.json and bench.json
+record the content hash of the checkpoint they were made from (`checkpoint_sha256`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from qatkd.checkpoint import file_sha256
 from qatkd.export.bench import Target, add_speedups, measure, speed_table
 from qatkd.export.codes import code_parity
 from qatkd.export.fold import fold_batchnorm
@@ -85,6 +87,7 @@ def export_onnx(
     ops = fused_ops(out / INT8_ONNX)
     result = {
         "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
         "bytes": sizes,
         "onnxruntime_ops": ops,
         "integer_kernels": {op: n for op, n in ops.items() if op in INTEGER_OPS},
@@ -170,6 +173,7 @@ def bench_exported(
     sizes = exported["bytes"]
     result = {
         "checkpoint": exported["checkpoint"],
+        "checkpoint_sha256": exported["checkpoint_sha256"],
         "threads": threads,
         "machine": machine(),
         "records": records,

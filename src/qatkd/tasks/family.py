@@ -71,6 +71,12 @@ class TaskFamily(Protocol):
         """The losses and metrics the engine trains and evaluates with."""
         ...
 
+    def validation_independence(self, config: Config, source: Source) -> dict[str, str]:
+        """Whether each teacher and `model.init` trained on this run's validation samples:
+        `{"teacher PATH": "independent" | "N of M validation samples in its training data" |
+        "unknown (why)"}`; empty where the family's teachers have no such record."""
+        ...
+
     def teacher_outputs(
         self, config: Config, source: Source, task: Task, device: torch.device
     ) -> tuple[TeacherOutputs, Dataset]:

@@ -4,12 +4,20 @@ the `TaskFamily` built from a family's own data loader, model builder, task and 
 
 An image checkpoint rebuilds its model from `meta` alone (name, channels, classes, normalisation);
 teachers are checkpoints of the same family; export is the int8 ONNX of `qatkd.export`.
+
+The validation split belongs to the data (`data.val_seed`), and a training checkpoint records how
+it was drawn (`meta["held_out"]`: the data's content digest, the number of training samples, the
+split's share and seed, and a digest of the held-out indices), so a later run can tell whether a
+teacher or its `model.init` trained on that run's validation images.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from qatkd.checkpoint import checkpoint_path, load_checkpoint
+from qatkd.checkpoint import checkpoint_path, file_sha256, load_checkpoint
 from qatkd.config import Config, DataConfig, checkpoint_config
 from qatkd.device import module_device
-from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache, file_sha256
+from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.quant.tensors import check_state_fits_shared_quantizers
@@ -31,6 +39,9 @@ from qatkd.train.validation import split_indices
 CALIBRATION_SAMPLES = 512
 PREDICT_BATCH_SIZE = 512
 EXPORT_BATCH_SIZE = 256
+CACHE_TOLERANCE = 1e-3
+"""Cached and live teacher logits may differ by this share of the largest logit: batches of
+another size, or another machine, round differently; a wrong sample differs by far more."""
 
 
 @dataclass
@@ -48,24 +59,58 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     val: Dataset | None = None
+    held_out: dict[str, Any] | None = None
+    """With a validation split: what `meta["held_out"]` records (module doc)."""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
+def underlying(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """The dataset below any `Subset`s of `dataset`, and the index there of each of its
+    samples."""
+    positions = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        positions = [int(dataset.indices[i]) for i in positions]
+        dataset = dataset.dataset
+    return dataset, positions
+
+
 class WithIndex(Dataset):
-    """Adds each sample's index to it, so per-sample results (cached teacher logits) can be
-    looked up for a shuffled batch."""
+    """Adds to each sample its index in the underlying dataset (`underlying`), so per-sample
+    results (cached teacher logits) are looked up by sample, whatever subset a run reads."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        self.indices = underlying(dataset)[1]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple:
-        return (*self.dataset[i], i)
+        return (*self.dataset[i], self.indices[i])
+
+
+def indices_digest(indices: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps([int(i) for i in indices]).encode()).hexdigest()
+
+
+def content_digest(dataset: Dataset) -> str:
+    """sha256 of what a model reads from `dataset`: the dataset's own `content_digest()` where
+    it holds its samples in memory, the bytes of every file for a torchvision image folder, and
+    otherwise every sample's tensors, read in order."""
+    if hasattr(dataset, "content_digest"):
+        return dataset.content_digest()
+    digest = hashlib.sha256(repr(getattr(dataset, "transform", None)).encode())
+    if hasattr(dataset, "samples"):  # torchvision's ImageFolder: (path, class) per sample
+        for path, target in dataset.samples:
+            digest.update(f"{target}:".encode() + Path(path).read_bytes())
+        return digest.hexdigest()
+    for i in range(len(dataset)):
+        for part in dataset[i]:
+            digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def model_meta(
@@ -98,6 +143,41 @@ def predict_all(model: nn.Module, dataset: Dataset) -> torch.Tensor:
     loader = DataLoader(dataset, batch_size=PREDICT_BATCH_SIZE)
     batches = tqdm(loader, desc="teacher logits", leave=False)
     return torch.cat([model(x.to(device)).cpu() for x, *_ in batches])
+
+
+class CachedTeacherOutputs:
+    """The teachers' logits for a batch looked up by sample index (the last field that
+    `WithIndex` adds); the first batch is also run through the live teachers, in float32, and a
+    cache that disagrees with them stops the run."""
+
+    def __init__(
+        self, tables: list[torch.Tensor], live: TeacherEnsemble, task: Task, files: list[Path]
+    ) -> None:
+        self.tables, self.live, self.task, self.files = tables, live, task, files
+        self.checked = False
+
+    def __call__(self, batch: Any) -> list[torch.Tensor]:
+        rows = [table[batch[-1]] for table in self.tables]
+        if not self.checked:
+            device = batch[-1].device.type
+            with torch.autocast(device, enabled=False):
+                live = self.live(self.task.inputs(batch))
+            for label, file, cached, fresh in zip(
+                self.live.labels, self.files, rows, live, strict=True
+            ):
+                gap = float((cached.float() - fresh.float()).abs().max())
+                if gap > CACHE_TOLERANCE * max(1.0, float(fresh.abs().max())):
+                    raise QatkdError(
+                        f"the teacher-logit cache {file} disagrees with {label} on the first "
+                        f"batch (max |difference| {gap:.3g}): delete it and run again"
+                    )
+            self.checked = True
+        return rows
+
+
+def predict_rows(model: nn.Module, dataset: Dataset, rows: torch.Tensor) -> torch.Tensor:
+    """`predict_all` on the samples `rows` of `dataset`."""
+    return predict_all(model, Subset(dataset, rows.tolist()))
 
 
 ModelBuilder = Callable[[str, int, int, Sequence[float], Sequence[float]], nn.Module]
@@ -134,16 +214,67 @@ class ImageFamily:
 
     def load(self, config: Config, training: bool = True) -> ImageData:
         """Image datasets load lazily: the training split costs nothing unless read. For
-        training, `data.val_split` of the training images become the validation set, read
-        without augmentation."""
+        training, `data.val_split` of the training images, drawn by `data.val_seed`, become
+        the validation set, read without augmentation; `held_out` records them."""
         data = self.load_data(config.data)
-        if not training or config.data.val_split == 0:
+        if not training:
             return data
         plain = self.load_data(config.data.model_copy(update={"augment": False}))
-        labels = None if self.labels is None else self.labels(plain.train)
-        kept, held = split_indices(len(data.train), config.data.val_split, config.seed, labels)
-        data.train, data.val = Subset(data.train, kept), Subset(plain.train, held)
+        held: list[int] = []
+        if config.data.val_split:
+            labels = None if self.labels is None else self.labels(plain.train)
+            kept, held = split_indices(
+                len(data.train), config.data.val_split, config.data.val_seed, labels
+            )
+            data.train, data.val = Subset(data.train, kept), Subset(plain.train, held)
+        base, positions = underlying(plain.train)
+        if positions == list(range(len(positions))):  # the loaders' limits keep a prefix
+            data.held_out = {
+                "data": content_digest(base),
+                "samples": len(positions),
+                "val_split": config.data.val_split,
+                "val_seed": config.data.val_seed,
+                "indices": indices_digest(held),
+            }
         return data
+
+    def validation_independence(self, config: Config, data: ImageData) -> dict[str, str]:
+        """For each teacher and `model.init` of a training run: "independent" when it trained
+        on none of this run's validation samples, "N of M validation samples in its training
+        data" when it did, "unknown (...)" when its checkpoint cannot tell."""
+        if data.val is None:
+            return {}
+        base, held = underlying(data.val)
+        roles = [("model.init", config.model.init)] + [("teacher", t) for t in config.teachers]
+        verdicts = {}
+        for role, path in roles:
+            if path is not None:
+                record = load_checkpoint(path)["meta"].get("held_out")
+                verdicts[f"{role} {path}"] = self._overlap(record, data.held_out, base, held)
+        return verdicts
+
+    def _overlap(
+        self, record: dict[str, Any] | None, ours: dict[str, Any] | None, base: Dataset, held: list
+    ) -> str:
+        """How many of the samples `held` (of `base`) the model with the split `record` trained
+        on: its held-out indices are drawn again from its recipe and checked by their digest."""
+        if record is None or ours is None:
+            return "unknown (its checkpoint does not record its validation split)"
+        if record["data"] != ours["data"]:
+            return "unknown (it trained on other data)"
+        count = record["samples"]
+        theirs: list[int] = []
+        if record["val_split"]:
+            prefix = Subset(base, range(count))
+            labels = None if self.labels is None else self.labels(prefix)
+            theirs = split_indices(count, record["val_split"], record["val_seed"], labels)[1]
+        if indices_digest(theirs) != record["indices"]:
+            return "unknown (its recorded split cannot be drawn again)"
+        trained = set(range(count)) - set(theirs)
+        overlap = sum(i in trained for i in held)
+        if not overlap:
+            return "independent"
+        return f"{overlap} of {len(held)} validation samples in its training data"
 
     def model_from_meta(self, meta: dict[str, Any]) -> nn.Module:
         """The network a checkpoint describes (quantized if it was), without its weights."""
@@ -235,6 +366,8 @@ class ImageFamily:
             )
             calibrate(model, batches, CALIBRATION_SAMPLES)
             meta["quant"] = config.quant.model_dump(mode="json")
+        if data.held_out is not None:
+            meta["held_out"] = data.held_out
         return model, meta
 
     def make_task(self, config: Config, data: ImageData) -> Task:
@@ -244,8 +377,9 @@ class ImageFamily:
         self, config: Config, data: ImageData, task: Task, device: torch.device
     ) -> tuple[TeacherOutputs, Dataset]:
         """Live: the frozen ensemble runs on every batch. With `kd.cache=true` (non-augmented
-        data only) each teacher's outputs for every training image are computed once, stored on
-        disk keyed by the teacher file's hash and the data, and looked up by sample index."""
+        data only) each teacher's outputs for every training image are computed once and stored
+        on disk by sample (`TeacherLogitCache`), keyed by the teacher file's and the data's
+        content; the first batch is checked against the live teachers."""
         teachers = [
             self.restore(load_checkpoint(path), data, path, "teacher") for path in config.teachers
         ]
@@ -256,13 +390,17 @@ class ImageFamily:
             raise QatkdError(
                 "kd.cache=true needs data.augment=false: augmented images change every epoch"
             )
-        data_key = config.data.model_dump(mode="json")
-        logits = []
+        base, positions = underlying(data.train)
+        key = {"data": content_digest(base)}
+        tables, caches = [], []
         for path, teacher in zip(config.teachers, ensemble.teachers, strict=True):
-            key = {"teacher": file_sha256(checkpoint_path(path)), "data": data_key}
-            cache = TeacherLogitCache(config.kd.cache_dir, key | {"transform": "none"})
-            logits.append(cache.get(lambda t=teacher: predict_all(t, data.train)).to(device))
-        return (lambda batch: [t[batch[-1]] for t in logits]), WithIndex(data.train)
+            key["teacher"] = file_sha256(checkpoint_path(path))
+            cache = TeacherLogitCache(config.kd.cache_dir, key, len(base))
+            compute = partial(predict_rows, teacher, base)
+            tables.append(cache.rows(torch.tensor(positions), compute).to(device))
+            caches.append(cache.path)
+        lookup = CachedTeacherOutputs(tables, ensemble, task, caches)
+        return lookup, WithIndex(data.train)
 
     def _quantized(self, state: dict[str, Any], path: Path) -> nn.Module:
         if not state["meta"].get("quant"):
@@ -299,11 +437,14 @@ class ImageFamily:
         repeats: int,
         data_limit: int | None,
     ) -> dict[str, Any]:
-        """Exports first if the run folder has no ONNX yet."""
+        """Exports first if the run folder has no export of this very checkpoint (by content)."""
         from qatkd.export import bench_exported  # slow import (onnx): see tasks/family.py
 
         out = path.parent
-        if not (out / "model.int8.onnx").is_file() or not (out / "parity.json").is_file():
+        made_from = exported_from(out)
+        if made_from != file_sha256(path):
+            if made_from is not None:
+                print(f"re-exporting: {out / 'parity.json'} was made from another {path.name}")
             self.export(state, path, out, data_limit)
         return bench_exported(
             self._quantized(state, path),
@@ -325,6 +466,18 @@ class ImageFamily:
         own = model.state_dict()
         model.load_state_dict({k: v for k, v in state["model"].items() if k in own})
         return model.eval()
+
+
+def exported_from(out: Path) -> str | None:
+    """The content hash of the checkpoint that the export in `out` was made from, or None when
+    `out` holds no complete export (an export older than the hash counts as none)."""
+    parity = out / "parity.json"
+    if not (out / "model.int8.onnx").is_file() or not parity.is_file():
+        return None
+    try:
+        return json.loads(parity.read_text()).get("checkpoint_sha256")
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def input_shape(meta: dict[str, Any]) -> list[int]:

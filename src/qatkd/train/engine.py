@@ -168,6 +168,7 @@ def fit(
     teacher_outputs: TeacherOutputs | None = None,
     resume: dict[str, Any] | None = None,
     world: World | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `config.train.epochs`, checkpointing every epoch; returns final metrics.
 
@@ -178,7 +179,8 @@ def fit(
     Training runs on `world.device` (model, balancer and batches go there; `teacher_outputs`
     must answer there). Under torchrun (`world.size > 1`) the model runs in
     DistributedDataParallel, each process takes its share of every global batch, and the
-    balancer's gradients are averaged too."""
+    balancer's gradients are averaged too. `facts`, known before training (whether validation
+    is independent of the teachers), go into metrics.json as they are."""
     world = world or World()
     train_cfg = config.train
     device = world.device
@@ -348,6 +350,7 @@ def fit(
         "train_seconds": round(time.perf_counter() - started, 1),
         "device": device_name(device),
         **{f"final_{k}": v for k, v in balancer.weights().items()},
+        **(facts or {}),
     }
     if world.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qatkd.checkpoint import file_sha256
 from qatkd.export.frozen import FrozenLinear
 from qatkd.export.qpack import PackedLayer, QPack, load_qpack, packed_layer, write_qpack
 from qatkd.quant import QuantLinear
@@ -55,12 +56,14 @@ def export_language(
     gguf_format: str | None = None,
     gguf_source: Path | None = None,
     genai: bool = True,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Write the files of the module doc for the `student` of a language checkpoint `state` and
     its `pretrained` source model and tokenizer (`hf/` only with `transformers_folder`, `genai/`
     only with `genai` too; `model.gguf` for a `gguf_format` student, from the `gguf_source` file
     the teacher came from); returns their sizes, the sizes of the model in fp32 and fp16, and
-    how the genai folder and the GGUF file store the codes."""
+    how the genai folder and the GGUF file store the codes; with `checkpoint`, the file `state`
+    was read from, export.json records its path and content hash."""
     from safetensors.torch import save_file  # the `llm` extra
 
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +100,8 @@ def export_language(
     sizes["packed_total"] = sizes["qpack"] + sizes["float_tensors"]
     files = [QPACK, FLOAT_TENSORS, *([HF_FOLDER] if transformers_folder else [])]
     result: dict[str, Any] = {"files": files, "bytes": sizes}
+    if checkpoint is not None:
+        result |= {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint)}
     if genai_build is not None:
         files.append(GENAI_FOLDER)
         sizes["genai"] = genai_build.pop("bytes")

@@ -19,15 +19,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from qatkd.checkpoint import load_checkpoint
+from qatkd.checkpoint import content_sha256, load_checkpoint
 from qatkd.config import Config, checkpoint_config
-from qatkd.distill import TeacherEnsemble, file_sha256
+from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.family import FAMILIES
 from qatkd.tasks.language.data import (
     check_text_files,
-    hold_out_blocks,
     load_eval_text,
     load_train_text,
 )
@@ -82,8 +81,7 @@ class Loaded:
         self.hf, self.tokenizer = load_pretrained(self.folder)
         self.hf.requires_grad_(False)
         self.reference = CausalLM(self.hf)
-        key = ",".join(file_sha256(p) for p in sorted(self.folder.glob("*.safetensors")))
-        key = key or str(self.folder)
+        key = content_sha256(self.folder)  # generated text and reference: this model's
         cache = cache_root() / "text"
         self.test, self.eval_source = load_eval_text(config.data, self.tokenizer)
         self.reference_top1 = reference_top1(self.reference, self.test, cache, key)
@@ -91,12 +89,9 @@ class Loaded:
         self.val: Dataset | None = None
         self.train_source: str | None = None
         if training:
-            blocks, self.train_source = load_train_text(
+            self.train, self.val, self.train_source = load_train_text(
                 config.data, self.tokenizer, self.hf, cache, key
             )
-            self.train = blocks
-            if config.data.val_split:
-                self.train, self.val = hold_out_blocks(blocks, config.data.val_split, config.seed)
 
 
 def _meta(config: Config, loaded: Loaded) -> dict[str, Any]:
@@ -186,6 +181,10 @@ class LanguageFamily:
     def make_task(self, config: Config, source: Loaded) -> Task:
         return LanguageTask(config.kd, config.balancer.per_teacher, source.reference_top1)
 
+    def validation_independence(self, config: Config, source: Loaded) -> dict[str, str]:
+        """Language teachers are pretrained models, not runs on this text: nothing to check."""
+        return {}
+
     def teacher_outputs(
         self, config: Config, source: Loaded, task: Task, device: torch.device
     ) -> tuple[TeacherOutputs, Dataset]:
@@ -217,11 +216,12 @@ class LanguageFamily:
         from_gguf = config.model.path is None and config.model.name == SMOLLM2
         gguf = smollm2_gguf() if fmt is not None and from_gguf else None
         result = export_language(
-            state, student, hf, tokenizer, out, transformers_folder, fmt, gguf, genai
+            state, student, hf, tokenizer, out, transformers_folder, fmt, gguf, genai, path
         )
         if transformers_folder and genai:
             task = LanguageTask(reference=source.reference_top1)
             parity = genai_parity(student, out / GENAI_FOLDER, task, source.test, data_limit)
+            parity["checkpoint_sha256"] = result["checkpoint_sha256"]
             (out / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
             result["genai_parity"] = parity
         return result

@@ -1,0 +1,129 @@
+"""Everything reused is keyed by what it depends on: teacher logits by sample and content, finished
+runs by their whole configuration and the content of their model files, exports by the
+checkpoint they were made from."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from qatkd import pipeline
+from qatkd.checkpoint import file_sha256, load_checkpoint
+from qatkd.config import load_config
+from qatkd.errors import QatkdError
+from qatkd.tasks import task_family
+from qatkd.tasks.classification.data import TensorImages
+from qatkd.tasks.image import TeacherEnsemble, content_digest
+from testdata import tiny_overrides
+
+
+@pytest.fixture
+def teacher(npz_root: Path, tmp_path: Path) -> Path:
+    run_dir, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "t")))
+    return run_dir / "last.pt"
+
+
+def cached_overrides(npz_root: Path, tmp_path: Path, teacher: Path, *extra: str) -> list[str]:
+    cache = f"kd.cache_dir={tmp_path / 'cache'}"
+    common = ["data.augment=false", f"teachers=[{teacher}]", "kd.cache=true", cache, *extra]
+    return tiny_overrides(npz_root, tmp_path / "run", *common)
+
+
+@pytest.mark.parametrize("extra", [["seed=1"], ["data.val_seed=1"], ["data.train_limit=40"]])
+def test_cached_logits_are_the_live_teachers_on_each_runs_own_images(
+    npz_root: Path, tmp_path: Path, teacher: Path, extra: list[str]
+):
+    """The cache one run wrote serves a run over another subset of the same images: each batch
+    gets the logits of its own images (a cache keyed by position served seed 0's logits to seed
+    1's images)."""
+    family = task_family("classification")
+    for overrides in ([], extra):
+        config = load_config(overrides=cached_overrides(npz_root, tmp_path, teacher, *overrides))
+        data = family.load(config)
+        task = family.make_task(config, data)
+        lookup, train_set = family.teacher_outputs(config, data, task, torch.device("cpu"))
+        live = TeacherEnsemble([family.restore(load_checkpoint(teacher))])
+        for batch in DataLoader(train_set, batch_size=16, shuffle=True):
+            torch.testing.assert_close(lookup(batch)[0], live(batch[0])[0], rtol=0, atol=1e-4)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one file serves every subset
+
+
+def test_a_cache_that_disagrees_with_the_live_teacher_stops_the_run(npz_root, tmp_path, teacher):
+    overrides = cached_overrides(npz_root, tmp_path, teacher)
+    pipeline.distill(load_config(overrides=overrides))
+    (file,) = (tmp_path / "cache").iterdir()
+    stored = torch.load(file, weights_only=True)
+    stored["logits"] = stored["logits"].roll(1, dims=0)  # every row now another sample's
+    torch.save(stored, file)
+    shutil.rmtree(tmp_path / "run")
+    with pytest.raises(QatkdError, match=r"teacher-logit cache .* disagrees with teacher 0"):
+        pipeline.distill(load_config(overrides=overrides))
+
+
+def test_another_teacher_or_other_data_misses_the_cache(npz_root, tmp_path, teacher):
+    pipeline.distill(load_config(overrides=cached_overrides(npz_root, tmp_path, teacher)))
+    other = tmp_path / "other.pt"
+    state = load_checkpoint(teacher)
+    state["model"] = {
+        k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()
+    }
+    torch.save(state, other)
+    shutil.rmtree(tmp_path / "run")
+    pipeline.distill(load_config(overrides=cached_overrides(npz_root, tmp_path, other)))
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_content_digest_follows_images_labels_and_transform():
+    images, labels = torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    base = content_digest(TensorImages(images, labels))
+    changed = images.clone()
+    changed[2, 0, 3, 3] = 1
+    assert content_digest(TensorImages(changed, labels)) != base
+    assert content_digest(TensorImages(images, labels.flip(0))) != base
+    assert content_digest(TensorImages(images, labels, torch.nn.Identity())) != base
+    assert content_digest(TensorImages(images.clone(), labels.clone())) == base
+
+
+def test_run_or_reuse_compares_every_key_not_only_those_set(npz_root, tmp_path):
+    run = tmp_path / "run"
+    unset = [o for o in tiny_overrides(npz_root, run) if not o.startswith("train.epochs")]
+    first = pipeline.run_or_reuse(run, "train", [*unset, "train.epochs=1"])
+    assert pipeline.run_or_reuse(run, "train", [*unset, "train.epochs=1"]) == first
+    with pytest.raises(QatkdError, match=r"made with other settings \(train\.epochs: 1 there, 5"):
+        pipeline.run_or_reuse(run, "train", unset)  # the default, 5 epochs
+
+
+def test_run_or_reuse_refuses_a_run_made_from_another_teacher(npz_root, tmp_path, teacher):
+    run = tmp_path / "student"
+    overrides = tiny_overrides(npz_root, run, "train.epochs=1", f"teachers=[{teacher}]")
+    pipeline.run_or_reuse(run, "distill", overrides)
+    inputs = json.loads((run / "inputs.json").read_text())
+    assert inputs == {f"teacher {teacher}": file_sha256(teacher)}
+    assert pipeline.run_or_reuse(run, "distill", overrides)["epochs"] == 1  # reused
+    pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "t2", "seed=5")))
+    shutil.copy(tmp_path / "t2" / "last.pt", teacher)  # the teacher retrained in place
+    with pytest.raises(QatkdError, match=rf"not made from the current teacher {teacher}"):
+        pipeline.run_or_reuse(run, "distill", overrides)
+
+
+def test_bench_re_exports_a_checkpoint_that_changed_since_its_export(npz_root, tmp_path, capsys):
+    quant = ["quant.bits=W8A8", "train.epochs=1"]
+    first, _ = pipeline.train(
+        load_config(overrides=tiny_overrides(npz_root, tmp_path / "a", *quant))
+    )
+    pipeline.export(first)
+    exported = json.loads((first / "parity.json").read_text())
+    assert exported["checkpoint_sha256"] == file_sha256(first / "last.pt")
+    other, _ = pipeline.train(
+        load_config(overrides=tiny_overrides(npz_root, tmp_path / "b", *quant, "seed=3"))
+    )
+    shutil.copy(other / "last.pt", first / "last.pt")  # e.g. a resumed run, trained further
+    result = pipeline.bench(first, batch_sizes=(1,), repeats=1)
+    assert "re-exporting" in capsys.readouterr().out
+    current = file_sha256(first / "last.pt")
+    assert result["checkpoint_sha256"] == current
+    assert json.loads((first / "parity.json").read_text())["checkpoint_sha256"] == current
+    assert result["parity"]["onnxruntime"]["agreement"] == 100.0
