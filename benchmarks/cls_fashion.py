@@ -3,11 +3,14 @@ variants) and EKD-GoR on Fashion-MNIST, in a regime where distillation has somet
 
     python benchmarks/cls_fashion.py [--quick] [--work runs/bench_cls_fashion] [--seeds N]
 
-- Data: the full 60k training set, 10 % held out for validation (`data.val_split`, stratified),
-  the 10k test set only reported. Every number is the test top-1 of the checkpoint a user keeps,
-  `best.pt`, the epoch with the best validation accuracy.
-- Teachers: a deeper ResNet (ResNet-32) and a VGG-8, two architectures, on the ResNet-8 student's
+- Data: the full 60k training set, 10 % held out for validation (`data.val_split`, stratified,
+  the same images for every run: `data.val_seed`), the 10k test set only reported. Every number
+  is the test top-1 of the checkpoint a user keeps, `best.pt`, the epoch with the best validation
+  accuracy.
+- Teachers: a deeper ResNet (ResNet-32) and a VGG-8, two architectures, on the students'
   schedule; KD with one teacher uses the one best on validation, EKD-GoR both.
+- Student: the widest of ResNet-8 and its half- and quarter-width versions that the weakest
+  teacher beats by 3 points on validation (`pick_student`), so distillation has room to help.
 - Quantized students start from the FP32 student and see the same non-augmented data (the
   teacher-logit cache needs it), the same epochs and schedule, and the same seeds: the
   comparisons are paired, seed by seed.
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from _figures import plt, save_figure
 from _protocol import (
     DEFAULT_GOR,
@@ -38,16 +42,22 @@ from _protocol import (
     paired_table,
     runs_needed,
     targets_table,
+    trained,
 )
 from _provenance import markdown_header, start
 from _seeds import cell, summarize
+from torch.utils.data import DataLoader
 
-from qatkd.pipeline import run_or_reuse
+from qatkd.config import load_config
+from qatkd.tasks import task_family
 from qatkd.train.logs import read_csv
 
 RESULTS = Path(__file__).parent / "results"
 TEACHERS = ("resnet32", "vgg8")
-STUDENT = "resnet8"
+STUDENTS = ("resnet8", "resnet8_w0_5", "resnet8_w0_25")
+"""Student candidates, widest first: the benchmark distils the widest one that the weakest
+teacher beats by `REGIME_GAP` points on validation, a regime where distillation has room."""
+REGIME_GAP = 3.0
 BITS = ("W4A4", "W2A2")
 
 
@@ -83,20 +93,29 @@ def record(method: str, bits: str, seed: int, metrics: dict[str, Any]) -> dict[s
 
 def fp32_models(work: Path, budget: Budget) -> dict[str, dict[str, Any]]:
     results = {}
-    for name in (*TEACHERS, STUDENT):
-        epochs = budget.student_epochs if name == STUDENT else budget.teacher_epochs
+    for name in (*TEACHERS, *STUDENTS):
+        epochs = budget.student_epochs if name in STUDENTS else budget.teacher_epochs
         overrides = [
             *budget.data,
             f"train.batch_size={budget.batch_size}",
             f"model.name={name}",
             f"train.epochs={epochs}",
         ]
-        results[name] = run_or_reuse(work / f"fp32_{name}", "train", overrides)
+        results[name] = trained(work / f"fp32_{name}", "train", overrides)
     return results
 
 
-def quantized_runs(work: Path, budget: Budget, teacher: str) -> list[dict[str, Any]]:
-    student = work / f"fp32_{STUDENT}" / "best.pt"
+def pick_student(fp32: dict[str, dict[str, Any]]) -> str:
+    """The widest candidate whose validation top-1 is `REGIME_GAP` below the weakest teacher's
+    (the narrowest when none is)."""
+    bar = min(fp32[t]["best_val_acc"] for t in TEACHERS) - REGIME_GAP
+    return next((s for s in STUDENTS if fp32[s]["best_val_acc"] <= bar), STUDENTS[-1])
+
+
+def quantized_runs(
+    work: Path, budget: Budget, teacher: str, student_name: str
+) -> list[dict[str, Any]]:
+    student = work / f"fp32_{student_name}" / "best.pt"
     one = f"teachers=[{work / f'fp32_{teacher}' / 'best.pt'}]"
     ensemble = "teachers=[" + ",".join(str(work / f"fp32_{t}" / "best.pt") for t in TEACHERS) + "]"
     methods = method_overrides(one, ensemble)
@@ -109,13 +128,11 @@ def quantized_runs(work: Path, budget: Budget, teacher: str) -> list[dict[str, A
                 f"train.batch_size={budget.batch_size}",
                 f"quant.bits={bits}",
                 f"seed={seed}",
-                f"model.name={STUDENT}",
+                f"model.name={student_name}",
                 f"model.init={student}",
             ]
             # min-max calibration: the better PTQ baseline (LSQ's init is made for training)
-            metrics = run_or_reuse(
-                work / f"ptq_{bits}_s{seed}", "ptq", [*common, "quant.method=minmax"]
-            )
+            metrics = trained(work / f"ptq_{bits}_s{seed}", "ptq", [*common, "quant.method=minmax"])
             records.append(record("ptq", bits, seed, metrics))
             for method, extra in methods.items():
                 overrides = [
@@ -129,21 +146,62 @@ def quantized_runs(work: Path, budget: Budget, teacher: str) -> list[dict[str, A
                 if method != "qat":
                     overrides.append("kd.cache=true")
                 command = "train" if method == "qat" else "distill"
-                metrics = run_or_reuse(work / f"{method}_{bits}_s{seed}", command, overrides)
+                metrics = trained(work / f"{method}_{bits}_s{seed}", command, overrides)
                 records.append(record(method, bits, seed, metrics))
     return records
 
 
-def results_table(records: list[dict[str, Any]], fp32: dict[str, dict[str, Any]]) -> str:
+def kd_target_check(run_dir: Path) -> dict[str, Any]:
+    """The cached KD targets against the live teachers on every training image of the run
+    `run_dir` (EKD: both teachers). Every seed trains on the same images (the validation split
+    is `data.val_seed`'s), so the check holds for all of them."""
+    config = load_config(run_dir / "config.yaml")
+    family = task_family(config.task)
+    data = family.load(config)
+    task = family.make_task(config, data)
+    lookup, train_set = family.teacher_outputs(config, data, task, torch.device("cpu"))
+    agree, gap, samples = [0] * len(config.teachers), [0.0] * len(config.teachers), 0
+    for batch in DataLoader(train_set, batch_size=512):
+        live = lookup.live(task.inputs(batch))
+        for i, (cached, fresh) in enumerate(zip(lookup(batch), live, strict=True)):
+            agree[i] += int((cached.argmax(1) == fresh.argmax(1)).sum())
+            gap[i] = max(gap[i], float((cached - fresh).abs().max()))
+        samples += len(batch[0])
+    return {
+        "run": run_dir.name,
+        "samples": samples,
+        "teachers": {
+            path: {"top1_agreement": 100 * agree[i] / samples, "max_abs_diff": gap[i]}
+            for i, path in enumerate(config.teachers)
+        },
+    }
+
+
+def kd_check_text(check: dict[str, Any]) -> str:
+    rows = "\n".join(
+        f"| {Path(path).parent.name} | {c['top1_agreement']:.2f} | {c['max_abs_diff']:.2g} |"
+        for path, c in check["teachers"].items()
+    )
+    return (
+        "KD targets: every cached run checks its first batch against the live teachers before it "
+        f"trains; below, the cache rows of all {check['samples']:,} training images of "
+        f"`{check['run']}` against the live teachers (every seed trains on these images).\n\n"
+        f"| teacher | top-1 agreement (%) | max abs. logit difference |\n|---|---:|---:|\n{rows}"
+    )
+
+
+def results_table(
+    records: list[dict[str, Any]], fp32: dict[str, dict[str, Any]], student_name: str
+) -> str:
     tests, vals = (
         summarize(records, "test"),
         summarize([r for r in records if r["val"] is not None], "val"),
     )
     head = " | ".join(f"{b} test | {b} val" for b in BITS)
     lines = [f"| method | runs needed | {head} |", "|---|---:|" + "---:|---:|" * len(BITS)]
-    student = fp32[STUDENT]
+    student = fp32[student_name]
     lines.append(
-        f"| FP32 student ({STUDENT}) | 1 | "
+        f"| FP32 student ({student_name}) | 1 | "
         + " | ".join(
             f"{student['best_test_acc']:.2f} | {student['best_val_acc']:.2f}" for _ in BITS
         )
@@ -165,11 +223,11 @@ def results_table(records: list[dict[str, Any]], fp32: dict[str, dict[str, Any]]
 
 
 def target_rows(
-    records: list[dict[str, Any]], fp32: dict[str, dict[str, Any]]
+    records: list[dict[str, Any]], fp32: dict[str, dict[str, Any]], student_name: str
 ) -> list[tuple[str, float, str]]:
-    """(what, measured, target) for issue 17's classification targets."""
+    """(what, measured, target): the classification targets of the GoR issues."""
     tests = summarize(records, "test")
-    student = fp32[STUDENT]["best_test_acc"]
+    student = fp32[student_name]["best_test_acc"]
     weakest_teacher = min(fp32[t]["best_test_acc"] for t in TEACHERS)
     rows = [("weakest teacher − FP32 student", weakest_teacher - student, ">= 3")]
     for bits in BITS:
@@ -183,7 +241,9 @@ def target_rows(
     return rows
 
 
-def plot_accuracy(records: list[dict[str, Any]], fp32: float, path: Path) -> None:
+def plot_accuracy(
+    records: list[dict[str, Any]], fp32: float, student_name: str, path: Path
+) -> None:
     tests = summarize(records, "test")
     fig, ax = plt.subplots(figsize=(8, 5))
     for method in ("ptq", "qat", VAL_PICK, *GOR, "ekd_gor"):
@@ -191,7 +251,9 @@ def plot_accuracy(records: list[dict[str, Any]], fp32: float, path: Path) -> Non
         errors = [tests[(method, b)][1] for b in BITS]
         ax.errorbar(BITS, means, yerr=errors, marker="o", capsize=3, label=method)
     ax.axhline(fp32, color="black", linestyle="--", label="FP32 student")
-    ax.set(xlabel="bit-width", ylabel="test top-1 (%)", title=f"Fashion-MNIST, {STUDENT} student")
+    ax.set(
+        xlabel="bit-width", ylabel="test top-1 (%)", title=f"Fashion-MNIST, {student_name} student"
+    )
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
@@ -231,11 +293,18 @@ def main() -> None:
     budget = run.schedule(QUICK, FULL)
     fp32 = fp32_models(run.work, budget)
     teacher = max(TEACHERS, key=lambda t: fp32[t]["best_val_acc"])
-    records = quantized_runs(run.work, budget, teacher)
+    student = pick_student(fp32)
+    records = quantized_runs(run.work, budget, teacher, student)
     records += fixed_alpha_picks(records)
-    targets, checked = targets_table(target_rows(records, fp32))
+    targets, checked = targets_table(target_rows(records, fp32, student))
+    kd_check = kd_target_check(run.work / f"ekd_gor_{BITS[0]}_s0")
     winner = gor_by_validation(records)
-    provenance = {**run.provenance(), "budget": budget.__dict__, "kd_teacher": teacher}
+    provenance = {
+        **run.provenance(),
+        "budget": budget.__dict__,
+        "kd_teacher": teacher,
+        "student": student,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{run.stem}.json").write_text(
         json.dumps(
@@ -245,6 +314,7 @@ def main() -> None:
                     k: {s: v[f"best_{s}_acc"] for s in ("val", "test")} for k, v in fp32.items()
                 },
                 "records": records,
+                "kd_target_check": kd_check,
                 "gor_by_validation": winner,
                 "targets": checked,
             },
@@ -252,13 +322,18 @@ def main() -> None:
         )
         + "\n"
     )
-    plot_accuracy(records, fp32[STUDENT]["best_test_acc"], RESULTS / f"{run.stem}_accuracy.png")
+    plot_accuracy(
+        records, fp32[student]["best_test_acc"], student, RESULTS / f"{run.stem}_accuracy.png"
+    )
     plot_training(run.work, RESULTS / f"{run.stem}_training.png")
     (RESULTS / f"{run.stem}.md").write_text(
         markdown_header("Fashion-MNIST: does GoR earn its place?", provenance, str(budget))
         + "Top-1 (%) of each run's best.pt (chosen on validation); test: mean ± std over "
-        f"{budget.seeds} paired seed(s); val: mean. KD teacher (best on validation): {teacher}.\n\n"
-        f"{results_table(records, fp32)}\n\n"
+        f"{budget.seeds} paired seed(s); val: mean. KD teacher (best on validation): {teacher}. "
+        f"Student: {student}, the widest of {', '.join(STUDENTS)} whose FP32 validation top-1 "
+        f"is {REGIME_GAP:g} points below the weakest teacher's.\n\n"
+        f"{results_table(records, fp32, student)}\n\n"
+        f"## Sanity checks\n\n{kd_check_text(kd_check)}\n\n"
         "## Paired differences (same seeds)\n\n"
         f"{paired_table(records, BITS, 'top-1')}\n\n"
         f"GoR variant with the best validation accuracy: **{winner}** "

@@ -77,6 +77,8 @@ def _register_resnet(depth: int, width: int = 16, suffix: str = "") -> None:
 for _depth in (8, 20, 32, 56):
     _register_resnet(_depth)
 _register_resnet(20, width=32, suffix="_w2")
+_register_resnet(8, width=8, suffix="_w0_5")  # narrower students, for a regime where KD has room
+_register_resnet(8, width=4, suffix="_w0_25")
 
 
 @MODELS.register("vgg8")
