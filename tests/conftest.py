@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,4 +27,15 @@ def fashion_root(tmp_path: Path) -> Path:
         x, y = make_images(n, 10, 28, 1, seed)
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", x[..., 0])
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y)
+    return root
+
+
+@pytest.fixture(scope="session")
+def many_steps_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """npz data with enough images for 57 steps of 8 an epoch (after validation): long enough
+    for a signal to land inside an epoch, or for progress lines to be throttled."""
+    root = tmp_path_factory.mktemp("npz_many")
+    for split, n, seed in (("train", 512, 0), ("test", 24, 1)):
+        x, y = make_images(n, 3, 12, 1, seed)
+        np.savez(root / f"{split}.npz", x=x[..., 0], y=y)
     return root

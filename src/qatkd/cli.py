@@ -1,6 +1,8 @@
 """The `qatkd` command: `qatkd <command> [--config FILE] [key=value ...]`.
 
-User mistakes end in one line on stderr and exit status 2; `--debug` shows the traceback instead.
+Exit statuses: 0 done; 2 a user mistake (one line on stderr; `--debug` shows the traceback
+instead); 130 / 143 a run stopped by SIGINT / SIGTERM after saving its position (resumable); 1 an
+unexpected error.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from pydantic import BaseModel
 from qatkd.checkpoint import checkpoint_path
 from qatkd.config import FAMILY_CONFIGS, Config, _section_type, load_config
 from qatkd.errors import QatkdError
+from qatkd.progress import Settings
+from qatkd.train.stops import RunStopped
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
+QUIET_HELP = "print only the result lines: no progress, no per-epoch lines"
 
 
 def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
@@ -128,11 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qatkd", description="Small quantized models by QAT + knowledge distillation with GoR."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    # SUPPRESS: a subcommand's unset --debug must not reset the value given before the command.
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    # SUPPRESS: a subcommand's unset flag must not reset the value given before the command.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
     )
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     keys_help = "config keys (key = default):\n" + "\n".join(describe_all_keys())
 
@@ -214,8 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    Settings.quiet = args.quiet
     try:
         args.handler(args)
+    except RunStopped as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"qatkd: {stopped}; continue with: qatkd {args.command} --resume {stopped.run_dir}",
+                file=sys.stderr,
+            )
+        return stopped.exit_status
     except QatkdError as e:
         if args.debug:
             raise

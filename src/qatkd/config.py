@@ -86,6 +86,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="language: recompute activations in backward (less memory)"
     )
+    save_every_min: float = Field(
+        10,
+        ge=0,
+        description="also write last.pt inside an epoch every N minutes (wall clock), so a kill "
+        "loses at most that; 0 = only at epoch ends",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss stops the run (last.pt stays good) or skips the step"
     )

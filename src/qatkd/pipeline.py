@@ -32,6 +32,7 @@ from qatkd.config import (
     saved_config,
 )
 from qatkd.errors import QatkdError
+from qatkd.progress import report
 from qatkd.quant import quant_summary
 from qatkd.tasks import Source, TaskFamily, task_family
 from qatkd.train import evaluate_splits, fit
@@ -132,13 +133,13 @@ def _fit_run(
     if config.teachers:
         outputs, train_set = family.teacher_outputs(config, source, task, world.device)
     if world.is_main and config.quant is not None and resume is None:
-        print(quant_summary(model))
+        report(quant_summary(model))
     independence = family.validation_independence(config, source)
     if world.is_main:
         for model_file, verdict in independence.items():
             if verdict != "independent":
                 known = not verdict.startswith("unknown")
-                print(
+                report(
                     f"note: {model_file}: {verdict}"
                     + ("; validation is not independent of it" if known else "")
                 )
@@ -237,7 +238,7 @@ def ptq(
         raise QatkdError("ptq needs a bit-width: set quant.bits=W4A4 (or another)")
     config, family, run_dir, source, _ = _start(config, "ptq")
     model, meta = family.build_student(config, source)
-    print(quant_summary(model))
+    report(quant_summary(model))
     task = family.make_task(config, source)
     metrics = evaluate_splits(task, model.eval(), {"test": source.test})
     return run_dir, save_ptq_run(run_dir, meta, config, model, metrics)

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from qatkd.progress import progress
 
 
 @dataclass
@@ -55,7 +56,7 @@ def _measure_batch(
         for _ in range(warmup):
             target.run(x)
     times: list[list[float]] = [[] for _ in targets]
-    for _ in tqdm(range(repeats), desc=f"latency batch {len(x)}", leave=False):
+    for _ in progress(range(repeats), desc=f"latency batch {len(x)}"):
         for i, target in enumerate(targets):
             start = time.perf_counter()
             target.run(x)

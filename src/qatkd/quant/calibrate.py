@@ -6,9 +6,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from qatkd.errors import QatkdError
+from qatkd.progress import progress as progress_bar
 from qatkd.quant.base import Quantizer
 
 
@@ -33,7 +33,7 @@ def calibrate(
         q.calibrating = True
     seen = 0
     try:
-        with tqdm(total=num_samples, desc="calibrate", disable=not progress) as bar:
+        with progress_bar(total=num_samples, desc="calibrate", disable=not progress) as bar:
             for batch in batches:
                 x = batch[0] if isinstance(batch, tuple | list) else batch
                 model(x.to(device))

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from qatkd.checkpoint import checkpoint_path, file_sha256, load_checkpoint
 from qatkd.config import Config, DataConfig, checkpoint_config
 from qatkd.device import module_device
 from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache
 from qatkd.errors import QatkdError
+from qatkd.progress import progress
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.quant.tensors import check_state_fits_shared_quantizers
 from qatkd.train.engine import Task, TeacherOutputs
@@ -141,7 +141,7 @@ def predict_all(model: nn.Module, dataset: Dataset) -> torch.Tensor:
     model.eval()
     device = module_device(model)
     loader = DataLoader(dataset, batch_size=PREDICT_BATCH_SIZE)
-    batches = tqdm(loader, desc="teacher logits", leave=False)
+    batches = progress(loader, desc="teacher logits")
     return torch.cat([model(x.to(device)).cpu() for x, *_ in batches])
 
 

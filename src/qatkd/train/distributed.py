@@ -74,6 +74,15 @@ def broadcast(world: World, value: Any) -> Any:
     return box[0]
 
 
+def gather(world: World, value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def any_rank(world: World, flag: bool) -> bool:
     """True on every rank if `flag` is true on any: ranks decide together to skip a step, since
     a rank that skipped alone would leave the others waiting in the gradient all-reduce."""

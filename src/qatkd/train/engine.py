@@ -2,14 +2,19 @@
 
 Each step: student outputs -> task loss (labels) and, with teachers, KD loss -> the balancer
 combines them -> backward. The engine knows nothing of images, boxes or tokens: the `Task` does.
-Determinism: every epoch reseeds the shuffling and augmentation RNGs from (seed, epoch), so a run
-resumed from an epoch checkpoint continues exactly as the uninterrupted run would have.
+Determinism: every epoch reseeds the shuffling and augmentation RNGs from (seed, epoch), and a
+checkpoint written inside an epoch (on a stop signal, or every `train.save_every_min` minutes)
+records how many batches of the epoch were done, the epoch's running sums and every rank's RNG
+state, so a resumed run continues exactly as the uninterrupted run would have (on the CPU; GPU
+loader workers draw their own seeds).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,18 +23,19 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from qatkd.balance import LossBalancer, grad_conflict
 from qatkd.checkpoint import save_checkpoint
 from qatkd.config import Config, config_to_dict
 from qatkd.device import device_name, loader_options, mixed_precision, to_device
 from qatkd.errors import QatkdError
+from qatkd.progress import progress, report
 from qatkd.quant import Quantizer
-from qatkd.train.distributed import World, any_rank, average_gradients, barrier
+from qatkd.train.distributed import World, any_rank, average_gradients, barrier, gather
 from qatkd.train.logs import CsvLog
 from qatkd.train.plots import plot_run
+from qatkd.train.stops import RunStopped, StopRequests
 
 DIAG_KEYS = ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
 TeacherOutputs = Callable[[Any], list[Any]]
@@ -122,6 +128,33 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+class SkipFirst(Sampler):
+    """A sampler without its first `count` indices: a run resumed inside an epoch draws the
+    epoch's remaining batches without loading the ones it already trained on."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler, self.count = sampler, 0
+
+    def __iter__(self) -> Any:
+        return itertools.islice(iter(self.sampler), self.count, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.count  # type: ignore[arg-type]
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
 def per_rank_batch_size(batch_size: int, world: World) -> int:
     """`train.batch_size` is the global batch: each of N processes takes 1/N of it."""
     if batch_size % world.size:
@@ -189,10 +222,12 @@ def fit(
     sampler = DistributedSampler(
         train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed
     )
+    batch_size = per_rank_batch_size(train_cfg.batch_size, world)
+    remaining = SkipFirst(sampler)
     loader = DataLoader(
         train_set,
-        batch_size=per_rank_batch_size(train_cfg.batch_size, world),
-        sampler=sampler,
+        batch_size=batch_size,
+        sampler=remaining,
         drop_last=len(train_set) > train_cfg.batch_size,
         **loader_options(device),
     )
@@ -212,6 +247,7 @@ def fit(
     start_epoch, step, best, best_epoch = 0, 0, -math.inf, 0
     last_metrics: dict[str, float] = {}
     best_metrics: dict[str, float] = {}
+    position = None  # where inside `start_epoch` a mid-epoch checkpoint stopped
     if resume is not None:
         model.load_state_dict(resume["model"])
         balancer.load_state_dict(resume["balancer"])
@@ -222,6 +258,7 @@ def fit(
         start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
         last_metrics = dict(resume["metrics"])
         best_epoch, best_metrics = resume.get("best_epoch", 0), resume.get("best_metrics", {})
+        position = resume.get("position")
     student = model
     if world.distributed:
         model = DistributedDataParallel(
@@ -233,112 +270,159 @@ def fit(
     if world.is_main:
         logger.start(resume)
     student_params = [p for p in student.parameters() if p.requires_grad]
-    started = time.perf_counter()
-    for epoch in range(start_epoch, train_cfg.epochs):
-        model.train()
-        balancer.train()
-        sampler.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(config.seed, epoch) + world.rank)
-        epoch_start, loss_sum, acc_sum, seen, units = time.perf_counter(), 0.0, 0.0, 0, 0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
-            leave=False,
-            dynamic_ncols=True,
-            mininterval=1.0,
-            disable=not world.is_main,
-        )
-        for batch in bar:
-            batch = to_device(batch, device)
-            with torch.autocast(device.type, precision.dtype, enabled=precision.enabled):
-                outputs = model(task.inputs(batch))
-                l_ts = task.task_loss(outputs, batch)
-                l_kd = None
-                if teacher_outputs is not None and balancer.needs_teacher:
-                    l_kd = task.kd_loss(outputs, teacher_outputs(batch))
-            total = balancer(l_ts, l_kd)
-            diag = {}
-            if config.diag.every and l_kd is not None and step % config.diag.every == 0:
-                diag = grad_conflict(l_ts, l_kd, student_params)
-            step += 1
-            if any_rank(world, not bool(torch.isfinite(total))):
-                if train_cfg.on_nonfinite == "stop":
-                    raise QatkdError(
-                        f"the loss became non-finite at step {step} (epoch {epoch + 1}; "
-                        f"{total.item()} on this process); "
-                        f"the last good checkpoint is {run_dir / 'last.pt'}: "
-                        "lower train.lr and resume, or set train.on_nonfinite=skip"
-                    )
-                tqdm.write(f"warning: skipped step {step}: non-finite loss ({total.item()} here)")
-                schedule.step()
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            average_gradients(world, balancer)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            n = len(task.inputs(batch))
-            seen += n
-            units += task.units(batch)
-            loss_sum += total.item() * n
-            acc_sum += task.batch_metrics(outputs, batch)["train_acc"] * n
-            rate = units * world.size / (time.perf_counter() - epoch_start)
-            bar.set_postfix(
-                {"loss": f"{loss_sum / seen:.3f}", "acc": f"{acc_sum / seen:.1f}"}
-                | {f"{task.unit}_s": f"{rate:.0f}"},
-                refresh=False,
-            )
-            if world.is_main and (step % train_cfg.log_every == 0 or diag):
-                kd_sum = sum(l_kd) if isinstance(l_kd, list) else l_kd
-                logger.steps.append(
-                    {
-                        "step": step,
-                        "epoch": epoch + 1,
-                        "lr": schedule.get_last_lr()[0],
-                        "loss": total.item(),
-                        "l_ts": l_ts.item(),
-                        "l_kd": None if kd_sum is None else kd_sum.item(),
-                        **balancer.weights(),
-                        **diag,
-                    }
-                )
-        bar.close()
-        if seen == 0:
-            raise QatkdError(f"every step of epoch {epoch + 1} had a non-finite loss")
+    total_steps = steps_per_epoch * train_cfg.epochs
+
+    def checkpoint_state(epochs_done: int, position: dict[str, Any] | None) -> dict[str, Any]:
+        """Everything a resume needs; `position`: the place inside epoch `epochs_done + 1`."""
+        return {
+            "meta": meta,
+            "config": config_to_dict(config),
+            "model": student.state_dict(),
+            "balancer": balancer.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epochs_done,
+            "step": step,
+            "best": best,
+            "best_epoch": best_epoch,
+            "best_metrics": best_metrics,
+            "metrics": last_metrics,
+            "position": position,
+        }
+
+    def stop_or_save(epoch: int, done: int, sums: list[float], stops: StopRequests) -> None:
+        """After a step: on a stop signal (any rank's) or when `train.save_every_min` has
+        passed, every rank's RNG state is gathered and rank 0 writes last.pt at this position;
+        a stop then ends the run with `RunStopped`."""
+        nonlocal last_save
+        stop = any_rank(world, stops.signum is not None)
+        minutes = train_cfg.save_every_min
+        due = bool(minutes) and time.monotonic() - last_save >= 60 * minutes
+        if not (stop or any_rank(world, due and world.is_main)):
+            return
+        position = {"batches": done, "sums": sums, "rng": gather(world, rng_states(device))}
         if world.is_main:
-            last_metrics = {"train_loss": loss_sum / seen, "train_acc": acc_sum / seen}
-            last_metrics |= evaluate_splits(task, student, splits)
-            score = sign * last_metrics[f"{selected_on}_{task.main_metric}"]
-            is_best = score > best
-            if is_best:
-                best, best_epoch, best_metrics = score, epoch + 1, dict(last_metrics)
-            state = {
-                "meta": meta,
-                "config": config_to_dict(config),
-                "model": student.state_dict(),
-                "balancer": balancer.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": schedule.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "best": best,
-                "best_epoch": best_epoch,
-                "best_metrics": best_metrics,
-                "metrics": last_metrics,
-            }
-            save_checkpoint(state, run_dir / "last.pt")
-            if is_best:
-                save_checkpoint(state, run_dir / "best.pt")
-            seconds = time.perf_counter() - epoch_start
-            lr = schedule.get_last_lr()[0]
-            logger.epochs.append(
-                {"epoch": epoch + 1, "step": step, "lr": lr, **last_metrics, "seconds": seconds}
+            save_checkpoint(checkpoint_state(epoch, position), run_dir / "last.pt")
+        last_save = time.monotonic()
+        if stop:
+            barrier(world)
+            raise RunStopped(step, total_steps, stops.signum or signal.SIGTERM, str(run_dir))
+
+    started, last_save = time.perf_counter(), time.monotonic()
+    with StopRequests() as stops:
+        for epoch in range(start_epoch, train_cfg.epochs):
+            model.train()
+            balancer.train()
+            sampler.set_epoch(epoch)
+            torch.manual_seed(epoch_seed(config.seed, epoch) + world.rank)
+            done, sums, rng = 0, [0.0, 0.0, 0, 0], None  # sums: loss, acc, samples, units
+            if position is not None:  # resumed inside this epoch
+                if len(position["rng"]) != world.size:
+                    raise QatkdError(
+                        f"{run_dir / 'last.pt'} stopped inside an epoch of a run of "
+                        f"{len(position['rng'])} processes: resume it with as many"
+                    )
+                done, sums = position["batches"], list(position["sums"])
+                rng, position = position["rng"][world.rank], None
+            remaining.count = done * batch_size
+            batches = iter(loader)  # draws the loader's seed: restore the RNG after it
+            if rng is not None:
+                set_rng_states(rng, device)
+            epoch_start = time.perf_counter()
+            bar = progress(
+                batches,
+                desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                total=steps_per_epoch,
+                initial=done,
+                disable=not world.is_main,
             )
-            plot_run(run_dir, f"{meta.get('model_name', 'model')} — {run_dir.name}")
-            _print_epoch(epoch, train_cfg.epochs, last_metrics, task.main_metric, balancer)
-        barrier(world)
+            units_before = sums[3]
+            for batch in bar:
+                done += 1
+                batch = to_device(batch, device)
+                with torch.autocast(device.type, precision.dtype, enabled=precision.enabled):
+                    outputs = model(task.inputs(batch))
+                    l_ts = task.task_loss(outputs, batch)
+                    l_kd = None
+                    if teacher_outputs is not None and balancer.needs_teacher:
+                        l_kd = task.kd_loss(outputs, teacher_outputs(batch))
+                total = balancer(l_ts, l_kd)
+                diag = {}
+                if config.diag.every and l_kd is not None and step % config.diag.every == 0:
+                    diag = grad_conflict(l_ts, l_kd, student_params)
+                step += 1
+                if any_rank(world, not bool(torch.isfinite(total))):
+                    if train_cfg.on_nonfinite == "stop":
+                        raise QatkdError(
+                            f"the loss became non-finite at step {step} (epoch {epoch + 1}; "
+                            f"{total.item()} on this process); "
+                            f"the last good checkpoint is {run_dir / 'last.pt'}: "
+                            "lower train.lr and resume, or set train.on_nonfinite=skip"
+                        )
+                    report(f"warning: skipped step {step}: non-finite loss ({total.item()} here)")
+                    schedule.step()
+                    stop_or_save(epoch, done, sums, stops)
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                average_gradients(world, balancer)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                n = len(task.inputs(batch))
+                sums[0] += total.item() * n
+                sums[1] += task.batch_metrics(outputs, batch)["train_acc"] * n
+                sums[2] += n
+                sums[3] += task.units(batch)
+                elapsed = time.perf_counter() - epoch_start
+                rate = (sums[3] - units_before) * world.size / elapsed
+                bar.set_postfix(
+                    {"loss": f"{sums[0] / sums[2]:.3f}", "acc": f"{sums[1] / sums[2]:.1f}"}
+                    | {f"{task.unit}_s": f"{rate:.0f}"},
+                    refresh=False,
+                )
+                if world.is_main and (step % train_cfg.log_every == 0 or diag):
+                    kd_sum = sum(l_kd) if isinstance(l_kd, list) else l_kd
+                    logger.steps.append(
+                        {
+                            "step": step,
+                            "epoch": epoch + 1,
+                            "lr": schedule.get_last_lr()[0],
+                            "loss": total.item(),
+                            "l_ts": l_ts.item(),
+                            "l_kd": None if kd_sum is None else kd_sum.item(),
+                            **balancer.weights(),
+                            **diag,
+                        }
+                    )
+                stop_or_save(epoch, done, sums, stops)
+            bar.close()
+            loss_sum, acc_sum, seen, _ = sums
+            if seen == 0:
+                raise QatkdError(f"every step of epoch {epoch + 1} had a non-finite loss")
+            if world.is_main:
+                last_metrics = {"train_loss": loss_sum / seen, "train_acc": acc_sum / seen}
+                last_metrics |= evaluate_splits(task, student, splits)
+                score = sign * last_metrics[f"{selected_on}_{task.main_metric}"]
+                is_best = score > best
+                if is_best:
+                    best, best_epoch, best_metrics = score, epoch + 1, dict(last_metrics)
+                state = checkpoint_state(epoch + 1, None)
+                save_checkpoint(state, run_dir / "last.pt")
+                if is_best:
+                    save_checkpoint(state, run_dir / "best.pt")
+                seconds = time.perf_counter() - epoch_start
+                lr = schedule.get_last_lr()[0]
+                logger.epochs.append(
+                    {"epoch": epoch + 1, "step": step, "lr": lr, **last_metrics, "seconds": seconds}
+                )
+                plot_run(run_dir, f"{meta.get('model_name', 'model')} — {run_dir.name}")
+                _print_epoch(epoch, train_cfg.epochs, last_metrics, task.main_metric, balancer)
+            last_save = time.monotonic()
+            barrier(world)
+            if any_rank(world, stops.signum is not None) and epoch + 1 < train_cfg.epochs:
+                raise RunStopped(step, total_steps, stops.signum or signal.SIGTERM, str(run_dir))
     evaluated = {k: v for k, v in best_metrics.items() if k.startswith(("val_", "test_"))}
     metrics = {
         **last_metrics,
@@ -368,7 +452,7 @@ def _print_epoch(
         for key in (f"val_{main_metric}", f"test_{main_metric}")
         if key in metrics
     )
-    tqdm.write(
+    report(
         f"epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  "
         f"train_acc {metrics['train_acc']:.2f}  {evaluated}{weights}"
     )

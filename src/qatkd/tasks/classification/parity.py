@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
+
+from qatkd.progress import progress
 
 
 @torch.no_grad()
@@ -35,7 +36,7 @@ def compare(
     correct = dict.fromkeys([*models, "export"], 0)
     total = 0
     max_diff = 0.0
-    for x, y in tqdm(batches, desc=desc, leave=False):
+    for x, y in progress(batches, desc=desc):
         got = runner(np.ascontiguousarray(x.numpy(), dtype=np.float32))
         labels = y.numpy()
         correct["export"] += int((got.argmax(1) == labels).sum())

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
+from qatkd.progress import progress
 from qatkd.tasks.detection.boxes import detections
 from qatkd.tasks.detection.data import unpadded
 
@@ -54,7 +54,7 @@ def compare_detections(
     metrics = {name: MeanAveragePrecision(sync_on_compute=False) for name in [*models, "export"]}
     agree = total = 0
     max_diff = 0.0
-    for images, boxes, labels in tqdm(batches, desc=desc, leave=False):
+    for images, boxes, labels in progress(batches, desc=desc):
         truth = [
             dict(zip(("boxes", "labels"), unpadded(*t), strict=True))
             for t in zip(boxes, labels, strict=True)

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
-from tqdm import tqdm
 
 from qatkd.errors import QatkdError
+from qatkd.progress import progress
 from qatkd.train.validation import split_indices
 
 DEFAULT_EVAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -228,7 +228,7 @@ def generated_text(
     texts: list[str] = []
     model.eval()
     try:
-        for first in tqdm(range(0, samples, batch_size), desc="generating training text"):
+        for first in progress(range(0, samples, batch_size), desc="generating training text"):
             prompts = [
                 PROMPTS[i % len(PROMPTS)] for i in range(first, min(first + batch_size, samples))
             ]

