@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from qatkd import pipeline
 from qatkd.checkpoint import load_checkpoint, save_checkpoint
@@ -18,7 +19,7 @@ from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.tasks.classification.models import build_model
 from qatkd.tasks.classification.task import ClassificationTask
-from testdata import tiny_overrides, write_npz
+from testdata import make_images, tiny_overrides, write_idx, write_npz
 
 QATKD = [sys.executable, "-m", "qatkd"]
 
@@ -83,8 +84,10 @@ def test_nan_loss_can_skip_the_step(npz_root, tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A good FP32 checkpoint, a truncated copy, one whose weights are another model's, and one
-    carrying a pickled object."""
+    """A good FP32 run and checkpoint, a truncated copy, one whose weights are another model's,
+    one carrying a pickled object, one recorded for 5 classes, a miniature Fashion-MNIST, a
+    language model folder without weights, YOLO folders with a bad label, an empty image
+    folder."""
     tmp_path = tmp_path_factory.mktemp("checkpoints")
     npz_root = write_npz(tmp_path / "npz")
     good, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "good")))
@@ -93,16 +96,46 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     state = load_checkpoint(good)
     other = build_model("resnet20", 1, 3, [0.5], [0.5])
     save_checkpoint({**state, "model": other.state_dict()}, tmp_path / "other_arch.pt")
+    five = {**state["meta"], "class_names": list("abcde")}
+    save_checkpoint({**state, "meta": five}, tmp_path / "classes5.pt")
     torch.save({"format": "qatkd-checkpoint-v1", "meta": object()}, tmp_path / "pickled.pt")
+    fashion = tmp_path / "fashion"
+    fashion.mkdir()
+    for prefix, n in (("train", 16), ("t10k", 8)):
+        x, y = make_images(n, 10, 28, 1, 0)
+        write_idx(fashion / f"{prefix}-images-idx3-ubyte.gz", x[..., 0])
+        write_idx(fashion / f"{prefix}-labels-idx1-ubyte.gz", y)
+    no_weights = tmp_path / "lm"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text('{"model_type": "llama"}')
+    for name, line in (("yolo_class", "3 0.5 0.5 0.2 0.2"), ("yolo_box", "0 1.5 0.5 0.2 0.2")):
+        for split in ("train", "test"):
+            (tmp_path / name / split / "images").mkdir(parents=True)
+            (tmp_path / name / split / "labels").mkdir()
+            Image.new("L", (16, 16)).save(tmp_path / name / split / "images" / "a.png")
+            (tmp_path / name / split / "labels" / "a.txt").write_text(line + "\n")
+        (tmp_path / name / "classes.txt").write_text("thing\n")
+    for split in ("train", "test"):
+        (tmp_path / "empty" / split).mkdir(parents=True)
     return {
         "good": good / "last.pt",
+        "run": good,
         "truncated": tmp_path / "truncated.pt",
         "other_arch": tmp_path / "other_arch.pt",
+        "classes5": tmp_path / "classes5.pt",
         "pickled": tmp_path / "pickled.pt",
         "npz": npz_root,
+        "fashion": fashion,
+        "no_weights": no_weights,
+        "yolo_class": tmp_path / "yolo_class",
+        "yolo_box": tmp_path / "yolo_box",
+        "empty": tmp_path / "empty",
     }
 
 
+NPZ = ["data.name=npz", "data.root={npz}", "model.name=resnet8"]
+CANVAS = ["task=detection", "data.root={fashion}", "data.train_limit=8", "data.test_limit=4"]
+YOLO = ["task=detection", "data.name=yolo", "data.image_size=16"]
 BAD_INPUTS = [
     ("missing dataset", ["train", "data.root=/nonexistent"], "Fashion-MNIST not found"),
     (
@@ -140,6 +173,67 @@ BAD_INPUTS = [
     ),
     ("unknown language model", ["train", "task=language", "model.name=gpt-17"], "is unknown"),
     ("missing text file", ["train", "task=language", "data.train_files=[nope.txt]"], "not found"),
+    (
+        "GGUF format on classification",
+        ["train", "quant.format=q4_0"],
+        "quant.format=q4_0 is a GGUF grid for language models",
+    ),
+    (
+        "GGUF format on detection",
+        ["train", "task=detection", "quant.format=q8_0"],
+        "quant.format=q8_0 is a GGUF grid for language models; detection models",
+    ),
+    (
+        "group scales on images",
+        ["train", "quant.bits=W4A4", "quant.group_size=32"],
+        "quant.group_size=32: per-group weight scales are for language models",
+    ),
+    ("truncated teacher", ["distill", *NPZ, "teachers=[{truncated}]"], "truncated or corrupt"),
+    ("truncated model.init", ["train", *NPZ, "model.init={truncated}"], "truncated or corrupt"),
+    (
+        "teacher of another family",
+        ["distill", *CANVAS, "teachers=[{good}]"],
+        "is a classification model, but this run's task is detection",
+    ),
+    (
+        "model.init of another family",
+        ["train", *CANVAS, "model.init={good}"],
+        "is a classification model, but this run's task is detection",
+    ),
+    (
+        "teacher with other classes",
+        ["distill", *NPZ, "teachers=[{classes5}]"],
+        "was trained for 5 classes and 1 input channels, but data 'npz' has 3 classes",
+    ),
+    (
+        "teacher-logit cache with augmentation",
+        ["distill", *NPZ, "teachers=[{good}]", "kd.cache=true"],
+        "kd.cache=true needs data.augment=false",
+    ),
+    (
+        "empty image folder",
+        ["train", "data.name=imagefolder", "data.root={empty}"],
+        "Couldn't find any class folder",
+    ),
+    ("YOLO class out of range", ["train", *YOLO, "data.root={yolo_class}"], "out of range"),
+    ("YOLO box outside the image", ["train", *YOLO, "data.root={yolo_box}"], "[0, 1]"),
+    (
+        "out inside a file",
+        ["train", *NPZ, "out={pickled}/run"],
+        "cannot be made: ",
+    ),
+    ("resume of a missing folder", ["train", "--resume", "gone"], "checkpoint not found: gone"),
+    (
+        "resume with other settings",
+        ["train", "--resume", "{run}", "train.epochs=9"],
+        "--resume continues a run with its saved config",
+    ),
+    (
+        "language folder without weights",
+        ["train", "task=language", "model.path={no_weights}"],
+        "holds no weights",
+    ),
+    ("no GPU", ["train", "train.device=cuda"], "no CUDA device is available here"),
 ]
 
 
@@ -147,11 +241,17 @@ BAD_INPUTS = [
 def test_bad_input_is_one_line_with_nonzero_exit(
     case, argv, message, capsys, checkpoints, tmp_path, monkeypatch
 ):
+    """Exit status 2, one line naming the problem, no traceback, and nothing written: no run
+    folder, in well under 10 s."""
     monkeypatch.chdir(tmp_path)
     argv = [a.format(**checkpoints) for a in argv]
     capsys.readouterr()  # drop what building the checkpoints printed
+    started = time.monotonic()
     code = main(argv)
+    seconds = time.monotonic() - started
     err = capsys.readouterr().err
     assert code == EXIT_USER_ERROR
     assert err.count("\n") == 1 and err.startswith("qatkd: error: ") and "Traceback" not in err
     assert message in err
+    assert list(tmp_path.iterdir()) == []  # no run folder (nor runs/)
+    assert seconds < 10

@@ -122,6 +122,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print((checkpoint_path(args.run).parent / BENCH_MD).read_text())
 
 
+def cmd_check(args: argparse.Namespace) -> None:
+    from qatkd import pipeline
+
+    config = load_config(args.config, args.overrides)
+    print("\n".join(pipeline.check_lines(pipeline.check(config, args.run_command))))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from qatkd.demo import run_demo
 
@@ -183,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
         "of a task=language config (calibration only)",
         cmd_ptq,
     ).add_argument("--ckpt", metavar="PATH", help="FP32 checkpoint (classification)")
+    add(
+        "check",
+        "check a run before starting it: every setting a later stage would refuse, then a few "
+        "real steps; prints the model, data, steps, seconds a step, estimated time, peak memory",
+        cmd_check,
+    ).add_argument(
+        "--command",
+        dest="run_command",
+        choices=("train", "distill", "ptq"),
+        default="train",
+        help="the command to check (default: train)",
+    )
     p = add("eval", "evaluate a checkpoint on its test set (data.* overrides allowed)", cmd_eval)
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint or run folder")
     p = add(

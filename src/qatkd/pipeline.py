@@ -9,12 +9,17 @@ so scripts and benchmarks call them directly.
 from __future__ import annotations
 
 import json
+import os
+import resource
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from qatkd.balance import BalancerConfig, build_balancer
 from qatkd.checkpoint import checkpoint_path, content_sha256, load_checkpoint, save_checkpoint
@@ -37,15 +42,49 @@ from qatkd.quant import quant_summary
 from qatkd.tasks import Source, TaskFamily, task_family
 from qatkd.train import evaluate_splits, fit
 from qatkd.train.distributed import World, broadcast, init_world
+from qatkd.train.engine import time_steps
+
+
+def run_folder(config: Config, command: str) -> Path:
+    """`out`, or runs/<command>-<model>-<time> (the time the run starts, to the second)."""
+    if config.out:
+        return Path(config.out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{command}-{config.model.name.replace(':', '_')}-{stamp}"
+
+
+def check_out_folder(run_dir: Path) -> None:
+    """The run folder can be made (or is a folder): its nearest existing ancestor is a folder
+    this user may write in."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise QatkdError(f"out={run_dir} is a file: name a folder for the run")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path("/"))
+    if not existing.is_dir():
+        raise QatkdError(f"out={run_dir} cannot be made: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QatkdError(f"out={run_dir} cannot be made: {existing} is not writable")
+
+
+def checkpoint_bytes(model: nn.Module, command: str) -> int:
+    """About what the run's checkpoints take at once: the model, its optimizer state (up to two
+    tensors a parameter), for last.pt, best.pt and the temporary copy of an atomic write."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return weights if command == "ptq" else 3 * 3 * weights
+
+
+def check_free_disk(run_dir: Path, needed: int) -> None:
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path("/"))
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise QatkdError(
+            f"not enough free disk for the checkpoints of this run in {existing}: about "
+            f"{needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
+        )
 
 
 def new_run_dir(config: Config, command: str) -> Path:
     """The run folder; refuses to write over a folder that already holds a run."""
-    if config.out:
-        run_dir = Path(config.out)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{command}-{config.model.name.replace(':', '_')}-{stamp}"
+    run_dir = run_folder(config, command)
     if run_dir.exists() and not run_dir.is_dir():
         raise QatkdError(f"out={run_dir} is a file: name a folder for the run")
     if (run_dir / "last.pt").exists() or (run_dir / "metrics.json").exists():
@@ -105,27 +144,139 @@ def create_run_dir(config: Config, command: str, world: World) -> Path:
     return run_dir
 
 
-def _start(config: Config, command: str) -> tuple[Config, TaskFamily, Path, Source, World]:
-    """Checks, process group, data, run folder: everything before the student is built."""
+@dataclass
+class Started:
+    """What a run has once everything that could refuse it has passed: the resolved config, its
+    family, data, process group, the student (built, quantized, calibrated) and its run folder."""
+
+    config: Config
+    family: TaskFamily
+    source: Source
+    world: World
+    model: nn.Module
+    meta: dict[str, Any]
+    run_dir: Path
+
+
+def preflight(config: Config, command: str) -> tuple[Config, TaskFamily, Source, World]:
+    """Every check that a later stage would fail on, before any folder is made: the family's
+    rules on the config alone (`check`), the run folder's place, the data, and the teachers and
+    `model.init` against the data (`preflight`)."""
     family = task_family(config.task)
     config = family.resolve(config)
     family.check(config)
+    config = config.model_copy(update={"out": str(run_folder(config, command))})
+    check_out_folder(Path(config.out))
     world = join_world(config)
     source = family.load(config, training=command != "ptq")
-    return config, family, create_run_dir(config, command, world), source, world
+    family.preflight(config, source)
+    return config, family, source, world
 
 
-def _fit_run(
-    config: Config,
-    family: TaskFamily,
-    run_dir: Path,
-    source: Source,
-    model: nn.Module,
-    meta: dict[str, Any],
-    world: World,
-    resume: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def _start(config: Config, command: str) -> Started:
+    """`preflight`, the student, a check that the disk holds its checkpoints, and only then
+    the run folder."""
+    config, family, source, world = preflight(config, command)
+    model, meta = family.build_student(config, source)
+    check_free_disk(Path(config.out), checkpoint_bytes(model, command))
+    run_dir = create_run_dir(config, command, world)
+    return Started(config, family, source, world, model, meta, run_dir)
+
+
+def check(config: Config, command: str = "train") -> dict[str, Any]:
+    """`qatkd check`: everything `command` (train, distill or ptq) would check before it starts,
+    then a few real training steps on real batches, without a run folder: the model, the
+    data, the steps, the measured seconds a step, the whole run's estimated time and the peak
+    memory, as facts (`check_lines` words them)."""
+    if command == "distill":
+        build_balancer(config.balancer, num_teachers=len(config.teachers))
+    elif config.teachers:
+        raise QatkdError(f"{command} takes no teachers; check --command distill")
+    config, family, source, world = preflight(config, command)
+    model, _ = family.build_student(config, source)
+    check_free_disk(Path(config.out), checkpoint_bytes(model, command))
+    splits = {"train": source.train, "val": source.val, "test": source.test}
+    facts: dict[str, Any] = {
+        "model": config.model.path or config.model.name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "quant": None if config.quant is None else config.quant.bits,
+        "samples": {k: len(v) for k, v in splits.items() if v is not None},
+    }
+    if command == "ptq":
+        return facts | {"steps": 0, "peak_memory_bytes": peak_memory(world.device)}
+    task = family.make_task(config, source)
+    balancer_config = config.balancer if config.teachers else BalancerConfig(name="ts_only")
+    balancer = build_balancer(balancer_config, num_teachers=len(config.teachers))
+    outputs, train_set = None, source.train
+    if config.teachers:  # live teachers: a cache would be filled first, then read faster
+        live = config.model_copy(update={"kd": config.kd.model_copy(update={"cache": False})})
+        outputs, train_set = family.teacher_outputs(live, source, task, world.device)
+    model.to(world.device)
+    per_step = time_steps(model, task, train_set, config, balancer, outputs)
+    batch = config.train.batch_size
+    drop_last = len(train_set) > batch
+    per_epoch = len(train_set) // batch if drop_last else -(-len(train_set) // batch)
+    steps = per_epoch * config.train.epochs
+    evaluation = evaluation_seconds(task, model, [source.val, source.test])
+    return facts | {
+        "steps_per_epoch": per_epoch,
+        "epochs": config.train.epochs,
+        "steps": steps,
+        "seconds_per_step": per_step,
+        "evaluation_seconds_per_epoch": evaluation,
+        "estimated_seconds": per_step * steps + evaluation * config.train.epochs,
+        "peak_memory_bytes": peak_memory(world.device),
+    }
+
+
+def evaluation_seconds(task: Any, model: nn.Module, splits: list[Any]) -> float:
+    """The time one epoch's evaluation of `splits` takes, from one timed batch of each."""
+    seconds = 0.0
+    for split in splits:
+        if split is not None and len(split):
+            count = min(len(split), task.eval_batch_size)
+            started = time.perf_counter()
+            evaluate_splits(task, model.eval(), {"x": Subset(split, range(count))})
+            seconds += (time.perf_counter() - started) * len(split) / count
+    return seconds
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: resident on the CPU, allocated on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def check_lines(facts: dict[str, Any]) -> list[str]:
+    """`check`'s facts, one line each, as `qatkd check` prints them."""
+    samples = ", ".join(f"{n:,} {split}" for split, n in facts["samples"].items())
+    quant = f", {facts['quant']}" if facts["quant"] else ", full precision"
+    lines = [
+        f"model: {facts['model']} ({facts['parameters']:,} parameters{quant})",
+        f"samples: {samples}",
+    ]
+    if facts["steps"]:
+        lines += [
+            f"steps: {facts['steps_per_epoch']:,} an epoch x {facts['epochs']} epochs = "
+            f"{facts['steps']:,}",
+            f"seconds per step: {facts['seconds_per_step']:.3g} (3 real steps after a warm-up)",
+            f"evaluation: about {facts['evaluation_seconds_per_epoch']:.3g} s an epoch",
+            f"estimated time: {_duration(facts['estimated_seconds'])}",
+        ]
+    lines.append(f"peak memory: {facts['peak_memory_bytes'] / 2**30:.2f} GiB")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+def _fit_run(run: Started, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Labels only when there are no teachers (train), else the configured balancer (distill)."""
+    config, family, source, world, model = run.config, run.family, run.source, run.world, run.model
     balancer_config = config.balancer if config.teachers else BalancerConfig(name="ts_only")
     balancer = build_balancer(balancer_config, num_teachers=len(config.teachers))
     task = family.make_task(config, source)
@@ -150,8 +301,8 @@ def _fit_run(
         source.val,
         source.test,
         config,
-        run_dir,
-        meta,
+        run.run_dir,
+        run.meta,
         balancer,
         outputs,
         resume,
@@ -166,17 +317,15 @@ def train(config: Config) -> tuple[Path, dict[str, Any]]:
         raise QatkdError(
             "train learns from labels only; to learn from teachers use 'qatkd distill'"
         )
-    config, family, run_dir, source, world = _start(config, "train")
-    model, meta = family.build_student(config, source)
-    return run_dir, _fit_run(config, family, run_dir, source, model, meta, world)
+    run = _start(config, "train")
+    return run.run_dir, _fit_run(run)
 
 
 def distill(config: Config) -> tuple[Path, dict[str, Any]]:
     """QAT (or FP32) student trained on labels and teachers, balanced by `config.balancer`."""
     build_balancer(config.balancer, num_teachers=len(config.teachers))  # fail before any work
-    config, family, run_dir, source, world = _start(config, "distill")
-    model, meta = family.build_student(config, source)
-    return run_dir, _fit_run(config, family, run_dir, source, model, meta, world)
+    run = _start(config, "distill")
+    return run.run_dir, _fit_run(run)
 
 
 def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -190,9 +339,8 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     world = join_world(config)
     source = family.load(config)
     model = family.restore(state, source)
-    return run_dir, _fit_run(
-        config, family, run_dir, source, model, state["meta"], world, resume=state
-    )
+    run = Started(config, family, source, world, model, state["meta"], run_dir)
+    return run_dir, _fit_run(run, resume=state)
 
 
 def _ptq_config(ckpt: str | Path | None, overrides: list[str], config_file: Any) -> Config:
@@ -236,12 +384,11 @@ def ptq(
     config = _ptq_config(ckpt, overrides, config_file)
     if config.quant is None:
         raise QatkdError("ptq needs a bit-width: set quant.bits=W4A4 (or another)")
-    config, family, run_dir, source, _ = _start(config, "ptq")
-    model, meta = family.build_student(config, source)
-    report(quant_summary(model))
-    task = family.make_task(config, source)
-    metrics = evaluate_splits(task, model.eval(), {"test": source.test})
-    return run_dir, save_ptq_run(run_dir, meta, config, model, metrics)
+    run = _start(config, "ptq")
+    report(quant_summary(run.model))
+    task = run.family.make_task(run.config, run.source)
+    metrics = evaluate_splits(task, run.model.eval(), {"test": run.source.test})
+    return run.run_dir, save_ptq_run(run.run_dir, run.meta, run.config, run.model, metrics)
 
 
 def save_ptq_run(

@@ -49,7 +49,13 @@ class TaskFamily(Protocol):
         ...
 
     def check(self, config: Config) -> None:
-        """Fail on a wrong model name or a missing file before any data is loaded."""
+        """Fail, before any data is loaded, on a wrong model name, a missing file, or a setting
+        that a later stage of this family (export, bench, the runtimes) would refuse."""
+        ...
+
+    def preflight(self, config: Config, source: Source) -> None:
+        """Fail, before any run folder is made, on teachers or a `model.init` that do not fit
+        the loaded data (family, classes, input size; vocabulary)."""
         ...
 
     def load(self, config: Config, training: bool = True) -> Source:

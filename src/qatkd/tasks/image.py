@@ -211,6 +211,29 @@ class ImageFamily:
         for what, path in named:
             if path is not None and not checkpoint_path(path).is_file():
                 raise QatkdError(f"{what} checkpoint not found: {path}")
+        if config.kd.cache and config.teachers and config.data.augment:
+            raise QatkdError(
+                "kd.cache=true needs data.augment=false: augmented images change every epoch"
+            )
+        quant = config.quant
+        if quant is not None and quant.format is not None:
+            raise QatkdError(
+                f"quant.format={quant.format} is a GGUF grid for language models; {self.name} "
+                "models export to int8 ONNX: drop quant.format"
+            )
+        if quant is not None and quant.group_size is not None:
+            raise QatkdError(
+                f"quant.group_size={quant.group_size}: per-group weight scales are for language "
+                f"models; {self.name} models export to int8 ONNX with one scale per channel"
+            )
+
+    def preflight(self, config: Config, data: ImageData) -> None:
+        """Each teacher and `model.init` is a readable checkpoint of this family that fits the
+        data (`check_fits`)."""
+        named = [("model.init", config.model.init)] + [("teacher", t) for t in config.teachers]
+        for what, path in named:
+            if path is not None:
+                self.check_fits(load_checkpoint(path)["meta"], data, what, path)
 
     def load(self, config: Config, training: bool = True) -> ImageData:
         """Image datasets load lazily: the training split costs nothing unless read. For

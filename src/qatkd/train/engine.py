@@ -155,6 +155,72 @@ def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def forward_losses(
+    model: nn.Module,
+    task: Task,
+    batch: Any,
+    balancer: LossBalancer,
+    teacher_outputs: TeacherOutputs | None,
+    precision: Any,
+) -> tuple[Any, torch.Tensor, Any, torch.Tensor]:
+    """(outputs, L_TS, L_KD or None, the balanced total) of one batch, autocast as configured."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, precision.dtype, enabled=precision.enabled):
+        outputs = model(task.inputs(batch))
+        l_ts = task.task_loss(outputs, batch)
+        l_kd = None
+        if teacher_outputs is not None and balancer.needs_teacher:
+            l_kd = task.kd_loss(outputs, teacher_outputs(batch))
+    return outputs, l_ts, l_kd, balancer(l_ts, l_kd)
+
+
+def optimizer_step(
+    total: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    world: World,
+    balancer: LossBalancer,
+) -> None:
+    """Backward and one update of the model and the balancer (its gradients averaged over the
+    ranks; DDP averages the model's)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    average_gradients(world, balancer)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def time_steps(
+    model: nn.Module,
+    task: Task,
+    train_set: Dataset,
+    config: Config,
+    balancer: LossBalancer,
+    teacher_outputs: TeacherOutputs | None,
+    steps: int = 3,
+) -> float:
+    """Seconds per training step of this run on this machine, one process: the mean of `steps`
+    real steps (forward, losses, backward, update) after a warm-up step. It trains `model`."""
+    device = next(model.parameters()).device
+    balancer.to(device)
+    loader = DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True)
+    optimizer = build_optimizer(model, balancer, config)
+    precision = mixed_precision(device, config.train.bf16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
+    model.train()
+    balancer.train()
+    timed: list[float] = []
+    for batch in itertools.islice(itertools.cycle(loader), steps + 1):
+        started = time.perf_counter()
+        batch = to_device(batch, device)
+        total = forward_losses(model, task, batch, balancer, teacher_outputs, precision)[3]
+        optimizer_step(total, optimizer, scaler, World(), balancer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timed.append(time.perf_counter() - started)
+    return sum(timed[1:]) / steps
+
+
 def per_rank_batch_size(batch_size: int, world: World) -> int:
     """`train.batch_size` is the global batch: each of N processes takes 1/N of it."""
     if batch_size % world.size:
@@ -341,13 +407,9 @@ def fit(
             for batch in bar:
                 done += 1
                 batch = to_device(batch, device)
-                with torch.autocast(device.type, precision.dtype, enabled=precision.enabled):
-                    outputs = model(task.inputs(batch))
-                    l_ts = task.task_loss(outputs, batch)
-                    l_kd = None
-                    if teacher_outputs is not None and balancer.needs_teacher:
-                        l_kd = task.kd_loss(outputs, teacher_outputs(batch))
-                total = balancer(l_ts, l_kd)
+                outputs, l_ts, l_kd, total = forward_losses(
+                    model, task, batch, balancer, teacher_outputs, precision
+                )
                 diag = {}
                 if config.diag.every and l_kd is not None and step % config.diag.every == 0:
                     diag = grad_conflict(l_ts, l_kd, student_params)
@@ -364,11 +426,7 @@ def fit(
                     schedule.step()
                     stop_or_save(epoch, done, sums, stops)
                     continue
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()
-                average_gradients(world, balancer)
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(total, optimizer, scaler, world, balancer)
                 schedule.step()
                 n = len(task.inputs(batch))
                 sums[0] += total.item() * n

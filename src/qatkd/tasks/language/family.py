@@ -124,12 +124,9 @@ def build_student(config: Config, loaded: Loaded) -> nn.Module:
     return student
 
 
-def _teacher(name: str, config: Config, loaded: Loaded) -> nn.Module:
-    """A teacher named by a model name or a Hugging Face folder; the student's own source is
-    the model already loaded."""
-    source = config.model.path or config.model.name
-    if name == source or (Path(name).is_dir() and Path(name).resolve() == loaded.folder.resolve()):
-        return loaded.reference
+def teacher_folder(name: str, source: str) -> Path:
+    """The Hugging Face folder of a teacher other than the student's own model `source`; a
+    checkpoint file of another family is refused."""
     if Path(name).is_file():
         family = load_checkpoint(name)["meta"].get("task", "classification")
         raise QatkdError(
@@ -137,8 +134,16 @@ def _teacher(name: str, config: Config, loaded: Loaded) -> nn.Module:
             f"Hugging Face folders, e.g. teachers=[{source}]"
         )
     is_folder = Path(name).is_dir()
-    folder = model_folder("" if is_folder else name, name if is_folder else None)
-    teacher = load_pretrained(folder)[0]
+    return model_folder("" if is_folder else name, name if is_folder else None)
+
+
+def _teacher(name: str, config: Config, loaded: Loaded) -> nn.Module:
+    """A teacher named by a model name or a Hugging Face folder; the student's own source is
+    the model already loaded."""
+    source = config.model.path or config.model.name
+    if name == source or (Path(name).is_dir() and Path(name).resolve() == loaded.folder.resolve()):
+        return loaded.reference
+    teacher = load_pretrained(teacher_folder(name, source))[0]
     vocab, own = teacher.config.vocab_size, loaded.hf.config.vocab_size
     if vocab != own:
         raise QatkdError(
@@ -162,6 +167,24 @@ class LanguageFamily:
 
     def check(self, config: Config) -> None:
         check_text_files(config.data)
+
+    def preflight(self, config: Config, source: Loaded) -> None:
+        """Every teacher other than the student's own model is a Hugging Face folder (or a
+        known model name) with weights, predicting over the student's vocabulary: read from its
+        config.json, without loading it."""
+        own = config.model.path or config.model.name
+        for name in config.teachers:
+            if name == own or (
+                Path(name).is_dir() and Path(name).resolve() == source.folder.resolve()
+            ):
+                continue  # the model already loaded
+            folder = teacher_folder(name, own)
+            vocab = json.loads((folder / "config.json").read_text()).get("vocab_size")
+            if vocab != source.hf.config.vocab_size:
+                raise QatkdError(
+                    f"teacher {name} predicts over {vocab} tokens, but the student's vocabulary "
+                    f"has {source.hf.config.vocab_size}: use a teacher with the student's tokenizer"
+                )
 
     def load(self, config: Config, training: bool = True) -> Loaded:
         return Loaded(config, training)

@@ -43,6 +43,9 @@ def smollm2_gguf() -> Path:
     return path
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
 def model_folder(name: str, path: str | None) -> Path:
     """The Hugging Face folder to load: `path` if given, else the cached dequantized SmolLM2
     (made on first use)."""
@@ -51,6 +54,11 @@ def model_folder(name: str, path: str | None) -> Path:
         if not (folder / "config.json").is_file():
             raise QatkdError(
                 f"model.path={path} is not a Hugging Face model folder (no config.json)"
+            )
+        if not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
+            raise QatkdError(
+                f"model.path={path} holds no weights ({', '.join(WEIGHT_FILES)}): copy the "
+                "model's weight files there"
             )
         return folder
     if name != SMOLLM2:
@@ -94,5 +102,6 @@ def load_pretrained(folder: Path) -> tuple[nn.Module, object]:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise QatkdError(f"cannot load a causal language model from {folder}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QatkdError(f"cannot load a causal language model from {folder}: {first}") from e
     return model.eval(), tokenizer

@@ -1,0 +1,42 @@
+"""`qatkd check`: the preflight, then a few real steps, and the facts a user plans a run with;
+nothing is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qatkd import pipeline
+from qatkd.cli import EXIT_USER_ERROR, main
+from qatkd.config import load_config
+from testdata import tiny_overrides
+
+
+def test_check_counts_steps_times_them_and_writes_nothing(npz_root: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    code = main(["check", *tiny_overrides(npz_root, out, "train.epochs=3")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and not out.exists()
+    facts = pipeline.check(load_config(overrides=tiny_overrides(npz_root, out, "train.epochs=3")))
+    train = facts["samples"]["train"]
+    assert facts["samples"] == {"train": train, "val": 64 - train, "test": 24}
+    assert facts["steps_per_epoch"] == train // 16 and facts["steps"] == 3 * (train // 16)
+    assert facts["seconds_per_step"] > 0 and facts["peak_memory_bytes"] > 0
+    estimate = facts["seconds_per_step"] * facts["steps"]
+    assert facts["estimated_seconds"] >= estimate
+    assert [line.split(":")[0] for line in lines] == [
+        "model",
+        "samples",
+        "steps",
+        "seconds per step",
+        "evaluation",
+        "estimated time",
+        "peak memory",
+    ]
+    assert lines[0] == "model: resnet8 (77,299 parameters, full precision)"
+
+
+def test_check_of_a_distill_run_refuses_what_distill_would(npz_root: Path, tmp_path: Path, capsys):
+    argv = ["check", "--command", "distill", *tiny_overrides(npz_root, tmp_path / "r")]
+    assert main(argv) == EXIT_USER_ERROR
+    assert "balancer 'gor' needs at least one teacher" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
