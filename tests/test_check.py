@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from qatkd import pipeline
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
+from qatkd.errors import QatkdError
 from testdata import tiny_overrides
 
 
@@ -40,3 +43,16 @@ def test_check_of_a_distill_run_refuses_what_distill_would(npz_root: Path, tmp_p
     assert main(argv) == EXIT_USER_ERROR
     assert "balancer 'gor' needs at least one teacher" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_too_little_free_disk_is_refused_before_the_run_folder(
+    npz_root: Path, tmp_path: Path, monkeypatch
+):
+    class Usage:
+        free = 10_000  # bytes: less than one checkpoint of the model
+
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: Usage())
+    out = tmp_path / "run"
+    with pytest.raises(QatkdError, match=r"not enough free disk for the checkpoints of this run"):
+        pipeline.train(load_config(overrides=tiny_overrides(npz_root, out)))
+    assert not out.exists()
