@@ -59,6 +59,20 @@ def write_learnable_npz(root: Path) -> Path:
     return root
 
 
+def write_one_image_npz(root: Path) -> Path:
+    """train.npz (128) / test.npz (24): one image repeated, under random labels of 3 classes.
+
+    BatchNorm's batch statistics are then the same for any part of a batch, so training split
+    over processes (each normalising its own share) computes what one process computes: the
+    labels still differ from share to share, and so do the task loss and its gradients."""
+    root.mkdir(parents=True)
+    image = make_textures(1, seed=5)[0][0]
+    for split, n, seed in (("train", 128, 0), ("test", 24, 1)):
+        y = np.random.default_rng(seed).integers(0, 3, n)
+        np.savez(root / f"{split}.npz", x=np.repeat(image[None], n, axis=0), y=y)
+    return root
+
+
 def majority_share(root: Path) -> float:
     """The test accuracy (%) of always predicting the most frequent test class."""
     y = np.load(root / "test.npz")["y"]
