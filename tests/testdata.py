@@ -81,7 +81,7 @@ def majority_share(root: Path) -> float:
 
 def learning_overrides(root: Path, out: Path, *extra: str) -> list[str]:
     """A run on `write_learnable_npz` data that learns it in about 2 s, FP32 or W4A4/W8A8 from
-    scratch: over seeds 0-15, test accuracy 100 % and the loss of the last 3 steps under 6 % of
+    scratch: over seeds 0-15, test accuracy 100 % and the loss of the last 3 steps at most 6 % of
     the first 3 (35 steps). At train.lr=0.05 a W8A8 run can stall (its first layer's LSQ input
     step grows to ~10), and with fewer epochs a QAT model can answer one class in eval mode
     (BatchNorm's running statistics lag its fast-moving weights)."""
