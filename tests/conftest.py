@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from testdata import make_images, write_idx, write_npz
+from testdata import learning_overrides, make_images, write_idx, write_learnable_npz, write_npz
 
 torch.set_num_threads(1)
 
@@ -39,3 +39,20 @@ def many_steps_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         x, y = make_images(n, 3, 12, 1, seed)
         np.savez(root / f"{split}.npz", x=x[..., 0], y=y)
     return root
+
+
+@pytest.fixture(scope="session")
+def learn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Data a model learns in seconds (tests/testdata.py `make_textures`); read-only."""
+    return write_learnable_npz(tmp_path_factory.mktemp("learn") / "npz")
+
+
+@pytest.fixture(scope="session")
+def learned_fp32(learn_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An FP32 resnet8 trained on `learn_root` (a teacher that knows the classes); read-only."""
+    from qatkd import pipeline
+    from qatkd.config import load_config
+
+    out = tmp_path_factory.mktemp("learned") / "fp32"
+    run_dir, _ = pipeline.train(load_config(overrides=learning_overrides(learn_root, out)))
+    return run_dir

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qatkd.cli import EXIT_USER_ERROR, main
-from testdata import tiny_overrides
+from testdata import learning_overrides, majority_share
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -38,10 +38,12 @@ def test_help_lists_commands_and_config_keys(capsys):
     assert "train.epochs = 5" in out and "quant = null" in out and "--resume" in out
 
 
-def test_train_then_eval_from_the_cli(capsys, npz_root: Path, tmp_path: Path):
-    code, out, _ = run_cli(capsys, "train", *tiny_overrides(npz_root, tmp_path / "run"))
+def test_train_then_eval_from_the_cli(capsys, learn_root: Path, tmp_path: Path):
+    code, out, _ = run_cli(capsys, "train", *learning_overrides(learn_root, tmp_path / "run"))
     assert code == 0 and "run folder:" in out
     trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # a model that learned: a broken eval (untrained weights, one class for all) scores otherwise
+    assert trained["test_acc"] >= majority_share(learn_root) + 40
     code, out, _ = run_cli(capsys, "eval", "--ckpt", str(tmp_path / "run" / "last.pt"))
     assert code == 0 and json.loads(out)["test_acc"] == pytest.approx(trained["test_acc"], abs=1e-3)
     code, _, err = run_cli(capsys, "eval", "--ckpt", str(tmp_path / "run"), "train.lr=1")

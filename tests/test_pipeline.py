@@ -16,7 +16,7 @@ from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.quant import is_quantized
 from qatkd.train import engine
-from testdata import make_images, tiny_overrides
+from testdata import learning_overrides, majority_share, make_images, tiny_overrides
 
 
 @pytest.fixture
@@ -31,19 +31,22 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_ptq_writes_a_quantized_checkpoint_that_eval_reproduces(capsys, fp32_run, tmp_path):
+def test_ptq_writes_a_quantized_checkpoint_that_eval_reproduces(
+    capsys, learn_root, learned_fp32, tmp_path
+):
     out = tmp_path / "ptq"
     code, stdout, _ = cli(
         capsys,
         "ptq",
         "--ckpt",
-        str(fp32_run / "last.pt"),
+        str(learned_fp32 / "last.pt"),
         "quant.bits=W4A4",
         "quant.method=minmax",
         f"out={out}",
     )
     assert code == 0 and "QuantConv2d" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_acc"] >= majority_share(learn_root) + 40  # it kept what it learned
     state = load_checkpoint(out / "last.pt")
     assert state["meta"]["quant"]["bits"] == "W4A4"
     model, _ = load_model(out / "last.pt")
@@ -67,13 +70,17 @@ def test_ptq_refuses_a_quantized_checkpoint_and_needs_bits(capsys, fp32_run, tmp
     assert code == EXIT_USER_ERROR and "is already quantized" in err
 
 
-def test_qat_from_fp32_saves_and_restores_quantizer_state(npz_root, fp32_run, tmp_path):
+def test_qat_from_fp32_saves_and_restores_quantizer_state(learn_root, learned_fp32, tmp_path):
     config = load_config(
-        overrides=tiny_overrides(
-            npz_root, tmp_path / "qat", "quant.bits=W2A2", f"model.init={fp32_run / 'last.pt'}"
+        overrides=learning_overrides(
+            learn_root,
+            tmp_path / "qat",
+            "quant.bits=W2A2",
+            f"model.init={learned_fp32 / 'last.pt'}",
         )
     )
     run_dir, metrics = pipeline.train(config)
+    assert metrics["test_acc"] >= majority_share(learn_root) + 40
     state = load_checkpoint(run_dir / "last.pt")
     steps = {k: v for k, v in state["model"].items() if k.endswith("quantizer.step")}
     assert steps and all(bool(v.abs().gt(0).all()) for v in steps.values())

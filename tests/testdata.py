@@ -20,6 +20,21 @@ def make_images(n: int, num_classes: int, size: int, channels: int, seed: int):
     return x, y
 
 
+def make_textures(n: int, seed: int, size: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """3 classes of 1×size×size images told apart by their texture: horizontal stripes, vertical
+    stripes, a checkerboard. Unlike `make_images`' bars, the class survives the training
+    augmentation (random crop, horizontal flip) and a CNN's global pooling, so a resnet8 learns
+    it in a few steps (`learning_overrides`)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+    rows, cols = np.indices((size, size))
+    patterns = [rows % 2 == 0, cols % 2 == 0, (rows + cols) % 2 == 0]
+    for i, label in enumerate(y):
+        x[i][patterns[label]] += 150
+    return x, y
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
@@ -33,6 +48,55 @@ def write_npz(root: Path) -> Path:
         x, y = make_images(n, 3, 12, 1, seed)
         np.savez(root / f"{split}.npz", x=x[..., 0], y=y)
     return root
+
+
+def write_learnable_npz(root: Path) -> Path:
+    """train.npz (128 images) / test.npz (48) of `make_textures`: data a model learns."""
+    root.mkdir(parents=True)
+    for split, n, seed in (("train", 128, 0), ("test", 48, 1)):
+        x, y = make_textures(n, seed)
+        np.savez(root / f"{split}.npz", x=x, y=y)
+    return root
+
+
+def write_one_image_npz(root: Path) -> Path:
+    """train.npz (128) / test.npz (24): one image repeated, under random labels of 3 classes.
+
+    BatchNorm's batch statistics are then the same for any part of a batch, so training split
+    over processes (each normalising its own share) computes what one process computes: the
+    labels still differ from share to share, and so do the task loss and its gradients."""
+    root.mkdir(parents=True)
+    image = make_textures(1, seed=5)[0][0]
+    for split, n, seed in (("train", 128, 0), ("test", 24, 1)):
+        y = np.random.default_rng(seed).integers(0, 3, n)
+        np.savez(root / f"{split}.npz", x=np.repeat(image[None], n, axis=0), y=y)
+    return root
+
+
+def majority_share(root: Path) -> float:
+    """The test accuracy (%) of always predicting the most frequent test class."""
+    y = np.load(root / "test.npz")["y"]
+    return 100 * np.bincount(y).max() / len(y)
+
+
+def learning_overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    """A run on `write_learnable_npz` data that learns it in about 2 s, FP32 or W4A4/W8A8 from
+    scratch: over seeds 0-15, test accuracy 100 % and the loss of the last 3 steps at most 6 % of
+    the first 3 (35 steps). At train.lr=0.05 a W8A8 run can stall (its first layer's LSQ input
+    step grows to ~10), and with fewer epochs a QAT model can answer one class in eval mode
+    (BatchNorm's running statistics lag its fast-moving weights)."""
+    return [
+        "data.name=npz",
+        f"data.root={root}",
+        "model.name=resnet8",
+        f"out={out}",
+        "train.epochs=5",
+        "train.batch_size=16",
+        "train.lr=0.02",
+        "train.log_every=1",
+        "train.threads=1",
+        *extra,
+    ]
 
 
 def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:

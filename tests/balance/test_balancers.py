@@ -190,3 +190,108 @@ def test_scale_needs_gor() -> None:
         build(name="fixed", scale="initial")
     with pytest.raises(ValidationError):
         BalancerConfig(scale="median")
+
+
+def grads(gor: GoR, l_ts: torch.Tensor, l_kd) -> tuple[float, list[float], list[float]]:
+    """The balanced loss, its gradient w.r.t. GoR's parameters and w.r.t. each loss term."""
+    losses = [l_ts.clone().requires_grad_(), *(t.clone().requires_grad_() for t in l_kd)]
+    kd = losses[1:] if gor.per_teacher else losses[1]
+    total = gor(losses[0], kd)
+    total.backward()
+    return total.item(), [p.grad.item() for p in gor.params], [t.grad.item() for t in losses]
+
+
+@pytest.mark.parametrize("s", [[0.0, 0.0], [0.5, -1.0], [-2.0, 3.0]])
+def test_kendall_gradients_are_the_closed_form(s: list[float]) -> None:
+    """L = e^{-s_ts}·L_ts + e^{-s_kd}·L_kd + s_ts + s_kd: ∂L/∂s_i = 1 - e^{-s_i}·L_i, and the
+    model's losses are weighted by ∂L/∂L_i = e^{-s_i}."""
+    gor = GoR(form="kendall")
+    set_params(gor, s)
+    total, d_params, d_losses = grads(gor, L_TS, [L_KD])
+    losses = [L_TS.item(), L_KD.item()]
+    assert total == pytest.approx(sum(math.exp(-v) * x + v for v, x in zip(s, losses, strict=True)))
+    assert d_params == pytest.approx([1 - math.exp(-v) * x for v, x in zip(s, losses, strict=True)])
+    assert d_losses == pytest.approx([math.exp(-v) for v in s])
+
+
+@pytest.mark.parametrize("sigma", [[1.0, 1.0], [2.0, 0.5], [0.3, 1.7]])
+def test_liebel_gradients_are_the_closed_form(sigma: list[float]) -> None:
+    """L = Σ L_i/(2σ_i²) + ln(1+σ_i²): ∂L/∂σ_i = -L_i/σ_i³ + 2σ_i/(1+σ_i²), ∂L/∂L_i = 1/(2σ_i²)."""
+    gor = GoR(form="liebel")
+    set_params(gor, sigma)
+    total, d_params, d_losses = grads(gor, L_TS, [L_KD])
+    losses = [L_TS.item(), L_KD.item()]
+    expected = sum(
+        x / (2 * v * v) + math.log(1 + v * v) for v, x in zip(sigma, losses, strict=True)
+    )
+    assert total == pytest.approx(expected)
+    assert d_params == pytest.approx(
+        [-x / v**3 + 2 * v / (1 + v * v) for v, x in zip(sigma, losses, strict=True)]
+    )
+    assert d_losses == pytest.approx([1 / (2 * v * v) for v in sigma])
+
+
+def test_kendall_projects_into_the_bound_and_differentiates_there() -> None:
+    """Parameters outside [-5, 5] are moved onto the bound before the loss is computed: the value
+    and the gradients are those at ±5 (not zero, as a clamp inside the graph would give), and a
+    parameter inside the bound is left alone."""
+    gor = GoR(form="kendall")
+    set_params(gor, [7.0, -9.0])
+    total, d_params, d_losses = grads(gor, L_TS, [L_KD])
+    b = KENDALL_BOUND
+    assert b == 5.0
+    assert total == pytest.approx(math.exp(-b) * 2.0 + math.exp(b) * 0.3 + b - b)
+    assert d_params == pytest.approx([1 - math.exp(-b) * 2.0, 1 - math.exp(b) * 0.3])
+    assert d_losses == pytest.approx([math.exp(-b), math.exp(b)])
+    set_params(gor, [4.9, -4.9])
+    gor(L_TS, L_KD)
+    assert [p.item() for p in gor.params] == pytest.approx([4.9, -4.9])
+    liebel = GoR(form="liebel")
+    set_params(liebel, [7.0, 0.1])
+    liebel(L_TS, L_KD)  # liebel's σ has no bound
+    assert [p.item() for p in liebel.params] == pytest.approx([7.0, 0.1])
+
+
+def test_an_optimizer_step_on_kendall_moves_each_parameter_by_its_closed_form_gradient() -> None:
+    """One SGD step: s_i ← s_i - lr·(1 - e^{-s_i}·L_i); past the bound it is projected back at
+    the next forward."""
+    gor = GoR(form="kendall")
+    set_params(gor, [0.5, 4.8])
+    optimizer = torch.optim.SGD(gor.parameters(), lr=0.1)
+    gor(L_TS, L_KD).backward()
+    optimizer.step()
+    expected = [0.5 - 0.1 * (1 - math.exp(-0.5) * 2.0), 4.8 - 0.1 * (1 - math.exp(-4.8) * 0.3)]
+    assert [p.item() for p in gor.params] == pytest.approx(expected)
+    set_params(gor, [0.0, -4.99])
+    optimizer.zero_grad()
+    gor(torch.tensor(0.0), torch.tensor(100.0)).backward()
+    optimizer.step()  # s_ts by -lr·1; s_kd by lr·(e^{4.99}·100 - 1), far past the bound
+    assert gor.params[0].item() == pytest.approx(-0.1)
+    assert gor.params[1].item() == pytest.approx(-4.99 + 0.1 * (math.exp(4.99) * 100 - 1))
+    assert gor.weights()["w_kd"] == pytest.approx(math.exp(-KENDALL_BOUND))
+    gor(L_TS, L_KD)
+    assert [p.item() for p in gor.params] == pytest.approx([-0.1, KENDALL_BOUND])
+
+
+@pytest.mark.parametrize("form", ["kendall", "liebel"])
+def test_per_teacher_gor_values_and_gradients_by_hand(form: str) -> None:
+    gor = build(num_teachers=3, per_teacher=True, form=form)
+    values = [0.5, -0.5, 1.5, 0.8] if form == "kendall" else [0.5, 1.2, 2.0, 0.8]
+    set_params(gor, values)
+    terms = [torch.tensor(0.1), torch.tensor(0.2), torch.tensor(0.4)]
+    total, d_params, d_losses = grads(gor, L_TS, terms)
+    losses = [L_TS.item(), *(t.item() for t in terms)]
+    if form == "kendall":
+        value = sum(math.exp(-v) * x + v for v, x in zip(values, losses, strict=True))
+        d_value = [1 - math.exp(-v) * x for v, x in zip(values, losses, strict=True)]
+        weights = [math.exp(-v) for v in values]
+    else:
+        value = sum(
+            x / (2 * v * v) + math.log(1 + v * v) for v, x in zip(values, losses, strict=True)
+        )
+        d_value = [-x / v**3 + 2 * v / (1 + v * v) for v, x in zip(values, losses, strict=True)]
+        weights = [1 / (2 * v * v) for v in values]
+    assert total == pytest.approx(value)
+    assert d_params == pytest.approx(d_value)
+    assert d_losses == pytest.approx(weights)
+    assert list(gor.weights().values()) == pytest.approx(weights)

@@ -90,3 +90,92 @@ def test_registry_names_unknown_losses() -> None:
     assert KD_LOSSES.names() == ["kl", "mse", "reverse_kl"]
     with pytest.raises(QatkdError, match="did you mean 'mse'"):
         KD_LOSSES.get("mes")
+
+
+# The ensemble losses against formulas written out here, with torch.softmax and explicit sums:
+# never the module's own soften / combined_target / kd_kl (design §1.4: one KD term on the mean
+# of the teachers' softened probabilities; MSE on the mean of their logits).
+
+
+def by_hand_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Σ_c p_c (ln p_c - ln q_c) for each row of two [N, C] distributions."""
+    return (p * (p.log() - q.log())).sum(dim=-1)
+
+
+def ensemble_logits(k: int, rows: int = 6, classes: int = 5) -> tuple[torch.Tensor, list]:
+    generator = torch.Generator().manual_seed(k)
+    student = torch.randn(rows, classes, generator=generator) * 2
+    teachers = [torch.randn(rows, classes, generator=generator) * 3 for _ in range(k)]
+    return student, teachers
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("loss", ["kl", "reverse_kl"])
+def test_ensemble_kl_is_tau_squared_kl_to_the_mean_of_softened_probabilities(
+    k: int, tau: float, loss: str
+) -> None:
+    student, teachers = ensemble_logits(k)
+    p_mean = sum(torch.softmax(t / tau, dim=-1) for t in teachers) / k
+    q = torch.softmax(student / tau, dim=-1)
+    per_row = by_hand_kl(p_mean, q) if loss == "kl" else by_hand_kl(q, p_mean)
+    expected = tau**2 * per_row.sum() / student.shape[0]
+    got = build_kd_loss(KDConfig(loss=loss, temperature=tau))(student, teachers)
+    torch.testing.assert_close(got, expected)
+    # the other rule, softmax of the mean logits, gives a clearly different loss on these logits
+    p_of_mean = torch.softmax(sum(teachers) / k / tau, dim=-1)
+    other = by_hand_kl(p_of_mean, q) if loss == "kl" else by_hand_kl(q, p_of_mean)
+    assert abs(tau**2 * other.mean().item() - expected.item()) > 1e-3 * tau**2
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("loss", ["kl", "reverse_kl"])
+def test_per_teacher_kl_terms_are_each_teachers_own_tau_squared_kl(k: int, loss: str) -> None:
+    tau = 3.0
+    student, teachers = ensemble_logits(k)
+    q = torch.softmax(student / tau, dim=-1)
+    terms = build_kd_loss(KDConfig(loss=loss, temperature=tau), per_teacher=True)(student, teachers)
+    assert isinstance(terms, list) and len(terms) == k
+    for term, teacher in zip(terms, teachers, strict=True):
+        p = torch.softmax(teacher / tau, dim=-1)
+        per_row = by_hand_kl(p, q) if loss == "kl" else by_hand_kl(q, p)
+        torch.testing.assert_close(term, tau**2 * per_row.mean())
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_mse_ensemble_and_per_teacher_by_hand(k: int) -> None:
+    student, teachers = ensemble_logits(k)
+    mean_logits = sum(teachers) / k
+    expected = ((student - mean_logits) ** 2).sum() / student.numel()
+    mse = build_kd_loss(KDConfig(loss="mse", temperature=4.0))
+    torch.testing.assert_close(mse(student, teachers), expected)  # no τ in MSE
+    terms = build_kd_loss(KDConfig(loss="mse"), per_teacher=True)(student, teachers)
+    assert len(terms) == k
+    for term, teacher in zip(terms, teachers, strict=True):
+        torch.testing.assert_close(term, ((student - teacher) ** 2).sum() / student.numel())
+
+
+def test_tau_squared_scaling_by_hand() -> None:
+    """τ² multiplies the KL of the softened distributions: at τ = 1 the plain KL, at τ = 4
+    sixteen times the KL of the τ = 4 softened distributions (and not 4 or 1 times it)."""
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, -0.5]])
+    teacher = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 0.0]])
+    for tau in (1.0, 4.0):
+        p, q = torch.softmax(teacher / tau, dim=-1), torch.softmax(student / tau, dim=-1)
+        raw = (p * (p / q).log()).sum() / 2
+        got = build_kd_loss(KDConfig(temperature=tau))(student, [teacher])
+        assert got.item() == pytest.approx(tau**2 * raw.item(), rel=1e-5)
+        assert raw.item() > 1e-3  # a nonzero KL, so τ² and τ would differ
+
+
+def test_token_level_ensemble_by_hand() -> None:
+    """[B, T, C] logits of a language model: every (b, t) row counts once in the mean."""
+    tau = 2.0
+    generator = torch.Generator().manual_seed(7)
+    student = torch.randn(2, 3, 6, generator=generator)
+    teachers = [torch.randn(2, 3, 6, generator=generator) * 2 for _ in range(2)]
+    p_mean = (torch.softmax(teachers[0] / tau, -1) + torch.softmax(teachers[1] / tau, -1)) / 2
+    q = torch.softmax(student / tau, dim=-1)
+    expected = tau**2 * (p_mean * (p_mean.log() - q.log())).sum() / 6
+    got = build_kd_loss(KDConfig(temperature=tau))(student, teachers)
+    torch.testing.assert_close(got, expected)

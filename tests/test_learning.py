@@ -1,0 +1,133 @@
+"""Training learns: on data a resnet8 can learn in seconds (tests/testdata.py `make_textures`),
+the training loss falls and the test accuracy beats always answering the most frequent class by
+a wide margin, for FP32, QAT and distillation, through the real pipeline and engine."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qatkd import pipeline
+from qatkd.artifacts import load_model
+from qatkd.checkpoint import load_checkpoint, save_checkpoint
+from qatkd.config import load_config
+from qatkd.quant import is_quantized
+from testdata import learning_overrides, majority_share
+
+MARGIN = 40.0
+"""Points above the majority-class share (~40 %) a learned model must reach (it reaches ~100)."""
+
+
+def step_losses(run_dir: Path, column: str = "loss") -> list[float]:
+    with (run_dir / "steps.csv").open() as f:
+        return [float(row[column]) for row in csv.DictReader(f)]
+
+
+def epoch_losses(run_dir: Path) -> list[float]:
+    with (run_dir / "log.csv").open() as f:
+        return [float(row["train_loss"]) for row in csv.DictReader(f)]
+
+
+def assert_falls(losses: list[float]) -> None:
+    """The last 3 values under a third of the first 3 (a learning run ends under 10 %)."""
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) / 3, f"the loss did not fall: {losses}"
+
+
+def assert_learned(run_dir: Path, metrics: dict, root: Path) -> None:
+    """Training loss falls, step by step (steps.csv) and epoch by epoch (log.csv), and the test
+    accuracy beats always answering the most frequent class by `MARGIN` points."""
+    assert_falls(step_losses(run_dir))
+    epochs = epoch_losses(run_dir)
+    assert epochs[-1] < epochs[0] / 3, epochs
+    assert metrics["test_acc"] >= majority_share(root) + MARGIN, metrics
+
+
+def held_out(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    with np.load(root / "test.npz") as f:
+        x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+    return x[:, None].float() / 255, y
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 100 * (a == b).float().mean().item()
+
+
+def predictions(ckpt: Path, x: torch.Tensor) -> torch.Tensor:
+    model, _ = load_model(ckpt)
+    with torch.no_grad():
+        return model(x).argmax(-1)
+
+
+def test_fp32_training_learns_and_eval_reproduces_it(learn_root: Path, learned_fp32: Path):
+    metrics = json.loads((learned_fp32 / "metrics.json").read_text())
+    assert_learned(learned_fp32, metrics, learn_root)
+    evaluated = pipeline.evaluate(learned_fp32)
+    assert evaluated["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)
+    x, y = held_out(learn_root)
+    accuracy = agreement(predictions(learned_fp32 / "last.pt", x), y)
+    assert accuracy == pytest.approx(metrics["test_acc"], abs=1e-4)
+
+
+@pytest.mark.parametrize("bits", ["W4A4", "W8A8"])
+def test_qat_from_scratch_learns(learn_root: Path, tmp_path: Path, bits: str):
+    config = load_config(
+        overrides=learning_overrides(learn_root, tmp_path / "qat", f"quant.bits={bits}")
+    )
+    run_dir, metrics = pipeline.train(config)
+    assert is_quantized(load_model(run_dir / "last.pt")[0])
+    assert_learned(run_dir, metrics, learn_root)
+    assert pipeline.evaluate(run_dir)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)
+
+
+def permuted_teacher(teacher: Path, out: Path) -> Path:
+    """`teacher` with its output rows rotated: it answers class (c+1) % 3 where it saw class c."""
+    state = load_checkpoint(teacher / "last.pt")
+    for key in ("net.fc.weight", "net.fc.bias"):
+        state["model"][key] = state["model"][key].roll(1, dims=0)
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, out)
+    return out
+
+
+def test_a_kd_only_student_learns_its_teachers_answers_not_the_labels(
+    learn_root: Path, learned_fp32: Path, tmp_path: Path
+):
+    """The teacher answers (c+1) % 3 for class c; a W4A4 student from scratch that learns from the
+    teacher alone (no label term) takes its answers: all wrong, where a student trained on the
+    labels gets ~100 % (test_qat_from_scratch_learns)."""
+    x, y = held_out(learn_root)
+    teacher = permuted_teacher(learned_fp32, tmp_path / "permuted.pt")
+    teacher_says = predictions(teacher, x)
+    assert agreement(teacher_says, (y + 1) % 3) >= 90
+    overrides = learning_overrides(
+        learn_root,
+        tmp_path / "kd",
+        "quant.bits=W4A4",
+        f"teachers=[{teacher}]",
+        "balancer.name=kd_only",
+    )
+    run_dir, metrics = pipeline.distill(load_config(overrides=overrides))
+    assert_falls(step_losses(run_dir, "l_kd"))
+    assert agreement(predictions(run_dir / "last.pt", x), teacher_says) >= 90
+    assert metrics["test_acc"] <= 10
+
+
+def test_a_gor_student_learns_from_labels_and_teachers(
+    learn_root: Path, learned_fp32: Path, tmp_path: Path
+):
+    """The default distillation (GoR, kendall) of a W4A4 student from scratch with two teachers:
+    both its losses fall, it beats the majority class and answers what its teachers answer."""
+    teacher = learned_fp32 / "last.pt"
+    overrides = learning_overrides(
+        learn_root, tmp_path / "gor", "quant.bits=W4A4", f"teachers=[{teacher},{teacher}]"
+    )
+    run_dir, metrics = pipeline.distill(load_config(overrides=overrides))
+    assert_falls(step_losses(run_dir, "l_ts"))
+    assert_falls(step_losses(run_dir, "l_kd"))
+    assert metrics["test_acc"] >= majority_share(learn_root) + MARGIN, metrics
+    x, _ = held_out(learn_root)
+    assert agreement(predictions(run_dir / "last.pt", x), predictions(teacher, x)) >= 90
