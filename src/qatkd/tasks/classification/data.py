@@ -6,6 +6,7 @@ part of the model (see `models.Normalize`), so an exported model takes raw pixel
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,14 @@ class TensorImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def content_digest(self) -> str:
+        """sha256 of the images, labels and transform: what a model reads from this dataset."""
+        digest = hashlib.sha256(repr(self.transform).encode())
+        for tensor in (self.images, self.labels):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.images[i].float().div_(255)

@@ -12,6 +12,7 @@ tight extent of its item's visible pixels (value > 10 of 255), so boxes are exac
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,14 @@ class CanvasDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def content_digest(self) -> str:
+        """sha256 of the canvases, their boxes and labels and the augmentation."""
+        digest = hashlib.sha256(repr(self.augment).encode())
+        for tensor in (self.images, *(t for target in self.targets for t in target)):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def __getitem__(self, i: int) -> Sample:
         image = self.images[i][None].float() / 255
