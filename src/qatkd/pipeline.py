@@ -53,12 +53,17 @@ def run_folder(config: Config, command: str) -> Path:
     return Path("runs") / f"{command}-{config.model.name.replace(':', '_')}-{stamp}"
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` or its closest ancestor that exists: where a run folder would be made."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
+
+
 def check_out_folder(run_dir: Path) -> None:
     """The run folder can be made (or is a folder): its nearest existing ancestor is a folder
     this user may write in."""
     if run_dir.exists() and not run_dir.is_dir():
         raise QatkdError(f"out={run_dir} is a file: name a folder for the run")
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path("/"))
+    existing = nearest_existing(run_dir)
     if not existing.is_dir():
         raise QatkdError(f"out={run_dir} cannot be made: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -69,11 +74,13 @@ def checkpoint_bytes(model: nn.Module, command: str) -> int:
     """About what the run's checkpoints take at once: the model, its optimizer state (up to two
     tensors a parameter), for last.pt, best.pt and the temporary copy of an atomic write."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return weights if command == "ptq" else 3 * 3 * weights
+    if command == "ptq":
+        return weights  # no optimizer, one file
+    return 3 * (3 * weights)
 
 
 def check_free_disk(run_dir: Path, needed: int) -> None:
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path("/"))
+    existing = nearest_existing(run_dir)
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise QatkdError(
