@@ -1,13 +1,15 @@
 """The command line: exit codes, one-line errors without tracebacks, help text, eval."""
 
 import json
+import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
-from qatkd.cli import EXIT_USER_ERROR, main
+from qatkd.cli import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, main
 from testdata import learning_overrides, majority_share
 
 
@@ -58,3 +60,52 @@ def test_console_script_and_debug_flag(tmp_path: Path):
         [*bad[:3], "--debug", *bad[3:]], capture_output=True, text=True, cwd=tmp_path
     )
     assert "Traceback" in result.stderr
+
+
+def _raise_unexpected(*args, **kwargs):
+    raise RuntimeError("disk on fire")
+
+
+def test_an_unexpected_error_is_one_line_with_exit_status_1(capsys, monkeypatch):
+    from qatkd import pipeline
+
+    monkeypatch.setattr(pipeline, "evaluate", _raise_unexpected)
+    code, out, err = run_cli(capsys, "eval", "--ckpt", "anything")
+    assert code == EXIT_INTERNAL_ERROR == 1
+    assert out == ""
+    assert err == (
+        "qatkd: internal error: RuntimeError: disk on fire (rerun with --debug for the traceback)\n"
+    )
+
+
+def test_debug_lets_an_unexpected_error_through_with_its_traceback(capsys, monkeypatch):
+    from qatkd import pipeline
+
+    monkeypatch.setattr(pipeline, "evaluate", _raise_unexpected)
+    for argv in (["--debug", "eval", "--ckpt", "x"], ["eval", "--debug", "--ckpt", "x"]):
+        with pytest.raises(RuntimeError, match="disk on fire") as raised:
+            main(argv)
+        frames = [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
+        assert frames[-1] == "_raise_unexpected" and "cmd_eval" in frames, frames
+        assert "internal error" not in capsys.readouterr().err
+
+
+def test_the_console_script_prints_the_traceback_under_debug(tmp_path: Path):
+    """What a user sees under --debug: the interpreter prints the traceback, exit status 1."""
+    import qatkd
+
+    script = (
+        "import sys\n"
+        "from qatkd import pipeline\n"
+        "def boom(*args): raise RuntimeError('disk on fire')\n"
+        "pipeline.evaluate = boom\n"
+        "from qatkd.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(qatkd.__file__).parents[1])}  # this qatkd
+    argv = [sys.executable, "-c", script, "--debug", "eval", "--ckpt", "x"]
+    debug = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert debug.returncode == 1
+    assert debug.stderr.startswith("Traceback (most recent call last):")
+    assert "in boom" in debug.stderr and debug.stderr.endswith("RuntimeError: disk on fire\n")
+    assert "internal error" not in debug.stderr
