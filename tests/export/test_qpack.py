@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +86,49 @@ def test_int8_inputs_quantized_at_run_time_pack_their_block_and_stay_out_of_onnx
     assert load_qpack(tmp_path / "m.qpack").layers[0].input_block == 32
     with pytest.raises(QatkdError, match="quantized per row at run time"):
         to_onnx(model, [96])
+
+
+def _small_qpack(path) -> bytes:
+    """A real qpack of one W4A4 linear layer; its bytes."""
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(nn.Linear(8, 4)), QuantConfig(bits="W4A4", first_last_bits=None))
+    calibrate(model, [torch.rand(4, 8)], 4)
+    save_qpack(fold_batchnorm(model.eval()), {"model_name": "tiny"}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"QPACK", b"\x08\x07onnx-protobuf" + bytes(64), b'{"format": "qatkd-qpack"}'],
+    ids=["empty", "magic-cut-short", "onnx", "json"],
+)
+def test_a_foreign_file_is_refused_by_name(tmp_path, content):
+    path = tmp_path / "model.qpack"
+    path.write_bytes(content)
+    with pytest.raises(QatkdError, match=rf"^{re.escape(str(path))} is not a qatkd qpack file$"):
+        load_qpack(path)
+
+
+@pytest.mark.parametrize("version", [0, 2, 2**32 - 1])
+def test_a_qpack_of_another_version_is_refused_by_its_number(tmp_path, version):
+    path = tmp_path / "model.qpack"
+    raw = bytearray(_small_qpack(path))
+    assert load_qpack(path).meta == {"model_name": "tiny"}  # the file as written loads
+    raw[6:10] = struct.pack("<I", version)
+    path.write_bytes(bytes(raw))
+    message = f"{path} is qpack version {version}; this qatkd reads version 1"
+    with pytest.raises(QatkdError, match=f"^{re.escape(message)}$"):
+        load_qpack(path)
+
+
+@pytest.mark.parametrize("keep", ["prefix", "header", "data"])
+def test_a_truncated_qpack_is_a_clear_error(tmp_path, keep):
+    """A file cut short (a full disk, an interrupted copy) is refused by name, not read into
+    wrong weights or a struct / JSON / numpy error."""
+    path = tmp_path / "model.qpack"
+    raw = _small_qpack(path)
+    (length,) = struct.unpack_from("<I", raw, 10)
+    cut = {"prefix": 8, "header": 14 + length // 2, "data": len(raw) - 3}[keep]
+    path.write_bytes(raw[:cut])
+    with pytest.raises(QatkdError, match=rf"^{re.escape(str(path))} is truncated"):
+        load_qpack(path)

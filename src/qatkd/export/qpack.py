@@ -215,14 +215,24 @@ def load_qpack(path: str | Path) -> QPack:
     raw = Path(path).read_bytes()
     if raw[: len(MAGIC)] != MAGIC:
         raise QatkdError(f"{path} is not a qatkd qpack file")
+    start = len(MAGIC) + 8
+
+    def truncated() -> QatkdError:
+        return QatkdError(f"{path} is truncated ({len(raw)} bytes): export it again")
+
+    if len(raw) < start:
+        raise truncated()
     version, length = struct.unpack_from("<II", raw, len(MAGIC))
     if version != VERSION:
         raise QatkdError(f"{path} is qpack version {version}; this qatkd reads version {VERSION}")
-    start = len(MAGIC) + 8
+    if len(raw) < start + length:
+        raise truncated()
     header = json.loads(raw[start : start + length])
     data = memoryview(raw)[start + length :]
 
     def get(ref: list[int]) -> bytes:
+        if ref[0] + ref[1] > len(data):
+            raise truncated()
         return bytes(data[ref[0] : ref[0] + ref[1]])
 
     layers = []
