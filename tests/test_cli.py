@@ -2,13 +2,17 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from qatkd.artifacts import load_model
 from qatkd.cli import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, main
 from testdata import learning_overrides, majority_share
 
@@ -109,3 +113,36 @@ def test_the_console_script_prints_the_traceback_under_debug(tmp_path: Path):
     assert debug.stderr.startswith("Traceback (most recent call last):")
     assert "in boom" in debug.stderr and debug.stderr.endswith("RuntimeError: disk on fire\n")
     assert "internal error" not in debug.stderr
+
+
+def test_eval_data_overrides_choose_the_evaluated_samples(
+    capsys, learn_root, learned_fp32, tmp_path
+):
+    """A model right on every test image (learned_fp32) evaluated on a copy of the data whose
+    last 12 test labels are wrong: 36 of 48 right, all of the first 36, 36 of the first 40."""
+    root = tmp_path / "relabelled"
+    root.mkdir()
+    shutil.copy(learn_root / "train.npz", root / "train.npz")
+    with np.load(learn_root / "test.npz") as f:
+        x, y = f["x"], f["y"].copy()
+    y[36:] = (y[36:] + 1) % 3
+    np.savez(root / "test.npz", x=x, y=y)
+    model, _ = load_model(learned_fp32)
+    with torch.no_grad():
+        right = model(torch.from_numpy(x[:, None]).float() / 255).argmax(1).numpy() == y
+    assert right[:36].all() and not right[36:].any()  # what the figures below rest on
+
+    def evaluated(*overrides: str) -> float:
+        code, out, err = run_cli(capsys, "eval", "--ckpt", str(learned_fp32), *overrides)
+        assert code == 0, err
+        return json.loads(out)["test_acc"]
+
+    assert evaluated() == pytest.approx(100.0)  # its own data
+    assert evaluated(f"data.root={root}") == pytest.approx(75.0)
+    assert evaluated(f"data.root={root}", "data.test_limit=36") == pytest.approx(100.0)
+    assert evaluated(f"data.root={root}", "data.test_limit=40") == pytest.approx(90.0)
+    for other in ("seed=1", "quant.bits=W4A4", "train.lr=1"):
+        code, _, err = run_cli(
+            capsys, "eval", "--ckpt", str(learned_fp32), "data.test_limit=36", other
+        )
+        assert_one_line_error(code, err, f"eval takes only data.* overrides, not '{other}'")
