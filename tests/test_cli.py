@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from qatkd.artifacts import load_model
+from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.cli import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, main
+from qatkd.config import config_to_dict, load_config
 from testdata import learning_overrides, majority_share
 
 
@@ -146,3 +148,61 @@ def test_eval_data_overrides_choose_the_evaluated_samples(
             capsys, "eval", "--ckpt", str(learned_fp32), "data.test_limit=36", other
         )
         assert_one_line_error(code, err, f"eval takes only data.* overrides, not '{other}'")
+
+
+def test_ptq_reads_its_config_file_under_the_command_line(
+    capsys, learned_fp32, learn_root, tmp_path, monkeypatch
+):
+    """The file's keys over the checkpoint's data and seed, the command line's over the file's."""
+    monkeypatch.chdir(tmp_path)  # a run that missed the file's `out` lands here, not in the repo
+    out = tmp_path / "named-in-the-file"
+    config = tmp_path / "ptq.yaml"
+    config.write_text(
+        f"out: {out}\nseed: 3\nquant:\n  bits: W8A8\n  method: minmax\n  first_last_bits: null\n"
+    )
+    argv = ["ptq", "--ckpt", str(learned_fp32), "--config", str(config), "quant.bits=W4A4"]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert f"run folder: {out}" in stdout and (out / "metrics.json").is_file()
+    saved = load_config(out / "config.yaml")
+    assert (saved.quant.bits, saved.quant.method, saved.quant.first_last_bits) == (
+        "W4A4",
+        "minmax",
+        None,
+    )
+    assert saved.seed == 3
+    assert (saved.data.name, saved.data.root, saved.data.augment) == ("npz", str(learn_root), False)
+    assert saved.model.init == str(learned_fp32)
+    quant = load_checkpoint(out / "last.pt")["meta"]["quant"]
+    assert (quant["bits"], quant["method"], quant["first_last_bits"]) == ("W4A4", "minmax", None)
+
+
+def test_ptq_of_a_classification_model_needs_its_checkpoint(capsys, learn_root, tmp_path):
+    out = f"out={tmp_path / 'x'}"
+    overrides = ["data.name=npz", f"data.root={learn_root}", "quant.bits=W4A4", out]
+    config = tmp_path / "ptq.yaml"
+    config.write_text("quant:\n  bits: W4A4\n")
+    for argv in (["ptq", *overrides], ["ptq", "--config", str(config), out]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(
+            code, err, "ptq of a classification model needs its FP32 checkpoint: --ckpt PATH"
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_ptq_of_a_language_model_refuses_a_checkpoint(capsys, tmp_path):
+    """A language model is quantized from its pretrained weights (`model.name` / `model.path`):
+    an FP32 language checkpoint given with --ckpt is refused before any model is loaded."""
+    language = load_config(overrides=["task=language"])
+    state = {
+        "meta": {"task": "language", "model_name": "smollm2-135m"},
+        "config": config_to_dict(language),
+        "model": {},
+    }
+    save_checkpoint(state, tmp_path / "lm.pt")
+    argv = ["ptq", "--ckpt", str(tmp_path / "lm.pt"), "quant.bits=W4A16", f"out={tmp_path / 'x'}"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(
+        code, err, "ptq of a language model quantizes the pretrained model: drop --ckpt"
+    )
+    assert not (tmp_path / "x").exists()
