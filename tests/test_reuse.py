@@ -17,6 +17,7 @@ from qatkd.errors import QatkdError
 from qatkd.tasks import task_family
 from qatkd.tasks.classification.data import TensorImages
 from qatkd.tasks.image import TeacherEnsemble, content_digest
+from qatkd.train import engine
 from testdata import tiny_overrides
 
 
@@ -127,3 +128,35 @@ def test_bench_re_exports_a_checkpoint_that_changed_since_its_export(npz_root, t
     assert result["checkpoint_sha256"] == current
     assert json.loads((first / "parity.json").read_text())["checkpoint_sha256"] == current
     assert result["parity"]["onnxruntime"]["agreement"] == 100.0
+
+
+def test_run_or_reuse_resumes_an_interrupted_run_to_the_uninterrupted_weights(
+    npz_root, tmp_path, monkeypatch
+):
+    """A folder with last.pt but no metrics.json (a stage stopped after epoch 1) is resumed, not
+    refused or started again: its weights end as those of a run never stopped."""
+    whole = pipeline.run_or_reuse(tmp_path / "whole", "train", tiny_overrides(npz_root, tmp_path))
+    cut = tmp_path / "cut"
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # stopped right after epoch 1's checkpoint is written
+        m.setattr(engine, "plot_run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path))
+    assert load_checkpoint(cut / "last.pt")["epoch"] == 1
+    assert not (cut / "metrics.json").exists()
+    resumed = pipeline.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path))
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b = load_checkpoint(cut / "last.pt")
+    assert b["epoch"] == a["epoch"] == 2 and b["step"] == a["step"]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed["test_acc"] == whole["test_acc"] and resumed["epochs"] == 2
+    assert [line.split(",")[0] for line in (cut / "log.csv").read_text().splitlines()] == [
+        "epoch",
+        "1",
+        "2",
+    ]
+    assert pipeline.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path)) == resumed
