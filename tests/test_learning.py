@@ -131,3 +131,78 @@ def test_a_gor_student_learns_from_labels_and_teachers(
     assert metrics["test_acc"] >= majority_share(learn_root) + MARGIN, metrics
     x, _ = held_out(learn_root)
     assert agreement(predictions(run_dir / "last.pt", x), predictions(teacher, x)) >= 90
+
+
+def test_bf16_autocast_trains_on_the_cpu(
+    learn_root: Path, learned_fp32: Path, tmp_path: Path, monkeypatch
+):
+    """`train.bf16=true` on the CPU: the forward pass runs in bfloat16 (autocast), the run learns,
+    and its weights are not those of the same run in float32 (learned_fp32)."""
+    from qatkd.tasks.classification.task import ClassificationTask
+
+    dtypes = set()
+    task_loss = ClassificationTask.task_loss
+
+    def recording(self, outputs, batch):
+        dtypes.add(outputs.dtype)
+        return task_loss(self, outputs, batch)
+
+    monkeypatch.setattr(ClassificationTask, "task_loss", recording)
+    overrides = learning_overrides(learn_root, tmp_path / "bf16", "train.bf16=true")
+    run_dir, metrics = pipeline.train(load_config(overrides=overrides))
+    assert dtypes == {torch.bfloat16}
+    assert_learned(run_dir, metrics, learn_root)
+    bf16, fp32 = (load_checkpoint(r / "last.pt")["model"] for r in (run_dir, learned_fp32))
+    assert bf16.keys() == fp32.keys()
+    assert not all(torch.equal(bf16[k], fp32[k]) for k in fp32)
+    assert all(v.dtype == fp32[k].dtype for k, v in bf16.items())  # float32 weights kept
+
+
+def reverse_kl(student: np.ndarray, teacher: np.ndarray, tau: float) -> float:
+    """τ²·KL(softmax(s/τ) || softmax(t/τ)), averaged over rows: written out here."""
+
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z / tau
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    log_s, log_t = log_softmax(student), log_softmax(teacher)
+    return float((np.exp(log_s) * (log_s - log_t)).sum(axis=1).mean() * tau**2)
+
+
+def mse(student: np.ndarray, teacher: np.ndarray, tau: float) -> float:
+    return float(((student - teacher) ** 2).mean())
+
+
+@pytest.mark.parametrize(
+    ("loss", "formula"), [("mse", mse), ("reverse_kl", reverse_kl)], ids=["mse", "reverse_kl"]
+)
+def test_distill_with_another_kd_loss_logs_its_formula_and_learns(
+    learn_root: Path, learned_fp32: Path, tmp_path: Path, monkeypatch, loss, formula
+):
+    """`kd.loss=mse` / `reverse_kl` through `qatkd distill`: every step's l_kd in steps.csv is
+    the loss's formula (computed here, in float64) on that step's student and teacher logits,
+    and it falls."""
+    from qatkd.cli import main
+    from qatkd.tasks.classification.task import ClassificationTask
+
+    seen = []
+    kd_loss = ClassificationTask.kd_loss
+
+    def recording(self, outputs, teacher_outputs):
+        seen.append((outputs.detach().double().numpy(), teacher_outputs[0].double().numpy()))
+        return kd_loss(self, outputs, teacher_outputs)
+
+    monkeypatch.setattr(ClassificationTask, "kd_loss", recording)
+    out = tmp_path / loss
+    teacher = f"teachers=[{learned_fp32 / 'last.pt'}]"
+    argv = learning_overrides(learn_root, out, teacher, f"kd.loss={loss}")
+    assert main(["--quiet", "distill", *argv]) == 0
+    assert (out / "metrics.json").is_file()
+    logged = step_losses(out, "l_kd")
+    assert len(logged) == len(seen) == 35
+    tau = load_config(out / "config.yaml").kd.temperature
+    assert tau == 4.0
+    expected = [formula(student, teacher, tau) for student, teacher in seen]
+    assert logged == pytest.approx(expected, rel=2e-5, abs=1e-6)
+    assert_falls(logged)
