@@ -58,13 +58,20 @@ def test_train_then_eval_from_the_cli(capsys, learn_root: Path, tmp_path: Path):
     assert_one_line_error(code, err, "eval takes only data.* overrides")
 
 
+def this_qatkd() -> dict[str, str]:
+    """The environment of a child process that imports the qatkd under test (the tests run in
+    another folder: a relative PYTHONPATH would find an installed copy instead)."""
+    import qatkd
+
+    return {**os.environ, "PYTHONPATH": str(Path(qatkd.__file__).parents[1])}
+
+
 def test_console_script_and_debug_flag(tmp_path: Path):
     bad = [sys.executable, "-m", "qatkd", "train", "train.epoch=1"]
-    result = subprocess.run(bad, capture_output=True, text=True, cwd=tmp_path)
+    run = {"capture_output": True, "text": True, "cwd": tmp_path, "env": this_qatkd()}
+    result = subprocess.run(bad, **run)
     assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr
-    result = subprocess.run(
-        [*bad[:3], "--debug", *bad[3:]], capture_output=True, text=True, cwd=tmp_path
-    )
+    result = subprocess.run([*bad[:3], "--debug", *bad[3:]], **run)
     assert "Traceback" in result.stderr
 
 
@@ -98,8 +105,6 @@ def test_debug_lets_an_unexpected_error_through_with_its_traceback(capsys, monke
 
 def test_the_console_script_prints_the_traceback_under_debug(tmp_path: Path):
     """What a user sees under --debug: the interpreter prints the traceback, exit status 1."""
-    import qatkd
-
     script = (
         "import sys\n"
         "from qatkd import pipeline\n"
@@ -108,9 +113,8 @@ def test_the_console_script_prints_the_traceback_under_debug(tmp_path: Path):
         "from qatkd.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(qatkd.__file__).parents[1])}  # this qatkd
     argv = [sys.executable, "-c", script, "--debug", "eval", "--ckpt", "x"]
-    debug = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env)
+    debug = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=this_qatkd())
     assert debug.returncode == 1
     assert debug.stderr.startswith("Traceback (most recent call last):")
     assert "in boom" in debug.stderr and debug.stderr.endswith("RuntimeError: disk on fire\n")
