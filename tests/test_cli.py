@@ -163,6 +163,7 @@ def test_ptq_reads_its_config_file_under_the_command_line(
     config = tmp_path / "ptq.yaml"
     config.write_text(
         f"out: {out}\nseed: 3\nquant:\n  bits: W8A8\n  method: minmax\n  first_last_bits: null\n"
+        "data:\n  test_limit: 10\n"  # merged into the checkpoint's data section
     )
     argv = ["ptq", "--ckpt", str(learned_fp32), "--config", str(config), "quant.bits=W4A4"]
     code, stdout, err = run_cli(capsys, *argv)
@@ -176,6 +177,7 @@ def test_ptq_reads_its_config_file_under_the_command_line(
     )
     assert saved.seed == 3
     assert (saved.data.name, saved.data.root, saved.data.augment) == ("npz", str(learn_root), False)
+    assert saved.data.test_limit == 10
     assert saved.model.init == str(learned_fp32)
     quant = load_checkpoint(out / "last.pt")["meta"]["quant"]
     assert (quant["bits"], quant["method"], quant["first_last_bits"]) == ("W4A4", "minmax", None)

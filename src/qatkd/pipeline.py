@@ -372,7 +372,8 @@ def _ptq_source_config(ckpt: str | Path | None, overrides: list[str], config_fil
         )
     saved = saved_config({**state["config"], "task": checkpoint_task(state)})
     raw = read_yaml(config_file) if config_file else {}
-    raw = {"seed": saved["seed"], "task": saved["task"], "data": saved["data"], **raw}
+    data = {**saved["data"], **raw.get("data", {})}  # the file's data keys over the checkpoint's
+    raw = {"seed": saved["seed"], "task": saved["task"], **raw, "data": data}
     config = build_config(apply_overrides(raw, overrides))
     if not task_family(config.task).ptq_from_checkpoint:
         raise QatkdError(

@@ -51,7 +51,8 @@ def reference_top1(model: nn.Module, windows: Dataset, cache_dir: Path, model_ke
     """`model`'s top-1 next token at every position of the evaluation windows [N, T - 1], computed
     once per model and text and cached on disk: every run compares its student with it."""
     ids = windows.tensors[0]
-    digest = hashlib.sha256(model_key.encode() + ids.numpy().tobytes()).hexdigest()[:16]
+    key = f"{model_key}:{tuple(ids.shape)}:".encode()
+    digest = hashlib.sha256(key + ids.numpy().tobytes()).hexdigest()[:16]
     path = cache_dir / f"reference-top1-{digest}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
