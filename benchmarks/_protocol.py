@@ -6,12 +6,14 @@ each, and differences taken seed by seed. A record is a dict with method, bits, 
 from __future__ import annotations
 
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from _seeds import Stat, cell
 
 from qatkd.pipeline import run_or_reuse
+from qatkd.train.stops import RunStopped
 
 ALPHAS = ("0.1", "0.3", "0.5", "0.7", "0.9")
 GOR = {
@@ -39,8 +41,13 @@ TABLE_METHODS = (
 
 def trained(run_dir: Path, command: str, overrides: list[str]) -> dict[str, Any]:
     """`run_or_reuse`, refusing a run whose validation images one of its teachers or its
-    `model.init` trained on: what it picks on validation would be picked on training images."""
-    metrics = run_or_reuse(run_dir, command, overrides)
+    `model.init` trained on: what it picks on validation would be picked on training images. A
+    stop signal ends the benchmark in one line; run again, it resumes the stopped run."""
+    try:
+        metrics = run_or_reuse(run_dir, command, overrides)
+    except RunStopped as stopped:  # a signal: the run saved its place, the benchmark resumes it
+        print(f"{stopped}; run the same benchmark command again to continue", file=sys.stderr)
+        raise SystemExit(stopped.exit_status) from None
     for model, verdict in metrics.get("validation_independence", {}).items():
         if verdict != "independent":
             raise SystemExit(f"{run_dir}: {model}: {verdict}; validation must be independent")
