@@ -56,8 +56,79 @@ MODULES: dict[str, dict[str, list[str]]] = {
 }
 """Module -> the files mutmut mutates (globs from the repository root) and the tests it runs."""
 
-EQUIVALENT: dict[str, tuple[str, str]] = {}
-"""Surviving mutant -> (its mutated line, why no test can tell it from the original)."""
+_STRICT_ZIP = "the two sequences always have the same length, so `strict` never fires"
+_GRAD_CONFLICT = "qatkd.balance.diagnostics.x_grad_conflict__mutmut_"
+_ZEROS = "dot = norm_ts2 = norm_kd2 = torch.zeros((), "
+_FLOAT64 = (
+    "a float32 zero plus a float64 0-d sum is float64, so the sums are float64 either way; "
+    "without any gradient the zero stays zero"
+)
+_DEVICE = (
+    "a 0-d CPU tensor adds to a CUDA one (the sum lands on the gradients' device); "
+    "`.item()` reads either"
+)
+_WEIGHTS = "qatkd.balance.balancers.xǁGoRǁweights__mutmut_"
+_WEIGHTS_ZIP = "return dict(zip(self.weight_names, weights.tolist(), "
+_READ = "qatkd.distill.cache.xǁTeacherLogitCacheǁ_read__mutmut_"
+_ON_CPU = (
+    "the cache only writes CPU tensors (`rows` moves them before `_write`), so they load onto "
+    "the CPU without `map_location`"
+)
+_WEIGHTS_ONLY = (
+    "torch >= 2.6 (the project pins 2.14.1) loads with weights_only=True unless told otherwise; "
+    "weights_only=False is killed by test_a_file_that_needs_arbitrary_unpickling_is_refused"
+)
+_ROWS = "qatkd.distill.cache.xǁTeacherLogitCacheǁrows__mutmut_"
+_TO_CPU = (
+    "not equivalent on a GPU: a teacher on CUDA returns CUDA logits, which the CPU table cannot "
+    "take without `.to('cpu')`; on a CPU-only machine nothing can tell (no GPU test here)"
+)
+_CHECK = "qatkd.distill.ensemble.xǁTeacherEnsembleǁcheck_num_classes__mutmut_"
+_CHECK_ZIP = "for label, logits in zip(self.labels, self(example), "
+_REVERSE = "qatkd.distill.losses.x_kd_reverse_kl__mutmut_"
+_LAST_DIM = "`_rows` makes the logits 2-D, so dimension 1 is the last one"
+
+EQUIVALENT: dict[str, tuple[str, str]] = {
+    f"{_GRAD_CONFLICT}34": (f"{_ZEROS}dtype=None, device=l_ts.device)", _FLOAT64),
+    f"{_GRAD_CONFLICT}37": (f"{_ZEROS}device=l_ts.device)", _FLOAT64),
+    f"{_GRAD_CONFLICT}35": (f"{_ZEROS}dtype=torch.float64, device=None)", _DEVICE),
+    f"{_GRAD_CONFLICT}38": (f"{_ZEROS}dtype=torch.float64, )", _DEVICE),
+    f"{_GRAD_CONFLICT}41": ("for a, b in zip(g_ts, g_kd, strict=None):", _STRICT_ZIP),
+    f"{_GRAD_CONFLICT}44": ("for a, b in zip(g_ts, g_kd, ):", _STRICT_ZIP),
+    f"{_GRAD_CONFLICT}45": ("for a, b in zip(g_ts, g_kd, strict=False):", _STRICT_ZIP),
+    f"{_WEIGHTS}26": (f"{_WEIGHTS_ZIP}strict=None))", _STRICT_ZIP),
+    f"{_WEIGHTS}29": (f"{_WEIGHTS_ZIP}))", _STRICT_ZIP),
+    f"{_WEIGHTS}30": (f"{_WEIGHTS_ZIP}strict=False))", _STRICT_ZIP),
+    f"{_READ}4": ("stored = torch.load(self.path, map_location=None, weights_only=True)", _ON_CPU),
+    f"{_READ}7": ("stored = torch.load(self.path, weights_only=True)", _ON_CPU),
+    f"{_READ}5": (
+        'stored = torch.load(self.path, map_location="cpu", weights_only=None)',
+        _WEIGHTS_ONLY,
+    ),
+    f"{_READ}8": ('stored = torch.load(self.path, map_location="cpu", )', _WEIGHTS_ONLY),
+    f"{_READ}24": ("ok = None  # not a torch file, or a truncated one", "None is false too"),
+    f"{_READ}26": ("ok = None  # a torch file of another layout", "None is false too"),
+    f"{_ROWS}27": ("computed = compute_fn(missing).detach().to(None, self.dtype)", _TO_CPU),
+    f"{_ROWS}29": ("computed = compute_fn(missing).detach().to(self.dtype)", _TO_CPU),
+    "qatkd.distill.ensemble.xǁTeacherEnsembleǁtrain__mutmut_1": (
+        "def train(self, mode: bool = False) -> TeacherEnsemble:",
+        "`train` ignores its mode: the teachers stay in eval mode whatever it is",
+    ),
+    f"{_CHECK}3": (f"{_CHECK_ZIP}strict=None):", _STRICT_ZIP),
+    f"{_CHECK}6": (f"{_CHECK_ZIP}):", _STRICT_ZIP),
+    f"{_CHECK}8": (f"{_CHECK_ZIP}strict=False):", _STRICT_ZIP),
+    f"{_REVERSE}8": (
+        "log_p_student = F.log_softmax(_rows(student_logits).float() / temperature, dim=+1)",
+        _LAST_DIM,
+    ),
+    f"{_REVERSE}18": (
+        "kl = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(+1).mean()",
+        _LAST_DIM,
+    ),
+}
+"""Surviving mutant -> (its mutated line, why no test can tell it from the original). The line
+ties the note to the change it was written for: mutmut numbers mutants per function, so an edit
+of the function renumbers them and a stale note no longer applies."""
 
 STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped")
 
@@ -148,7 +219,11 @@ def collect(work: Path, spec: dict[str, list[str]]) -> dict[str, Any]:
 
 def survivor(key: str, status: str, diff: str) -> dict[str, Any]:
     """One mutant that no test caught: its diff, and the reason it is equivalent if known."""
-    changed = [line[1:].strip() for line in diff.splitlines() if line.startswith("+ ")]
+    changed = [
+        line[1:].strip()
+        for line in diff.splitlines()
+        if line.startswith("+") and not line.startswith("+++")
+    ]
     line, reason = EQUIVALENT.get(key, ("", ""))
     # a note holds only while the mutant (numbered per function) still makes the same change
     equivalent = reason if reason and line in changed else None
