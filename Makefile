@@ -5,7 +5,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The LLM benchmarks' evaluation text (the Debian Policy Manual):
 POLICY_TEXT := /usr/share/doc/debian-policy/policy.txt.gz
 
-.PHONY: setup data demo test lint peers
+.PHONY: setup data demo test lint peers mutate
 
 setup: $(VENV)/.installed
 
@@ -45,3 +45,15 @@ lint: setup
 	$(VENV)/bin/lint-imports --no-logo
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+
+# Mutation testing (benchmarks/mutation_report.py; not in CI: minutes per module). Writes
+# benchmarks/results/mutation.{md,json}; `make mutate MODULES="balance distill"` runs only those.
+MODULES ?= quant balance distill train export
+MUTATE_JOBS ?= 1
+
+$(VENV)/.mutation: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[mutation]'
+	touch $@
+
+mutate: $(VENV)/.mutation
+	$(PY) benchmarks/mutation_report.py --jobs $(MUTATE_JOBS) $(MODULES)

@@ -295,3 +295,82 @@ def test_per_teacher_gor_values_and_gradients_by_hand(form: str) -> None:
     assert d_params == pytest.approx(d_value)
     assert d_losses == pytest.approx(weights)
     assert list(gor.weights().values()) == pytest.approx(weights)
+
+
+# Exact messages, defaults and bounds: what a user or a checkpoint sees.
+
+
+def test_messages_name_the_fix_in_full() -> None:
+    with pytest.raises(QatkdError) as error:
+        build(num_teachers=0)
+    assert str(error.value) == (
+        "balancer 'gor' needs at least one teacher: set teachers=[...] "
+        "(or balancer.name=ts_only for plain QAT)"
+    )
+    with pytest.raises(TypeError) as error:
+        GoR()(L_TS, [L_KD])
+    assert str(error.value) == (
+        "GoR takes one KD loss tensor, got list: build the KD loss with per_teacher=False"
+    )
+    with pytest.raises(TypeError) as error:
+        GoR(num_teachers=2)(L_TS, L_KD)
+    assert str(error.value) == (
+        "per-teacher GoR takes a list of 2 KD losses, got tensor(0.3000): "
+        "build the KD loss with per_teacher=True"
+    )
+
+
+def test_gor_refuses_unknown_settings_by_name() -> None:
+    with pytest.raises(ValueError, match=r"^unknown GoR form 'lieble'$"):
+        GoR(form="lieble")
+    with pytest.raises(ValueError, match=r"^unknown GoR loss scale 'median'$"):
+        GoR(scale="median")
+    with pytest.raises(ValueError, match=r"^per-teacher GoR needs num_teachers >= 1, got 0$"):
+        GoR(num_teachers=0)
+
+
+def test_per_teacher_gor_with_one_teacher() -> None:
+    gor = GoR(num_teachers=1)
+    assert gor.per_teacher and list(gor.weights()) == ["w_ts", "w_kd0"]
+    assert gor(L_TS, [L_KD]).item() == pytest.approx(2.0 + 0.3)
+
+
+def test_fixed_alpha_default_and_bounds() -> None:
+    assert Fixed().alpha == 0.5 and Fixed().weights() == {"w_ts": 0.5, "w_kd": 0.5}
+    assert Fixed(1.0).weights() == {"w_ts": 0.0, "w_kd": 1.0}
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.01"):
+        Fixed(1.01)
+
+
+def test_param_group_is_named_balancer() -> None:
+    gor = GoR()
+    assert gor.param_groups(None, 0.1) == [
+        {"params": list(gor.params), "lr": 0.1, "weight_decay": 0.0, "name": "balancer"}
+    ]
+
+
+def test_gor_parameters_are_float32_whatever_the_default_dtype() -> None:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        gor = GoR(form="liebel")
+    finally:
+        torch.set_default_dtype(default)
+    assert [p.dtype for p in gor.params] == [torch.float32, torch.float32]
+
+
+def test_only_scale_aware_gor_has_loss_size_buffers() -> None:
+    """The state dict is what checkpoints hold: plain GoR's has its parameters only."""
+    assert list(GoR().state_dict()) == ["params.0", "params.1"]
+    assert list(GoR(scale="running").state_dict()) == [
+        "loss_sizes",
+        "size_updates",
+        "params.0",
+        "params.1",
+    ]
+
+
+@pytest.mark.parametrize("scale", ["initial", "running"])
+def test_scale_aware_weights_before_the_first_step_are_the_plain_ones(scale: str) -> None:
+    """No loss size is known yet: the weights are GoR's own, not divided by an empty estimate."""
+    assert GoR(scale=scale).weights() == {"w_ts": 1.0, "w_kd": 1.0}

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -179,3 +181,30 @@ def test_token_level_ensemble_by_hand() -> None:
     expected = tau**2 * (p_mean * (p_mean.log() - q.log())).sum() / 6
     got = build_kd_loss(KDConfig(temperature=tau))(student, teachers)
     torch.testing.assert_close(got, expected)
+
+
+def test_kd_loss_defaults_are_the_config_defaults() -> None:
+    """KLLoss() directly (the Python API) is `kd:` left at its defaults: τ = 4, one term."""
+    from qatkd.distill import KLLoss
+
+    torch.manual_seed(0)
+    student, teachers = torch.randn(3, 5), [torch.randn(3, 5), torch.randn(3, 5)]
+    loss = KLLoss()
+    assert loss.temperature == KDConfig().temperature == 4.0 and loss.per_teacher is False
+    expected = build_kd_loss(KDConfig())(student, teachers)
+    torch.testing.assert_close(loss(student, teachers), expected)
+
+
+def test_no_teacher_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"^KD needs the logits of at least one teacher$"):
+        build_kd_loss(KDConfig())(torch.zeros(2, 3), [])
+
+
+@pytest.mark.parametrize("loss", ["kl", "reverse_kl", "mse"])
+def test_kd_losses_run_without_warnings(loss: str) -> None:
+    """No deprecated calls (an implicit softmax dimension warns, and would pick the wrong one
+    for 3-D logits)."""
+    student, teachers = ensemble_logits(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_kd_loss(KDConfig(loss=loss))(student, teachers)

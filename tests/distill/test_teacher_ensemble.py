@@ -52,3 +52,24 @@ def test_mismatched_teacher_names_index_and_class_counts() -> None:
 def test_empty_ensemble_is_a_clear_error() -> None:
     with pytest.raises(QatkdError, match=r"teacher ensemble is empty: set teachers=\[\.\.\.\]"):
         TeacherEnsemble([])
+
+
+def test_labels_and_mismatched_names() -> None:
+    assert TeacherEnsemble(make_teachers()).labels == ["teacher 0", "teacher 1"]
+    assert TeacherEnsemble(make_teachers(), names=["a", "b"]).labels == [
+        "teacher 0 (a)",
+        "teacher 1 (b)",
+    ]
+    with pytest.raises(ValueError, match=r"^1 names for 2 teachers$"):
+        TeacherEnsemble(make_teachers(), names=["a"])
+    with pytest.raises(QatkdError) as error:
+        TeacherEnsemble([])
+    assert str(error.value) == "the teacher ensemble is empty: set teachers=[...]"
+
+
+def test_class_count_is_the_last_dimension_of_token_level_logits() -> None:
+    """Language teachers give [B, T, C]: the classes are C, not T."""
+    tokens = torch.randn(1, 5, 4)  # T = 5 tokens of 4 features
+    TeacherEnsemble([nn.Linear(4, 3)]).check_num_classes(3, tokens)
+    with pytest.raises(QatkdError, match=r"^teacher 1 outputs 7 classes but the student has 3"):
+        TeacherEnsemble([nn.Linear(4, 3), nn.Linear(4, 7)]).check_num_classes(3, tokens)

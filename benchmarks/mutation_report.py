@@ -1,0 +1,367 @@
+"""Mutation testing of the core modules with mutmut: how many small changes to the code (a `<`
+turned into `<=`, a constant changed, an argument dropped) make a focused test selection fail.
+
+    python benchmarks/mutation_report.py [--jobs N] [MODULE ...]      (what `make mutate` runs)
+
+MODULE is one of the keys of `MODULES` below (default: all of them). Each module runs on its
+own, in `.mutation/<module>/` (removed first, so every run starts from scratch): links to `src/`
+and `tests/`, a copy of `pyproject.toml` with a `[tool.mutmut]` section naming the files to
+mutate and the tests to run, and mutmut's `mutants/` folder. The whole `qatkd` package is copied
+into `mutants/` (the tests import all of it); only the module's files are mutated. mutmut runs
+each mutant against the tests that called the mutated function, in a forked worker.
+
+Writes benchmarks/results/mutation.{md,json}. A run replaces the entries of the modules it ran
+and keeps the others', each with its own commit and date; a module never run is listed as such.
+A surviving mutant named in `EQUIVALENT` (with the mutated line it expects) is reported with the
+reason it cannot be killed; every other survivor is a gap in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from _provenance import command, git_commit, machine
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / ".mutation"
+
+MODULES: dict[str, dict[str, list[str]]] = {
+    "quant": {"mutate": ["src/qatkd/quant/*"], "tests": ["tests/quant"]},
+    "balance": {"mutate": ["src/qatkd/balance/*"], "tests": ["tests/balance"]},
+    "distill": {"mutate": ["src/qatkd/distill/*"], "tests": ["tests/distill"]},
+    "train": {
+        "mutate": ["src/qatkd/train/*"],
+        "tests": [
+            "tests/test_engine.py",
+            "tests/test_stops.py",
+            "tests/test_logs.py",
+            "tests/test_validation.py",
+        ],
+    },
+    "export": {
+        "mutate": ["src/qatkd/export/codes.py", "src/qatkd/export/onnx_graph.py"],
+        "tests": ["tests/export"],
+    },
+}
+"""Module -> the files mutmut mutates (globs from the repository root) and the tests it runs."""
+
+_STRICT_ZIP = "the two sequences always have the same length, so `strict` never fires"
+_GRAD_CONFLICT = "qatkd.balance.diagnostics.x_grad_conflict__mutmut_"
+_ZEROS = "dot = norm_ts2 = norm_kd2 = torch.zeros((), "
+_FLOAT64 = (
+    "a float32 zero plus a float64 0-d sum is float64, so the sums are float64 either way; "
+    "without any gradient the zero stays zero"
+)
+_DEVICE = (
+    "a 0-d CPU tensor adds to a CUDA one (the sum lands on the gradients' device); "
+    "`.item()` reads either"
+)
+_WEIGHTS = "qatkd.balance.balancers.xǁGoRǁweights__mutmut_"
+_WEIGHTS_ZIP = "return dict(zip(self.weight_names, weights.tolist(), "
+_READ = "qatkd.distill.cache.xǁTeacherLogitCacheǁ_read__mutmut_"
+_ON_CPU = (
+    "the cache only writes CPU tensors (`rows` moves them before `_write`), so they load onto "
+    "the CPU without `map_location`"
+)
+_WEIGHTS_ONLY = (
+    "torch >= 2.6 (the project pins 2.14.1) loads with weights_only=True unless told otherwise; "
+    "weights_only=False is killed by test_a_file_that_needs_arbitrary_unpickling_is_refused"
+)
+_ROWS = "qatkd.distill.cache.xǁTeacherLogitCacheǁrows__mutmut_"
+_TO_CPU = (
+    "not equivalent on a GPU: a teacher on CUDA returns CUDA logits, which the CPU table cannot "
+    "take without `.to('cpu')`; on a CPU-only machine nothing can tell (no GPU test here)"
+)
+_CHECK = "qatkd.distill.ensemble.xǁTeacherEnsembleǁcheck_num_classes__mutmut_"
+_CHECK_ZIP = "for label, logits in zip(self.labels, self(example), "
+_REVERSE = "qatkd.distill.losses.x_kd_reverse_kl__mutmut_"
+_LAST_DIM = "`_rows` makes the logits 2-D, so dimension 1 is the last one"
+
+EQUIVALENT: dict[str, tuple[str, str]] = {
+    f"{_GRAD_CONFLICT}34": (f"{_ZEROS}dtype=None, device=l_ts.device)", _FLOAT64),
+    f"{_GRAD_CONFLICT}37": (f"{_ZEROS}device=l_ts.device)", _FLOAT64),
+    f"{_GRAD_CONFLICT}35": (f"{_ZEROS}dtype=torch.float64, device=None)", _DEVICE),
+    f"{_GRAD_CONFLICT}38": (f"{_ZEROS}dtype=torch.float64, )", _DEVICE),
+    f"{_GRAD_CONFLICT}41": ("for a, b in zip(g_ts, g_kd, strict=None):", _STRICT_ZIP),
+    f"{_GRAD_CONFLICT}44": ("for a, b in zip(g_ts, g_kd, ):", _STRICT_ZIP),
+    f"{_GRAD_CONFLICT}45": ("for a, b in zip(g_ts, g_kd, strict=False):", _STRICT_ZIP),
+    f"{_WEIGHTS}26": (f"{_WEIGHTS_ZIP}strict=None))", _STRICT_ZIP),
+    f"{_WEIGHTS}29": (f"{_WEIGHTS_ZIP}))", _STRICT_ZIP),
+    f"{_WEIGHTS}30": (f"{_WEIGHTS_ZIP}strict=False))", _STRICT_ZIP),
+    f"{_READ}4": ("stored = torch.load(self.path, map_location=None, weights_only=True)", _ON_CPU),
+    f"{_READ}7": ("stored = torch.load(self.path, weights_only=True)", _ON_CPU),
+    f"{_READ}5": (
+        'stored = torch.load(self.path, map_location="cpu", weights_only=None)',
+        _WEIGHTS_ONLY,
+    ),
+    f"{_READ}8": ('stored = torch.load(self.path, map_location="cpu", )', _WEIGHTS_ONLY),
+    f"{_READ}24": ("ok = None  # not a torch file, or a truncated one", "None is false too"),
+    f"{_READ}26": ("ok = None  # a torch file of another layout", "None is false too"),
+    f"{_ROWS}27": ("computed = compute_fn(missing).detach().to(None, self.dtype)", _TO_CPU),
+    f"{_ROWS}29": ("computed = compute_fn(missing).detach().to(self.dtype)", _TO_CPU),
+    "qatkd.distill.ensemble.xǁTeacherEnsembleǁtrain__mutmut_1": (
+        "def train(self, mode: bool = False) -> TeacherEnsemble:",
+        "`train` ignores its mode: the teachers stay in eval mode whatever it is",
+    ),
+    f"{_CHECK}3": (f"{_CHECK_ZIP}strict=None):", _STRICT_ZIP),
+    f"{_CHECK}6": (f"{_CHECK_ZIP}):", _STRICT_ZIP),
+    f"{_CHECK}8": (f"{_CHECK_ZIP}strict=False):", _STRICT_ZIP),
+    f"{_REVERSE}8": (
+        "log_p_student = F.log_softmax(_rows(student_logits).float() / temperature, dim=+1)",
+        _LAST_DIM,
+    ),
+    f"{_REVERSE}18": (
+        "kl = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(+1).mean()",
+        _LAST_DIM,
+    ),
+}
+"""Surviving mutant -> (its mutated line, why no test can tell it from the original). The line
+ties the note to the change it was written for: mutmut numbers mutants per function, so an edit
+of the function renumbers them and a stale note no longer applies."""
+
+STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped")
+
+
+def mutmut_config(spec: dict[str, list[str]]) -> str:
+    """The `[tool.mutmut]` section for one module (TOML arrays of strings are JSON arrays)."""
+    return (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["src/qatkd"]\n'
+        f"only_mutate = {json.dumps(spec['mutate'])}\n"
+        f"pytest_add_cli_args_test_selection = {json.dumps(spec['tests'])}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider"]\n'
+        # torch is not fork-safe once it has run: fork the workers from a clean server process
+        'process_isolation = "forkserver"\n'
+    )
+
+
+def run_module(name: str, jobs: int) -> dict[str, Any]:
+    """Run mutmut over one module from scratch; its counts, score and surviving mutants."""
+    spec = MODULES[name]
+    work = WORK / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "src").symlink_to(ROOT / "src")
+    (work / "tests").symlink_to(ROOT / "tests")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (work / "pyproject.toml").write_text(pyproject + mutmut_config(spec))
+    # mutmut puts mutants/src first on sys.path and drops src/; PYTHONPATH must not bring it back
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    started = time.time()
+    log = work / "mutmut.log"
+    print(f"mutmut: {name} ({', '.join(spec['mutate'])}; tests {' '.join(spec['tests'])})")
+    with log.open("w") as out:
+        rc = subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
+    wall = round(time.time() - started, 1)
+    if rc != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"mutmut failed on {name} (exit {rc}); the end of {log}:\n{tail}")
+    return {"wall_s": wall, **collect(work, spec)}
+
+
+def collect(work: Path, spec: dict[str, list[str]]) -> dict[str, Any]:
+    """Counts and survivors from mutmut's `mutants/*.meta` files, read in `work`."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+
+    counts = dict.fromkeys(STATUSES, 0)
+    files: dict[str, dict[str, int]] = {}
+    survivors = []
+    cwd = Path.cwd()
+    os.chdir(work)
+    try:
+        for meta in sorted(Path("mutants/src").rglob("*.py.meta")):
+            source = str(meta.relative_to("mutants"))[: -len(".meta")]
+            exit_codes = json.loads(meta.read_text())["exit_code_by_key"]
+            file_counts = dict.fromkeys(STATUSES, 0)
+            for key, exit_code in exit_codes.items():
+                status = status_by_exit_code[exit_code]
+                if status == "not checked":
+                    raise SystemExit(f"{key} was not checked: the run did not finish")
+                file_counts[status] = file_counts.get(status, 0) + 1
+                if status not in ("killed", "timeout"):
+                    survivors.append(survivor(key, status, get_diff_for_mutant(key, path=source)))
+            if exit_codes:
+                files[source] = {"mutants": len(exit_codes), **file_counts}
+                for status, n in file_counts.items():
+                    counts[status] = counts.get(status, 0) + n
+    finally:
+        os.chdir(cwd)
+    total = sum(counts.values())
+    return {
+        "mutate": spec["mutate"],
+        "tests": spec["tests"],
+        "mutants": total,
+        **counts,
+        "score": round((counts["killed"] + counts["timeout"]) / total, 4) if total else None,
+        "files": files,
+        "survivors": survivors,
+    }
+
+
+def survivor(key: str, status: str, diff: str) -> dict[str, Any]:
+    """One mutant that no test caught: its diff, and the reason it is equivalent if known."""
+    changed = [
+        line[1:].strip()
+        for line in diff.splitlines()
+        if line.startswith("+") and not line.startswith("+++")
+    ]
+    line, reason = EQUIVALENT.get(key, ("", ""))
+    # a note holds only while the mutant (numbered per function) still makes the same change
+    equivalent = reason if reason and line in changed else None
+    return {"mutant": key, "status": status, "diff": diff, "equivalent": equivalent}
+
+
+def write_report(results: dict[str, Any]) -> None:
+    (RESULTS / "mutation.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    lines = [
+        "# Mutation testing of the core modules",
+        "",
+        f"Written by `make mutate` (benchmarks/mutation_report.py), mutmut {results['mutmut']}.",
+        "Each module's row names the commit and date of its own run, its section the command.",
+        "A mutant is *killed* when a test fails on it, a *timeout* when the tests ran past",
+        "mutmut's limit (caught too); the score is (killed + timeouts) / mutants. *Other*: no",
+        "test of the selection calls the mutated function, or mutmut found the result suspicious.",
+        "Not in CI (too slow); the target is 80 % per module.",
+        "",
+        "| module | mutated | tests | mutants | killed | survived | timeouts | other | score "
+        "| wall | commit | date |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name, spec in MODULES.items():
+        entry = results["modules"].get(name)
+        mutated = ", ".join(f"`{p.removeprefix('src/qatkd/')}`" for p in spec["mutate"])
+        tests = ", ".join(f"`{t}`" for t in (entry or spec)["tests"])
+        if entry is None:
+            lines.append(f"| {name} | {mutated} | {tests} | not run yet |  |  |  |  |  |  |  |  |")
+            continue
+        other = sum(entry[s] for s in STATUSES if s not in ("killed", "survived", "timeout"))
+        lines.append(
+            f"| {name} | {mutated} | {tests} | {entry['mutants']} | {entry['killed']} "
+            f"| {entry['survived']} | {entry['timeout']} | {other} | {percent(entry['score'])} "
+            f"| {entry['wall_s'] / 60:.1f} min | {entry['commit']} | {entry['date']} |"
+        )
+    not_run = [name for name in MODULES if name not in results["modules"]]
+    if not_run:
+        lines += ["", f"**Not run yet: {', '.join(not_run)}.**"]
+    lines += ["", f"Machine of the latest run: {results['machine']}.", ""]
+    for name, entry in results["modules"].items():
+        lines += module_section(name, entry)
+    (RESULTS / "mutation.md").write_text("\n".join(lines).rstrip() + "\n")
+
+
+def module_section(name: str, entry: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## {name}",
+        "",
+        f"- command: `{entry['command']}` ({entry['jobs']} mutant(s) at a time)",
+        f"- commit {entry['commit']}, {entry['date']}, wall time {entry['wall_s'] / 60:.1f} min",
+        "",
+    ]
+    lines += [
+        "| file | mutants | killed | survived | timeouts | other |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for path, c in entry["files"].items():
+        other = c["mutants"] - c["killed"] - c["survived"] - c["timeout"]
+        lines.append(
+            f"| `{path}` | {c['mutants']} | {c['killed']} | {c['survived']} | {c['timeout']} "
+            f"| {other} |"
+        )
+    lines.append("")
+    gaps = [s for s in entry["survivors"] if not s["equivalent"]]
+    equivalent = [s for s in entry["survivors"] if s["equivalent"]]
+    if not entry["survivors"]:
+        return [*lines, "Every mutant was caught.", ""]
+    if equivalent:
+        lines += [
+            "Surviving mutants explained: equivalent to the original, or (where the reason says",
+            "so) told apart only on a GPU, which these tests do not use:",
+            "",
+        ]
+        for s in equivalent:
+            lines += [f"- `{s['mutant']}`: {s['equivalent']}", "", *diff_block(s["diff"]), ""]
+    if gaps:
+        lines += [f"Surviving mutants not yet explained ({len(gaps)}): gaps in the tests.", ""]
+        for s in gaps:
+            lines += [f"- `{s['mutant']}` ({s['status']})", "", *diff_block(s["diff"]), ""]
+    return lines
+
+
+def diff_block(diff: str) -> list[str]:
+    """The changed lines of a mutant's diff, as a fenced block (the hunk headers dropped)."""
+    body = [
+        line
+        for line in diff.splitlines()
+        if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))
+    ]
+    return ["  ```diff", *(f"  {line}" for line in body), "  ```"]
+
+
+def percent(score: float | None) -> str:
+    return "-" if score is None else f"{score:.1%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"of {', '.join(MODULES)} (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite mutation.md from mutation.json, with the current EQUIVALENT notes",
+    )
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}: choose from {', '.join(MODULES)}")
+    path = RESULTS / "mutation.json"
+    results = json.loads(path.read_text()) if path.exists() else {"modules": {}}
+    if args.render:
+        for entry in results["modules"].values():
+            entry["survivors"] = [
+                survivor(s["mutant"], s["status"], s["diff"]) for s in entry["survivors"]
+            ]
+        write_report(results)
+        return
+    commit = git_commit()
+    results |= {"mutmut": version("mutmut"), "machine": machine()}
+    for name in args.modules or list(MODULES):
+        date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        entry = {
+            "commit": commit,
+            "date": date,
+            "command": command(),
+            "jobs": args.jobs,
+            **run_module(name, args.jobs),
+        }
+        results["modules"][name] = entry
+        results["modules"] = {m: results["modules"][m] for m in MODULES if m in results["modules"]}
+        write_report(results)  # after each module: a later failure keeps the finished ones
+        print(
+            f"  {entry['mutants']} mutants, {entry['killed']} killed, {entry['survived']} "
+            f"survived, {entry['timeout']} timeouts: {percent(entry['score'])} in "
+            f"{entry['wall_s'] / 60:.1f} min"
+        )
+
+
+if __name__ == "__main__":
+    main()
