@@ -4,7 +4,6 @@ a wide margin, for FP32, QAT and distillation, through the real pipeline and eng
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from qatkd.artifacts import load_model
 from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.config import load_config
 from qatkd.quant import is_quantized
+from qatkd.train.logs import read_csv
 from testdata import learning_overrides, majority_share
 
 MARGIN = 40.0
@@ -24,13 +24,11 @@ MARGIN = 40.0
 
 
 def step_losses(run_dir: Path, column: str = "loss") -> list[float]:
-    with (run_dir / "steps.csv").open() as f:
-        return [float(row[column]) for row in csv.DictReader(f)]
+    return [row[column] for row in read_csv(run_dir / "steps.csv")]
 
 
 def epoch_losses(run_dir: Path) -> list[float]:
-    with (run_dir / "log.csv").open() as f:
-        return [float(row["train_loss"]) for row in csv.DictReader(f)]
+    return [row["train_loss"] for row in read_csv(run_dir / "log.csv")]
 
 
 def assert_falls(losses: list[float]) -> None:

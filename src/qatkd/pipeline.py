@@ -180,12 +180,19 @@ def preflight(config: Config, command: str) -> tuple[Config, TaskFamily, Source,
     return config, family, source, world
 
 
-def _start(config: Config, command: str) -> Started:
-    """`preflight`, the student, a check that the disk holds its checkpoints, and only then
-    the run folder."""
+def _student(
+    config: Config, command: str
+) -> tuple[Config, TaskFamily, Source, World, nn.Module, dict[str, Any]]:
+    """`preflight`, the student, and a check that the disk holds its checkpoints."""
     config, family, source, world = preflight(config, command)
     model, meta = family.build_student(config, source)
     check_free_disk(Path(config.out), checkpoint_bytes(model, command))
+    return config, family, source, world, model, meta
+
+
+def _start(config: Config, command: str) -> Started:
+    """Everything that could refuse the run (`_student`), and only then the run folder."""
+    config, family, source, world, model, meta = _student(config, command)
     run_dir = create_run_dir(config, command, world)
     return Started(config, family, source, world, model, meta, run_dir)
 
@@ -199,9 +206,7 @@ def check(config: Config, command: str = "train") -> dict[str, Any]:
         build_balancer(config.balancer, num_teachers=len(config.teachers))
     elif config.teachers:
         raise QatkdError(f"{command} takes no teachers; check --command distill")
-    config, family, source, world = preflight(config, command)
-    model, _ = family.build_student(config, source)
-    check_free_disk(Path(config.out), checkpoint_bytes(model, command))
+    config, family, source, world, model, _ = _student(config, command)
     splits = {"train": source.train, "val": source.val, "test": source.test}
     facts: dict[str, Any] = {
         "model": config.model.path or config.model.name,
@@ -211,13 +216,9 @@ def check(config: Config, command: str = "train") -> dict[str, Any]:
     }
     if command == "ptq":
         return facts | {"steps": 0, "peak_memory_bytes": peak_memory(world.device)}
-    task = family.make_task(config, source)
-    balancer_config = config.balancer if config.teachers else BalancerConfig(name="ts_only")
-    balancer = build_balancer(balancer_config, num_teachers=len(config.teachers))
-    outputs, train_set = None, source.train
-    if config.teachers:  # live teachers: a cache would be filled first, then read faster
-        live = config.model_copy(update={"kd": config.kd.model_copy(update={"cache": False})})
-        outputs, train_set = family.teacher_outputs(live, source, task, world.device)
+    # live teachers: a cache would be filled first, then read faster
+    live = config.model_copy(update={"kd": config.kd.model_copy(update={"cache": False})})
+    task, balancer, outputs, train_set = _training_parts(live, family, source, world)
     model.to(world.device)
     per_step = time_steps(model, task, train_set, config, balancer, outputs)
     batch = config.train.batch_size
@@ -281,15 +282,24 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
 
 
-def _fit_run(run: Started, resume: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Labels only when there are no teachers (train), else the configured balancer (distill)."""
-    config, family, source, world, model = run.config, run.family, run.source, run.world, run.model
+def _training_parts(
+    config: Config, family: TaskFamily, source: Source, world: World
+) -> tuple[Any, Any, Any, Any]:
+    """The task, the balancer (labels only without teachers), the teachers' outputs (None
+    without teachers) and the training set they go with."""
     balancer_config = config.balancer if config.teachers else BalancerConfig(name="ts_only")
     balancer = build_balancer(balancer_config, num_teachers=len(config.teachers))
     task = family.make_task(config, source)
     outputs, train_set = None, source.train
     if config.teachers:
         outputs, train_set = family.teacher_outputs(config, source, task, world.device)
+    return task, balancer, outputs, train_set
+
+
+def _fit_run(run: Started, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Labels only when there are no teachers (train), else the configured balancer (distill)."""
+    config, family, source, world, model = run.config, run.family, run.source, run.world, run.model
+    task, balancer, outputs, train_set = _training_parts(config, family, source, world)
     if world.is_main and config.quant is not None and resume is None:
         report(quant_summary(model))
     independence = family.validation_independence(config, source)
@@ -460,13 +470,18 @@ def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _ptq_checkpoint(config: Config) -> str | None:
+    """What `qatkd ptq` quantizes for `config`: its `model.init`, or None for a family that
+    quantizes its pretrained model."""
+    return config.model.init if task_family(config.task).ptq_from_checkpoint else None
+
+
 def command_config(command: str, overrides: list[str]) -> Config:
     """The resolved config that `qatkd <command> overrides` (train, distill or ptq) runs with:
     what its run folder's config.yaml holds."""
     config = load_config(overrides=overrides)
     if command == "ptq":
-        from_checkpoint = task_family(config.task).ptq_from_checkpoint
-        config = _ptq_config(config.model.init if from_checkpoint else None, overrides, None)
+        config = _ptq_config(_ptq_checkpoint(config), overrides, None)
     return task_family(config.task).resolve(config)
 
 
@@ -515,6 +530,5 @@ def run_or_reuse(run_dir: Path, command: str, overrides: list[str]) -> dict[str,
         return resume(run_dir)[1]
     config = command_config(command, overrides)
     if command == "ptq":
-        from_checkpoint = task_family(config.task).ptq_from_checkpoint
-        return ptq(config.model.init if from_checkpoint else None, overrides)[1]
+        return ptq(_ptq_checkpoint(config), overrides)[1]
     return {"train": train, "distill": distill}[command](config)[1]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
 from qatkd import pipeline
 from qatkd.config import load_config
+from qatkd.train.logs import read_csv
 
 
 def test_detector_training_loss_falls(fashion_root: Path, tmp_path: Path):
@@ -30,7 +30,6 @@ def test_detector_training_loss_falls(fashion_root: Path, tmp_path: Path):
         f"out={tmp_path / 'det'}",
     ]
     run_dir, metrics = pipeline.train(load_config(overrides=overrides))
-    with (run_dir / "steps.csv").open() as f:
-        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    losses = [row["loss"] for row in read_csv(run_dir / "steps.csv")]
     assert len(losses) == metrics["steps"] == 24
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
 from qatkd import pipeline
 from qatkd.config import load_config
+from qatkd.train.logs import read_csv
 
 
 def test_language_qat_loss_falls(tiny_lm: Path, text_files: tuple[Path, Path], tmp_path: Path):
@@ -31,7 +31,6 @@ def test_language_qat_loss_falls(tiny_lm: Path, text_files: tuple[Path, Path], t
         f"out={tmp_path / 'lm'}",
     ]
     run_dir, metrics = pipeline.train(load_config(overrides=overrides))
-    with (run_dir / "steps.csv").open() as f:
-        losses = [float(row["l_ts"]) for row in csv.DictReader(f)]
+    losses = [row["l_ts"] for row in read_csv(run_dir / "steps.csv")]
     assert len(losses) == metrics["steps"] >= 40
     assert np.mean(losses[-5:]) < 0.92 * np.mean(losses[:5]), losses
