@@ -5,7 +5,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The LLM benchmarks' evaluation text (the Debian Policy Manual):
 POLICY_TEXT := /usr/share/doc/debian-policy/policy.txt.gz
 
-.PHONY: setup data demo test lint peers mutate
+.PHONY: setup data demo test lint docs peers mutate
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ demo: setup data
 
 test: setup
 	$(PY) -m pytest
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or page fails.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
 
 lint: setup
 	$(VENV)/bin/lint-imports --no-logo

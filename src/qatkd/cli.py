@@ -15,46 +15,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from qatkd.checkpoint import checkpoint_path
-from qatkd.config import FAMILY_CONFIGS, Config, _section_type, load_config
+from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.progress import Settings
+from qatkd.reference import help_lines
 from qatkd.train.stops import RunStopped
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
 QUIET_HELP = "print only the result lines: no progress, no per-epoch lines"
-
-
-def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """`key = default  description` lines of every config key, for --help."""
-    lines = []
-    instance = model()
-    for name, field in model.model_fields.items():
-        section = _section_type(field.annotation)
-        default = getattr(instance, name)
-        if section is not None and default is not None:
-            lines += describe_keys(section, f"{prefix}{name}.")
-            continue
-        if isinstance(default, BaseModel):
-            default = default.model_dump(mode="json")
-        note = f"  {field.description}" if field.description else ""
-        lines.append(f"  {prefix}{name} = {json.dumps(default)}{note}")
-    return lines
-
-
-def describe_all_keys() -> list[str]:
-    """The keys of every run, then per task family the data keys it adds or changes."""
-    common = describe_keys()
-    lines = list(common)
-    for task, family in sorted(FAMILY_CONFIGS.items()):
-        data = family.config_type.model_fields["data"].annotation
-        own = [line for line in describe_keys(data, "data.") if line not in common]
-        lines += [f"task={task}:", *own]
-    return lines
 
 
 def _print_metrics(run_dir: Path | None, metrics: dict[str, Any]) -> None:
@@ -148,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    keys_help = "config keys (key = default):\n" + "\n".join(describe_all_keys())
+    keys_help = "config keys (key = default):\n" + "\n".join(help_lines())
 
     def add(
         name: str,

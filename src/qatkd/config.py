@@ -60,18 +60,34 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field("resnet20", description="model registry name, e.g. resnet20, tv:resnet18")
-    init: str | None = Field(None, description="FP32 checkpoint to start from")
+    name: str = Field(
+        "resnet20",
+        description="the model: classification resnet8/20/32/56, resnet20_w2 (twice as wide), "
+        "resnet8_w0_5 / resnet8_w0_25 (half / a quarter as wide), vgg8, tv:<torchvision name>; "
+        "detection det_s, det_m, det_res; language smollm2-135m (or model.path)",
+    )
+    init: str | None = Field(
+        None, description="FP32 checkpoint to start from (QAT, distillation, PTQ)"
+    )
     path: str | None = Field(None, description="language: a local Hugging Face model folder")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(5, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(0.1, gt=0)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(5, gt=0, description="passes over the training set")
+    batch_size: int = Field(128, gt=0, description="samples per step (per process under torchrun)")
+    lr: float = Field(
+        0.1,
+        gt=0,
+        description="peak learning rate: linear warm-up, then cosine decay to 0; with model.init "
+        "set the task family's fine-tuning default applies unless given",
+    )
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd (Nesterov momentum) or adamw"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(
+        5e-4, ge=0, description="weight decay on conv and linear weights only"
+    )
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
     log_every: int = Field(50, gt=0, description="steps between rows of steps.csv")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
@@ -112,14 +128,24 @@ class Config(Section):
     """The sections every run has. Each task family validates with its own subclass (its `task`
     value and `data` section), registered with `register_family`."""
 
-    task: str = "classification"
-    seed: int = 0
+    task: str = Field(
+        "classification",
+        description="task family: classification, detection or language; each owns its data.* "
+        "keys and defaults",
+    )
+    seed: int = Field(0, description="seeds initialisation, data order and augmentation")
     out: str | None = Field(None, description="run folder; default runs/<command>-<model>-<time>")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    quant: QuantConfig | None = Field(None, description="null = full precision")
-    teachers: list[str] = Field(default_factory=list, description="teacher checkpoints (distill)")
+    quant: QuantConfig | None = Field(
+        None, description="null = full precision; setting any quant.* key quantizes"
+    )
+    teachers: list[str] = Field(
+        default_factory=list,
+        description="teacher checkpoints for distill (any architectures of the task family; "
+        "language: model folders)",
+    )
     kd: KDConfig = KDConfig()
     balancer: BalancerConfig = BalancerConfig()
     diag: DiagConfig = DiagConfig()
@@ -134,6 +160,9 @@ class FamilyConfig:
     config_type: type[Config]
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     fine_tune: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quant: dict[str, Any] = field(default_factory=dict)
+    """Defaults of the `quant.*` keys a quantizing config leaves unset: the family's `resolve`
+    applies them (after `quant.format` has set its own), and the reference shows them."""
 
 
 FAMILY_CONFIGS: dict[str, FamilyConfig] = {}

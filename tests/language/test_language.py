@@ -118,6 +118,7 @@ def test_language_quant_defaults_and_weight_only():
     assert (q.method, q.group_size, q.skip, q.first_last_bits) == ("minmax", 64, ["*lm_head"], None)
     assert language_quant(QuantConfig(bits="W3A16", method="lsq")).method == "lsq"
     assert language_quant(QuantConfig(bits="W3A16", group_size=32)).group_size == 32
+    assert language_quant(QuantConfig(method="lsq")).bits == "W4A16"  # bits unset: weight-only
     with pytest.raises(QatkdError, match=r"weight-only \(W4A16\), or with int8 .*=dynamic\)$"):
         language_quant(QuantConfig(bits="W4A8"))
     dynamic = language_quant(QuantConfig(bits="W4A8", act_method="dynamic"))

@@ -19,12 +19,26 @@ class BalancerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "gor"
-    form: Literal["liebel", "kendall"] = "kendall"
-    scale: Literal["none", "initial", "running"] = "none"
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    per_teacher: bool = False
-    lr: float | None = Field(default=None, gt=0.0)
+    name: str = Field(
+        "gor",
+        description="how L_TS and L_KD are combined: gor (two learned weights), fixed "
+        "((1-alpha)·L_TS + alpha·L_KD), ts_only (plain QAT), kd_only",
+    )
+    form: Literal["liebel", "kendall"] = Field("kendall", description="GoR's regularized form")
+    scale: Literal["none", "initial", "running"] = Field(
+        "none",
+        description="scale-aware GoR: divide each loss by its value at the first step (initial) "
+        "or a bias-corrected running mean (running) before the learned weighting",
+    )
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="the KD weight of fixed")
+    per_teacher: bool = Field(
+        False, description="GoR with one learned weight per teacher (k+1 parameters)"
+    )
+    lr: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="learning rate of the balancer's parameters; null: the model's",
+    )
 
     @field_validator("name")
     @classmethod

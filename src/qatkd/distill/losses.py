@@ -23,12 +23,20 @@ class KDConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    loss: Literal["kl", "reverse_kl", "mse"] = "kl"
-    temperature: float = Field(default=4.0, gt=0)
-    cache: bool = Field(
-        default=False, description="compute teacher logits once (needs data.augment=false)"
+    loss: Literal["kl", "reverse_kl", "mse"] = Field(
+        "kl",
+        description="kl: τ²·KL(teacher ‖ student) on softened outputs (Hinton); reverse_kl: "
+        "τ²·KL(student ‖ teacher); mse: on logits",
     )
-    cache_dir: str = Field(default=".cache/teacher_logits", description="teacher-logit cache")
+    temperature: float = Field(default=4.0, gt=0, description="softening temperature τ")
+    cache: bool = Field(
+        default=False,
+        description="compute teacher logits once per training sample, stored by sample and keyed "
+        "by teacher and data content (needs data.augment=false)",
+    )
+    cache_dir: str = Field(
+        default=".cache/teacher_logits", description="folder of the teacher-logit cache"
+    )
 
 
 def _rows(x: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qatkd.errors import QatkdError
 
@@ -63,15 +63,36 @@ class QuantConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: str = "W4A4"
-    method: str = "lsq"
-    weight_method: str | None = None
-    act_method: str | None = None
-    first_last_bits: int | None = 8
-    skip: list[str] = []
-    layer_weight_bits: dict[str, int] = {}
-    group_size: int | None = None
-    format: Literal["q4_0", "q8_0"] | None = None
+    bits: str = Field(
+        "W4A4", description="W<weight bits>A<activation bits>, each of 2, 3, 4, 8, 16 (16 = float)"
+    )
+    method: str = Field("lsq", description="quantizer of weights and activations")
+    weight_method: str | None = Field(None, description="the weights' quantizer, over method")
+    act_method: str | None = Field(
+        None,
+        description="the activations' quantizer, over method; dynamic (A8, Linear layers): int8 "
+        "inputs quantized per row in blocks at run time, as onnxruntime's MatMulNBits kernels do",
+    )
+    first_last_bits: int | None = Field(
+        8, description="bits of the first and last layer; null: the same as the rest"
+    )
+    skip: list[str] = Field(
+        default_factory=list, description="module-name patterns (fnmatch) left in float"
+    )
+    layer_weight_bits: dict[str, int] = Field(
+        default_factory=dict,
+        description="weight bits of the layers matching a pattern (fnmatch, first match wins, "
+        "over first_last_bits), e.g. {fc: 8}",
+    )
+    group_size: int | None = Field(
+        None, description="one weight scale per group of this many inputs (Linear layers)"
+    )
+    format: Literal["q4_0", "q8_0"] | None = Field(
+        None,
+        description="train on GGUF's block grid exactly: weight-only W4 / W8, groups of 32, "
+        "float16 scales (sets bits, group_size, first_last_bits=null where not given); a "
+        "language student's export then also writes model.gguf",
+    )
 
     @model_validator(mode="before")
     @classmethod

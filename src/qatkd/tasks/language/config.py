@@ -48,4 +48,19 @@ DEFAULTS = {
 }
 """Every language run fine-tunes a pretrained model: these are fine-tuning defaults."""
 
-register_family("language", FamilyConfig(LanguageConfig, DEFAULTS))
+LANGUAGE_QUANT_DEFAULTS = {
+    "bits": "W4A16",
+    "method": "minmax",
+    "first_last_bits": None,
+    "skip": ["*lm_head"],
+    "group_size": 64,
+}
+"""Quantization defaults for language models where the config does not set the key: 4-bit
+weights and float activations (weight-only: the low-bit runtimes' kernels), min-max
+scales (each group's max |w|, following the weights: QAT starts exactly at RTN; LSQ's init,
+made for CNNs, clips the outlier weights of an LLM and started SmolLM2's QAT at twice RTN's
+perplexity), no 8-bit first/last exception, the LM head (tied to the embedding) stays float,
+groups of 64 inputs. `quant.skip=[] quant.layer_weight_bits={'*lm_head': 8}` quantizes the head
+(README: what it costs and gains in onnxruntime-genai)."""
+
+register_family("language", FamilyConfig(LanguageConfig, DEFAULTS, quant=LANGUAGE_QUANT_DEFAULTS))

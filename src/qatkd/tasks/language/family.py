@@ -25,6 +25,7 @@ from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.family import FAMILIES
+from qatkd.tasks.language.config import LANGUAGE_QUANT_DEFAULTS
 from qatkd.tasks.language.data import (
     check_text_files,
     load_eval_text,
@@ -41,24 +42,13 @@ from qatkd.tasks.language.task import CausalLM, LanguageTask, reference_top1
 from qatkd.train import evaluate_splits
 from qatkd.train.engine import Task, TeacherOutputs
 
-LANGUAGE_QUANT_DEFAULTS = {
-    "method": "minmax",
-    "first_last_bits": None,
-    "skip": ["*lm_head"],
-    "group_size": 64,
-}
-"""Quantization defaults for language models where the config does not set the key: min-max
-scales (each group's max |w|, following the weights: QAT starts exactly at RTN; LSQ's init,
-made for CNNs, clips the outlier weights of an LLM and started SmolLM2's QAT at twice RTN's
-perplexity), no 8-bit first/last exception, the LM head (tied to the embedding) stays float,
-groups of 64 inputs. `quant.skip=[] quant.layer_weight_bits={'*lm_head': 8}` quantizes the head
-(README: what it costs and gains in onnxruntime-genai)."""
-
 
 def language_quant(config: QuantConfig) -> QuantConfig:
     """`config` with the language defaults for the keys it does not set; activations stay float
     (weight-only), or are int8 as onnxruntime's int8 MatMulNBits kernels quantize them
     (`quant.act_method=dynamic`, A8)."""
+    unset = {k: v for k, v in LANGUAGE_QUANT_DEFAULTS.items() if k not in config.model_fields_set}
+    config = config.model_copy(update=unset)
     dynamic = config.act_method_name == "dynamic"
     if config.act_bits != 16 and not dynamic:
         raise QatkdError(
@@ -66,8 +56,7 @@ def language_quant(config: QuantConfig) -> QuantConfig:
             f"(W{config.weight_bits}A16), or with int8 activations computed per token at run time "
             f"(W{config.weight_bits}A8 quant.act_method=dynamic)"
         )
-    unset = {k: v for k, v in LANGUAGE_QUANT_DEFAULTS.items() if k not in config.model_fields_set}
-    return config.model_copy(update=unset)
+    return config
 
 
 class Loaded:
