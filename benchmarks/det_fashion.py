@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from _figures import plt, save_figure
 from _protocol import (
     DEFAULT_GOR,
@@ -142,6 +143,30 @@ def run_all(
                 metrics = trained(out, command_name, [*quantized, *extra, *recipe])
                 records.append(record(method, bits, seed, metrics))
     return records, fp32, teacher, recipes
+
+
+def sanity_text(work: Path) -> str:
+    """What the distillation runs' own config.yaml and metrics.json say about their KD targets
+    and validation, so the page shows that no cache and no overlap stands behind its numbers."""
+    runs = [d for d in sorted(work.iterdir()) if (d / "config.yaml").is_file()]
+    configs = {d: yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) for d in runs}
+    distills = [d for d, c in configs.items() if c.get("teachers")]
+    live = [d for d in distills if not configs[d]["kd"]["cache"]]
+    checked = [
+        verdict
+        for d in runs
+        if (d / "metrics.json").is_file()
+        for verdict in json.loads((d / "metrics.json").read_text())
+        .get("validation_independence", {})
+        .values()
+    ]
+    independent = sum(v == "independent" for v in checked)
+    return (
+        f"- KD targets: {len(live)} of {len(distills)} distillation runs read their teachers "
+        "live (`kd.cache: false` in their `config.yaml`): no teacher-logit cache is involved.\n"
+        f"- Validation: {independent} of {len(checked)} teacher / `model.init` checks in the "
+        "runs' `metrics.json` are `independent` (no validation canvas in their training data)."
+    )
 
 
 def table(records: list[dict[str, Any]], fp32: dict[str, Any]) -> str:
@@ -321,6 +346,7 @@ def main() -> None:
         + "mAP (%) of each run's best.pt (chosen on validation mAP@0.5); test: mean ± std over "
         f"{budget.seeds} paired seed(s); val: mean. KD teacher (best on validation): {teacher}.\n\n"
         f"{table(records, fp32)}\n\n"
+        f"## Sanity checks\n\n{sanity_text(run.work)}\n\n"
         "## QAT recipe (plain QAT at seed 0, picked on validation; every quantized run uses it)"
         f"\n\n{recipe_table(recipes)}\n\n![QAT recipes]({qat_plot.name})\n\n"
         "## Paired differences (same seeds)\n\n"
