@@ -111,6 +111,13 @@ class TrainConfig(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss stops the run (last.pt stays good) or skips the step"
     )
+    tensorboard: bool = Field(
+        False,
+        description="also write TensorBoard event files into the run folder (rank 0): the rows "
+        "of steps.csv and log.csv as steps/<column> and epochs/<column> scalars at the global "
+        "step (losses, balancer weights, learning rate, val/test metrics, gradient conflict); "
+        "needs pip install 'qatkd[tensorboard]'",
+    )
 
     @field_validator("device")
     @classmethod

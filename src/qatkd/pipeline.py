@@ -43,6 +43,7 @@ from qatkd.tasks import Source, TaskFamily, task_family
 from qatkd.train import evaluate_splits, fit
 from qatkd.train.distributed import World, broadcast, init_world
 from qatkd.train.engine import time_steps
+from qatkd.train.tensorboard import require_tensorboard
 
 
 def run_folder(config: Config, command: str) -> Path:
@@ -167,11 +168,13 @@ class Started:
 
 def preflight(config: Config, command: str) -> tuple[Config, TaskFamily, Source, World]:
     """Every check that a later stage would fail on, before any folder is made: the family's
-    rules on the config alone (`check`), the run folder's place, the data, and the teachers and
-    `model.init` against the data (`preflight`)."""
+    rules on the config alone (`check`), the packages the config asks for, the run folder's
+    place, the data, and the teachers and `model.init` against the data (`preflight`)."""
     family = task_family(config.task)
     config = family.resolve(config)
     family.check(config)
+    if config.train.tensorboard and command != "ptq":  # ptq does not train: nothing to log
+        require_tensorboard()
     config = config.model_copy(update={"out": str(run_folder(config, command))})
     check_out_folder(Path(config.out))
     world = join_world(config)
@@ -352,6 +355,8 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     if "optimizer" not in state:
         raise QatkdError(f"{run_dir} is not a train or distill run: there is nothing to resume")
     config = checkpoint_config(state)
+    if config.train.tensorboard:
+        require_tensorboard()
     family = task_family(config.task)
     world = join_world(config)
     source = family.load(config)

@@ -11,6 +11,7 @@ loader workers draw their own seeds).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -36,6 +37,7 @@ from qatkd.train.distributed import World, any_rank, average_gradients, barrier,
 from qatkd.train.logs import CsvLog
 from qatkd.train.plots import plot_run
 from qatkd.train.stops import RunStopped, StopRequests
+from qatkd.train.tensorboard import ScalarLog
 
 DIAG_KEYS = ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
 TeacherOutputs = Callable[[Any], list[Any]]
@@ -232,7 +234,9 @@ def per_rank_batch_size(batch_size: int, world: World) -> int:
 
 
 class _StepLogger:
-    """steps.csv (every `log_every` steps) and log.csv (every epoch), written by rank 0."""
+    """steps.csv (every `log_every` steps) and log.csv (every epoch), written by rank 0, and with
+    `train.tensorboard` the same rows as scalars (`ScalarLog`): `steps/<column>` and
+    `epochs/<column>`, both at the row's global step."""
 
     def __init__(
         self,
@@ -248,10 +252,36 @@ class _StepLogger:
         evaluated = [f"{split}_{task.main_metric}" for split in splits]
         epoch_fields = ["epoch", "step", "lr", "train_loss", "train_acc", *evaluated]
         self.epochs = CsvLog(run_dir / "log.csv", [*epoch_fields, "seconds"])
+        self.run_dir, self.tensorboard = run_dir, config.train.tensorboard
+        self.board: ScalarLog | None = None
 
     def start(self, resume: dict[str, Any] | None) -> None:
         self.steps.start(("step", resume["step"]) if resume else None)
         self.epochs.start(("epoch", resume["epoch"]) if resume else None)
+        if self.tensorboard:
+            self.board = ScalarLog(self.run_dir, keep_until=resume["step"] if resume else 0)
+
+    def step(self, row: dict[str, Any]) -> None:
+        self._append(self.steps, "steps", row)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        """A row of log.csv, flushed at once: it comes after the epoch's checkpoint."""
+        self._append(self.epochs, "epochs", row)
+        self.flush()
+
+    def _append(self, log: CsvLog, section: str, row: dict[str, Any]) -> None:
+        log.append(row)
+        if self.board is not None:  # the CSV's columns only: the same figures in both
+            self.board.add(section, {k: row.get(k) for k in log.fields}, row["step"])
+
+    def flush(self) -> None:
+        """Before each checkpoint: a run killed after it loses no event its resume keeps."""
+        if self.board is not None:
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def fit(
@@ -333,8 +363,6 @@ def fit(
     logger = _StepLogger(
         run_dir, config, task, balancer, [s for s, d in splits.items() if d is not None]
     )
-    if world.is_main:
-        logger.start(resume)
     student_params = [p for p in student.parameters() if p.requires_grad]
     total_steps = steps_per_epoch * train_cfg.epochs
 
@@ -369,6 +397,7 @@ def fit(
             return
         position = {"batches": done, "sums": sums, "rng": gather(world, rng_states(device))}
         if world.is_main:
+            logger.flush()
             save_checkpoint(checkpoint_state(epoch, position), run_dir / "last.pt")
         last_save = time.monotonic()
         if stop:
@@ -376,7 +405,9 @@ def fit(
             raise RunStopped(step, total_steps, stops.signum or signal.SIGTERM, str(run_dir))
 
     started, last_save = time.perf_counter(), time.monotonic()
-    with StopRequests() as stops:
+    with StopRequests() as stops, contextlib.closing(logger):
+        if world.is_main:
+            logger.start(resume)
         for epoch in range(start_epoch, train_cfg.epochs):
             model.train()
             balancer.train()
@@ -442,7 +473,7 @@ def fit(
                 )
                 if world.is_main and (step % train_cfg.log_every == 0 or diag):
                     kd_sum = sum(l_kd) if isinstance(l_kd, list) else l_kd
-                    logger.steps.append(
+                    logger.step(
                         {
                             "step": step,
                             "epoch": epoch + 1,
@@ -467,12 +498,13 @@ def fit(
                 if is_best:
                     best, best_epoch, best_metrics = score, epoch + 1, dict(last_metrics)
                 state = checkpoint_state(epoch + 1, None)
+                logger.flush()
                 save_checkpoint(state, run_dir / "last.pt")
                 if is_best:
                     save_checkpoint(state, run_dir / "best.pt")
                 seconds = time.perf_counter() - epoch_start
                 lr = schedule.get_last_lr()[0]
-                logger.epochs.append(
+                logger.epoch(
                     {"epoch": epoch + 1, "step": step, "lr": lr, **last_metrics, "seconds": seconds}
                 )
                 plot_run(run_dir, f"{meta.get('model_name', 'model')} — {run_dir.name}")
