@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from qatkd import pipeline
@@ -95,6 +96,16 @@ def test_run_or_reuse_compares_every_key_not_only_those_set(npz_root, tmp_path):
     assert pipeline.run_or_reuse(run, "train", [*unset, "train.epochs=1"]) == first
     with pytest.raises(QatkdError, match=r"made with other settings \(train\.epochs: 1 there, 5"):
         pipeline.run_or_reuse(run, "train", unset)  # the default, 5 epochs
+
+    # A folder made before a key existed ran as its default does: it is reused, not refused.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["train"]["tensorboard"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert pipeline.run_or_reuse(run, "train", [*unset, "train.epochs=1"]) == first
+    saved["train"]["retired_key"] = 1  # one this qatkd no longer knows: refused in one line
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(QatkdError, match=r"cannot be read by this qatkd version: unknown config"):
+        pipeline.run_or_reuse(run, "train", [*unset, "train.epochs=1"])
 
 
 def test_run_or_reuse_refuses_a_run_made_from_another_teacher(npz_root, tmp_path, teacher):

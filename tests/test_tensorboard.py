@@ -3,7 +3,6 @@ resumes leave no step twice, and without the package the run refuses before it s
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import sys
 import threading
@@ -21,9 +20,6 @@ from qatkd.train.tensorboard import ScalarLog
 from testdata import tiny_overrides, write_npz
 
 BOARD = "train.tensorboard=true"
-needs_tensorboard = pytest.mark.skipif(
-    importlib.util.find_spec("tensorboard") is None, reason="pip install 'qatkd[tensorboard]'"
-)
 MISSING = "train.tensorboard=true needs the tensorboard package, which is not installed: "
 FIX = "pip install 'qatkd[tensorboard]'"
 
@@ -83,7 +79,6 @@ def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pipeline.train(load_config(overrides=tiny_overrides(data, out, BOARD)))[0]
 
 
-@needs_tensorboard
 def test_a_train_run_logs_the_figures_of_its_csv_logs(trained):
     assert len(event_files(trained)) == 1  # in the run folder itself: one run per folder
     assert open_writers() == 0
@@ -96,7 +91,6 @@ def test_a_train_run_logs_the_figures_of_its_csv_logs(trained):
     assert [s for s, _ in tags["epochs/test_acc"]] == [3, 6]  # 3 steps an epoch, at its end
 
 
-@needs_tensorboard
 def test_a_distill_run_logs_balancer_weights_and_gradient_conflict(data, trained, tmp_path):
     teacher = trained / "last.pt"
     extra = (BOARD, f"teachers=[{teacher},{teacher}]", "balancer.per_teacher=true")
@@ -130,7 +124,6 @@ def test_qatkd_check_refuses_in_one_line_too(data, tmp_path, monkeypatch, capsys
     assert capsys.readouterr().err.strip().splitlines() == [f"qatkd: error: {MISSING}{FIX}"]
 
 
-@needs_tensorboard
 def test_a_resume_after_a_crash_shows_no_step_twice(data, tmp_path, monkeypatch):
     """last.pt is written after step 2 only, then the run logs steps 3-5 and epoch 1 and dies:
     the resumed run logs them again, and TensorBoard must show each once, as the CSVs do."""
@@ -159,7 +152,6 @@ def test_a_resume_after_a_crash_shows_no_step_twice(data, tmp_path, monkeypatch)
     assert [s for s, _ in scalars(out)["steps/loss"]] == [1, 2, 3, 4, 5, 6]
 
 
-@needs_tensorboard
 def test_a_stop_signal_closes_the_writer_and_the_resume_continues_it(data, tmp_path, monkeypatch):
     calls = 0
     real_to_device = engine.to_device
@@ -183,7 +175,6 @@ def test_a_stop_signal_closes_the_writer_and_the_resume_continues_it(data, tmp_p
     assert [s for s, _ in scalars(out)["steps/loss"]] == [1, 2, 3, 4, 5, 6]
 
 
-@needs_tensorboard
 def test_a_fresh_start_hides_the_events_of_a_run_that_left_no_checkpoint(tmp_path):
     """A folder without last.pt is started afresh, its CSV logs emptied: so are its scalars."""
     runs = [(0, [(1, 1.0), (2, 2.0)]), (0, [(1, 3.0), (2, 4.0)]), (1, [(2, 5.0)])]
