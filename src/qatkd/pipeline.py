@@ -490,15 +490,6 @@ def command_config(command: str, overrides: list[str]) -> Config:
     return task_family(config.task).resolve(config)
 
 
-def _saved_run_config(path: Path) -> Config:
-    """A run folder's config.yaml as today's qatkd reads it: a key added since the folder was
-    made takes its default (the behaviour the folder was made with), a removed one is refused."""
-    try:
-        return build_config(saved_config(read_yaml(path)))
-    except QatkdError as e:
-        raise QatkdError(f"{path} cannot be read by this qatkd version: {e}") from None
-
-
 def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
     """Refuse a run folder made with another resolved configuration (any key but `out`), or
     from other model files (`input_digests`): its metrics would be another experiment's,
@@ -508,7 +499,7 @@ def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
         return
     config = command_config(command, overrides)
     wanted = _dotted(config_to_dict(config))
-    made = _dotted(config_to_dict(_saved_run_config(saved)))
+    made = _dotted(read_yaml(saved))
     differ = [
         k
         for k in sorted(wanted.keys() | made.keys())
@@ -516,8 +507,13 @@ def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
     ]
     if differ:
         first, more = differ[0], len(differ) - 1
+        there = (
+            f"{made[first]!r} there"
+            if first in made
+            else "not in its config.yaml, which an earlier qatkd wrote"
+        )
         raise QatkdError(
-            f"{run_dir} was made with other settings ({first}: {made.get(first)!r} there, "
+            f"{run_dir} was made with other settings ({first}: {there}, "
             f"{wanted.get(first)!r} now{f', and {more} more' if more else ''}); delete the folder "
             "or choose another one"
         )
