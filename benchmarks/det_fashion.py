@@ -12,6 +12,12 @@ one best on validation, EKD-GoR both; every quantized student starts from the FP
 QAT recipe (epochs and learning rate) is picked first, on validation, by plain QAT at seed 0 over
 `QAT_EPOCHS` x `QAT_LRS`, and every quantized run uses it. W8A8 is left out: it matched FP32 in
 every earlier run, and its seeds are spent on W4A4.
+
+Every KD run uses the detection KD's defaults (`kd.form=dense`: class-score, box and feature
+terms, issue 27). The ablation then takes each term out in turn, and puts the legacy KD (the one
+before issue 27) in their place, at the fixed α picked on validation, on the same seeds; and it
+measures the seconds of a distillation step with the dense and the legacy KD, alternating in this
+process (`qatkd check`'s timed steps), against the target of at most 1.5x.
 Writes benchmarks/results/det_fashion{,_quick}.{md,json}, a plot of the methods' mAP and a
 picture of predicted boxes (the default GoR student against the teacher) beside them.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,8 @@ from _seeds import cell, summarize
 from matplotlib.patches import Rectangle
 
 from qatkd.artifacts import checkpoint_source, load_model
+from qatkd.config import load_config
+from qatkd.pipeline import check
 from qatkd.tasks.detection.boxes import detections
 from qatkd.tasks.detection.data import unpadded
 
@@ -54,6 +63,17 @@ TEACHERS = ("det_m", "det_res")
 STUDENT = "det_s"
 BITS = ("W4A4",)
 
+
+ABLATION = {
+    "kd_no_cls": ["kd.cls_weight=0"],
+    "kd_no_box": ["kd.box_weight=0"],
+    "kd_no_feature": ["kd.feature_weight=0"],
+    "kd_legacy": ["kd.form=legacy"],
+}
+"""The KD ablation's runs beside the fixed-α run with every term (its `kd_fixed_<α>`): one term
+off each, and the legacy KD (binary KL averaged over every location, GIoU above 0.5)."""
+STEP_COST_TARGET = 1.5
+"""Issue 27: a dense-KD step costs at most this many legacy-KD steps."""
 
 QAT_EPOCHS, QAT_LRS = (2, 4), ("0.002", "0.005", "0.01")
 """The QAT recipes tried (no warm-up, cosine decay). Longer QAT is not in the grid: the protocol's
@@ -67,10 +87,12 @@ class Budget:
     data: list[str]
     fp32_epochs: int
     seeds: int
+    cost_rounds: int
+    """Alternating timings of the dense and the legacy KD step (`step_cost`)."""
 
 
-FULL = Budget(["data.train_limit=3000", "data.test_limit=500"], 8, 3)
-QUICK = Budget(["data.train_limit=600", "data.test_limit=200"], 3, 1)
+FULL = Budget(["data.train_limit=3000", "data.test_limit=500"], 8, 3, 5)
+QUICK = Budget(["data.train_limit=600", "data.test_limit=200"], 3, 1, 2)
 
 
 def record(method: str, bits: str, seed: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +104,37 @@ def record(method: str, bits: str, seed: int, metrics: dict[str, Any]) -> dict[s
         "val": metrics.get("best_val_map50"),
         "test": round(metrics.get("best_test_map50", metrics["test_map50"]), 2),
         "test_map": round(metrics.get("best_test_map", metrics["test_map"]), 2),
+        "seconds_per_step": metrics["train_seconds"] / metrics["steps"]
+        if metrics.get("steps")
+        else None,
+    }
+
+
+def ablation_alpha(records: list[dict[str, Any]], bits: str) -> str:
+    """The fixed α with the best mean validation mAP@0.5 over the seeds at `bits`."""
+    grid: dict[str, list[float]] = {}
+    for r in records:
+        if r["bits"] == bits and r["method"].startswith("kd_fixed_"):
+            grid.setdefault(r["method"].removeprefix("kd_fixed_"), []).append(r["val"])
+    return max(grid, key=lambda alpha: statistics.mean(grid[alpha]))
+
+
+def step_cost(overrides: list[str], rounds: int) -> dict[str, Any]:
+    """Seconds per distillation step (`qatkd check --command distill`: 3 real steps after a
+    warm-up) with the dense and the legacy KD, alternating `rounds` times in this process so both
+    see the same machine; medians, and dense / legacy."""
+    forms = {"dense": [], "legacy": ["kd.form=legacy"]}
+    seconds: dict[str, list[float]] = {form: [] for form in forms}
+    for _ in range(rounds):
+        for form, extra in forms.items():
+            facts = check(load_config(overrides=[*overrides, *extra]), "distill")
+            seconds[form].append(facts["seconds_per_step"])
+    medians = {form: statistics.median(values) for form, values in seconds.items()}
+    return {
+        "seconds": seconds,
+        "dense": medians["dense"],
+        "legacy": medians["legacy"],
+        "ratio": medians["dense"] / medians["legacy"],
     }
 
 
@@ -110,9 +163,9 @@ def pick_recipe(quantized: list[str], work: Path) -> tuple[list[str], list[dict[
 
 def run_all(
     work: Path, budget: Budget
-) -> tuple[list[dict[str, Any]], dict[str, Any], str, list[dict[str, Any]]]:
-    """The records of every quantized run, the FP32 models' metrics, the KD teacher and the QAT
-    recipes tried."""
+) -> tuple[list[dict[str, Any]], dict[str, Any], str, list[dict[str, Any]], dict[str, Any]]:
+    """The records of every quantized run, the FP32 models' metrics, the KD teacher, the QAT
+    recipes tried and the KD ablation's α and step cost."""
     common = ["task=detection", *budget.data]
     fp32 = {
         name: trained(
@@ -142,7 +195,16 @@ def run_all(
                 out = work / f"{method}_{bits}_s{seed}"
                 metrics = trained(out, command_name, [*quantized, *extra, *recipe])
                 records.append(record(method, bits, seed, metrics))
-    return records, fp32, teacher, recipes
+        alpha = ablation_alpha(records, bits)
+        fixed = [one, "balancer.name=fixed", f"balancer.alpha={alpha}", *recipe]
+        for seed in range(budget.seeds):
+            for method, extra in ABLATION.items():
+                out = work / f"{method}_{bits}_s{seed}"
+                metrics = trained(out, "distill", [*student_at, f"seed={seed}", *fixed, *extra])
+                records.append(record(method, bits, seed, metrics))
+        cost = step_cost([*student_at, "seed=0", *fixed], budget.cost_rounds)
+        ablation = {"bits": bits, "alpha": alpha, "step_cost": cost}
+    return records, fp32, teacher, recipes, ablation
 
 
 def sanity_text(work: Path) -> str:
@@ -208,6 +270,41 @@ def table(records: list[dict[str, Any]], fp32: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(records: list[dict[str, Any]], ablation: dict[str, Any]) -> str:
+    """Each KD term off in turn and the legacy KD, against every term on (the fixed-α run at
+    the ablation's α) and plain QAT, on the same seeds; with each run's training seconds per
+    step (evaluation included, the same for every row)."""
+    bits, full = ablation["bits"], f"kd_fixed_{ablation['alpha']}"
+    at = [r for r in records if r["bits"] == bits]
+    tests, vals, maps = (summarize(at, key) for key in ("test", "val", "test_map"))
+    cost = summarize([r for r in at if r["seconds_per_step"] is not None], "seconds_per_step")
+    rows = {
+        full: "every term (cls + box + feature)",
+        **{m: f"without {m.removeprefix('kd_no_')}" for m in ABLATION if m.startswith("kd_no_")},
+        "kd_legacy": "legacy KD (before issue 27)",
+        "qat": "no KD (plain QAT)",
+    }
+    lines = [
+        f"| {bits}, fixed α = {ablation['alpha']} | test mAP@0.5 | val mAP@0.5 | test mAP | "
+        "− every term, same seeds | train s/step |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, name in rows.items():
+        difference = "-" if method == full else cell(paired(records, method, full, bits))
+        lines.append(
+            f"| {name} | {cell(tests[(method, bits)])} | {vals[(method, bits)][0]:.2f} | "
+            f"{cell(maps[(method, bits)])} | {difference} | {cost[(method, bits)][0]:.3f} |"
+        )
+    step = ablation["step_cost"]
+    lines += [
+        "",
+        f"Distillation step, alternating in this process ({len(step['seconds']['dense'])} "
+        f"rounds of `qatkd check`, median): dense KD {step['dense']:.3f} s, legacy KD "
+        f"{step['legacy']:.3f} s, ratio {step['ratio']:.2f} (target ≤ {STEP_COST_TARGET}).",
+    ]
+    return "\n".join(lines)
+
+
 def recipe_table(recipes: list[dict[str, Any]]) -> str:
     lines = ["| QAT epochs | lr | val mAP@0.5 | test mAP@0.5 |", "|---:|---:|---:|---:|"]
     for r in recipes:
@@ -217,12 +314,27 @@ def recipe_table(recipes: list[dict[str, Any]]) -> str:
 
 
 def target_rows(
-    records: list[dict[str, Any]], fp32: dict[str, Any]
+    records: list[dict[str, Any]], fp32: dict[str, Any], ablation: dict[str, Any]
 ) -> list[tuple[str, float, str]]:
-    """(what, measured, target) for issue 17's detection targets."""
+    """(what, measured, target) for issue 17's and issue 27's detection targets."""
     tests = summarize(records, "test")
     student = fp32[STUDENT]["best_test_map50"]
     return [
+        (
+            "W4A4: fixed α (validation pick) − QAT, mAP@0.5",
+            paired(records, VAL_PICK, "qat", "W4A4")[0],
+            ">= 0",
+        ),
+        (
+            "W4A4: GoR (default) − QAT, mAP@0.5",
+            paired(records, DEFAULT_GOR, "qat", "W4A4")[0],
+            ">= 0",
+        ),
+        (
+            "dense KD step / legacy KD step (seconds)",
+            ablation["step_cost"]["ratio"],
+            f"<= {STEP_COST_TARGET}",
+        ),
         (
             "W4A4: GoR (default) − fixed α (validation pick)",
             paired(records, DEFAULT_GOR, VAL_PICK, "W4A4")[0],
@@ -313,9 +425,9 @@ def picture(work: Path, path: Path, teacher: str, count: int = 4) -> None:
 def main() -> None:
     run = start(__doc__, "det_fashion", "600 canvases, 1 seed (< 10 min)")
     budget = run.schedule(QUICK, FULL)
-    records, fp32, teacher, recipes = run_all(run.work, budget)
+    records, fp32, teacher, recipes, ablation = run_all(run.work, budget)
     records += fixed_alpha_picks(records)
-    targets, checked = targets_table(target_rows(records, fp32))
+    targets, checked = targets_table(target_rows(records, fp32, ablation))
     winner = gor_by_validation(records)
     provenance = {**run.provenance(), "budget": budget.__dict__, "kd_teacher": teacher}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -329,6 +441,7 @@ def main() -> None:
                 },
                 "qat_recipes": recipes,
                 "records": records,
+                "kd_ablation": ablation,
                 "gor_by_validation": winner,
                 "targets": checked,
             },
@@ -349,6 +462,8 @@ def main() -> None:
         f"## Sanity checks\n\n{sanity_text(run.work)}\n\n"
         "## QAT recipe (plain QAT at seed 0, picked on validation; every quantized run uses it)"
         f"\n\n{recipe_table(recipes)}\n\n![QAT recipes]({qat_plot.name})\n\n"
+        "## KD ablation (each term off, and the legacy KD, at the validation-picked fixed α)\n\n"
+        f"{ablation_table(records, ablation)}\n\n"
         "## Paired differences (same seeds)\n\n"
         f"{paired_table(records, BITS, 'mAP@0.5')}\n\n"
         f"GoR variant with the best validation mAP@0.5: **{winner}** "

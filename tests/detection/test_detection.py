@@ -16,6 +16,7 @@ from qatkd.export import as_exported, to_onnx
 from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.detection.boxes import STRIDE, assign, locations
+from qatkd.tasks.detection.config import DetectionKDConfig
 from qatkd.tasks.detection.data import (
     VISIBLE,
     CanvasDetection,
@@ -25,9 +26,10 @@ from qatkd.tasks.detection.data import (
     unpadded,
     write_yolo_folder,
 )
+from qatkd.tasks.detection.kd import binary_kl
 from qatkd.tasks.detection.models import build_detector
 from qatkd.tasks.detection.parity import compare_detections
-from qatkd.tasks.detection.task import DetectionTask, binary_kl
+from qatkd.tasks.detection.task import DetectionTask
 
 NAMES = [f"c{i}" for i in range(10)]
 
@@ -168,12 +170,14 @@ def test_loss_decreases_when_overfitting_a_tiny_batch():
     assert loss.item() < 0.5 * first
 
 
-def test_kd_is_zero_for_the_teacher_itself_and_binary_kl_matches_reference():
+@pytest.mark.parametrize("form", ["legacy", "dense"])
+def test_kd_is_zero_for_the_teacher_itself_and_binary_kl_matches_reference(form: str):
     torch.manual_seed(0)
     outputs, teacher = torch.randn(2, 15, 12, 12), torch.randn(2, 15, 12, 12)
-    task = DetectionTask(10)
+    kd = DetectionKDConfig(temperature=1.0, form=form, feature_weight=0)
+    task = DetectionTask(10, kd)
     assert task.kd_loss(teacher, [teacher]).item() == pytest.approx(0.0, abs=1e-5)
-    per_teacher = DetectionTask(10, per_teacher=True).kd_loss(outputs, [teacher, outputs])
+    per_teacher = DetectionTask(10, kd, per_teacher=True).kd_loss(outputs, [teacher, outputs])
     assert len(per_teacher) == 2 and per_teacher[1].item() == pytest.approx(0.0, abs=1e-5)
     z, p = torch.randn(3, 4), torch.rand(3, 4)
     q = torch.sigmoid(z / 2)

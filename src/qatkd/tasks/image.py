@@ -396,6 +396,20 @@ class ImageFamily:
     def make_task(self, config: Config, data: ImageData) -> Task:
         return self.make_task_for(data.num_classes, config.kd, config.balancer.per_teacher)
 
+    def ensemble(
+        self,
+        config: Config,
+        data: ImageData,
+        device: torch.device,
+        features: Sequence[str] = (),
+    ) -> TeacherEnsemble:
+        """The run's teachers, checked against `data`, frozen on `device`; `features`: the
+        module names whose outputs `TeacherEnsemble.with_features` returns."""
+        teachers = [
+            self.restore(load_checkpoint(path), data, path, "teacher") for path in config.teachers
+        ]
+        return TeacherEnsemble(teachers, names=config.teachers, features=features).to(device)
+
     def teacher_outputs(
         self, config: Config, data: ImageData, task: Task, device: torch.device
     ) -> tuple[TeacherOutputs, Dataset]:
@@ -403,10 +417,7 @@ class ImageFamily:
         data only) each teacher's outputs for every training image are computed once and stored
         on disk by sample (`TeacherLogitCache`), keyed by the teacher file's and the data's
         content; the first batch is checked against the live teachers."""
-        teachers = [
-            self.restore(load_checkpoint(path), data, path, "teacher") for path in config.teachers
-        ]
-        ensemble = TeacherEnsemble(teachers, names=config.teachers).to(device)
+        ensemble = self.ensemble(config, data, device)
         if not config.kd.cache:
             return (lambda batch: ensemble(task.inputs(batch))), data.train
         if config.data.augment:

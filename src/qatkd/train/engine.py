@@ -2,6 +2,9 @@
 
 Each step: student outputs -> task loss (labels) and, with teachers, KD loss -> the balancer
 combines them -> backward. The engine knows nothing of images, boxes or tokens: the `Task` does.
+A KD loss may have trainable parts of its own (feature adapters, `Task.kd_parts`): they train with
+the student, in the same optimizer, and are saved in its checkpoints under `kd_parts`, but they
+are no part of the student (`model`), so nothing that exports or evaluates it sees them.
 Determinism: every epoch reseeds the shuffling and augmentation RNGs from (seed, epoch), and a
 checkpoint written inside an epoch (on a stop signal, or every `train.save_every_min` minutes)
 records how many batches of the epoch were done, the epoch's running sums and every rank's RNG
@@ -24,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from qatkd.balance import LossBalancer, grad_conflict
 from qatkd.checkpoint import save_checkpoint
@@ -63,6 +66,14 @@ class Task(Protocol):
     def kd_loss(
         self, outputs: Any, teacher_outputs: list[Any]
     ) -> torch.Tensor | list[torch.Tensor]: ...
+
+    def kd_parts(
+        self, student: nn.Module, teacher_outputs: TeacherOutputs, example: Any
+    ) -> nn.Module | None:
+        """The KD loss's own trainable modules for this student and these teachers (feature
+        adapters), or None; called once before training, with `example` a batch of one training
+        sample on the training device. The task may hook `student` here to read its features."""
+        ...
 
     def batch_metrics(self, outputs: Any, batch: Any) -> dict[str, float]: ...
 
@@ -108,11 +119,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def build_optimizer(
-    model: nn.Module, balancer: LossBalancer, config: Config
+    model: nn.Module, balancer: LossBalancer, config: Config, kd_parts: nn.Module | None = None
 ) -> torch.optim.Optimizer:
     train = config.train
     groups = parameter_groups(model, train.weight_decay)
     groups += balancer.param_groups(config.balancer.lr, train.lr)
+    if kd_parts is not None:  # at the model's rate and weight decay
+        groups += [
+            {**group, "name": f"kd_{group['name']}"}
+            for group in parameter_groups(kd_parts, train.weight_decay)
+            if group["params"]
+        ]
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=train.lr)
@@ -157,6 +174,27 @@ def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def make_kd_parts(
+    task: Task,
+    model: nn.Module,
+    train_set: Dataset,
+    balancer: LossBalancer,
+    teacher_outputs: TeacherOutputs | None,
+    seed: int,
+) -> nn.Module | None:
+    """`task.kd_parts` for a run that uses its teachers, on the model's device, shown the first
+    training sample. The global RNG is left as it was, and the parts are initialised from `seed`
+    alone, so every process of a run starts with the same ones."""
+    if teacher_outputs is None or not balancer.needs_teacher:
+        return None
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        example = to_device(default_collate([train_set[0]]), device)
+        parts = task.kd_parts(model, teacher_outputs, example)
+    return None if parts is None else parts.to(device)
+
+
 def forward_losses(
     model: nn.Module,
     task: Task,
@@ -182,12 +220,15 @@ def optimizer_step(
     scaler: torch.amp.GradScaler,
     world: World,
     balancer: LossBalancer,
+    kd_parts: nn.Module | None = None,
 ) -> None:
-    """Backward and one update of the model and the balancer (its gradients averaged over the
-    ranks; DDP averages the model's)."""
+    """Backward and one update of the model, the balancer and the KD loss's parts (their
+    gradients averaged over the ranks; DDP averages the model's)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     average_gradients(world, balancer)
+    if kd_parts is not None:
+        average_gradients(world, kd_parts)
     scaler.step(optimizer)
     scaler.update()
 
@@ -206,7 +247,8 @@ def time_steps(
     device = next(model.parameters()).device
     balancer.to(device)
     loader = DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True)
-    optimizer = build_optimizer(model, balancer, config)
+    kd_parts = make_kd_parts(task, model, train_set, balancer, teacher_outputs, config.seed)
+    optimizer = build_optimizer(model, balancer, config, kd_parts)
     precision = mixed_precision(device, config.train.bf16)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     model.train()
@@ -216,7 +258,7 @@ def time_steps(
         started = time.perf_counter()
         batch = to_device(batch, device)
         total = forward_losses(model, task, batch, balancer, teacher_outputs, precision)[3]
-        optimizer_step(total, optimizer, scaler, World(), balancer)
+        optimizer_step(total, optimizer, scaler, World(), balancer, kd_parts)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timed.append(time.perf_counter() - started)
@@ -328,7 +370,8 @@ def fit(
         **loader_options(device),
     )
     steps_per_epoch = len(loader)
-    optimizer = build_optimizer(model, balancer, config)
+    kd_parts = make_kd_parts(task, model, train_set, balancer, teacher_outputs, config.seed)
+    optimizer = build_optimizer(model, balancer, config, kd_parts)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         warmup_cosine(
@@ -347,6 +390,14 @@ def fit(
     if resume is not None:
         model.load_state_dict(resume["model"])
         balancer.load_state_dict(resume["balancer"])
+        if kd_parts is not None:
+            if resume.get("kd_parts") is None:
+                raise QatkdError(
+                    f"{run_dir / 'last.pt'} holds no state of the KD loss's trainable parts "
+                    "(feature adapters), which this run has: it cannot resume exactly; "
+                    "start it again"
+                )
+            kd_parts.load_state_dict(resume["kd_parts"])
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["scheduler"])
         if resume.get("scaler"):
@@ -373,6 +424,7 @@ def fit(
             "config": config_to_dict(config),
             "model": student.state_dict(),
             "balancer": balancer.state_dict(),
+            "kd_parts": None if kd_parts is None else kd_parts.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
             "scaler": scaler.state_dict(),
@@ -457,7 +509,7 @@ def fit(
                     schedule.step()
                     stop_or_save(epoch, done, sums, stops)
                     continue
-                optimizer_step(total, optimizer, scaler, world, balancer)
+                optimizer_step(total, optimizer, scaler, world, balancer, kd_parts)
                 schedule.step()
                 n = len(task.inputs(batch))
                 sums[0] += total.item() * n

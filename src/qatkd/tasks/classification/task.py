@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from qatkd.device import module_device
 from qatkd.distill import KDConfig, build_kd_loss
+from qatkd.train.engine import TeacherOutputs
 
 Batch = tuple[torch.Tensor, ...]
 """(images, labels), plus the sample indices when teacher logits come from a cache."""
@@ -38,6 +39,12 @@ class ClassificationTask:
         self, outputs: torch.Tensor, teacher_outputs: list[torch.Tensor]
     ) -> torch.Tensor | list[torch.Tensor]:
         return self.kd(outputs, teacher_outputs)
+
+    def kd_parts(
+        self, student: nn.Module, teacher_outputs: TeacherOutputs, example: Batch
+    ) -> nn.Module | None:
+        """Logit KD has no trainable parts."""
+        return None
 
     def batch_metrics(self, outputs: torch.Tensor, batch: Batch) -> dict[str, float]:
         return {"train_acc": (outputs.argmax(1) == batch[1]).float().mean().item() * 100}

@@ -7,7 +7,9 @@ residual adds), so quantization, BN folding and the ONNX exporter treat it like 
 decoding and NMS stay in Python (`qatkd.tasks.detection.boxes`).
 
 Sizes: `det_s` (student), `det_m` (teacher, twice as wide) and `det_res` (a teacher of another
-architecture: residual stages, as in ResNet).
+architecture: residual stages, as in ResNet). Every detector names its neck output (the head's
+input, an identity here as there is no FPN) `neck`, so feature KD reads the same place in
+detectors of any architecture (`kd.features`, default `net.neck`).
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ class PlainDetector(nn.Module):
             layers += [conv_bn_relu(cin, w), conv_bn_relu(w, w, stride=2)]
             cin = w
         self.backbone = nn.Sequential(*layers)
+        self.neck = nn.Identity()
         self.head = DenseHead(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.neck(self.backbone(x)))
 
 
 class ResidualDetector(nn.Module):
@@ -80,10 +83,11 @@ class ResidualDetector(nn.Module):
             stages += [BasicBlock(cin, w, 2), BasicBlock(w, w, 1)]
             cin = w
         self.stages = nn.Sequential(*stages)
+        self.neck = nn.Identity()
         self.head = DenseHead(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(self.stem(x)))
+        return self.head(self.neck(self.stages(self.stem(x))))
 
 
 DETECTORS.register("det_s")(lambda c, k: PlainDetector(c, k, 16))

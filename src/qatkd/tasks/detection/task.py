@@ -1,15 +1,14 @@
-"""The detection task family: FCOS-style losses, dense-output KD, mAP (torchmetrics, COCO).
+"""The detection task: FCOS-style losses, the detection KD of `kd` and mAP (torchmetrics, COCO).
 
 L_TS (the detector's own loss, averaged over the positive locations): sigmoid focal loss on the
 class logits of every location, GIoU loss on the decoded boxes and BCE on the centerness of the
-positives. L_KD: binary KL between the softened class probabilities of student and teachers at
-every location (sigmoid(z / τ)), plus a GIoU loss towards the teachers' boxes at the locations where
-the teachers are confident (top class probability > 0.5), weighted by that confidence. Several
-teachers: the mean of their class probabilities, and boxes averaged with their confidences as
-weights; with `per_teacher` one KD term per teacher.
+positives. L_KD: `qatkd.tasks.detection.kd` (`kd.form`), one term or one per teacher
+(`per_teacher`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,62 +17,15 @@ from torch.utils.data import DataLoader
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from qatkd.device import module_device
-from qatkd.distill import KDConfig
 from qatkd.errors import QatkdError
 from qatkd.tasks.detection.boxes import assign, centerness, decode, detections, locations, split
+from qatkd.tasks.detection.config import DetectionKDConfig
 from qatkd.tasks.detection.data import unpadded
+from qatkd.tasks.detection.kd import detection_kd
+from qatkd.train.engine import TeacherOutputs
 
 Batch = tuple[Tensor, ...]
 """(images, boxes [B, MAX_OBJECTS, 4], labels [B, MAX_OBJECTS] with -1 padding)."""
-CONFIDENT = 0.5
-
-
-def binary_kl(student_logits: Tensor, teacher_probs: Tensor, temperature: float) -> Tensor:
-    """Σ over classes of KL(Bernoulli(p_T) || Bernoulli(sigmoid(z_S / τ))), mean over locations,
-    times τ²; zero when the student's softened probabilities equal the teacher's."""
-    eps = 1e-6
-    p = teacher_probs.clamp(eps, 1 - eps)
-    z = student_logits / temperature
-    log_q, log_not_q = F.logsigmoid(z), F.logsigmoid(-z)
-    kl = p * (p.log() - log_q) + (1 - p) * ((1 - p).log() - log_not_q)
-    return kl.sum(-1).mean() * temperature**2
-
-
-class DetectionKD:
-    """The KD loss of the module doc, for one (combined) or every (`per_teacher`) teacher."""
-
-    def __init__(self, temperature: float, per_teacher: bool = False) -> None:
-        self.temperature = temperature
-        self.per_teacher = per_teacher
-
-    def _targets(self, teacher_outputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Softened class probabilities, decoded boxes and confidence of one teacher."""
-        logits, box_values, _ = split(teacher_outputs.float())
-        points = locations(*teacher_outputs.shape[-2:], device=teacher_outputs.device)
-        confidence = logits.sigmoid().amax(-1)
-        return (logits / self.temperature).sigmoid(), decode(box_values, points), confidence
-
-    def _distance(
-        self, outputs: Tensor, probs: Tensor, boxes: Tensor, confidence: Tensor
-    ) -> Tensor:
-        logits, box_values, _ = split(outputs)
-        class_term = binary_kl(logits, probs, self.temperature)
-        weight = torch.where(confidence > CONFIDENT, confidence, torch.zeros_like(confidence))
-        if weight.sum() == 0:
-            return class_term
-        student_boxes = decode(box_values, locations(*outputs.shape[-2:], device=outputs.device))
-        giou = generalized_box_iou_loss(student_boxes.reshape(-1, 4), boxes.reshape(-1, 4))
-        return class_term + (giou * weight.reshape(-1)).sum() / weight.sum()
-
-    def __call__(self, outputs: Tensor, teacher_outputs: list[Tensor]) -> Tensor | list[Tensor]:
-        targets = [self._targets(t) for t in teacher_outputs]
-        if self.per_teacher:
-            return [self._distance(outputs, *t) for t in targets]
-        probs = torch.stack([t[0] for t in targets]).mean(0)
-        confidences = torch.stack([t[2] for t in targets])
-        weights = confidences / confidences.sum(0).clamp_min(1e-6)
-        boxes = (torch.stack([t[1] for t in targets]) * weights[..., None]).sum(0)
-        return self._distance(outputs, probs, boxes, confidences.mean(0))
 
 
 class DetectionTask:
@@ -83,16 +35,16 @@ class DetectionTask:
     unit = "img"
 
     def __init__(
-        self, num_classes: int, kd: KDConfig | None = None, per_teacher: bool = False
+        self, num_classes: int, kd: DetectionKDConfig | None = None, per_teacher: bool = False
     ) -> None:
-        kd = kd or KDConfig(temperature=1.0)
+        kd = kd or DetectionKDConfig(temperature=1.0)
         if kd.loss != "kl":
             raise QatkdError(
-                f"kd.loss={kd.loss}: detection distills class scores with binary KL (kd.loss=kl) "
-                "and boxes with GIoU"
+                f"kd.loss={kd.loss}: detection distills with its own terms (kd.form, "
+                "kd.*_weight); leave kd.loss=kl"
             )
         self.num_classes = num_classes
-        self.kd = DetectionKD(kd.temperature, per_teacher)
+        self.kd = detection_kd(kd, per_teacher)
 
     def inputs(self, batch: Batch) -> Tensor:
         return batch[0]
@@ -136,7 +88,13 @@ class DetectionTask:
             loss = loss + F.binary_cross_entropy_with_logits(ctr[positive], centerness(points, gt))
         return loss
 
-    def kd_loss(self, outputs: Tensor, teacher_outputs: list[Tensor]) -> Tensor | list[Tensor]:
+    def kd_parts(
+        self, student: nn.Module, teacher_outputs: TeacherOutputs, example: Batch
+    ) -> nn.Module | None:
+        """The feature term's adapters (and the hooks on `student` that feed it)."""
+        return self.kd.parts(student, teacher_outputs, example, self.inputs(example))
+
+    def kd_loss(self, outputs: Tensor, teacher_outputs: list[Any]) -> Tensor | list[Tensor]:
         return self.kd(outputs, teacher_outputs)
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from qatkd.device import module_device
 from qatkd.distill import KDConfig, build_kd_loss
 from qatkd.progress import progress
 from qatkd.tasks.language.data import IGNORE
+from qatkd.train.engine import TeacherOutputs
 
 Batch = tuple[Tensor, ...]
 """(token ids [B, T],) for training; (token ids, labels with IGNORE for context) for evaluation."""
@@ -101,6 +102,12 @@ class LanguageTask:
 
     def kd_loss(self, outputs: Tensor, teacher_outputs: list[Tensor]) -> Tensor | list[Tensor]:
         return self.kd(outputs, teacher_outputs)
+
+    def kd_parts(
+        self, student: nn.Module, teacher_outputs: TeacherOutputs, example: Batch
+    ) -> nn.Module | None:
+        """Logit KD has no trainable parts."""
+        return None
 
     def batch_metrics(self, outputs: Tensor, batch: Batch) -> dict[str, float]:
         ids = batch[0]
