@@ -9,7 +9,7 @@ POLICY_TEXT := /usr/share/doc/debian-policy/policy.txt.gz
 # declares only ranges.
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup data demo test lint peers mutate constraints
+.PHONY: setup data demo test lint peers mutate constraints wheel-check
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ constraints:
 	  $(PY) -m pip freeze --exclude-editable --exclude qatkd; } > $(CONSTRAINTS).tmp
 	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 	touch $(VENV)/.installed
+
+# Builds the sdist and wheel, installs the wheel into a fresh venv with the constraints and runs
+# `qatkd --help` and a tiny `qatkd train` there (scripts/check_wheel.sh).
+wheel-check: setup data
+	PYTHON=$(PY) scripts/check_wheel.sh
 
 data:
 	@missing=""; \
