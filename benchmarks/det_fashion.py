@@ -275,7 +275,7 @@ def ablation_table(records: list[dict[str, Any]], ablation: dict[str, Any]) -> s
     the ablation's α) and plain QAT, on the same seeds; with each run's training seconds per
     step (evaluation included, the same for every row)."""
     bits, full = ablation["bits"], f"kd_fixed_{ablation['alpha']}"
-    at = [r for r in records if r["bits"] == bits]
+    at = [r for r in records if r["bits"] == bits and r["method"] in (full, *ABLATION, "qat")]
     tests, vals, maps = (summarize(at, key) for key in ("test", "val", "test_map"))
     cost = summarize([r for r in at if r["seconds_per_step"] is not None], "seconds_per_step")
     rows = {
