@@ -77,6 +77,17 @@ def test_a_stop_signal_saves_the_position_and_resume_is_exact(
 
 
 def test_the_first_signal_asks_to_stop_and_a_second_aborts():
+    """The second signal goes to the handler the process had before: Python's KeyboardInterrupt
+    for SIGINT as a terminal gives it (a shell's background job starts with SIGINT ignored, so
+    the test sets it)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        second_signal_aborts()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def second_signal_aborts() -> None:
     with StopRequests() as stops:
         signal.raise_signal(signal.SIGINT)
         assert stops.signum == signal.SIGINT
