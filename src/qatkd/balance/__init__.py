@@ -3,7 +3,7 @@
 from qatkd.balance.balancers import KENDALL_BOUND, Fixed, GoR
 from qatkd.balance.base import LossBalancer
 from qatkd.balance.config import BALANCERS, BalancerConfig, build_balancer
-from qatkd.balance.diagnostics import grad_conflict
+from qatkd.balance.diagnostics import alignments, grad_conflict, gradient
 
 __all__ = [
     "BALANCERS",
@@ -12,6 +12,8 @@ __all__ = [
     "Fixed",
     "GoR",
     "LossBalancer",
+    "alignments",
     "build_balancer",
     "grad_conflict",
+    "gradient",
 ]

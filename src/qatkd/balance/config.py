@@ -14,8 +14,9 @@ from qatkd.registry import Registry
 
 
 class BalancerConfig(BaseModel):
-    """The `balancer:` section of a run config; `alpha` is read by `fixed` only, `form`, `scale`
-    and `per_teacher` by `gor` only, `lr` (default: the model's) by balancers with parameters."""
+    """The `balancer:` section of a run config; `alpha` is read by `fixed` only, `form`, `scale`,
+    `normalize` and `per_teacher` by `gor` only, `held_out` and `every` by `gor` form `heldout`
+    only, `lr` (default: the model's) by balancers with parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -24,7 +25,32 @@ class BalancerConfig(BaseModel):
         description="how L_TS and L_KD are combined: gor (two learned weights), fixed "
         "((1-alpha)·L_TS + alpha·L_KD), ts_only (plain QAT), kd_only",
     )
-    form: Literal["liebel", "kendall"] = Field("kendall", description="GoR's regularized form")
+    form: Literal["liebel", "kendall", "heldout"] = Field(
+        "kendall",
+        description="GoR's form: kendall and liebel weigh each loss by its size (learned "
+        "uncertainty); heldout weighs each by use, from the alignment of its gradient with the "
+        "task gradient on data reserved for it (balancer.held_out, balancer.every)",
+    )
+    normalize: bool = Field(
+        False,
+        description="GoR: rescale the weights to sum to the number of terms (2; k+1 with "
+        "per_teacher) before they weigh the losses, so the form sets the ratio and train.lr "
+        "the step",
+    )
+    held_out: float = Field(
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="form heldout: share of the training set reserved for the balancer and "
+        "removed from the student's training data (drawn by data.val_seed, so the same for "
+        "every seed; never the validation or test data)",
+    )
+    every: int = Field(
+        10,
+        gt=0,
+        description="form heldout: steps between the balancer's held-out passes (one forward "
+        "and backward on a held-out batch, one backward per loss term)",
+    )
     scale: Literal["none", "initial", "running"] = Field(
         "none",
         description="scale-aware GoR: divide each loss by its value at the first step (initial) "
@@ -76,6 +102,7 @@ def _gor(config: BalancerConfig, num_teachers: int) -> LossBalancer:
         form=config.form,
         num_teachers=num_teachers if config.per_teacher else None,
         scale=config.scale,
+        normalize=config.normalize,
     )
 
 
@@ -87,6 +114,13 @@ def build_balancer(config: BalancerConfig, num_teachers: int) -> LossBalancer:
     if config.scale != "none" and config.name != "gor":
         raise QatkdError(
             f"balancer.scale={config.scale} needs balancer.name=gor, not '{config.name}'"
+        )
+    if config.normalize and config.name != "gor":
+        raise QatkdError(f"balancer.normalize=true needs balancer.name=gor, not '{config.name}'")
+    if config.form == "heldout" and config.scale != "none":
+        raise QatkdError(
+            f"balancer.scale={config.scale} is for GoR forms kendall and liebel; "
+            "form heldout does not weigh by loss size: drop balancer.scale"
         )
     if num_teachers == 0 and config.name != "ts_only":
         raise QatkdError(
