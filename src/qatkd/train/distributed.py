@@ -93,6 +93,15 @@ def any_rank(world: World, flag: bool) -> bool:
     return bool(value.item() > 0)
 
 
+def mean_over_ranks(world: World, value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over every rank, on every rank."""
+    if not world.distributed:
+        return value
+    value = value.to(world.device).clone()  # nccl reduces GPU tensors only
+    dist.all_reduce(value)
+    return value / world.size
+
+
 def average_gradients(world: World, module: nn.Module) -> None:
     """All-reduce the gradients of a module that DDP does not wrap (the balancer), so its
     parameters stay identical on every rank."""

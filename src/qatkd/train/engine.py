@@ -37,6 +37,7 @@ from qatkd.errors import QatkdError
 from qatkd.progress import progress, report
 from qatkd.quant import Quantizer
 from qatkd.train.distributed import World, any_rank, average_gradients, barrier, gather
+from qatkd.train.held_out import HeldOutPass, reserve_held_out
 from qatkd.train.logs import CsvLog
 from qatkd.train.plots import plot_run
 from qatkd.train.stops import RunStopped, StopRequests
@@ -202,8 +203,12 @@ def forward_losses(
     balancer: LossBalancer,
     teacher_outputs: TeacherOutputs | None,
     precision: Any,
+    held_out: HeldOutPass | None = None,
+    step: int = 0,
 ) -> tuple[Any, torch.Tensor, Any, torch.Tensor]:
-    """(outputs, L_TS, L_KD or None, the balanced total) of one batch, autocast as configured."""
+    """(outputs, L_TS, L_KD or None, the balanced total) of one batch, autocast as configured;
+    with `held_out`, the balancer first takes the alignments measured on this step (if due;
+    `step`: the steps done before this one)."""
     device = next(model.parameters()).device
     with torch.autocast(device.type, precision.dtype, enabled=precision.enabled):
         outputs = model(task.inputs(batch))
@@ -211,6 +216,8 @@ def forward_losses(
         l_kd = None
         if teacher_outputs is not None and balancer.needs_teacher:
             l_kd = task.kd_loss(outputs, teacher_outputs(batch))
+    if held_out is not None:
+        held_out.observe(balancer, l_ts, l_kd, step)
     return outputs, l_ts, l_kd, balancer(l_ts, l_kd)
 
 
@@ -243,26 +250,49 @@ def time_steps(
     steps: int = 3,
 ) -> float:
     """Seconds per training step of this run on this machine, one process: the mean of `steps`
-    real steps (forward, losses, backward, update) after a warm-up step. It trains `model`."""
+    real steps (forward, losses, backward, update) after a warm-up step. A balancer's
+    held-out pass, which runs every `balancer.every` steps, is timed on every step and counted
+    at its share. It trains `model`."""
     device = next(model.parameters()).device
     balancer.to(device)
+    train_set, held = reserve_held_out(train_set, config, balancer)
     loader = DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True)
     kd_parts = make_kd_parts(task, model, train_set, balancer, teacher_outputs, config.seed)
     optimizer = build_optimizer(model, balancer, config, kd_parts)
     precision = mixed_precision(device, config.train.bf16)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
+    held_out = None
+    if held is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        world = World(device=device)
+        batch_size = config.train.batch_size
+        held_out = HeldOutPass(held, model, task, params, config, batch_size, world, precision)
     model.train()
     balancer.train()
     timed: list[float] = []
-    for batch in itertools.islice(itertools.cycle(loader), steps + 1):
-        started = time.perf_counter()
-        batch = to_device(batch, device)
-        total = forward_losses(model, task, batch, balancer, teacher_outputs, precision)[3]
-        optimizer_step(total, optimizer, scaler, World(), balancer, kd_parts)
+    passes: list[float] = []
+
+    def now() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        timed.append(time.perf_counter() - started)
-    return sum(timed[1:]) / steps
+        return time.perf_counter()
+
+    for batch in itertools.islice(itertools.cycle(loader), steps + 1):
+        started = now()
+        batch = to_device(batch, device)
+        _, l_ts, l_kd, total = forward_losses(
+            model, task, batch, balancer, teacher_outputs, precision
+        )
+        if held_out is not None:
+            before = now()
+            held_out.observe(balancer, l_ts, l_kd, step=0)  # due: timed on every step
+            passes.append(now() - before)
+        optimizer_step(total, optimizer, scaler, World(), balancer, kd_parts)
+        timed.append(now() - started)
+    per_step = sum(timed[1:]) / steps
+    if held_out is not None:
+        per_step += sum(passes[1:]) / steps * (1 / config.balancer.every - 1)
+    return per_step
 
 
 def per_rank_batch_size(batch_size: int, world: World) -> int:
@@ -289,7 +319,8 @@ class _StepLogger:
         splits: list[str],
     ) -> None:
         diag = DIAG_KEYS if config.diag.every else []
-        step_fields = ["step", "epoch", "lr", "loss", "l_ts", "l_kd", *balancer.weights(), *diag]
+        weights = [*balancer.weights(), *balancer.measured()]
+        step_fields = ["step", "epoch", "lr", "loss", "l_ts", "l_kd", *weights, *diag]
         self.steps = CsvLog(run_dir / "steps.csv", step_fields)
         evaluated = [f"{split}_{task.main_metric}" for split in splits]
         epoch_fields = ["epoch", "step", "lr", "train_loss", "train_acc", *evaluated]
@@ -351,12 +382,15 @@ def fit(
     must answer there). Under torchrun (`world.size > 1`) the model runs in
     DistributedDataParallel, each process takes its share of every global batch, and the
     balancer's gradients are averaged too. `facts`, known before training (whether validation
-    is independent of the teachers), go into metrics.json as they are."""
+    is independent of the teachers), go into metrics.json as they are. A balancer that learns
+    from held-out data takes `balancer.held_out` of `train_set` for it (`qatkd.train.held_out`);
+    the student trains on the rest."""
     world = world or World()
     train_cfg = config.train
     device = world.device
     model.to(device)
     balancer.to(device)
+    train_set, held = reserve_held_out(train_set, config, balancer)
     sampler = DistributedSampler(
         train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed
     )
@@ -415,6 +449,11 @@ def fit(
         run_dir, config, task, balancer, [s for s, d in splits.items() if d is not None]
     )
     student_params = [p for p in student.parameters() if p.requires_grad]
+    held_out = None
+    if held is not None:
+        held_out = HeldOutPass(
+            held, student, task, student_params, config, batch_size, world, precision
+        )
     total_steps = steps_per_epoch * train_cfg.epochs
 
     def checkpoint_state(epochs_done: int, position: dict[str, Any] | None) -> dict[str, Any]:
@@ -491,7 +530,7 @@ def fit(
                 done += 1
                 batch = to_device(batch, device)
                 outputs, l_ts, l_kd, total = forward_losses(
-                    model, task, batch, balancer, teacher_outputs, precision
+                    model, task, batch, balancer, teacher_outputs, precision, held_out, step
                 )
                 diag = {}
                 if config.diag.every and l_kd is not None and step % config.diag.every == 0:
@@ -534,6 +573,7 @@ def fit(
                             "l_ts": l_ts.item(),
                             "l_kd": None if kd_sum is None else kd_sum.item(),
                             **balancer.weights(),
+                            **balancer.measured(),
                             **diag,
                         }
                     )
@@ -575,7 +615,7 @@ def fit(
         "steps": step,
         "train_seconds": round(time.perf_counter() - started, 1),
         "device": device_name(device),
-        **{f"final_{k}": v for k, v in balancer.weights().items()},
+        **{f"final_{k}": v for k, v in (balancer.weights() | balancer.measured()).items()},
         **(facts or {}),
     }
     if world.is_main:

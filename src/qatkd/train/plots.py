@@ -13,12 +13,16 @@ from qatkd.train.logs import read_csv
 
 
 def plot_run(run_dir: Path, title: str) -> Path:
-    """Loss, accuracy, the balancer's effective weights and the gradient conflict, as available."""
+    """Loss, accuracy, the balancer's effective weights, the alignments it learns from and the
+    gradient conflict, as available."""
     steps, epochs = read_csv(run_dir / "steps.csv"), read_csv(run_dir / "log.csv")
     weight_keys = sorted({k for r in steps for k in r if k.startswith("w_")})
+    align_keys = sorted({k for r in steps for k in r if k.startswith("align_")})
     panels = ["loss", "metric"]
     if weight_keys:
         panels.append("weights")
+    if align_keys:
+        panels.append("alignment")
     if any("grad_ratio" in r for r in steps):
         panels.append("conflict")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -39,11 +43,14 @@ def plot_run(run_dir: Path, title: str) -> Path:
                 pts = [(r["epoch"], r[key]) for r in epochs if key in r]
                 ax.plot(*zip(*pts, strict=True), marker="o", label=key)
             ax.set(xlabel="epoch", title="accuracy (%)")
-        elif panel == "weights":
-            for key in weight_keys:
+        elif panel in ("weights", "alignment"):
+            for key in weight_keys if panel == "weights" else align_keys:
                 pts = [(r["step"], r[key]) for r in steps if key in r]
                 ax.plot(*zip(*pts, strict=True), marker=".", label=key)
-            ax.set(xlabel="step", title="balancer effective weights")
+            if panel == "weights":
+                ax.set(xlabel="step", title="balancer effective weights")
+            else:
+                ax.set(xlabel="step", title="cos(∇L_held, ∇L_k)", ylim=(-1, 1))
         else:
             pts = [
                 (r["step"], r["grad_ratio"], r["grad_cosine"]) for r in steps if "grad_ratio" in r

@@ -15,13 +15,17 @@ from qatkd.errors import QatkdError
 
 
 def split_indices(
-    count: int, share: float, seed: int, labels: Sequence[int] | torch.Tensor | None = None
+    count: int,
+    share: float,
+    seed: int,
+    labels: Sequence[int] | torch.Tensor | None = None,
+    key: str = "data.val_split",
 ) -> tuple[list[int], list[int]]:
     """(training indices, validation indices) of `count` samples: `share` of them held out,
     drawn with `seed`; with `labels`, `share` of every class (rounded, at least one sample of
-    a class with two or more). Both lists are sorted."""
+    a class with two or more). Both lists are sorted. `key`: the setting errors name."""
     if not 0 <= share < 1:
-        raise QatkdError(f"data.val_split={share}: use a share in [0, 1), e.g. 0.1; 0 turns it off")
+        raise QatkdError(f"{key}={share}: use a share in [0, 1), e.g. 0.1; 0 turns it off")
     if share == 0:
         return list(range(count)), []
     generator = torch.Generator().manual_seed(seed)
@@ -40,8 +44,6 @@ def split_indices(
         size = min(size, len(group) - 1)
         held += group[torch.randperm(len(group), generator=generator)[:size]].tolist()
     if not held:
-        raise QatkdError(
-            f"data.val_split={share} holds out no sample of {count}: raise it or set it to 0"
-        )
+        raise QatkdError(f"{key}={share} holds out no sample of {count}: raise it")
     kept = sorted(set(range(count)) - set(held))
     return kept, sorted(held)
