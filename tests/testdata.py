@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import struct
 from pathlib import Path
@@ -112,3 +113,14 @@ def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
         "train.log_every=1",
         *extra,
     ]
+
+
+def measured_alignments(run_dir: Path) -> dict[str, list[float]]:
+    """GoR form heldout's alignment columns of a run's steps.csv, after checking that every
+    value is a cosine and that some are not zero (they were measured)."""
+    with (run_dir / "steps.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = {k: [float(r[k]) for r in rows] for k in rows[0] if k.startswith("align_")}
+    values = [v for column in columns.values() for v in column]
+    assert values and all(-1 <= v <= 1 for v in values) and any(values), columns
+    return columns

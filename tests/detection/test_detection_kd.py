@@ -31,7 +31,7 @@ from qatkd.tasks.detection.kd import (
 from qatkd.tasks.detection.models import build_detector
 from qatkd.train import engine
 from qatkd.train.stops import RunStopped
-from testdata import make_images, write_idx
+from testdata import make_images, measured_alignments, write_idx
 
 K = 1  # classes in the hand-computed maps
 
@@ -261,6 +261,24 @@ def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -
         assert not torch.equal(first[key], value), key  # the second epoch moved them
     for key, value in state["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+def test_heldout_gor_per_teacher_trains_a_detector(runs) -> None:
+    """GoR form heldout with a weight per teacher (k+1 = 3) on detection batches: the held-out
+    pass runs the detector's own loss and measures every term's alignment."""
+    work = Path(runs["work"][0])
+    teacher = work / "teacher" / "last.pt"
+    out = work / "heldout"
+    heldout = [
+        "balancer.name=gor",
+        "balancer.form=heldout",
+        "balancer.every=1",
+        "train.log_every=1",
+    ]
+    extra = [*heldout, "balancer.per_teacher=true", f"teachers=[{teacher},{teacher}]"]
+    metrics = pipeline.distill(load_config(overrides=[*runs["student"], *extra, f"out={out}"]))[1]
+    assert list(measured_alignments(out)) == ["align_ts", "align_kd0", "align_kd1"]
+    assert metrics["final_w_kd0"] != 1.0 and metrics["final_align_ts"] != 0
 
 
 def test_the_exported_student_has_no_adapter(runs) -> None:

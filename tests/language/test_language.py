@@ -38,6 +38,7 @@ from qatkd.tasks.language.family import (
 )
 from qatkd.tasks.language.source import load_pretrained
 from qatkd.tasks.language.task import CausalLM, LanguageTask
+from testdata import measured_alignments
 
 USER_CACHE = os.environ.get("QATKD_CACHE")
 """The cache a user's runs share, read before the tests' own (the real SmolLM2 test keeps it:
@@ -289,6 +290,21 @@ def test_distill_eval_and_rtn_from_the_cli(tiny_lm, text_files, tmp_path, capsys
     rtn = tmp_path / "rtn"
     assert main(["ptq", *common, "quant.method=minmax", f"out={rtn}"]) == 0
     assert json.loads((rtn / "metrics.json").read_text())["test_ppl"] > 1
+
+
+def test_heldout_gor_trains_a_language_model(tiny_lm, text_files, tmp_path):
+    """GoR form heldout on token blocks: the balancer's share comes out of the training blocks
+    and its pass measures the next-token loss's alignments."""
+    heldout = [
+        "balancer.form=heldout",
+        "balancer.every=1",
+        "balancer.held_out=0.2",
+        "train.log_every=1",
+    ]
+    common = _overrides(tiny_lm, text_files, "quant.bits=W4A16", "quant.group_size=32", *heldout)
+    out = tmp_path / "kd"
+    assert main(["distill", *common, "train.threads=1", f"teachers=[{tiny_lm}]", f"out={out}"]) == 0
+    assert list(measured_alignments(out)) == ["align_ts", "align_kd"]
 
 
 def test_empty_text_file_is_a_one_line_error(tiny_lm, text_files, tmp_path, capsys):
