@@ -43,6 +43,7 @@ from qatkd.tasks import Source, TaskFamily, task_family
 from qatkd.train import evaluate_splits, fit
 from qatkd.train.distributed import World, broadcast, init_world
 from qatkd.train.engine import time_steps
+from qatkd.train.held_out import reserve_held_out
 from qatkd.train.tensorboard import require_tensorboard
 
 
@@ -224,9 +225,12 @@ def check(config: Config, command: str = "train") -> dict[str, Any]:
     task, balancer, outputs, train_set = _training_parts(live, family, source, world)
     model.to(world.device)
     per_step = time_steps(model, task, train_set, config, balancer, outputs)
+    student_set, held = reserve_held_out(train_set, config, balancer)
+    if held is not None:  # the balancer's share is no part of the student's epochs
+        facts["samples"] |= {"train": len(student_set), "balancer": len(held)}
     batch = config.train.batch_size
-    drop_last = len(train_set) > batch
-    per_epoch = len(train_set) // batch if drop_last else -(-len(train_set) // batch)
+    drop_last = len(student_set) > batch
+    per_epoch = len(student_set) // batch if drop_last else -(-len(student_set) // batch)
     steps = per_epoch * config.train.epochs
     evaluation = evaluation_seconds(task, model, [source.val, source.test])
     return facts | {

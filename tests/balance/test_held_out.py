@@ -3,6 +3,7 @@ reserves, and, through the real pipeline, that it turns a harmful teacher down a
 helpful one, and resumes exactly."""
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,39 @@ def test_resume_reproduces_the_uninterrupted_run(
     for part in ("model", "balancer"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert (full / "steps.csv").read_text() == (resumed / "steps.csv").read_text()
+
+
+def test_check_counts_the_balancers_share_and_times_its_pass(
+    learn_root: Path, learned_fp32: Path, tmp_path: Path
+):
+    teacher = f"teachers=[{learned_fp32 / 'last.pt'}]"
+    overrides = learning_overrides(learn_root, tmp_path / "x", *HELDOUT, teacher)
+    facts = pipeline.check(load_config(overrides=overrides), "distill")
+    plain = pipeline.check(load_config(overrides=learning_overrides(learn_root, tmp_path / "y")))
+    assert facts["samples"]["train"] + facts["samples"]["balancer"] == plain["samples"]["train"]
+    assert facts["samples"]["balancer"] == round(0.05 * plain["samples"]["train"])
+    assert facts["steps_per_epoch"] == facts["samples"]["train"] // 16
+    assert facts["seconds_per_step"] > 0
+
+
+def test_check_counts_the_pass_at_its_share(
+    learn_root: Path, learned_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """On a clock that only a pass moves (by 0.2 s), a step costs 0.2 s at balancer.every=1 and
+    0.02 s at every=10."""
+    clock = [0.0]
+
+    def observe(*args, **kwargs) -> None:
+        clock[0] += 0.2
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(HeldOutPass, "observe", observe)
+    teacher = f"teachers=[{learned_fp32 / 'last.pt'}]"
+
+    def seconds(every: int) -> float:
+        extra = [*HELDOUT, teacher, f"balancer.every={every}"]
+        config = load_config(overrides=learning_overrides(learn_root, tmp_path / "x", *extra))
+        return pipeline.check(config, "distill")["seconds_per_step"]
+
+    assert seconds(1) == pytest.approx(0.2)
+    assert seconds(10) == pytest.approx(0.02)
