@@ -77,7 +77,7 @@ def test_an_sgd_step_raises_an_aligned_weight_and_lowers_an_opposed_one():
 
 def test_heldout_is_bounded_and_per_teacher():
     gor = build_balancer(BalancerConfig(form="heldout", per_teacher=True), 3)
-    assert gor.held_out and list(gor.measured()) == [
+    assert gor.learns_from_held_out and list(gor.measured()) == [
         "align_ts",
         "align_kd0",
         "align_kd1",
@@ -99,7 +99,7 @@ def test_heldout_is_bounded_and_per_teacher():
 
 def test_only_heldout_learns_from_held_out_data():
     for balancer in (GoR(), Fixed()):
-        assert not balancer.held_out and balancer.measured() == {}
+        assert not balancer.learns_from_held_out and balancer.measured() == {}
         with pytest.raises(TypeError, match="does not learn from held-out data"):
             balancer.observe(torch.zeros(2))
     with pytest.raises(QatkdError, match=r"^balancer\.scale=running is for GoR forms"):

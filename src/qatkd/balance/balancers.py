@@ -115,7 +115,7 @@ class GoR(LossBalancer):
         self.form = form
         self.normalize = normalize
         self.per_teacher = num_teachers is not None
-        self.held_out = form == "heldout"
+        self.learns_from_held_out = form == "heldout"
         kd_names = [f"w_kd{i}" for i in range(num_teachers)] if num_teachers else ["w_kd"]
         self.weight_names = ["w_ts", *kd_names]
         init = 1.0 if form == "liebel" else 0.0
@@ -127,7 +127,9 @@ class GoR(LossBalancer):
             self.register_buffer("loss_sizes", torch.zeros(len(self.weight_names)))
             self.register_buffer("size_updates", torch.zeros(()))
         self.pending: Tensor | None = None
-        if self.held_out:  # the last alignments measured: logged, and resumed with the rest
+        if (
+            self.learns_from_held_out
+        ):  # the last alignments measured: logged, and resumed with the rest
             self.register_buffer("alignment", torch.zeros(len(self.weight_names)))
 
     def forward(self, l_ts: Tensor, l_kd: KDTerms) -> Tensor:
@@ -149,9 +151,9 @@ class GoR(LossBalancer):
         return student + gradient_only(self._objective(values, losses.detach()))
 
     def observe(self, alignments: Tensor) -> None:
-        """The alignments a_k = cos(∇L_held, ∇L_k) of this step (every rank's mean): the next
+        """This step's alignments a_k = cos(∇L_held, ∇L_k) (the same on every rank): the next
         `forward` gives the parameters the gradient a_k + ρ·s_k."""
-        if not self.held_out:
+        if not self.learns_from_held_out:
             super().observe(alignments)
         if alignments.shape != self.alignment.shape:
             raise ValueError(f"{len(self.params)} alignments expected, got {alignments.shape}")
@@ -172,7 +174,7 @@ class GoR(LossBalancer):
     def measured(self) -> dict[str, float]:
         """heldout: the last alignments measured, `align_ts`, `align_kd` (per teacher
         `align_kd0`, ...); other forms measure nothing."""
-        if not self.held_out:
+        if not self.learns_from_held_out:
             return {}
         names = [f"align_{name[2:]}" for name in self.weight_names]
         return dict(zip(names, self.alignment.tolist(), strict=True))

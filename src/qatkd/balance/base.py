@@ -15,14 +15,14 @@ class LossBalancer(nn.Module, ABC):
 
     `needs_teacher` is False when the total ignores L_KD, so the engine can skip the teachers.
     `per_teacher` is True when `forward` takes one KD term per teacher (a list) instead of one.
-    `held_out` is True when it learns from the alignments of each term's gradient with a
-    held-out task gradient, which the engine then measures every `balancer.every` steps on a
-    share of the training data it reserves (`observe`).
+    `learns_from_held_out` is True when it learns from the alignments of each term's gradient
+    with a held-out task gradient, which the engine then measures every `balancer.every` steps
+    on a share of the training data it reserves (`observe`).
     """
 
     needs_teacher: bool = True
     per_teacher: bool = False
-    held_out: bool = False
+    learns_from_held_out: bool = False
 
     @abstractmethod
     def forward(self, l_ts: Tensor, l_kd: KDTerms) -> Tensor:
@@ -33,8 +33,8 @@ class LossBalancer(nn.Module, ABC):
         """The effective weights on each loss term, for logging."""
 
     def observe(self, alignments: Tensor) -> None:
-        """Take this step's alignments cos(∇L_held, ∇L_k), one per term (balancers with
-        `held_out` only)."""
+        """Take this step's alignments cos(∇L_held, ∇L_k), one per term (balancers that
+        `learns_from_held_out` only)."""
         raise TypeError(f"{type(self).__name__} does not learn from held-out data")
 
     def measured(self) -> dict[str, float]:

@@ -40,7 +40,7 @@ def reserve_held_out(
 ) -> tuple[Dataset, Dataset | None]:
     """(the student's training data, the balancer's held-out data): `train_set` as it is and
     None for a balancer that does not learn from held-out data."""
-    if not balancer.held_out:
+    if not balancer.learns_from_held_out:
         return train_set, None
     share = config.balancer.held_out
     kept, held = split_indices(len(train_set), share, config.data.val_seed, key="balancer.held_out")
