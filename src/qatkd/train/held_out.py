@@ -20,7 +20,7 @@ cosines, so every rank measures the alignments of the global batches, as one pro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from qatkd.config import Config
 from qatkd.device import Precision, to_device
 from qatkd.train.distributed import World, mean_over_ranks
 from qatkd.train.validation import split_indices
+
+if TYPE_CHECKING:
+    from qatkd.train.engine import Task
 
 
 def reserve_held_out(
@@ -54,7 +57,7 @@ class HeldOutPass:
         self,
         held: Dataset,
         student: nn.Module,
-        task: Any,
+        task: Task,
         params: Sequence[torch.Tensor],
         config: Config,
         batch_size: int,
