@@ -149,6 +149,9 @@ def _join_and_exit(rank: int, port: int, results) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     init_world("cpu")
     joined = dist.is_initialized()
+    # both ranks have finished connecting: a rank that tears down while the other is still
+    # completing gloo's mesh closes a connection the other needs (seen under load)
+    dist.barrier()
     atexit._run_exitfuncs()  # what the interpreter runs as it shuts down
     results[rank] = (joined, dist.is_initialized())
 
