@@ -59,9 +59,9 @@ peers: setup
 demo: setup data
 	$(VENV)/bin/qatkd demo
 
-# Two workers (pytest-xdist; each test file on one worker, whose torch uses one thread):
-# the suite's CPU time is about 6 min, its wall time on 2 cores under 4. TEST_WORKERS=0 runs it
-# in this process.
+# Two workers (pytest-xdist; each test file whole on one worker, whose torch uses one thread):
+# the suite is about 6 min of CPU time, so it takes both cores of a 2-core machine.
+# TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
