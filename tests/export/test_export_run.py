@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 from qatkd.checkpoint import save_checkpoint
 from qatkd.config import build_config, config_to_dict
 from qatkd.errors import QatkdError
-from qatkd.export import class_names_of, load_qpack, to_onnx
+from qatkd.export import INPUT_NAME, as_exported, class_names_of, load_qpack, to_onnx
+from qatkd.export.runtime import ort_session
 from qatkd.pipeline import bench, export
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.classification.models import build_model
@@ -79,11 +81,39 @@ class _Gelu(nn.Module):
         return self.fc(self.act(self.conv(x)).mean((2, 3)))
 
 
-def test_unsupported_layer_is_named():
+def test_ops_without_an_integer_handler_run_in_float_between_dq_and_q():
     model = prepare(_Gelu(), QuantConfig(bits="W8A8"))
-    calibrate(model, [torch.rand(4, 1, 8, 8)], 4)
-    with pytest.raises(QatkdError, match=r"cannot export module 'act' \(GELU\)"):
-        to_onnx(model.eval(), [1, 8, 8])
+    x = torch.rand(4, 1, 8, 8)
+    calibrate(model, [x], 4)
+    proto = to_onnx(model.eval(), [1, 8, 8])
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    gelu = next(n for n in proto.graph.node if n.op_type in ("Gelu", "Erf"))
+    mean = next(n for n in proto.graph.node if n.op_type == "ReduceMean")
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    assert producer[producer[gemm.input[0]].input[0]].op_type == "QuantizeLinear"
+    assert producer[producer[gemm.input[0]].input[0]].input[0] == mean.output[0]
+    assert gelu.name.startswith("act")
+    session = ort_session(proto.SerializeToString())
+    with torch.no_grad():
+        expected = as_exported(model, [1, 8, 8])(x).numpy()
+    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
+
+
+class _Cumprod(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.relu().cumprod(1))
+
+
+def test_an_op_torch_onnx_cannot_write_is_named():
+    model = prepare(_Cumprod(), QuantConfig(bits="W8A8"))
+    calibrate(model, [torch.rand(4, 4)], 4)
+    with pytest.raises(QatkdError, match=r"cannot export 'cumprod' \(graph node cumprod\)"):
+        to_onnx(model.eval(), [4])
 
 
 def test_untraceable_model_is_explained():

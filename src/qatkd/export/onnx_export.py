@@ -49,9 +49,8 @@ from qatkd.errors import QatkdError
 from qatkd.export import onnx_ops  # noqa: F401  (registers the op handlers)
 from qatkd.export.bias_grid import aligned_copy
 from qatkd.export.fold import fold_batchnorm
-from qatkd.export.onnx_graph import INPUT_NAME, OUTPUT_NAME, GraphBuilder
+from qatkd.export.onnx_graph import INPUT_NAME, OPSET, OUTPUT_NAME, GraphBuilder
 
-OPSET = 17
 ACTIVATION_CODES = "activation_codes"
 """`metadata_props` key of an int8 graph: {quantized tensor's hint: [the tensor holding its codes,
 their zero point]}."""
