@@ -60,6 +60,7 @@ __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
     "as_exported",
+    "check_exportable",
     "class_names_of",
     "int32_bias_layers",
     "save_onnx",
@@ -92,6 +93,13 @@ def to_onnx(
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def check_exportable(model: nn.Module, input_shape: Sequence[int]) -> None:
+    """Raise `QatkdError` naming the first op that the int8 export would refuse (a forward
+    fx cannot trace, an op torch.onnx cannot write): a dry run of the graph builder on the
+    float model, which `prepare`'s callers make before training rather than after it."""
+    GraphBuilder(fold_batchnorm(model), quantized=False).build(list(input_shape))
 
 
 def int32_bias_layers(model: nn.Module, input_shape: Sequence[int]) -> set[str]:
