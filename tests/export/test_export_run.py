@@ -129,3 +129,22 @@ def test_untraceable_model_is_explained():
     calibrate(model, [torch.rand(4, 4)], 4)
     with pytest.raises(QatkdError, match="cannot trace Branchy"):
         to_onnx(model.eval(), [4])
+
+
+def test_degenerate_layers_export_exactly():
+    """A zero-initialised head (torchvision's ViT: codes that 2^7 would store, which is no
+    int8) and a layer whose input was all zeros in calibration (a scale so fine that its bias
+    has no int32 codes: it stays float) compute in onnxruntime what PyTorch computes."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(-10.0)  # the ReLU's output, the second layer's input, is all zero
+        model[2].bias.copy_(torch.tensor([0.5, -0.25, 1.0]))
+        model[3].weight.zero_()
+        model[3].bias.copy_(torch.tensor([0.3, -0.7]))
+    prepare(model, QuantConfig(bits="W8A8", method="minmax"))
+    x = torch.rand(8, 4)
+    calibrate(model, [x], 8)
+    session = ort_session(to_onnx(model.eval(), [4]).SerializeToString())
+    with torch.no_grad():
+        expected = as_exported(model, [4])(x).numpy()
+    np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], expected, atol=1e-6)

@@ -319,7 +319,8 @@ class GraphBuilder:
         if r is not None:
             x = self.qdq(x, r, tensor_hint(layer.input_quantizer, f"{hint}.input"), widen=True)[0]
         scale = fine_weight_scale(layer)
-        stored = layer.codes.numpy() * np.int8(2 ** spare_bits(layer.codes))
+        # in int16: 2^7 (codes all in [-1, 0], e.g. a zero-initialised head) is no int8
+        stored = (layer.codes.numpy().astype(np.int16) << spare_bits(layer.codes)).astype(np.int8)
         codes = self.const(layout(stored), f"{hint}.weight_codes")
         w_scale = self.const(scale, f"{hint}.weight_scale")
         w_zero = self.const(np.zeros(scale.shape, np.int8), f"{hint}.weight_zero_point")
@@ -329,9 +330,12 @@ class GraphBuilder:
         b_scale = bias_scale(layer)
         if bias_values is None:
             return [x, weight]
-        if b_scale is None:
+        b_codes = None if b_scale is None else np.round(bias_values.astype(np.float64) / b_scale)
+        if b_codes is None or np.abs(b_codes).max() > 2**31 - 1:
+            # a float input, or one at a scale so fine (dead in calibration) that the bias has
+            # no int32 codes: the bias stays float, exactly
             return [x, weight, self.const(bias_values, f"{hint}.bias")]
-        b_codes = np.clip(np.round(bias_values / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
+        b_codes = b_codes.astype(np.int32)
         b_zero = self.const(np.zeros(scale.shape, np.int32), f"{hint}.bias_zero_point")
         b_names = [
             self.const(b_codes, f"{hint}.bias_codes"),
