@@ -148,3 +148,30 @@ def test_degenerate_layers_export_exactly():
     with torch.no_grad():
         expected = as_exported(model, [4])(x).numpy()
     np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], expected, atol=1e-6)
+
+
+class _Declined(nn.Module):
+    """Forms the integer handlers do not write: pooling to 2 x 2, an add with alpha."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.conv(x))
+        return self.fc(torch.add(y, y.relu(), alpha=2).flatten(1))
+
+
+def test_forms_a_handler_declines_are_exported_in_float():
+    model = prepare(_Declined(), QuantConfig(bits="W8A8"))
+    x = torch.rand(8, 1, 8, 8)
+    calibrate(model, [x], 8)
+    proto = to_onnx(model.eval(), [1, 8, 8])
+    made = {n.name: n.op_type for n in proto.graph.node}
+    assert made["pool_out0"] == "AveragePool" and made["add_Mul_output_0"] == "Mul"  # torch.onnx's
+    with torch.no_grad():
+        expected = as_exported(model, [1, 8, 8])(x).numpy()
+    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * np.abs(expected).max())

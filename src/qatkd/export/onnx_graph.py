@@ -1,6 +1,9 @@
 """The ONNX graph builder: walks the frozen, BN-folded fx graph once and emits ONNX nodes and
 initializers, asking a registry of small op handlers (`qatkd.export.onnx_ops`) for each module or
 function node. A new layer type is exported by registering a handler, not by editing the builder.
+A node that no handler takes (none registered, a shape or tuple value, or a handler that raises
+`Fallback`) is exported in float by torch.onnx (`onnx_fallback`), so coverage does not depend on
+the handlers: they are where integer kernels need care (conv, linear, add, pooling, ReLU).
 
 The builder owns what every handler shares: unique names, constants, Q/DQ pairs at the trained
 scales and the Conv / Gemm inputs (int8 weight codes, int32 bias) described in `onnx_export`.
