@@ -19,8 +19,9 @@ number in it is one that training used:
   is listed in `metadata_props` (`activation_codes`);
 - each quantized weight is an int8 initializer holding the trained codes -> DequantizeLinear (per
   output channel, axis 0) -> Conv / Gemm (a Linear on [N, L, C] or channels-last input: the
-  codes transposed, axis 1 -> MatMul, then the bias Add); the bias is int32 at scale input_scale
-  * weight_scale -> DequantizeLinear, the standard QDQ form that int8 kernels need;
+  codes transposed, axis 1 -> MatMul, then an Add of the float bias, which no int8 kernel
+  adds); the bias is int32 at scale input_scale * weight_scale -> DequantizeLinear, the
+  standard QDQ form that int8 kernels need;
 - every other op (SiLU, Hardswish, cat, permute, LayerNorm, attention, ...) is torch.onnx's own
   float export of it (`onnx_fallback`), reading DequantizeLinear outputs where its inputs are
   quantized: the fake-quantized model computes it in float too.

@@ -128,7 +128,11 @@ class GraphBuilder:
         self.examples = run_examples(self.gm, input_shape)
         inputs, outputs = [], []
         nodes = list(self.gm.graph.nodes)
-        done: set[fx.Node] = set()
+        for node in nodes:  # parameters and buffers first: what reads them decides its form
+            value = _attr(self.gm, node.target) if node.op == "get_attr" else None
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.names[node] = self.const(value.detach().float().numpy(), node.target)
+        done = {n for n in nodes if n.op == "get_attr"}
         for i, node in enumerate(nodes):
             if node in done:
                 continue
@@ -152,10 +156,6 @@ class GraphBuilder:
                         OUTPUT_NAME, TensorProto.FLOAT, ["batch", *[None] * (rank - 1)]
                     )
                 )
-            elif node.op == "get_attr":
-                value = _attr(self.gm, node.target)
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.names[node] = self.const(value.detach().float().numpy(), node.target)
             elif (handler := self._handler(node)) is not None:
                 try:
                     self.names[node] = handler(node)
@@ -297,7 +297,8 @@ class GraphBuilder:
         matmul: bool = False,
     ) -> list[str]:
         """Input, weight and bias names for Conv / Gemm, with Q/DQ where the layer quantizes;
-        `matmul`: the weight transposed to [in, out] for MatMul (per-channel axis 1)."""
+        `matmul`: the weight transposed to [in, out] for MatMul (per-channel axis 1), and the
+        bias float (the caller adds it after the MatMul)."""
         layout = (lambda w: np.ascontiguousarray(w.T)) if matmul else (lambda w: w)
         if not isinstance(layer, FrozenLayer):
             weight = self.const(layout(layer.weight.detach().numpy()), f"{hint}.weight")
@@ -330,7 +331,7 @@ class GraphBuilder:
         weight = self.emit(
             "DequantizeLinear", [codes, w_scale, w_zero], f"{hint}.weight", axis=int(matmul)
         )
-        b_scale = bias_scale(layer)
+        b_scale = None if matmul else bias_scale(layer)  # MatMul adds its bias in float
         if bias_values is None:
             return [x, weight]
         b_codes = None if b_scale is None else np.round(bias_values.astype(np.float64) / b_scale)
