@@ -90,8 +90,6 @@ def island_graph(
         if node not in inside and node.op != "get_attr" and examples.is_tensor(node):
             inputs.append(node)
             return
-        if node.op == "placeholder":
-            raise QatkdError(f"the model input feeds '{op_name(node)}' as a non-tensor")
         needed.add(node)
         for arg in node.all_input_nodes:
             pull(arg)
@@ -99,6 +97,8 @@ def island_graph(
     for node in members:
         pull(node)
     inputs.sort(key=_order(gm))
+    if not outputs:  # nothing outside reads it (an assert, a shape no one uses)
+        return onnx.GraphProto(), inputs, outputs
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {n: graph.placeholder(f"in{i}") for i, n in enumerate(inputs)}
     for node in gm.graph.nodes:
@@ -106,8 +106,6 @@ def island_graph(
             env[node] = graph.node_copy(node, lambda a: env[a])
     graph.output(tuple(env[n] for n in outputs))
     island = fx.GraphModule(gm, graph)
-    if not outputs:
-        return onnx.GraphProto(), inputs, outputs
     in_names = [f"in{i}" for i in range(len(inputs))]
     out_names = [f"out{i}" for i in range(len(outputs))]
     dynamic = {
