@@ -17,7 +17,7 @@ from qatkd.errors import QatkdError
 from qatkd.export import INPUT_NAME, as_exported, class_names_of, load_qpack, to_onnx
 from qatkd.export.runtime import ort_session
 from qatkd.pipeline import bench, export
-from qatkd.quant import QuantConfig, calibrate, prepare
+from qatkd.quant import QuantConfig, Quantizer, calibrate, prepare
 from qatkd.tasks.classification.models import build_model
 from qatkd.tasks.image import model_meta
 
@@ -98,6 +98,14 @@ def test_ops_without_an_integer_handler_run_in_float_between_dq_and_q():
         expected = as_exported(model, [1, 8, 8])(x).numpy()
     got = session.run(None, {INPUT_NAME: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
+    fp32 = ort_session(to_onnx(model, [1, 8, 8], precision="fp32").SerializeToString())
+    for m in model.modules():
+        if isinstance(m, Quantizer) and not m.is_weight:
+            m.forward = lambda t: t  # the FP32 graph: float activations, fake-quantized weights
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = fp32.run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 class _Cumprod(nn.Module):
