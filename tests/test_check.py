@@ -6,11 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from qatkd import pipeline
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
+from qatkd.tasks.classification.models import MODELS
 from testdata import tiny_overrides
 
 
@@ -55,4 +58,33 @@ def test_too_little_free_disk_is_refused_before_the_run_folder(
     out = tmp_path / "run"
     with pytest.raises(QatkdError, match=r"not enough free disk for the checkpoints of this run"):
         pipeline.train(load_config(overrides=tiny_overrides(npz_root, out)))
+    assert not out.exists()
+
+
+class _Cumprod(nn.Module):
+    """A network with an op that no exporter writes (torch.onnx has no cumprod at opset 17)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).relu().mean((2, 3)).cumprod(1))
+
+
+def test_a_model_that_cannot_export_is_refused_before_training(
+    npz_root: Path, tmp_path: Path, monkeypatch, capsys
+):
+    monkeypatch.setitem(MODELS._items, "cumprod_net", _Cumprod)
+    out = tmp_path / "run"
+    argv = ["check", *tiny_overrides(npz_root, out, "model.name=cumprod_net", "quant.bits=W8A8")]
+    assert main(argv) == EXIT_USER_ERROR
+    assert "cannot export 'cumprod' (graph node cumprod)" in capsys.readouterr().err
+    with pytest.raises(QatkdError, match=r"cannot export 'cumprod'"):
+        pipeline.train(
+            load_config(
+                overrides=tiny_overrides(npz_root, out, "quant.bits=W8A8", "model.name=cumprod_net")
+            )
+        )
     assert not out.exists()

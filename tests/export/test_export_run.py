@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -13,9 +14,10 @@ from torch import nn
 from qatkd.checkpoint import save_checkpoint
 from qatkd.config import build_config, config_to_dict
 from qatkd.errors import QatkdError
-from qatkd.export import class_names_of, load_qpack, to_onnx
+from qatkd.export import INPUT_NAME, as_exported, class_names_of, load_qpack, to_onnx
+from qatkd.export.runtime import ort_session
 from qatkd.pipeline import bench, export
-from qatkd.quant import QuantConfig, calibrate, prepare
+from qatkd.quant import QuantConfig, Quantizer, calibrate, prepare
 from qatkd.tasks.classification.models import build_model
 from qatkd.tasks.image import model_meta
 
@@ -79,11 +81,47 @@ class _Gelu(nn.Module):
         return self.fc(self.act(self.conv(x)).mean((2, 3)))
 
 
-def test_unsupported_layer_is_named():
+def test_ops_without_an_integer_handler_run_in_float_between_dq_and_q():
     model = prepare(_Gelu(), QuantConfig(bits="W8A8"))
-    calibrate(model, [torch.rand(4, 1, 8, 8)], 4)
-    with pytest.raises(QatkdError, match=r"cannot export module 'act' \(GELU\)"):
-        to_onnx(model.eval(), [1, 8, 8])
+    x = torch.rand(4, 1, 8, 8)
+    calibrate(model, [x], 4)
+    proto = to_onnx(model.eval(), [1, 8, 8])
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    gelu = next(n for n in proto.graph.node if n.op_type in ("Gelu", "Erf"))
+    mean = next(n for n in proto.graph.node if n.op_type == "ReduceMean")
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    assert producer[producer[gemm.input[0]].input[0]].op_type == "QuantizeLinear"
+    assert producer[producer[gemm.input[0]].input[0]].input[0] == mean.output[0]
+    assert gelu.name.startswith("act")
+    session = ort_session(proto.SerializeToString())
+    with torch.no_grad():
+        expected = as_exported(model, [1, 8, 8])(x).numpy()
+    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
+    fp32 = ort_session(to_onnx(model, [1, 8, 8], precision="fp32").SerializeToString())
+    for m in model.modules():
+        if isinstance(m, Quantizer) and not m.is_weight:
+            m.forward = lambda t: t  # the FP32 graph: float activations, fake-quantized weights
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = fp32.run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class _Cumprod(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.relu().cumprod(1))
+
+
+def test_an_op_torch_onnx_cannot_write_is_named():
+    model = prepare(_Cumprod(), QuantConfig(bits="W8A8"))
+    calibrate(model, [torch.rand(4, 4)], 4)
+    with pytest.raises(QatkdError, match=r"cannot export 'cumprod' \(graph node cumprod\)"):
+        to_onnx(model.eval(), [4])
 
 
 def test_untraceable_model_is_explained():
@@ -99,3 +137,49 @@ def test_untraceable_model_is_explained():
     calibrate(model, [torch.rand(4, 4)], 4)
     with pytest.raises(QatkdError, match="cannot trace Branchy"):
         to_onnx(model.eval(), [4])
+
+
+def test_degenerate_layers_export_exactly():
+    """A zero-initialised head (torchvision's ViT: codes that 2^7 would store, which is no
+    int8) and a layer whose input was all zeros in calibration (a scale so fine that its bias
+    has no int32 codes: it stays float) compute in onnxruntime what PyTorch computes."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(-10.0)  # the ReLU's output, the second layer's input, is all zero
+        model[2].bias.copy_(torch.tensor([0.5, -0.25, 1.0]))
+        model[3].weight.zero_()
+        model[3].bias.copy_(torch.tensor([0.3, -0.7]))
+    prepare(model, QuantConfig(bits="W8A8", method="minmax"))
+    x = torch.rand(8, 4)
+    calibrate(model, [x], 8)
+    session = ort_session(to_onnx(model.eval(), [4]).SerializeToString())
+    with torch.no_grad():
+        expected = as_exported(model, [4])(x).numpy()
+    np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], expected, atol=1e-6)
+
+
+class _Declined(nn.Module):
+    """Forms the integer handlers do not write: pooling to 2 x 2, an add with alpha."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.conv(x))
+        return self.fc(torch.add(y, y.relu(), alpha=2).flatten(1))
+
+
+def test_forms_a_handler_declines_are_exported_in_float():
+    model = prepare(_Declined(), QuantConfig(bits="W8A8"))
+    x = torch.rand(8, 1, 8, 8)
+    calibrate(model, [x], 8)
+    proto = to_onnx(model.eval(), [1, 8, 8])
+    made = {n.name: n.op_type for n in proto.graph.node}
+    assert made["pool_out0"] == "AveragePool" and made["add_Mul_output_0"] == "Mul"  # torch.onnx's
+    with torch.no_grad():
+        expected = as_exported(model, [1, 8, 8])(x).numpy()
+    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * np.abs(expected).max())

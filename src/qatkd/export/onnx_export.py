@@ -18,8 +18,13 @@ number in it is one that training used:
   outside the DQ -> Conv -> Q group that the runtime fuses; the tensor holding each one's codes
   is listed in `metadata_props` (`activation_codes`);
 - each quantized weight is an int8 initializer holding the trained codes -> DequantizeLinear (per
-  output channel, axis 0) -> Conv / Gemm; the bias is int32 at scale input_scale * weight_scale
-  -> DequantizeLinear, the standard QDQ form that int8 kernels need.
+  output channel, axis 0) -> Conv / Gemm (a Linear on [N, L, C] or channels-last input: the
+  codes transposed, axis 1 -> MatMul, then an Add of the float bias, which no int8 kernel
+  adds); the bias is int32 at scale input_scale * weight_scale -> DequantizeLinear, the
+  standard QDQ form that int8 kernels need;
+- every other op (SiLU, Hardswish, cat, permute, LayerNorm, attention, ...) is torch.onnx's own
+  float export of it (`onnx_fallback`), reading DequantizeLinear outputs where its inputs are
+  quantized: the fake-quantized model computes it in float too.
 
 That int32 bias is the one number the integer kernel rounds which training kept in float (BN's
 folded shift). So the exporter puts the grid as fine as int8 allows without changing a single
@@ -49,9 +54,8 @@ from qatkd.errors import QatkdError
 from qatkd.export import onnx_ops  # noqa: F401  (registers the op handlers)
 from qatkd.export.bias_grid import aligned_copy
 from qatkd.export.fold import fold_batchnorm
-from qatkd.export.onnx_graph import INPUT_NAME, OUTPUT_NAME, GraphBuilder
+from qatkd.export.onnx_graph import INPUT_NAME, OPSET, OUTPUT_NAME, GraphBuilder
 
-OPSET = 17
 ACTIVATION_CODES = "activation_codes"
 """`metadata_props` key of an int8 graph: {quantized tensor's hint: [the tensor holding its codes,
 their zero point]}."""
@@ -61,6 +65,7 @@ __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
     "as_exported",
+    "check_exportable",
     "class_names_of",
     "int32_bias_layers",
     "save_onnx",
@@ -93,6 +98,13 @@ def to_onnx(
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def check_exportable(model: nn.Module, input_shape: Sequence[int]) -> None:
+    """Raise `QatkdError` naming the first op that the int8 export would refuse (a forward
+    fx cannot trace, an op torch.onnx cannot write): a dry run of the graph builder on the
+    float model, which `prepare`'s callers make before training rather than after it."""
+    GraphBuilder(fold_batchnorm(model), quantized=False).build(list(input_shape))
 
 
 def int32_bias_layers(model: nn.Module, input_shape: Sequence[int]) -> set[str]:

@@ -1,6 +1,9 @@
 """The ONNX graph builder: walks the frozen, BN-folded fx graph once and emits ONNX nodes and
 initializers, asking a registry of small op handlers (`qatkd.export.onnx_ops`) for each module or
 function node. A new layer type is exported by registering a handler, not by editing the builder.
+A node that no handler takes (none registered, a shape or tuple value, or a handler that raises
+`Fallback`) is exported in float by torch.onnx (`onnx_fallback`), so coverage does not depend on
+the handlers: they are where integer kernels need care (conv, linear, add, pooling, ReLU).
 
 The builder owns what every handler shares: unique names, constants, Q/DQ pairs at the trained
 scales and the Conv / Gemm inputs (int8 weight codes, int32 bias) described in `onnx_export`.
@@ -16,6 +19,7 @@ DequantizeLinear and a QuantizeLinear of the same scale, which runtimes execute 
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +39,11 @@ from qatkd.export.bias_grid import (
     spare_bits,
 )
 from qatkd.export.frozen import ActRange, FrozenLayer, run_time_input_error
+from qatkd.export.onnx_fallback import island_graph, run_examples
 from qatkd.quant import QuantAct
 
+OPSET = 17
+"""The ONNX opset of the exported graph (and of the islands torch.onnx writes into it)."""
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 
@@ -118,10 +125,17 @@ class GraphBuilder:
         """Hints of the tensors that residual adds read (QuantActs quantize them)."""
 
     def build(self, input_shape: list[int]) -> onnx.GraphProto:
-        with torch.no_grad():  # logits [N, K], a detector's dense map [N, C, H, W], ...
-            output_rank = self.gm(torch.zeros(1, *input_shape)).dim()
+        self.examples = run_examples(self.gm, input_shape)
         inputs, outputs = [], []
-        for node in self.gm.graph.nodes:
+        nodes = list(self.gm.graph.nodes)
+        for node in nodes:  # parameters and buffers first: what reads them decides its form
+            value = _attr(self.gm, node.target) if node.op == "get_attr" else None
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.names[node] = self.const(value.detach().float().numpy(), node.target)
+        done = {n for n in nodes if n.op == "get_attr"}
+        for i, node in enumerate(nodes):
+            if node in done:
+                continue
             if node.op == "placeholder":
                 if inputs:
                     raise QatkdError("export supports models with a single input tensor")
@@ -133,24 +147,33 @@ class GraphBuilder:
                 )
             elif node.op == "output":
                 result = node.args[0]
-                if not isinstance(result, fx.Node):
+                if not (isinstance(result, fx.Node) and self.examples.is_tensor(result)):
                     raise QatkdError("export supports models with a single output tensor")
                 self.emit("Identity", [self.names[result]], OUTPUT_NAME)
+                rank = self.examples.values[result].dim()  # logits [N, K], a dense map, ...
                 outputs.append(
                     helper.make_tensor_value_info(
-                        OUTPUT_NAME, TensorProto.FLOAT, ["batch", *[None] * (output_rank - 1)]
+                        OUTPUT_NAME, TensorProto.FLOAT, ["batch", *[None] * (rank - 1)]
                     )
                 )
-            elif node.op == "get_attr":
-                value = _attr(self.gm, node.target)
-                self.names[node] = self.const(value.detach().float().numpy(), node.target)
+            elif (handler := self._handler(node)) is not None:
+                try:
+                    self.names[node] = handler(node)
+                except Fallback:
+                    self._emit_island([node])
             else:
-                self.names[node] = self._convert(node)
+                island = self._island(nodes, i)
+                self._emit_island(island)
+                done.update(island)
         self._drop_unused()
         self._float_bias_where_unfused()
         return helper.make_graph(self.nodes, "qatkd", inputs, outputs, self.inits)
 
     # -- naming and constants ------------------------------------------------------------------
+
+    def rank(self, x: str) -> int:
+        """The rank of tensor `x`, one that an fx node's value is named by."""
+        return next(self.examples.values[n].dim() for n, name in self.names.items() if name == x)
 
     def name(self, hint: str) -> str:
         base = hint.replace(".", "_") or "t"
@@ -271,17 +294,21 @@ class GraphBuilder:
         layer: FrozenLayer | nn.Conv2d | nn.Linear,
         x: str,
         hint: str,
+        matmul: bool = False,
     ) -> list[str]:
-        """Input, weight and bias names for Conv / Gemm, with Q/DQ where the layer quantizes."""
+        """Input, weight and bias names for Conv / Gemm, with Q/DQ where the layer quantizes;
+        `matmul`: the weight transposed to [in, out] for MatMul (per-channel axis 1), and the
+        bias float (the caller adds it after the MatMul)."""
+        layout = (lambda w: np.ascontiguousarray(w.T)) if matmul else (lambda w: w)
         if not isinstance(layer, FrozenLayer):
-            weight = self.const(layer.weight.detach().numpy(), f"{hint}.weight")
+            weight = self.const(layout(layer.weight.detach().numpy()), f"{hint}.weight")
             bias = layer.bias
             return [x, weight] + (
                 [] if bias is None else [self.const(bias.detach().numpy(), f"{hint}.bias")]
             )
         bias_values = None if layer.bias is None else layer.bias.detach().numpy()
         if not self.quantized:
-            weight = self.const(layer.weight.detach().numpy(), f"{hint}.weight")
+            weight = self.const(layout(layer.weight.detach().numpy()), f"{hint}.weight")
             return [x, weight] + (
                 [] if bias_values is None else [self.const(bias_values, f"{hint}.bias")]
             )
@@ -296,17 +323,23 @@ class GraphBuilder:
         if r is not None:
             x = self.qdq(x, r, tensor_hint(layer.input_quantizer, f"{hint}.input"), widen=True)[0]
         scale = fine_weight_scale(layer)
-        stored = layer.codes.numpy() * np.int8(2 ** spare_bits(layer.codes))
-        codes = self.const(stored, f"{hint}.weight_codes")
+        # in int16: 2^7 (codes all in [-1, 0], e.g. a zero-initialised head) is no int8
+        stored = (layer.codes.numpy().astype(np.int16) << spare_bits(layer.codes)).astype(np.int8)
+        codes = self.const(layout(stored), f"{hint}.weight_codes")
         w_scale = self.const(scale, f"{hint}.weight_scale")
         w_zero = self.const(np.zeros(scale.shape, np.int8), f"{hint}.weight_zero_point")
-        weight = self.emit("DequantizeLinear", [codes, w_scale, w_zero], f"{hint}.weight", axis=0)
-        b_scale = bias_scale(layer)
+        weight = self.emit(
+            "DequantizeLinear", [codes, w_scale, w_zero], f"{hint}.weight", axis=int(matmul)
+        )
+        b_scale = None if matmul else bias_scale(layer)  # MatMul adds its bias in float
         if bias_values is None:
             return [x, weight]
-        if b_scale is None:
+        b_codes = None if b_scale is None else np.round(bias_values.astype(np.float64) / b_scale)
+        if b_codes is None or np.abs(b_codes).max() > 2**31 - 1:
+            # a float input, or one at a scale so fine (dead in calibration) that the bias has
+            # no int32 codes: the bias stays float, exactly
             return [x, weight, self.const(bias_values, f"{hint}.bias")]
-        b_codes = np.clip(np.round(bias_values / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
+        b_codes = b_codes.astype(np.int32)
         b_zero = self.const(np.zeros(scale.shape, np.int32), f"{hint}.bias_zero_point")
         b_names = [
             self.const(b_codes, f"{hint}.bias_codes"),
@@ -350,32 +383,83 @@ class GraphBuilder:
         read = {name for node in self.nodes for name in node.input}
         self.inits = [t for t in self.inits if t.name in read]
 
-    # -- dispatch to the op handlers ------------------------------------------------------------
+    # -- dispatch to the op handlers, or to the float fallback ---------------------------------
 
-    def _convert(self, node: fx.Node) -> str:
+    def _handler(self, node: fx.Node) -> Callable[[fx.Node], str] | None:
+        """The integer handler of `node`, where one is registered and the node maps tensors to a
+        tensor (a shape computation or a tuple goes to the float fallback)."""
+        tensors = self.examples.is_tensor(node) and all(
+            self.examples.is_tensor(a) and (a.op != "get_attr" or a in self.names)
+            for a in node.all_input_nodes
+        )
+        if not tensors:
+            return None
         hint = str(node.target) if node.op == "call_module" else node.name
         if node.op == "call_module":
             m = self.gm.get_submodule(node.target)
-            handler = _module_handler(m)
-            if handler is None:
-                supported = sorted({t.__name__ for t in MODULE_OPS})
-                raise QatkdError(
-                    f"cannot export module '{node.target}' ({type(m).__name__}): the exporter "
-                    f"supports {', '.join(supported)}"
-                )
-            return handler(self, m, self.names[node.args[0]] if node.args else "", hint)
-        handler = FUNCTION_OPS.get(node.target)
-        if handler is None:
-            what = (
-                node.target
-                if isinstance(node.target, str)
-                else getattr(node.target, "__name__", "?")
-            )
-            raise QatkdError(
-                f"cannot export the operation '{what}' (graph node {node.name}): "
-                "the exporter supports conv / linear / pooling / ReLU / add networks"
-            )
-        return handler(self, node, hint)
+            module_handler = _module_handler(m)
+            if module_handler is None or len(node.all_input_nodes) != 1:
+                return None
+            return lambda n: module_handler(self, m, self.names[n.args[0]], hint)
+        function_handler = FUNCTION_OPS.get(node.target)
+        if function_handler is None:
+            return None
+        return lambda n: function_handler(self, n, hint)
+
+    def _island(self, nodes: list[fx.Node], start: int) -> list[fx.Node]:
+        """The run of consecutive nodes from `nodes[start]` that have no handler (parameters
+        read on the way do not end it): one torch.onnx export."""
+        island = []
+        for node in nodes[start:]:
+            if node.op == "get_attr":
+                continue
+            if node.op not in ("call_module", "call_function", "call_method"):
+                break
+            if self._handler(node) is not None:
+                break
+            island.append(node)
+        return island
+
+    def _emit_island(self, members: list[fx.Node]) -> None:
+        """Splice in torch.onnx's float graph of `members` (`onnx_fallback`) under fresh names."""
+        graph, inputs, outputs = island_graph(self.gm, members, self.examples, OPSET)
+        renamed = {f"in{i}": self.names[n] for i, n in enumerate(inputs)}
+        hint = members[0].name
+
+        def rename(name: str) -> str:
+            if name and name not in renamed:
+                renamed[name] = self.name(f"{hint}.{_SAFE.sub('_', name).strip('_')}")
+            return renamed.get(name, name)
+
+        for tensor in graph.initializer:
+            tensor.name = rename(tensor.name)
+            self.inits.append(tensor)
+        for node in graph.node:
+            _rename_node(node, rename)
+            self.nodes.append(node)
+        for i, n in enumerate(outputs):
+            self.names[n] = rename(f"out{i}")
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_]+")
+
+
+class Fallback(Exception):
+    """Raised by a handler, before it emits anything, for a node it has no integer form for
+    (an AvgPool2d with divisor_override, ...): the builder exports that node in float."""
+
+
+def _rename_node(node: onnx.NodeProto, rename: Callable[[str], str]) -> None:
+    """Rename the tensors `node` reads and writes, inside its subgraphs too (If, Loop)."""
+    node.input[:] = [rename(x) for x in node.input]
+    node.output[:] = [rename(x) for x in node.output]
+    node.name = node.output[0] if node.output else rename(node.name)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in sub.node:
+                _rename_node(inner, rename)
+            for value in [*sub.input, *sub.output, *sub.initializer]:
+                value.name = rename(value.name)
 
 
 def code_of(value: float, r: ActRange) -> int:

@@ -1,6 +1,7 @@
 """The ONNX op handlers: one small function per kind of module or function node, registered with
 `module_op` / `function_op` (`qatkd.export.onnx_graph`). Each emits its ONNX node(s) through the
-builder and returns the name of its output tensor."""
+builder and returns the name of its output tensor, or raises `Fallback` (before emitting anything)
+for a form it does not write: torch.onnx then exports that node in float (`onnx_fallback`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qatkd.errors import QatkdError
 from qatkd.export.frozen import FrozenConv2d, FrozenLinear, act_range
-from qatkd.export.onnx_graph import GraphBuilder, function_op, module_op, tensor_hint
+from qatkd.export.onnx_graph import Fallback, GraphBuilder, function_op, module_op, tensor_hint
 from qatkd.nn import QuantPoint
 from qatkd.quant import QuantAct, QuantGlobalAvgPool2d
 
@@ -46,7 +46,7 @@ def pass_through(b: GraphBuilder, m: nn.Module, x: str, hint: str) -> str:
 @module_op(nn.Conv2d)
 def conv(b: GraphBuilder, m: FrozenConv2d | nn.Conv2d, x: str, hint: str) -> str:
     if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
-        raise QatkdError("only Conv2d with explicit zero padding can be exported")
+        raise Fallback
     weight_shape = m.codes.shape if isinstance(m, FrozenConv2d) else m.weight.shape
     pads = _pair(m.padding)
     return b.emit(
@@ -64,7 +64,12 @@ def conv(b: GraphBuilder, m: FrozenConv2d | nn.Conv2d, x: str, hint: str) -> str
 @module_op(FrozenLinear, subclasses=True)
 @module_op(nn.Linear)
 def linear(b: GraphBuilder, m: FrozenLinear | nn.Linear, x: str, hint: str) -> str:
-    return b.emit("Gemm", b.layer_inputs(m, x, hint), hint, transB=1)
+    if b.rank(x) == 2:
+        return b.emit("Gemm", b.layer_inputs(m, x, hint), hint, transB=1)
+    # tokens [N, L, C] or channels last [N, H, W, C]: MatMul (DQ -> MatMul -> Q fuses), + bias
+    x, weight, *bias = b.layer_inputs(m, x, hint, matmul=True)
+    y = b.emit("MatMul", [x, weight], hint)
+    return b.emit("Add", [y, *bias], f"{hint}.bias_add") if bias else y
 
 
 @module_op(QuantAct, subclasses=True)
@@ -90,7 +95,7 @@ def clamp(b: GraphBuilder, m: nn.Hardtanh, x: str, hint: str) -> str:
 @module_op(nn.BatchNorm2d)
 def batch_norm(b: GraphBuilder, m: nn.BatchNorm2d, x: str, hint: str) -> str:
     if not m.affine:
-        raise QatkdError(f"{hint}: BatchNorm2d without affine parameters is not supported")
+        raise Fallback
     stats = [m.weight, m.bias, m.running_mean, m.running_var]
     names = [b.const(t.detach().numpy(), f"{hint}.{i}") for i, t in enumerate(stats)]
     return b.emit("BatchNormalization", [x, *names], hint, epsilon=m.eps)
@@ -98,8 +103,6 @@ def batch_norm(b: GraphBuilder, m: nn.BatchNorm2d, x: str, hint: str) -> str:
 
 @module_op(nn.MaxPool2d)
 def max_pool(b: GraphBuilder, m: nn.MaxPool2d, x: str, hint: str) -> str:
-    if m.return_indices:
-        raise QatkdError(f"{hint}: MaxPool2d with return_indices is not supported")
     k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
     return b.emit_commuting(
         "MaxPool",
@@ -116,7 +119,7 @@ def max_pool(b: GraphBuilder, m: nn.MaxPool2d, x: str, hint: str) -> str:
 @module_op(nn.AvgPool2d)
 def average_pool(b: GraphBuilder, m: nn.AvgPool2d, x: str, hint: str) -> str:
     if m.divisor_override is not None:
-        raise QatkdError(f"{hint}: AvgPool2d with divisor_override is not supported")
+        raise Fallback
     k, s, p = (_pair(v) for v in (m.kernel_size, m.stride, m.padding))
     return b.emit(
         "AveragePool",
@@ -133,7 +136,7 @@ def average_pool(b: GraphBuilder, m: nn.AvgPool2d, x: str, hint: str) -> str:
 @module_op(nn.AdaptiveAvgPool2d)
 def global_average_pool(b: GraphBuilder, m: nn.AdaptiveAvgPool2d, x: str, hint: str) -> str:
     if _pair(m.output_size) != [1, 1]:
-        raise QatkdError(f"{hint}: only AdaptiveAvgPool2d to 1x1 (global pooling) is supported")
+        raise Fallback
     return b.emit("GlobalAveragePool", [x], hint)
 
 
@@ -148,7 +151,7 @@ def quant_global_average_pool(b: GraphBuilder, m: QuantGlobalAvgPool2d, x: str, 
 @module_op(nn.Flatten)
 def flatten_module(b: GraphBuilder, m: nn.Flatten, x: str, hint: str) -> str:
     if m.end_dim != -1:
-        raise QatkdError(f"{hint}: Flatten with end_dim={m.end_dim} is not supported")
+        raise Fallback
     return b.emit_commuting("Flatten", [x], hint, axis=m.start_dim)
 
 
@@ -157,8 +160,8 @@ def flatten_module(b: GraphBuilder, m: nn.Flatten, x: str, hint: str) -> str:
 
 @function_op(*BINARY)
 def binary(b: GraphBuilder, node: fx.Node, hint: str) -> str:
-    if len(node.args) != 2:
-        raise QatkdError(f"{hint}: {node.target} with {len(node.args)} operands is not supported")
+    if len(node.args) != 2 or node.kwargs:  # torch.add(x, y, alpha=2), ...
+        raise Fallback
     x, y = (b.operand(arg, f"{hint}.operand") for arg in node.args)
     return b.emit(BINARY[node.target], [x, y], hint)
 
@@ -174,5 +177,5 @@ def flatten_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
     end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
     if end != -1:
-        raise QatkdError(f"{hint}: flatten with end_dim={end} is not supported by export")
+        raise Fallback
     return b.emit_commuting("Flatten", [b.names[args[0]]], hint, axis=start)

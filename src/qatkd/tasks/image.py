@@ -380,6 +380,9 @@ class ImageFamily:
                 )
             model.load_state_dict(self.restore(init, path=config.model.init).state_dict())
         if config.quant is not None:
+            from qatkd.export import check_exportable  # slow import (onnx): see tasks/family.py
+
+            check_exportable(model, input_shape(meta))  # refuse before training, not after
             prepare(model, config.quant)
             batches = DataLoader(
                 data.train,
