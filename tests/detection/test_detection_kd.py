@@ -154,7 +154,7 @@ def test_a_missing_feature_name_is_one_error_listing_the_modules() -> None:
     ):
         TeacherEnsemble([detector("det_res")], names=["res.pt"], features=["net.nek"])
     ensemble = TeacherEnsemble([detector("det_res")], features=["net.neck"])
-    kd_loss = DenseKD(DetectionKDConfig(features=["net.stages"]))
+    kd_loss = DenseKD(DetectionKDConfig(features=["net.stages"], feature_weight=1.0))
     with pytest.raises(QatkdError, match=r"^the student has no module 'net.stages'.*net.backbone"):
         kd_loss.parts(detector("det_s"), lambda b: ensemble.with_features(b[0]), None, None)
 
@@ -164,7 +164,7 @@ def test_adapters_map_the_student_width_to_each_teacher_and_leave_the_student_as
     teachers = TeacherEnsemble([detector("det_res"), detector("det_s")], features=["net.neck"])
     x = torch.rand(2, 1, 96, 96)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    kd_loss = DenseKD(DetectionKDConfig(), per_teacher=True)
+    kd_loss = DenseKD(DetectionKDConfig(feature_weight=1.0), per_teacher=True)
     parts = kd_loss.parts(student, lambda batch: teachers.with_features(batch[0]), (x,), x)
     assert isinstance(parts, FeatureAdapters)
     conv, same = parts.adapters[0][0], parts.adapters[1][0]
@@ -187,8 +187,8 @@ def test_kd_cache_with_the_feature_term_is_refused(tmp_path: Path) -> None:
     common = ["task=detection", f"teachers=[{teacher}]", "kd.cache=true", "data.augment=false"]
     family = task_family("detection")
     with pytest.raises(QatkdError, match=r"^kd.cache=true holds teacher logits only"):
-        family.check(load_config(overrides=common))
-    family.check(load_config(overrides=[*common, "kd.feature_weight=0"]))
+        family.check(load_config(overrides=[*common, "kd.feature_weight=1"]))
+    family.check(load_config(overrides=common))  # the default: no feature term
 
 
 def test_every_dense_term_off_is_a_config_error() -> None:
@@ -224,6 +224,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         f"teachers=[{work / 'teacher' / 'last.pt'}]",
         "balancer.name=fixed",
         "balancer.alpha=0.5",
+        "kd.feature_weight=1",
         "train.epochs=2",
     ]
     return {"student": student, "work": [str(work)]}

@@ -17,7 +17,8 @@ default) builds L_KD from the dense-detector KD of the literature (`DenseKD`):
   teacher's score mass is its own estimate of how many locations hold an object. Background
   locations (score ≈ 0) add ≈ 0 to both sums, where a mean over locations would shrink the loss
   as the share of background grows; the floor of 1 keeps an empty image from dividing by ≈ 0.
-- features (PKD, Cao et al., NeurIPS 2022): the named features `kd.features` of student and
+- features (PKD, Cao et al., NeurIPS 2022; off unless `kd.feature_weight` > 0: on the
+  det_fashion canvases it cost validation mAP): the named features `kd.features` of student and
   teacher, each standardised per channel over N·H·W and compared by MSE (= 2(1 − Pearson r),
   averaged over channels), through a 1×1 conv adapter on the student side where the widths
   differ. Features of a teacher of another architecture differ in scale and width; standardised,
