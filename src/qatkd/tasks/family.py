@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from qatkd.config import Config
-    from qatkd.train.engine import Task, TeacherOutputs
+    from qatkd.train.task import Task, TeacherOutputs
 
 
 class Source(Protocol):

@@ -33,7 +33,7 @@ from qatkd.errors import QatkdError
 from qatkd.progress import progress
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.quant.tensors import check_state_fits_shared_quantizers
-from qatkd.train.engine import Task, TeacherOutputs
+from qatkd.train.task import Task, TeacherOutputs
 from qatkd.train.validation import split_indices
 
 CALIBRATION_SAMPLES = 512

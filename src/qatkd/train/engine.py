@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,49 +41,10 @@ from qatkd.train.held_out import HeldOutPass, reserve_held_out
 from qatkd.train.logs import CsvLog
 from qatkd.train.plots import plot_run
 from qatkd.train.stops import RunStopped, StopRequests
+from qatkd.train.task import Task, TeacherOutputs
 from qatkd.train.tensorboard import ScalarLog
 
 DIAG_KEYS = ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
-TeacherOutputs = Callable[[Any], list[Any]]
-"""The teachers' outputs for a training batch: live (an ensemble) or looked up in a cache."""
-
-
-class Task(Protocol):
-    """What a task family gives the engine. `maximize`: whether a larger `main_metric` is better
-    (accuracy, mAP) or a smaller one (perplexity); `unit` names what `units(batch)` counts for
-    the throughput in the progress bar (img, tok)."""
-
-    main_metric: str
-    maximize: bool
-    eval_batch_size: int
-    unit: str
-
-    def units(self, batch: Any) -> int: ...
-
-    def inputs(self, batch: Any) -> torch.Tensor: ...
-
-    def task_loss(self, outputs: Any, batch: Any) -> torch.Tensor: ...
-
-    def kd_loss(
-        self, outputs: Any, teacher_outputs: list[Any]
-    ) -> torch.Tensor | list[torch.Tensor]: ...
-
-    def kd_parts(
-        self, student: nn.Module, teacher_outputs: TeacherOutputs, example: Any
-    ) -> nn.Module | None:
-        """The KD loss's own trainable modules for this student and these teachers (feature
-        adapters), or None; called once before training, with `example` a batch of one training
-        sample on the training device. The task may hook `student` here to read its features."""
-        ...
-
-    def batch_metrics(self, outputs: Any, batch: Any) -> dict[str, float]: ...
-
-    def evaluate(
-        self, model: nn.Module, loader: DataLoader, split: str = "test"
-    ) -> dict[str, float]:
-        """Metrics by their plain names (`main_metric` among them); `split` ("val" or "test")
-        says which data `loader` holds."""
-        ...
 
 
 def evaluate_splits(

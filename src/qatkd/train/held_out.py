@@ -20,7 +20,6 @@ cosines, so every rank measures the alignments of the global batches, as one pro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,10 +31,8 @@ from qatkd.balance.diagnostics import Gradient
 from qatkd.config import Config
 from qatkd.device import Precision, to_device
 from qatkd.train.distributed import World, mean_over_ranks
+from qatkd.train.task import Task
 from qatkd.train.validation import split_indices
-
-if TYPE_CHECKING:
-    from qatkd.train.engine import Task
 
 
 def reserve_held_out(

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from qatkd.device import module_device
 from qatkd.distill import KDConfig, build_kd_loss
-from qatkd.train.engine import TeacherOutputs
+from qatkd.train.task import TeacherOutputs
 
 Batch = tuple[torch.Tensor, ...]
 """(images, labels), plus the sample indices when teacher logits come from a cache."""

@@ -16,7 +16,7 @@ from qatkd.tasks.detection.parity import compare_detections
 from qatkd.tasks.detection.task import DetectionTask
 from qatkd.tasks.family import FAMILIES
 from qatkd.tasks.image import ImageData, ImageFamily
-from qatkd.train.engine import Task, TeacherOutputs
+from qatkd.train.task import Task, TeacherOutputs
 
 
 def check_model_name(name: str) -> None:

@@ -48,7 +48,7 @@ from qatkd.distill import FeatureHooks, TeacherOutput
 from qatkd.errors import QatkdError
 from qatkd.tasks.detection.boxes import decode, locations, split
 from qatkd.tasks.detection.config import DetectionKDConfig
-from qatkd.train.engine import TeacherOutputs
+from qatkd.train.task import TeacherOutputs
 
 CONFIDENT = 0.5
 """The legacy KD's box threshold on the teacher's top class probability."""

@@ -22,7 +22,7 @@ from qatkd.tasks.detection.boxes import assign, centerness, decode, detections, 
 from qatkd.tasks.detection.config import DetectionKDConfig
 from qatkd.tasks.detection.data import unpadded
 from qatkd.tasks.detection.kd import detection_kd
-from qatkd.train.engine import TeacherOutputs
+from qatkd.train.task import TeacherOutputs
 
 Batch = tuple[Tensor, ...]
 """(images, boxes [B, MAX_OBJECTS, 4], labels [B, MAX_OBJECTS] with -1 padding)."""

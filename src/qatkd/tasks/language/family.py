@@ -40,7 +40,7 @@ from qatkd.tasks.language.source import (
 )
 from qatkd.tasks.language.task import CausalLM, LanguageTask, reference_top1
 from qatkd.train import evaluate_splits
-from qatkd.train.engine import Task, TeacherOutputs
+from qatkd.train.task import Task, TeacherOutputs
 
 
 def language_quant(config: QuantConfig) -> QuantConfig:

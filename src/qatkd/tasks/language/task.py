@@ -16,7 +16,7 @@ from qatkd.device import module_device
 from qatkd.distill import KDConfig, build_kd_loss
 from qatkd.progress import progress
 from qatkd.tasks.language.data import IGNORE
-from qatkd.train.engine import TeacherOutputs
+from qatkd.train.task import TeacherOutputs
 
 Batch = tuple[Tensor, ...]
 """(token ids [B, T],) for training; (token ids, labels with IGNORE for context) for evaluation."""
