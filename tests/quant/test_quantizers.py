@@ -105,7 +105,9 @@ def test_ste_passes_gradient_inside_and_zero_outside():
 
 
 @pytest.mark.parametrize(
-    ("shape", "features"), [((2, 7), 7), ((2, 1, 7), 7), ((7, 2), 2), ((1, 14), 14), ((14,), 14)]
+    ("shape", "features"),
+    [((2, 7), 7), ((2, 1, 7), 7), ((7, 2), 2), ((1, 14), 14), ((14,), 14)],
+    ids=["2x7", "2x1x7", "7x2", "1x14", "14"],
 )
 def test_lsq_step_gradient_matches_paper(shape, features):
     """N in the step's gradient scale is the features of one sample (a whole 1-D input is one

@@ -107,6 +107,7 @@ class Unfinished(nn.Module):
          "flow"),
         (Unfinished(), "NotImplementedError: "),  # an exception without a message
     ],
+    ids=["control-flow", "no-message"],
 )  # fmt: skip
 def test_a_model_fx_cannot_trace_is_refused_in_one_line_that_names_the_cause(model, cause):
     with pytest.raises(QatkdError) as error:
