@@ -160,6 +160,31 @@ def test_dynamic_inputs_get_the_kernel_block_of_linear_layers_only():
         prepare(nn.Sequential(nn.Linear(40, 4)), QuantConfig(**dynamic))
 
 
+@pytest.mark.parametrize(
+    "other", [QuantPoint(), nn.AdaptiveAvgPool2d(1)], ids=["quant-point", "pooling"]
+)
+def test_dynamic_inputs_refuse_quant_points_and_pooling_by_name(other):
+    dynamic = {"bits": "W4A8", "act_method": "dynamic", "first_last_bits": None}
+    with pytest.raises(QatkdError) as error:
+        prepare(nn.Sequential(nn.Linear(32, 32), other), QuantConfig(**dynamic))
+    assert str(error.value) == (
+        "1: quant.act_method=dynamic simulates onnxruntime's int8 MatMulNBits kernels, which "
+        "compute Linear layers only; quantize this model's activations with another method"
+    )
+
+
+def test_quantizers_follow_the_models_device_and_dtype():
+    """A model built on another device (meta: no memory) and in float64 gets its quantizers
+    there and in that dtype."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), QuantPoint(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.append(nn.Linear(4, 2)).to(device="meta", dtype=torch.float64)
+    prepare(model, QuantConfig(bits="W4A4"))
+    state = model.state_dict()
+    assert sum("quantizer" in key for key in state) > 8
+    assert all(t.device.type == "meta" for t in state.values())
+    assert all(t.dtype in (torch.float64, torch.bool) for t in state.values())
+
+
 def test_one_quantizer_per_tensor_round_trips_through_a_state_dict():
     """Every tensor read by several layers has one quantizer (block input: first conv, shortcut
     conv or shortcut point), and a fresh prepared model loads the trained values into it."""

@@ -118,6 +118,12 @@ def test_a_model_fx_cannot_trace_is_refused_in_one_line_that_names_the_cause(mod
     )
 
 
+def test_a_model_fx_cannot_trace_is_prepared_with_one_quantizer_per_layer_input():
+    model = prepare(Branchy(), QuantConfig(bits="W4A4"))
+    assert model.fc.input_quantizer.tensor_hint is None  # not named: no graph to name it in
+    assert model.train()(torch.ones(2, 4)).shape == (2, 4)
+
+
 def test_the_trace_is_a_copy_named_after_the_model():
     model = Views().train()
     gm = trace(model)
