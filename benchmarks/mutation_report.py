@@ -150,6 +150,16 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "return op(x.reshape(-1), None)",
         "the flattened tensor is 1-D, so reducing dimension 0 is reducing every dimension (None)",
     ),
+    f"{_BASE}__init____mutmut_35": (
+        "else math.prod(weight_shape) / math.prod(self.param_shape)",
+        "the division is exact (each scale covers whole rows of the weight), and the quotient "
+        "only enters LSQ's gradient scale 1 / sqrt(N Q_p), the same for 27 and 27.0",
+    ),
+    f"{_BASE}__init____mutmut_38": (
+        "else 1",
+        "an activation quantizer never reads `numel_per_scale`: `_elements_per_scale` takes its N "
+        "from the input",
+    ),
     f"{_BASE}_broadcast__mutmut_4": (
         "widths = torch.tensor(self.group_widths, device=None)",
         _WIDTHS_ON_CPU,
