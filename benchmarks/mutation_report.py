@@ -87,6 +87,27 @@ _CHECK = "qatkd.distill.ensemble.xǁTeacherEnsembleǁcheck_num_classes__mutmut_"
 _CHECK_ZIP = "for label, logits in zip(self.labels, self(example), "
 _REVERSE = "qatkd.distill.losses.x_kd_reverse_kl__mutmut_"
 _LAST_DIM = "`_rows` makes the logits 2-D, so dimension 1 is the last one"
+_BASE = "qatkd.quant.base.xǁQuantizerǁ"
+_WIDTHS_ON_CPU = (
+    "not equivalent on a GPU: repeat_interleave selects with its repeats as indices, and CUDA's "
+    "index_select refuses CPU ones; on a CPU-only machine nothing can tell (no GPU test here)"
+)
+_CONV = "qatkd.quant.modules.xǁQuantConv2dǁfrom_float__mutmut_"
+_CONV_ARGS = "conv.dilation, conv.groups, "
+_LINEAR = "qatkd.quant.modules.xǁQuantLinearǁfrom_float__mutmut_"
+_LINEAR_NEW = "new = cls(linear.in_features, linear.out_features, "
+_BIAS = (
+    "`_adopt` then sets `bias` to the float layer's own (a Parameter or None), so the meta "
+    "placeholder made or not first is never seen"
+)
+_SUMMARY = "qatkd.quant.prepare.x_quant_summary__mutmut_"
+_SUMMARY_ZIP = '"  ".join(cell.ljust(width) for cell, width in zip(row, widths, '
+_FLOAT_CODES = "qatkd.quant.quantizers.xǁFloatQuantizerǁ_codes__mutmut_"
+_ONES = "return x, torch.ones((), "
+_UNREAD = (
+    "the scale `_codes` returns at 16 bits is never read: FloatQuantizer's forward returns its "
+    "input, and quantize_int keeps the codes only"
+)
 
 EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_GRAD_CONFLICT}34": (f"{_ZEROS}dtype=None, device=l_ts.device)", _FLOAT64),
@@ -124,6 +145,45 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_REVERSE}18": (
         "kl = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(+1).mean()",
         _LAST_DIM,
+    ),
+    f"{_BASE}_reduce__mutmut_3": (
+        "return op(x.reshape(-1), None)",
+        "the flattened tensor is 1-D, so reducing dimension 0 is reducing every dimension (None)",
+    ),
+    f"{_BASE}__init____mutmut_35": (
+        "else math.prod(weight_shape) / math.prod(self.param_shape)",
+        "the division is exact (each scale covers whole rows of the weight), and the quotient "
+        "only enters LSQ's gradient scale 1 / sqrt(N Q_p), the same for 27 and 27.0",
+    ),
+    f"{_BASE}__init____mutmut_38": (
+        "else 1",
+        "an activation quantizer never reads `numel_per_scale`: `_elements_per_scale` takes its N "
+        "from the input",
+    ),
+    f"{_BASE}_broadcast__mutmut_4": (
+        "widths = torch.tensor(self.group_widths, device=None)",
+        _WIDTHS_ON_CPU,
+    ),
+    f"{_BASE}_broadcast__mutmut_6": ("widths = torch.tensor(self.group_widths, )", _WIDTHS_ON_CPU),
+    f"{_CONV}9": (f'{_CONV_ARGS}None, conv.padding_mode, device="meta",', _BIAS),
+    f"{_CONV}22": (f'{_CONV_ARGS}conv.bias is None, conv.padding_mode, device="meta",', _BIAS),
+    f"{_LINEAR}4": (f'{_LINEAR_NEW}None, device="meta")', _BIAS),
+    f"{_LINEAR}8": (f'{_LINEAR_NEW}device="meta")', _BIAS),
+    f"{_LINEAR}10": (f'{_LINEAR_NEW}linear.bias is None, device="meta")', _BIAS),
+    f"{_SUMMARY}38": (f"{_SUMMARY_ZIP}strict=None)).rstrip()", _STRICT_ZIP),
+    f"{_SUMMARY}41": (f"{_SUMMARY_ZIP})).rstrip()", _STRICT_ZIP),
+    f"{_SUMMARY}42": (f"{_SUMMARY_ZIP}strict=False)).rstrip()", _STRICT_ZIP),
+    f"{_FLOAT_CODES}2": (f"{_ONES}dtype=None, device=x.device)", _UNREAD),
+    f"{_FLOAT_CODES}3": (f"{_ONES}dtype=x.dtype, device=None)", _UNREAD),
+    f"{_FLOAT_CODES}5": (f"{_ONES}device=x.device)", _UNREAD),
+    f"{_FLOAT_CODES}6": (f"{_ONES}dtype=x.dtype, )", _UNREAD),
+    "qatkd.quant.tensors.xǁLeafTracerǁis_leaf_module__mutmut_3": (
+        "return isinstance(m, self.leaves) or super().is_leaf_module(m, None)",
+        "fx's own is_leaf_module decides by the module's class and never reads the qualified name",
+    ),
+    "qatkd.quant.tensors.x_check_state_fits_shared_quantizers__mutmut_3": (
+        "for name, module in model.named_modules(remove_duplicate=None):",
+        "named_modules only tests `remove_duplicate` for truth, and None is false as False is",
     ),
 }
 """Surviving mutant -> (its mutated line, why no test can tell it from the original). The line

@@ -139,8 +139,9 @@ def test_group_size_applies_to_linear_weights_only():
 
 def test_prepare_errors():
     model = prepare(TinyCNN(), QuantConfig())
-    with pytest.raises(QatkdError, match="already quantized"):
+    with pytest.raises(QatkdError) as error:
         prepare(model, QuantConfig())
+    assert str(error.value) == "the model is already quantized; prepare a fresh float model"
     with pytest.raises(QatkdError, match=r"no Conv2d or Linear layer to quantize$"):
         prepare(nn.Sequential(nn.ReLU()), QuantConfig())
     with pytest.raises(QatkdError, match=r"outside the skip patterns \['\*'\]"):
@@ -157,6 +158,31 @@ def test_dynamic_inputs_get_the_kernel_block_of_linear_layers_only():
         prepare(TinyCNN(), QuantConfig(**dynamic))
     with pytest.raises(QatkdError, match=r"^0: weight groups of 40 inputs are not a multiple"):
         prepare(nn.Sequential(nn.Linear(40, 4)), QuantConfig(**dynamic))
+
+
+@pytest.mark.parametrize(
+    "other", [QuantPoint(), nn.AdaptiveAvgPool2d(1)], ids=["quant-point", "pooling"]
+)
+def test_dynamic_inputs_refuse_quant_points_and_pooling_by_name(other):
+    dynamic = {"bits": "W4A8", "act_method": "dynamic", "first_last_bits": None}
+    with pytest.raises(QatkdError) as error:
+        prepare(nn.Sequential(nn.Linear(32, 32), other), QuantConfig(**dynamic))
+    assert str(error.value) == (
+        "1: quant.act_method=dynamic simulates onnxruntime's int8 MatMulNBits kernels, which "
+        "compute Linear layers only; quantize this model's activations with another method"
+    )
+
+
+def test_quantizers_follow_the_models_device_and_dtype():
+    """A model built on another device (meta: no memory) and in float64 gets its quantizers
+    there and in that dtype."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), QuantPoint(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.append(nn.Linear(4, 2)).to(device="meta", dtype=torch.float64)
+    prepare(model, QuantConfig(bits="W4A4"))
+    state = model.state_dict()
+    assert sum("quantizer" in key for key in state) > 8
+    assert all(t.device.type == "meta" for t in state.values())
+    assert all(t.dtype in (torch.float64, torch.bool) for t in state.values())
 
 
 def test_one_quantizer_per_tensor_round_trips_through_a_state_dict():
@@ -193,7 +219,7 @@ def test_mobilenet_v2_adds_and_pooling_are_quantized():
 
 def test_summary_config_and_flags():
     model = TinyCNN()
-    assert not is_quantized(model)
+    assert not is_quantized(model) and quant_config_of(model) is None
     config = QuantConfig(bits="W4A4", method="lsq")
     prepare(model, config)
     assert is_quantized(model)
@@ -206,6 +232,74 @@ def test_summary_config_and_flags():
     assert model.grouped.input_quantizer is model.shortcut.quantizer
     assert ["branch", "QuantAct", "-", "8", "lsq", "tensor"] in [line.split() for line in lines]
     assert len(lines) == 1 + 3 + 2
+
+
+def test_summary_is_an_aligned_table_of_every_quantized_module():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), QuantPoint(), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    prepare(model, QuantConfig(bits="W4A4", method="lsq", weight_method="minmax"))
+    # the point and the conv after it read one tensor: one quantizer, at the higher bits
+    assert quant_summary(model) == (
+        "layer  type                  w_bits  a_bits  method      granularity\n"
+        "0      QuantConv2d           8       8       minmax/lsq  channel\n"
+        "2      QuantAct              -       8       lsq         tensor\n"
+        "3      QuantConv2d           4       8       minmax/lsq  channel\n"
+        "4      QuantGlobalAvgPool2d  -       8       lsq         tensor\n"
+        "6      QuantLinear           8       8       minmax/lsq  channel"
+    )
+
+
+def test_global_average_pooling_is_quantized_whichever_way_its_size_is_written():
+    """`AdaptiveAvgPool2d(1)` and `((1, 1))` are global pooling (an integer graph's
+    QLinearGlobalAveragePool); other output sizes stay float."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d((1, 2)), nn.AdaptiveAvgPool2d(2),
+        nn.AdaptiveAvgPool2d((1, 1)), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    prepare(model, QuantConfig(bits="W4A4"))
+    assert [type(m) for m in model[1:5]] == [nn.AdaptiveAvgPool2d] * 2 + [QuantGlobalAvgPool2d] * 2
+    assert model.train()(torch.randn(2, 3, 6, 6)).shape == (2, 4)
+
+
+def test_a_16_bit_model_computes_exactly_what_the_float_model_does():
+    """W16A16 swaps every layer and quantizes nothing: the quantized layers keep the float ones'
+    padding modes, strides, dilations, groups and biases (or none)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=2, dilation=2, padding_mode="reflect"),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4, bias=False, padding_mode="circular"),
+        nn.Flatten(), nn.Linear(128, 4, bias=False), nn.Linear(4, 3),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    prepare(model, QuantConfig(bits="W16A16"))
+    assert [type(m) for m in model] == [QuantConv2d, QuantConv2d, nn.Flatten] + [QuantLinear] * 2
+    assert torch.equal(model(x), expected)
+
+
+def test_prepare_draws_no_random_numbers_and_leaves_modes_as_they_were():
+    """The quantized layers take over the float layers' parameters without initialising any of
+    their own (a seeded run draws the same numbers with or without prepare), and every module
+    keeps its train/eval mode."""
+    model = TinyCNN().train()
+    model.bn.eval()
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    prepare(model, QuantConfig(bits="W4A4"))
+    assert torch.equal(torch.rand(4), expected)
+    assert [n for n, m in model.named_modules() if not m.training] == ["bn"]
+
+
+def test_a_format_puts_weight_scales_on_the_float16_grid():
+    model = prepare(nn.Sequential(nn.Linear(64, 8)), QuantConfig(format="q4_0", method="lsq"))
+    quantizer = model[0].weight_quantizer
+    quantizer.init_from(model[0].weight.detach())
+    step = quantizer.step.detach()
+    assert not torch.equal(step, step.half().float())  # the learned step is off the grid
+    assert torch.equal(quantizer.scale[:, ::32], step.half().float())
 
 
 def batches(n: int, seed: int = 0, size: int = 8):

@@ -104,19 +104,28 @@ def test_ste_passes_gradient_inside_and_zero_outside():
     torch.testing.assert_close(x.grad, torch.where(inside, upstream, 0.0))
 
 
-def test_lsq_step_gradient_matches_paper():
+@pytest.mark.parametrize(
+    ("shape", "features"),
+    [((2, 7), 7), ((2, 1, 7), 7), ((7, 2), 2), ((1, 14), 14), ((14,), 14)],
+    ids=["2x7", "2x1x7", "7x2", "1x14", "14"],
+)
+def test_lsq_step_gradient_matches_paper(shape, features):
+    """N in the step's gradient scale is the features of one sample (a whole 1-D input is one
+    sample), whatever the batch size."""
     q = LSQQuantizer(4)
     q.init_from(torch.tensor([-1.0, 1.0]))  # signed: Q_n = -8, Q_p = 7
     with torch.no_grad():
         q.step.fill_(0.5)
-    x = torch.tensor([[-5.0, -1.3, 0.2, 0.74, 1.1, 3.3, 4.0]], requires_grad=True)
-    upstream = torch.tensor([[0.3, -1.2, 0.7, 2.0, -0.4, 1.5, 0.9]])
+    values = [-5.0, -1.3, 0.2, 0.74, 1.1, 3.3, 4.0, 0.9, -4.2, 0.1, -0.3, 2.6, -3.9, 1.7]
+    weights = [0.3, -1.2, 0.7, 2.0, -0.4, 1.5, 0.9, -0.6, 1.1, 0.2, -2.0, 0.8, 0.5, -1.4]
+    x = torch.tensor(values).reshape(shape).requires_grad_()
+    upstream = torch.tensor(weights).reshape(shape)
     (q(x) * upstream).sum().backward()
 
     s, qn, qp = 0.5, -8, 7
-    g = 1 / math.sqrt(x.shape[1] * qp)  # N = features of one sample
+    g = 1 / math.sqrt(features * qp)
     expected_ds, expected_dx = 0.0, []
-    for xi, ui in zip(x.detach()[0].tolist(), upstream[0].tolist(), strict=True):
+    for xi, ui in zip(values, weights, strict=True):
         v = xi / s
         if v <= qn:
             expected_ds += ui * qn * g
@@ -128,7 +137,23 @@ def test_lsq_step_gradient_matches_paper():
             expected_ds += ui * (round(v) - v) * g
             expected_dx.append(ui)
     torch.testing.assert_close(q.step.grad, torch.tensor(expected_ds))
-    torch.testing.assert_close(x.grad, torch.tensor([expected_dx]))
+    torch.testing.assert_close(x.grad, torch.tensor(expected_dx).reshape(shape))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_lsq_starts_at_the_papers_step_capped_at_the_data_range(bits):
+    """2 mean|w| / sqrt(Q_p) where the data is spiky (one large weight among small ones), max|w| /
+    Q_p where that would clip beyond the data."""
+    w = torch.zeros(2, 64)
+    w[0, 5] = 3.0
+    w[1] = torch.linspace(-1.0, 1.0, 64)
+    q = LSQQuantizer(bits, w.shape)
+    q.init_from(w)
+    q_p = 2 ** (bits - 1) - 1
+    paper = 2 * w.abs().mean(1, keepdim=True) / math.sqrt(q_p)
+    cap = w.abs().amax(1, keepdim=True) / q_p
+    assert paper[0, 0] < cap[0, 0] and (bits == 2 or cap[1, 0] < paper[1, 0])  # both cases
+    torch.testing.assert_close(q.step.detach(), torch.minimum(paper, cap))
 
 
 def test_lsq_weight_gradient_scale_per_channel_and_init():
@@ -171,13 +196,17 @@ def test_pact_alpha_gradient():
 
 
 def test_pact_signed_clip_uses_full_code_range():
+    """The lower clip is Q_n * scale = -2 alpha; a value at it counts as clipped, as one at alpha
+    does."""
     q = PACTQuantizer(2)
     q.init_from(torch.tensor([-1.0, 1.0]))  # signed: codes -2..1, scale alpha / 1
-    x = torch.tensor([-5.0, -0.4, 5.0], requires_grad=True)
+    x = torch.tensor([-5.0, -2.0, -0.4, 5.0], requires_grad=True)
     out = q(x)
-    torch.testing.assert_close(out, torch.tensor([-2.0, 0.0, 1.0]))
+    torch.testing.assert_close(out, torch.tensor([-2.0, -2.0, 0.0, 1.0]))
     out.sum().backward()
-    torch.testing.assert_close(q.alpha.grad, torch.tensor(-2.0 + 1.0))  # Q_n / Q_p below, 1 above
+    # Q_n / Q_p at and below the lower clip, 1 above alpha
+    torch.testing.assert_close(q.alpha.grad, torch.tensor(-2.0 - 2.0 + 1.0))
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 0.0, 1.0, 0.0]))
 
 
 def test_dorefa_weights_match_paper_formula():
@@ -199,6 +228,10 @@ def test_dorefa_activations_clip_to_unit_range():
     q = act_quantizer("dorefa", 2, torch.rand(8))
     out = q(torch.tensor([-1.0, 0.2, 0.5, 3.0]))
     torch.testing.assert_close(out, torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+    # signed inputs: the signed code range [-8, 7] times 1 / Q_p = 1 / 7
+    q = act_quantizer("dorefa", 4, torch.randn(8))
+    out = q(torch.tensor([-5.0, -1.0, 0.3, 3.0]))
+    torch.testing.assert_close(out, torch.tensor([-8 / 7, -1.0, 2 / 7, 1.0]))
 
 
 def test_scale_shapes():
@@ -213,15 +246,16 @@ def test_scale_shapes():
     assert make_quantizer("minmax", 4, (6, 40)).zero_point.dtype == torch.int32
 
 
-@pytest.mark.parametrize("method", ("minmax", "lsq"))
-def test_a_last_group_narrower_than_group_size(method):
+@pytest.mark.parametrize(("method", "bits"), [*((m, 4) for m in METHODS), ("lsq", 16)])
+def test_a_last_group_narrower_than_group_size(method, bits):
     """72 inputs in groups of 32: 32 + 32 + 8, each group with its own scale (as SmolLM2's 576
-    inputs in groups of 128)."""
+    inputs in groups of 128), with every method, and at 16 bits (scales of 1)."""
     torch.manual_seed(0)
     w = torch.randn(5, 72)
     w[:, 64:] *= 10  # the narrow last group has its own, larger range
-    q = make_quantizer(method, 4, w.shape, group_size=32)
+    q = make_quantizer(method, bits, w.shape, group_size=32)
     codes = q.quantize_int(w)
+    assert q.granularity == "group32"
     assert q.param_shape == (5, 3) and q.scale.shape == (5, 72)
     for g, (start, stop) in enumerate([(0, 32), (32, 64), (64, 72)]):
         scale = q.scale[:, start:stop]
@@ -233,6 +267,34 @@ def test_a_last_group_narrower_than_group_size(method):
         )
         torch.testing.assert_close(q.scale[:, ::32] * 7, expected)
     torch.testing.assert_close(q(w), codes * q.scale)
+
+
+def test_float16_scales_are_the_float16_values_with_a_floor():
+    """With `float16_scale` (a format that stores float16 scales) every scale is rounded to
+    float16, kept as float32, and a dead group's scale is float16's smallest positive value (EPS
+    itself rounds to 0)."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 64)
+    w[1, :32] = 0
+    q = make_quantizer("minmax", 4, w.shape, group_size=32)
+    q.float16_scale = True
+    out = q(w)
+    absmax = w.reshape(3, 2, 32).abs().amax(-1)
+    expected = (absmax / 7).half().float().clamp_min(2.0**-24)
+    assert q.scale.dtype == torch.float32
+    assert torch.equal(q.scale[:, ::32], expected) and expected[1, 0] == 2.0**-24
+    assert not torch.equal(expected, absmax / 7)  # the rounding changed the scales
+    assert torch.equal(out, q.quantize_int(w) * q.scale)
+
+
+@pytest.mark.parametrize("bits", (4, 16))
+def test_a_scale_is_on_the_quantizers_device_and_needs_no_data_to_broadcast(bits):
+    """On a quantizer moved to another device (meta here: no data at all), `scale` is on that
+    device, and a group scale's broadcast has a size known in advance (nothing read back from
+    the device)."""
+    for shape, group_size, scale_shape in (((5, 40), None, (5, 1)), ((5, 72), 32, (5, 72))):
+        q = make_quantizer("lsq", bits, shape, group_size).to("meta")
+        assert q.scale.device.type == "meta" and q.scale.shape == scale_shape
 
 
 def test_group_errors():
@@ -262,14 +324,20 @@ def test_zero_channel_gives_no_nan(method):
 
 def test_uninitialised_activation_quantizer_refuses_inference():
     q = make_quantizer("lsq", 4).eval()
-    with pytest.raises(QatkdError, match="calibrate"):
+    with pytest.raises(QatkdError) as error:
         q(torch.randn(3))
+    assert str(error.value) == (
+        "an activation quantizer is used for inference before it was initialised; "
+        "run qatkd.quant.calibrate(model, batches) first, or train the model"
+    )
 
 
 def test_16_bits_is_identity():
+    """Needs no calibration: its codes are the input, in eval mode too (an exporter reads them)."""
     x = torch.randn(5, 7)
     q = make_quantizer("lsq", 16)
     assert q.eval()(x) is x
+    assert torch.equal(q.quantize_int(x), x)
     assert list(q.parameters()) == []
 
 
@@ -320,13 +388,15 @@ def test_dynamic_quantizes_each_row_block_by_its_own_abs_max():
     x = torch.randn(3, 80) * torch.tensor([[0.01], [1.0], [50.0]])
     x[1, 32:64] = 0
     expected = dynamic_reference(x, 32)
+    assert torch.equal(q.eval()(x), expected)  # nothing to calibrate
     assert torch.equal(q.train()(x), expected)
-    assert torch.equal(q.eval()(x), expected)
     assert torch.equal(q(x[2:]), expected[2:])
     codes = q.quantize_int(x)
     assert codes.abs().max() == 127 and torch.equal(codes, codes.round())
     assert torch.equal(codes[1, 32:64], torch.zeros(32))
-    assert q.granularity == "row-block32" and q.qrange == (-127, 127)
+    assert q.granularity == "row-block32" and q.qrange == (-127, 127) and q.signed
+    q.block = 1  # any block: each input on its own
+    assert torch.equal(q(x), dynamic_reference(x, 1))
 
 
 def test_dynamic_passes_the_gradient_straight_through():
@@ -340,20 +410,32 @@ def test_dynamic_passes_the_gradient_straight_through():
 def test_dynamic_errors():
     with pytest.raises(QatkdError, match="int8"):
         make_quantizer("dynamic", 4)
-    with pytest.raises(QatkdError, match="activations only"):
+    with pytest.raises(QatkdError) as error:
         make_quantizer("dynamic", 8, (4, 64), 32)
+    assert str(error.value) == (
+        "the dynamic method quantizes activations only; set quant.act_method=dynamic and another "
+        "weight method"
+    )
     q = make_quantizer("dynamic", 8)
-    with pytest.raises(QatkdError, match="before prepare set its block"):
+    with pytest.raises(QatkdError) as error:
         q(torch.randn(2, 32))
+    assert str(error.value) == "a dynamic activation quantizer is used before prepare set its block"
     with pytest.raises(QatkdError, match="no stored scale"):
         _ = q.scale
 
 
-@pytest.mark.parametrize(("inputs", "block"), [(128, 128), (576, 64), (192, 64), (48, 16)])
+@pytest.mark.parametrize(
+    ("inputs", "block"), [(512, 256), (128, 128), (576, 64), (192, 64), (96, 32), (48, 16)]
+)
 def test_matmul_nbits_block_is_the_largest_power_of_two_dividing_a_group(inputs, block):
     assert matmul_nbits_block(inputs) == block
 
 
 def test_matmul_nbits_block_refuses_groups_it_cannot_hold():
-    with pytest.raises(QatkdError, match="not a multiple of 16"):
+    with pytest.raises(QatkdError) as error:
         matmul_nbits_block(40)
+    assert str(error.value) == (
+        "weight groups of 40 inputs are not a multiple of 16: MatMulNBits' blocks (16 to 256 "
+        "weights, powers of two) cannot hold them without changing trained values; set "
+        "quant.group_size to a multiple of 16"
+    )

@@ -142,8 +142,7 @@ class DoReFaQuantizer(Quantizer):
         return super().qrange
 
     def _init(self, x: Tensor) -> None:
-        levels = 2**self.bits - 1 if self.is_weight else self.qrange[1]
-        self.fixed_scale.fill_(1 / levels)
+        self.fixed_scale.fill_(1 / self.qrange[1])  # weights: 1 / (2^b - 1); activations: 1 / Q_p
 
     def _scale(self) -> Tensor:
         return self.fixed_scale
