@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import pytest
 import torch
@@ -394,3 +395,21 @@ def test_a_checkpoint_from_before_shared_quantizers_is_refused():
     old = {k: v for k, v in state.items() if not k.startswith("net.pool.")}
     with pytest.raises(QatkdError, match="run its training or ptq again"):
         check_state_fits_shared_quantizers(model, old)
+
+
+def test_a_quantizer_that_refuses_a_layer_is_one_error_naming_the_layer(monkeypatch):
+    """A registered quantizer may refuse a weight (its own QatkdError): `prepare` says which
+    layer, so the user knows where to skip or change the method."""
+
+    def refuse(method, bits, weight_shape=None, group_size=None):
+        if weight_shape is not None:
+            raise QatkdError("this method cannot quantize these weights")
+        return make_quantizer_of_prepare(method, bits, weight_shape, group_size)
+
+    prepare_module = sys.modules["qatkd.quant.prepare"]  # the package's `prepare` is the function
+    make_quantizer_of_prepare = prepare_module.make_quantizer
+    monkeypatch.setattr(prepare_module, "make_quantizer", refuse)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(QatkdError) as refused:
+        prepare(model, QuantConfig(bits="W4A4", first_last_bits=None))
+    assert str(refused.value) == "1: this method cannot quantize these weights"

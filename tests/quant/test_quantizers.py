@@ -439,3 +439,11 @@ def test_matmul_nbits_block_refuses_groups_it_cannot_hold():
         "weights, powers of two) cannot hold them without changing trained values; set "
         "quant.group_size to a multiple of 16"
     )
+
+
+def test_a_group_quantizer_counts_group_size_weights_per_scale_even_with_a_narrow_last_group():
+    """LSQ's gradient scale reads `numel_per_scale`: for groups it is `group_size`, not the mean
+    group width (96 inputs in groups of 64: 64, where 96 / 2 groups would say 48)."""
+    assert make_quantizer("lsq", 4, (2, 96), 64).numel_per_scale == 64
+    assert make_quantizer("lsq", 4, (2, 128), 64).numel_per_scale == 64
+    assert make_quantizer("lsq", 4, (3, 5, 2, 2)).numel_per_scale == 20
