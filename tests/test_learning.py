@@ -13,11 +13,11 @@ import torch
 
 from qatkd import pipeline
 from qatkd.artifacts import load_model
-from qatkd.checkpoint import load_checkpoint, save_checkpoint
+from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.quant import is_quantized
 from qatkd.train.logs import read_csv
-from testdata import learning_overrides, majority_share
+from testdata import learning_overrides, majority_share, permuted_teacher
 
 MARGIN = 40.0
 """Points above the majority-class share (~40 %) a learned model must reach (it reaches ~100)."""
@@ -80,15 +80,6 @@ def test_qat_from_scratch_learns(learn_root: Path, tmp_path: Path, bits: str):
     assert is_quantized(load_model(run_dir / "last.pt")[0])
     assert_learned(run_dir, metrics, learn_root)
     assert pipeline.evaluate(run_dir)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)
-
-
-def permuted_teacher(teacher: Path, out: Path) -> Path:
-    """`teacher` with its output rows rotated: it answers class (c+1) % 3 where it saw class c."""
-    state = load_checkpoint(teacher / "last.pt")
-    for key in ("net.fc.weight", "net.fc.bias"):
-        state["model"][key] = state["model"][key].roll(1, dims=0)
-    save_checkpoint({k: v for k, v in state.items() if k != "format"}, out)
-    return out
 
 
 def test_a_kd_only_student_learns_its_teachers_answers_not_the_labels(

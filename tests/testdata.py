@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qatkd.checkpoint import load_checkpoint, save_checkpoint
+
 
 def make_images(n: int, num_classes: int, size: int, channels: int, seed: int):
     """Images whose class is a bright square at a class-specific place: learnable in a few steps."""
@@ -124,3 +126,13 @@ def measured_alignments(run_dir: Path) -> dict[str, list[float]]:
     values = [v for column in columns.values() for v in column]
     assert values and all(-1 <= v <= 1 for v in values) and any(values), columns
     return columns
+
+
+def permuted_teacher(teacher: Path, out: Path) -> Path:
+    """`teacher` (a run folder) with its output rows rotated, saved as `out`: it answers class
+    (c+1) % 3 where it saw class c, so every answer is wrong."""
+    state = load_checkpoint(teacher / "last.pt")
+    for key in ("net.fc.weight", "net.fc.bias"):
+        state["model"][key] = state["model"][key].roll(1, dims=0)
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, out)
+    return out

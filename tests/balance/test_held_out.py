@@ -14,14 +14,14 @@ from pydantic import ValidationError
 from qatkd import pipeline
 from qatkd.balance import BalancerConfig, Fixed, GoR, alignments, build_balancer
 from qatkd.balance.balancers import HELDOUT_PULL
-from qatkd.checkpoint import load_checkpoint, save_checkpoint
+from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.train import engine
 from qatkd.train.distributed import World
 from qatkd.train.held_out import HeldOutPass, reserve_held_out
 from qatkd.train.logs import read_csv
-from testdata import learning_overrides
+from testdata import learning_overrides, permuted_teacher
 
 L_TS, L_KD = 2.0, 0.3
 
@@ -169,15 +169,6 @@ def test_held_out_batches_cover_the_data_and_split_over_ranks():
 
 HELDOUT = ("quant.bits=W4A4", "balancer.form=heldout", "balancer.every=1", "balancer.lr=1")
 """A 30-step run: the balancer's rate is set high enough to decide within it."""
-
-
-def permuted_teacher(teacher: Path, out: Path) -> Path:
-    """`teacher` answering (c+1) % 3 for class c: every answer wrong."""
-    state = load_checkpoint(teacher / "last.pt")
-    for key in ("net.fc.weight", "net.fc.bias"):
-        state["model"][key] = state["model"][key].roll(1, dims=0)
-    save_checkpoint({k: v for k, v in state.items() if k != "format"}, out)
-    return out
 
 
 def test_a_harmful_teacher_is_turned_down_and_the_student_matches_plain_qat(
