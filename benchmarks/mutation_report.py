@@ -4,9 +4,12 @@ turned into `<=`, a constant changed, an argument dropped) make a focused test s
     python benchmarks/mutation_report.py [--jobs N] [MODULE ...]      (what `make mutate` runs)
 
 MODULE is one of the keys of `MODULES` below (default: all of them). Each module runs on its
-own, in `.mutation/<module>/` (removed first, so every run starts from scratch): links to `src/`
-and `tests/`, a copy of `pyproject.toml` with a `[tool.mutmut]` section naming the files to
-mutate and the tests to run, and mutmut's `mutants/` folder. The whole `qatkd` package is copied
+own, in `.mutation/<module>/`: links to `src/` and `tests/`, a copy of `pyproject.toml` with a
+`[tool.mutmut]` section naming the files to mutate and the tests to run, and mutmut's `mutants/`
+folder. A run that was stopped (a session's end, Ctrl-C) resumes where it stopped when the same
+command runs again, but only while `src/`, `tests/`, `pyproject.toml`, mutmut's version and the
+module's selection are the same, byte for byte (`key.txt` holds their hash); anything else
+starts the module from scratch. The whole `qatkd` package is copied
 into `mutants/` (the tests import all of it); only the module's files are mutated. mutmut runs
 each mutant against the tests that called the mutated function, in a forked worker.
 
@@ -19,6 +22,7 @@ reason it cannot be killed; every other survivor is a gap in the tests.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -44,9 +48,13 @@ MODULES: dict[str, dict[str, list[str]]] = {
         "mutate": ["src/qatkd/train/*"],
         "tests": [
             "tests/test_engine.py",
+            "tests/test_learning.py",
             "tests/test_stops.py",
             "tests/test_logs.py",
             "tests/test_validation.py",
+            "tests/test_tensorboard.py",
+            "tests/test_distributed.py",
+            "tests/balance/test_held_out.py",
         ],
     },
     "export": {
@@ -217,34 +225,73 @@ def mutmut_config(spec: dict[str, list[str]]) -> str:
     )
 
 
-def run_module(name: str, jobs: int) -> dict[str, Any]:
-    """Run mutmut over one module from scratch; its counts, score and surviving mutants."""
-    spec = MODULES[name]
+def content_key(spec: dict[str, list[str]]) -> str:
+    """Hash of everything a module's verdicts depend on: the tracked files under `src/` and
+    `tests/` as they are on disk, `pyproject.toml`, mutmut's version and the module's selection."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "src", "tests", "pyproject.toml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    digest = hashlib.sha256(json.dumps([version("mutmut"), spec]).encode())
+    for name in sorted(tracked):
+        path = ROOT / name
+        if path.is_file():  # a tracked file deleted on disk is simply absent
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def prepare_work(name: str, spec: dict[str, list[str]]) -> tuple[Path, float]:
+    """The module's work folder, and the wall seconds an earlier, stopped run of the same
+    content already spent there (0 for a fresh start)."""
     work = WORK / name
+    key = content_key(spec)
+    stamp, spent = work / "key.txt", work / "wall_s.txt"
+    if stamp.exists() and stamp.read_text() == key and (work / "mutants").is_dir():
+        print(f"mutmut: {name}: resuming the stopped run in {work}")
+        return work, float(spent.read_text()) if spent.exists() else 0.0
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "src").symlink_to(ROOT / "src")
     (work / "tests").symlink_to(ROOT / "tests")
     pyproject = (ROOT / "pyproject.toml").read_text()
     (work / "pyproject.toml").write_text(pyproject + mutmut_config(spec))
-    # mutmut puts mutants/src first on sys.path and drops src/; PYTHONPATH must not bring it back
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    stamp.write_text(key)
+    return work, 0.0
+
+
+def run_module(name: str, jobs: int) -> dict[str, Any]:
+    """Run mutmut over one module (resuming a stopped run of the same content); its counts,
+    score and surviving mutants."""
+    spec = MODULES[name]
+    work, spent = prepare_work(name, spec)
+    # mutmut puts mutants/src first on sys.path and drops src/; PYTHONPATH names it too, so the
+    # processes a test starts (torchrun's ranks) import the mutated package, not the installed one
+    env = os.environ | {"PYTHONPATH": str(work / "mutants" / "src")}
     started = time.time()
     log = work / "mutmut.log"
     print(f"mutmut: {name} ({', '.join(spec['mutate'])}; tests {' '.join(spec['tests'])})")
-    with log.open("w") as out:
-        rc = subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
-            cwd=work,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            check=False,
-        ).returncode
-    wall = round(time.time() - started, 1)
+    try:
+        with log.open("a") as out:
+            rc = subprocess.run(
+                [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
+                cwd=work,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            ).returncode
+    finally:
+        wall = round(spent + time.time() - started, 1)
+        (work / "wall_s.txt").write_text(str(wall))
     if rc != 0:
         tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"mutmut failed on {name} (exit {rc}); the end of {log}:\n{tail}")
+        raise SystemExit(
+            f"mutmut stopped on {name} (exit {rc}); run the same command again to resume. "
+            f"The end of {log}:\n{tail}"
+        )
     return {"wall_s": wall, **collect(work, spec)}
 
 
