@@ -267,9 +267,8 @@ def run_module(name: str, jobs: int) -> dict[str, Any]:
     score and surviving mutants."""
     spec = MODULES[name]
     work, spent = prepare_work(name, spec)
-    # mutmut puts mutants/src first on sys.path and drops src/; PYTHONPATH names it too, so the
-    # processes a test starts (torchrun's ranks) import the mutated package, not the installed one
-    env = os.environ | {"PYTHONPATH": str(work / "mutants" / "src")}
+    # mutmut puts mutants/src first on sys.path and drops src/; PYTHONPATH must not bring it back
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     started = time.time()
     log = work / "mutmut.log"
     print(f"mutmut: {name} ({', '.join(spec['mutate'])}; tests {' '.join(spec['tests'])})")
