@@ -93,6 +93,10 @@ _TO_CPU = (
 )
 _CHECK = "qatkd.distill.ensemble.xǁTeacherEnsembleǁcheck_num_classes__mutmut_"
 _CHECK_ZIP = "for label, logits in zip(self.labels, self(example), "
+_HOOKS = "qatkd.distill.ensemble.xǁTeacherEnsembleǁ__init____mutmut_"
+_HOOKS_ZIP = "for teacher, label in zip(self.teachers, self.labels, "
+_KEEPERS = "qatkd.distill.features.xǁFeatureHooksǁ__init____mutmut_"
+_KEEPERS_ZIP = "for name, module in zip(names, modules, "
 _REVERSE = "qatkd.distill.losses.x_kd_reverse_kl__mutmut_"
 _LAST_DIM = "`_rows` makes the logits 2-D, so dimension 1 is the last one"
 _BASE = "qatkd.quant.base.xǁQuantizerǁ"
@@ -146,6 +150,12 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_CHECK}3": (f"{_CHECK_ZIP}strict=None):", _STRICT_ZIP),
     f"{_CHECK}6": (f"{_CHECK_ZIP}):", _STRICT_ZIP),
     f"{_CHECK}8": (f"{_CHECK_ZIP}strict=False):", _STRICT_ZIP),
+    f"{_HOOKS}29": (f"{_HOOKS_ZIP}strict=None)", _STRICT_ZIP),
+    f"{_HOOKS}32": (f"{_HOOKS_ZIP})", _STRICT_ZIP),
+    f"{_HOOKS}33": (f"{_HOOKS_ZIP}strict=False)", _STRICT_ZIP),
+    f"{_KEEPERS}14": (f"{_KEEPERS_ZIP}strict=None)", _STRICT_ZIP),
+    f"{_KEEPERS}17": (f"{_KEEPERS_ZIP})", _STRICT_ZIP),
+    f"{_KEEPERS}18": (f"{_KEEPERS_ZIP}strict=False)", _STRICT_ZIP),
     f"{_REVERSE}8": (
         "log_p_student = F.log_softmax(_rows(student_logits).float() / temperature, dim=+1)",
         _LAST_DIM,
