@@ -63,7 +63,7 @@ demo: setup data
 # the suite is about 6 min of CPU time, so it takes both cores of a 2-core machine.
 # TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
-test: setup
+test: setup data
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or page fails.

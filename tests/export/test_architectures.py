@@ -90,8 +90,6 @@ def fashion() -> tuple[torch.Tensor, torch.Tensor]:
     labels. (Fashion-MNIST's flat black background gives whole regions one value, so a single
     float rounding tie, in PyTorch or in the runtime, flips the codes of a whole region at once;
     a photograph has no such regions.)"""
-    if not (FASHION / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST is not installed (make data)")
     images = read_idx(FASHION / "t10k-images-idx3-ubyte.gz")[:256]
     labels = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")[:256]
     x = torch.from_numpy(images.copy()).float()[:, None] / 255
