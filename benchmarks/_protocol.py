@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,20 @@ from qatkd.pipeline import run_or_reuse
 from qatkd.train.stops import RunStopped
 
 ALPHAS = ("0.1", "0.3", "0.5", "0.7", "0.9")
+HELDOUT = "gor_heldout"
+"""The held-out form, whose targets (issue 29) every GoR page checks."""
 GOR = {
     "gor_liebel": ["balancer.form=liebel"],
     "gor_kendall": ["balancer.form=kendall"],
     "gor_liebel_initial": ["balancer.form=liebel", "balancer.scale=initial"],
     "gor_liebel_running": ["balancer.form=liebel", "balancer.scale=running"],
+    "gor_liebel_normalized": ["balancer.form=liebel", "balancer.normalize=true"],
+    "gor_kendall_normalized": ["balancer.form=kendall", "balancer.normalize=true"],
+    HELDOUT: ["balancer.form=heldout"],
 }
-"""GoR's forms and its scale-aware variants; `DEFAULT_GOR` is the configuration default."""
+"""GoR's forms, its scale-aware variants, the size forms with their weights normalised to a fixed
+sum (the balancer sets the ratio, train.lr the step), and the held-out form that weighs each loss
+by its use; `DEFAULT_GOR` is the configuration default."""
 DEFAULT_GOR = "gor_kendall"
 EKD_GOR = "gor_liebel"
 """EKD-GoR's form, named so that a change of the default does not silently reuse its runs."""
@@ -126,6 +134,79 @@ def paired_table(records: list[dict[str, Any]], bits: tuple[str, ...], metric: s
             diffs = [paired(records, method, baseline, b) for b in bits]
             lines.append(f"| {method} − {name} | " + " | ".join(cell(d) for d in diffs) + " |")
     return "\n".join(lines)
+
+
+def balance_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a run's balancer ended with (`final_w_ts`, `final_w_kd`, and the heldout form's
+    `final_align_*`) and its seconds per training step, for `balance_table`."""
+    steps = metrics.get("steps")
+    return {
+        "final": {k: v for k, v in metrics.items() if k.startswith("final_")},
+        "seconds_per_step": metrics["train_seconds"] / steps if steps else None,
+    }
+
+
+def balance_table(records: list[dict[str, Any]], bits: tuple[str, ...]) -> str:
+    """Per GoR method and bit-width, the means over the seeds of the weights it ended with, the
+    alignments it measured (form heldout), and its step time relative to the default GoR's (from
+    the runs' own training time: a controlled timing it is not): what explains a form's score,
+    and what it costs."""
+    lines = [
+        "| method | bits | w_ts | w_kd | w_kd / w_ts | align_ts | align_kd | step time / "
+        f"{DEFAULT_GOR}'s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in bits:
+        runs = {
+            method: [r for r in records if r["method"] == method and r["bits"] == b]
+            for method in (*GOR, "ekd_gor")
+        }
+        reference = _mean(r["seconds_per_step"] for r in runs[DEFAULT_GOR])
+        for method, rows in runs.items():
+            w_ts, w_kd, a_ts, a_kd = (
+                _mean(r["final"].get(f"final_{key}") for r in rows)
+                for key in ("w_ts", "w_kd", "align_ts", "align_kd")
+            )
+            step = _mean(r["seconds_per_step"] for r in rows)
+            cells = [
+                w_ts,
+                w_kd,
+                w_kd / w_ts if w_ts and w_kd is not None else None,
+                a_ts,
+                a_kd,
+            ]
+            ratio = f"{step / reference:.2f}" if step and reference else "-"
+            shown = " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
+            lines.append(f"| {method} | {b} | {shown} | {ratio} |")
+    return "\n".join(lines)
+
+
+def heldout_target_rows(
+    records: list[dict[str, Any]], bits: tuple[str, ...], metric: str
+) -> list[tuple[str, float, str]]:
+    """(what, measured, target): the held-out form never worse than plain QAT or the
+    validation-picked fixed α by more than 0.1 in a cell, at most 1.3x the default GoR's step."""
+    rows = []
+    for b in bits:
+        for baseline, name in (("qat", "QAT"), (VAL_PICK, "fixed α (validation pick)")):
+            gain = paired(records, HELDOUT, baseline, b)[0]
+            rows.append((f"{b}: {HELDOUT} − {name}, {metric}", gain, ">= -0.1"))
+        steps = {
+            method: _mean(
+                r["seconds_per_step"] for r in records if r["method"] == method and r["bits"] == b
+            )
+            for method in (HELDOUT, DEFAULT_GOR)
+        }
+        if steps[HELDOUT] and steps[DEFAULT_GOR]:
+            what = f"{b}: {HELDOUT} step / {DEFAULT_GOR} step (the runs' own time)"
+            rows.append((what, steps[HELDOUT] / steps[DEFAULT_GOR], "<= 1.3"))
+    return rows
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are there, or None when none is."""
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else None
 
 
 def targets_table(rows: list[tuple[str, float, str]]) -> tuple[str, list[dict[str, Any]]]:

@@ -34,8 +34,11 @@ from _protocol import (
     GOR,
     TABLE_METHODS,
     VAL_PICK,
+    balance_fields,
+    balance_table,
     fixed_alpha_picks,
     gor_by_validation,
+    heldout_target_rows,
     label,
     method_overrides,
     paired,
@@ -88,6 +91,7 @@ def record(method: str, bits: str, seed: int, metrics: dict[str, Any]) -> dict[s
         "seed": seed,
         "val": metrics.get("best_val_acc"),
         "test": round(metrics.get("best_test_acc", metrics["test_acc"]), 2),
+        **balance_fields(metrics),
     }
 
 
@@ -237,6 +241,7 @@ def target_rows(
         ("W4A4: EKD-GoR − FP32 student", tests[("ekd_gor", "W4A4")][0] - student, ">= 0.3"),
         ("W2A2: GoR (default) − FP32 student", tests[(DEFAULT_GOR, "W2A2")][0] - student, ">= -1"),
         ("W2A2: QAT − FP32 student (KD has room)", tests[("qat", "W2A2")][0] - student, "<= -1"),
+        *heldout_target_rows(records, BITS, "top-1"),
     ]
     return rows
 
@@ -336,6 +341,8 @@ def main() -> None:
         f"## Sanity checks\n\n{kd_check_text(kd_check)}\n\n"
         "## Paired differences (same seeds)\n\n"
         f"{paired_table(records, BITS, 'top-1')}\n\n"
+        "## What each GoR form learned, and its step time (means over the seeds)\n\n"
+        f"{balance_table(records, BITS)}\n\n"
         f"GoR variant with the best validation accuracy: **{winner}** "
         f"(the configuration default is {DEFAULT_GOR}).\n\n"
         f"## Targets (computed from the rows above)\n\n{targets}\n\n"

@@ -39,8 +39,11 @@ from _protocol import (
     DEFAULT_GOR,
     TABLE_METHODS,
     VAL_PICK,
+    balance_fields,
+    balance_table,
     fixed_alpha_picks,
     gor_by_validation,
+    heldout_target_rows,
     label,
     method_overrides,
     paired,
@@ -106,9 +109,7 @@ def record(method: str, bits: str, seed: int, metrics: dict[str, Any]) -> dict[s
         "val": metrics.get("best_val_map50"),
         "test": round(metrics.get("best_test_map50", metrics["test_map50"]), 2),
         "test_map": round(metrics.get("best_test_map", metrics["test_map"]), 2),
-        "seconds_per_step": metrics["train_seconds"] / metrics["steps"]
-        if metrics.get("steps")
-        else None,
+        **balance_fields(metrics),
     }
 
 
@@ -322,7 +323,7 @@ def recipe_table(recipes: list[dict[str, Any]]) -> str:
 def target_rows(
     records: list[dict[str, Any]], fp32: dict[str, Any], ablation: dict[str, Any]
 ) -> list[tuple[str, float, str]]:
-    """(what, measured, target) for issue 17's and issue 27's detection targets."""
+    """(what, measured, target) for the detection targets of issues 17, 27 and 29."""
     tests = summarize(records, "test")
     student = fp32[STUDENT]["best_test_map50"]
     return [
@@ -351,6 +352,7 @@ def target_rows(
             tests[(DEFAULT_GOR, "W4A4")][0] - student,
             ">= -1",
         ),
+        *heldout_target_rows(records, BITS, "mAP@0.5"),
     ]
 
 
@@ -472,6 +474,8 @@ def main() -> None:
         f"{ablation_table(records, ablation)}\n\n"
         "## Paired differences (same seeds)\n\n"
         f"{paired_table(records, BITS, 'mAP@0.5')}\n\n"
+        "## What each GoR form learned, and its step time (means over the seeds)\n\n"
+        f"{balance_table(records, BITS)}\n\n"
         f"GoR variant with the best validation mAP@0.5: **{winner}** "
         f"(the configuration default is {DEFAULT_GOR}).\n\n"
         f"## Targets (computed from the rows above)\n\n{targets}\n\n"
