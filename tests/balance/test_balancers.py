@@ -374,3 +374,22 @@ def test_only_scale_aware_gor_has_loss_size_buffers() -> None:
 def test_scale_aware_weights_before_the_first_step_are_the_plain_ones(scale: str) -> None:
     """No loss size is known yet: the weights are GoR's own, not divided by an empty estimate."""
     assert GoR(scale=scale).weights() == {"w_ts": 1.0, "w_kd": 1.0}
+
+
+def test_liebel_weights_are_unbounded_like_its_sigma() -> None:
+    """Only kendall and heldout are projected into [-5, 5]: liebel's σ beyond it keeps its own
+    weight 1/(2σ²), the one its forward weighs the losses with (not 1/(2·5²))."""
+    gor = GoR(form="liebel")
+    set_params(gor, [7.0, -6.0])
+    assert gor.weights() == pytest.approx({"w_ts": 1 / 98, "w_kd": 1 / 72})
+    _, _, d_losses = grads(gor, L_TS, [L_KD])
+    assert d_losses == pytest.approx([1 / 98, 1 / 72])
+
+
+@pytest.mark.parametrize(
+    ("balancer", "name"), [(GoR(), "GoR"), (GoR(form="liebel"), "GoR"), (Fixed(), "Fixed")]
+)
+def test_observe_names_the_balancer_that_cannot_learn_from_held_out_data(balancer, name) -> None:
+    with pytest.raises(TypeError) as error:
+        balancer.observe(torch.zeros(2))
+    assert str(error.value) == f"{name} does not learn from held-out data"

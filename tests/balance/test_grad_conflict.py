@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from qatkd.balance import grad_conflict
+from qatkd.balance import alignments, grad_conflict
+from qatkd.balance.diagnostics import dot
 
 
 def losses() -> tuple[nn.Module, torch.Tensor]:
@@ -59,3 +60,22 @@ def test_parameters_only_one_loss_reaches_count_in_that_loss_alone() -> None:
     assert stats["grad_norm_kd"] == pytest.approx(norm_kd.item())
     assert stats["grad_ratio"] == pytest.approx((norm_ts / norm_kd).item())
     assert stats["grad_cosine"] == pytest.approx((dot / (norm_ts * norm_kd)).item())
+
+
+def test_dot_is_float64_even_when_no_entry_is_shared() -> None:
+    """⟨a, b⟩ of float32 gradients is float64, and stays float64 (an exact zero) when no
+    parameter has an entry in both: a missing entry counts as zeros."""
+    g = torch.tensor([1.0, 2.0])
+    both = dot([g, None], [3 * g, g])
+    assert both.dtype == torch.float64 and both.item() == 15.0
+    disjoint = dot([g, None], [None, g])
+    assert disjoint.dtype == torch.float64 and disjoint.item() == 0.0
+
+
+def test_alignments_refuse_a_held_out_gradient_over_other_parameters() -> None:
+    """A held-out gradient with fewer entries than the parameters is an error, not a cosine
+    over the entries the two happen to share."""
+    p1, p2 = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    term = (p1 - p2).sum()
+    with pytest.raises(ValueError, match=r"^zip\(\) argument 2 is longer than argument 1$"):
+        alignments([torch.ones(2)], [term], [p1, p2])

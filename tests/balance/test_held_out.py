@@ -250,3 +250,23 @@ def test_check_counts_the_pass_at_its_share(
 
     assert seconds(1) == pytest.approx(0.2)
     assert seconds(10) == pytest.approx(0.02)
+
+
+def test_gor_heldout_refuses_a_loss_scale_in_full():
+    """GoR itself refuses the combination (not only the config), with the fix named."""
+    for scale in ("initial", "running"):
+        with pytest.raises(ValueError) as error:
+            GoR(form="heldout", scale=scale)
+        assert str(error.value) == (
+            "GoR form 'heldout' does not weigh by loss size: use scale='none'"
+        )
+    assert GoR(form="heldout", scale="none").scale == "none"
+
+
+def test_config_heldout_refuses_a_loss_scale_in_full():
+    with pytest.raises(QatkdError) as error:
+        build_balancer(BalancerConfig(form="heldout", scale="initial"), 1)
+    assert str(error.value) == (
+        "balancer.scale=initial is for GoR forms kendall and liebel; "
+        "form heldout does not weigh by loss size: drop balancer.scale"
+    )

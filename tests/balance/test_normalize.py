@@ -82,3 +82,11 @@ def test_without_normalize_nothing_changes():
 def test_normalize_needs_gor():
     with pytest.raises(QatkdError, match=r"^balancer\.normalize=true needs balancer\.name=gor"):
         build_balancer(BalancerConfig(name="fixed", normalize=True), 1)
+
+
+def test_gor_builds_with_normalize():
+    """The config's normalize reaches GoR: the one balancer it is meant for is not refused."""
+    gor = build_balancer(BalancerConfig(normalize=True), 1)
+    assert isinstance(gor, GoR) and gor.normalize
+    run(gor, LOSSES[:2], [0.5, -1.2])
+    assert sum(gor.weights().values()) == pytest.approx(2.0, rel=1e-6)  # e^-0.5 + e^1.2 unscaled
