@@ -16,6 +16,7 @@ from qatkd.artifacts import load_model
 from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.cli import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, main
 from qatkd.config import config_to_dict, load_config
+from qatkd.progress import Settings
 from testdata import learning_overrides, majority_share
 
 
@@ -194,6 +195,20 @@ def test_ptq_of_a_classification_model_needs_its_checkpoint(capsys, learn_root, 
             code, err, "ptq of a classification model needs its FP32 checkpoint: --ckpt PATH"
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_quiet_lasts_as_long_as_its_command(capsys, learn_root, tmp_path):
+    """`main(["--quiet", ...])` called from Python must not silence what the process does next
+    (it did: a later run in the same process printed nothing)."""
+    argv = ["--quiet", "ptq", "data.name=npz", f"data.root={learn_root}", f"out={tmp_path / 'x'}"]
+    assert main(argv) == EXIT_USER_ERROR
+    assert not Settings.quiet
+    Settings.quiet = True  # a caller's own setting survives a command too
+    try:
+        assert main(argv[1:]) == EXIT_USER_ERROR
+        assert Settings.quiet
+    finally:
+        Settings.quiet = False
 
 
 def test_ptq_of_a_language_model_refuses_a_checkpoint(capsys, tmp_path):

@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    Settings.quiet = args.quiet
+    quiet, Settings.quiet = Settings.quiet, args.quiet
     try:
         args.handler(args)
     except RunStopped as stopped:
@@ -241,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL_ERROR
+    finally:
+        Settings.quiet = quiet  # `main` called from Python leaves the process as it found it
     return 0
 
 
