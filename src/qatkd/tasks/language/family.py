@@ -44,11 +44,11 @@ from qatkd.train.task import Task, TeacherOutputs
 
 
 def language_quant(config: QuantConfig) -> QuantConfig:
-    """`config` with the language defaults for the keys it does not set; activations stay float
-    (weight-only), or are int8 as onnxruntime's int8 MatMulNBits kernels quantize them
-    (`quant.act_method=dynamic`, A8)."""
+    """`config` with the language defaults for the keys it does not set, its grid checked
+    (`QuantConfig.check_grid`); activations stay float (weight-only), or are int8 as
+    onnxruntime's int8 MatMulNBits kernels quantize them (`quant.act_method=dynamic`, A8)."""
     unset = {k: v for k, v in LANGUAGE_QUANT_DEFAULTS.items() if k not in config.model_fields_set}
-    config = config.model_copy(update=unset)
+    config = config.model_copy(update=unset).check_grid()
     dynamic = config.act_method_name == "dynamic"
     if config.act_bits != 16 and not dynamic:
         raise QatkdError(
