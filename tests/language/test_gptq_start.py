@@ -3,6 +3,7 @@ own grid, closer to the teacher than round-to-nearest, and only the trainable de
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,42 @@ def test_a_gptq_start_without_the_training_text_is_refused(tiny_lm, text_files):
     config = config.model_copy(update={"quant": language_quant(config.quant)})
     with pytest.raises(QatkdError, match=r"quant\.init=gptq calibrates on the training text"):
         build_student(config, Loaded(config, training=False))
+
+
+def test_a_learned_asymmetric_grid_trains_from_the_gptq_start_and_exports(
+    tiny_lm, text_files, tmp_path, capsys
+):
+    """distill with learned steps and offsets from GPTQ's start: both move; the checkpoint
+    evaluates to the run's perplexity; the genai folder (float zero points) computes it."""
+    out = tmp_path / "kd"
+    argv = [
+        "distill",
+        "task=language",
+        f"model.path={tiny_lm}",
+        f"data.train_files=[{text_files[0]}]",
+        f"data.eval_files=[{text_files[1]}]",
+        "data.block_size=16",
+        "quant.bits=W4A16",
+        "quant.group_size=32",
+        "quant.method=lsq",
+        "quant.asymmetric=true",
+        "quant.init=gptq",
+        "train.lr=1e-3",
+        "train.threads=1",
+        f"teachers=[{tiny_lm}]",
+        f"out={out}",
+    ]
+    assert main(argv) == 0
+    start, _ = _student(tiny_lm, text_files, "quant.init=gptq", "quant.asymmetric=true")
+    trained = load_checkpoint(out / "last.pt")["model"]
+    for key, value in start.state_dict().items():
+        if key.endswith((".step", ".beta")):
+            assert not torch.equal(trained[key], value), key
+    metrics = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["test_ppl"] == pytest.approx(metrics["test_ppl"])
+    assert main(["export", str(out)]) == 0
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["pytorch"]["ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-5)
+    assert abs(parity["ppl_relative_diff_percent"]) < 1e-3
