@@ -42,20 +42,22 @@ class MinMaxQuantizer(Quantizer):
         asymmetric: bool = False,
     ) -> None:
         super().__init__(bits, weight_shape, group_size, asymmetric)
-        self.register_buffer("running_absmax", torch.zeros(self.param_shape))
-        """The abs-max, or with an asymmetric grid the max."""
-        if asymmetric:
-            self.register_buffer("running_min", torch.zeros(self.param_shape))
+        for name in ("running_min", "running_max") if asymmetric else ("running_absmax",):
+            self.register_buffer(name, torch.zeros(self.param_shape))
+
+    def _bounds(self) -> tuple[Tensor | None, Tensor]:
+        """The buffers of `range_grid`'s bounds."""
+        if self.asymmetric:
+            return self.running_min, self.running_max
+        return None, self.running_absmax
 
     def _init(self, x: Tensor) -> None:
-        low, high = self._range(x)
-        self.running_absmax.copy_(high)
-        if low is not None:
-            self.running_min.copy_(low)
+        for buffer, value in zip(self._bounds(), self._range(x), strict=True):
+            if buffer is not None:
+                buffer.copy_(value)
 
     def _scale(self) -> Tensor:
-        low = self.running_min if self.asymmetric else None
-        return range_grid(low, self.running_absmax, self.qrange[1])[0]
+        return range_grid(*self._bounds(), self.qrange[1])[0]
 
     def _offset(self) -> Tensor:
         return self.running_min

@@ -139,7 +139,9 @@ def matmul_nbits(
     weight_name, scale_name = f"{node_name}.qweight", f"{node_name}.scales"
     zero_points = []
     if asymmetric.pop():  # the float zero point of each block: -offset / scale
-        offsets = np.concatenate([per_block(p, p.offset, block) for p in parts])  # type: ignore[arg-type]
+        offsets = np.concatenate(
+            [per_block(p, p.offset, block) for p in parts if p.offset is not None]
+        )
         zeros = -offsets / scales
         zero_points = [numpy_helper.from_array(zeros, f"{node_name}.zero_points")]
     node = helper.make_node(
