@@ -188,6 +188,21 @@ BAD_INPUTS = [
         ["train", "quant.bits=W4A4", "quant.group_size=32"],
         "quant.group_size=32: per-group weight scales are for language models",
     ),
+    (
+        "zero points on images",
+        ["train", "quant.asymmetric=true"],
+        "quant.asymmetric gives the weight groups of language models offsets; classification",
+    ),
+    (
+        "GPTQ start on images",
+        ["train", "task=detection", "quant.init=gptq"],
+        "quant.init=gptq calibrates on a language model's training text; detection models",
+    ),
+    (
+        "GPTQ start on min-max grids",
+        ["train", "task=language", "quant.init=gptq"],
+        "quant.init=gptq takes the lsq weight method, not minmax: minmax recomputes its grid",
+    ),
     ("truncated teacher", ["distill", *NPZ, "teachers=[{truncated}]"], "truncated or corrupt"),
     ("truncated model.init", ["train", *NPZ, "model.init={truncated}"], "truncated or corrupt"),
     (

@@ -75,6 +75,34 @@ def test_per_group_linear_freezes_to_the_fake_quantized_weight_and_stays_out_of_
         to_onnx(model.eval(), [80])
 
 
+@pytest.mark.parametrize("bits", [3, 8])
+def test_asymmetric_groups_keep_their_codes_scales_and_offsets(tmp_path, bits):
+    """Learned (lsq) steps and offsets moved off their start, 80 inputs in groups of 32: the
+    unsigned codes (up to 255 at 8 bits), the scales and the offsets survive the qpack, which
+    then is version 2, and decode to the fake-quantized weight bit for bit."""
+    torch.manual_seed(bits)
+    config = QuantConfig(
+        bits=f"W{bits}A16", method="lsq", group_size=32, asymmetric=True, first_last_bits=None
+    )
+    model = prepare(nn.Sequential(nn.Linear(80, 6)), config)
+    quantizer = model[0].weight_quantizer
+    quantizer.init_from(model[0].weight.detach())
+    with torch.no_grad():
+        quantizer.step.mul_(1 + 0.1 * torch.rand_like(quantizer.step))
+        quantizer.beta.add_(0.01 * torch.randn_like(quantizer.beta))
+    frozen = FrozenLinear(model[0], "0")
+    with torch.no_grad():
+        fake = quantizer(model[0].weight)
+    assert torch.equal(frozen.weight, fake) and frozen.codes.dtype == torch.uint8
+    write_qpack(QPack({}, [packed_layer("0", frozen)], {}), tmp_path / "m.qpack")
+    assert struct.unpack_from("<I", (tmp_path / "m.qpack").read_bytes(), 6) == (2,)
+    restored = load_qpack(tmp_path / "m.qpack").layers[0]
+    assert restored.offset.shape == restored.scale.shape == (6, 3)
+    assert (restored.qmin, restored.qmax) == (0, 2**bits - 1)
+    np.testing.assert_array_equal(restored.codes, frozen.codes.numpy())
+    np.testing.assert_array_equal(restored.weight(), fake.numpy())
+
+
 def test_int8_inputs_quantized_at_run_time_pack_their_block_and_stay_out_of_onnx(tmp_path):
     """A Linear with `dynamic` int8 inputs: the qpack keeps the input's block (the genai export
     runs it in the int8 kernels); an exporter with one scale per tensor refuses it, naming why."""
@@ -109,14 +137,15 @@ def test_a_foreign_file_is_refused_by_name(tmp_path, content):
         load_qpack(path)
 
 
-@pytest.mark.parametrize("version", [0, 2, 2**32 - 1])
+@pytest.mark.parametrize("version", [0, 3, 2**32 - 1])
 def test_a_qpack_of_another_version_is_refused_by_its_number(tmp_path, version):
     path = tmp_path / "model.qpack"
     raw = bytearray(_small_qpack(path))
     assert load_qpack(path).meta == {"model_name": "tiny"}  # the file as written loads
+    assert struct.unpack_from("<I", raw, 6) == (1,)  # no offsets: what older readers read
     raw[6:10] = struct.pack("<I", version)
     path.write_bytes(bytes(raw))
-    message = f"{path} is qpack version {version}; this qatkd reads version 1"
+    message = f"{path} is qpack version {version}; this qatkd reads versions 1 and 2"
     with pytest.raises(QatkdError, match=f"^{re.escape(message)}$"):
         load_qpack(path)
 

@@ -20,10 +20,10 @@ from qatkd.tasks.language.genai import (
     GENAI_MODEL,
     INT8_INPUT,
     GenaiLogits,
-    block_scales,
     build_genai,
     matmul_nbits,
     pack_codes,
+    per_block,
 )
 
 IDS = np.array([[5, 9, 17, 3, 40, 2, 33, 70]], dtype=np.int64)
@@ -64,6 +64,7 @@ HEAD_8 = ("quant.skip=[]", "quant.layer_weight_bits={'*lm_head': 8}")
 
 
 DYNAMIC = ("quant.act_method=dynamic", *HEAD_8)
+ASYMMETRIC = ("quant.asymmetric=true", "quant.method=lsq")
 
 
 def nbits_attribute(graph, name: str) -> set[int]:
@@ -79,18 +80,22 @@ def nbits_attribute(graph, name: str) -> set[int]:
         ("W2A16", (), {"2": 2}),
         ("W3A16", HEAD_8, {"3": 4, "8": 8}),
         ("W4A8", DYNAMIC, {"4": 4, "8": 8}),
+        ("W4A16", ASYMMETRIC, {"4": 4}),
     ],
 )
 def test_genai_graph_computes_the_students_logits(
     tiny_lm, text_files, tmp_path, bits, extra, widths
 ):
     """W2 in 2-bit blocks, float head; W3 in 4-bit blocks, the 8-bit head untied from the
-    float embedding; W4 with int8 inputs in the int8 kernels (accuracy_level 4), head included."""
+    float embedding; W4 with int8 inputs in the int8 kernels (accuracy_level 4), head included;
+    W4 asymmetric (learned grids) with float zero points."""
     student, result = exported_student(tiny_lm, text_files, tmp_path, bits, 32, *extra)
     folder = tmp_path / GENAI_FOLDER
     graph = onnx.load(str(folder / GENAI_MODEL), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
-    head = 1 if extra else 0  # qkv, o, gate, up, down per layer, and the head
+    nbits_inputs = {len(n.input) for n in graph.node if n.op_type == "MatMulNBits"}
+    assert nbits_inputs == {4 if extra == ASYMMETRIC else 3}  # zero points: the 4th input
+    head = int(HEAD_8[0] in extra)  # qkv, o, gate, up, down per layer, and the head
     assert (ops["MatMulNBits"], ops["MatMul"]) == (2 * 5 + head, 1 - head)
     assert nbits_attribute(graph, "bits") == set(widths.values())
     int8 = extra == DYNAMIC
@@ -135,7 +140,7 @@ def test_a_graph_without_the_students_weights_is_refused(tiny_lm, text_files, tm
         build_genai(tmp_path / "hf", layers, tmp_path / "other")
 
 
-def test_block_scales_repeat_each_group_scale_over_its_blocks():
+def test_each_group_scale_is_repeated_over_its_blocks():
     from qatkd.export.qpack import PackedLayer
 
     layer = PackedLayer(
@@ -150,7 +155,48 @@ def test_block_scales_repeat_each_group_scale_over_its_blocks():
         64,
     )
     # blocks of 32: group 1 (64 wide) -> 2 blocks, group 2 (16 wide) -> 1 block
-    assert block_scales(layer, 32).tolist() == [1.0, 1.0, 2.0, 3.0, 3.0, 4.0]
+    assert per_block(layer, layer.scale, 32).tolist() == [1.0, 1.0, 2.0, 3.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("act_method", ["minmax", "dynamic"])
+def test_matmul_nbits_zero_points_decode_to_the_learned_asymmetric_weights(act_method):
+    """Learned steps and offsets moved off their start, W4 in groups of 64 over 80 inputs (the
+    last group 16 wide), float and int8 inputs: onnxruntime's MatMulNBits on the identity gives
+    back the fake-quantized weight to float rounding ((code - zero point) * scale against
+    code * scale + offset)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from qatkd.quant import QuantConfig, prepare
+
+    torch.manual_seed(0)
+    bits = "W4A8" if act_method == "dynamic" else "W4A16"
+    config = QuantConfig(
+        bits=bits, method="lsq", act_method=act_method, group_size=64, asymmetric=True,
+        first_last_bits=None,
+    )  # fmt: skip
+    model = prepare(torch.nn.Sequential(torch.nn.Linear(80, 24, bias=False)), config).eval()
+    quantizer = model[0].weight_quantizer
+    quantizer.init_from(model[0].weight.detach())
+    with torch.no_grad():
+        quantizer.step.mul_(1 + 0.2 * torch.rand_like(quantizer.step))
+        quantizer.beta.add_(0.02 * torch.randn_like(quantizer.beta))
+        fake = quantizer(model[0].weight).numpy()
+    node, weights = matmul_nbits("y", ["x"], ["y"], [packed_linear("0", model[0])])
+    graph = helper.make_graph(
+        [node],
+        "one_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 80])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])],
+        weights,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    session = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    )
+    decoded = session.run(None, {"x": np.eye(80, dtype=np.float32)})[0].T
+    np.testing.assert_allclose(decoded, fake, rtol=0, atol=1e-6 * np.abs(fake).max())
+    assert not np.array_equal(fake, model[0].weight.detach().numpy())
 
 
 def test_int8_kernels_compute_what_training_simulated():

@@ -1,5 +1,6 @@
-"""GGUF: training on Q4_0 / Q8_0's grid (float16 scales, blocks of 32), the blocks written from
-the student's codes, and SmolLM2's GGUF read back by `gguf` and by `transformers` bit for bit."""
+"""GGUF: training on Q4_0 / Q8_0 / Q4_1's grid (float16 scales and minimums, blocks of 32), the
+blocks written from the student's codes, and SmolLM2's GGUF read back by `gguf` and by
+`transformers` bit for bit."""
 
 import os
 
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 from qatkd.config import load_config
 from qatkd.export.qpack import PackedLayer
 from qatkd.quant import QuantConfig, QuantLinear, prepare
+from qatkd.tasks.language.export import packed_linear
 from qatkd.tasks.language.gguf_file import GGUF_FILE, blocks, rotary_order
 
 USER_CACHE = os.environ.get("QATKD_CACHE")  # read before the autouse fixture isolates it
@@ -54,15 +56,40 @@ def test_blocks_dequantize_to_the_codes_times_their_float16_scales(bits):
     assert np.array_equal(weight.reshape(4, 64), layer.weight())
 
 
+@pytest.mark.parametrize("heads", [None, 2])
+def test_q4_1_blocks_decode_to_the_learned_asymmetric_weights(heads):
+    """A Q4_1 student's learned steps and offsets, moved off the float16 grid: the blocks
+    (d, m, 32 unsigned codes) dequantize in `gguf` to the fake-quantized weight bit for bit, in
+    llama.cpp's rotary row order for q and k."""
+    import gguf
+
+    torch.manual_seed(0)
+    model = prepare(
+        torch.nn.Sequential(torch.nn.Linear(64, 8)), QuantConfig(format="q4_1", method="lsq")
+    )
+    quantizer = model[0].weight_quantizer
+    quantizer.init_from(model[0].weight.detach())
+    with torch.no_grad():
+        quantizer.step.mul_(1 + 0.1 * torch.rand_like(quantizer.step))
+        quantizer.beta.sub_(0.01 * torch.rand_like(quantizer.beta))
+        fake = quantizer(model[0].weight).numpy()
+    data = blocks(packed_linear("0", model[0]), heads)
+    weight = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_1).reshape(8, 64)
+    assert data.shape == (8, 2 * 20)  # two blocks of 2 + 2 + 16 bytes a row
+    assert np.array_equal(weight, fake if heads is None else rotary_order(fake, heads))
+
+
 def test_rotary_order_interleaves_each_heads_halves():
     rows = np.arange(8)[:, None]  # 2 heads of 4 rows: halves (0, 1 | 2, 3) interleaved
     assert rotary_order(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
-@pytest.mark.slow  # ~25 s on 2 cores; `make test` runs it all the same
-def test_smollm2_q4_0_student_round_trips_through_gguf_and_transformers(tmp_path, monkeypatch):
-    """A Q4_0 RTN student of the real SmolLM2 (the GGUF source): `transformers` loads the file
-    (dequantizing and un-permuting q and k itself) to the student's fake-quantized weights."""
+@pytest.mark.slow  # ~25 s each on 2 cores; `make test` runs them all the same
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+def test_smollm2_student_round_trips_through_gguf_and_transformers(tmp_path, monkeypatch, fmt):
+    """A Q4_0 / Q4_1 RTN student of the real SmolLM2 (the GGUF source): `transformers` loads the
+    file (dequantizing and un-permuting q and k itself) to the student's fake-quantized
+    weights."""
     from transformers import AutoModelForCausalLM
 
     from qatkd.tasks.language.export import export_language
@@ -74,12 +101,12 @@ def test_smollm2_q4_0_student_round_trips_through_gguf_and_transformers(tmp_path
     else:
         monkeypatch.setenv("QATKD_CACHE", USER_CACHE)
     source = smollm2_gguf()  # make setup installs the wheel: without it this test fails
-    config = load_config(overrides=["task=language", "quant.format=q4_0", "data.test_limit=1"])
+    config = load_config(overrides=["task=language", f"quant.format={fmt}", "data.test_limit=1"])
     config = config.model_copy(update={"quant": language_quant(config.quant)})
     loaded = Loaded(config, training=False)
     student = build_student(config, loaded).eval()
     result = export_language(
-        {"meta": {}}, student, loaded.hf, loaded.tokenizer, tmp_path, False, "q4_0", source
+        {"meta": {}}, student, loaded.hf, loaded.tokenizer, tmp_path, False, fmt, source
     )
     assert result["gguf"]["written"] and GGUF_FILE in result["files"]
     read = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=GGUF_FILE, dtype=torch.float32)

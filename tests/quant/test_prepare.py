@@ -138,6 +138,18 @@ def test_group_size_applies_to_linear_weights_only():
     assert model.train()(torch.randn(2, 3, 7, 7)).shape == (2, 4)
 
 
+def test_asymmetric_grids_and_the_rtn_start_reach_the_grouped_weights():
+    """`asymmetric` gives the grouped Linear weights offsets (a conv's per-channel weight keeps
+    its symmetric grid); `init` makes learned grids start at min-max."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 4), nn.Flatten(), nn.Linear(64, 32))
+    prepare(model, QuantConfig(bits="W4A8", group_size=32, asymmetric=True, init="rtn"))
+    conv, linear = model[0].weight_quantizer, model[2].weight_quantizer
+    assert (conv.asymmetric, linear.asymmetric) == (False, True)
+    assert linear.minmax_start and linear.beta.shape == (32, 2)
+    with pytest.raises(QatkdError, match=r"quant\.asymmetric gives weight groups an offset"):
+        prepare(nn.Sequential(nn.Linear(64, 32)), QuantConfig(asymmetric=True))
+
+
 def test_prepare_errors():
     model = prepare(TinyCNN(), QuantConfig())
     with pytest.raises(QatkdError) as error:
@@ -401,10 +413,10 @@ def test_a_quantizer_that_refuses_a_layer_is_one_error_naming_the_layer(monkeypa
     """A registered quantizer may refuse a weight (its own QatkdError): `prepare` says which
     layer, so the user knows where to skip or change the method."""
 
-    def refuse(method, bits, weight_shape=None, group_size=None):
+    def refuse(method, bits, weight_shape=None, group_size=None, asymmetric=False):
         if weight_shape is not None:
             raise QatkdError("this method cannot quantize these weights")
-        return make_quantizer_of_prepare(method, bits, weight_shape, group_size)
+        return make_quantizer_of_prepare(method, bits, weight_shape, group_size, asymmetric)
 
     prepare_module = sys.modules["qatkd.quant.prepare"]  # the package's `prepare` is the function
     make_quantizer_of_prepare = prepare_module.make_quantizer

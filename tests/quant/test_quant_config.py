@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig
 
 
@@ -45,3 +46,33 @@ def test_errors_name_the_value_and_the_choices(kwargs, message):
     with pytest.raises(ValidationError) as info:
         QuantConfig(**kwargs)
     assert message in str(info.value)
+
+
+def test_q4_1_is_gguf_s_asymmetric_grid():
+    config = QuantConfig(format="q4_1")
+    assert (config.bits, config.group_size, config.asymmetric) == ("W4A16", 32, True)
+    assert not QuantConfig(format="q4_0").asymmetric
+    with pytest.raises(ValidationError, match="format q4_1 is blocks of 32 4-bit weights"):
+        QuantConfig(format="q4_1", asymmetric=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"asymmetric": True}, "it needs quant.group_size and the minmax or lsq method"),
+        ({"asymmetric": True, "group_size": 32, "method": "pact"}, "(got group_size=32, pact)"),
+        ({"init": "rtn", "method": "pact"}, "quant.init=rtn takes the minmax or lsq weight method"),
+        (
+            {"init": "gptq", "method": "minmax"},
+            "quant.init=gptq takes the lsq weight method, not minmax: minmax recomputes its grid",
+        ),
+    ],
+)
+def test_grids_that_do_not_fit_the_method_or_groups_are_refused(kwargs, message):
+    """`check_grid` runs on the final values (a family's defaults may set the method or the
+    groups after validation)."""
+    config = QuantConfig(**kwargs)
+    with pytest.raises(QatkdError) as info:
+        config.check_grid()
+    assert message in str(info.value)
+    assert QuantConfig(group_size=32, asymmetric=True, init="gptq").check_grid().asymmetric

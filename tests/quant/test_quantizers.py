@@ -447,3 +447,97 @@ def test_a_group_quantizer_counts_group_size_weights_per_scale_even_with_a_narro
     assert make_quantizer("lsq", 4, (2, 96), 64).numel_per_scale == 64
     assert make_quantizer("lsq", 4, (2, 128), 64).numel_per_scale == 64
     assert make_quantizer("lsq", 4, (3, 5, 2, 2)).numel_per_scale == 20
+
+
+def group_bounds(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's (min, max) of a [rows, inputs] weight, repeated over the group's inputs."""
+    parts = w.split(group, dim=1)
+    low = torch.cat([p.amin(1, keepdim=True).expand_as(p) for p in parts], dim=1)
+    high = torch.cat([p.amax(1, keepdim=True).expand_as(p) for p in parts], dim=1)
+    return low, high
+
+
+@pytest.mark.parametrize("method", ("minmax", "lsq"))
+@pytest.mark.parametrize("bits", BITS)
+def test_an_asymmetric_group_spans_its_min_to_its_max(method, bits):
+    """72 inputs in groups of 32 (the last 8 wide): code 0 is each group's min exactly, the top
+    code its max, the rest round to nearest on (max - min) / (2^b - 1); the output is
+    codes * scale + offset bitwise."""
+    torch.manual_seed(bits)
+    w = torch.randn(5, 72) + torch.linspace(-1, 2, 72)  # groups off-centre
+    q = make_quantizer(method, bits, w.shape, group_size=32, asymmetric=True)
+    out = q(w)
+    low, high = group_bounds(w, 32)
+    top = 2**bits - 1
+    scale = (high - low) / top
+    assert q.qrange == (0, top) and q.granularity == "group32+offset"
+    assert torch.equal(q.offset, low) and torch.equal(q.scale, scale)
+    codes = q.quantize_int(w)
+    assert torch.equal(codes, torch.clamp(torch.round((w - low) / scale), 0, top))
+    assert torch.equal(out, codes * q.scale + q.offset)
+    assert torch.equal(out[w == low], w[w == low])  # each group's min is on the grid
+    torch.testing.assert_close(out[w == high], w[w == high])
+    with pytest.raises(QatkdError, match=r"has a float offset \(`offset`\), no zero point"):
+        q.zero_point  # noqa: B018
+
+
+def test_asymmetric_lsq_learns_its_step_and_offset_as_lsq_plus():
+    """d/ds: round(v) - v inside the range, 0 below (code 0), Q_p above; d/dbeta: 1 where the
+    value is clipped, 0 inside (the codes move with it); both scaled by 1/sqrt(N Q_p)."""
+    x = torch.tensor([[-3.0, -0.9, -0.2, 0.35, 0.8, 1.3, 2.6, 9.0] * 4])
+    q = LSQQuantizer(2, x.shape, group_size=32, asymmetric=True)  # codes 0..3
+    q.init_from(x)
+    with torch.no_grad():
+        q.step.fill_(0.5)
+        q.beta.fill_(-1.0)
+    x.requires_grad_()
+    upstream = torch.arange(1.0, 33.0).reshape(1, 32)
+    (q(x) * upstream).sum().backward()
+    g = 1 / math.sqrt(32 * 3)
+    ds, dbeta, dx = 0.0, 0.0, []
+    for xi, ui in zip(x.detach()[0].tolist(), upstream[0].tolist(), strict=True):
+        v = (xi + 1.0) / 0.5
+        if v <= 0:
+            dbeta, dx = dbeta + ui, [*dx, 0.0]
+        elif v >= 3:
+            ds, dbeta, dx = ds + ui * 3, dbeta + ui, [*dx, 0.0]
+        else:
+            ds, dx = ds + ui * (round(v) - v), [*dx, ui]
+    torch.testing.assert_close(q.step.grad, torch.tensor([[ds * g]]))
+    torch.testing.assert_close(q.beta.grad, torch.tensor([[dbeta * g]]))
+    torch.testing.assert_close(x.grad, torch.tensor([dx]))
+
+
+@pytest.mark.parametrize("asymmetric", (False, True))
+def test_lsq_with_a_minmax_start_starts_at_rtn(asymmetric):
+    """`minmax_start` (quant.init): LSQ's first grid is min-max's, so its first output is RTN's,
+    where the paper's start clips the outlier of a spiky group."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 64) * 0.02
+    w[0, 3] = 0.5  # an outlier
+    rtn = make_quantizer("minmax", 4, w.shape, 32, asymmetric)(w)
+    lsq = make_quantizer("lsq", 4, w.shape, 32, asymmetric)
+    lsq.minmax_start = True
+    assert torch.equal(lsq(w), rtn)
+    if not asymmetric:  # the paper's start differs where a group has an outlier
+        assert not torch.equal(make_quantizer("lsq", 4, w.shape, 32)(w), rtn)
+
+
+def test_float16_offsets_keep_their_sign():
+    """A format's float16 grid rounds the offsets too, without the scales' positive floor."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 64) - 0.3
+    q = make_quantizer("minmax", 4, w.shape, group_size=32, asymmetric=True)
+    q.float16_scale = True
+    out = q(w)
+    low = w.reshape(3, 2, 32).amin(-1)
+    assert (low < 0).all() and torch.equal(q.offset[:, ::32], low.half().float())
+    assert torch.equal(out, q.quantize_int(w) * q.scale + q.offset)
+
+
+def test_asymmetric_grid_errors():
+    with pytest.raises(QatkdError, match=r"asymmetric grid .* takes the minmax or lsq method, not"):
+        make_quantizer("pact", 4, (4, 64), 32, asymmetric=True)
+    for shape, group in (((4, 64), None), (None, None)):  # per channel, activations
+        with pytest.raises(QatkdError, match=r"is for grouped Linear weights \(quant.group_size\)"):
+            make_quantizer("lsq", 4, shape, group, asymmetric=True)

@@ -24,7 +24,8 @@ from qatkd.quant.quantizers import DynamicBlockQuantizer, FloatQuantizer
 from qatkd.quant.tensors import trace
 
 CODE_DTYPE = torch.int8
-"""Weight codes are stored as int8: every bit-width up to 8 fits, and int8 is what kernels read."""
+"""Weight codes are stored as int8: every bit-width up to 8 fits, and int8 is what kernels read
+(the unsigned codes of an asymmetric grid as uint8)."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,14 @@ def _check_int8(qmin: int, qmax: int, where: str) -> None:
 class FrozenLayer(nn.Module):
     """Shared state of a frozen conv / linear: `codes` (int8), `scale` (float32: broadcastable per
     output channel, or `[out, groups]` with `group_size`, the last group possibly narrower),
-    optional float `bias`, the trained input quantizer (kept as a module so the PyTorch forward
-    fake-quantizes exactly as in training), and the weight's bit-width."""
+    for an asymmetric grid uint8 codes and an `offset` per group (float32 `[out, groups]`,
+    weight = codes * scale + offset), optional float `bias`, the trained input quantizer (kept as
+    a module so the PyTorch forward fake-quantizes exactly as in training), and the weight's
+    bit-width."""
 
     codes: Tensor
     scale: Tensor
+    offset: Tensor | None
     bias: Tensor | None
 
     def __init__(self, layer: QuantConv2d | QuantLinear, where: str) -> None:
@@ -99,8 +103,10 @@ class FrozenLayer(nn.Module):
                 scale = wq.scale.expand(codes.shape[0], *([1] * (codes.dim() - 1))).clone()
             else:  # the quantizer's scale repeats each group's value over its inputs
                 scale = wq.scale.expand_as(codes)[:, :: self.group_size].clone()
-        self.register_buffer("codes", codes.to(CODE_DTYPE))
+            offset = wq.offset[:, :: self.group_size].clone() if wq.asymmetric else None
+        self.register_buffer("codes", codes.to(torch.uint8 if wq.asymmetric else CODE_DTYPE))
         self.register_buffer("scale", scale.float())
+        self.register_buffer("offset", None if offset is None else offset.float())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.input_quantizer = layer.input_quantizer  # shared with the tensor's other readers
         self.weight_bits = wq.bits
@@ -114,11 +120,15 @@ class FrozenLayer(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The fake-quantized float weight, `codes * scale` (as DequantizeLinear computes it)."""
-        scale = self.scale
-        if self.group_size is not None:
-            scale = scale.repeat_interleave(self.group_size, dim=1)[:, : self.codes.shape[1]]
-        return self.codes.float() * scale
+        """The fake-quantized float weight, `codes * scale` (as DequantizeLinear computes it),
+        `+ offset` for an asymmetric grid."""
+        if self.group_size is None:
+            return self.codes.float() * self.scale
+        columns = self.codes.shape[1]
+        weight = self.codes.float() * self.scale.repeat_interleave(self.group_size, 1)[:, :columns]
+        if self.offset is None:
+            return weight
+        return weight + self.offset.repeat_interleave(self.group_size, 1)[:, :columns]
 
 
 class FrozenConv2d(FrozenLayer):

@@ -1,14 +1,15 @@
 """The packed low-bit artifact (`model.qpack`): trained integer weights at their real bit-width.
 
-Format, version 1 (all numbers little-endian):
+Format, version 2 (all numbers little-endian):
 
     magic    6 bytes  b"QPACK\\0"
-    version  uint32   1
+    version  uint32   2 where a layer has offsets (an asymmetric grid), else 1: a file without
+                      them is exactly version 1, which older readers read
     length   uint32   byte length of the header
     header   UTF-8 JSON, `length` bytes
     data     the blobs the header points at (offsets count from the first byte of `data`)
 
-The header is `{"format": "qatkd-qpack", "version": 1, "meta": {...}, "layers": [...],
+The header is `{"format": "qatkd-qpack", "version": 1 or 2, "meta": {...}, "layers": [...],
 "activations": [...]}`. `meta` is the checkpoint's model description (model name, class names,
 mean/std, quantization config). Each entry of `layers` is one quantized conv / linear after
 BatchNorm folding, in graph order:
@@ -27,6 +28,9 @@ BatchNorm folding, in graph order:
                 weight[o, i] = code[o, i] * scale[o, i // group_size] (the last group
                 holds the remainder when group_size does not divide in)
     group_size  inputs per scale of a Linear weight, or null (one scale per output channel)
+    offset      version 2, optional: [offset, nbytes], float32 [out, groups] like `scale`, for
+                an asymmetric grid: unsigned codes (qmin 0), weight[o, i] = code[o, i] *
+                scale[o, g] + offset[o, g], g = i // group_size (GGUF Q4_1's `d * q + m`)
     bias        [offset, nbytes] float32 per output channel, or null
     input       the input activation quantizer: {"scale", "qmin", "qmax", "bits"}, or null
                 (float input): x_q = clamp(round(x / scale), qmin, qmax) * scale, round half
@@ -56,7 +60,8 @@ from qatkd.export.frozen import ActRange, FrozenLayer, act_range
 from qatkd.quant import QuantAct
 
 MAGIC = b"QPACK\0"
-VERSION = 1
+VERSIONS = (1, 2)
+"""The versions this qatkd reads; it writes 2 only where a layer has offsets."""
 _WIDTHS = (1, 2, 4, 8)
 
 
@@ -75,15 +80,23 @@ class PackedLayer:
     group_size: int | None = None
     input_block: int | None = None
     """Set where the input is quantized to int8 per row at run time, in blocks of this many."""
+    offset: np.ndarray | None = None
+    """An asymmetric grid's offset per group, `[out, groups]` like `scale` (codes unsigned)."""
 
     def weight(self) -> np.ndarray:
-        """The float weight the model computes with: codes times their scales (float32)."""
-        scale = self.scale.reshape(self.codes.shape[0], -1)
-        if self.group_size is not None:  # the last group may be narrower
-            scale = np.repeat(scale, self.group_size, axis=1)[:, : self.codes.shape[1]]
-        else:
-            scale = scale.reshape(-1, *([1] * (self.codes.ndim - 1)))
-        return self.codes.astype(np.float32) * scale
+        """The float weight the model computes with: codes times their scales (float32), plus
+        the offsets of an asymmetric grid."""
+        if self.group_size is None:
+            scale = self.scale.reshape(-1, *([1] * (self.codes.ndim - 1)))
+            return self.codes.astype(np.float32) * scale
+        weight = self.codes.astype(np.float32) * self.per_input(self.scale)
+        return weight if self.offset is None else weight + self.per_input(self.offset)
+
+    def per_input(self, values: np.ndarray) -> np.ndarray:
+        """Per-group `values` `[out, groups]` repeated over each group's inputs (the last group
+        may be narrower)."""
+        repeated = np.repeat(values.reshape(self.codes.shape[0], -1), self.group_size, axis=1)
+        return repeated[:, : self.codes.shape[1]]
 
 
 @dataclass
@@ -117,7 +130,7 @@ def pack_codes(codes: np.ndarray, qmin: int, qmax: int) -> bytes:
 
 
 def unpack_codes(data: bytes, qmin: int, qmax: int, shape: tuple[int, ...]) -> np.ndarray:
-    """The inverse of `pack_codes`: int8 codes of `shape`."""
+    """The inverse of `pack_codes`: int8 codes of `shape` (uint8 for unsigned codes)."""
     width = storage_width(qmin, qmax)
     per_byte = 8 // width
     count = int(np.prod(shape))
@@ -125,11 +138,13 @@ def unpack_codes(data: bytes, qmin: int, qmax: int, shape: tuple[int, ...]) -> n
     shifts = (np.arange(per_byte, dtype=np.uint8) * width).astype(np.uint8)
     mask = np.uint8((1 << width) - 1)
     unsigned = ((packed[:, None] >> shifts) & mask).reshape(-1)[:count]
-    return (unsigned.astype(np.int16) + qmin).astype(np.int8).reshape(shape)
+    codes = unsigned.astype(np.int16) + qmin
+    return codes.astype(np.uint8 if qmin >= 0 else np.int8).reshape(shape)
 
 
 def packed_layer(name: str, layer: FrozenLayer) -> PackedLayer:
-    """A frozen layer as stored: its codes, scales (per channel, or `[out, groups]`) and bias."""
+    """A frozen layer as stored: its codes, scales (per channel, or `[out, groups]`), offsets
+    and bias."""
     qmin, qmax = layer.weight_qrange
     scale = layer.scale if layer.group_size is not None else layer.scale.reshape(-1)
     return PackedLayer(
@@ -143,6 +158,7 @@ def packed_layer(name: str, layer: FrozenLayer) -> PackedLayer:
         input=layer.input_range,
         group_size=layer.group_size,
         input_block=layer.input_block,
+        offset=None if layer.offset is None else layer.offset.numpy(),
     )
 
 
@@ -187,8 +203,9 @@ def write_qpack(pack: QPack, path: str | Path) -> int:
             "qmax": layer.qmax,
             "width": storage_width(layer.qmin, layer.qmax),
             "codes": put(pack_codes(layer.codes, layer.qmin, layer.qmax)),
-            "scale": put(np.ascontiguousarray(layer.scale).astype("<f4").tobytes()),
+            "scale": put(_floats(layer.scale)),
             "group_size": layer.group_size,
+            **({} if layer.offset is None else {"offset": put(_floats(layer.offset))}),
             "bias": None if layer.bias is None else put(layer.bias.astype("<f4").tobytes()),
             "input": None if layer.input is None else asdict(layer.input),
             **({"input_block": layer.input_block} if layer.input_block else {}),
@@ -196,16 +213,17 @@ def write_qpack(pack: QPack, path: str | Path) -> int:
         for layer in pack.layers
     ]
     activations = [{"name": name, **asdict(r)} for name, r in pack.activations.items()]
+    version = 2 if any("offset" in layer for layer in layers) else 1
     header = json.dumps(
         {
             "format": "qatkd-qpack",
-            "version": VERSION,
+            "version": version,
             "meta": pack.meta,
             "layers": layers,
             "activations": activations,
         }
     ).encode()
-    data = MAGIC + struct.pack("<II", VERSION, len(header)) + header + bytes(blob)
+    data = MAGIC + struct.pack("<II", version, len(header)) + header + bytes(blob)
     Path(path).write_bytes(data)
     return len(data)
 
@@ -223,8 +241,8 @@ def load_qpack(path: str | Path) -> QPack:
     if len(raw) < start:
         raise truncated()
     version, length = struct.unpack_from("<II", raw, len(MAGIC))
-    if version != VERSION:
-        raise QatkdError(f"{path} is qpack version {version}; this qatkd reads version {VERSION}")
+    if version not in VERSIONS:
+        raise QatkdError(f"{path} is qpack version {version}; this qatkd reads versions 1 and 2")
     if len(raw) < start + length:
         raise truncated()
     header = json.loads(raw[start : start + length])
@@ -240,8 +258,11 @@ def load_qpack(path: str | Path) -> QPack:
         qmin, qmax = entry["qmin"], entry["qmax"]
         group_size = entry.get("group_size")
         scale = np.frombuffer(get(entry["scale"]), "<f4").copy()
+        offset = None
         if group_size is not None:
             scale = scale.reshape(entry["shape"][0], -1)
+        if "offset" in entry:
+            offset = np.frombuffer(get(entry["offset"]), "<f4").reshape(scale.shape).copy()
         layers.append(
             PackedLayer(
                 name=entry["name"],
@@ -256,7 +277,12 @@ def load_qpack(path: str | Path) -> QPack:
                 input=None if entry["input"] is None else ActRange(**entry["input"]),
                 group_size=group_size,
                 input_block=entry.get("input_block"),
+                offset=offset,
             )
         )
     activations = {a.pop("name"): ActRange(**a) for a in header["activations"]}
     return QPack(header["meta"], layers, activations)
+
+
+def _floats(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values).astype("<f4").tobytes()

@@ -2,7 +2,9 @@
 
 A quantizer computes integer codes and a scale and returns `codes * scale`, so its fake-quantized
 output equals `(quantize_int(x) - zero_point) * scale` bitwise: the exporter and the packer write
-exactly the numbers that training used.
+exactly the numbers that training used. An asymmetric weight grid (`asymmetric`, grouped weights
+only) has unsigned codes and a float offset per group instead, and returns
+`codes * scale + offset` (GGUF Q4_1's `d * q + m`), equal to `quantize_int(x) * scale + offset`.
 """
 
 from __future__ import annotations
@@ -55,12 +57,13 @@ class _RoundSTE(torch.autograd.Function):
 
 class _HalfSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.to(torch.float16).to(x.dtype).clamp_min(FLOAT16_TINY)
+    def forward(ctx: Any, x: Tensor, floor: float | None) -> Tensor:
+        half = x.to(torch.float16).to(x.dtype)
+        return half if floor is None else half.clamp_min(floor)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
 
 
 class _GradScale(torch.autograd.Function):
@@ -93,13 +96,31 @@ def abs_mean(x: Tensor, dim: int) -> Tensor:
     return x.abs().mean(dim)
 
 
+def minimum(x: Tensor, dim: int) -> Tensor:
+    return x.amin(dim)
+
+
+def maximum(x: Tensor, dim: int) -> Tensor:
+    return x.amax(dim)
+
+
+def range_grid(low: Tensor | None, high: Tensor, qmax: int) -> tuple[Tensor, Tensor | None]:
+    """Scale and offset of the grid whose top code lands on `high`: symmetric (`low` None, `high`
+    the abs-max) `high / qmax` and no offset; asymmetric `(high - low) / qmax` from `low`
+    (code 0). Round-to-nearest on this grid is RTN."""
+    if low is None:
+        return (high / qmax).clamp_min(EPS), None
+    return ((high - low) / qmax).clamp_min(EPS), low
+
+
 class Quantizer(nn.Module):
     """Fake quantizer for a weight (signed, per output channel or per input group) or an activation
     (per tensor, signed only if the data it is initialised on has negatives).
 
     Subclasses (one per method) define `_init` (data-driven start values), `_scale` (the scale in
-    its stored shape) and `_codes` (integer codes with their gradients, and the scale they use).
-    All state lives in parameters and buffers, so `state_dict()` round-trips it.
+    its stored shape), `_codes` (integer codes with their gradients, and the scale and offset they
+    use) and, if they take an asymmetric grid (`takes_offset`), `_offset`. All state lives in
+    parameters and buffers, so `state_dict()` round-trips it.
     """
 
     method = ""
@@ -108,16 +129,31 @@ class Quantizer(nn.Module):
     exported graph (`quant.tensors`)."""
     float16_scale = False
     """Set by `prepare` for a format that stores scales in float16 (`quant.format`, GGUF's
-    blocks): every scale the quantizer computes with or reports is rounded to float16 first
-    (identity gradient), so training runs on exactly the stored grid."""
+    blocks): every scale (and offset) the quantizer computes with or reports is rounded to
+    float16 first (identity gradient), so training runs on exactly the stored grid."""
+    minmax_start = False
+    """Set by `prepare` (`quant.init`): a weight grid with a learned scale starts at the weights'
+    min-max grid (`range_grid`, RTN) rather than at the method's own start."""
+    takes_offset = False
+    """Whether the method has an asymmetric form (`asymmetric`)."""
 
     def __init__(
-        self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+        self,
+        bits: int,
+        weight_shape: Sequence[int] | None = None,
+        group_size: int | None = None,
+        asymmetric: bool = False,
     ) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         self.is_weight = weight_shape is not None
         self.group_size = None if group_size is None else check_group_size(group_size)
+        if asymmetric and not (self.takes_offset and self.is_weight and self.group_size):
+            raise QatkdError(
+                "an asymmetric grid (quant.asymmetric) is for grouped Linear weights "
+                "(quant.group_size) with the minmax or lsq method"
+            )
+        self.asymmetric = asymmetric
         self.param_shape = _param_shape(weight_shape, self.group_size)
         self.group_widths: list[int] = []
         """Inputs per group, in order: all `group_size` but the last, which holds the remainder
@@ -143,8 +179,8 @@ class Quantizer(nn.Module):
 
     @property
     def qrange(self) -> tuple[int, int]:
-        """The integer codes' (min, max)."""
-        if self.signed:
+        """The integer codes' (min, max): unsigned for an asymmetric grid."""
+        if self.signed and not self.asymmetric:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return 0, 2**self.bits - 1
 
@@ -152,7 +188,9 @@ class Quantizer(nn.Module):
     def granularity(self) -> str:
         if not self.is_weight:
             return "tensor"
-        return "channel" if self.group_size is None else f"group{self.group_size}"
+        if self.group_size is None:
+            return "channel"
+        return f"group{self.group_size}" + ("+offset" if self.asymmetric else "")
 
     @property
     def scale(self) -> Tensor:
@@ -163,23 +201,35 @@ class Quantizer(nn.Module):
         quantize_int."""
         return self._broadcast(self._stored(self._scale().detach()))
 
-    def _stored(self, scale: Tensor) -> Tensor:
-        """`scale` as the deployed format stores it (float16 with `float16_scale`)."""
-        return _HalfSTE.apply(scale) if self.float16_scale else scale
+    def _stored(self, scale: Tensor, floor: float | None = FLOAT16_TINY) -> Tensor:
+        """`scale` (or, with `floor` None, an offset) as the deployed format stores it (float16
+        with `float16_scale`)."""
+        return _HalfSTE.apply(scale, floor) if self.float16_scale else scale
+
+    @property
+    def offset(self) -> Tensor:
+        """The asymmetric grid's offset (the value of code 0), broadcast as `scale`; zeros for a
+        symmetric grid."""
+        if not self.asymmetric:
+            return torch.zeros_like(self.scale)
+        return self._broadcast(self._stored(self._offset().detach(), None))
 
     @property
     def zero_point(self) -> Tensor:
-        """Always 0: quantization is symmetric."""
+        """0 for a symmetric grid; an asymmetric one has a float `offset` instead."""
+        if self.asymmetric:
+            raise QatkdError("an asymmetric grid has a float offset (`offset`), no zero point")
         return torch.zeros_like(self.scale, dtype=torch.int32)
 
     def forward(self, x: Tensor) -> Tensor:
-        codes, scale = self._quantize(x, update=self.training or self.calibrating)
-        return codes * scale
+        codes, scale, offset = self._quantize(x, update=self.training or self.calibrating)
+        return codes * scale if offset is None else codes * scale + offset
 
     @torch.no_grad()
     def quantize_int(self, x: Tensor) -> Tensor:
-        """The integer codes (as floats) with `forward(x) == (codes - zero_point) * scale`, as
-        forward in eval mode computes them; running statistics are left as they are."""
+        """The integer codes (as floats) with `forward(x) == (codes - zero_point) * scale`
+        (asymmetric: `codes * scale + offset`), as forward in eval mode computes them; running
+        statistics are left as they are."""
         return self._quantize(x, update=False)[0]
 
     @torch.no_grad()
@@ -190,8 +240,9 @@ class Quantizer(nn.Module):
         self._init(x.detach())
         self.initialized.fill_(True)
 
-    def _quantize(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
-        """Codes and scale; `update`: training or calibrating, so running statistics move."""
+    def _quantize(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Codes, scale and offset (None: symmetric); `update`: training or calibrating, so
+        running statistics move."""
         if not bool(self.initialized):
             if not (self.is_weight or update):
                 raise QatkdError(
@@ -207,7 +258,10 @@ class Quantizer(nn.Module):
     def _scale(self) -> Tensor:
         raise NotImplementedError
 
-    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+    def _offset(self) -> Tensor:
+        raise NotImplementedError
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         raise NotImplementedError
 
     def _reduce(self, x: Tensor, op: Callable[[Tensor, int], Tensor]) -> Tensor:
@@ -217,6 +271,13 @@ class Quantizer(nn.Module):
         if self.group_size is not None:
             return torch.stack([op(g, 1) for g in x.split(self.group_size, dim=1)], dim=1)
         return op(x.reshape(x.shape[0], -1), 1).reshape(self.param_shape)
+
+    def _range(self, x: Tensor) -> tuple[Tensor | None, Tensor]:
+        """The bounds `range_grid` takes for the weight `x`: per scale (abs-max) or, asymmetric,
+        (min, max)."""
+        if self.asymmetric:
+            return self._reduce(x, minimum), self._reduce(x, maximum)
+        return None, self._reduce(x, abs_max)
 
     def _broadcast(self, scale: Tensor) -> Tensor:
         if self.group_size is None:
@@ -230,13 +291,19 @@ class Quantizer(nn.Module):
             return self.numel_per_scale
         return x[0].numel() if x.dim() > 1 else x.numel()
 
-    def _fake_codes(self, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-        """round(clamp(x / scale)), equal to clamp(round(x / scale)) as the range is integer, with
-        the STE: the gradient passes inside the range only. Clamping first, as LSQ's reference
-        does, keeps the gradient of values that round onto the range's ends."""
+    def _fake_codes(
+        self, x: Tensor, scale: Tensor, offset: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """round(clamp((x - offset) / scale)), equal to clamp(round(...)) as the range is integer,
+        with the STE: the gradient passes inside the range only (to x; to the offset outside it,
+        as in LSQ+). Clamping first, as LSQ's reference does, keeps the gradient of values that
+        round onto the range's ends."""
         qmin, qmax = self.qrange
         scale = self._broadcast(self._stored(scale))
-        return round_ste(torch.clamp(x / scale, qmin, qmax)), scale
+        if offset is not None:
+            offset = self._broadcast(self._stored(offset, None))
+            x = x - offset
+        return round_ste(torch.clamp(x / scale, qmin, qmax)), scale, offset
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, granularity={self.granularity}"

@@ -16,10 +16,15 @@ from qatkd.quant.base import QUANTIZERS, check_bits, check_group_size
 
 T = TypeVar("T")
 _BITS = re.compile(r"W(\d+)A(\d+)")
-FORMATS = {"q4_0": 4, "q8_0": 8}
-"""GGUF block formats (`quant.format`): blocks of 32 weights, one float16 scale each, signed
-codes of these bits, no zero point."""
+FORMATS = {"q4_0": 4, "q8_0": 8, "q4_1": 4}
+"""GGUF block formats (`quant.format`): blocks of 32 weights of these bits, one float16 scale
+each; Q4_0 / Q8_0 with signed codes, Q4_1 (`ASYMMETRIC_FORMATS`) with unsigned codes and a
+float16 minimum (the offset of an asymmetric grid)."""
+ASYMMETRIC_FORMATS = {"q4_1"}
 FORMAT_GROUP = 32
+INIT_METHODS = {"rtn": ("minmax", "lsq"), "gptq": ("lsq",)}
+"""The weight methods each `quant.init` takes: GPTQ picks codes on a stored grid, which minmax
+would recompute from the weights at the next step."""
 
 
 def _value_error(check: Callable[[T], object], value: T) -> T:
@@ -55,11 +60,15 @@ class QuantConfig(BaseModel):
     `layer_weight_bits` gives the weights of the layers matching a pattern their own bit-width
     (the first matching pattern; over `first_last_bits`; not where the rest are 16), e.g.
     `{"*lm_head": 8}`. `group_size` gives Linear weights one scale per group of that many
-    inputs. `act_method=dynamic` (A8, Linear layers) quantizes each input row in blocks at run time,
-    as onnxruntime's int8 MatMulNBits kernels do (`DynamicBlockQuantizer`). `format` trains on a
-    deployed format's grid exactly: `q4_0` / `q8_0` (GGUF) mean weight-only W4 / W8 in groups of 32
-    with float16 scales; it sets `bits` and `group_size` where they are not given, and refuses
-    values that contradict it."""
+    inputs, and `asymmetric` gives each such group an offset (unsigned codes). `init` starts the
+    weight grids at RTN's min-max grid, and with `gptq` sets the codes by GPTQ on calibration
+    activations (`qatkd.quant.gptq`; the task family supplies them). `act_method=dynamic` (A8,
+    Linear layers) quantizes each input row in blocks at run time, as onnxruntime's int8
+    MatMulNBits kernels do (`DynamicBlockQuantizer`). `format` trains on a deployed format's grid
+    exactly: `q4_0` / `q8_0` / `q4_1` (GGUF) mean weight-only W4 / W8 / asymmetric W4 in groups of
+    32 with float16 scales (and minimums); it sets `bits`, `group_size` and `asymmetric` where
+    they are not given, and refuses values that contradict it. `check_grid` checks what a task
+    family's defaults could still change (the method, the groups) once they are applied."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -87,40 +96,48 @@ class QuantConfig(BaseModel):
     group_size: int | None = Field(
         None, description="one weight scale per group of this many inputs (Linear layers)"
     )
-    format: Literal["q4_0", "q8_0"] | None = Field(
+    asymmetric: bool = Field(
+        False,
+        description="grouped weights get an offset per group: unsigned codes q, weight = q * "
+        "scale + offset (learned with lsq, each group's min with minmax); onnxruntime's "
+        "MatMulNBits stores it as a float zero point, GGUF Q4_1 as the block's minimum",
+    )
+    init: Literal["rtn", "gptq"] | None = Field(
         None,
-        description="train on GGUF's block grid exactly: weight-only W4 / W8, groups of 32, "
-        "float16 scales (sets bits, group_size, first_last_bits=null where not given); a "
-        "language student's export then also writes model.gguf",
+        description="how weight grids start: null: the method's own start; rtn: the min-max "
+        "grid (lsq: QAT starts exactly at round-to-nearest); gptq: that grid with the codes of "
+        "GPTQ on calibration activations (lsq; language: the training text)",
+    )
+    init_samples: int = Field(
+        128, gt=0, description="calibration samples for init=gptq (language: training blocks)"
+    )
+    format: Literal["q4_0", "q8_0", "q4_1"] | None = Field(
+        None,
+        description="train on GGUF's block grid exactly: weight-only W4 / W8 / asymmetric W4 "
+        "(q4_1), groups of 32, float16 scales and minimums (sets bits, group_size, "
+        "asymmetric, first_last_bits=null where not given); a language student's export then "
+        "also writes model.gguf",
     )
 
     @model_validator(mode="before")
     @classmethod
     def _format_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("format") in FORMATS:
-            bits = FORMATS[data["format"]]
-            defaults = {"bits": f"W{bits}A16", "group_size": FORMAT_GROUP, "first_last_bits": None}
-            data = {**defaults, **data}
+            data = {**_format_grid(data["format"]), **data}
         return data
 
     @model_validator(mode="after")
     def _check_format(self) -> QuantConfig:
         if self.format is None:
             return self
-        bits = FORMATS[self.format]
-        wanted = {"bits": f"W{bits}A16", "group_size": FORMAT_GROUP, "first_last_bits": None}
-        given = {
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "first_last_bits": self.first_last_bits,
-        }
+        wanted = _format_grid(self.format)
+        given = {key: getattr(self, key) for key in wanted}
         methods = {self.weight_method_name} - {"minmax", "lsq"}
         if given != wanted or methods or self.layer_weight_bits:
             raise ValueError(
-                f"format {self.format} is blocks of {FORMAT_GROUP} {bits}-bit weights with "
-                f"float16 scales: it needs bits={wanted['bits']}, group_size={FORMAT_GROUP}, "
-                "first_last_bits=null, a minmax or lsq weight method and no layer_weight_bits "
-                f"(got {given}, weight method {self.weight_method_name})"
+                f"format {self.format} is blocks of {FORMAT_GROUP} {FORMATS[self.format]}-bit "
+                f"weights with float16 scales: it needs {wanted}, a minmax or lsq weight method "
+                f"and no layer_weight_bits (got {given}, weight method {self.weight_method_name})"
             )
         return self
 
@@ -169,6 +186,29 @@ class QuantConfig(BaseModel):
     def _check_group_size(cls, value: int | None) -> int | None:
         return value if value is None else _value_error(check_group_size, value)
 
+    def check_grid(self) -> QuantConfig:
+        """`self`, or a `QatkdError` where `asymmetric` or `init` do not fit the weight method or
+        groups. Not a validator: a task family's defaults (`method`, `group_size`) may still
+        change them; `prepare` and the language family call it on the final values."""
+        method = self.weight_method_name
+        if self.asymmetric and (self.group_size is None or not QUANTIZERS.get(method).takes_offset):
+            raise QatkdError(
+                "quant.asymmetric gives weight groups an offset: it needs quant.group_size and "
+                f"the minmax or lsq method (got group_size={self.group_size}, {method})"
+            )
+        if self.init is not None and method not in INIT_METHODS[self.init]:
+            why = (
+                ": minmax recomputes its grid from the weights at every step; use "
+                "quant.method=lsq (learned scales, started at the same grid)"
+                if self.init == "gptq"
+                else ""
+            )
+            raise QatkdError(
+                f"quant.init={self.init} takes the {' or '.join(INIT_METHODS[self.init])} weight "
+                f"method, not {method}{why}"
+            )
+        return self
+
     @property
     def weight_bits(self) -> int:
         return parse_bits(self.bits)[0]
@@ -184,3 +224,14 @@ class QuantConfig(BaseModel):
     @property
     def act_method_name(self) -> str:
         return self.act_method or self.method
+
+
+def _format_grid(fmt: str) -> dict[str, Any]:
+    """The keys a GGUF `format` fixes: its bits, groups of 32, its symmetry, no first/last
+    exception."""
+    return {
+        "bits": f"W{FORMATS[fmt]}A16",
+        "group_size": FORMAT_GROUP,
+        "asymmetric": fmt in ASYMMETRIC_FORMATS,
+        "first_last_bits": None,
+    }

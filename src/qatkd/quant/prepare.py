@@ -40,6 +40,7 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     8 bits, or the activation bits if higher."""
     if is_quantized(model):
         raise QatkdError("the model is already quantized; prepare a fresh float model")
+    config.check_grid()
     layers = [(n, m) for n, m in model.named_modules() if n and type(m) in _QUANT_LAYERS]
     points = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantPoint)]
     pools = [
@@ -64,11 +65,16 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
         group_size = config.group_size if isinstance(layer, nn.Linear) else None
         try:
             weight_q = make_quantizer(
-                config.weight_method_name, weight_bits, layer.weight.shape, group_size
+                config.weight_method_name,
+                weight_bits,
+                layer.weight.shape,
+                group_size,
+                config.asymmetric and group_size is not None,
             )
         except QatkdError as e:
             raise QatkdError(f"{name}: {e}") from None
         weight_q.float16_scale = config.format is not None
+        weight_q.minmax_start = config.init is not None
         input_q = make_quantizer(config.act_method_name, act_bits)
         if isinstance(input_q, DynamicBlockQuantizer):
             input_q.block = _dynamic_block(name, layer, group_size)

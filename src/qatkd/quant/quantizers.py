@@ -18,6 +18,7 @@ from qatkd.quant.base import (
     abs_mean,
     check_bits,
     grad_scale,
+    range_grid,
     round_ste,
 )
 
@@ -25,64 +26,101 @@ from qatkd.quant.base import (
 @QUANTIZERS.register("minmax")
 class MinMaxQuantizer(Quantizer):
     """Scale = abs-max / Q_p, nothing learned. Weights use their exact per-channel abs-max at every
-    call. Activations use the abs-max of all calibration batches, then in training an EMA
-    (momentum 0.1) of the batch abs-max; frozen in eval."""
+    call (asymmetric grids: each group's min and max, `range_grid`). Activations use the abs-max
+    of all calibration batches, then in training an EMA (momentum 0.1) of the batch abs-max;
+    frozen in eval."""
 
     method = "minmax"
     momentum = 0.1
+    takes_offset = True
 
     def __init__(
-        self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+        self,
+        bits: int,
+        weight_shape: Sequence[int] | None = None,
+        group_size: int | None = None,
+        asymmetric: bool = False,
     ) -> None:
-        super().__init__(bits, weight_shape, group_size)
-        self.register_buffer("running_absmax", torch.zeros(self.param_shape))
+        super().__init__(bits, weight_shape, group_size, asymmetric)
+        for name in ("running_min", "running_max") if asymmetric else ("running_absmax",):
+            self.register_buffer(name, torch.zeros(self.param_shape))
+
+    def _bounds(self) -> tuple[Tensor | None, Tensor]:
+        """The buffers of `range_grid`'s bounds."""
+        if self.asymmetric:
+            return self.running_min, self.running_max
+        return None, self.running_absmax
 
     def _init(self, x: Tensor) -> None:
-        self.running_absmax.copy_(self._reduce(x, abs_max))
+        for buffer, value in zip(self._bounds(), self._range(x), strict=True):
+            if buffer is not None:
+                buffer.copy_(value)
 
     def _scale(self) -> Tensor:
-        return (self.running_absmax / self.qrange[1]).clamp_min(EPS)
+        return range_grid(*self._bounds(), self.qrange[1])[0]
 
-    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+    def _offset(self) -> Tensor:
+        return self.running_min
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         with torch.no_grad():
             if self.is_weight:
-                self.running_absmax.copy_(self._reduce(x, abs_max))
+                self._init(x)
             elif self.calibrating:
                 batch_max = self._reduce(x, abs_max)
                 self.running_absmax.copy_(torch.maximum(self.running_absmax, batch_max))
             elif update:
                 self.running_absmax.lerp_(self._reduce(x, abs_max), self.momentum)
-        return self._fake_codes(x, self._scale())
+        return self._fake_codes(x, self._scale(), self._offset() if self.asymmetric else None)
 
 
 @QUANTIZERS.register("lsq")
 class LSQQuantizer(Quantizer):
     """Learned step size (Esser et al., ICLR 2020): the step's gradient is scaled by
-    1/sqrt(N * Q_p) and the step starts at 2 * mean|x| / sqrt(Q_p)."""
+    1/sqrt(N * Q_p) and the step starts at 2 * mean|x| / sqrt(Q_p). An asymmetric grid also
+    learns its offset `beta` (LSQ+, Bhalgat et al., 2020), with the same gradient scale."""
 
     method = "lsq"
+    takes_offset = True
 
     def __init__(
-        self, bits: int, weight_shape: Sequence[int] | None = None, group_size: int | None = None
+        self,
+        bits: int,
+        weight_shape: Sequence[int] | None = None,
+        group_size: int | None = None,
+        asymmetric: bool = False,
     ) -> None:
-        super().__init__(bits, weight_shape, group_size)
+        super().__init__(bits, weight_shape, group_size, asymmetric)
         self.step = nn.Parameter(torch.ones(self.param_shape))
+        if asymmetric:
+            self.beta = nn.Parameter(torch.zeros(self.param_shape))
 
     def _init(self, x: Tensor) -> None:
         """The paper's 2·mean|x|/sqrt(Q_p), capped at max|x|/Q_p: at 8 bits the paper's value
-        clips far beyond the data and wastes most levels (PTQ starts from this init)."""
+        clips far beyond the data and wastes most levels (PTQ starts from this init). With
+        `minmax_start`, and always for an asymmetric grid, the min-max grid (`range_grid`)."""
         q_p = self.qrange[1]
+        if self.minmax_start or self.asymmetric:
+            step, beta = range_grid(*self._range(x), q_p)
+            self.step.copy_(step)
+            if beta is not None:
+                self.beta.copy_(beta)
+            return
         paper = self._reduce(x, abs_mean) * (2 / math.sqrt(q_p))
         self.step.copy_(torch.minimum(paper, self._reduce(x, abs_max) / q_p))
 
     def _scale(self) -> Tensor:
         return self.step.abs().clamp_min(EPS)
 
-    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+    def _offset(self) -> Tensor:
+        return self.beta
+
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         # |step|: an SGD update can carry a small step across zero; the magnitude stays a valid,
         # trainable scale, where clamping would freeze it at EPS with a zero gradient.
         g = 1 / math.sqrt(self._elements_per_scale(x) * self.qrange[1])
-        return self._fake_codes(x, grad_scale(self.step, g).abs().clamp_min(EPS))
+        offset = grad_scale(self.beta, g) if self.asymmetric else None
+        return self._fake_codes(x, grad_scale(self.step, g).abs().clamp_min(EPS), offset)
 
 
 @QUANTIZERS.register("pact")
@@ -108,14 +146,14 @@ class PACTQuantizer(Quantizer):
     def _scale(self) -> Tensor:
         return self.alpha.clamp_min(EPS) / self.qrange[1]
 
-    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, None]:
         qmin, qmax = self.qrange
         upper = self._broadcast(self.alpha.clamp_min(EPS))
         lower = upper * (qmin / qmax)
         clipped = torch.where(x >= upper, upper, torch.where(x <= lower, lower, x))
         # No second clamp: it would cut alpha's gradient where clipped / scale is exactly Q_p.
         scale = self._broadcast(self._scale().detach())
-        return round_ste(clipped / scale), scale
+        return round_ste(clipped / scale), scale, None
 
 
 @QUANTIZERS.register("dorefa")
@@ -147,13 +185,13 @@ class DoReFaQuantizer(Quantizer):
     def _scale(self) -> Tensor:
         return self.fixed_scale
 
-    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         if not self.is_weight:
             return self._fake_codes(x, self.fixed_scale)
         levels = 2**self.bits - 1
         t = torch.tanh(x)
         normalized = t / (2 * self._broadcast(self._reduce(t, abs_max)).clamp_min(EPS)) + 0.5
-        return 2 * round_ste(normalized * levels) - levels, self._broadcast(self.fixed_scale)
+        return 2 * round_ste(normalized * levels) - levels, self._broadcast(self.fixed_scale), None
 
 
 def matmul_nbits_block(inputs: int) -> int:
@@ -216,7 +254,7 @@ class DynamicBlockQuantizer(Quantizer):
     def _init(self, x: Tensor) -> None:
         """Nothing to learn from data."""
 
-    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, None]:
         if self.block <= 0:
             raise QatkdError("a dynamic activation quantizer is used before prepare set its block")
         width = x.shape[-1]
@@ -226,7 +264,7 @@ class DynamicBlockQuantizer(Quantizer):
         inverse = torch.where(absmax > 0, self.levels / absmax, torch.zeros_like(absmax))
         codes = round_ste(padded * inverse)
         scale = (absmax / self.levels).expand_as(padded)
-        return codes.flatten(-2)[..., :width], scale.flatten(-2)[..., :width]
+        return codes.flatten(-2)[..., :width], scale.flatten(-2)[..., :width], None
 
 
 class FloatQuantizer(Quantizer):
@@ -249,8 +287,8 @@ class FloatQuantizer(Quantizer):
     def _scale(self) -> Tensor:
         return torch.ones(self.param_shape, device=self.initialized.device)
 
-    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
-        return x, torch.ones((), dtype=x.dtype, device=x.device)
+    def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, None]:
+        return x, torch.ones((), dtype=x.dtype, device=x.device), None
 
 
 def make_quantizer(
@@ -258,10 +296,19 @@ def make_quantizer(
     bits: int,
     weight_shape: Sequence[int] | None = None,
     group_size: int | None = None,
+    asymmetric: bool = False,
 ) -> Quantizer:
     """A quantizer of a registered method; 16 bits gives the identity (`FloatQuantizer`).
-    `weight_shape` makes it a weight quantizer (per channel, or per group for a Linear weight)."""
+    `weight_shape` makes it a weight quantizer (per channel, or per group for a Linear weight);
+    `asymmetric` gives grouped weights unsigned codes and an offset (minmax and lsq)."""
     cls = QUANTIZERS.get(method)
     if check_bits(bits) == 16:
         return FloatQuantizer(weight_shape, group_size)
+    if asymmetric:
+        if not cls.takes_offset:
+            raise QatkdError(
+                f"an asymmetric grid (quant.asymmetric) takes the minmax or lsq method, not "
+                f"{method}"
+            )
+        return cls(bits, weight_shape, group_size, asymmetric=True)
     return cls(bits, weight_shape, group_size)

@@ -226,6 +226,16 @@ class ImageFamily:
                 f"quant.group_size={quant.group_size}: per-group weight scales are for language "
                 f"models; {self.name} models export to int8 ONNX with one scale per channel"
             )
+        if quant is not None and quant.asymmetric:
+            raise QatkdError(
+                "quant.asymmetric gives the weight groups of language models offsets; "
+                f"{self.name} models export to int8 ONNX with symmetric weights"
+            )
+        if quant is not None and quant.init == "gptq":
+            raise QatkdError(
+                "quant.init=gptq calibrates on a language model's training text; "
+                f"{self.name} models start from quant.init=rtn or the method's own start"
+            )
 
     def preflight(self, config: Config, data: ImageData) -> None:
         """Each teacher and `model.init` is a readable checkpoint of this family that fits the

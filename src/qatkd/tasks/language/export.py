@@ -15,7 +15,7 @@ Written into the output folder:
 - `genai/`: with `hf/`, an onnxruntime-genai folder whose `MatMulNBits` kernels hold the codes
   (`qatkd.tasks.language.genai`);
 - `model.gguf`: for a student trained on a GGUF grid (`quant.format`) whose teacher came from a
-  GGUF file, llama.cpp's format with the codes as Q4_0 / Q8_0 blocks
+  GGUF file, llama.cpp's format with the codes as Q4_0 / Q8_0 / Q4_1 blocks
   (`qatkd.tasks.language.gguf_file`).
 """
 

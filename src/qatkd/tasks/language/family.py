@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ from qatkd.checkpoint import content_sha256, load_checkpoint
 from qatkd.config import Config, checkpoint_config
 from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
-from qatkd.quant import QuantConfig, calibrate, prepare
+from qatkd.quant import QuantConfig, QuantLinear, calibrate, prepare
+from qatkd.quant.gptq import gptq
+from qatkd.quant.quantizers import FloatQuantizer
 from qatkd.tasks.family import FAMILIES
 from qatkd.tasks.language.config import LANGUAGE_QUANT_DEFAULTS
 from qatkd.tasks.language.data import (
@@ -44,11 +47,11 @@ from qatkd.train.task import Task, TeacherOutputs
 
 
 def language_quant(config: QuantConfig) -> QuantConfig:
-    """`config` with the language defaults for the keys it does not set; activations stay float
-    (weight-only), or are int8 as onnxruntime's int8 MatMulNBits kernels quantize them
-    (`quant.act_method=dynamic`, A8)."""
+    """`config` with the language defaults for the keys it does not set, its grid checked
+    (`QuantConfig.check_grid`); activations stay float (weight-only), or are int8 as
+    onnxruntime's int8 MatMulNBits kernels quantize them (`quant.act_method=dynamic`, A8)."""
     unset = {k: v for k, v in LANGUAGE_QUANT_DEFAULTS.items() if k not in config.model_fields_set}
-    config = config.model_copy(update=unset)
+    config = config.model_copy(update=unset).check_grid()
     dynamic = config.act_method_name == "dynamic"
     if config.act_bits != 16 and not dynamic:
         raise QatkdError(
@@ -94,11 +97,37 @@ def _meta(config: Config, loaded: Loaded) -> dict[str, Any]:
     }
 
 
+def needs_training_text(config: Config) -> bool:
+    """Whether building the student reads the training text: GPTQ's start calibrates on it."""
+    return config.quant is not None and config.quant.init == "gptq"
+
+
+_DECODER_BLOCK = re.compile(r".*\.layers\.\d+\.")
+
+
+def decoder_stages(student: nn.Module) -> list[list[str]]:
+    """The student's trainable quantized Linear layers by decoder block (`...layers.<i>.`), in
+    order: GPTQ's stages. A quantized LM head is the frozen embedding's tensor, which GPTQ must
+    not rewrite: it keeps its round-to-nearest start."""
+    stages: dict[str, list[str]] = {}
+    for name, module in student.named_modules():
+        if (
+            isinstance(module, QuantLinear)
+            and not isinstance(module.weight_quantizer, FloatQuantizer)
+            and module.weight.requires_grad
+        ):
+            block = _DECODER_BLOCK.match(name)
+            stages.setdefault(block[0] if block else name, []).append(name)
+    return list(stages.values())
+
+
 def build_student(config: Config, loaded: Loaded) -> nn.Module:
     """A trainable copy of the teacher sharing its (frozen) embedding and LM head, quantized and
     calibrated when `config.quant` is set. The quantization is weight-only, so calibration reads
     the weights alone: one forward pass on a dummy block initialises every quantizer, and PTQ
-    (RTN with `quant.method=minmax`) needs no training text."""
+    (RTN with `quant.method=minmax`) needs no training text. `quant.init=gptq` then sets the
+    decoder's codes by GPTQ, block by block, on the first `quant.init_samples` training blocks
+    (`needs_training_text`)."""
     hf = copy.deepcopy(loaded.hf)
     hf.requires_grad_(True)
     source_embed = loaded.hf.get_input_embeddings()
@@ -108,6 +137,13 @@ def build_student(config: Config, loaded: Loaded) -> nn.Module:
     if config.quant is not None:
         prepare(student, config.quant)
         calibrate(student, [torch.zeros(1, 2, dtype=torch.long)], 1)
+        if config.quant.init == "gptq":
+            if loaded.train is None:
+                raise QatkdError(
+                    "quant.init=gptq calibrates on the training text: load it (Loaded(config))"
+                )
+            blocks = loaded.train.tensors[0][: config.quant.init_samples]
+            gptq(student, blocks.split(LanguageTask.eval_batch_size), decoder_stages(student))
     if config.train.gradient_checkpointing:
         student.hf.gradient_checkpointing_enable()
     return student
@@ -176,7 +212,8 @@ class LanguageFamily:
                 )
 
     def load(self, config: Config, training: bool = True) -> Loaded:
-        return Loaded(config, training)
+        """The model and text; the training text also for a PTQ that calibrates on it."""
+        return Loaded(config, training or needs_training_text(config))
 
     def build_student(self, config: Config, source: Loaded) -> tuple[nn.Module, dict[str, Any]]:
         return build_student(config, source), _meta(config, source)

@@ -10,6 +10,9 @@ first: a graph that does not hold exactly the student's weights is refused, not 
 The mapping keeps every trained value:
 - codes are stored offset by the kernel's default zero point 2^(bits-1) (no zero-point input):
   signed codes in [-2^(b-1), 2^(b-1) - 1] dequantize to code * scale, as in training;
+- an asymmetric grid's unsigned codes are stored as they are, with a float zero point per block
+  (the kernel's `zero_points` input in the scales' type), -offset / scale: the kernel's
+  (code - zero point) * scale is the trained code * scale + offset to float rounding;
 - W2 and W4 are 2- and 4-bit blocks; W3 codes are stored in 4-bit blocks (the kernels have no
   3-bit form), W5-W8 in 8-bit blocks;
 - a block is the largest power of two in [16, 256] that divides the group size, each group's
@@ -61,11 +64,11 @@ def storage_bits(bits: int) -> int:
     raise QatkdError(f"MatMulNBits holds at most 8-bit weights; the student has {bits} bits")
 
 
-def pack_codes(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """Signed codes `[N, K]` as `MatMulNBits`' B input `[N, ceil(K / block), block * bits / 8]`:
-    offset by the default zero point, padded to whole blocks with it, the first code of a byte in
-    its low bits."""
-    zero = 2 ** (bits - 1)
+def pack_codes(codes: np.ndarray, bits: int, block: int, signed: bool = True) -> np.ndarray:
+    """Codes `[N, K]` as `MatMulNBits`' B input `[N, ceil(K / block), block * bits / 8]`: signed
+    ones offset by the default zero point, padded to whole blocks with it (unsigned ones as they
+    are, padded with 0), the first code of a byte in its low bits."""
+    zero = 2 ** (bits - 1) if signed else 0
     rows, columns = codes.shape
     blocks = -(-columns // block)
     stored = np.full((rows, blocks * block), zero, dtype=np.uint8)
@@ -78,12 +81,13 @@ def pack_codes(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
     return packed.reshape(rows, blocks, block * bits // 8)
 
 
-def block_scales(layer: PackedLayer, block: int) -> np.ndarray:
-    """One scale per block `[N * blocks]`: each group's scale repeated over its blocks."""
+def per_block(layer: PackedLayer, values: np.ndarray, block: int) -> np.ndarray:
+    """One value per block `[N * blocks]`: each group's value (scale, offset) repeated over its
+    blocks."""
     rows, columns = layer.codes.shape
-    scale = layer.scale.reshape(rows, -1).astype(np.float32)
     group = layer.group_size or columns  # per row: one group of the whole row
-    repeated = np.repeat(scale, group // block, axis=1)[:, : -(-columns // block)]
+    grouped = values.reshape(rows, -1).astype(np.float32)
+    repeated = np.repeat(grouped, group // block, axis=1)[:, : -(-columns // block)]
     return np.ascontiguousarray(repeated).reshape(-1)
 
 
@@ -113,9 +117,11 @@ def matmul_nbits(
     bits = {p.bits for p in parts}
     groups = {p.group_size or p.codes.shape[1] for p in parts}
     input_blocks = {p.input_block for p in parts}
-    if len(bits) != 1 or len(groups) != 1 or len(input_blocks) != 1:
+    asymmetric = {p.offset is not None for p in parts}
+    if len(bits) != 1 or len(groups) != 1 or len(input_blocks) != 1 or len(asymmetric) != 1:
         raise QatkdError(
-            f"{node_name}: the packed projections differ in bits, group size or input quantization"
+            f"{node_name}: the packed projections differ in bits, group size, offsets or input "
+            "quantization"
         )
     width, block, input_block = (
         storage_bits(bits.pop()),
@@ -128,12 +134,19 @@ def matmul_nbits(
             f"blocks are {block}"
         )
     codes = np.concatenate([p.codes for p in parts])
-    scales = np.concatenate([block_scales(p, block) for p in parts])
+    scales = np.concatenate([per_block(p, p.scale, block) for p in parts])
     rows, columns = codes.shape
     weight_name, scale_name = f"{node_name}.qweight", f"{node_name}.scales"
+    zero_points = []
+    if asymmetric.pop():  # the float zero point of each block: -offset / scale
+        offsets = np.concatenate(
+            [per_block(p, p.offset, block) for p in parts if p.offset is not None]
+        )
+        zeros = -offsets / scales
+        zero_points = [numpy_helper.from_array(zeros, f"{node_name}.zero_points")]
     node = helper.make_node(
         "MatMulNBits",
-        [inputs[0], weight_name, scale_name],
+        [inputs[0], weight_name, scale_name, *(z.name for z in zero_points)],
         outputs,
         name=node_name,
         domain="com.microsoft",
@@ -143,9 +156,11 @@ def matmul_nbits(
         block_size=block,
         accuracy_level=FLOAT_INPUT if input_block is None else INT8_INPUT,
     )
+    signed = not zero_points
     return node, [
-        numpy_helper.from_array(pack_codes(codes, width, block), weight_name),
+        numpy_helper.from_array(pack_codes(codes, width, block, signed), weight_name),
         numpy_helper.from_array(scales, scale_name),
+        *zero_points,
     ]
 
 

@@ -1,5 +1,6 @@
 """A GGUF file (llama.cpp's format) of a student trained on a GGUF block grid (`quant.format`):
-each quantized Linear written as Q4_0 / Q8_0 blocks from its own codes and float16 scales.
+each quantized Linear written as Q4_0 / Q8_0 blocks from its own codes and float16 scales, or as
+Q4_1 blocks from its unsigned codes, float16 scales and float16 offsets (the blocks' minimums).
 
 GGUF needs the model's metadata (architecture parameters, tokenizer, chat template), which only a
 GGUF source has: the file is made from the GGUF the teacher was loaded from (SmolLM2's, from the
@@ -33,8 +34,8 @@ _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_FILE_TYPES = {"q4_0": 2, "q8_0": 7}
-"""`general.file_type` (llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_0 / Q8_0)."""
+_FILE_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7}
+"""`general.file_type` (llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_0 / Q4_1 / Q8_0)."""
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -62,21 +63,23 @@ def rotary_order(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def blocks(layer: PackedLayer, heads: int | None) -> np.ndarray:
-    """The layer's codes and float16 scales as GGUF Q4_0 / Q8_0 blocks `[rows, blocks * size]`."""
-    codes, scale = layer.codes.astype(np.int16), layer.scale.reshape(layer.codes.shape[0], -1)
+    """The layer's codes and float16 scales as GGUF Q4_0 / Q8_0 blocks `[rows, blocks * size]`,
+    or with offsets (an asymmetric grid) as Q4_1 blocks: scale d, minimum m, unsigned codes."""
+    rows, columns = layer.codes.shape
+    codes = layer.codes.astype(np.int16)
+    floats = [v.reshape(rows, -1) for v in (layer.scale, layer.offset) if v is not None]
     if heads is not None:
-        codes, scale = rotary_order(codes, heads), rotary_order(scale, heads)
-    rows, columns = codes.shape
+        codes, floats = rotary_order(codes, heads), [rotary_order(v, heads) for v in floats]
     if layer.group_size != FORMAT_GROUP or columns % FORMAT_GROUP:
         raise QatkdError(f"{layer.name}: GGUF blocks need groups of {FORMAT_GROUP} that tile a row")
     grouped = codes.reshape(rows, -1, FORMAT_GROUP)
-    d = scale.astype(np.float16).reshape(rows, -1, 1).view(np.uint8)
+    header = [v.astype(np.float16).reshape(rows, -1, 1).view(np.uint8) for v in floats]
     if layer.bits == 4:  # 16 bytes: the first 16 codes in the low nibbles, the last 16 high
-        stored = (grouped + 8).astype(np.uint8)
+        stored = (grouped + (8 if layer.offset is None else 0)).astype(np.uint8)
         qs = stored[..., :16] | (stored[..., 16:] << 4)
     else:
         qs = grouped.astype(np.int8).view(np.uint8)
-    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+    return np.concatenate([*header, qs], axis=-1).reshape(rows, -1)
 
 
 def write_gguf(
@@ -99,7 +102,7 @@ def write_gguf(
         "attn_k": int(reader.fields["llama.attention.head_count_kv"].contents()),
     }
     by_name = {f"{layer.name}.weight": layer for layer in layers}
-    qtype = gguf.GGMLQuantizationType.Q4_0 if fmt == "q4_0" else gguf.GGMLQuantizationType.Q8_0
+    qtype = gguf.GGMLQuantizationType[fmt.upper()]
     writer = gguf.GGUFWriter(out, arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":

@@ -1,0 +1,144 @@
+"""GPTQ onto the student's own grid, against the paper's update written here in its plain form
+(Optimal Brain Surgeon steps with the inverse Hessian downdated column by column), and against
+round-to-nearest on correlated inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qatkd.errors import QatkdError
+from qatkd.quant import QuantConfig, calibrate, prepare
+from qatkd.quant.gptq import gptq, gptq_codes
+
+
+def reference_gptq(weight, hessian, scale, offset, qmin, qmax):
+    """Frantar et al.'s eq. (2)-(3) in a fixed column order: quantize column i, move every
+    other column by -error_i / [H^-1]_ii * [H^-1]_i, then remove i from H^-1."""
+    w = weight.double().clone()
+    h = hessian.double() + 0.01 * hessian.double().diagonal().mean() * torch.eye(len(hessian))
+    h_inv = torch.linalg.inv(h)
+    codes = torch.zeros_like(w)
+    for i in range(w.shape[1]):
+        codes[:, i] = torch.clamp(torch.round((w[:, i] - offset[:, i]) / scale[:, i]), qmin, qmax)
+        error = w[:, i] - (codes[:, i] * scale[:, i] + offset[:, i])
+        w -= torch.outer(error / h_inv[i, i], h_inv[i])
+        h_inv -= torch.outer(h_inv[:, i], h_inv[i]) / h_inv[i, i]
+    return codes
+
+
+def correlated_inputs(rows: int, features: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose features share a few latent factors, as a network's activations do."""
+    generator = torch.Generator().manual_seed(seed)
+    latent = torch.randn(rows, 8, generator=generator)
+    mixing = torch.randn(8, features, generator=generator)
+    return latent @ mixing + 0.1 * torch.randn(rows, features, generator=generator)
+
+
+def grid_of(weight: torch.Tensor, asymmetric: bool, bits: int = 3):
+    """A min-max (RTN) grid of groups of 32 from the quantizer itself."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    config = QuantConfig(
+        bits=f"W{bits}A16", method="lsq", group_size=32, asymmetric=asymmetric, init="rtn"
+    )
+    model = prepare(nn.Sequential(linear), config.model_copy(update={"first_last_bits": None}))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    quantizer = model[0].weight_quantizer
+    quantizer.init_from(weight)
+    return quantizer
+
+
+@pytest.mark.parametrize("asymmetric", (False, True))
+def test_gptq_picks_the_codes_of_the_papers_update(asymmetric):
+    """160 inputs: two lazy batches of columns (128 + 32), five groups; the same codes as the
+    plain update, every one of them."""
+    torch.manual_seed(0)
+    weight = torch.randn(12, 160)
+    x = correlated_inputs(400, 160)
+    hessian = x.T.double() @ x.double() / len(x)
+    quantizer = grid_of(weight, asymmetric)
+    scale, offset = quantizer.scale, quantizer.offset
+    codes = gptq_codes(weight, hessian, scale, offset, quantizer.qrange)
+    expected = reference_gptq(weight, hessian, scale, offset, *quantizer.qrange)
+    assert torch.equal(codes, expected)
+    rtn = quantizer.quantize_int(weight)
+    assert (codes != rtn).float().mean() > 0.05  # the error moved codes: not RTN
+
+
+@pytest.mark.parametrize("asymmetric", (False, True))
+def test_gptq_output_error_is_below_round_to_nearest(asymmetric):
+    torch.manual_seed(1)
+    weight = torch.randn(16, 64)
+    x = correlated_inputs(512, 64, seed=1)
+    quantizer = grid_of(weight, asymmetric)
+    scale, offset = quantizer.scale, quantizer.offset
+    hessian = x.T.double() @ x.double() / len(x)
+    codes = gptq_codes(weight, hessian, scale, offset, quantizer.qrange)
+
+    def output_error(quantized: torch.Tensor) -> float:
+        return float(((x @ weight.T - x @ quantized.T) ** 2).mean())
+
+    gptq_error = output_error(codes.float() * scale + offset)
+    rtn_error = output_error(quantizer(weight).detach())
+    assert gptq_error < 0.5 * rtn_error
+
+
+def test_an_input_that_is_always_zero_is_rounded_to_nearest():
+    torch.manual_seed(2)
+    weight = torch.randn(4, 32)
+    x = correlated_inputs(100, 32, seed=2)
+    x[:, 5] = 0
+    quantizer = grid_of(weight, asymmetric=False)
+    hessian = x.T.double() @ x.double() / len(x)
+    codes = gptq_codes(weight, hessian, quantizer.scale, quantizer.offset, quantizer.qrange)
+    assert torch.equal(codes[:, 5], quantizer.quantize_int(weight)[:, 5])
+
+
+class Counted(nn.Module):
+    """Counts its calls: the forward passes that went past the stage being measured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x
+
+
+def test_stages_are_quantized_in_order_on_the_quantized_earlier_stages():
+    """Stage 2's Hessian is that of its inputs after stage 1 was quantized; each layer's weight
+    becomes its codes on its quantizer's grid exactly; a pass stops after its stage."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), Counted(), nn.Linear(64, 32), Counted())
+    config = QuantConfig(
+        bits="W3A16", method="lsq", group_size=32, init="rtn", first_last_bits=None
+    )
+    prepare(model, config)
+    batches = [correlated_inputs(20, 64, seed=s) for s in range(3)]
+    calibrate(model, batches[:1], 1)
+    model[2].calls = model[4].calls = 0
+    gptq(model, batches, [["0"], ["3"]])
+    assert (model[2].calls, model[4].calls) == (3, 0)  # each pass stops after its stage
+    for layer in (model[0], model[3]):
+        quantizer = layer.weight_quantizer
+        assert torch.equal(quantizer(layer.weight), layer.weight)
+    x = torch.cat(batches)
+    inputs = torch.relu(model[0](x)).double()
+    hessian = inputs.T @ inputs / len(inputs)
+    quantizer = model[3].weight_quantizer
+    expected = reference_gptq(
+        model[3].weight, hessian, quantizer.scale, quantizer.offset, *quantizer.qrange
+    )
+    assert torch.equal(quantizer.quantize_int(model[3].weight), expected)
+
+
+def test_gptq_needs_a_stored_grid():
+    model = prepare(
+        nn.Sequential(nn.Linear(32, 8)),
+        QuantConfig(bits="W4A16", method="minmax", group_size=32, first_last_bits=None),
+    )
+    with pytest.raises(QatkdError, match=r"0: GPTQ sets the codes .* on a stored grid"):
+        gptq(model, [torch.randn(2, 32)], [["0"]])
