@@ -13,8 +13,9 @@ near-ties of the PyTorch model itself.
 
 Each case names the ops that still run in float in the graph onnxruntime optimizes (those that
 read a DequantizeLinear): the ops without an integer kernel (Hardswish, which onnxruntime splits
-into HardSigmoid and Mul; LayerNorm; GELU; attention; a BatchNorm after a concatenation) and
-nothing else, so a quantizer that goes missing shows up as a float Conv, Add, Mul or Concat.
+into HardSigmoid and Mul; LayerNorm; GELU; a BatchNorm after a concatenation) and the adds that
+have no module boundary to quantize on (ViT's, Swin's), and nothing else, so a quantizer that
+goes missing shows up as a float Conv, MatMul, Add, Mul or Concat.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], float, set[str]]] = {
             )
         ),
         3e-3,
-        # LayerNorm and attention (in float, its inputs read with Shape), GELU, the class
-        # token's Concat, the position embedding's and the residual adds
-        {"Shape", "Concat", "Add", *GELU},
+        # the class token's Concat, the position embedding's and the residual adds (one fused
+        # with the LayerNorm after it), GELU; attention's softmax reads a float matmul
+        {"Shape", "Concat", "Add", "SkipLayerNormalization", *GELU},
     ),
     "swin": (
         _small(
@@ -127,7 +128,8 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], float, set[str]]] = {
             )
         ),
         3e-3,
-        {"LayerNormalization", "Add", *GELU},  # the residual adds
+        # its windowed attention is torchvision's own functions: float, as its residual adds
+        {"LayerNormalization", "Add", *GELU},
     ),
 }
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
-from qatkd.quant import QuantAct, QuantConfig, QuantSiLU, calibrate, prepare
+from qatkd.nn import Attention
+from qatkd.quant import QuantAct, QuantConfig, Quantizer, QuantLinear, QuantSiLU, calibrate, prepare
 from qatkd.quant.sites import InputSite, OutputSite, carrier, input_sites, output_sites
 from qatkd.quant.tensors import trace
 
@@ -234,3 +235,34 @@ def test_no_quantizer_is_placed_where_activations_have_no_fixed_scale(config):
     prepare(model, config)
     assert type(model[1]) is nn.SiLU and sites_of(model) == []
     assert not any(isinstance(m, QuantAct) for m in model.modules())
+
+
+def test_multihead_attention_is_split_so_that_its_matmuls_read_quantized_operands():
+    """A ViT block's attention: the projections are quantized Linear layers reading one
+    quantized input, and the query, key, value and probabilities are quantized."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attention(*[self.norm(x)] * 3, need_weights=False)[0])
+
+    float_model = Block().eval()
+    model = prepare(copy.deepcopy(float_model), QuantConfig(bits="W8A8"))
+    attention = model.attention
+    assert isinstance(attention, Attention)
+    projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj]
+    assert all(isinstance(p, QuantLinear) for p in projections)
+    assert attention.q_proj.input_quantizer is attention.v_proj.input_quantizer
+    points = ["q_point", "k_point", "v_point", "probs_point"]
+    assert all(isinstance(getattr(attention, p), QuantAct) for p in points)
+    x = torch.randn(2, 5, 16)
+    for m in model.modules():  # the float computation: quantizers as identities
+        if isinstance(m, Quantizer):
+            m.forward = lambda t: t
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), float_model(x), rtol=1e-5, atol=1e-6)

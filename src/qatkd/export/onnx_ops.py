@@ -318,3 +318,29 @@ def global_mean(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     if node.target is F.adaptive_avg_pool2d or keep:
         return pooled
     return b.emit_moving("Flatten", [pooled], f"{hint}.flatten", axis=1)
+
+
+@function_op(operator.matmul, torch.matmul, "matmul")
+def matmul(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """QLinearMatMul where both operands and the product are quantized (attention)."""
+    if len(node.args) != 2 or node.kwargs:
+        raise Fallback
+    return b.emit("MatMul", [b.names[a] for a in node.args], hint)
+
+
+@function_op(torch.softmax, F.softmax, "softmax")
+def softmax(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """QLinearSoftmax where its input and output are quantized (attention's probabilities)."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(dim, int) or len(node.args) > 2 or set(node.kwargs) - {"dim"}:
+        raise Fallback
+    return b.emit("Softmax", [b.names[node.args[0]]], hint, axis=dim)
+
+
+@function_op(F.dropout)
+def dropout_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """The identity in eval (`training=False`, as the trace records it)."""
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    if training:
+        raise Fallback
+    return b.names[node.args[0]]

@@ -14,6 +14,10 @@ output is quantized at once (a QuantizeLinear). Matched on a torch.fx trace of t
   (QLinearSigmoid, QLinearAveragePool, QLinearGlobalAveragePool);
 - a SiLU: it becomes `QuantSiLU`, x · sigmoid(x) with the sigmoid quantized (QLinearSigmoid and
   QLinearMul; onnxruntime has no integer SiLU);
+- an `nn.MultiheadAttention`: it becomes `qatkd.nn.Attention` before the layers are swapped
+  (`split_attention`), whose projections are Linear layers and whose QuantPoints quantize the
+  query, key, value, scores and probabilities (MatMulIntegerToFloat, QLinearSoftmax,
+  QLinearMatMul); LayerNorm stays float (no runtime has an integer one);
 - a conv or linear layer: its output, where an op without an integer kernel reads it (Hardswish,
   Hardsigmoid, GELU, LayerNorm, a float add): the layer is then an integer kernel and the float
   op runs between a DequantizeLinear and a QuantizeLinear, as `quantize_static` leaves it.
@@ -37,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qatkd.nn import Attention
 from qatkd.quant import sites
 from qatkd.quant.base import Quantizer
 from qatkd.quant.modules import (
@@ -96,6 +101,14 @@ def place_quantizers(
     for path, side in placed:
         sites.attach(model, path, side, QuantAct(make(f"{path}.{side}")))
     return len(placed)
+
+
+def split_attention(model: nn.Module, skipped: Callable[[str], bool]) -> None:
+    """Swap each `nn.MultiheadAttention` of `model` that `Attention` splits, outside `skipped`,
+    for its `Attention`: the float computation, with its integer points marked."""
+    for name, module in list(model.named_modules()):
+        if name and Attention.splits(module) and not skipped(name):
+            model.set_submodule(name, Attention.from_module(module))
 
 
 def _rules(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, list[list[fx.Node]]]]:

@@ -19,7 +19,7 @@ from qatkd.quant.modules import (
     QuantLinear,
     QuantSiLU,
 )
-from qatkd.quant.placement import place_quantizers
+from qatkd.quant.placement import place_quantizers, split_attention
 from qatkd.quant.quantizers import DynamicBlockQuantizer, make_quantizer, matmul_nbits_block
 from qatkd.quant.tensors import share_tensor_quantizers
 
@@ -42,14 +42,17 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     every global `nn.AdaptiveAvgPool2d` and every `QuantPoint` outside `config.skip` by its
     quantized counterpart, in place; where activations are quantized at fixed scales, put
     quantizers where the integer graph quantizes (`quant.placement`: residual adds,
-    concatenations, squeeze-excite, SiLU, ...); make the quantizers that read the same tensor one
-    (`quant.tensors`; a model torch.fx cannot trace, such as a `transformers` LM, keeps one per
-    layer input and gets no placed quantizers), and record `config` on the model. First/last
-    layer = first/last Conv2d or Linear in `named_modules()` order, whether skipped or not.
-    QuantPoints, pooling inputs and placed quantizers get 8 bits, or the activation bits if
-    higher."""
+    concatenations, squeeze-excite, SiLU, attention, ...); make the quantizers that read the
+    same tensor one (`quant.tensors`; a model torch.fx cannot trace, such as a `transformers`
+    LM, keeps one per layer input and gets no placed quantizers), and record `config` on the
+    model. First/last layer = first/last Conv2d or Linear in `named_modules()` order, whether
+    skipped or not. QuantPoints, pooling inputs and placed quantizers get 8 bits, or the
+    activation bits if higher."""
     if is_quantized(model):
         raise QatkdError("the model is already quantized; prepare a fresh float model")
+    fixed_scales = config.act_bits != 16 and config.act_method_name != "dynamic"
+    if fixed_scales:
+        split_attention(model, lambda name: _skipped(name, config))
     layers = [(n, m) for n, m in model.named_modules() if n and type(m) in _QUANT_LAYERS]
     points = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantPoint)]
     pools = [
@@ -99,7 +102,6 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     for name, _ in pools:
         if not _skipped(name, config):
             model.set_submodule(name, QuantGlobalAvgPool2d(point_quantizer(name)))
-    fixed_scales = config.act_bits != 16 and config.act_method_name != "dynamic"
     with contextlib.suppress(QatkdError):  # not traceable: one quantizer per layer input
         if fixed_scales:
             place_quantizers(model, point_quantizer, lambda name: _skipped(name, config))
