@@ -23,6 +23,7 @@ from qatkd.export.frozen import FrozenConv2d, FrozenLinear, act_range
 from qatkd.export.onnx_graph import Fallback, GraphBuilder, function_op, module_op, tensor_hint
 from qatkd.nn import QuantPoint
 from qatkd.quant import QuantAct, QuantGlobalAvgPool2d, QuantSiLU
+from qatkd.quant.tensors import SPLITS, calls, global_pool_call
 
 BINARY = {
     operator.add: "Add",
@@ -252,7 +253,7 @@ def _split_part(b: GraphBuilder, node: fx.Node) -> bool:
     parts = node.args[0]
     return (
         isinstance(parts, fx.Node)
-        and parts.target in ("chunk", "split", torch.chunk, torch.split)
+        and calls(parts, SPLITS)
         and b.examples.is_tensor(parts.args[0])
         and _split_dim(b, parts) not in b.examples.batch_dims[parts.args[0]]
     )
@@ -298,15 +299,10 @@ def concat(b: GraphBuilder, node: fx.Node, hint: str) -> str:
 
 
 def _global_mean(b: GraphBuilder, node: fx.Node) -> bool:
-    """`x.mean((2, 3))` (any keepdim) or `F.adaptive_avg_pool2d(x, 1)` of a 4-D tensor."""
+    """Global average pooling (`quant.tensors.global_pool_call`) of a 4-D tensor."""
     x = node.args[0]
-    if not (isinstance(x, fx.Node) and b.examples.is_tensor(x) and b.examples.values[x].dim() == 4):
-        return False
-    if node.target is F.adaptive_avg_pool2d:
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return _pair(size) == [1, 1]
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return isinstance(dims, tuple | list) and sorted(d % 4 for d in dims) == [2, 3]
+    four_d = isinstance(x, fx.Node) and b.examples.is_tensor(x) and b.examples.values[x].dim() == 4
+    return four_d and global_pool_call(node)
 
 
 @function_op(torch.mean, "mean", F.adaptive_avg_pool2d, accepts=_global_mean)

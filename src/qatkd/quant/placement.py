@@ -60,6 +60,7 @@ from qatkd.quant.tensors import (
     SAME_VALUE_MODULES,
     SPLITS,
     calls,
+    global_pool_call,
     same_value_input,
     trace,
 )
@@ -67,7 +68,6 @@ from qatkd.quant.tensors import (
 Site = tuple[str, sites.Side]
 BINARY = {operator.add, operator.mul, torch.add, torch.mul, "add", "mul"}
 SIGMOIDS = {torch.sigmoid, F.sigmoid, "sigmoid"}
-MEANS = {torch.mean, "mean"}
 SHAPES = {"size", "dim", getattr, len}
 """Calls whose result is a shape or a number: what depends on the input only through them is
 not an activation (a class token expanded to the batch)."""
@@ -77,11 +77,10 @@ _COMMUTING_CALLS = {torch.relu, F.relu, "relu", *SAME_VALUE_CALLS}
 
 def place_quantizers(
     model: nn.Module, make: Callable[[str], Quantizer], skipped: Callable[[str], bool]
-) -> int:
+) -> None:
     """Swap `model`'s SiLU modules for `QuantSiLU` and put a QuantAct on each module boundary
     that the rules (module doc) need, with quantizers from `make(name)`; modules whose path
-    `skipped` says are left as they are. Returns how many QuantActs were put. Raises
-    `QatkdError` where fx cannot trace the model."""
+    `skipped` says are left as they are. Raises `QatkdError` where fx cannot trace the model."""
     gm = trace(model)
     for node in gm.graph.nodes:
         silu = node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.SiLU
@@ -100,7 +99,6 @@ def place_quantizers(
             placed += [s for _, held in found for s in held if s not in placed]
     for path, side in placed:
         sites.attach(model, path, side, QuantAct(make(f"{path}.{side}")))
-    return len(placed)
 
 
 def split_attention(model: nn.Module, skipped: Callable[[str], bool]) -> None:
@@ -149,20 +147,9 @@ def _integer_operands(
         parts = args[0]
         joined = len(parts) > 1 and all(isinstance(a, fx.Node) and a in activations for a in parts)
         return list(parts) if joined else None
-    if calls(node, SIGMOIDS) or _global_pool(node):
+    if calls(node, SIGMOIDS) or global_pool_call(node):
         return [args[0]]
     return None
-
-
-def _global_pool(node: fx.Node) -> bool:
-    """`F.adaptive_avg_pool2d(x, 1)` or a mean over dims 2 and 3."""
-    if calls(node, {F.adaptive_avg_pool2d}):
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return size in (1, (1, 1), [1, 1])
-    if calls(node, MEANS) and len(node.args) > 1:
-        dims = node.args[1]
-        return isinstance(dims, tuple | list) and sorted(dims) == [2, 3]
-    return False
 
 
 def _after_batchnorm(gm: fx.GraphModule, node: fx.Node) -> fx.Node:

@@ -139,6 +139,17 @@ def calls(node: fx.Node, names: Collection[Any]) -> bool:
     return node.op in ("call_function", "call_method") and call_name(node) in names
 
 
+def global_pool_call(node: fx.Node) -> bool:
+    """`F.adaptive_avg_pool2d(x, 1)` or a mean over dims 2 and 3: global average pooling."""
+    if calls(node, {F.adaptive_avg_pool2d}):
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return size in (1, (1, 1), [1, 1])
+    if calls(node, {torch.mean, "mean"}):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return isinstance(dims, tuple | list) and sorted(dims) == [2, 3]
+    return False
+
+
 def same_value_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The node whose values `node` holds, moved, reshaped or cut (module doc), or None."""
     if not node.args or not isinstance(node.args[0], fx.Node):
