@@ -117,6 +117,33 @@ def test_ops_without_an_integer_handler_run_in_float_between_dq_and_q():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+class _Tokens(nn.Module):
+    """A conv's pixels as rows of one batch (the batch merged into a dim), then back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        rows = self.conv(x).permute(0, 2, 3, 1).reshape(-1, 4)
+        return self.fc(rows).view(n, -1)
+
+
+def test_a_reshape_that_merges_the_batch_follows_the_batch():
+    """Its sizes at the example batch would be wrong at any other: torch.onnx writes it."""
+    model = prepare(_Tokens(), QuantConfig(bits="W8A8"))
+    calibrate(model, [torch.rand(4, 1, 6, 6)], 4)
+    session = ort_session(to_onnx(model.eval(), [1, 6, 6]).SerializeToString())
+    x = torch.rand(3, 1, 6, 6)
+    with torch.no_grad():
+        expected = as_exported(model, [1, 6, 6])(x).numpy()
+    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    assert got.shape == (3, 32)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
 class _Cumprod(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -229,14 +229,14 @@ def _flat(dims: Any) -> list[Any]:
 
 
 def _batch_first(b: GraphBuilder, node: fx.Node) -> bool:
-    """A reshape of a tensor whose only dim that follows the batch is the first, in and out
+    """A reshape that keeps the batch as its first dim, in and out, and merges it with no other
     (its other sizes, read from the example run, are then constants)."""
     source = node.args[0]
     return (
         isinstance(source, fx.Node)
         and b.examples.is_tensor(source)
-        and b.examples.batch_dims[source] == [0]
-        and b.examples.batch_dims[node] == [0]
+        and b.examples.batch_dims[source] == b.examples.batch_dims[node] == [0]
+        and b.examples.values[source].shape[0] == b.examples.values[node].shape[0]
     )
 
 
