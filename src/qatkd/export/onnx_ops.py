@@ -328,8 +328,9 @@ def matmul(b: GraphBuilder, node: fx.Node, hint: str) -> str:
 def softmax(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """QLinearSoftmax where its input and output are quantized (attention's probabilities)."""
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if not isinstance(dim, int) or len(node.args) > 2 or set(node.kwargs) - {"dim"}:
-        raise Fallback
+    options = {k: v for k, v in node.kwargs.items() if k not in ("dim", "_stacklevel")}
+    if not isinstance(dim, int) or len(node.args) > 2 or options not in ({}, {"dtype": None}):
+        raise Fallback  # another dtype
     return b.emit("Softmax", [b.names[node.args[0]]], hint, axis=dim)
 
 
