@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from qatkd.errors import QatkdError
-from qatkd.nn import QuantPoint
+from qatkd.nn import Attention, QuantPoint
 from qatkd.tasks.classification.models import MODELS, build_model
 
 
@@ -50,3 +50,39 @@ def test_torchvision_resnet_residual_adds_are_marked_and_outputs_unchanged():
     reference.load_state_dict(model.net.state_dict())
     x = torch.rand(2, 3, 64, 64)
     assert torch.equal(model(x), reference(x))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "masks",
+    [
+        {},
+        {"need_weights": False},
+        {"average_attn_weights": False},
+        {"key_padding_mask": torch.tensor([[False] * 6 + [True]] * 3)},
+        {"attn_mask": torch.rand(5, 7, generator=torch.Generator().manual_seed(0)) > 0.7},
+        {"attn_mask": torch.randn(3 * 4, 5, 7, generator=torch.Generator().manual_seed(0))},
+    ],
+    ids=["weights", "no-weights", "per-head", "padding", "bool-mask", "float-mask-per-head"],
+)
+def test_split_attention_computes_what_multihead_attention_does(batch_first, bias, masks):
+    torch.manual_seed(0)
+    packed = torch.nn.MultiheadAttention(16, 4, bias=bias, batch_first=batch_first).eval()
+    split = Attention.from_module(packed).eval()
+    assert split.training is False and Attention.splits(packed)
+    query, source = torch.randn(3, 5, 16), torch.randn(3, 7, 16)  # batch 3
+    if not batch_first:
+        query, source = query.transpose(0, 1), source.transpose(0, 1)
+    expected, expected_weights = packed(query, source, source, **masks)
+    got, weights = split(query, source, source, **masks)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if expected_weights is None:
+        assert weights is None
+    else:
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_with_its_own_key_width_is_not_split():
+    assert not Attention.splits(torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8))
+    assert not Attention.splits(torch.nn.MultiheadAttention(16, 4, add_bias_kv=True))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from qatkd.nn import Classifier
 from qatkd.quant import QuantConfig, QuantConv2d, Quantizer, calibrate, prepare
 from qatkd.tasks.classification.models import build_model
 
@@ -52,6 +53,10 @@ def _make_dyadic(model: nn.Module, gen: torch.Generator) -> None:
         grid = conv.input_quantizer.scale * conv.weight_quantizer.scale.flatten() * k
         m.bias.data.copy_(torch.randint(-20, 21, (c,), generator=gen) * grid)
     for m in model.modules():
+        if isinstance(m, QuantConv2d) and m.bias is not None:  # folded: beta + bias * k
+            grid = m.input_quantizer.scale * m.weight_quantizer.scale.flatten()
+            m.bias.data.copy_(torch.randint(-20, 21, m.bias.shape, generator=gen) * grid)
+    for m in model.modules():
         if isinstance(m, nn.Linear) and m.bias is not None:
             m.bias.data.copy_(torch.randint(-64, 64, m.bias.shape, generator=gen) / 64)
 
@@ -59,20 +64,26 @@ def _make_dyadic(model: nn.Module, gen: torch.Generator) -> None:
 @pytest.fixture
 def tiny_model() -> Callable[..., tuple[nn.Module, torch.Tensor]]:
     """`tiny_model(bits, dyadic=False, seed=0, name="resnet8", channels=1, size=SIZE)`: a
-    calibrated quantized model (default a CIFAR ResNet-8 on 1x16x16 inputs), 10 classes, in eval
-    mode, and a batch of 32 inputs on the 1/256 pixel grid."""
+    calibrated quantized model (default a CIFAR ResNet-8 on 1x16x16 inputs; `name` a registry
+    name or a `(in_channels, num_classes) -> network`), 10 classes, in eval mode, and a batch of
+    32 inputs on the 1/256 pixel grid."""
 
     def make(
         bits: str,
         dyadic: bool = False,
         seed: int = 0,
-        name: str = "resnet8",
+        name: str | Callable[[int, int], nn.Module] = "resnet8",
         channels: int = 1,
         size: int = SIZE,
     ) -> tuple[nn.Module, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        model = build_model(name, channels, 10, [0.5] * channels, [0.25] * channels)
+        mean, std = [0.5] * channels, [0.25] * channels
+        model = (
+            build_model(name, channels, 10, mean, std)
+            if isinstance(name, str)
+            else Classifier(name(channels, 10), mean, std)
+        )
         _randomize_batchnorm(model, gen)
         prepare(model, QuantConfig(bits=bits, method="lsq"))
         x = torch.randint(0, 256, (64, channels, size, size), generator=gen).float() / 256

@@ -1,147 +1,203 @@
-"""Every torchvision classification family exports to int8 ONNX and computes in onnxruntime what
-the fake-quantized PyTorch model computes: conv / linear / add / pooling on integer kernels, the
-rest (Hardswish, SiLU, SE blocks' functional pooling, cat, chunk, permute, LayerNorm, attention)
-in float between DequantizeLinear and QuantizeLinear (`onnx_fallback`).
+"""Every torchvision classification family exports to int8 ONNX, its quantizers sit where
+onnxruntime's integer kernels need them (`quant.placement`), and the kernels compute what the
+fake-quantized PyTorch model computes: top-1 agreement >= 99.9 %.
 
-Small widths and 32 x 32 Fashion-MNIST images (3 channels) keep each case to about a second.
-Untrained networks are made to see the images (BatchNorm statistics measured on them, one
-variance per layer so that no near-dead channel amplifies rounding) and get a ridge-regression
-head on the labels, so that their logits differ from image to image and agreement means
-something.
+A small member of each family (a few blocks, narrow; 32 x 32 Fashion-MNIST images in 3
+channels) is trained for a few dozen steps, its BatchNorm statistics measured on the training
+images, then prepared W8A8 and calibrated (PTQ). Trained, because agreement on untrained weights
+measures noise: the kernels and PyTorch round a few values one step apart (integer sums against
+float sums, `test_onnx_parity`), an untrained network's logits are nearly tied, and a deep one
+amplifies each step (a squeeze-excite gate one code off moves its whole channel): untrained, the
+full-size graphs agree on 62 to 100 % of the images. Trained, none of the 2048 test images
+differs here; the 99.9 % allow 2, the near-ties of the PyTorch model itself, which another CPU's
+kernels may round the other way. (MnasNet, GoogLeNet and ResNet share these blocks; ResNet's
+graph is checked code for code in `test_onnx_parity`.)
 
-The kernels and PyTorch round a few values one step apart (float sums in another order, an
-integer pooling's own rounding: `test_onnx_parity`), and an untrained deep network amplifies
-such a step in some images into a different top-1: 1 to 3 of 256 here, as many on the
-mobilenet_v2 graph, which has no float op at all, as on the ones with float islands. So the
-test demands the same logits on most images, which any wrongly exported op breaks, and 98 %
-top-1 agreement; the 99.9 % target is the benchmark's, on trained models."""
+Each case names the ops that still run in float in the graph onnxruntime optimizes (those that
+read a DequantizeLinear): the ops without an integer kernel (Hardswish, which onnxruntime splits
+into HardSigmoid and Mul; LayerNorm; GELU; a BatchNorm after a concatenation) and the adds that
+have no module boundary to quantize on (ViT's, Swin's), and nothing else, so a quantizer that
+goes missing shows up as a float Conv, MatMul, Add, Mul or Concat.
+"""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision.models import convnext, regnet, swin_transformer
+from torchvision.models import convnext, efficientnet, mobilenetv3, regnet, swin_transformer
 
 from qatkd.export import INPUT_NAME, as_exported, to_onnx
 from qatkd.export.runtime import ort_session
 from qatkd.nn import Classifier
 from qatkd.quant import QuantConfig, calibrate, prepare
-from qatkd.tasks.classification.models import build_model
 from qatkd.tasks.fashion_mnist import read_idx
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SIZE = 32
 MEAN, STD = [0.29] * 3, [0.35] * 3
+IMAGES = 2048
+"""Training images, and test images on which agreement is measured (99.9 %: at most 2 differ)."""
+STEPS, BATCH = 40, 64
 
 
-def _tv(name: str) -> Callable[[], nn.Module]:
-    return lambda: build_model(f"tv:{name}", 3, 10, MEAN, STD)
-
-
-def _wrapped(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+def _small(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return lambda: Classifier(make(), MEAN, STD)
 
 
-ARCHITECTURES = {
-    "mobilenet_v2": _tv("mobilenet_v2"),
-    "mobilenet_v3_small": _tv("mobilenet_v3_small"),
-    "efficientnet_b0": _tv("efficientnet_b0"),
-    "mnasnet0_5": _tv("mnasnet0_5"),
-    "shufflenet_v2_x0_5": _tv("shufflenet_v2_x0_5"),
-    "squeezenet1_1": _tv("squeezenet1_1"),
-    "regnet_y": _wrapped(
-        lambda: regnet.RegNet(
-            regnet.BlockParams.from_init_params(6, 16, 8.0, 2.0, 8, se_ratio=0.25),
-            num_classes=10,
-        )
+def _mobilenet_v3() -> nn.Module:
+    blocks, _ = mobilenetv3._mobilenet_v3_conf("mobilenet_v3_small", width_mult=0.5)
+    return mobilenetv3.MobileNetV3(blocks[:4], 128, num_classes=10)
+
+
+def _efficientnet() -> nn.Module:
+    stages, _ = efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.5, depth_mult=0.5)
+    return efficientnet.EfficientNet(stages[:3], 0.2, last_channel=128, num_classes=10)
+
+
+GELU = {"Div", "Mul"}  # torch.onnx's x * (1 + erf(x / sqrt 2)) / 2
+ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], float, set[str]]] = {
+    # name: (model, learning rate, the op types that read a DequantizeLinear in the graph
+    # onnxruntime runs: the float ops)
+    "mobilenet_v2": (
+        _small(
+            lambda: torchvision.models.MobileNetV2(
+                10, 0.5, [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2]]
+            )
+        ),
+        3e-3,
+        set(),
     ),
-    "resnet18": _tv("resnet18"),
-    "densenet": _wrapped(lambda: torchvision.models.DenseNet(8, (2, 2, 2), 16, num_classes=10)),
-    "googlenet": _wrapped(
-        lambda: torchvision.models.GoogLeNet(10, aux_logits=False, init_weights=True)
+    "mobilenet_v3_small": (_small(_mobilenet_v3), 3e-3, {"HardSigmoid", "Mul"}),  # Hardswish
+    "efficientnet_b0": (_small(_efficientnet), 3e-3, set()),
+    "shufflenet_v2": (
+        _small(lambda: torchvision.models.ShuffleNetV2([2, 2, 2], [16, 32, 64, 128, 256], 10)),
+        3e-3,
+        set(),
     ),
-    "convnext": _wrapped(
-        lambda: torchvision.models.ConvNeXt(
-            [convnext.CNBlockConfig(16, 32, 2), convnext.CNBlockConfig(32, None, 2)],
-            num_classes=10,
-        )
+    "squeezenet1_1": (
+        _small(lambda: torchvision.models.SqueezeNet("1_1", num_classes=10)),
+        1e-3,
+        {"GlobalAveragePool"},  # of the logits, which stay float
     ),
-    "vit": _wrapped(
-        lambda: torchvision.models.VisionTransformer(
-            SIZE, 8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
-        )
+    "regnet_y": (
+        _small(
+            lambda: regnet.RegNet(
+                regnet.BlockParams.from_init_params(3, 16, 8.0, 2.0, 8, se_ratio=0.25),
+                num_classes=10,
+            )
+        ),
+        3e-3,
+        set(),
     ),
-    "swin": _wrapped(
-        lambda: swin_transformer.SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10)
+    "densenet": (
+        _small(lambda: torchvision.models.DenseNet(8, (2, 2, 2), 16, num_classes=10)),
+        3e-3,
+        {"BatchNormalization"},  # after a concatenation
+    ),
+    "convnext": (
+        _small(
+            lambda: torchvision.models.ConvNeXt(
+                [convnext.CNBlockConfig(16, 32, 2), convnext.CNBlockConfig(32, None, 2)],
+                num_classes=10,
+            )
+        ),
+        3e-3,
+        {"LayerNormalization", *GELU},  # and the layer scale's Mul
+    ),
+    "vit": (
+        _small(
+            lambda: torchvision.models.VisionTransformer(
+                SIZE, 8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+            )
+        ),
+        3e-3,
+        # the class token's Concat, the position embedding's and the residual adds (one fused
+        # with the LayerNorm after it), GELU; attention's softmax reads a float matmul
+        {"Shape", "Concat", "Add", "SkipLayerNormalization", *GELU},
+    ),
+    "swin": (
+        _small(
+            lambda: swin_transformer.SwinTransformer(
+                [4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10
+            )
+        ),
+        3e-3,
+        # its windowed attention is torchvision's own functions: float, as its residual adds
+        {"LayerNormalization", "Add", *GELU},
     ),
 }
 
 
-@pytest.fixture(scope="module")
-def fashion() -> tuple[torch.Tensor, torch.Tensor]:
-    """256 test images, resized to 3 x SIZE x SIZE, with a little sensor noise, and their
-    labels. (Fashion-MNIST's flat black background gives whole regions one value, so a single
-    float rounding tie, in PyTorch or in the runtime, flips the codes of a whole region at once;
-    a photograph has no such regions.)"""
-    images = read_idx(FASHION / "t10k-images-idx3-ubyte.gz")[:256]
-    labels = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")[:256]
+def _images(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`IMAGES` images of a split, resized to 3 x SIZE x SIZE, with a little sensor noise (a
+    flat background would give whole regions one value, so that one rounding tie flips them all
+    at once), and their labels."""
+    images = read_idx(FASHION / f"{kind}-images-idx3-ubyte.gz")[:IMAGES]
+    labels = read_idx(FASHION / f"{kind}-labels-idx1-ubyte.gz")[:IMAGES]
     x = torch.from_numpy(images.copy()).float()[:, None] / 255
     x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear").repeat(1, 3, 1, 1)
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
     return (x + 0.03 * noise).clamp(0, 1), torch.from_numpy(labels.copy()).long()
 
 
-@torch.no_grad()
-def _fit_to(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
-    """Module doc: BatchNorm statistics of the images, one variance per layer, and the last
-    layer refitted to the labels by ridge regression on its (pooled) input."""
+@pytest.fixture(scope="module")
+def fashion() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    if not (FASHION / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    return {kind: _images(kind) for kind in ("train", "t10k")}
+
+
+def _train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, lr: float) -> None:
+    """A few dozen AdamW steps, then BatchNorm statistics of the training images (its running
+    averages are far from them after so few steps)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(STEPS):
+        batch = torch.randint(0, len(x), (BATCH,), generator=generator)
+        loss = F.cross_entropy(model(x[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None
-    model.train()(x)
-    for m in norms:
-        m.running_var.fill_(float(m.running_var.mean()))
-    head = [m for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)][-1]
-    seen = []
-    hook = head.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
-    model.eval()(x)
-    hook.remove()
-    features = seen[0].mean((2, 3)) if seen[0].dim() == 4 else seen[0]
-    centred = features - features.mean(0)
-    target = F.one_hot(labels, 10).float() * 10
-    ridge = 0.1 * centred.square().sum() / centred.shape[1]
-    eye = torch.eye(centred.shape[1])
-    weight = torch.linalg.solve(centred.T @ centred + ridge * eye, centred.T @ target)
-    head.weight.copy_(weight.T.reshape(head.weight.shape))
-    head.bias.copy_(target.mean(0) - features.mean(0) @ weight)
+        m.momentum = None  # a cumulative average
+    with torch.no_grad():
+        model(x[:512])
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_architecture_exports_int8_with_parity(fashion, name):
-    x, labels = fashion
+def test_architecture_exports_int8_with_parity(fashion, tmp_path, name):
+    (x, labels), (test, test_labels) = fashion["train"], fashion["t10k"]
+    make, lr, expected_float = ARCHITECTURES[name]
     torch.manual_seed(0)
-    model = ARCHITECTURES[name]()
-    _fit_to(model, x, labels)
+    model = make()
+    _train(model, x, labels, lr)
     prepare(model, QuantConfig(bits="W8A8", method="minmax"))
-    calibrate(model, [x[:64]], 64)
+    calibrate(model, [x[:128]], 128)
     model.eval()
     shape = [3, SIZE, SIZE]
-    reference = as_exported(model, shape)
-    session = ort_session(to_onnx(model, shape).SerializeToString())
-    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    proto = to_onnx(model, shape)
+    optimized = tmp_path / "optimized.onnx"
+    session = ort_session(proto.SerializeToString(), threads=1, optimized_path=optimized)
+    got = session.run(None, {INPUT_NAME: test.numpy()})[0]
     with torch.no_grad():
-        expected = reference(x).numpy()
+        expected = as_exported(model, shape)(test).numpy()
     agreement = float((got.argmax(1) == expected.argmax(1)).mean())
-    error = np.abs(got - expected).max(1) / np.abs(expected).max()
-    print(f"{name}: top-1 agreement {agreement:.2%}, median logit error {np.median(error):.1e}")
-    assert len(set(expected.argmax(1))) >= 5  # the logits tell the images apart
-    assert np.median(error) < 1e-4  # most images: the same logits (any wrong op breaks all)
-    assert agreement >= 0.98  # module doc: rounding steps that untrained networks amplify
+    accuracy = float((expected.argmax(1) == test_labels.numpy()).mean())
+    graph = onnx.load(str(optimized)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    ops = collections.Counter(n.op_type for n in graph.node if dequantized & set(n.input))
+    print(f"{name}: top-1 agreement {agreement:.2%} (accuracy {accuracy:.1%}), float ops {ops}")
+    assert accuracy > 0.3  # trained: the logits tell the images apart
+    assert agreement >= 0.999
+    assert set(ops) == expected_float

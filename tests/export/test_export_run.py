@@ -3,6 +3,7 @@ and the errors users can cause."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
@@ -87,12 +88,20 @@ def test_ops_without_an_integer_handler_run_in_float_between_dq_and_q():
     calibrate(model, [x], 4)
     proto = to_onnx(model.eval(), [1, 8, 8])
     producer = {out: node for node in proto.graph.node for out in node.output}
-    gelu = next(n for n in proto.graph.node if n.op_type in ("Gelu", "Erf"))
-    mean = next(n for n in proto.graph.node if n.op_type == "ReduceMean")
-    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
-    assert producer[producer[gemm.input[0]].input[0]].op_type == "QuantizeLinear"
-    assert producer[producer[gemm.input[0]].input[0]].input[0] == mean.output[0]
-    assert gelu.name.startswith("act")
+    readers = collections.defaultdict(list)
+    for node in proto.graph.node:
+        for name in node.input:
+            readers[name].append(node.op_type)
+    # GELU runs in float (torch.onnx's x * (1 + erf(x / sqrt 2)) / 2) on the conv's
+    # DequantizeLinear, and its output is quantized for the mean, an integer global pooling
+    erf = next(n for n in proto.graph.node if n.op_type == "Erf")
+    assert erf.name.startswith("act")
+    assert producer[producer[erf.input[0]].input[0]].op_type == "DequantizeLinear"
+    pool = next(n for n in proto.graph.node if n.op_type == "GlobalAveragePool")
+    gelu_q = producer[producer[pool.input[0]].input[0]]
+    assert gelu_q.op_type == "QuantizeLinear" and gelu_q.name.startswith("act_quant_output")
+    assert producer[gelu_q.input[0]].name.startswith("act")
+    assert readers[pool.output[0]] == ["QuantizeLinear"]
     session = ort_session(proto.SerializeToString())
     with torch.no_grad():
         expected = as_exported(model, [1, 8, 8])(x).numpy()
@@ -106,6 +115,33 @@ def test_ops_without_an_integer_handler_run_in_float_between_dq_and_q():
         expected = model(x).numpy()
     got = fp32.run(None, {INPUT_NAME: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class _Tokens(nn.Module):
+    """A conv's pixels as rows of one batch (the batch merged into a dim), then back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        rows = self.conv(x).permute(0, 2, 3, 1).reshape(-1, 4)
+        return self.fc(rows).view(n, -1)
+
+
+def test_a_reshape_that_merges_the_batch_follows_the_batch():
+    """Its sizes at the example batch would be wrong at any other: torch.onnx writes it."""
+    model = prepare(_Tokens(), QuantConfig(bits="W8A8"))
+    calibrate(model, [torch.rand(4, 1, 6, 6)], 4)
+    session = ort_session(to_onnx(model.eval(), [1, 6, 6]).SerializeToString())
+    x = torch.rand(3, 1, 6, 6)
+    with torch.no_grad():
+        expected = as_exported(model, [1, 6, 6])(x).numpy()
+    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    assert got.shape == (3, 32)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 class _Cumprod(nn.Module):

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
+from torchvision.ops import SqueezeExcitation
 
 from qatkd.export import (
     INPUT_NAME,
@@ -22,9 +24,8 @@ from qatkd.export.codes import (
     code_runner,
     pytorch_codes,
 )
-from qatkd.export.onnx_graph import tensor_hint
 from qatkd.export.runtime import ort_session
-from qatkd.quant import QuantAct, QuantConv2d, Quantizer, QuantLinear
+from qatkd.quant import QuantConv2d, Quantizer, QuantLinear
 
 SHAPE = [1, 16, 16]
 
@@ -105,24 +106,20 @@ def test_qdq_around_every_quantized_layer(tiny_model):
         x_dq, w_dq = producer[node.input[0]], producer[node.input[1]]
         assert x_dq.op_type == w_dq.op_type == "DequantizeLinear", node.name
         chain = producer[x_dq.input[0]]
-        while chain.op_type in ("Clip", "BitShift"):
+        while chain.op_type in ("Clip", "BitShift", "Flatten"):  # the classifier's: codes
             chain = producer[chain.input[0]]
         assert chain.op_type == "QuantizeLinear", node.name
         assert inits[w_dq.input[0]].data_type == onnx.TensorProto.INT8, node.name
     q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    # each tensor quantized once; the classifier's input again after DQ -> Flatten -> Q, which
-    # runtimes run on the codes
-    assert len(q_nodes) == len(activation_quantizers(model)) + 1 == 15
-    # the metadata names every quantized tensor's codes; signed ones are uint8 at 128 where a
-    # residual add (a QuantAct's tensor) reads them
+    assert len(q_nodes) == len(activation_quantizers(model)) == 14  # each tensor once
+    # the metadata names every quantized tensor's codes: uint8, at zero point 128 where they
+    # are signed (the residual adds' operands)
     codes, quantizers = activation_codes(proto), activation_quantizers(model)
-    acts = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantAct)]
-    add_operands = {tensor_hint(m.quantizer, n) for n, m in acts}
     assert set(codes) == set(quantizers)
-    assert any(quantizers[h].signed for h in add_operands)
+    assert any(q.signed for q in quantizers.values())
     for hint, (tensor, zero_point) in codes.items():
-        assert producer[tensor].op_type in ("QuantizeLinear", "Clip"), hint
-        assert zero_point == (128 if quantizers[hint].signed and hint in add_operands else 0)
+        assert producer[tensor].op_type in ("QuantizeLinear", "Clip", "Flatten"), hint
+        assert zero_point == (128 if quantizers[hint].signed else 0)
     assert class_names_of(proto) == [f"c{i}" for i in range(10)]
     assert proto.graph.input[0].name == INPUT_NAME
 
@@ -174,3 +171,55 @@ def test_fp32_graph_matches_unquantized_computation(tiny_model):
     np.testing.assert_allclose(
         session.run(None, {INPUT_NAME: x.numpy()})[0], expected, rtol=1e-4, atol=1e-4
     )
+
+
+class Zoo(nn.Module):
+    """The integer ops that `quant.placement` serves, in one network: a concatenation of a ReLU
+    branch and a signed one, a chunk of it concatenated again, a channel shuffle, a
+    squeeze-excite product (a ReLU gate: onnxruntime's sigmoid table holds its own float
+    sigmoid's values) and a residual add."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+
+        def conv_bn(cin: int, cout: int, *tail: nn.Module) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), *tail)
+
+        self.stem = conv_bn(in_channels, 8, nn.ReLU())
+        self.a, self.b, self.c = conv_bn(8, 8, nn.ReLU()), conv_bn(8, 8), conv_bn(8, 8)
+        self.se = SqueezeExcitation(16, 8, scale_activation=nn.ReLU)
+        self.d = conv_bn(16, 16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        keep, other = y.chunk(2, dim=1)
+        y = torch.cat([keep, self.c(other)], 1)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        y = self.se(y)
+        return self.fc(torch.flatten(self.pool(self.d(y) + y), 1))
+
+
+@pytest.mark.parametrize("bits", ["W8A8", "W4A4"])
+def test_concatenation_shuffle_squeeze_excite_and_add_run_on_integers_exactly(
+    tiny_model, tmp_path, bits
+):
+    """Dyadic (conftest): the codes of every quantized tensor equal PyTorch's bit for bit, and
+    no op of the graph onnxruntime runs reads a DequantizeLinear: the concatenations, the
+    chunk and the shuffle move codes, the product and the add are QLinearMul and QLinearAdd."""
+    model, x = tiny_model(bits, dyadic=True, name=Zoo)
+    proto = to_onnx(model, SHAPE)
+    onnx.save(proto, tmp_path / "m.onnx")
+    ops = fused_ops(tmp_path / "m.onnx")
+    assert {op: ops.get(op) for op in ("QLinearMul", "QLinearAdd", "Concat")} == {
+        "QLinearMul": 1, "QLinearAdd": 1, "Concat": 2,
+    }  # fmt: skip
+    assert "DequantizeLinear" not in ops and ops.get("QuantizeLinear") == 1, ops
+    expected = pytorch_codes(model, x)
+    for optimize in (False, True):
+        got = code_runner(proto, expected, optimize)(x)
+        for name, codes in expected.items():
+            np.testing.assert_array_equal(got[name], codes, err_msg=f"{name} {optimize}")

@@ -27,7 +27,7 @@ from qatkd.export.frozen import act_range
 from qatkd.export.onnx_export import ACTIVATION_CODES, INPUT_NAME, OUTPUT_NAME
 from qatkd.export.onnx_graph import tensor_hint
 from qatkd.export.runtime import ort_session
-from qatkd.quant import QuantAct, Quantizer
+from qatkd.quant import QuantAct, Quantizer, QuantSiLU
 from qatkd.quant.tensors import QUANTIZED_INPUT
 
 
@@ -36,27 +36,31 @@ def activation_quantizers(model: nn.Module) -> dict[str, Quantizer]:
     that the exported graph quantizes (float inputs left out)."""
     found = {}
     for name, m in model.named_modules():
+        uses = []
         if isinstance(m, QUANTIZED_INPUT):
-            hint, quantizer = f"{name}.input", m.input_quantizer
-        elif isinstance(m, QuantAct):
-            hint, quantizer = name, m.quantizer
-        else:
-            continue
-        if act_range(quantizer, hint) is not None:
-            found.setdefault(tensor_hint(quantizer, hint), quantizer)
+            uses.append((f"{name}.input", m.input_quantizer))
+        if isinstance(m, QuantSiLU):
+            uses.append((f"{name}.gate", m.gate_quantizer))
+        if isinstance(m, QuantAct):
+            uses.append((name, m.quantizer))
+        for hint, quantizer in uses:
+            if act_range(quantizer, hint) is not None:
+                found.setdefault(tensor_hint(quantizer, hint), quantizer)
     return found
 
 
 @torch.no_grad()
 def pytorch_codes(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     """The integer codes of every quantized tensor of `model` (eval mode) on `x`, in execution
-    order, keyed by the tensor's hint, and the output under `OUTPUT_NAME`."""
+    order, keyed by the tensor's hint, and the output under `OUTPUT_NAME`. A quantizer that
+    serves several tensors (a concatenation's inputs) gives the first one's, as the graph's
+    metadata names it."""
     codes: dict[str, np.ndarray] = {}
     hooks = []
     for key, quantizer in activation_quantizers(model).items():
 
         def hook(m: nn.Module, inp: Any, out: torch.Tensor, key: str = key) -> None:
-            codes[key] = torch.round(out / m.scale).numpy()
+            codes.setdefault(key, torch.round(out / m.scale).numpy())
 
         hooks.append(quantizer.register_forward_hook(hook))
     try:

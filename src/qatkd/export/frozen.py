@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from qatkd.errors import QatkdError
-from qatkd.quant import QuantConv2d, Quantizer, QuantLinear
+from qatkd.quant import QuantAct, QuantConv2d, Quantizer, QuantLinear
 from qatkd.quant.quantizers import DynamicBlockQuantizer, FloatQuantizer
 from qatkd.quant.tensors import trace
 
@@ -172,5 +172,9 @@ def freeze(model: nn.Module) -> fx.GraphModule:
 
 
 def _replace(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(gm.get_submodule(parent), child, module)
+    """Put `module` at `name`, keeping the QuantActs that the layer there holds for its
+    boundaries (`quant.sites`: the graph reads them at their paths)."""
+    for child_name, child in gm.get_submodule(name).named_children():
+        if isinstance(child, QuantAct):
+            module.add_module(child_name, child)
+    gm.set_submodule(name, module)

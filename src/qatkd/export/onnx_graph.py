@@ -9,11 +9,13 @@ The builder owns what every handler shares: unique names, constants, Q/DQ pairs 
 scales and the Conv / Gemm inputs (int8 weight codes, int32 bias) described in `onnx_export`.
 
 Each quantized tensor is quantized once (`codes`), however many nodes read it, and its
-QuantizeLinear is moved before the ops that commute with quantization (ReLU, ReLU6, MaxPool,
-Flatten: q(max(x, 0)) = max(q(x), 0) for any non-decreasing q), so that it directly follows the
-conv, matmul or add that computes the tensor and the runtime fuses them into one integer kernel.
-ReLU and ReLU6 become the bounds of the integer Clip; MaxPool and Flatten run between a
-DequantizeLinear and a QuantizeLinear of the same scale, which runtimes execute on the codes.
+QuantizeLinear is moved before the ops that commute with quantization (ReLU, ReLU6, and the ops
+that only move values: MaxPool, Flatten, reshapes, transposes; q(max(x, 0)) = max(q(x), 0) for
+any non-decreasing q), so that it directly follows the conv, matmul or add that computes the
+tensor and the runtime fuses them into one integer kernel. ReLU and ReLU6 become the bounds of
+the integer Clip; the others run on the codes. Conversely a tensor that is dequantized from
+codes is not quantized again at the same scale, and the ops that only move values run on its
+codes (`emit_moving`): a concatenation or a channel shuffle of quantized tensors stays integer.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from qatkd.export.bias_grid import (
 )
 from qatkd.export.frozen import ActRange, FrozenLayer, run_time_input_error
 from qatkd.export.onnx_fallback import island_graph, run_examples
-from qatkd.quant import QuantAct
 
 OPSET = 17
 """The ONNX opset of the exported graph (and of the islands torch.onnx writes into it)."""
@@ -51,8 +52,10 @@ ModuleHandler = Callable[["GraphBuilder", Any, str, str], str]
 """(builder, module, input tensor name, name hint) -> output tensor name."""
 FunctionHandler = Callable[["GraphBuilder", fx.Node, str], str]
 """(builder, fx node of a function or method call, name hint) -> output tensor name."""
+Accepts = Callable[["GraphBuilder", fx.Node], bool]
+"""(builder, fx node) -> whether a handler takes it (its default: every input is a tensor)."""
 MODULE_OPS: dict[type[nn.Module], tuple[ModuleHandler, bool]] = {}
-FUNCTION_OPS: dict[Any, FunctionHandler] = {}
+FUNCTION_OPS: dict[Any, tuple[FunctionHandler, Accepts | None]] = {}
 
 
 def module_op(
@@ -68,12 +71,16 @@ def module_op(
     return register
 
 
-def function_op(*targets: Any) -> Callable[[FunctionHandler], FunctionHandler]:
-    """Register the handler of calls to these functions (or method names, e.g. "relu")."""
+def function_op(
+    *targets: Any, accepts: Accepts | None = None
+) -> Callable[[FunctionHandler], FunctionHandler]:
+    """Register the handler of calls to these functions (or method names, e.g. "relu");
+    `accepts` decides which calls it takes, instead of requiring every input to be a tensor
+    (a reshape reads the batch size as a number)."""
 
     def register(handler: FunctionHandler) -> FunctionHandler:
         for t in targets:
-            FUNCTION_OPS[t] = handler
+            FUNCTION_OPS[t] = (handler, accepts)
         return handler
 
     return register
@@ -82,13 +89,24 @@ def function_op(*targets: Any) -> Callable[[FunctionHandler], FunctionHandler]:
 @dataclass(frozen=True)
 class Commuting:
     """A float node whose output the exporter may quantize on its input instead (module doc):
-    a clamp to [low, high] (ReLU, ReLU6) or an order-preserving op (MaxPool, Flatten)."""
+    a clamp to [low, high] (ReLU, ReLU6) or an order-preserving op (MaxPool, Flatten, a
+    reshape or transpose; `extra`: its other inputs, such as a shape)."""
 
     op: str
     input: str
     attrs: dict[str, Any] = field(default_factory=dict)
     low: float = -np.inf
     high: float = np.inf
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dequantized:
+    """A float tensor that is exactly DequantizeLinear(`codes`) at range `r`."""
+
+    codes: str
+    r: ActRange
+    hint: str
 
 
 def _module_handler(m: nn.Module) -> ModuleHandler | None:
@@ -117,12 +135,7 @@ class GraphBuilder:
         """Quantized tensor's hint -> (the graph tensor holding its codes, their zero point)."""
         self._codes: dict[tuple[str, ActRange], str] = {}
         self._widened: dict[str, str] = {}
-        self.add_operands = {
-            tensor_hint(m.quantizer, path)
-            for path, m in gm.named_modules()
-            if isinstance(m, QuantAct)
-        }
-        """Hints of the tensors that residual adds read (QuantActs quantize them)."""
+        self.dequantized: dict[str, Dequantized] = {}
 
     def build(self, input_shape: list[int]) -> onnx.GraphProto:
         self.examples = run_examples(self.gm, input_shape)
@@ -216,7 +229,26 @@ class GraphBuilder:
         """Emit a float node that commutes with quantization (module doc) and remember it, so
         that `codes` of its output can quantize its input instead."""
         out = self.emit(op, inputs, hint, **attrs)
-        self.commuting[out] = Commuting(op, inputs[0], attrs, low, high)
+        self.commuting[out] = Commuting(op, inputs[0], attrs, low, high, tuple(inputs[1:]))
+        return out
+
+    def emit_moving(self, op: str, inputs: list[str], hint: str, **attrs: Any) -> str:
+        """Emit an op that only moves, reshapes or cuts the values of `inputs[0]`: on its codes
+        where it is quantized (the output is then the DequantizeLinear of the moved codes, at
+        the same scale, and nothing quantizes it again), else in float, commuting."""
+        x, *extra = inputs
+        source = self.dequantized.get(x)
+        if source is None:
+            return self.emit_commuting(op, inputs, hint, **attrs)
+        codes = self.emit(op, [source.codes, *extra], f"{hint}.codes", **attrs)
+        return self.dequantize(codes, source.r, source.hint, hint)
+
+    def dequantize(self, codes: str, r: ActRange, tensor: str, hint: str) -> str:
+        """DequantizeLinear of `codes` (of the quantized tensor named `tensor`) at range `r`."""
+        scale = self.const(np.array(r.scale, dtype=np.float32), f"{hint}.scale")
+        zero = self.const(self._zero_point(r), f"{hint}.zero_point")
+        out = self.emit("DequantizeLinear", [codes, scale, zero], f"{hint}.dq")
+        self.dequantized[out] = Dequantized(codes, r, tensor)
         return out
 
     def qdq(self, x: str, r: ActRange, hint: str, widen: bool = False) -> tuple[str, float]:
@@ -226,11 +258,10 @@ class GraphBuilder:
         2^(8 - b), the same values bit for bit on a finer grid for the int32 bias (see the
         module doc of `onnx_export`)."""
         codes = self.codes(x, r, hint)
-        zero = self.const(self._zero_point(r, hint), f"{hint}.zero_point")
         shift = input_shift(r) if widen else 0
         if shift == 0:
-            scale = self.const(np.array(r.scale, dtype=np.float32), f"{hint}.scale")
-            return self.emit("DequantizeLinear", [codes, scale, zero], f"{hint}.dq"), r.scale
+            return self.dequantize(codes, r, hint, hint), r.scale
+        zero = self.const(self._zero_point(r), f"{hint}.zero_point")
         if codes not in self._widened:
             amount = self.const(np.array(shift, dtype=np.uint8), f"{hint}.shift")
             self._widened[codes] = self.emit(
@@ -244,24 +275,22 @@ class GraphBuilder:
 
     def codes(self, x: str, r: ActRange, hint: str) -> str:
         """The integer codes of tensor `x` at range `r`, made once per tensor: QuantizeLinear,
-        moved before the commuting ops that produce `x`, then an integer Clip where the codes'
-        range (narrowed by a ReLU6's bound) is not the 8-bit type's."""
+        moved before the commuting ops that produce `x` (none where `x` is dequantized from
+        codes at `r`: those codes), then an integer Clip where the codes' range (narrowed by a
+        ReLU6's bound) is not the 8-bit type's."""
         key = (x, r)
         if key not in self._codes:
-            zero = self._zero_point(r, hint)
+            zero = self._zero_point(r)
             self._codes[key] = self._quantize(x, r, zero, hint, r.qmin, r.qmax)
             self.code_tensors.setdefault(hint, (self._codes[key], int(zero)))
         return self._codes[key]
 
-    def _zero_point(self, r: ActRange, hint: str) -> np.ndarray:
-        """The codes' type and zero point: uint8 at 0 for unsigned codes; int8 at 0 for signed
-        ones, except where a residual add reads them (a QuantAct's tensor): uint8 at 128 there,
-        the same values, because an integer add takes one type for both inputs."""
-        if not r.signed:
-            return np.array(0, dtype=np.uint8)
-        if hint in self.add_operands:
-            return np.array(128, dtype=np.uint8)
-        return np.array(0, dtype=np.int8)
+    @staticmethod
+    def _zero_point(r: ActRange) -> np.ndarray:
+        """The codes' type and zero point: uint8 at 0 for unsigned codes, uint8 at 128 for
+        signed ones (the same values): the integer add, multiplication and concatenation take
+        one type for all their inputs and their output, and u8 is what x86 int8 kernels read."""
+        return np.array(128 if r.signed else 0, dtype=np.uint8)
 
     def _quantize(
         self, x: str, r: ActRange, zero_point: np.ndarray, hint: str, low: int, high: int
@@ -270,19 +299,24 @@ class GraphBuilder:
         if source is not None and source.op in ("Relu", "Clip"):
             low, high = max(low, code_of(source.low, r)), min(high, code_of(source.high, r))
             return self._quantize(source.input, r, zero_point, hint, low, high)
-        scale = self.const(np.array(r.scale, dtype=np.float32), f"{hint}.scale")
-        zero = self.const(zero_point, f"{hint}.zero_point")
-        if source is not None:  # MaxPool, Flatten: on the codes, between DQ and Q
+        if source is not None:  # MaxPool, Flatten, a reshape, ...: on the codes
             inner_hint = f"{hint}.before_{source.op}"
             inner = self._quantize(source.input, r, zero_point, inner_hint, low, high)
-            dq = self.emit("DequantizeLinear", [inner, scale, zero], f"{hint}.{source.op}_dq")
-            y = self.emit(source.op, [dq], f"{hint}.{source.op}", **source.attrs)
-            return self.emit("QuantizeLinear", [y, scale, zero], f"{hint}.q")
-        q = self.emit("QuantizeLinear", [x, scale, zero], f"{hint}.q")
-        info = np.iinfo(zero_point.dtype)
-        low, high = low + int(zero_point), high + int(zero_point)
-        if (low, high) == (info.min, info.max):
+            return self.emit(
+                source.op, [inner, *source.extra], f"{hint}.{source.op}", **source.attrs
+            )
+        dequantized = self.dequantized.get(x)
+        if dequantized is not None and dequantized.r == r:
+            q, full = dequantized.codes, (r.qmin, r.qmax)
+        else:
+            scale = self.const(np.array(r.scale, dtype=np.float32), f"{hint}.scale")
+            zero = self.const(zero_point, f"{hint}.zero_point")
+            q = self.emit("QuantizeLinear", [x, scale, zero], f"{hint}.q")
+            info = np.iinfo(zero_point.dtype)
+            full = (info.min - int(zero_point), info.max - int(zero_point))
+        if (low, high) == full:
             return q
+        low, high = low + int(zero_point), high + int(zero_point)
         bounds = [
             self.const(np.array(low, dtype=zero_point.dtype), f"{hint}.qmin"),
             self.const(np.array(high, dtype=zero_point.dtype), f"{hint}.qmax"),
@@ -386,23 +420,24 @@ class GraphBuilder:
     # -- dispatch to the op handlers, or to the float fallback ---------------------------------
 
     def _handler(self, node: fx.Node) -> Callable[[fx.Node], str] | None:
-        """The integer handler of `node`, where one is registered and the node maps tensors to a
-        tensor (a shape computation or a tuple goes to the float fallback)."""
-        tensors = self.examples.is_tensor(node) and all(
+        """The integer handler of `node`, where one is registered and takes the node: by
+        default one that maps tensors to a tensor (a shape computation or a tuple goes to the
+        float fallback)."""
+        if not self.examples.is_tensor(node):
+            return None
+        tensors = all(
             self.examples.is_tensor(a) and (a.op != "get_attr" or a in self.names)
             for a in node.all_input_nodes
         )
-        if not tensors:
-            return None
         hint = str(node.target) if node.op == "call_module" else node.name
         if node.op == "call_module":
             m = self.gm.get_submodule(node.target)
             module_handler = _module_handler(m)
-            if module_handler is None or len(node.all_input_nodes) != 1:
+            if module_handler is None or not tensors or len(node.all_input_nodes) != 1:
                 return None
             return lambda n: module_handler(self, m, self.names[n.args[0]], hint)
-        function_handler = FUNCTION_OPS.get(node.target)
-        if function_handler is None:
+        function_handler, accepts = FUNCTION_OPS.get(node.target, (None, None))
+        if function_handler is None or not (tensors if accepts is None else accepts(self, node)):
             return None
         return lambda n: function_handler(self, n, hint)
 

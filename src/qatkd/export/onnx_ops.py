@@ -1,7 +1,12 @@
 """The ONNX op handlers: one small function per kind of module or function node, registered with
 `module_op` / `function_op` (`qatkd.export.onnx_graph`). Each emits its ONNX node(s) through the
 builder and returns the name of its output tensor, or raises `Fallback` (before emitting anything)
-for a form it does not write: torch.onnx then exports that node in float (`onnx_fallback`)."""
+for a form it does not write: torch.onnx then exports that node in float (`onnx_fallback`).
+
+The ops that only move, reshape or cut values (transpose, reshape, flatten, a chunk, max
+pooling, and a concatenation of tensors quantized at one scale) run on the codes where their
+input is quantized (`GraphBuilder.emit_moving`), so that the integer graph does not leave the
+integers for them."""
 
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torchvision.ops import stochastic_depth
 
 from qatkd.export.frozen import FrozenConv2d, FrozenLinear, act_range
 from qatkd.export.onnx_graph import Fallback, GraphBuilder, function_op, module_op, tensor_hint
 from qatkd.nn import QuantPoint
-from qatkd.quant import QuantAct, QuantGlobalAvgPool2d
+from qatkd.quant import QuantAct, QuantGlobalAvgPool2d, QuantSiLU
+from qatkd.quant.tensors import SPLITS, calls, global_pool_call
 
 BINARY = {
     operator.add: "Add",
@@ -101,10 +108,23 @@ def batch_norm(b: GraphBuilder, m: nn.BatchNorm2d, x: str, hint: str) -> str:
     return b.emit("BatchNormalization", [x, *names], hint, epsilon=m.eps)
 
 
+@module_op(QuantSiLU)
+def quant_silu(b: GraphBuilder, m: QuantSiLU, x: str, hint: str) -> str:
+    """x · sigmoid(x), the sigmoid's output quantized: QLinearSigmoid and QLinearMul."""
+    r = act_range(m.input_quantizer, f"{hint}.input_quantizer")
+    if b.quantized and r is not None:
+        x = b.qdq(x, r, tensor_hint(m.input_quantizer, f"{hint}.input"))[0]
+    gate = b.emit("Sigmoid", [x], f"{hint}.sigmoid")
+    g = act_range(m.gate_quantizer, f"{hint}.gate_quantizer")
+    if b.quantized and g is not None:
+        gate = b.qdq(gate, g, tensor_hint(m.gate_quantizer, f"{hint}.gate"))[0]
+    return b.emit("Mul", [x, gate], hint)
+
+
 @module_op(nn.MaxPool2d)
 def max_pool(b: GraphBuilder, m: nn.MaxPool2d, x: str, hint: str) -> str:
     k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
-    return b.emit_commuting(
+    return b.emit_moving(
         "MaxPool",
         [x],
         hint,
@@ -152,7 +172,7 @@ def quant_global_average_pool(b: GraphBuilder, m: QuantGlobalAvgPool2d, x: str, 
 def flatten_module(b: GraphBuilder, m: nn.Flatten, x: str, hint: str) -> str:
     if m.end_dim != -1:
         raise Fallback
-    return b.emit_commuting("Flatten", [x], hint, axis=m.start_dim)
+    return b.emit_moving("Flatten", [x], hint, axis=m.start_dim)
 
 
 # -- functions and methods -----------------------------------------------------------------------
@@ -178,4 +198,146 @@ def flatten_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
     if end != -1:
         raise Fallback
-    return b.emit_commuting("Flatten", [b.names[args[0]]], hint, axis=start)
+    return b.emit_moving("Flatten", [b.names[args[0]]], hint, axis=start)
+
+
+@function_op(stochastic_depth, "contiguous")
+def identity_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """Stochastic depth is the identity in eval; `contiguous` is one to ONNX."""
+    return b.names[node.args[0]]
+
+
+@function_op(torch.permute, torch.transpose, "permute", "transpose")
+def transpose(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    x = b.names[node.args[0]]
+    rank = b.examples.values[node.args[0]].dim()
+    dims = node.args[1:]
+    if node.kwargs or not all(isinstance(d, int) for d in _flat(dims)):
+        raise Fallback
+    if node.target in (torch.transpose, "transpose"):
+        perm = list(range(rank))
+        i, j = (d % rank for d in dims)
+        perm[i], perm[j] = perm[j], perm[i]
+    else:
+        perm = [d % rank for d in _flat(dims)]
+    return b.emit_moving("Transpose", [x], hint, perm=perm)
+
+
+def _flat(dims: Any) -> list[Any]:
+    """`x.permute(0, 2, 1)` and `x.permute((0, 2, 1))` alike."""
+    return list(dims[0]) if len(dims) == 1 and isinstance(dims[0], tuple | list) else list(dims)
+
+
+def _batch_first(b: GraphBuilder, node: fx.Node) -> bool:
+    """A reshape that keeps the batch as its first dim, in and out, and merges it with no other
+    (its other sizes, read from the example run, are then constants)."""
+    source = node.args[0]
+    return (
+        isinstance(source, fx.Node)
+        and b.examples.is_tensor(source)
+        and b.examples.batch_dims[source] == b.examples.batch_dims[node] == [0]
+        and b.examples.values[source].shape[0] == b.examples.values[node].shape[0]
+    )
+
+
+@function_op(torch.reshape, "view", "reshape", accepts=_batch_first)
+def reshape(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """The shape of the example run, with 0 (the input's own size) for the batch."""
+    shape = [0, *b.examples.values[node].shape[1:]]
+    target = b.const(np.array(shape, dtype=np.int64), f"{hint}.shape")
+    return b.emit_moving("Reshape", [b.names[node.args[0]], target], hint)
+
+
+def _split_part(b: GraphBuilder, node: fx.Node) -> bool:
+    """An item of `x.chunk(...)` / `x.split(...)` along a dim other than the batch's."""
+    parts = node.args[0]
+    return (
+        isinstance(parts, fx.Node)
+        and calls(parts, SPLITS)
+        and b.examples.is_tensor(parts.args[0])
+        and _split_dim(b, parts) not in b.examples.batch_dims[parts.args[0]]
+    )
+
+
+def _split_dim(b: GraphBuilder, parts: fx.Node) -> int:
+    dim = parts.args[2] if len(parts.args) > 2 else parts.kwargs.get("dim", 0)
+    return dim % b.examples.values[parts.args[0]].dim()
+
+
+@function_op(operator.getitem, accepts=_split_part)
+def split_part(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """One part of a chunk or split: a Slice of its input."""
+    parts, index = node.args
+    dim = _split_dim(b, parts)
+    sizes = [t.shape[dim] for t in b.examples.values[parts]]
+    index %= len(sizes)
+    start = sum(sizes[:index])
+    bounds = [
+        b.const(np.array([v], dtype=np.int64), f"{hint}.{what}")
+        for what, v in (("start", start), ("end", start + sizes[index]), ("axis", dim))
+    ]
+    return b.emit_moving("Slice", [b.names[parts.args[0]], *bounds], hint)
+
+
+@function_op(torch.cat, torch.concat, torch.concatenate)
+def concat(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """On the codes where every input is quantized at one scale (`quant.tensors` gives a
+    concatenation's inputs one quantizer), else in float (onnxruntime's QLinearConcat where
+    its inputs are quantized at other scales)."""
+    items = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(items, list | tuple) or not isinstance(dim, int):
+        raise Fallback
+    inputs = [b.names[n] for n in items]
+    axis = dim % b.examples.values[node].dim()
+    sources = [b.dequantized.get(x) for x in inputs]
+    first = sources[0]
+    if first is None or any(s is None or s.r != first.r for s in sources):
+        return b.emit("Concat", inputs, hint, axis=axis)
+    codes = b.emit("Concat", [s.codes for s in sources], f"{hint}.codes", axis=axis)
+    return b.dequantize(codes, first.r, first.hint, hint)
+
+
+def _global_mean(b: GraphBuilder, node: fx.Node) -> bool:
+    """Global average pooling (`quant.tensors.global_pool_call`) of a 4-D tensor."""
+    x = node.args[0]
+    four_d = isinstance(x, fx.Node) and b.examples.is_tensor(x) and b.examples.values[x].dim() == 4
+    return four_d and global_pool_call(node)
+
+
+@function_op(torch.mean, "mean", F.adaptive_avg_pool2d, accepts=_global_mean)
+def global_mean(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """GlobalAveragePool (QLinearGlobalAveragePool where its input and output are quantized),
+    then a Flatten where the mean drops the two dims."""
+    pooled = b.emit("GlobalAveragePool", [b.names[node.args[0]]], hint)
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if node.target is F.adaptive_avg_pool2d or keep:
+        return pooled
+    return b.emit_moving("Flatten", [pooled], f"{hint}.flatten", axis=1)
+
+
+@function_op(operator.matmul, torch.matmul, "matmul")
+def matmul(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """QLinearMatMul where both operands and the product are quantized (attention)."""
+    if len(node.args) != 2 or node.kwargs:
+        raise Fallback
+    return b.emit("MatMul", [b.names[a] for a in node.args], hint)
+
+
+@function_op(torch.softmax, F.softmax, "softmax")
+def softmax(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """QLinearSoftmax where its input and output are quantized (attention's probabilities)."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    options = {k: v for k, v in node.kwargs.items() if k not in ("dim", "_stacklevel")}
+    if not isinstance(dim, int) or len(node.args) > 2 or options not in ({}, {"dtype": None}):
+        raise Fallback  # another dtype
+    return b.emit("Softmax", [b.names[node.args[0]]], hint, axis=dim)
+
+
+@function_op(F.dropout)
+def dropout_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    """The identity in eval (`training=False`, as the trace records it)."""
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    if training:
+        raise Fallback
+    return b.names[node.args[0]]

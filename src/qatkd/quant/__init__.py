@@ -7,7 +7,13 @@ directly (quantizers initialise themselves on their first training batch).
 from qatkd.quant.base import ALLOWED_BITS, GROUP_SIZES, QUANTIZERS, Quantizer
 from qatkd.quant.calibrate import calibrate
 from qatkd.quant.config import QuantConfig, parse_bits
-from qatkd.quant.modules import QuantAct, QuantConv2d, QuantGlobalAvgPool2d, QuantLinear
+from qatkd.quant.modules import (
+    QuantAct,
+    QuantConv2d,
+    QuantGlobalAvgPool2d,
+    QuantLinear,
+    QuantSiLU,
+)
 from qatkd.quant.prepare import CONFIG_ATTR, is_quantized, prepare, quant_config_of, quant_summary
 from qatkd.quant.quantizers import (
     DoReFaQuantizer,
@@ -36,6 +42,7 @@ __all__ = [
     "QuantConv2d",
     "QuantGlobalAvgPool2d",
     "QuantLinear",
+    "QuantSiLU",
     "Quantizer",
     "calibrate",
     "is_quantized",

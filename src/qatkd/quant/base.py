@@ -234,9 +234,10 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def init_from(self, x: Tensor) -> None:
-        """Initialise from data (a weight, or a batch of activations, which fixes signedness)."""
+        """Initialise from data (a weight, or a batch of activations, which makes the quantizer
+        signed if it has a negative value; one made signed before, by `prepare`, stays so)."""
         if not self.is_weight:
-            self.is_signed.fill_(bool((x < 0).any()))
+            self.is_signed.fill_(bool(self.is_signed) or bool((x < 0).any()))
         self._init(x.detach())
         self.initialized.fill_(True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -87,3 +88,18 @@ class QuantGlobalAvgPool2d(nn.AdaptiveAvgPool2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(self.input_quantizer(x))
+
+
+class QuantSiLU(nn.Module):
+    """SiLU as x · sigmoid(x) on a fake-quantized x, with the sigmoid quantized too: onnxruntime
+    has no integer SiLU, but it runs this as an integer sigmoid (a table of the 256 codes) and an
+    integer multiplication, so that the conv before it is an integer kernel too."""
+
+    def __init__(self, input_quantizer: Quantizer, gate_quantizer: Quantizer) -> None:
+        super().__init__()
+        self.input_quantizer = input_quantizer
+        self.gate_quantizer = gate_quantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.input_quantizer(x)
+        return x * self.gate_quantizer(torch.sigmoid(x))

@@ -12,7 +12,14 @@ from qatkd.errors import QatkdError
 from qatkd.nn import QuantPoint
 from qatkd.quant.base import Quantizer
 from qatkd.quant.config import QuantConfig
-from qatkd.quant.modules import QuantAct, QuantConv2d, QuantGlobalAvgPool2d, QuantLinear
+from qatkd.quant.modules import (
+    QuantAct,
+    QuantConv2d,
+    QuantGlobalAvgPool2d,
+    QuantLinear,
+    QuantSiLU,
+)
+from qatkd.quant.placement import place_quantizers, split_attention
 from qatkd.quant.quantizers import DynamicBlockQuantizer, make_quantizer, matmul_nbits_block
 from qatkd.quant.tensors import share_tensor_quantizers
 
@@ -33,14 +40,20 @@ _QUANT_LAYERS: dict[type[nn.Module], type[QuantConv2d] | type[QuantLinear]] = {
 def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Replace every `nn.Conv2d` / `nn.Linear` (exact types: a subclass may have its own forward),
     every global `nn.AdaptiveAvgPool2d` and every `QuantPoint` outside `config.skip` by its
-    quantized counterpart, in place, make the quantizers that read the same tensor one
-    (`quant.tensors`; a model torch.fx cannot trace, such as a `transformers` LM, keeps one per
-    layer input), and record `config` on the model. First/last layer = first/last Conv2d or
-    Linear in `named_modules()` order, whether skipped or not. QuantPoints and pooling inputs get
-    8 bits, or the activation bits if higher."""
+    quantized counterpart, in place; where activations are quantized at fixed scales, put
+    quantizers where the integer graph quantizes (`quant.placement`: residual adds,
+    concatenations, squeeze-excite, SiLU, attention, ...); make the quantizers that read the
+    same tensor one (`quant.tensors`; a model torch.fx cannot trace, such as a `transformers`
+    LM, keeps one per layer input and gets no placed quantizers), and record `config` on the
+    model. First/last layer = first/last Conv2d or Linear in `named_modules()` order, whether
+    skipped or not. QuantPoints, pooling inputs and placed quantizers get 8 bits, or the
+    activation bits if higher."""
     if is_quantized(model):
         raise QatkdError("the model is already quantized; prepare a fresh float model")
     config.check_grid()
+    fixed_scales = config.act_bits != 16 and config.act_method_name != "dynamic"
+    if fixed_scales:
+        split_attention(model, lambda name: _skipped(name, config))
     layers = [(n, m) for n, m in model.named_modules() if n and type(m) in _QUANT_LAYERS]
     points = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantPoint)]
     pools = [
@@ -78,7 +91,7 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
         input_q = make_quantizer(config.act_method_name, act_bits)
         if isinstance(input_q, DynamicBlockQuantizer):
             input_q.block = _dynamic_block(name, layer, group_size)
-        _set(model, name, _QUANT_LAYERS[type(layer)].from_float(
+        model.set_submodule(name, _QUANT_LAYERS[type(layer)].from_float(
             layer, _like(weight_q, layer.weight), _like(input_q, layer.weight)
         ))  # fmt: skip
     reference = next(model.parameters())
@@ -91,11 +104,13 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
 
     for name, _ in points:
         if not _skipped(name, config):
-            _set(model, name, QuantAct(point_quantizer(name)))
+            model.set_submodule(name, QuantAct(point_quantizer(name)))
     for name, _ in pools:
         if not _skipped(name, config):
-            _set(model, name, QuantGlobalAvgPool2d(point_quantizer(name)))
+            model.set_submodule(name, QuantGlobalAvgPool2d(point_quantizer(name)))
     with contextlib.suppress(QatkdError):  # not traceable: one quantizer per layer input
+        if fixed_scales:
+            place_quantizers(model, point_quantizer, lambda name: _skipped(name, config))
         share_tensor_quantizers(model)
     setattr(model, CONFIG_ATTR, config)
     return model
@@ -120,7 +135,7 @@ def quant_summary(model: nn.Module) -> str:
                 name, type(module).__name__, str(w.bits), str(a.bits),
                 f"{w.method}/{a.method}", w.granularity,
             ))  # fmt: skip
-        elif isinstance(module, QuantAct | QuantGlobalAvgPool2d):
+        elif isinstance(module, QuantAct | QuantGlobalAvgPool2d | QuantSiLU):
             q = module.quantizer if isinstance(module, QuantAct) else module.input_quantizer
             rows.append((name, type(module).__name__, "-", str(q.bits), q.method, q.granularity))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -156,8 +171,3 @@ def _edge_bits(bits: int, first_last_bits: int) -> int:
 
 def _like(quantizer: Quantizer, reference: torch.Tensor) -> Quantizer:
     return quantizer.to(device=reference.device, dtype=reference.dtype)
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)

@@ -1,0 +1,268 @@
+"""Quantizers where the integer graph quantizes (`quant.placement`, `quant.sites`): which tensors
+get one, where it sits, what it shares, and that the model runs them in training as in eval."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import SqueezeExcitation
+
+from qatkd.nn import Attention
+from qatkd.quant import QuantAct, QuantConfig, Quantizer, QuantLinear, QuantSiLU, calibrate, prepare
+from qatkd.quant.sites import InputSite, OutputSite, carrier, input_sites, output_sites
+from qatkd.quant.tensors import trace
+
+
+def sites_of(model: nn.Module) -> list[str]:
+    """The paths of the QuantActs that module boundaries hold."""
+    return [n for n, m in model.named_modules() if n.endswith((".quant_output", ".quant_input"))]
+
+
+class Residual(nn.Module):
+    """A residual add of two module outputs, read by a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(self.body(x) + x).flatten(1)
+
+
+def test_both_operands_of_an_add_are_quantized_on_their_modules_and_the_sum_by_its_reader():
+    model = prepare(Residual(), QuantConfig(bits="W4A4", first_last_bits=None))
+    assert sites_of(model) == ["stem.1.quant_output", "body.1.quant_output"]  # last children
+    # the stem's output is the add's operand and the body conv's input: one 8-bit quantizer
+    assert model.stem[1].quant_output.quantizer is model.body[0].input_quantizer
+    assert model.body[0].input_quantizer.bits == 8
+    # the sum is quantized by the head that reads it, at the activation bits
+    assert model.head.input_quantizer.bits == 4
+
+
+def test_a_boundary_quantizer_runs_once_per_forward_in_training_and_once_in_the_trace():
+    model = prepare(Residual(), QuantConfig(bits="W8A8", method="lsq"))
+    quantizer = model.body[1].quant_output.quantizer
+    calls = []
+    quantizer.register_forward_hook(lambda m, i, o: calls.append(o))
+    x = torch.randn(2, 3, 6, 6)
+    model.train()(x).sum().backward()
+    assert len(calls) == 1 and quantizer.step.grad is not None
+    gm = trace(model.eval())
+    assert not any(output_sites(m) or input_sites(m) for m in gm.modules())
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets.count("body.1.quant_output") == 1
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+def test_a_copy_and_a_fresh_prepared_model_carry_their_own_boundary_quantizers():
+    model = prepare(Residual(), QuantConfig(bits="W8A8", method="lsq"))
+    calibrate(model, [torch.randn(4, 3, 6, 6)], 4)
+    x = torch.randn(2, 3, 6, 6)
+    twin = copy.deepcopy(model)
+    (hook,) = [h for h in twin.body[1]._forward_hooks.values() if isinstance(h, OutputSite)]
+    assert hook.act is twin.body[1].quant_output  # not the original's
+    fresh = prepare(Residual(), QuantConfig(bits="W8A8", method="lsq"))
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+    with torch.no_grad():
+        twin.body[1].quant_output.quantizer.step.mul_(4)
+    assert not torch.equal(twin.eval()(x), model(x))
+
+
+class Concat(nn.Module):
+    """A ReLU branch and a `signed` one (or another ReLU branch), concatenated, read by a conv."""
+
+    def __init__(self, signed: bool) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        tail = [] if signed else [nn.ReLU()]
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), *tail)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.a(x), self.b(x)], 1)).flatten(1)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed-branch", "relu-branches"])
+def test_a_concatenations_inputs_and_output_share_one_quantizer_signed_unless_non_negative(
+    signed,
+):
+    model = prepare(Concat(signed), QuantConfig(bits="W8A8"))
+    ends = [model.a[2], model.b[-1]]
+    assert sites_of(model) == ["a.2.quant_output", f"b.{len(model.b) - 1}.quant_output"]
+    shared = model.head.input_quantizer
+    assert all(end.quant_output.quantizer is shared for end in ends)
+    assert shared.signed == signed  # before any data: a branch without ReLU may be negative
+    calibrate(model, [torch.rand(4, 3, 4, 4)], 4)
+    assert shared.signed == signed  # and the ReLU branch it saw first does not change it
+
+
+class Gated(nn.Module):
+    """A squeeze-excite block (torchvision's: pooling, two 1x1 convs, sigmoid, product) between
+    two convs, and SiLU activations as modules and as a function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU())
+        self.se = SqueezeExcitation(8, 4, activation=nn.SiLU, scale_activation=nn.Sigmoid)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.head(self.se(self.stem(x)))).mean((2, 3))
+
+
+def test_squeeze_excite_and_silu_are_quantized_as_integer_sigmoid_and_products():
+    model = prepare(Gated(), QuantConfig(bits="W8A8"))
+    assert isinstance(model.stem[2], QuantSiLU) and isinstance(model.se.activation, QuantSiLU)
+    # the sigmoid's input (fc2's output) and output (the product's operand); the product's
+    # other operand is the SiLU's output, which the pooling also reads: one quantizer
+    assert sites_of(model) == [
+        "stem.2.quant_output", "se.fc2.quant_output", "se.scale_activation.quant_output",
+    ]  # fmt: skip
+    assert model.stem[2].quant_output.quantizer is model.se.avgpool.input_quantizer
+    # the product is read by the head; the SiLU function after it and the mean stay float:
+    # nothing after them is quantized
+    x = torch.randn(2, 3, 5, 5)
+    calibrate(model, [x], 2)
+    silu = model.stem[2].eval()
+    with torch.no_grad():
+        inner = model.stem[1](model.stem[0](x))
+        x_q = silu.input_quantizer(inner)
+        product = x_q * silu.gate_quantizer(torch.sigmoid(x_q))
+        assert torch.equal(silu(inner), silu.quant_output(product))  # and its output hook
+
+
+def test_ops_whose_result_reaches_no_quantized_layer_stay_float():
+    """A detector's raw outputs: the conv before the output and a concatenation of outputs."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.box = nn.Conv2d(3, 4, 1)
+            self.cls = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.box(x), self.cls(x)], 1).sigmoid()
+
+    assert sites_of(prepare(Heads(), QuantConfig(bits="W8A8"))) == []
+
+
+class Block(nn.Module):
+    """torchvision's BasicBlock calls one ReLU module twice: its boundary is no place for a
+    quantizer, the block's is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(self.relu(x))) + x)
+
+
+def test_a_module_called_twice_passes_its_boundary_to_the_module_around_it():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Block(), Block(), nn.Conv2d(4, 2, 1))
+    prepare(model, QuantConfig(bits="W8A8"))
+    # the adds' operands: the stem's output, each block's BatchNorm, and the first block's
+    # output (its ReLU's, had that ReLU run once)
+    expected = ["0.quant_output", "1.bn.quant_output", "1.quant_output", "2.bn.quant_output"]
+    assert sites_of(model) == expected
+
+
+def test_skipped_modules_hold_no_quantizer_and_their_op_stays_float():
+    model = prepare(Residual(), QuantConfig(bits="W8A8", skip=["*.1"]))
+    assert sites_of(model) == []
+
+
+def test_a_container_passes_its_boundary_to_its_last_or_first_child_or_has_none():
+    class Dict(nn.ModuleDict):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    model = nn.Sequential(nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity())), Dict())
+    assert carrier(model, "0", "output") == "0.1.0"
+    assert carrier(model, "0", "input") == "0.0"
+    assert carrier(model, "1", "output") is None
+
+
+def test_a_reader_module_takes_the_quantizer_where_the_tensor_has_no_module_of_its_own():
+    """A product computed inside a forward, read by a BatchNorm: its pre-hook quantizes it."""
+
+    class Product(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 4, 1)
+            self.norm = nn.BatchNorm2d(4)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.a(x) * self.b(x))).flatten(1)
+
+    model = prepare(Product(), QuantConfig(bits="W8A8"))
+    assert sites_of(model) == ["a.quant_output", "b.quant_output", "norm.quant_input"]
+    (hook,) = model.norm._forward_pre_hooks.values()
+    assert isinstance(hook, InputSite) and hook.act is model.norm.quant_input
+    x = torch.randn(2, 3, 4, 4)
+    calibrate(model, [x], 2)
+    seen = []
+    model.norm.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+    with torch.no_grad():
+        model.eval()(x)
+        product = model.a.quant_output(model.a(x)) * model.b.quant_output(model.b(x))
+    assert torch.equal(seen[0], model.norm.quant_input(product))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(bits="W4A16"),
+        QuantConfig(bits="W8A8", act_method="dynamic", weight_method="lsq"),
+    ],
+    ids=["float-activations", "dynamic"],
+)
+def test_no_quantizer_is_placed_where_activations_have_no_fixed_scale(config):
+    model = nn.Sequential(nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 4))
+    prepare(model, config)
+    assert type(model[1]) is nn.SiLU and sites_of(model) == []
+    assert not any(isinstance(m, QuantAct) for m in model.modules())
+
+
+def test_multihead_attention_is_split_so_that_its_matmuls_read_quantized_operands():
+    """A ViT block's attention: the projections are quantized Linear layers reading one
+    quantized input, and the query, key, value and probabilities are quantized."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attention(*[self.norm(x)] * 3, need_weights=False)[0])
+
+    float_model = Block().eval()
+    model = prepare(copy.deepcopy(float_model), QuantConfig(bits="W8A8"))
+    attention = model.attention
+    assert isinstance(attention, Attention)
+    projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj]
+    assert all(isinstance(p, QuantLinear) for p in projections)
+    assert attention.q_proj.input_quantizer is attention.v_proj.input_quantizer
+    points = ["q_point", "k_point", "v_point", "probs_point"]
+    assert all(isinstance(getattr(attention, p), QuantAct) for p in points)
+    x = torch.randn(2, 5, 16)
+    for m in model.modules():  # the float computation: quantizers as identities
+        if isinstance(m, Quantizer):
+            m.forward = lambda t: t
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), float_model(x), rtol=1e-5, atol=1e-6)
