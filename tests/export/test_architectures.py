@@ -150,8 +150,6 @@ def _images(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def fashion() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    if not (FASHION / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST is not installed (make data)")
     return {kind: _images(kind) for kind in ("train", "t10k")}
 
 
