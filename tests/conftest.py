@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import qatkd
 from testdata import learning_overrides, make_images, write_idx, write_learnable_npz, write_npz
 
 torch.set_num_threads(1)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Every process a test starts (the CLI in a subprocess, torchrun's ranks) imports the qatkd
+    these tests import (a checkout's src/, or mutmut's mutated copy), not an installed copy."""
+    root = str(Path(qatkd.__file__).parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """The command line: exit codes, one-line errors without tracebacks, help text, eval."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -59,17 +58,9 @@ def test_train_then_eval_from_the_cli(capsys, learn_root: Path, tmp_path: Path):
     assert_one_line_error(code, err, "eval takes only data.* overrides")
 
 
-def this_qatkd() -> dict[str, str]:
-    """The environment of a child process that imports the qatkd under test (the tests run in
-    another folder: a relative PYTHONPATH would find an installed copy instead)."""
-    import qatkd
-
-    return {**os.environ, "PYTHONPATH": str(Path(qatkd.__file__).parents[1])}
-
-
 def test_console_script_and_debug_flag(tmp_path: Path):
     bad = [sys.executable, "-m", "qatkd", "train", "train.epoch=1"]
-    run = {"capture_output": True, "text": True, "cwd": tmp_path, "env": this_qatkd()}
+    run = {"capture_output": True, "text": True, "cwd": tmp_path}  # conftest: this qatkd
     result = subprocess.run(bad, **run)
     assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr
     result = subprocess.run([*bad[:3], "--debug", *bad[3:]], **run)
@@ -115,7 +106,7 @@ def test_the_console_script_prints_the_traceback_under_debug(tmp_path: Path):
         "sys.exit(main(sys.argv[1:]))\n"
     )
     argv = [sys.executable, "-c", script, "--debug", "eval", "--ckpt", "x"]
-    debug = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=this_qatkd())
+    debug = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
     assert debug.returncode == 1
     assert debug.stderr.startswith("Traceback (most recent call last):")
     assert "in boom" in debug.stderr and debug.stderr.endswith("RuntimeError: disk on fire\n")

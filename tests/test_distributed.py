@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import ddp_worker
-import qatkd
 from qatkd.balance import GoR
 from qatkd.train.distributed import World, any_rank, average_gradients, init_world
 from testdata import learning_overrides, write_one_image_npz
@@ -89,10 +88,7 @@ def test_two_processes_train_what_one_process_trains(
         str(tmp_path / "two"),
         *learning_overrides(root, tmp_path / "two" / "run", *common),
     ]
-    # the ranks import the qatkd this test imported (a checkout's src/, or mutmut's mutants)
-    package_root = str(Path(qatkd.__file__).parents[1])
-    env = os.environ | {"PYTHONPATH": package_root}
-    result = subprocess.run(torchrun, capture_output=True, text=True, env=env)
+    result = subprocess.run(torchrun, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-6000:]  # the ranks' own errors come first
     assert result.stdout.count("run folder:") == 1  # rank 0 alone reports
     one = states(tmp_path / "one" / "rank0.pt")
