@@ -87,6 +87,8 @@ _CHECK = "qatkd.distill.ensemble.xǁTeacherEnsembleǁcheck_num_classes__mutmut_"
 _CHECK_ZIP = "for label, logits in zip(self.labels, self(example), "
 _HOOKS = "qatkd.distill.ensemble.xǁTeacherEnsembleǁ__init____mutmut_"
 _HOOKS_ZIP = "for teacher, label in zip(self.teachers, self.labels, "
+_WITH_FEATURES = "qatkd.distill.ensemble.xǁTeacherEnsembleǁwith_features__mutmut_"
+_WITH_FEATURES_ZIP = "for t, named in zip(logits, features, "
 _KEEPERS = "qatkd.distill.features.xǁFeatureHooksǁ__init____mutmut_"
 _KEEPERS_ZIP = "for name, module in zip(names, modules, "
 _REVERSE = "qatkd.distill.losses.x_kd_reverse_kl__mutmut_"
@@ -151,6 +153,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_HOOKS}29": (f"{_HOOKS_ZIP}strict=None)", _STRICT_ZIP),
     f"{_HOOKS}32": (f"{_HOOKS_ZIP})", _STRICT_ZIP),
     f"{_HOOKS}33": (f"{_HOOKS_ZIP}strict=False)", _STRICT_ZIP),
+    f"{_WITH_FEATURES}11": (f"{_WITH_FEATURES_ZIP}strict=None)", _STRICT_ZIP),
+    f"{_WITH_FEATURES}14": (f"{_WITH_FEATURES_ZIP})", _STRICT_ZIP),
+    f"{_WITH_FEATURES}15": (f"{_WITH_FEATURES_ZIP}strict=False)", _STRICT_ZIP),
     f"{_KEEPERS}14": (f"{_KEEPERS_ZIP}strict=None)", _STRICT_ZIP),
     f"{_KEEPERS}17": (f"{_KEEPERS_ZIP})", _STRICT_ZIP),
     f"{_KEEPERS}18": (f"{_KEEPERS_ZIP}strict=False)", _STRICT_ZIP),
