@@ -209,7 +209,8 @@ def markdown(
     lines = [
         markdown_header(
             "Int8 speed per architecture beside the peers", provenance, _schedule_text(schedule)
-        ),
+        ).rstrip(),
+        "",
         f"Every torchvision architecture below, 10 classes at 3 x {size} x {size}, fine-tuned",
         "briefly in float on Fashion-MNIST resized to its input (no pretrained weights here), so",
         "that its logits tell the images apart; then quantized by qatkd (`prepare(W8A8, minmax)`,",
@@ -265,8 +266,8 @@ def _schedule_text(schedule: Schedule) -> str:
         f"{tuning.size} x {tuning.size}; fine-tuning: {tuning.steps} AdamW steps of "
         f"{tuning.batch} images, then BatchNorm statistics of {tuning.norm_images}; calibration: "
         f"{schedule.calibration_images} training images; agreement: the first "
-        f"{schedule.test_images} test images; latency rounds: {rounds}; {schedule.threads} "
-        "threads for every backend; a run is one architecture"
+        f"{schedule.test_images} test images; latency rounds: {rounds}; threads for every "
+        f"backend: {schedule.threads}; a run is one architecture"
     )
 
 
