@@ -14,7 +14,6 @@ Fashion-MNIST students from their checkpoints. Writes benchmarks/results/export_
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 from _peers import NNCF_PEER, ORT_PEER, peer_targets
 from _provenance import command as run_command
 from _provenance import git_commit
+from _speed import MET, latency, meets, w8a8
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -47,7 +47,6 @@ from qatkd.export.run import (
 from qatkd.export.runtime import Runner, load_runner
 from qatkd.machine import machine
 from qatkd.pipeline import export
-from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.classification.family import CLASSIFICATION
 from qatkd.tasks.classification.models import build_model
 from qatkd.tasks.classification.parity import compare
@@ -80,12 +79,7 @@ def torchvision_w8a8(name: str, images: list[np.ndarray]) -> tuple[nn.Module, nn
     `qatkd export` does)."""
     torch.manual_seed(0)
     model = build_model(f"tv:{name}", 3, 1000, IMAGENET_MEAN, IMAGENET_STD).eval()
-    quantized = prepare(copy.deepcopy(model), QuantConfig(bits="W8A8", method="minmax"))
-    batches = [
-        torch.from_numpy(np.concatenate(images[i : i + 8])) for i in range(0, len(images), 8)
-    ]
-    calibrate(quantized, batches, len(images), progress=True)
-    return model, as_exported(quantized, SHAPE).eval()
+    return model, w8a8(model, images, SHAPE)
 
 
 def bench_torchvision(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -151,18 +145,6 @@ def bench_student(args: argparse.Namespace, path: str, tmp: Path) -> tuple[str, 
     }
 
 
-def latency(records: list[dict[str, Any]], model: str, batch: int, **match: str) -> float:
-    """The fastest latency among `model`'s records at `batch` matching `match` (backend /
-    precision; PyTorch eager is never a deployment backend here)."""
-    return min(
-        r["latency_ms"]
-        for r in records
-        if (r["model"], r["batch"]) == (model, batch)
-        and r["backend"] != "pytorch"
-        and all(r[k] == v for k, v in match.items())
-    )
-
-
 def target_rows(
     records: list[dict[str, Any]], sections: dict[str, dict[str, Any]]
 ) -> list[tuple[str, float, str, bool | None]]:
@@ -197,17 +179,7 @@ def target_rows(
         for backend, parity in section["parity"].items():
             goal = "-" if backend == OPENVINO_CODES_KEPT else ">= 99.9"
             rows.append((f"{name}: top-1 agreement on {backend} (%)", parity["agreement"], goal))
-    return [(what, value, goal, _meets(value, goal)) for what, value, goal in rows]
-
-
-MET = {True: "yes", False: "**no**", None: "-"}
-
-
-def _meets(value: float, goal: str) -> bool | None:
-    if goal == "-":
-        return None
-    op, bound = goal.split()
-    return value <= float(bound) if op == "<=" else value >= float(bound)
+    return [(what, value, goal, meets(value, goal)) for what, value, goal in rows]
 
 
 def main() -> None:

@@ -1,0 +1,211 @@
+"""One architecture of the per-architecture speed page, measured: its fine-tuned float model
+quantized by qatkd (`prepare(W8A8, minmax)`, calibrated on training images, exported int8) and
+by the peers (`_peers`: onnxruntime's `quantize_static`, `nncf.quantize`, on the same float
+graph and the same calibration images); top-1 agreement on test images in onnxruntime and
+OpenVINO (qatkd's int8 graph against its fake-quantized PyTorch model, the peers' against the
+float one); the float ops of each onnxruntime int8 graph; b1 and b64 latency of every target,
+round-robin in this process (`qatkd.export.bench`).
+
+The result is cached in the work folder (`_cache`), keyed by the architecture, the schedule,
+the machine, the library versions and the code that computes it (qatkd's sources and these
+modules): a rerun measures only what is missing.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from _arch_models import FineTuning, Images, fine_tuned
+from _cache import ROOT, entry, load, save, source_digest
+from _peers import NNCF_PEER, ORT_PEER, peer_targets
+from _speed import w8a8
+from torch import nn
+
+from qatkd.export import to_onnx
+from qatkd.export.bench import Target, measure
+from qatkd.export.run import FP32_ONNX, INT8_ONNX, backend_targets
+from qatkd.export.runtime import ort_session
+from qatkd.machine import machine
+
+PEERS = (ORT_PEER, NNCF_PEER)
+LATENCY_BATCHES = (1, 64)
+PARITY_BATCH = 50
+MEASURED = {(backend, p) for backend in ("onnxruntime", "openvino") for p in ("fp32", "int8")}
+"""qatkd's targets that are timed (not PyTorch eager, not OpenVINO bf16)."""
+VERSIONED = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf")
+SOURCES = ("_arch_bench.py", "_arch_models.py", "_cache.py", "_peers.py", "_speed.py")
+"""The benchmark modules a result depends on (besides qatkd's sources)."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything a measurement depends on besides the architecture and the code."""
+
+    fine_tuning: FineTuning
+    calibration_images: int
+    test_images: int
+    repeats: tuple[int, int]
+    """Latency rounds at batch 1 and at batch 64."""
+    threads: int
+
+
+def cached(name: str, schedule: Schedule, work: Path) -> dict[str, Any] | None:
+    """`name`'s result from the cache in `work`, if an earlier run measured it under this key."""
+    key = result_key(name, schedule)
+    return load(entry(work / name, "result", key), key)
+
+
+def measure_and_cache(
+    name: str, schedule: Schedule, train: Images, test: Images, work: Path, commit: str
+) -> dict[str, Any]:
+    """`measure_architecture`, with the `commit` it ran on, cached in `work`."""
+    result = measure_architecture(name, schedule, train, test, work) | {"commit": commit}
+    key = result_key(name, schedule)
+    save(entry(work / name, "result", key), key, result)
+    return result
+
+
+def result_key(name: str, schedule: Schedule) -> dict[str, Any]:
+    """What a result depends on."""
+    code = [ROOT / "src/qatkd", *(Path(__file__).parent / f for f in SOURCES)]
+    return {
+        "architecture": name,
+        "schedule": asdict(schedule),
+        "machine": machine(),
+        "versions": {p: _version(p) for p in VERSIONED},
+        "source": source_digest(code),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def measure_architecture(
+    name: str, schedule: Schedule, train: Images, test: Images, work: Path
+) -> dict[str, Any]:
+    """Everything the page shows of `name`: `export` ("ok" or the one-line reason it failed,
+    with nothing measured then), `peers` (likewise), `accuracy` (%) of the float and the
+    fake-quantized PyTorch models on the test images, `parity` per int8 target, `float_ops`,
+    latency `records`, and the seconds fine-tuning and the rest took."""
+    start = time.time()
+    model, fine_tune_s = fine_tuned(name, train, schedule.fine_tuning, work)
+    size = schedule.fine_tuning.size
+    shape = [3, size, size]
+    calibration = train.one_per_batch(schedule.calibration_images)
+    result: dict[str, Any] = {"export": "ok", "peers": "ok", "fine_tune_s": fine_tune_s}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        try:
+            onnx.save(to_onnx(model, shape, "fp32"), str(folder / FP32_ONNX))
+            quantized = w8a8(model, calibration, shape)
+            onnx.save(to_onnx(quantized, shape, "int8"), str(folder / INT8_ONNX))
+            targets = [
+                t
+                for t in backend_targets(
+                    name, model, folder / FP32_ONNX, folder / INT8_ONNX, schedule.threads
+                )
+                if (t.backend, t.precision) in MEASURED
+            ]
+        except Exception as e:  # the page reports why; the other architectures go on
+            result["export"] = _one_line(e)
+            result["accuracy"] = {"float": _accuracy(_torch_run(model), test, schedule)}
+            return result | {"seconds": time.time() - start}
+        try:
+            targets += peer_targets(name, folder / FP32_ONNX, folder, calibration, schedule.threads)
+        except Exception as e:
+            result["peers"] = _one_line(e)
+        result |= agreement(model, quantized, targets, test, schedule)
+        result["float_ops"] = {"qatkd int8": float_ops(folder / INT8_ONNX)}
+        if result["peers"] == "ok":
+            result["float_ops"][ORT_PEER] = float_ops(folder / "quantize_static.onnx")
+        result["records"] = [
+            r
+            for batch, repeats in zip(LATENCY_BATCHES, schedule.repeats, strict=True)
+            for r in measure(targets, shape, (batch,), repeats)
+        ]
+    return result | {"seconds": time.time() - start}
+
+
+def agreement(
+    model: nn.Module, quantized: nn.Module, targets: list[Target], test: Images, schedule: Schedule
+) -> dict[str, Any]:
+    """`accuracy` (%) of the float and fake-quantized PyTorch models on the test images, and
+    `parity` of every int8 target: its top-1 agreement (%) with its reference (qatkd's graph:
+    the fake-quantized model; a peer's: the float model) and its accuracy."""
+    logits = {
+        "float": _logits(_torch_run(model), test, schedule),
+        "qatkd fake-quant": _logits(_torch_run(quantized), test, schedule),
+    }
+    labels = test.labels[: schedule.test_images].numpy()
+    parity = {}
+    for t in targets:
+        if t.precision == "fp32":
+            continue
+        got = _logits(t.run, test, schedule).argmax(1)
+        reference = logits["float" if t.precision in PEERS else "qatkd fake-quant"].argmax(1)
+        parity[f"{t.backend} {t.precision}"] = {
+            "agreement": 100 * float((got == reference).mean()),
+            "accuracy": 100 * float((got == labels).mean()),
+        }
+    accuracy = {k: 100 * float((v.argmax(1) == labels).mean()) for k, v in logits.items()}
+    return {"accuracy": accuracy, "parity": parity}
+
+
+def float_ops(path: Path) -> dict[str, int]:
+    """The ops that run in float in the graph onnxruntime optimizes from the int8 ONNX file at
+    `path` (those that read a DequantizeLinear), by type."""
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        ort_session(path, threads=1, optimized_path=optimized)
+        graph = onnx.load(str(optimized)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    ops = (n.op_type for n in graph.node if dequantized & set(n.input))
+    return dict(collections.Counter(ops).most_common())
+
+
+Run = Callable[[np.ndarray], Any]
+
+
+def _torch_run(model: nn.Module) -> Run:
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def _logits(run: Run, test: Images, schedule: Schedule) -> np.ndarray:
+    """`run`'s logits of the first test images."""
+    return np.concatenate(
+        [
+            np.asarray(run(test(index).numpy()))
+            for index in test.batches(schedule.test_images, PARITY_BATCH)
+        ]
+    )
+
+
+def _accuracy(run: Run, test: Images, schedule: Schedule) -> float:
+    labels = test.labels[: schedule.test_images].numpy()
+    return 100 * float((_logits(run, test, schedule).argmax(1) == labels).mean())
+
+
+def _one_line(e: Exception) -> str:
+    """`e` in one line for the page's tables; its traceback goes to stderr, for the log."""
+    traceback.print_exc()
+    first = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {first[0] if first else ''}".replace("|", "\\|")

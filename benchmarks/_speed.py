@@ -1,0 +1,52 @@
+"""What the CNN speed pages share: the W8A8 model as qatkd exports it, the fastest latency among
+a run's records, and the issue's targets checked against measured values."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qatkd.export import as_exported
+from qatkd.quant import QuantConfig, calibrate, prepare
+
+CALIBRATION_BATCH = 8
+MET = {True: "yes", False: "**no**", None: "-"}
+"""How a targets table shows `meets`."""
+
+
+def w8a8(model: nn.Module, images: Sequence[np.ndarray], shape: Sequence[int]) -> nn.Module:
+    """A W8A8 copy of `model` (min-max), calibrated on `images` (each a batch of one, as the
+    peers read them), with its biases aligned to the int32 grid as `qatkd export` does: the
+    PyTorch model the int8 graph computes."""
+    quantized = prepare(copy.deepcopy(model), QuantConfig(bits="W8A8", method="minmax"))
+    batches = [
+        torch.from_numpy(np.concatenate(images[i : i + CALIBRATION_BATCH]))
+        for i in range(0, len(images), CALIBRATION_BATCH)
+    ]
+    calibrate(quantized, batches, len(images), progress=True)
+    return as_exported(quantized, shape).eval()
+
+
+def latency(records: list[dict[str, Any]], model: str, batch: int, **match: str) -> float:
+    """The fastest latency among `model`'s records at `batch` matching `match` (backend /
+    precision; PyTorch eager is never a deployment backend here)."""
+    return min(
+        r["latency_ms"]
+        for r in records
+        if (r["model"], r["batch"]) == (model, batch)
+        and r["backend"] != "pytorch"
+        and all(r[k] == v for k, v in match.items())
+    )
+
+
+def meets(value: float, goal: str) -> bool | None:
+    """Whether `value` meets `goal` ('<= x' or '>= x'); None for no goal ('-')."""
+    if goal == "-":
+        return None
+    op, bound = goal.split()
+    return value <= float(bound) if op == "<=" else value >= float(bound)
