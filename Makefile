@@ -49,9 +49,11 @@ data:
 	  fi; \
 	fi
 
-# The LLM benchmark's peers (benchmarks/_llm_peers.py): HQQ, and GPTQ through gptqmodel, whose
+# The benchmarks' peers: NNCF (the `peers` extra; benchmarks/_peers.py, the export speed pages),
+# and for the LLM benchmark (benchmarks/_llm_peers.py) HQQ, and GPTQ through gptqmodel, whose
 # declared needs (datasets, torchao, ...) would replace this project's torch: it runs with these.
 peers: setup
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[peers]' nncf==3.4.0
 	$(PY) -m pip install -q --no-deps hqq==0.2.8.post1 termcolor==3.3.0 einops==0.8.2
 	$(PY) -m pip install -q --no-deps gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 \
 	  defuser==0.0.28 device-smi==0.5.7 tokenicer==0.0.14

@@ -1,7 +1,7 @@
 """The post-training quantizers a user would pick instead of qatkd, each run the way its own
 documentation shows, on the same float ONNX model and the same calibration images:
 onnxruntime's `quantize_static` (QDQ, per-channel weights) and OpenVINO's `nncf.quantize`.
-NNCF is the optional `peers` dependency group: pip install -e '.[peers]'."""
+NNCF is the optional `peers` dependency group: make peers."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def nncf_quantize(fp32_onnx: Path, out: Path, images: Sequence[np.ndarray]) -> P
     """`nncf.quantize` of the OpenVINO model read from `fp32_onnx` (its defaults: symmetric
     8-bit, per-channel weights), calibrated on `images`; saved as OpenVINO IR at `out`."""
     if importlib.util.find_spec("nncf") is None:
-        raise QatkdError("the NNCF peer needs the nncf package: pip install -e '.[peers]'")
+        raise QatkdError("the NNCF peer needs the nncf package: make peers")
     import nncf
     import openvino as ov
 

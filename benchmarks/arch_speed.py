@@ -12,7 +12,7 @@ architecture's result is cached in the work folder under a key of everything it 
 an interrupted run continues where it stopped, and the page is rewritten after each
 architecture. Writes benchmarks/results/arch_speed[_quick].{md,json,png}.
 
-    pip install -e '.[peers]'
+    make peers
     python benchmarks/arch_speed.py [--quick] [--arch NAME ...] [--work DIR] [--threads N]
 """
 
@@ -101,7 +101,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="latency rounds at each batch size")
     args = parser.parse_args()
     if importlib.util.find_spec("nncf") is None:
-        parser.error("the NNCF peer needs the nncf package: pip install -e '.[peers]'")
+        parser.error("the NNCF peer needs the nncf package: make peers")
     return args
 
 

@@ -7,7 +7,7 @@ pooling quantized as qatkd trains them; the peers (`_peers`: onnxruntime `quanti
 `nncf.quantize`) quantize the same float model on the same calibration images. And the
 Fashion-MNIST students from their checkpoints. Writes benchmarks/results/export_speed.{md,json}.
 
-    pip install -e '.[peers]'
+    make peers
     python benchmarks/export_speed.py [--quick] [--student runs/demo/student_w4a4_gor/last.pt]
 """
 
