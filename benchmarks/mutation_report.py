@@ -53,6 +53,7 @@ MODULES: dict[str, dict[str, list[str]]] = {
             "tests/test_logs.py",
             "tests/test_validation.py",
             "tests/test_tensorboard.py",
+            "tests/test_check.py",
             "tests/test_distributed.py",
             "tests/balance/test_held_out.py",
         ],
