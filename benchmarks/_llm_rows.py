@@ -107,7 +107,9 @@ FULL = Schedule(
     samples=10240,  # about 119 tokens each: 1.1M training tokens beside the held-out prompts
     short_blocks=1024,  # 131k tokens
     init_samples=128,
-    rates=(2e-4, 5e-4, 1e-3),
+    # low rates too: AdamW moves LSQ's learned steps by about the rate each step, and the
+    # quick run's students fell behind their GPTQ starts at 1e-3
+    rates=(5e-5, 1e-4, 2e-4, 5e-4, 1e-3),
     headline=(W4, GGUF, W3),
     compared=(W3, W2, W4),
     peers=(W4, W3),
