@@ -66,32 +66,33 @@ def table(records: list[Record]) -> str:
 
 
 STYLES = {
-    "fp": ("FP teacher", "black", "*"),
-    "start": ("qatkd start (PTQ)", "tab:gray", "o"),
-    "trained": ("qatkd student", "tab:blue", "o"),
-    "peer": ("GPTQ / HQQ", "tab:orange", "s"),
-    "llama.cpp": ("llama.cpp", "tab:green", "^"),
+    "fp": ("FP teacher", "black", "*", 60),
+    "start": ("qatkd start (PTQ)", "tab:gray", "o", 20),
+    "trained": ("qatkd student, method comparison", "lightsteelblue", "o", 20),
+    "headline": ("qatkd headline student", "tab:blue", "o", 60),
+    "peer": ("GPTQ / HQQ", "tab:orange", "s", 30),
+    "llama.cpp": ("llama.cpp", "tab:green", "^", 30),
 }
 
 
+def _style(r: Record) -> str:
+    return "headline" if r.get("headline") else r["kind"]
+
+
 def plot(records: list[Record], path: Path, text: str) -> None:
-    """Every sized row as perplexity against file size, the front as a line."""
+    """Every sized row as perplexity against file size, the front as a line; the headline
+    students, the peers and the front are named (the page's table names the rest)."""
     fig, ax = plt.subplots(figsize=(9, 6))
-    for kind, (name, color, marker) in STYLES.items():
-        rows = [r for r in records if r["kind"] == kind and r["bytes"]]
-        ax.scatter(
-            [r["bytes"] / MB for r in rows],
-            [score(r) for r in rows],
-            c=color,
-            marker=marker,
-            label=name,
-            s=60 if kind == "trained" else 30,
-            zorder=3,
-        )
+    line = front(records)
+    named = {id(r) for r in line}
+    for style, (name, color, marker, size) in STYLES.items():
+        rows = [r for r in records if _style(r) == style and r["bytes"]]
+        x, y = [r["bytes"] / MB for r in rows], [score(r) for r in rows]
+        ax.scatter(x, y, c=color, marker=marker, label=name, s=size, zorder=3)
         for r in rows:
-            label = (
-                f"{r['grid']} {r['model']}" if kind in ("start", "trained", "peer") else r["model"]
-            )
+            if style in ("start", "trained") and id(r) not in named:
+                continue
+            label = r["model"] if style in ("fp", "llama.cpp") else f"{r['grid']} {r['model']}"
             ax.annotate(
                 label,
                 (r["bytes"] / MB, score(r)),
@@ -99,14 +100,13 @@ def plot(records: list[Record], path: Path, text: str) -> None:
                 xytext=(3, 2),
                 textcoords="offset points",
             )
-    line = front(records)
     ax.step(
         [r["bytes"] / MB for r in line],
         [score(r) for r in line],
         where="post",
         color="tab:red",
         alpha=0.5,
-        label="front (nothing smaller is better)",
+        label="front (nothing as small or smaller is better)",
     )
     ax.set(xscale="log", yscale="log", xlabel="file size (MB)", ylabel=f"perplexity ({text} text)")
     ax.set_title("SmolLM2-135M: perplexity against size")
