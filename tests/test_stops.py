@@ -3,6 +3,7 @@ weights of the run that was never stopped."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatkd.checkpoint import load_checkpoint
+from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.train.logs import read_csv
 from qatkd.train.stops import StopRequests
 
@@ -68,11 +69,18 @@ def test_a_stop_signal_saves_the_position_and_resume_is_exact(
     )
     assert state["epoch"] == 1 and state["position"]["batches"] == state["step"] - 57
     assert not (out / "metrics.json").exists()
+    assert state["train_seconds"] > state["eval_seconds"] > 0  # one epoch was evaluated
+    long_first_part = {"train_seconds": 1e6, "eval_seconds": 5e5}
+    save_checkpoint({**state, **long_first_part}, out / "last.pt")
     resumed = subprocess.run(
         [sys.executable, "-m", "qatkd", "train", "--resume", str(out)], capture_output=True
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert same_weights(out, uninterrupted)
+    # the run's training and evaluation times count the part before the stop
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 1e6 < metrics["train_seconds"] < 1e6 + 600
+    assert 5e5 < metrics["eval_seconds"] < 5e5 + 600
     assert (out / "steps.csv").read_text() == (uninterrupted / "steps.csv").read_text()
 
 

@@ -93,6 +93,37 @@ def test_generated_text_misses_the_cache_when_the_prompts_change(tmp_path: Path,
     assert calls == 1
 
 
+class Stopped(Exception):
+    """The process stopped mid-generation (a signal, a session's end)."""
+
+
+def test_a_stopped_generation_resumes_at_its_next_batch_with_the_same_text(tmp_path: Path):
+    """7 samples in batches of 2, stopped during the third batch: the next call generates only
+    the last two batches, and the text is the one an uninterrupted generation makes."""
+    shift = sum(map(ord, GENERATION["model_key"]))
+
+    def texts(model: CountingGenerator, cache: Path) -> list[str]:
+        return generated_text(model, Tokenizer(), 7, 5, 0, cache, "model-a", batch_size=2)
+
+    uninterrupted = texts(CountingGenerator(shift), tmp_path / "whole")
+    model = CountingGenerator(shift)
+    made = model.generate
+
+    def stop_at_third(input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        if model.calls == 2:
+            raise Stopped
+        return made(input_ids, max_new_tokens, **kwargs)
+
+    model.generate, cache = stop_at_third, tmp_path / "stopped"
+    with pytest.raises(Stopped):
+        texts(model, cache)
+    assert [p.name.endswith(".partial.json") for p in cache.iterdir()] == [True]
+    model.generate, model.calls = made, 0
+    assert texts(model, cache) == uninterrupted
+    assert model.calls == 2
+    assert [p.name.endswith(".partial.json") for p in cache.iterdir()] == [False]
+
+
 class CountingLM(nn.Module):
     """Logits [B, T, V] from token ids, its forward passes counted."""
 

@@ -382,6 +382,8 @@ def fit(
     last_metrics: dict[str, float] = {}
     best_metrics: dict[str, float] = {}
     position = None  # where inside `start_epoch` a mid-epoch checkpoint stopped
+    seconds_before = 0.0  # trained before a resume (checkpoints before it did not say: 0)
+    eval_seconds = 0.0  # of train_seconds, the epoch-end evaluations
     if resume is not None:
         model.load_state_dict(resume["model"])
         balancer.load_state_dict(resume["balancer"])
@@ -401,6 +403,8 @@ def fit(
         last_metrics = dict(resume["metrics"])
         best_epoch, best_metrics = resume.get("best_epoch", 0), resume.get("best_metrics", {})
         position = resume.get("position")
+        seconds_before = resume.get("train_seconds", 0.0)
+        eval_seconds = resume.get("eval_seconds", 0.0)
     student = model
     if world.distributed:
         model = DistributedDataParallel(
@@ -435,6 +439,8 @@ def fit(
             "best_metrics": best_metrics,
             "metrics": last_metrics,
             "position": position,
+            "train_seconds": trained_seconds(),
+            "eval_seconds": eval_seconds,
         }
 
     def stop_or_save(epoch: int, done: int, sums: list[float], stops: StopRequests) -> None:
@@ -455,6 +461,10 @@ def fit(
         if stop:
             barrier(world)
             raise RunStopped(step, total_steps, stops.signum or signal.SIGTERM, str(run_dir))
+
+    def trained_seconds() -> float:
+        """Seconds of training so far, the processes before a resume included."""
+        return round(seconds_before + time.perf_counter() - started, 1)
 
     started, last_save = time.perf_counter(), time.monotonic()
     with StopRequests() as stops, contextlib.closing(logger):
@@ -545,7 +555,9 @@ def fit(
                 raise QatkdError(f"every step of epoch {epoch + 1} had a non-finite loss")
             if world.is_main:
                 last_metrics = {"train_loss": loss_sum / seen, "train_acc": acc_sum / seen}
+                evaluation_start = time.perf_counter()
                 last_metrics |= evaluate_splits(task, student, splits)
+                eval_seconds += time.perf_counter() - evaluation_start
                 score = sign * last_metrics[f"{selected_on}_{task.main_metric}"]
                 is_best = score > best
                 if is_best:
@@ -574,7 +586,8 @@ def fit(
         **{f"best_{k}": v for k, v in evaluated.items()},
         "epochs": train_cfg.epochs,
         "steps": step,
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "train_seconds": trained_seconds(),
+        "eval_seconds": round(eval_seconds, 1),
         "device": device_name(device),
         **{f"final_{k}": v for k, v in (balancer.weights() | balancer.measured()).items()},
         **(facts or {}),

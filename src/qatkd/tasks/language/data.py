@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -218,22 +219,29 @@ def generated_text(
     batch_size: int = 16,
 ) -> list[str]:
     """`samples` continuations of PROMPTS (in turn), `tokens` new tokens each, sampled with
-    top-p 0.95 at temperature 1; cached as JSON keyed by everything that changes them."""
+    top-p 0.95 at temperature 1; cached as JSON keyed by everything that changes them. Each batch
+    draws its own seed from `seed` and is saved to a partial file as it is done, so a stopped
+    generation resumes at its next batch with the text an uninterrupted one would have made."""
     key = json.dumps([model_key, samples, tokens, seed, PROMPTS], sort_keys=True)
     path = cache_dir / f"generated-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())["texts"]
+    partial = path.with_suffix(".partial.json")
+    texts: list[str] = json.loads(partial.read_text())["texts"] if partial.is_file() else []
     generator = torch.Generator().manual_seed(seed)
     previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    texts: list[str] = []
     model.eval()
+    cache_dir.mkdir(parents=True, exist_ok=True)
     try:
         for first in progress(range(0, samples, batch_size), desc="generating training text"):
+            batch_seed = int(torch.randint(2**31, (1,), generator=generator))
+            if first < len(texts):  # done before a stop
+                continue
             prompts = [
                 PROMPTS[i % len(PROMPTS)] for i in range(first, min(first + batch_size, samples))
             ]
             encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-            torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+            torch.manual_seed(batch_seed)
             out = model.generate(
                 **encoded,
                 max_new_tokens=tokens,
@@ -243,10 +251,16 @@ def generated_text(
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
             texts += tokenizer.batch_decode(out, skip_special_tokens=True)
+            _write_json(partial, {"key": json.loads(key), "texts": texts})
     finally:
         tokenizer.padding_side = previous_side
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".partial-{id(texts)}")
-    partial.write_text(json.dumps({"key": json.loads(key), "texts": texts}))
-    partial.replace(path)
+    _write_json(path, {"key": json.loads(key), "texts": texts})
+    partial.unlink()
     return texts
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    """`path` replaced at once: a reader never sees half a file."""
+    temporary = path.with_suffix(f".tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(content))
+    temporary.replace(path)
