@@ -138,11 +138,13 @@ def paired_table(records: list[dict[str, Any]], bits: tuple[str, ...], metric: s
 
 def balance_fields(metrics: dict[str, Any]) -> dict[str, Any]:
     """What a run's balancer ended with (`final_w_ts`, `final_w_kd`, and the heldout form's
-    `final_align_*`) and its seconds per training step, for `balance_table`."""
+    `final_align_*`) and its seconds per training step (the epoch-end evaluations taken out
+    where the run recorded them), for `balance_table`."""
     steps = metrics.get("steps")
+    training = metrics.get("train_seconds", 0.0) - metrics.get("eval_seconds", 0.0)
     return {
         "final": {k: v for k, v in metrics.items() if k.startswith("final_")},
-        "seconds_per_step": metrics["train_seconds"] / steps if steps else None,
+        "seconds_per_step": training / steps if steps else None,
     }
 
 
