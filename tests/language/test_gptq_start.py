@@ -15,7 +15,13 @@ from qatkd.cli import main
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantLinear
-from qatkd.tasks.language.family import Loaded, build_student, decoder_stages, language_quant
+from qatkd.tasks.language.family import (
+    Loaded,
+    build_student,
+    decoder_stages,
+    language_quant,
+    too_few_calibration_tokens,
+)
 
 
 def _student(tiny_lm: Path, text_files: tuple[Path, Path], *extra: str):
@@ -55,8 +61,9 @@ def test_the_gptq_start_is_closer_to_the_teacher_than_rtn(tiny_lm, text_files, a
     for name, layer in start.named_modules():
         if isinstance(layer, QuantLinear):
             quantizer, before = layer.weight_quantizer, rtn.get_submodule(name).weight_quantizer
-            assert torch.equal(quantizer.scale, before.scale)  # the same grid: RTN's
-            assert torch.equal(quantizer(layer.weight), layer.weight)  # on it, exactly
+            first = slice(0, quantizer.group_size)  # the first group's grid is RTN's
+            assert torch.equal(quantizer.scale[:, first], before.scale[:, first])
+            assert torch.equal(quantizer(layer.weight), layer.weight)  # on its grid, exactly
             moved += int(
                 (
                     quantizer.quantize_int(layer.weight)
@@ -151,3 +158,14 @@ def test_a_learned_asymmetric_grid_trains_from_the_gptq_start_and_exports(
     parity = json.loads((out / "parity.json").read_text())
     assert parity["pytorch"]["ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-5)
     assert abs(parity["ppl_relative_diff_percent"]) < 1e-3
+
+
+def test_calibration_on_fewer_tokens_than_a_layers_inputs_is_noted(tiny_lm, text_files, capsys):
+    """4 blocks of 16 tokens: 64 rows for the 128 inputs of the MLP's down projection."""
+    start, _ = _student(tiny_lm, text_files, "quant.init=gptq", "quant.init_samples=4")
+    assert (
+        "note: GPTQ calibrates on 64 tokens, fewer than the 128 inputs of "
+        "hf.model.layers.0.mlp.down_proj: GPTQ will fit those tokens rather than the text; "
+        "raise quant.init_samples"
+    ) in capsys.readouterr().out
+    assert too_few_calibration_tokens(128, start, decoder_stages(start)) == ""

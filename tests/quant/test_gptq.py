@@ -4,23 +4,30 @@ round-to-nearest on correlated inputs."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
-from qatkd.quant.gptq import gptq, gptq_codes
+from qatkd.quant.gptq import gptq
 
 
-def reference_gptq(weight, hessian, scale, offset, qmin, qmax):
+def reference_gptq(weight, hessian, quantizer):
     """Frantar et al.'s eq. (2)-(3) in a fixed column order: quantize column i, move every
-    other column by -error_i / [H^-1]_ii * [H^-1]_i, then remove i from H^-1."""
+    other column by -error_i / [H^-1]_ii * [H^-1]_i, then remove i from H^-1; at the start of
+    each group of inputs, the quantizer's min-max grid of the weight as it then stands."""
+    qmin, qmax = quantizer.qrange
     w = weight.double().clone()
     h = hessian.double() + 0.01 * hessian.double().diagonal().mean() * torch.eye(len(hessian))
     h_inv = torch.linalg.inv(h)
     codes = torch.zeros_like(w)
     for i in range(w.shape[1]):
+        if i % quantizer.group_size == 0:
+            quantizer.init_from(w.float())
+            scale, offset = quantizer.scale.double(), quantizer.offset.double()
         codes[:, i] = torch.clamp(torch.round((w[:, i] - offset[:, i]) / scale[:, i]), qmin, qmax)
         error = w[:, i] - (codes[:, i] * scale[:, i] + offset[:, i])
         w -= torch.outer(error / h_inv[i, i], h_inv[i])
@@ -36,8 +43,8 @@ def correlated_inputs(rows: int, features: int, seed: int = 0) -> torch.Tensor:
     return latent @ mixing + 0.1 * torch.randn(rows, features, generator=generator)
 
 
-def grid_of(weight: torch.Tensor, asymmetric: bool, bits: int = 3):
-    """A min-max (RTN) grid of groups of 32 from the quantizer itself."""
+def rtn_layer(weight: torch.Tensor, asymmetric: bool, bits: int = 3) -> nn.Sequential:
+    """A one-layer model holding `weight` on its quantizer's min-max (RTN) grid, groups of 32."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     config = QuantConfig(
         bits=f"W{bits}A16", method="lsq", group_size=32, asymmetric=asymmetric, init="rtn"
@@ -45,26 +52,36 @@ def grid_of(weight: torch.Tensor, asymmetric: bool, bits: int = 3):
     model = prepare(nn.Sequential(linear), config.model_copy(update={"first_last_bits": None}))
     with torch.no_grad():
         model[0].weight.copy_(weight)
-    quantizer = model[0].weight_quantizer
-    quantizer.init_from(weight)
-    return quantizer
+    model[0].weight_quantizer.init_from(weight)
+    return model
+
+
+def second_moment(x: torch.Tensor) -> torch.Tensor:
+    return x.T.double() @ x.double() / len(x)
 
 
 @pytest.mark.parametrize("asymmetric", (False, True))
-def test_gptq_picks_the_codes_of_the_papers_update(asymmetric):
-    """160 inputs: two lazy batches of columns (128 + 32), five groups; the same codes as the
-    plain update, every one of them."""
+def test_gptq_picks_the_codes_and_grids_of_the_papers_update(asymmetric):
+    """176 inputs: lazy batches of columns (128 + 48), groups of 32 and a last one of 16; the
+    same codes as the plain update, every one of them, on grids GPTQ's errors moved, which the
+    quantizer then holds: it computes those codes from the weight GPTQ leaves."""
     torch.manual_seed(0)
-    weight = torch.randn(12, 160)
-    x = correlated_inputs(400, 160)
-    hessian = x.T.double() @ x.double() / len(x)
-    quantizer = grid_of(weight, asymmetric)
-    scale, offset = quantizer.scale, quantizer.offset
-    codes = gptq_codes(weight, hessian, scale, offset, quantizer.qrange)
-    expected = reference_gptq(weight, hessian, scale, offset, *quantizer.qrange)
+    weight = torch.randn(12, 176)
+    x = correlated_inputs(400, 176)
+    model = rtn_layer(weight, asymmetric)
+    rtn_scale = model[0].weight_quantizer.scale.clone()
+    rtn_codes = model[0].weight_quantizer.quantize_int(weight)
+    gptq(model, [x], [["0"]])
+    layer, quantizer = model[0], model[0].weight_quantizer
+    expected = reference_gptq(
+        weight, second_moment(x), rtn_layer(weight, asymmetric)[0].weight_quantizer
+    )
+    codes = quantizer.quantize_int(layer.weight)
     assert torch.equal(codes, expected)
-    rtn = quantizer.quantize_int(weight)
-    assert (codes != rtn).float().mean() > 0.05  # the error moved codes: not RTN
+    assert torch.equal(codes * quantizer.scale + quantizer.offset, layer.weight)
+    assert (codes != rtn_codes).float().mean() > 0.05  # the error moved codes: not RTN
+    assert not torch.equal(quantizer.scale[:, 32:], rtn_scale[:, 32:])  # and later grids
+    assert torch.equal(quantizer.scale[:, :32], rtn_scale[:, :32])  # not the first
 
 
 @pytest.mark.parametrize("asymmetric", (False, True))
@@ -72,17 +89,14 @@ def test_gptq_output_error_is_below_round_to_nearest(asymmetric):
     torch.manual_seed(1)
     weight = torch.randn(16, 64)
     x = correlated_inputs(512, 64, seed=1)
-    quantizer = grid_of(weight, asymmetric)
-    scale, offset = quantizer.scale, quantizer.offset
-    hessian = x.T.double() @ x.double() / len(x)
-    codes = gptq_codes(weight, hessian, scale, offset, quantizer.qrange)
+    model = rtn_layer(weight, asymmetric)
+    rtn = model[0].weight_quantizer(weight).detach()
+    gptq(model, [x], [["0"]])
 
     def output_error(quantized: torch.Tensor) -> float:
         return float(((x @ weight.T - x @ quantized.T) ** 2).mean())
 
-    gptq_error = output_error(codes.float() * scale + offset)
-    rtn_error = output_error(quantizer(weight).detach())
-    assert gptq_error < 0.5 * rtn_error
+    assert output_error(model[0].weight.detach()) < 0.5 * output_error(rtn)
 
 
 def test_an_input_that_is_always_zero_is_rounded_to_nearest():
@@ -90,10 +104,12 @@ def test_an_input_that_is_always_zero_is_rounded_to_nearest():
     weight = torch.randn(4, 32)
     x = correlated_inputs(100, 32, seed=2)
     x[:, 5] = 0
-    quantizer = grid_of(weight, asymmetric=False)
-    hessian = x.T.double() @ x.double() / len(x)
-    codes = gptq_codes(weight, hessian, quantizer.scale, quantizer.offset, quantizer.qrange)
-    assert torch.equal(codes[:, 5], quantizer.quantize_int(weight)[:, 5])
+    model = rtn_layer(weight, asymmetric=False)
+    rtn_codes = model[0].weight_quantizer.quantize_int(weight)
+    gptq(model, [x], [["0"]])
+    codes = model[0].weight_quantizer.quantize_int(model[0].weight)
+    assert torch.equal(codes[:, 5], rtn_codes[:, 5])
+    assert not torch.equal(codes, rtn_codes)
 
 
 class Counted(nn.Module):
@@ -120,6 +136,10 @@ def test_stages_are_quantized_in_order_on_the_quantized_earlier_stages():
     batches = [correlated_inputs(20, 64, seed=s) for s in range(3)]
     calibrate(model, batches[:1], 1)
     model[2].calls = model[4].calls = 0
+    original, rtn_quantizer = (
+        model[3].weight.detach().clone(),
+        copy.deepcopy(model[3].weight_quantizer),
+    )
     gptq(model, batches, [["0"], ["3"]])
     assert (model[2].calls, model[4].calls) == (3, 0)  # each pass stops after its stage
     for layer in (model[0], model[3]):
@@ -128,11 +148,8 @@ def test_stages_are_quantized_in_order_on_the_quantized_earlier_stages():
     x = torch.cat(batches)
     inputs = torch.relu(model[0](x)).double()
     hessian = inputs.T @ inputs / len(inputs)
-    quantizer = model[3].weight_quantizer
-    expected = reference_gptq(
-        model[3].weight, hessian, quantizer.scale, quantizer.offset, *quantizer.qrange
-    )
-    assert torch.equal(quantizer.quantize_int(model[3].weight), expected)
+    expected = reference_gptq(original, hessian, rtn_quantizer)
+    assert torch.equal(model[3].weight_quantizer.quantize_int(model[3].weight), expected)
 
 
 def test_gptq_needs_a_stored_grid():

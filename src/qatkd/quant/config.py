@@ -61,8 +61,8 @@ class QuantConfig(BaseModel):
     (the first matching pattern; over `first_last_bits`; not where the rest are 16), e.g.
     `{"*lm_head": 8}`. `group_size` gives Linear weights one scale per group of that many
     inputs, and `asymmetric` gives each such group an offset (unsigned codes). `init` starts the
-    weight grids at RTN's min-max grid, and with `gptq` sets the codes by GPTQ on calibration
-    activations (`qatkd.quant.gptq`; the task family supplies them). `act_method=dynamic` (A8,
+    weight grids at RTN's min-max grid, and with `gptq` sets the codes (and each group's grid) by
+    GPTQ on calibration activations (`qatkd.quant.gptq`; the task family supplies them). `act_method=dynamic` (A8,
     Linear layers) quantizes each input row in blocks at run time, as onnxruntime's int8
     MatMulNBits kernels do (`DynamicBlockQuantizer`). `format` trains on a deployed format's grid
     exactly: `q4_0` / `q8_0` / `q4_1` (GGUF) mean weight-only W4 / W8 / asymmetric W4 in groups of
@@ -105,8 +105,9 @@ class QuantConfig(BaseModel):
     init: Literal["rtn", "gptq"] | None = Field(
         None,
         description="how weight grids start: null: the method's own start; rtn: the min-max "
-        "grid (lsq: QAT starts exactly at round-to-nearest); gptq: that grid with the codes of "
-        "GPTQ on calibration activations (lsq; language: the training text)",
+        "grid (lsq: QAT starts exactly at round-to-nearest); gptq: the codes of GPTQ on "
+        "calibration activations, each group's min-max grid taken as GPTQ reaches it (lsq; "
+        "language: the training text)",
     )
     init_samples: int = Field(
         128, gt=0, description="calibration samples for init=gptq (language: training blocks)"

@@ -6,10 +6,13 @@ For a Linear layer with inputs x, GPTQ picks the integer codes of its weight W c
 float one: each column is rounded to the nearest code, and its rounding error is spread over
 the columns not yet quantized through the inverse of the inputs' Hessian H = E[x x^T]
 (Optimal Brain Quantization's update in a fixed order, computed from the Cholesky factor of
-H^-1, in lazy batches of columns). The grid is the layer's weight quantizer's own (`scale` and
-`offset` in its stored form: groups, bits, symmetric or asymmetric, float16 for a GGUF format),
-fixed before the pass, so the codes GPTQ picks are exactly the codes that quantizer computes
-from the weight it leaves behind: codes * scale + offset.
+H^-1, in lazy batches of columns). The grid is the layer's weight quantizer's own rule (groups,
+bits, symmetric or asymmetric, float16 for a GGUF format), applied to each group of inputs when
+GPTQ reaches it, to the group's columns as the earlier columns' errors left them, as the paper's
+code does: a grid fixed from the original weight clips the columns those errors pushed past its
+range (at W3 g128 on SmolLM2 that start scored perplexity 1,879 where round-to-nearest scored
+352). The quantizer is left holding those grids, so the codes GPTQ picks are exactly the codes
+it computes from the weight GPTQ leaves behind: codes * scale + offset.
 
 `gptq` quantizes a model stage by stage (for an LLM, decoder block by decoder block): each
 stage's Hessians are measured on the calibration batches with the earlier stages already
@@ -20,12 +23,14 @@ their inputs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from qatkd.errors import QatkdError
+from qatkd.quant.base import Quantizer
 from qatkd.quant.modules import QuantLinear
 
 DAMP = 0.01
@@ -34,14 +39,24 @@ BLOCK = 128
 """Columns updated together before the error reaches the rest of the weight (lazy batches)."""
 
 
+Grid = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""A weight `[out, in]` to the scale and offset `[out, in]` of its grid, group by group."""
+
+
 @torch.no_grad()
 def gptq_codes(
-    weight: Tensor, hessian: Tensor, scale: Tensor, offset: Tensor, qrange: tuple[int, int]
-) -> Tensor:
-    """The codes `[out, in]` GPTQ picks for `weight` on the grid `codes * scale + offset`
-    (`scale`, `offset`: `[out, in]`, codes in `qrange`), given the Hessian `[in, in]` of the
-    layer's inputs (module doc). An input that was always zero has H's diagonal 1 there:
-    rounded to nearest, its error spread nowhere."""
+    weight: Tensor,
+    hessian: Tensor,
+    grid: Grid,
+    group_widths: Sequence[int],
+    qrange: tuple[int, int],
+) -> tuple[Tensor, Tensor]:
+    """The codes `[out, in]` GPTQ picks for `weight` given the Hessian `[in, in]` of the layer's
+    inputs (module doc), on the grid `codes * scale + offset` that `grid` gives each group of
+    inputs (`group_widths`, in order; one group: a grid per row) when GPTQ reaches it. Also
+    returns the weight whose grid is the one used: each group's columns as they stood then. An
+    input that was always zero has H's diagonal 1 there: rounded to nearest, its error spread
+    nowhere."""
     qmin, qmax = qrange
     h = hessian.double().clone()
     dead = h.diagonal() == 0
@@ -51,11 +66,18 @@ def gptq_codes(
     # column i's error to the later columns, scaled by its diagonal entry.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     w = weight.double().clone()
-    scale, offset = scale.double(), offset.double()
+    gridded = torch.empty_like(w)
     codes = torch.empty_like(w)
     columns = w.shape[1]
-    for start in range(0, columns, BLOCK):
-        end = min(start + BLOCK, columns)
+    group_starts = {int(sum(group_widths[:g])) for g in range(len(group_widths))}
+    # A lazy batch ends at every group start too: a group's grid sees every earlier error.
+    bounds = sorted(group_starts | set(range(0, columns, BLOCK)) | {columns})
+    scale: Tensor
+    offset: Tensor
+    for start, end in itertools.pairwise(bounds):
+        if start in group_starts:
+            gridded[:, start:] = w[:, start:]
+            scale, offset = (t.double() for t in grid(w.to(weight.dtype)))
         errors = torch.empty(w.shape[0], end - start, dtype=w.dtype, device=w.device)
         for i in range(start, end):
             codes[:, i] = torch.clamp(
@@ -65,7 +87,7 @@ def gptq_codes(
             w[:, i:end] -= error[:, None] * u[i, i:end]
             errors[:, i - start] = error
         w[:, end:] -= errors @ u[start:end, end:]
-    return codes
+    return codes, gridded.to(weight.dtype)
 
 
 @torch.no_grad()
@@ -82,11 +104,24 @@ def gptq(model: nn.Module, batches: Sequence[Tensor], stages: Sequence[Sequence[
             layers = {name: _grid_layer(model, name) for name in stage}
             for name, hessian in _hessians(model, batches, layers).items():
                 layer, quantizer = layers[name], layers[name].weight_quantizer
-                scale, offset = quantizer.scale, quantizer.offset
-                codes = gptq_codes(layer.weight, hessian, scale, offset, quantizer.qrange)
-                layer.weight.copy_(codes.to(scale.dtype) * scale + offset)
+                widths = quantizer.group_widths or [layer.in_features]
+                codes, gridded = gptq_codes(
+                    layer.weight, hessian, _grid_of(quantizer), widths, quantizer.qrange
+                )
+                quantizer.init_from(gridded)
+                layer.weight.copy_(codes.to(gridded.dtype) * quantizer.scale + quantizer.offset)
     finally:
         model.train(was_training)
+
+
+def _grid_of(quantizer: Quantizer) -> Grid:
+    """The quantizer's grid rule (its `init_from`) as a function of the weight."""
+
+    def grid(weight: Tensor) -> tuple[Tensor, Tensor]:
+        quantizer.init_from(weight)
+        return quantizer.scale, quantizer.offset
+
+    return grid
 
 
 def _grid_layer(model: nn.Module, name: str) -> QuantLinear:
