@@ -102,6 +102,20 @@ def learning_overrides(root: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def language_overrides(model: Path, text_files: tuple[Path, Path], *extra: str) -> list[str]:
+    """A language run on the Hugging Face folder `model` (the tiny Llama of tests/language) and
+    the test's (training, evaluation) text files, in blocks of 16 tokens; then `extra`."""
+    train, evaluation = text_files
+    return [
+        "task=language",
+        f"model.path={model}",
+        f"data.train_files=[{train}]",
+        f"data.eval_files=[{evaluation}]",
+        "data.block_size=16",
+        *extra,
+    ]
+
+
 def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
     """A run on the npz fixture that takes a second or two."""
     return [

@@ -25,23 +25,16 @@ from qatkd.tasks.language.genai import (
     pack_codes,
     per_block,
 )
+from testdata import language_overrides
 
 IDS = np.array([[5, 9, 17, 3, 40, 2, 33, 70]], dtype=np.int64)
 
 
 def exported_student(tiny_lm: Path, text_files, out: Path, bits: str, group: int, *extra: str):
-    train, evaluation = text_files
     config = load_config(
-        overrides=[
-            "task=language",
-            f"model.path={tiny_lm}",
-            f"data.train_files=[{train}]",
-            f"data.eval_files=[{evaluation}]",
-            "data.block_size=16",
-            f"quant.bits={bits}",
-            f"quant.group_size={group}",
-            *extra,
-        ]
+        overrides=language_overrides(
+            tiny_lm, text_files, f"quant.bits={bits}", f"quant.group_size={group}", *extra
+        )
     )
     config = config.model_copy(update={"quant": language_quant(config.quant)})
     loaded = Loaded(config, training=False)

@@ -22,22 +22,12 @@ from qatkd.tasks.language.family import (
     language_quant,
     too_few_calibration_tokens,
 )
+from testdata import language_overrides
 
 
 def _student(tiny_lm: Path, text_files: tuple[Path, Path], *extra: str):
-    train, evaluation = text_files
-    overrides = [
-        "task=language",
-        f"model.path={tiny_lm}",
-        f"data.train_files=[{train}]",
-        f"data.eval_files=[{evaluation}]",
-        "data.block_size=16",
-        "quant.bits=W2A16",
-        "quant.group_size=32",
-        "quant.method=lsq",
-        *extra,
-    ]
-    config = load_config(overrides=overrides)
+    overrides = ["quant.bits=W2A16", "quant.group_size=32", "quant.method=lsq", *extra]
+    config = load_config(overrides=language_overrides(tiny_lm, text_files, *overrides))
     config = config.model_copy(update={"quant": language_quant(config.quant)})
     loaded = Loaded(config)
     return build_student(config, loaded).eval(), loaded
@@ -90,11 +80,7 @@ def test_ptq_from_the_gptq_start_reads_the_training_text(tiny_lm, text_files, tm
     out = tmp_path / "gptq"
     argv = [
         "ptq",
-        "task=language",
-        f"model.path={tiny_lm}",
-        f"data.train_files=[{text_files[0]}]",
-        f"data.eval_files=[{text_files[1]}]",
-        "data.block_size=16",
+        *language_overrides(tiny_lm, text_files),
         "quant.bits=W3A16",
         "quant.method=lsq",
         "quant.init=gptq",
@@ -129,11 +115,7 @@ def test_a_learned_asymmetric_grid_trains_from_the_gptq_start_and_exports(
     out = tmp_path / "kd"
     argv = [
         "distill",
-        "task=language",
-        f"model.path={tiny_lm}",
-        f"data.train_files=[{text_files[0]}]",
-        f"data.eval_files=[{text_files[1]}]",
-        "data.block_size=16",
+        *language_overrides(tiny_lm, text_files),
         "quant.bits=W4A16",
         "quant.group_size=32",
         "quant.method=lsq",

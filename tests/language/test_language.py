@@ -38,7 +38,7 @@ from qatkd.tasks.language.family import (
 )
 from qatkd.tasks.language.source import load_pretrained
 from qatkd.tasks.language.task import CausalLM, LanguageTask
-from testdata import measured_alignments
+from testdata import language_overrides, measured_alignments
 
 USER_CACHE = os.environ.get("QATKD_CACHE")
 """The cache a user's runs share, read before the tests' own (the real SmolLM2 test keeps it:
@@ -126,21 +126,8 @@ def test_language_quant_defaults_and_weight_only():
     assert (dynamic.weight_method_name, dynamic.act_method_name) == ("minmax", "dynamic")
 
 
-def _overrides(tiny_lm: Path, text_files: tuple[Path, Path], *extra: str) -> list[str]:
-    """A language run on the tiny model and the test's text files, blocks of 16 tokens."""
-    train, evaluation = text_files
-    return [
-        "task=language",
-        f"model.path={tiny_lm}",
-        f"data.train_files=[{train}]",
-        f"data.eval_files=[{evaluation}]",
-        "data.block_size=16",
-        *extra,
-    ]
-
-
 def _config(tiny_lm: Path, text_files: tuple[Path, Path], *extra: str):
-    return load_config(overrides=_overrides(tiny_lm, text_files, *extra))
+    return load_config(overrides=language_overrides(tiny_lm, text_files, *extra))
 
 
 def test_student_shares_the_frozen_embedding_and_quantizes_decoder_linears(tiny_lm, text_files):
@@ -242,7 +229,7 @@ def test_language_caches_follow_the_weights_content_not_the_folder(
     shutil.copytree(tiny_lm, folder)
     weights = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
-    overrides = _overrides(folder, text_files)
+    overrides = language_overrides(folder, text_files)
     for seed in (1, 2):
         torch.manual_seed(seed)
         changed = {k: v + 0.5 * torch.randn_like(v) for k, v in weights.items()}
@@ -253,7 +240,7 @@ def test_language_caches_follow_the_weights_content_not_the_folder(
 
 def test_distill_eval_and_rtn_from_the_cli(tiny_lm, text_files, tmp_path, capsys):
     evaluation = text_files[1]
-    common = _overrides(
+    common = language_overrides(
         tiny_lm, text_files, "quant.bits=W4A16", "quant.group_size=32", "train.threads=1"
     )
     out = tmp_path / "kd"
@@ -301,7 +288,9 @@ def test_heldout_gor_trains_a_language_model(tiny_lm, text_files, tmp_path):
         "balancer.held_out=0.2",
         "train.log_every=1",
     ]
-    common = _overrides(tiny_lm, text_files, "quant.bits=W4A16", "quant.group_size=32", *heldout)
+    common = language_overrides(
+        tiny_lm, text_files, "quant.bits=W4A16", "quant.group_size=32", *heldout
+    )
     out = tmp_path / "kd"
     assert main(["distill", *common, "train.threads=1", f"teachers=[{tiny_lm}]", f"out={out}"]) == 0
     assert list(measured_alignments(out)) == ["align_ts", "align_kd"]
@@ -330,7 +319,10 @@ def test_teachers_of_another_family_or_vocabulary_are_one_line_errors(
     AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(wider)
     image = tmp_path / "image.pt"
     save_checkpoint({"meta": {"task": "detection"}}, image)
-    common = ["distill", *_overrides(tiny_lm, text_files, "quant.bits=W4A16", "train.threads=1")]
+    common = [
+        "distill",
+        *language_overrides(tiny_lm, text_files, "quant.bits=W4A16", "train.threads=1"),
+    ]
     for teacher, message in (
         (image, f"teacher {image} is a detection checkpoint; language teachers are"),
         (wider, f"teacher {wider} predicts over {model.config.vocab_size} tokens, but"),

@@ -9,19 +9,15 @@ import numpy as np
 from qatkd import pipeline
 from qatkd.config import load_config
 from qatkd.train.logs import read_csv
+from testdata import language_overrides
 
 
 def test_language_qat_loss_falls(tiny_lm: Path, text_files: tuple[Path, Path], tmp_path: Path):
     """48 steps of next-token training on the repeated corpus: the mean loss of the last 5 steps
     is ~0.85 of the first 5 over seeds 0-2 (from ~5.8, ln of the vocabulary; the embedding stays
     frozen, so it falls slowly), where a run that climbs the gradient ends above its start."""
-    train, evaluation = text_files
     overrides = [
-        "task=language",
-        f"model.path={tiny_lm}",
-        f"data.train_files=[{train}]",
-        f"data.eval_files=[{evaluation}]",
-        "data.block_size=16",
+        *language_overrides(tiny_lm, text_files),
         "quant.bits=W4A16",
         "quant.group_size=32",
         "train.lr=3e-3",
