@@ -102,7 +102,8 @@ def untrained(name: str, size: int) -> Classifier:
 def fine_tune(model: nn.Module, train: Images, schedule: FineTuning, lr: float) -> None:
     """AdamW steps on random batches of the first `POOL` training images, then the BatchNorm
     statistics of `schedule.norm_images` of them (after so few steps, the running averages are
-    far from them), measured in eval mode otherwise (no dropout or stochastic depth)."""
+    far from them), measured in eval mode otherwise: torch's `update_bn` runs the whole model in
+    training mode, where stochastic depth and dropout would skew the later layers' statistics."""
     optimizer = torch.optim.AdamW(model.parameters(), lr)
     generator = torch.Generator().manual_seed(0)
     model.train()

@@ -165,12 +165,7 @@ def _train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, lr: float) -
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average
-    with torch.no_grad():
-        model(x[:512])
+    torch.optim.swa_utils.update_bn([x[:512]], model)
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
