@@ -10,7 +10,7 @@ from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.tasks import task_family
-from qatkd.train import engine
+from qatkd.train import engine, optim
 from testdata import tiny_overrides
 
 
@@ -78,12 +78,12 @@ def test_existing_run_folder_is_not_overwritten(npz_root: Path, tmp_path: Path):
 
 
 def test_warmup_cosine_schedule():
-    factor = engine.warmup_cosine(total_steps=10, warmup_steps=2)
+    factor = optim.warmup_cosine(total_steps=10, warmup_steps=2)
     assert [round(factor(s), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
 
 
 def test_weight_decay_skips_norms_and_biases():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
-    decay, no_decay = engine.parameter_groups(model, 1e-4)
+    decay, no_decay = optim.parameter_groups(model, 1e-4)
     assert [p.shape for p in decay["params"]] == [(2, 1, 3, 3)]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0

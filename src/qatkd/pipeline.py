@@ -42,8 +42,8 @@ from qatkd.quant import quant_summary
 from qatkd.tasks import Source, TaskFamily, task_family
 from qatkd.train import evaluate_splits, fit
 from qatkd.train.distributed import World, broadcast, init_world
-from qatkd.train.engine import time_steps
 from qatkd.train.held_out import reserve_held_out
+from qatkd.train.step import time_steps
 from qatkd.train.tensorboard import require_tensorboard
 
 

@@ -62,13 +62,14 @@ class QuantConfig(BaseModel):
     `{"*lm_head": 8}`. `group_size` gives Linear weights one scale per group of that many
     inputs, and `asymmetric` gives each such group an offset (unsigned codes). `init` starts the
     weight grids at RTN's min-max grid, and with `gptq` sets the codes (and each group's grid) by
-    GPTQ on calibration activations (`qatkd.quant.gptq`; the task family supplies them). `act_method=dynamic` (A8,
-    Linear layers) quantizes each input row in blocks at run time, as onnxruntime's int8
-    MatMulNBits kernels do (`DynamicBlockQuantizer`). `format` trains on a deployed format's grid
-    exactly: `q4_0` / `q8_0` / `q4_1` (GGUF) mean weight-only W4 / W8 / asymmetric W4 in groups of
-    32 with float16 scales (and minimums); it sets `bits`, `group_size` and `asymmetric` where
-    they are not given, and refuses values that contradict it. `check_grid` checks what a task
-    family's defaults could still change (the method, the groups) once they are applied."""
+    GPTQ on calibration activations (`qatkd.quant.gptq`; the task family supplies them).
+    `act_method=dynamic` (A8, Linear layers) quantizes each input row in blocks at run time, as
+    onnxruntime's int8 MatMulNBits kernels do (`DynamicBlockQuantizer`). `format` trains on a
+    deployed format's grid exactly: `q4_0` / `q8_0` / `q4_1` (GGUF) mean weight-only W4 / W8 /
+    asymmetric W4 in groups of 32 with float16 scales (and minimums); it sets `bits`,
+    `group_size` and `asymmetric` where they are not given, and refuses values that contradict
+    it. `check_grid` checks what a task family's defaults could still change (the method, the
+    groups) once they are applied."""
 
     model_config = ConfigDict(extra="forbid")
 

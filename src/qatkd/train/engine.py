@@ -20,14 +20,13 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from qatkd.balance import LossBalancer, grad_conflict
 from qatkd.checkpoint import save_checkpoint
@@ -35,16 +34,14 @@ from qatkd.config import Config, config_to_dict
 from qatkd.device import device_name, loader_options, mixed_precision, to_device
 from qatkd.errors import QatkdError
 from qatkd.progress import progress, report
-from qatkd.quant import Quantizer
-from qatkd.train.distributed import World, any_rank, average_gradients, barrier, gather
+from qatkd.train.distributed import World, any_rank, barrier, gather
 from qatkd.train.held_out import HeldOutPass, reserve_held_out
-from qatkd.train.logs import CsvLog
+from qatkd.train.logs import RunLog
+from qatkd.train.optim import build_optimizer, warmup_cosine
 from qatkd.train.plots import plot_run
+from qatkd.train.step import forward_losses, make_kd_parts, optimizer_step
 from qatkd.train.stops import RunStopped, StopRequests
 from qatkd.train.task import Task, TeacherOutputs
-from qatkd.train.tensorboard import ScalarLog
-
-DIAG_KEYS = ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
 
 
 def evaluate_splits(
@@ -62,51 +59,6 @@ def evaluate_splits(
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights only: not on norms, biases or quantizer scales."""
-    quantizer_params = {
-        id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()
-    }
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim > 1 and id(p) not in quantizer_params else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "weights"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases_quantizers"},
-    ]
-
-
-def build_optimizer(
-    model: nn.Module, balancer: LossBalancer, config: Config, kd_parts: nn.Module | None = None
-) -> torch.optim.Optimizer:
-    train = config.train
-    groups = parameter_groups(model, train.weight_decay)
-    groups += balancer.param_groups(config.balancer.lr, train.lr)
-    if kd_parts is not None:  # at the model's rate and weight decay
-        groups += [
-            {**group, "name": f"kd_{group['name']}"}
-            for group in parameter_groups(kd_parts, train.weight_decay)
-            if group["params"]
-        ]
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=train.lr)
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the base rate, then cosine decay to zero: a factor per step."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 class SkipFirst(Sampler):
@@ -136,126 +88,6 @@ def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def make_kd_parts(
-    task: Task,
-    model: nn.Module,
-    train_set: Dataset,
-    balancer: LossBalancer,
-    teacher_outputs: TeacherOutputs | None,
-    seed: int,
-) -> nn.Module | None:
-    """`task.kd_parts` for a run that uses its teachers, on the model's device, shown the first
-    training sample. The global RNG is left as it was, and the parts are initialised from `seed`
-    alone, so every process of a run starts with the same ones."""
-    if teacher_outputs is None or not balancer.needs_teacher:
-        return None
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        example = to_device(default_collate([train_set[0]]), device)
-        parts = task.kd_parts(model, teacher_outputs, example)
-    return None if parts is None else parts.to(device)
-
-
-def forward_losses(
-    model: nn.Module,
-    task: Task,
-    batch: Any,
-    balancer: LossBalancer,
-    teacher_outputs: TeacherOutputs | None,
-    precision: Any,
-    held_out: HeldOutPass | None = None,
-    step: int = 0,
-) -> tuple[Any, torch.Tensor, Any, torch.Tensor]:
-    """(outputs, L_TS, L_KD or None, the balanced total) of one batch, autocast as configured;
-    with `held_out`, the balancer first takes the alignments measured on this step (if due;
-    `step`: the steps done before this one)."""
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, precision.dtype, enabled=precision.enabled):
-        outputs = model(task.inputs(batch))
-        l_ts = task.task_loss(outputs, batch)
-        l_kd = None
-        if teacher_outputs is not None and balancer.needs_teacher:
-            l_kd = task.kd_loss(outputs, teacher_outputs(batch))
-    if held_out is not None:
-        held_out.observe(balancer, l_ts, l_kd, step)
-    return outputs, l_ts, l_kd, balancer(l_ts, l_kd)
-
-
-def optimizer_step(
-    total: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    world: World,
-    balancer: LossBalancer,
-    kd_parts: nn.Module | None = None,
-) -> None:
-    """Backward and one update of the model, the balancer and the KD loss's parts (their
-    gradients averaged over the ranks; DDP averages the model's)."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
-    average_gradients(world, balancer)
-    if kd_parts is not None:
-        average_gradients(world, kd_parts)
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def time_steps(
-    model: nn.Module,
-    task: Task,
-    train_set: Dataset,
-    config: Config,
-    balancer: LossBalancer,
-    teacher_outputs: TeacherOutputs | None,
-    steps: int = 3,
-) -> float:
-    """Seconds per training step of this run on this machine, one process: the mean of `steps`
-    real steps (forward, losses, backward, update) after a warm-up step. A balancer's
-    held-out pass, which runs every `balancer.every` steps, is timed on every step and counted
-    at its share. It trains `model`."""
-    device = next(model.parameters()).device
-    balancer.to(device)
-    train_set, held = reserve_held_out(train_set, config, balancer)
-    loader = DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True)
-    kd_parts = make_kd_parts(task, model, train_set, balancer, teacher_outputs, config.seed)
-    optimizer = build_optimizer(model, balancer, config, kd_parts)
-    precision = mixed_precision(device, config.train.bf16)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
-    held_out = None
-    if held is not None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        world = World(device=device)
-        batch_size = config.train.batch_size
-        held_out = HeldOutPass(held, model, task, params, config, batch_size, world, precision)
-    model.train()
-    balancer.train()
-    timed: list[float] = []
-    passes: list[float] = []
-
-    def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    for batch in itertools.islice(itertools.cycle(loader), steps + 1):
-        started = now()
-        batch = to_device(batch, device)
-        _, l_ts, l_kd, total = forward_losses(
-            model, task, batch, balancer, teacher_outputs, precision
-        )
-        if held_out is not None:
-            before = now()
-            held_out.observe(balancer, l_ts, l_kd, step=0)  # due: timed on every step
-            passes.append(now() - before)
-        optimizer_step(total, optimizer, scaler, World(), balancer, kd_parts)
-        timed.append(now() - started)
-    per_step = sum(timed[1:]) / steps
-    if held_out is not None:
-        per_step += sum(passes[1:]) / steps * (1 / config.balancer.every - 1)
-    return per_step
-
-
 def per_rank_batch_size(batch_size: int, world: World) -> int:
     """`train.batch_size` is the global batch: each of N processes takes 1/N of it."""
     if batch_size % world.size:
@@ -264,58 +96,6 @@ def per_rank_batch_size(batch_size: int, world: World) -> int:
             f"use a multiple of {world.size}"
         )
     return batch_size // world.size
-
-
-class _StepLogger:
-    """steps.csv (every `log_every` steps) and log.csv (every epoch), written by rank 0, and with
-    `train.tensorboard` the same rows as scalars (`ScalarLog`): `steps/<column>` and
-    `epochs/<column>`, both at the row's global step."""
-
-    def __init__(
-        self,
-        run_dir: Path,
-        config: Config,
-        task: Task,
-        balancer: LossBalancer,
-        splits: list[str],
-    ) -> None:
-        diag = DIAG_KEYS if config.diag.every else []
-        weights = [*balancer.weights(), *balancer.measured()]
-        step_fields = ["step", "epoch", "lr", "loss", "l_ts", "l_kd", *weights, *diag]
-        self.steps = CsvLog(run_dir / "steps.csv", step_fields)
-        evaluated = [f"{split}_{task.main_metric}" for split in splits]
-        epoch_fields = ["epoch", "step", "lr", "train_loss", "train_acc", *evaluated]
-        self.epochs = CsvLog(run_dir / "log.csv", [*epoch_fields, "seconds"])
-        self.run_dir, self.tensorboard = run_dir, config.train.tensorboard
-        self.board: ScalarLog | None = None
-
-    def start(self, resume: dict[str, Any] | None) -> None:
-        self.steps.start(("step", resume["step"]) if resume else None)
-        self.epochs.start(("epoch", resume["epoch"]) if resume else None)
-        if self.tensorboard:
-            self.board = ScalarLog(self.run_dir, keep_until=resume["step"] if resume else 0)
-
-    def step(self, row: dict[str, Any]) -> None:
-        self._append(self.steps, "steps", row)
-
-    def epoch(self, row: dict[str, Any]) -> None:
-        """A row of log.csv, flushed at once: it comes after the epoch's checkpoint."""
-        self._append(self.epochs, "epochs", row)
-        self.flush()
-
-    def _append(self, log: CsvLog, section: str, row: dict[str, Any]) -> None:
-        log.append(row)
-        if self.board is not None:  # the CSV's columns only: the same figures in both
-            self.board.add(section, {k: row.get(k) for k in log.fields}, row["step"])
-
-    def flush(self) -> None:
-        """Before each checkpoint: a run killed after it loses no event its resume keeps."""
-        if self.board is not None:
-            self.board.flush()
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
 
 
 def fit(
@@ -410,7 +190,7 @@ def fit(
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    logger = _StepLogger(
+    logger = RunLog(
         run_dir, config, task, balancer, [s for s, d in splits.items() if d is not None]
     )
     student_params = [p for p in student.parameters() if p.requires_grad]
