@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from qatkd import pipeline
+from qatkd import pipeline, run_dirs
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
@@ -54,7 +54,7 @@ def test_too_little_free_disk_is_refused_before_the_run_folder(
     class Usage:
         free = 10_000  # bytes: less than one checkpoint of the model
 
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: Usage())
+    monkeypatch.setattr(run_dirs.shutil, "disk_usage", lambda path: Usage())
     out = tmp_path / "run"
     with pytest.raises(QatkdError, match=r"not enough free disk for the checkpoints of this run"):
         pipeline.train(load_config(overrides=tiny_overrides(npz_root, out)))
