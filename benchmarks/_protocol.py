@@ -13,7 +13,7 @@ from typing import Any
 
 from _seeds import Stat, cell
 
-from qatkd.pipeline import run_or_reuse
+from qatkd.reuse import run_or_reuse
 from qatkd.train.stops import RunStopped
 
 ALPHAS = ("0.1", "0.3", "0.5", "0.7", "0.9")

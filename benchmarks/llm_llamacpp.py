@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
-from qatkd.pipeline import run_or_reuse
+from qatkd.reuse import run_or_reuse
 from qatkd.tasks.language.data import DEFAULT_EVAL_TEXT, read_text, tokenize
 from qatkd.tasks.language.family import LANGUAGE, Loaded
 from qatkd.tasks.language.gguf_file import GGUF_FILE

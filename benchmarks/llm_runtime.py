@@ -35,7 +35,7 @@ from _protocol import targets_table
 from _provenance import markdown_header, start
 from torch.utils.data import DataLoader
 
-from qatkd import pipeline
+from qatkd import pipeline, reuse
 from qatkd.config import load_config
 from qatkd.tasks.language.data import DEFAULT_EVAL_TEXT, read_text, tokenize
 from qatkd.tasks.language.family import Loaded
@@ -70,7 +70,7 @@ def student(work: Path, bits: str, group: int, common: list[str]) -> Path:
     run_dir = work / f"gor_{bits}_g{group}"
     overrides = [*common, f"quant.bits={bits}", f"quant.group_size={group}", *INT8_KERNELS]
     gor = METHODS["kd_gor"][1]
-    pipeline.run_or_reuse(run_dir, "distill", [*overrides, *gor, "teachers=[smollm2-135m]"])
+    reuse.run_or_reuse(run_dir, "distill", [*overrides, *gor, "teachers=[smollm2-135m]"])
     if not (run_dir / "parity.json").is_file():
         pipeline.export(run_dir)
     return run_dir

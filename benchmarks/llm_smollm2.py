@@ -52,7 +52,7 @@ from _protocol import trained
 from _provenance import default_work, markdown_header, start
 
 from qatkd.checkpoint import file_sha256, load_checkpoint
-from qatkd.pipeline import command_config
+from qatkd.reuse import command_config
 from qatkd.tasks.language.family import LANGUAGE
 from qatkd.tasks.language.gguf_file import GGUF_FILE
 from qatkd.tasks.language.source import smollm2_gguf

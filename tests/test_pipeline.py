@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qatkd import pipeline
+from qatkd import pipeline, reuse
 from qatkd.artifacts import load_model
 from qatkd.balance import BalancerConfig, build_balancer
 from qatkd.checkpoint import load_checkpoint
@@ -100,12 +100,12 @@ def test_init_must_match_the_model(npz_root, fp32_run, tmp_path):
 
 def test_run_or_reuse_reuses_only_a_folder_made_with_the_same_settings(npz_root, fp32_run):
     same = tiny_overrides(npz_root, fp32_run)
-    reused = pipeline.run_or_reuse(fp32_run, "train", same)
+    reused = reuse.run_or_reuse(fp32_run, "train", same)
     assert reused == json.loads((fp32_run / "metrics.json").read_text())
     with pytest.raises(
         QatkdError, match=r"fp32 was made with other settings \(train.epochs: 2 there, 3 now\)"
     ):
-        pipeline.run_or_reuse(fp32_run, "train", [*same, "train.epochs=3"])
+        reuse.run_or_reuse(fp32_run, "train", [*same, "train.epochs=3"])
 
 
 def test_distill_end_to_end_from_the_cli(capsys, npz_root, fp32_run, tmp_path):

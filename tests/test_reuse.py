@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from qatkd import pipeline
+from qatkd import pipeline, reuse
 from qatkd.checkpoint import file_sha256, load_checkpoint
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
@@ -92,10 +92,10 @@ def test_content_digest_follows_images_labels_and_transform():
 def test_run_or_reuse_compares_every_key_not_only_those_set(npz_root, tmp_path):
     run = tmp_path / "run"
     unset = [o for o in tiny_overrides(npz_root, run) if not o.startswith("train.epochs")]
-    first = pipeline.run_or_reuse(run, "train", [*unset, "train.epochs=1"])
-    assert pipeline.run_or_reuse(run, "train", [*unset, "train.epochs=1"]) == first
+    first = reuse.run_or_reuse(run, "train", [*unset, "train.epochs=1"])
+    assert reuse.run_or_reuse(run, "train", [*unset, "train.epochs=1"]) == first
     with pytest.raises(QatkdError, match=r"made with other settings \(train\.epochs: 1 there, 5"):
-        pipeline.run_or_reuse(run, "train", unset)  # the default, 5 epochs
+        reuse.run_or_reuse(run, "train", unset)  # the default, 5 epochs
 
     # A folder made before a key existed is refused too: a new key's default need not be what
     # the older code did, so reusing it could report an old experiment under the new name.
@@ -103,20 +103,20 @@ def test_run_or_reuse_compares_every_key_not_only_those_set(npz_root, tmp_path):
     del saved["train"]["tensorboard"]
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(QatkdError, match=r"train\.tensorboard: not in its config\.yaml, which an"):
-        pipeline.run_or_reuse(run, "train", [*unset, "train.epochs=1"])
+        reuse.run_or_reuse(run, "train", [*unset, "train.epochs=1"])
 
 
 def test_run_or_reuse_refuses_a_run_made_from_another_teacher(npz_root, tmp_path, teacher):
     run = tmp_path / "student"
     overrides = tiny_overrides(npz_root, run, "train.epochs=1", f"teachers=[{teacher}]")
-    pipeline.run_or_reuse(run, "distill", overrides)
+    reuse.run_or_reuse(run, "distill", overrides)
     inputs = json.loads((run / "inputs.json").read_text())
     assert inputs == {f"teacher {teacher}": file_sha256(teacher)}
-    assert pipeline.run_or_reuse(run, "distill", overrides)["epochs"] == 1  # reused
+    assert reuse.run_or_reuse(run, "distill", overrides)["epochs"] == 1  # reused
     pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "t2", "seed=5")))
     shutil.copy(tmp_path / "t2" / "last.pt", teacher)  # the teacher retrained in place
     with pytest.raises(QatkdError, match=rf"not made from the current teacher {teacher}"):
-        pipeline.run_or_reuse(run, "distill", overrides)
+        reuse.run_or_reuse(run, "distill", overrides)
 
 
 def test_bench_re_exports_a_checkpoint_that_changed_since_its_export(npz_root, tmp_path, capsys):
@@ -144,7 +144,7 @@ def test_run_or_reuse_resumes_an_interrupted_run_to_the_uninterrupted_weights(
 ):
     """A folder with last.pt but no metrics.json (a stage stopped after epoch 1) is resumed, not
     refused or started again: its weights end as those of a run never stopped."""
-    whole = pipeline.run_or_reuse(tmp_path / "whole", "train", tiny_overrides(npz_root, tmp_path))
+    whole = reuse.run_or_reuse(tmp_path / "whole", "train", tiny_overrides(npz_root, tmp_path))
     cut = tmp_path / "cut"
 
     def interrupt(*args, **kwargs):
@@ -153,10 +153,10 @@ def test_run_or_reuse_resumes_an_interrupted_run_to_the_uninterrupted_weights(
     with monkeypatch.context() as m:  # stopped right after epoch 1's checkpoint is written
         m.setattr(engine, "plot_run", interrupt)
         with pytest.raises(KeyboardInterrupt):
-            pipeline.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path))
+            reuse.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path))
     assert load_checkpoint(cut / "last.pt")["epoch"] == 1
     assert not (cut / "metrics.json").exists()
-    resumed = pipeline.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path))
+    resumed = reuse.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path))
     a = load_checkpoint(tmp_path / "whole" / "last.pt")
     b = load_checkpoint(cut / "last.pt")
     assert b["epoch"] == a["epoch"] == 2 and b["step"] == a["step"]
@@ -168,4 +168,4 @@ def test_run_or_reuse_resumes_an_interrupted_run_to_the_uninterrupted_weights(
         "1",
         "2",
     ]
-    assert pipeline.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path)) == resumed
+    assert reuse.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path)) == resumed

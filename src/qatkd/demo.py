@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qatkd import pipeline
+from qatkd import pipeline, reuse
 
 FULL = ["data.train_limit=15000", "train.epochs=3", "train.batch_size=64"]
 QUICK = ["data.train_limit=64", "data.test_limit=32", "train.epochs=1", "train.batch_size=16"]
@@ -55,7 +55,7 @@ def run_stage(stage: Stage, out: Path, common: list[str]) -> dict[str, Any]:
         print(f"[demo] {stage.name}: resuming {run_dir}")
     else:
         print(f"[demo] {stage.name}: qatkd {stage.command} {' '.join(stage.overrides)}")
-    return pipeline.run_or_reuse(run_dir, stage.command, [*common, *stage.overrides])
+    return reuse.run_or_reuse(run_dir, stage.command, [*common, *stage.overrides])
 
 
 def deploy(run_dir: Path, quick: bool) -> dict[str, Any]:

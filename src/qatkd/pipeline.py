@@ -37,12 +37,10 @@ from qatkd.errors import QatkdError
 from qatkd.progress import report
 from qatkd.quant import quant_summary
 from qatkd.run_dirs import (
-    INPUTS,
     check_free_disk,
     check_out_folder,
     checkpoint_bytes,
     create_run_dir,
-    input_digests,
     run_folder,
 )
 from qatkd.tasks import Source, TaskFamily, task_family
@@ -279,7 +277,7 @@ def resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     return run_dir, _fit_run(run, resume=state)
 
 
-def _ptq_config(ckpt: str | Path | None, overrides: list[str], config_file: Any) -> Config:
+def ptq_config(ckpt: str | Path | None, overrides: list[str], config_file: Any) -> Config:
     """Without `ckpt`: the config of the file and overrides (a family that quantizes its
     pretrained model). With it: the checkpoint's task, data and seed, then the file and the
     overrides, starting from the checkpoint (`model.init`). Either way calibration reads the
@@ -318,7 +316,7 @@ def ptq(
     """Post-training quantization, no training: calibrate the quantizers of the model the task
     family starts from, an FP32 checkpoint (`ckpt`) or the pretrained model the config names
     (`TaskFamily.ptq_from_checkpoint`)."""
-    config = _ptq_config(ckpt, overrides, config_file)
+    config = ptq_config(ckpt, overrides, config_file)
     if config.quant is None:
         raise QatkdError("ptq needs a bit-width: set quant.bits=W4A4 (or another)")
     run = _start(config, "ptq")
@@ -376,83 +374,3 @@ def bench(
     state = load_checkpoint(path)
     family = task_family(checkpoint_task(state))
     return family.bench(state, path, threads, batch_sizes, repeats, data_limit)
-
-
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _dotted(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _ptq_checkpoint(config: Config) -> str | None:
-    """What `qatkd ptq` quantizes for `config`: its `model.init`, or None for a family that
-    quantizes its pretrained model."""
-    return config.model.init if task_family(config.task).ptq_from_checkpoint else None
-
-
-def command_config(command: str, overrides: list[str]) -> Config:
-    """The resolved config that `qatkd <command> overrides` (train, distill or ptq) runs with:
-    what its run folder's config.yaml holds."""
-    config = load_config(overrides=overrides)
-    if command == "ptq":
-        config = _ptq_config(_ptq_checkpoint(config), overrides, None)
-    return task_family(config.task).resolve(config)
-
-
-def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
-    """Refuse a run folder made with another resolved configuration (any key but `out`), or
-    from other model files (`input_digests`): its metrics would be another experiment's,
-    reported under this one's name."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    config = command_config(command, overrides)
-    wanted = _dotted(config_to_dict(config))
-    made = _dotted(read_yaml(saved))
-    differ = [
-        k
-        for k in sorted(wanted.keys() | made.keys())
-        if k != "out" and made.get(k) != wanted.get(k)
-    ]
-    if differ:
-        first, more = differ[0], len(differ) - 1
-        there = (
-            f"{made[first]!r} there"
-            if first in made
-            else "not in its config.yaml, which an earlier qatkd wrote"
-        )
-        raise QatkdError(
-            f"{run_dir} was made with other settings ({first}: {there}, "
-            f"{wanted.get(first)!r} now{f', and {more} more' if more else ''}); delete the folder "
-            "or choose another one"
-        )
-    inputs = run_dir / INPUTS
-    recorded = json.loads(inputs.read_text()) if inputs.is_file() else {}
-    for key, digest in input_digests(config).items():
-        if recorded.get(key) != digest:
-            raise QatkdError(
-                f"{run_dir} was not made from the current {key} (its content differs, or the "
-                "folder has no record of it); delete the folder or choose another one"
-            )
-
-
-def run_or_reuse(run_dir: Path, command: str, overrides: list[str]) -> dict[str, Any]:
-    """The metrics of `qatkd <command> overrides out=run_dir` (train, distill or ptq), reusing a
-    finished run folder and resuming an interrupted one: what a script that runs many stages
-    (the demo, the benchmarks) needs to survive being stopped and started again. A folder made
-    with another configuration or from other model files is refused (`check_reusable`)."""
-    overrides = [*overrides, f"out={run_dir}"]
-    check_reusable(run_dir, command, overrides)
-    if (run_dir / "metrics.json").is_file():
-        return json.loads((run_dir / "metrics.json").read_text())
-    if (run_dir / "last.pt").is_file() and command != "ptq":
-        return resume(run_dir)[1]
-    config = command_config(command, overrides)
-    if command == "ptq":
-        return ptq(_ptq_checkpoint(config), overrides)[1]
-    return {"train": train, "distill": distill}[command](config)[1]

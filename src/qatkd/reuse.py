@@ -1,0 +1,100 @@
+"""Reusing finished runs: `run_or_reuse` returns a finished run folder's metrics, resumes an
+interrupted one and otherwise runs the command, refusing a folder made with another resolved
+configuration or from other model files (`check_reusable`).
+
+What a script that runs many stages (the demo, the benchmarks) needs to survive being stopped and
+started again; no command reuses a run by itself, so this sits above `qatkd.pipeline`, apart
+from what the commands do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qatkd.config import Config, config_to_dict, load_config, read_yaml
+from qatkd.errors import QatkdError
+from qatkd.pipeline import distill, ptq, ptq_config, resume, train
+from qatkd.run_dirs import INPUTS, input_digests
+from qatkd.tasks import task_family
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _ptq_checkpoint(config: Config) -> str | None:
+    """What `qatkd ptq` quantizes for `config`: its `model.init`, or None for a family that
+    quantizes its pretrained model."""
+    return config.model.init if task_family(config.task).ptq_from_checkpoint else None
+
+
+def command_config(command: str, overrides: list[str]) -> Config:
+    """The resolved config that `qatkd <command> overrides` (train, distill or ptq) runs with:
+    what its run folder's config.yaml holds."""
+    config = load_config(overrides=overrides)
+    if command == "ptq":
+        config = ptq_config(_ptq_checkpoint(config), overrides, None)
+    return task_family(config.task).resolve(config)
+
+
+def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
+    """Refuse a run folder made with another resolved configuration (any key but `out`), or
+    from other model files (`input_digests`): its metrics would be another experiment's,
+    reported under this one's name."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    config = command_config(command, overrides)
+    wanted = _dotted(config_to_dict(config))
+    made = _dotted(read_yaml(saved))
+    differ = [
+        k
+        for k in sorted(wanted.keys() | made.keys())
+        if k != "out" and made.get(k) != wanted.get(k)
+    ]
+    if differ:
+        first, more = differ[0], len(differ) - 1
+        there = (
+            f"{made[first]!r} there"
+            if first in made
+            else "not in its config.yaml, which an earlier qatkd wrote"
+        )
+        raise QatkdError(
+            f"{run_dir} was made with other settings ({first}: {there}, "
+            f"{wanted.get(first)!r} now{f', and {more} more' if more else ''}); delete the folder "
+            "or choose another one"
+        )
+    inputs = run_dir / INPUTS
+    recorded = json.loads(inputs.read_text()) if inputs.is_file() else {}
+    for key, digest in input_digests(config).items():
+        if recorded.get(key) != digest:
+            raise QatkdError(
+                f"{run_dir} was not made from the current {key} (its content differs, or the "
+                "folder has no record of it); delete the folder or choose another one"
+            )
+
+
+def run_or_reuse(run_dir: Path, command: str, overrides: list[str]) -> dict[str, Any]:
+    """The metrics of `qatkd <command> overrides out=run_dir` (train, distill or ptq), reusing a
+    finished run folder and resuming an interrupted one: what a script that runs many stages
+    (the demo, the benchmarks) needs to survive being stopped and started again. A folder made
+    with another configuration or from other model files is refused (`check_reusable`)."""
+    overrides = [*overrides, f"out={run_dir}"]
+    check_reusable(run_dir, command, overrides)
+    if (run_dir / "metrics.json").is_file():
+        return json.loads((run_dir / "metrics.json").read_text())
+    if (run_dir / "last.pt").is_file() and command != "ptq":
+        return resume(run_dir)[1]
+    config = command_config(command, overrides)
+    if command == "ptq":
+        return ptq(_ptq_checkpoint(config), overrides)[1]
+    return {"train": train, "distill": distill}[command](config)[1]
