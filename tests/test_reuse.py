@@ -14,10 +14,11 @@ from torch.utils.data import DataLoader
 from qatkd import pipeline, reuse
 from qatkd.checkpoint import file_sha256, load_checkpoint
 from qatkd.config import load_config
+from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
 from qatkd.tasks import task_family
 from qatkd.tasks.classification.data import TensorImages
-from qatkd.tasks.image import TeacherEnsemble, content_digest
+from qatkd.tasks.teacher_cache import content_digest
 from qatkd.train import engine
 from testdata import tiny_overrides
 

@@ -13,7 +13,6 @@ teacher or its `model.init` trained on that run's validation images.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,21 +26,23 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from qatkd.checkpoint import checkpoint_path, file_sha256, load_checkpoint
 from qatkd.config import Config, DataConfig, checkpoint_config
-from qatkd.device import module_device
 from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache
 from qatkd.errors import QatkdError
-from qatkd.progress import progress
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.quant.tensors import check_state_fits_shared_quantizers
+from qatkd.tasks.teacher_cache import (
+    CachedTeacherOutputs,
+    WithIndex,
+    content_digest,
+    indices_digest,
+    predict_rows,
+    underlying,
+)
 from qatkd.train.task import Task, TeacherOutputs
 from qatkd.train.validation import split_indices
 
 CALIBRATION_SAMPLES = 512
-PREDICT_BATCH_SIZE = 512
 EXPORT_BATCH_SIZE = 256
-CACHE_TOLERANCE = 1e-3
-"""Cached and live teacher logits may differ by this share of the largest logit: batches of
-another size, or another machine, round differently; a wrong sample differs by far more."""
 
 
 @dataclass
@@ -67,52 +68,6 @@ class ImageData:
         return len(self.class_names)
 
 
-def underlying(dataset: Dataset) -> tuple[Dataset, list[int]]:
-    """The dataset below any `Subset`s of `dataset`, and the index there of each of its
-    samples."""
-    positions = list(range(len(dataset)))
-    while isinstance(dataset, Subset):
-        positions = [int(dataset.indices[i]) for i in positions]
-        dataset = dataset.dataset
-    return dataset, positions
-
-
-class WithIndex(Dataset):
-    """Adds to each sample its index in the underlying dataset (`underlying`), so per-sample
-    results (cached teacher logits) are looked up by sample, whatever subset a run reads."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self.indices = underlying(dataset)[1]
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> tuple:
-        return (*self.dataset[i], self.indices[i])
-
-
-def indices_digest(indices: Sequence[int]) -> str:
-    return hashlib.sha256(json.dumps([int(i) for i in indices]).encode()).hexdigest()
-
-
-def content_digest(dataset: Dataset) -> str:
-    """sha256 of what a model reads from `dataset`: the dataset's own `content_digest()` where
-    it holds its samples in memory, the bytes of every file for a torchvision image folder, and
-    otherwise every sample's tensors, read in order."""
-    if hasattr(dataset, "content_digest"):
-        return dataset.content_digest()
-    digest = hashlib.sha256(repr(getattr(dataset, "transform", None)).encode())
-    if hasattr(dataset, "samples"):  # torchvision's ImageFolder: (path, class) per sample
-        for path, target in dataset.samples:
-            digest.update(f"{target}:".encode() + Path(path).read_bytes())
-        return digest.hexdigest()
-    for i in range(len(dataset)):
-        for part in dataset[i]:
-            digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def model_meta(
     name: str,
     in_channels: int,
@@ -132,52 +87,6 @@ def model_meta(
         "mean": list(mean),
         "std": list(std),
     }
-
-
-@torch.inference_mode()
-def predict_all(model: nn.Module, dataset: Dataset) -> torch.Tensor:
-    """The model's outputs for every sample of `dataset`, in order, on the CPU (for the
-    teacher-logit cache), computed on the model's device."""
-    model.eval()
-    device = module_device(model)
-    loader = DataLoader(dataset, batch_size=PREDICT_BATCH_SIZE)
-    batches = progress(loader, desc="teacher logits")
-    return torch.cat([model(x.to(device)).cpu() for x, *_ in batches])
-
-
-class CachedTeacherOutputs:
-    """The teachers' logits for a batch looked up by sample index (the last field that
-    `WithIndex` adds); the first batch is also run through the live teachers, in float32, and a
-    cache that disagrees with them stops the run."""
-
-    def __init__(
-        self, tables: list[torch.Tensor], live: TeacherEnsemble, task: Task, files: list[Path]
-    ) -> None:
-        self.tables, self.live, self.task, self.files = tables, live, task, files
-        self.checked = False
-
-    def __call__(self, batch: Any) -> list[torch.Tensor]:
-        rows = [table[batch[-1]] for table in self.tables]
-        if not self.checked:
-            device = batch[-1].device.type
-            with torch.autocast(device, enabled=False):
-                live = self.live(self.task.inputs(batch))
-            for label, file, cached, fresh in zip(
-                self.live.labels, self.files, rows, live, strict=True
-            ):
-                gap = float((cached.float() - fresh.float()).abs().max())
-                if gap > CACHE_TOLERANCE * max(1.0, float(fresh.abs().max())):
-                    raise QatkdError(
-                        f"the teacher-logit cache {file} disagrees with {label} on the first "
-                        f"batch (max |difference| {gap:.3g}): delete it and run again"
-                    )
-            self.checked = True
-        return rows
-
-
-def predict_rows(model: nn.Module, dataset: Dataset, rows: torch.Tensor) -> torch.Tensor:
-    """`predict_all` on the samples `rows` of `dataset`."""
-    return predict_all(model, Subset(dataset, rows.tolist()))
 
 
 ModelBuilder = Callable[[str, int, int, Sequence[float], Sequence[float]], nn.Module]
