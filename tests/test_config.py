@@ -6,6 +6,8 @@ from qatkd.config import (
     Config,
     build_config,
     config_keys,
+    config_to_dict,
+    dotted,
     load_config,
     parse_override,
     save_config,
@@ -125,3 +127,17 @@ def test_configs_saved_with_every_familys_data_keys_still_load():
     with pytest.raises(QatkdError, match="unknown config key"):
         build_config(old)
     assert build_config(saved_config(old)) == load_config()
+
+
+def test_dotted_keys_rebuild_the_config_they_came_from():
+    tree = config_to_dict(load_config(overrides=["quant.bits=W4A4", "quant.layer_weight_bits={}"]))
+    flat = dotted(tree)
+    assert flat["train.lr"] == tree["train"]["lr"] and flat["quant.layer_weight_bits"] == {}
+    rebuilt: dict = {}
+    for key, value in flat.items():
+        *sections, name = key.split(".")
+        node = rebuilt
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    assert rebuilt == tree

@@ -14,7 +14,14 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from qatkd.balance.config import BALANCERS
-from qatkd.config import FAMILY_CONFIGS, Config, _section_type, build_config, config_to_dict
+from qatkd.config import (
+    FAMILY_CONFIGS,
+    Config,
+    _section_type,
+    build_config,
+    config_to_dict,
+    dotted,
+)
 from qatkd.quant import QUANTIZERS, QuantConfig
 from qatkd.registry import Registry
 
@@ -111,16 +118,6 @@ def section_keys(
     return docs
 
 
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_dotted(value, f"{prefix}{name}."))
-        else:
-            flat[prefix + name] = value
-    return flat
-
-
 def family_keys(task: str) -> list[KeyDoc]:
     """Every key of a task family's runs, with that family's defaults (its `quant.*` defaults
     where a config quantizes)."""
@@ -133,8 +130,8 @@ def family_keys(task: str) -> list[KeyDoc]:
 
 def fine_tune_defaults(task: str) -> dict[str, Any]:
     """The keys whose default changes when a run starts from a trained model (`model.init`)."""
-    plain = _dotted(config_to_dict(build_config({"task": task})))
-    tuned = _dotted(config_to_dict(build_config({"task": task, "model": {"init": "model.pt"}})))
+    plain = dotted(config_to_dict(build_config({"task": task})))
+    tuned = dotted(config_to_dict(build_config({"task": task, "model": {"init": "model.pt"}})))
     return {k: v for k, v in tuned.items() if k != "model.init" and plain.get(k) != v}
 
 

@@ -13,22 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qatkd.config import Config, config_to_dict, load_config, read_yaml
+from qatkd.config import Config, config_to_dict, dotted, load_config, read_yaml
 from qatkd.errors import QatkdError
 from qatkd.pipeline import distill, ptq, ptq_config, resume, train
 from qatkd.run_dirs import INPUTS, input_digests
 from qatkd.tasks import task_family
-
-
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _dotted(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _ptq_checkpoint(config: Config) -> str | None:
@@ -54,8 +43,8 @@ def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
     if not saved.is_file():
         return
     config = command_config(command, overrides)
-    wanted = _dotted(config_to_dict(config))
-    made = _dotted(read_yaml(saved))
+    wanted = dotted(config_to_dict(config))
+    made = dotted(read_yaml(saved))
     differ = [
         k
         for k in sorted(wanted.keys() | made.keys())
