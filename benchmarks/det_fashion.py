@@ -368,10 +368,13 @@ def plot_map(records: list[dict[str, Any]], fp32: float, path: Path) -> None:
         capsize=3,
     )
     ax.axvline(fp32, color="black", linestyle="--", label="FP32 student")
-    low = min(stats[(m, "W4A4")][0] for m in methods if m != "ptq")
-    ax.set(xlabel="test mAP@0.5 (%)", xlim=(low - 3, fp32 + 3), title=f"W4A4 {STUDENT} students")
+    ax.axvline(stats[("qat", "W4A4")][0], color="tab:red", linestyle=":", label="plain QAT")
+    spans = [(mean - std, mean + std) for mean, std, _ in (stats[(m, "W4A4")] for m in methods)]
+    low, high = min(lo for lo, _ in spans), max([fp32, *(hi for _, hi in spans)])
+    ax.set(xlabel="test mAP@0.5 (%)", xlim=(max(0.0, low - 2), high + 1))
+    ax.set_title(f"W4A4 {STUDENT} students", loc="left")
     ax.invert_yaxis()
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1, 1), ncol=2, frameon=False)
     ax.grid(alpha=0.3, axis="x")
     save_figure(fig, path)
 
