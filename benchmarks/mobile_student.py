@@ -217,6 +217,38 @@ def paired_lines(records: list[dict[str, Any]], students: list[str]) -> str:
     return "\n".join(lines)
 
 
+def balance_lines(records: list[dict[str, Any]], students: list[str]) -> str:
+    """What the default GoR ended with (means over the seeds), and the seconds per training step
+    of QAT and QAT-EKD-GoR (the runs' own time, not a controlled timing)."""
+    lines = [
+        "| student | bits | GoR w_ts | GoR w_kd | s/step QAT | s/step QAT-EKD-GoR |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+
+    def mean(values: list[Any]) -> str:
+        present = [v for v in values if v is not None]
+        return f"{sum(present) / len(present):.3f}" if present else "-"
+
+    for student in students:
+        for bits in BITS:
+            runs = {
+                m: [
+                    r
+                    for r in records
+                    if (r["student"], r["method"], r["bits"]) == (student, m, bits)
+                ]
+                for m in ("qat", EKD)
+            }
+            cells = [
+                mean([r["final"].get("final_w_ts") for r in runs[EKD]]),
+                mean([r["final"].get("final_w_kd") for r in runs[EKD]]),
+                mean([r["seconds_per_step"] for r in runs["qat"]]),
+                mean([r["seconds_per_step"] for r in runs[EKD]]),
+            ]
+            lines.append(f"| {student} | {bits} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def deployment_tables(rows: list[dict[str, Any]]) -> str:
     """Parity (accuracies, agreement, activation codes), then speed and size, one row per
     measured student."""
@@ -385,6 +417,7 @@ def write_results(
         f"{budget.seeds} paired seed(s); val: mean.\n\n"
         f"{accuracy_table(records, fp32, students)}\n\n"
         f"{paired_lines(records, students)}\n\n"
+        f"{balance_lines(records, students)}\n\n"
         f"{cls_page_note(run.quick, resnet)}"
         "## Deployment (seed 0)\n\n"
         "`qatkd export` and `qatkd bench` of each quantized student's best.pt. Parity: test "
