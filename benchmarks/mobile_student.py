@@ -307,7 +307,7 @@ def cls_page_note(quick: bool, resnet: str) -> str:
     ]
     return (
         f"For reference, the committed `{path.name}` (commit {page.get('commit')}, "
-        f"{len({r['seed'] for r in page['records']})} seed(s)) reports for {resnet}: "
+        f"{len({r['seed'] for r in page['records']})} seed(s)) reports the test top-1 of {resnet}: "
         + "; ".join(shown)
         + " (its `gor_kendall` distils from one teacher, its `ekd_gor` uses form liebel).\n\n"
     )
