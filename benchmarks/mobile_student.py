@@ -23,6 +23,10 @@ last layers at 8 bits, exported to int8 ONNX and measured, beside the ResNet stu
   in onnxruntime, top-1 agreement (onnxruntime and OpenVINO), and int8 latency against FP32 of
   the same network at batch 1 and 64, round-robin in one process.
 
+Cost on 2 cores: `--quick` about 9 min with cls_fashion's quick teachers trained; the full mode
+about 1.7 h (estimated from the quick run: 3 seeds, 54k images), plus about 50 min when
+cls_fashion's full FP32 runs are not in `--cls-work` yet.
+
 Writes benchmarks/results/mobile_student{,_quick}.{md,json}.
 """
 
@@ -314,7 +318,7 @@ def cls_page_note(quick: bool, resnet: str) -> str:
 
 
 def main() -> None:
-    run = start(__doc__, NAME, "6k images, short schedules, 1 seed (about 15 min)", options)
+    run = start(__doc__, NAME, "6k images, short schedules, 1 seed (about 9 min)", options)
     budget = run.schedule(QUICK, FULL)
     cls_work = run.options["cls_work"] or default_work("cls_fashion", run.quick)
     shared = [*TEACHERS, *STUDENTS]
