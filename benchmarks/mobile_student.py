@@ -36,6 +36,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from _protocol import DEFAULT_GOR, GOR, method_overrides, paired, trained
 from _provenance import default_work, markdown_header, start
 from _seeds import cell, summarize
@@ -154,6 +155,25 @@ def openvino_vs_trained(checkpoint: Path) -> float | None:
     runner = load_runner(checkpoint.parent / "model.int8.onnx", "openvino", THREADS)
     loader = DataLoader(checkpoint_source(state).test, batch_size=256)
     return compare(model, runner, loader, desc="parity openvino, trained")["agreement"]
+
+
+NOISE = 1e-3
+"""The input noise (std, pixels in [0, 1]: a quarter of a grey level) of `noise_agreement`."""
+
+
+@torch.no_grad()
+def noise_agreement(checkpoint: Path) -> float:
+    """Top-1 agreement (%) of the trained fake-quantized model with itself on test images plus
+    Gaussian noise of std `NOISE` (seeded): how far a rounding-sized change moves its
+    predictions, the yardstick for the runtimes' agreement."""
+    model, state = load_model(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    same = total = 0
+    for x, _ in DataLoader(checkpoint_source(state).test, batch_size=256):
+        noisy = (x + NOISE * torch.randn(x.shape, generator=generator)).clamp(0, 1)
+        same += int((model(x).argmax(1) == model(noisy).argmax(1)).sum())
+        total += len(x)
+    return 100 * same / total
 
 
 def ratio(result: dict[str, Any], backend: str, batch: int) -> float | None:
@@ -276,8 +296,8 @@ def deployment_tables(rows: list[dict[str, Any]]) -> str:
     parity = [
         "| student | method | bits | test PyTorch | test int8 ONNX (onnxruntime) | agreement "
         "onnxruntime | agreement OpenVINO | agreement with the trained model: onnxruntime | "
-        "OpenVINO | activation codes differing (%) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "OpenVINO | PyTorch with itself, input noise | activation codes differing (%) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     speed = [
         "| student | method | bits | "
@@ -297,6 +317,7 @@ def deployment_tables(rows: list[dict[str, Any]]) -> str:
                 "-" if r["agreement_trained"].get(b) is None else f"{r['agreement_trained'][b]:.2f}"
                 for b in ("onnxruntime", "openvino")
             ),
+            f"{r['noise_agreement']:.2f}",
             f"{r['code_mismatch']:.3f}",
         ]
         parity.append(which + " | ".join(cells) + " |")
@@ -376,6 +397,7 @@ def main() -> None:
         if r["seed"] == 0:
             row = deployment_row((r["student"], r["method"], r["bits"]), result)
             row["agreement_trained"]["openvino"] = openvino_vs_trained(folder / "best.pt")
+            row["noise_agreement"] = noise_agreement(folder / "best.pt")
             rows.append(row)
     kd_check = kd_target_check(run.work / f"{MOBILE}_{EKD}_{BITS[-1]}_s0")
     write_results(run, budget, fp32, resnet, records, rows, parity, kd_check, cls_work, cls_reused)
@@ -450,7 +472,9 @@ def write_results(
         "top-1 of the trained fake-quantized PyTorch model and of the int8 ONNX in "
         "onnxruntime; top-1 agreement (%) of each int8 runtime with the exported PyTorch model "
         "(its biases aligned to the kernels' int32 grid, what the graph computes), and with the "
-        "trained model (before that alignment: what a user compares with); the share of "
+        "trained model (before that alignment: what a user compares with); of the trained "
+        f"model with itself on the test images plus Gaussian noise of std {NOISE:g} (a quarter "
+        "of a grey level): how much a rounding-sized change moves its predictions; the share of "
         "activation codes that differ from the PyTorch model's (onnxruntime, 512 "
         "images). Speed: FP32 latency / int8 latency of the same network in the same runtime "
         f"(median of {REPEATS[run.quick]} rounds, {THREADS} threads, round-robin in one "
