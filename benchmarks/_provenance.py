@@ -9,7 +9,8 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,6 +69,8 @@ class Invocation:
     reused: int
     seeds: int | None = None
     """`--seeds`: fewer paired seeds than the schedule's, to save time (None: the schedule's)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The script's own options (`start`'s `options`), by their argparse names."""
 
     def schedule(self, quick: S, full: S) -> S:
         """The mode's schedule (a dataclass with `seeds`), with `--seeds` applied."""
@@ -109,9 +112,15 @@ def default_work(name: str, quick: bool) -> Path:
     return Path("runs") / f"bench_{result_stem(name, quick)}"
 
 
-def start(doc: str, name: str, quick_help: str) -> Invocation:
-    """Parse `--quick`, `--work` (default runs/bench_<stem>) and `--seeds`, and note the commit
-    now: the tree may change while the run goes on."""
+def start(
+    doc: str,
+    name: str,
+    quick_help: str,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> Invocation:
+    """Parse `--quick`, `--work` (default runs/bench_<stem>) and `--seeds`, and the script's own
+    options where `options` adds them to the parser, and note the commit now: the tree may change
+    while the run goes on."""
     parser = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument(
@@ -120,11 +129,15 @@ def start(doc: str, name: str, quick_help: str) -> Invocation:
     parser.add_argument(
         "--seeds", type=int, help="paired seeds to run (default: the schedule's); the page says"
     )
+    common = set(vars(parser.parse_args([])))  # the options every script has
+    if options is not None:
+        options(parser)
     args = parser.parse_args()
     stem = result_stem(name, args.quick)
     work = args.work or default_work(name, args.quick)
     reused = len(finished(work))
-    return Invocation(args.quick, stem, work, git_commit(), time.time(), reused, args.seeds)
+    own = {k: v for k, v in vars(args).items() if k not in common}
+    return Invocation(args.quick, stem, work, git_commit(), time.time(), reused, args.seeds, own)
 
 
 def markdown_header(title: str, provenance: dict[str, Any], schedule: str) -> str:
