@@ -163,13 +163,13 @@ def balance_table(records: list[dict[str, Any]], bits: tuple[str, ...]) -> str:
             method: [r for r in records if r["method"] == method and r["bits"] == b]
             for method in (*GOR, "ekd_gor")
         }
-        reference = _mean(r["seconds_per_step"] for r in runs[DEFAULT_GOR])
+        reference = mean_present(r["seconds_per_step"] for r in runs[DEFAULT_GOR])
         for method, rows in runs.items():
             w_ts, w_kd, a_ts, a_kd = (
-                _mean(r["final"].get(f"final_{key}") for r in rows)
+                mean_present(r["final"].get(f"final_{key}") for r in rows)
                 for key in ("w_ts", "w_kd", "align_ts", "align_kd")
             )
-            step = _mean(r["seconds_per_step"] for r in rows)
+            step = mean_present(r["seconds_per_step"] for r in rows)
             cells = [
                 w_ts,
                 w_kd,
@@ -194,7 +194,7 @@ def heldout_target_rows(
             gain = paired(records, HELDOUT, baseline, b)[0]
             rows.append((f"{b}: {HELDOUT} − {name}, {metric}", gain, ">= -0.1"))
         steps = {
-            method: _mean(
+            method: mean_present(
                 r["seconds_per_step"] for r in records if r["method"] == method and r["bits"] == b
             )
             for method in (HELDOUT, DEFAULT_GOR)
@@ -205,7 +205,7 @@ def heldout_target_rows(
     return rows
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
+def mean_present(values: Iterable[float | None]) -> float | None:
     """The mean of the values that are there, or None when none is."""
     present = [v for v in values if v is not None]
     return statistics.mean(present) if present else None

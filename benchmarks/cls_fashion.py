@@ -109,6 +109,11 @@ def fp32_models(work: Path, budget: Budget) -> dict[str, dict[str, Any]]:
     return results
 
 
+def fp32_scores(fp32: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each FP32 model's validation and test top-1 at its best.pt, as the pages' JSON keeps them."""
+    return {name: {s: m[f"best_{s}_acc"] for s in ("val", "test")} for name, m in fp32.items()}
+
+
 def pick_student(fp32: dict[str, dict[str, Any]]) -> str:
     """The widest candidate whose validation top-1 is `REGIME_GAP` below the weakest teacher's
     (the narrowest when none is)."""
@@ -315,9 +320,7 @@ def main() -> None:
         json.dumps(
             {
                 **provenance,
-                "fp32": {
-                    k: {s: v[f"best_{s}_acc"] for s in ("val", "test")} for k, v in fp32.items()
-                },
+                "fp32": fp32_scores(fp32),
                 "records": records,
                 "kd_target_check": kd_check,
                 "gor_by_validation": winner,

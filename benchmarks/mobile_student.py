@@ -37,10 +37,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _protocol import DEFAULT_GOR, GOR, method_overrides, paired, trained
+from _protocol import DEFAULT_GOR, GOR, mean_present, method_overrides, paired, trained
 from _provenance import default_work, markdown_header, start
 from _seeds import cell, summarize
-from cls_fashion import FULL, QUICK, STUDENTS, TEACHERS, fp32_models, kd_check_text, kd_target_check
+from cls_fashion import (
+    FULL,
+    QUICK,
+    STUDENTS,
+    TEACHERS,
+    fp32_models,
+    fp32_scores,
+    kd_check_text,
+    kd_target_check,
+)
 from cls_fashion import pick_student as pick_resnet_student
 from cls_fashion import record as cls_record
 from torch.utils.data import DataLoader
@@ -267,8 +276,8 @@ def balance_lines(records: list[dict[str, Any]], students: list[str]) -> str:
     ]
 
     def mean(values: list[Any]) -> str:
-        present = [v for v in values if v is not None]
-        return f"{sum(present) / len(present):.3f}" if present else "-"
+        value = mean_present(values)
+        return "-" if value is None else f"{value:.3f}"
 
     for student in students:
         for bits in BITS:
@@ -431,9 +440,7 @@ def write_results(
         json.dumps(
             {
                 **provenance,
-                "fp32": {
-                    k: {s: v[f"best_{s}_acc"] for s in ("val", "test")} for k, v in fp32.items()
-                },
+                "fp32": fp32_scores(fp32),
                 "records": records,
                 "deployment": rows,
                 "parity": parity,
