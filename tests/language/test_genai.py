@@ -11,6 +11,7 @@ import torch
 
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
+from qatkd.export.qpack import PackedLayer
 from qatkd.quant import QuantLinear
 from qatkd.tasks.language.export import export_language, packed_linear
 from qatkd.tasks.language.family import Loaded, build_student, language_quant
@@ -151,15 +152,30 @@ def test_each_group_scale_is_repeated_over_its_blocks():
     assert per_block(layer, layer.scale, 32).tolist() == [1.0, 1.0, 2.0, 3.0, 3.0, 4.0]
 
 
+def one_linear_session(layer: PackedLayer):
+    """An onnxruntime session of one MatMulNBits node, x -> y, holding the packed `layer`."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node, weights = matmul_nbits("y", ["x"], ["y"], [layer])
+    outputs, inputs = layer.codes.shape
+    graph = helper.make_graph(
+        [node],
+        "one_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, outputs])],
+        weights,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString())
+
+
 @pytest.mark.parametrize("act_method", ["minmax", "dynamic"])
 def test_matmul_nbits_zero_points_decode_to_the_learned_asymmetric_weights(act_method):
     """Learned steps and offsets moved off their start, W4 in groups of 64 over 80 inputs (the
     last group 16 wide), float and int8 inputs: onnxruntime's MatMulNBits on the identity gives
     back the fake-quantized weight to float rounding ((code - zero point) * scale against
     code * scale + offset)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
     from qatkd.quant import QuantConfig, prepare
 
     torch.manual_seed(0)
@@ -175,18 +191,7 @@ def test_matmul_nbits_zero_points_decode_to_the_learned_asymmetric_weights(act_m
         quantizer.step.mul_(1 + 0.2 * torch.rand_like(quantizer.step))
         quantizer.beta.add_(0.02 * torch.randn_like(quantizer.beta))
         fake = quantizer(model[0].weight).numpy()
-    node, weights = matmul_nbits("y", ["x"], ["y"], [packed_linear("0", model[0])])
-    graph = helper.make_graph(
-        [node],
-        "one_linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 80])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])],
-        weights,
-    )
-    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    session = ort.InferenceSession(
-        helper.make_model(graph, opset_imports=opsets).SerializeToString()
-    )
+    session = one_linear_session(packed_linear("0", model[0]))
     decoded = session.run(None, {"x": np.eye(80, dtype=np.float32)})[0].T
     np.testing.assert_allclose(decoded, fake, rtol=0, atol=1e-6 * np.abs(fake).max())
     assert not np.array_equal(fake, model[0].weight.detach().numpy())
@@ -196,9 +201,6 @@ def test_int8_kernels_compute_what_training_simulated():
     """One Linear of 576 inputs, W4 in groups of 128 (the last 64 wide) with dynamic int8 inputs,
     through onnxruntime's MatMulNBits at accuracy_level 4: the fake-quantized layer's output to
     float rounding, where the float input (what training without `dynamic` assumes) is far off."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
     from qatkd.quant import QuantConfig, prepare
 
     torch.manual_seed(0)
@@ -208,18 +210,7 @@ def test_int8_kernels_compute_what_training_simulated():
     model = prepare(torch.nn.Sequential(torch.nn.Linear(576, 48, bias=False)), config).eval()
     layer = packed_linear("0", model[0])
     assert layer.input_block == 128
-    node, weights = matmul_nbits("y", ["x"], ["y"], [layer])
-    graph = helper.make_graph(
-        [node],
-        "one_linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 576])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])],
-        weights,
-    )
-    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    session = ort.InferenceSession(
-        helper.make_model(graph, opset_imports=opsets).SerializeToString()
-    )
+    session = one_linear_session(layer)
     x = torch.randn(5, 576) * torch.linspace(0.1, 3.0, 576)  # blocks of different ranges
     got = session.run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
