@@ -59,7 +59,12 @@ MODULES: dict[str, dict[str, list[str]]] = {
         ],
     },
     "export": {
-        "mutate": ["src/qatkd/export/codes.py", "src/qatkd/export/onnx_graph.py"],
+        "mutate": [
+            "src/qatkd/export/codes.py",
+            "src/qatkd/export/bias_grid.py",
+            "src/qatkd/export/onnx_graph.py",
+            "src/qatkd/export/onnx_ops.py",
+        ],
         "tests": ["tests/export"],
     },
 }
