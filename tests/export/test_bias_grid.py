@@ -61,9 +61,11 @@ def test_aligned_copy_leaves_the_model_untouched(tiny_model):
 
 
 def test_grid_arithmetic():
-    """Unsigned 4-bit inputs move to the top of uint8 (scale / 16); signed inputs stay."""
+    """4-bit inputs, unsigned or signed, move to the top of the 8-bit range (scale / 16);
+    8-bit inputs stay."""
     assert fine_input_scale(ActRange(0.5, 0, 15, 4)) == 0.5 / 16
-    assert fine_input_scale(ActRange(0.5, -8, 7, 4)) == 0.5
+    assert fine_input_scale(ActRange(0.5, -8, 7, 4)) == 0.5 / 16
+    assert fine_input_scale(ActRange(0.5, -128, 127, 8)) == 0.5
     assert spare_bits(torch.tensor([-8, 7])) == 4
     assert spare_bits(torch.tensor([-2, 1])) == 6
     assert spare_bits(torch.tensor([-128, 127])) == 0

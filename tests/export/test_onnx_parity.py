@@ -218,6 +218,11 @@ def test_concatenation_shuffle_squeeze_excite_and_add_run_on_integers_exactly(
         "QLinearMul": 1, "QLinearAdd": 1, "Concat": 2,
     }  # fmt: skip
     assert "DequantizeLinear" not in ops and ops.get("QuantizeLinear") == 1, ops
+    # at 4 bits the signed input of se.fc1 is widened like the unsigned ones (a Sub moves it to
+    # unsigned codes first), for a 16 times finer int32 bias grid; the codes above stay exact
+    shifted = {n.input[0] for n in proto.graph.node if n.op_type == "BitShift"}
+    moved = [n for n in proto.graph.node if n.op_type == "Sub" and n.output[0] in shifted]
+    assert len(moved) == (1 if bits == "W4A4" else 0)
     expected = pytorch_codes(model, x)
     for optimize in (False, True):
         got = code_runner(proto, expected, optimize)(x)

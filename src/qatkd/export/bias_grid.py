@@ -3,7 +3,7 @@
 An int8 conv / matmul kernel adds the bias inside its int32 accumulator, in units of
 input_scale x weight_scale: it rounds the BatchNorm-folded bias, which training kept in float,
 to that grid. The exporter makes the grid as fine as int8 allows without changing a value (weight
-codes stored times 2^k, unsigned b-bit input codes shifted left by 8 - b, scales divided to
+codes stored times 2^k, b-bit input codes shifted left by 8 - b, scales divided to
 match), but at W8A8 nothing can be shifted and the grid stays near 1e-2 of an output step. The
 rounding then flips output codes at near-ties, and the flips add up to a different top-1 on
 0.2-0.4 % of test images (ResNet-20, Fashion-MNIST).
@@ -31,8 +31,9 @@ from qatkd.export.frozen import ActRange, FrozenLayer
 
 
 def input_shift(r: ActRange) -> int:
-    """Left shift that moves unsigned b-bit input codes to the top of uint8 (0 for signed)."""
-    return 0 if r.signed else 8 - r.bits
+    """Left shift that moves b-bit input codes to the top of the 8-bit range: unsigned codes to
+    [0, 255 - (2^(8-b) - 1)], signed ones to [-128, 127 - (2^(8-b) - 1)]."""
+    return 8 - r.bits
 
 
 def fine_input_scale(r: ActRange) -> float:

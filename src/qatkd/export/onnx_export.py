@@ -29,9 +29,10 @@ number in it is one that training used:
 That int32 bias is the one number the integer kernel rounds which training kept in float (BN's
 folded shift). So the exporter puts the grid as fine as int8 allows without changing a single
 value (`bias_grid`): weight codes are stored times 2^k (the largest power of two that still fits
-int8; k = 4 for 4-bit codes) with the scale divided by 2^k, and unsigned b-bit input codes are
-shifted left by 8 - b (BitShift, after the Clip) with the DQ scale divided by 2^(8-b); codes *
-scale is the same float bit for bit (powers of two). The remaining rounding (~1e-4 of an output
+int8; k = 4 for 4-bit codes) with the scale divided by 2^k, and b-bit input codes are shifted
+left by 8 - b (BitShift, after the Clip; signed codes moved to unsigned ones by a Sub first)
+with the DQ scale divided by 2^(8-b); codes * scale is the same float bit for bit (powers of
+two). The remaining rounding (~1e-4 of an output
 step at W4A4, ~1e-2 at W8A8) is what `bias_grid.align_biases` takes into the PyTorch model before
 a parity check. A conv whose output is not quantized (no int8 kernel can run it) keeps its float
 bias, exactly. With power-of-two scales every op is exact and the tests demand bitwise equality.

@@ -254,7 +254,7 @@ class GraphBuilder:
     def qdq(self, x: str, r: ActRange, hint: str, widen: bool = False) -> tuple[str, float]:
         """A DequantizeLinear of `codes(x, r, hint)` for one reader (runtimes fuse a DQ into
         the kernel that reads it, so each reader gets its own), and its scale. `widen` (conv /
-        linear inputs): unsigned b-bit codes are shifted left by 8 - b and the DQ scale divided by
+        linear inputs): b-bit codes are shifted left by 8 - b and the DQ scale divided by
         2^(8 - b), the same values bit for bit on a finer grid for the int32 bias (see the
         module doc of `onnx_export`)."""
         codes = self.codes(x, r, hint)
@@ -263,15 +263,23 @@ class GraphBuilder:
             return self.dequantize(codes, r, hint, hint), r.scale
         zero = self.const(self._zero_point(r), f"{hint}.zero_point")
         if codes not in self._widened:
-            amount = self.const(np.array(shift, dtype=np.uint8), f"{hint}.shift")
-            self._widened[codes] = self.emit(
-                "BitShift", [codes, amount], f"{hint}.widen", direction="LEFT"
-            )
+            self._widened[codes] = self._widen(codes, r, shift, hint)
         fine = fine_input_scale(r)
         scale = self.const(np.array(fine, dtype=np.float32), f"{hint}.fine_scale")
         return self.emit(
             "DequantizeLinear", [self._widened[codes], scale, zero], f"{hint}.dq"
         ), fine
+
+    def _widen(self, codes: str, r: ActRange, shift: int, hint: str) -> str:
+        """`codes` times 2^shift, as integers. Unsigned codes: a BitShift. Signed b-bit codes c
+        are held as c + 128 (uint8 at zero point 128), which a left shift would have to wrap
+        around 256 (OpenVINO's BitShift saturates instead): they are first moved to
+        c + 2^(b-1), in [0, 2^b), and shifted, which gives c * 2^shift + 128 exactly."""
+        if r.signed:
+            offset = self.const(np.array(128 - 2 ** (r.bits - 1), dtype=np.uint8), f"{hint}.offset")
+            codes = self.emit("Sub", [codes, offset], f"{hint}.unsigned")
+        amount = self.const(np.array(shift, dtype=np.uint8), f"{hint}.shift")
+        return self.emit("BitShift", [codes, amount], f"{hint}.widen", direction="LEFT")
 
     def codes(self, x: str, r: ActRange, hint: str) -> str:
         """The integer codes of tensor `x` at range `r`, made once per tensor: QuantizeLinear,
