@@ -19,6 +19,7 @@ from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.tasks.classification.models import build_model
 from qatkd.tasks.classification.task import ClassificationTask
+from qatkd.train import engine
 from testdata import make_images, tiny_overrides, write_idx, write_npz
 
 QATKD = [sys.executable, "-m", "qatkd"]
@@ -82,6 +83,43 @@ def test_nan_loss_can_skip_the_step(npz_root, tmp_path, monkeypatch, capsys):
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "run")["model"].values())
 
 
+def _nan_weights_after_step(monkeypatch: pytest.MonkeyPatch, bad_step: int) -> None:
+    """The update of step `bad_step` leaves a NaN in the student's first weight (its loss was
+    finite): what an overflowing update does."""
+    original, calls = engine.optimizer_step, []
+
+    def optimizer_step(total, optimizer, *args, **kwargs):
+        original(total, optimizer, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == bad_step:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(engine, "optimizer_step", optimizer_step)
+
+
+def test_skipping_stops_once_the_weights_are_not_finite(npz_root, tmp_path, monkeypatch):
+    """A skipped step cannot repair NaN weights: the run stops at the first skip after them
+    rather than skipping every step to the end, and points at the last good checkpoint."""
+    _nan_weights_after_step(monkeypatch, bad_step=5)  # 3 steps per epoch: in epoch 2
+    run = tmp_path / "run"
+    config = load_config(overrides=tiny_overrides(npz_root, run, "train.on_nonfinite=skip"))
+    message = rf"weights became non-finite \(.+\) by step 6 \(epoch 2\).*{run / 'last.pt'}"
+    with pytest.raises(QatkdError, match=message):
+        pipeline.train(config)
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_non_finite_weights_are_never_saved(npz_root, tmp_path, monkeypatch):
+    """The last step of epoch 1 leaves a NaN weight: the epoch's end refuses to write it."""
+    _nan_weights_after_step(monkeypatch, bad_step=3)  # 3 steps per epoch
+    run = tmp_path / "run"
+    with pytest.raises(QatkdError, match=r"by step 3 .*no checkpoint was written yet"):
+        pipeline.train(load_config(overrides=tiny_overrides(npz_root, run)))
+    assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A good FP32 run and checkpoint, a truncated copy, one whose weights are another model's,
@@ -96,6 +134,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     state = load_checkpoint(good)
     other = build_model("resnet20", 1, 3, [0.5], [0.5])
     save_checkpoint({**state, "model": other.state_dict()}, tmp_path / "other_arch.pt")
+    diverged = {k: v.clone() for k, v in state["model"].items()}
+    next(v for v in diverged.values() if v.is_floating_point()).view(-1)[0] = float("inf")
+    save_checkpoint({**state, "model": diverged}, tmp_path / "diverged.pt")
     five = {**state["meta"], "class_names": list("abcde")}
     save_checkpoint({**state, "meta": five}, tmp_path / "classes5.pt")
     torch.save({"format": "qatkd-checkpoint-v1", "meta": object()}, tmp_path / "pickled.pt")
@@ -123,6 +164,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "truncated": tmp_path / "truncated.pt",
         "other_arch": tmp_path / "other_arch.pt",
         "classes5": tmp_path / "classes5.pt",
+        "diverged": tmp_path / "diverged.pt",
         "pickled": tmp_path / "pickled.pt",
         "npz": npz_root,
         "fashion": fashion,
@@ -156,6 +198,7 @@ BAD_INPUTS = [
     ("truncated checkpoint", ["eval", "--ckpt", "{truncated}"], "truncated or corrupt"),
     ("another architecture", ["eval", "--ckpt", "{other_arch}"], "does not fit model 'resnet8'"),
     ("pickled checkpoint", ["eval", "--ckpt", "{pickled}"], "holds pickled objects"),
+    ("diverged checkpoint", ["eval", "--ckpt", "{diverged}"], "holds non-finite weights"),
     (
         "run folder is a file",
         ["train", "data.name=npz", "data.root={npz}", "model.name=resnet8", "out={pickled}"],

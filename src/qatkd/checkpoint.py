@@ -11,6 +11,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,30 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def first_nonfinite(state: Mapping[str, Any]) -> str | None:
+    """The first key of a state dict whose floating-point tensor holds a NaN or an inf, or None:
+    such weights come from a run that diverged, and nothing computed from them means anything."""
+    for key, value in state.items():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ):
+            return key
+    return None
+
+
+def refuse_nonfinite(state: Mapping[str, Any], name: str) -> None:
+    """A one-line `QatkdError` if the state dict of the model called `name` (e.g. "teacher
+    t.pt") holds a non-finite value."""
+    broken = first_nonfinite(state)
+    if broken is not None:
+        raise QatkdError(
+            f"{name} holds non-finite weights ({broken}): the run that wrote it diverged; "
+            "train it again with a lower train.lr"
+        )
 
 
 def content_sha256(path: str | Path) -> str:

@@ -109,7 +109,9 @@ class TrainConfig(Section):
         "loses at most that; 0 = only at epoch ends",
     )
     on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="a NaN/inf loss stops the run (last.pt stays good) or skips the step"
+        "stop",
+        description="a NaN/inf loss stops the run (last.pt stays good) or skips the step (the "
+        "run stops anyway once the weights are non-finite)",
     )
     tensorboard: bool = Field(
         False,

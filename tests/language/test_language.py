@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from qatkd.checkpoint import load_checkpoint, save_checkpoint
-from qatkd.cli import main
+from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
 from qatkd.distill import KDConfig
 from qatkd.errors import QatkdError
@@ -277,6 +277,13 @@ def test_distill_eval_and_rtn_from_the_cli(tiny_lm, text_files, tmp_path, capsys
     rtn = tmp_path / "rtn"
     assert main(["ptq", *common, "quant.method=minmax", f"out={rtn}"]) == 0
     assert json.loads((rtn / "metrics.json").read_text())["test_ppl"] > 1
+    state = load_checkpoint(out)
+    weight = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][weight] = state["model"][weight] * float("nan")
+    save_checkpoint(state, tmp_path / "diverged.pt")
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(tmp_path / "diverged.pt")]) == EXIT_USER_ERROR
+    assert "the checkpoint holds non-finite weights" in capsys.readouterr().err
 
 
 def test_heldout_gor_trains_a_language_model(tiny_lm, text_files, tmp_path):

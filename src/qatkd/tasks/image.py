@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from qatkd.checkpoint import checkpoint_path, file_sha256, load_checkpoint
+from qatkd.checkpoint import checkpoint_path, file_sha256, load_checkpoint, refuse_nonfinite
 from qatkd.config import Config, DataConfig, checkpoint_config
 from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache
 from qatkd.errors import QatkdError
@@ -240,6 +240,7 @@ class ImageFamily:
         if source is not None:
             self.check_fits(state["meta"], source, what, path)
         model = self.model_from_meta(state["meta"])
+        refuse_nonfinite(state["model"], f"{what} {path}")
         if state["meta"].get("quant"):
             check_state_fits_shared_quantizers(model, state["model"])
         try:

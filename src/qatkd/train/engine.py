@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from qatkd.balance import LossBalancer, grad_conflict
-from qatkd.checkpoint import save_checkpoint
+from qatkd.checkpoint import first_nonfinite, save_checkpoint
 from qatkd.config import Config, config_to_dict
 from qatkd.device import device_name, loader_options, mixed_precision, to_device
 from qatkd.errors import QatkdError
@@ -223,6 +223,20 @@ def fit(
             "eval_seconds": eval_seconds,
         }
 
+    def check_weights(epoch: int) -> None:
+        """Raise `QatkdError` if the student, the balancer or the KD parts hold a non-finite
+        value on any rank: before every checkpoint, so that last.pt stays a good one, and after
+        a skipped step, which cannot repair them."""
+        parts = (student, balancer, kd_parts)
+        found = (first_nonfinite(p.state_dict()) for p in parts if p is not None)
+        name = next((n for n in found if n is not None), None)
+        if any_rank(world, name is not None):
+            where = f" ({name})" if name else ""
+            raise QatkdError(
+                f"the weights became non-finite{where} by step {step} (epoch {epoch + 1}); "
+                f"{last_good(run_dir)}"
+            )
+
     def stop_or_save(epoch: int, done: int, sums: list[float], stops: StopRequests) -> None:
         """After a step: on a stop signal (any rank's) or when `train.save_every_min` has
         passed, every rank's RNG state is gathered and rank 0 writes last.pt at this position;
@@ -233,6 +247,7 @@ def fit(
         due = bool(minutes) and time.monotonic() - last_save >= 60 * minutes
         if not (stop or any_rank(world, due and world.is_main)):
             return
+        check_weights(epoch)
         position = {"batches": done, "sums": sums, "rng": gather(world, rng_states(device))}
         if world.is_main:
             logger.flush()
@@ -292,10 +307,10 @@ def fit(
                         raise QatkdError(
                             f"the loss became non-finite at step {step} (epoch {epoch + 1}; "
                             f"{total.item()} on this process); "
-                            f"the last good checkpoint is {run_dir / 'last.pt'}: "
-                            "lower train.lr and resume, or set train.on_nonfinite=skip"
+                            f"{last_good(run_dir)}, or set train.on_nonfinite=skip"
                         )
                     report(f"warning: skipped step {step}: non-finite loss ({total.item()} here)")
+                    check_weights(epoch)
                     schedule.step()
                     stop_or_save(epoch, done, sums, stops)
                     continue
@@ -333,6 +348,7 @@ def fit(
             loss_sum, acc_sum, seen, _ = sums
             if seen == 0:
                 raise QatkdError(f"every step of epoch {epoch + 1} had a non-finite loss")
+            check_weights(epoch)
             if world.is_main:
                 last_metrics = {"train_loss": loss_sum / seen, "train_acc": acc_sum / seen}
                 evaluation_start = time.perf_counter()
@@ -375,6 +391,14 @@ def fit(
     if world.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def last_good(run_dir: Path) -> str:
+    """What a run that became non-finite leaves to go on from (every checkpoint written is
+    checked first: `check_weights`)."""
+    if (run_dir / "last.pt").exists():
+        return f"the last good checkpoint is {run_dir / 'last.pt'}: lower train.lr and resume"
+    return "no checkpoint was written yet: lower train.lr and start again"
 
 
 def _print_epoch(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from qatkd.checkpoint import content_sha256, load_checkpoint
+from qatkd.checkpoint import content_sha256, load_checkpoint, refuse_nonfinite
 from qatkd.config import Config, checkpoint_config
 from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
@@ -239,6 +239,7 @@ class LanguageFamily:
         return build_student(config, source), _meta(config, source)
 
     def restore(self, state: dict[str, Any], source: Loaded | None = None) -> nn.Module:
+        refuse_nonfinite(state["model"], "the checkpoint")
         config = checkpoint_config(state)
         source = source or Loaded(config, training=False)
         student = build_student(config.model_copy(update={"quant": None}), source)
