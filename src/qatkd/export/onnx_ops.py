@@ -44,13 +44,10 @@ def _pair(value: Any) -> list[int]:
 # -- modules -------------------------------------------------------------------------------------
 
 
-@module_op(nn.Identity, nn.Dropout, QuantPoint, subclasses=True)
 def pass_through(b: GraphBuilder, m: nn.Module, x: str, hint: str) -> str:
     return x
 
 
-@module_op(FrozenConv2d, subclasses=True)
-@module_op(nn.Conv2d)
 def conv(b: GraphBuilder, m: FrozenConv2d | nn.Conv2d, x: str, hint: str) -> str:
     if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
         raise Fallback
@@ -68,8 +65,6 @@ def conv(b: GraphBuilder, m: FrozenConv2d | nn.Conv2d, x: str, hint: str) -> str
     )
 
 
-@module_op(FrozenLinear, subclasses=True)
-@module_op(nn.Linear)
 def linear(b: GraphBuilder, m: FrozenLinear | nn.Linear, x: str, hint: str) -> str:
     if b.rank(x) == 2:
         return b.emit("Gemm", b.layer_inputs(m, x, hint), hint, transB=1)
@@ -79,7 +74,6 @@ def linear(b: GraphBuilder, m: FrozenLinear | nn.Linear, x: str, hint: str) -> s
     return b.emit("Add", [y, *bias], f"{hint}.bias_add") if bias else y
 
 
-@module_op(QuantAct, subclasses=True)
 def quant_act(b: GraphBuilder, m: QuantAct, x: str, hint: str) -> str:
     r = act_range(m.quantizer, hint)
     if not b.quantized or r is None:
@@ -87,19 +81,16 @@ def quant_act(b: GraphBuilder, m: QuantAct, x: str, hint: str) -> str:
     return b.qdq(x, r, tensor_hint(m.quantizer, hint))[0]
 
 
-@module_op(nn.ReLU)
 def relu(b: GraphBuilder, m: nn.ReLU, x: str, hint: str) -> str:
     return b.emit_commuting("Relu", [x], hint, low=0.0)
 
 
-@module_op(nn.ReLU6, nn.Hardtanh)
 def clamp(b: GraphBuilder, m: nn.Hardtanh, x: str, hint: str) -> str:
     low, high = float(m.min_val), float(m.max_val)
     bounds = [b.const(np.array(v, dtype=np.float32), f"{hint}.bound") for v in (low, high)]
     return b.emit_commuting("Clip", [x, *bounds], hint, low=low, high=high)
 
 
-@module_op(nn.BatchNorm2d)
 def batch_norm(b: GraphBuilder, m: nn.BatchNorm2d, x: str, hint: str) -> str:
     if not m.affine:
         raise Fallback
@@ -108,7 +99,6 @@ def batch_norm(b: GraphBuilder, m: nn.BatchNorm2d, x: str, hint: str) -> str:
     return b.emit("BatchNormalization", [x, *names], hint, epsilon=m.eps)
 
 
-@module_op(QuantSiLU)
 def quant_silu(b: GraphBuilder, m: QuantSiLU, x: str, hint: str) -> str:
     """x · sigmoid(x), the sigmoid's output quantized: QLinearSigmoid and QLinearMul."""
     r = act_range(m.input_quantizer, f"{hint}.input_quantizer")
@@ -121,7 +111,6 @@ def quant_silu(b: GraphBuilder, m: QuantSiLU, x: str, hint: str) -> str:
     return b.emit("Mul", [x, gate], hint)
 
 
-@module_op(nn.MaxPool2d)
 def max_pool(b: GraphBuilder, m: nn.MaxPool2d, x: str, hint: str) -> str:
     k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
     return b.emit_moving(
@@ -136,7 +125,6 @@ def max_pool(b: GraphBuilder, m: nn.MaxPool2d, x: str, hint: str) -> str:
     )
 
 
-@module_op(nn.AvgPool2d)
 def average_pool(b: GraphBuilder, m: nn.AvgPool2d, x: str, hint: str) -> str:
     if m.divisor_override is not None:
         raise Fallback
@@ -153,14 +141,12 @@ def average_pool(b: GraphBuilder, m: nn.AvgPool2d, x: str, hint: str) -> str:
     )
 
 
-@module_op(nn.AdaptiveAvgPool2d)
 def global_average_pool(b: GraphBuilder, m: nn.AdaptiveAvgPool2d, x: str, hint: str) -> str:
     if _pair(m.output_size) != [1, 1]:
         raise Fallback
     return b.emit("GlobalAveragePool", [x], hint)
 
 
-@module_op(QuantGlobalAvgPool2d)
 def quant_global_average_pool(b: GraphBuilder, m: QuantGlobalAvgPool2d, x: str, hint: str) -> str:
     r = act_range(m.input_quantizer, f"{hint}.input_quantizer")
     if b.quantized and r is not None:
@@ -168,7 +154,6 @@ def quant_global_average_pool(b: GraphBuilder, m: QuantGlobalAvgPool2d, x: str, 
     return b.emit("GlobalAveragePool", [x], hint)
 
 
-@module_op(nn.Flatten)
 def flatten_module(b: GraphBuilder, m: nn.Flatten, x: str, hint: str) -> str:
     if m.end_dim != -1:
         raise Fallback
@@ -178,7 +163,6 @@ def flatten_module(b: GraphBuilder, m: nn.Flatten, x: str, hint: str) -> str:
 # -- functions and methods -----------------------------------------------------------------------
 
 
-@function_op(*BINARY)
 def binary(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     if len(node.args) != 2 or node.kwargs:  # torch.add(x, y, alpha=2), ...
         raise Fallback
@@ -186,12 +170,10 @@ def binary(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     return b.emit(BINARY[node.target], [x, y], hint)
 
 
-@function_op(torch.relu, F.relu, "relu")
 def relu_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     return b.emit_commuting("Relu", [b.names[node.args[0]]], hint, low=0.0)
 
 
-@function_op(torch.flatten, "flatten")
 def flatten_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     args = node.args
     start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
@@ -201,13 +183,11 @@ def flatten_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     return b.emit_moving("Flatten", [b.names[args[0]]], hint, axis=start)
 
 
-@function_op(stochastic_depth, "contiguous")
 def identity_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """Stochastic depth is the identity in eval; `contiguous` is one to ONNX."""
     return b.names[node.args[0]]
 
 
-@function_op(torch.permute, torch.transpose, "permute", "transpose")
 def transpose(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     x = b.names[node.args[0]]
     rank = b.examples.values[node.args[0]].dim()
@@ -240,7 +220,6 @@ def _batch_first(b: GraphBuilder, node: fx.Node) -> bool:
     )
 
 
-@function_op(torch.reshape, "view", "reshape", accepts=_batch_first)
 def reshape(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """The shape of the example run, with 0 (the input's own size) for the batch."""
     shape = [0, *b.examples.values[node].shape[1:]]
@@ -264,7 +243,6 @@ def _split_dim(b: GraphBuilder, parts: fx.Node) -> int:
     return dim % b.examples.values[parts.args[0]].dim()
 
 
-@function_op(operator.getitem, accepts=_split_part)
 def split_part(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """One part of a chunk or split: a Slice of its input."""
     parts, index = node.args
@@ -279,7 +257,6 @@ def split_part(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     return b.emit_moving("Slice", [b.names[parts.args[0]], *bounds], hint)
 
 
-@function_op(torch.cat, torch.concat, torch.concatenate)
 def concat(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """On the codes where every input is quantized at one scale (`quant.tensors` gives a
     concatenation's inputs one quantizer), else in float (onnxruntime's QLinearConcat where
@@ -305,7 +282,6 @@ def _global_mean(b: GraphBuilder, node: fx.Node) -> bool:
     return four_d and global_pool_call(node)
 
 
-@function_op(torch.mean, "mean", F.adaptive_avg_pool2d, accepts=_global_mean)
 def global_mean(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """GlobalAveragePool (QLinearGlobalAveragePool where its input and output are quantized),
     then a Flatten where the mean drops the two dims."""
@@ -316,7 +292,6 @@ def global_mean(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     return b.emit_moving("Flatten", [pooled], f"{hint}.flatten", axis=1)
 
 
-@function_op(operator.matmul, torch.matmul, "matmul")
 def matmul(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """QLinearMatMul where both operands and the product are quantized (attention)."""
     if len(node.args) != 2 or node.kwargs:
@@ -324,7 +299,6 @@ def matmul(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     return b.emit("MatMul", [b.names[a] for a in node.args], hint)
 
 
-@function_op(torch.softmax, F.softmax, "softmax")
 def softmax(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """QLinearSoftmax where its input and output are quantized (attention's probabilities)."""
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -334,10 +308,42 @@ def softmax(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     return b.emit("Softmax", [b.names[node.args[0]]], hint, axis=dim)
 
 
-@function_op(F.dropout)
 def dropout_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """The identity in eval (`training=False`, as the trace records it)."""
     training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
     if training:
         raise Fallback
     return b.names[node.args[0]]
+
+
+# -- the registry ----------------------------------------------------------------------------------
+# Registered here rather than by decorators: mutmut (`make mutate`) does not mutate decorated
+# functions, and the handlers are what the export's mutation score is for.
+
+module_op(nn.Identity, nn.Dropout, QuantPoint, subclasses=True)(pass_through)
+module_op(nn.Conv2d)(conv)
+module_op(FrozenConv2d, subclasses=True)(conv)
+module_op(nn.Linear)(linear)
+module_op(FrozenLinear, subclasses=True)(linear)
+module_op(QuantAct, subclasses=True)(quant_act)
+module_op(nn.ReLU)(relu)
+module_op(nn.ReLU6, nn.Hardtanh)(clamp)
+module_op(nn.BatchNorm2d)(batch_norm)
+module_op(QuantSiLU)(quant_silu)
+module_op(nn.MaxPool2d)(max_pool)
+module_op(nn.AvgPool2d)(average_pool)
+module_op(nn.AdaptiveAvgPool2d)(global_average_pool)
+module_op(QuantGlobalAvgPool2d)(quant_global_average_pool)
+module_op(nn.Flatten)(flatten_module)
+function_op(*BINARY)(binary)
+function_op(torch.relu, F.relu, "relu")(relu_call)
+function_op(torch.flatten, "flatten")(flatten_call)
+function_op(stochastic_depth, "contiguous")(identity_call)
+function_op(torch.permute, torch.transpose, "permute", "transpose")(transpose)
+function_op(torch.reshape, "view", "reshape", accepts=_batch_first)(reshape)
+function_op(operator.getitem, accepts=_split_part)(split_part)
+function_op(torch.cat, torch.concat, torch.concatenate)(concat)
+function_op(torch.mean, "mean", F.adaptive_avg_pool2d, accepts=_global_mean)(global_mean)
+function_op(operator.matmul, torch.matmul, "matmul")(matmul)
+function_op(torch.softmax, F.softmax, "softmax")(softmax)
+function_op(F.dropout)(dropout_call)
