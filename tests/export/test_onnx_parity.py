@@ -228,3 +228,34 @@ def test_concatenation_shuffle_squeeze_excite_and_add_run_on_integers_exactly(
         got = code_runner(proto, expected, optimize)(x)
         for name, codes in expected.items():
             np.testing.assert_array_equal(got[name], codes, err_msg=f"{name} {optimize}")
+
+
+class Parts(nn.Module):
+    """Items of calls in the forms a trace records beside the zoo's `chunk(2, dim=1)`: a chunk
+    with its dim positional, one with the default dim 0 (the channels, after a permute that
+    moves the batch to dim 2), and the item of a call that is no split (a max's values)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Conv2d(4, 8, 3, 1, 1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        left, right = x.chunk(2, 1)
+        y = self.conv(left) + self.conv(right)
+        first, second = y.permute(1, 2, 0, 3).chunk(2)
+        y = torch.cat([second, first]).permute(2, 0, 1, 3)
+        top = y.max(dim=1, keepdim=True)[0]
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y - top, 1), 1))
+
+
+def test_chunks_in_every_form_and_other_items_export_exactly(tiny_model):
+    """Dyadic: the codes of every quantized tensor equal PyTorch's bit for bit, so each part
+    was cut along the dim the call names (a wrong dim or a max taken for a split changes them)."""
+    model, x = tiny_model("W4A4", dyadic=True, name=Parts)
+    expected = pytorch_codes(model, x)
+    got = code_runner(to_onnx(model, SHAPE), expected, optimize=True)(x)
+    for name, codes in expected.items():
+        np.testing.assert_array_equal(got[name], codes, err_msg=name)
