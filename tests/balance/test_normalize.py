@@ -1,4 +1,4 @@
-"""`balancer.normalize`: every GoR form's weights on the raw losses sum to the number of terms,
+"""`balancer.normalize`: every GoR form's weights on the raw losses sum to 1, as fixed α's do,
 the student is trained on exactly those weights, and the parameters keep their own objective."""
 
 import math
@@ -39,17 +39,17 @@ def plain_weight(form: str, v: float) -> float:
 
 @pytest.mark.parametrize("form", ["kendall", "liebel", "heldout"])
 @pytest.mark.parametrize("teachers", [None, 3])
-def test_normalized_weights_sum_to_the_number_of_terms_and_weigh_the_student(form, teachers):
+def test_normalized_weights_sum_to_one_and_weigh_the_student(form, teachers):
     gor = GoR(form=form, num_teachers=teachers, normalize=True)
     terms = 2 if teachers is None else teachers + 1
     params = [0.7, 1.3, 0.4, 1.9][:terms] if form == "liebel" else [0.5, -1.2, 2.0, 0.1][:terms]
     values = LOSSES[:terms]
     total, d_losses, _ = run(gor, values, params)
     plain = [plain_weight(form, v) for v in params]
-    expected = [terms * w / sum(plain) for w in plain]
+    expected = [w / sum(plain) for w in plain]
     assert d_losses == pytest.approx(expected, rel=1e-6)  # what the student's gradient sees
     assert list(gor.weights().values()) == pytest.approx(expected, rel=1e-6)
-    assert sum(gor.weights().values()) == pytest.approx(terms, rel=1e-6)
+    assert sum(gor.weights().values()) == pytest.approx(1.0, rel=1e-6)
     assert total == pytest.approx(sum(w * x for w, x in zip(expected, values, strict=True)))
 
 
@@ -66,7 +66,7 @@ def test_normalized_scale_aware_weights_are_the_effective_ones_rescaled():
     gor = GoR(form="kendall", scale="initial", normalize=True)
     _, d_losses, _ = run(gor, LOSSES[:2], [0.0, 0.0])
     effective = [1 / 2.0, 1 / 0.3]  # e^0 divided by each loss's first value
-    expected = [2 * w / sum(effective) for w in effective]
+    expected = [w / sum(effective) for w in effective]
     assert d_losses == pytest.approx(expected, rel=1e-6)
     assert list(gor.weights().values()) == pytest.approx(expected, rel=1e-6)
 
@@ -89,4 +89,4 @@ def test_gor_builds_with_normalize():
     gor = build_balancer(BalancerConfig(normalize=True), 1)
     assert isinstance(gor, GoR) and gor.normalize
     run(gor, LOSSES[:2], [0.5, -1.2])
-    assert sum(gor.weights().values()) == pytest.approx(2.0, rel=1e-6)  # e^-0.5 + e^1.2 unscaled
+    assert sum(gor.weights().values()) == pytest.approx(1.0, rel=1e-6)  # e^-0.5 + e^1.2 unscaled

@@ -88,8 +88,9 @@ class GoR(LossBalancer):
     never ending worse than plain QAT or a tuned α, not a new optimiser.
 
     `normalize` separates the balance from the step size: the weights on the raw losses are
-    rescaled to sum to the number of terms (2; k+1 per teacher) before they weigh the
-    losses, so the form decides the ratio and the learning rate the step. The student's loss
+    rescaled to sum to 1 before they weigh the losses, like fixed α's (1 - α, α), so the form
+    decides the ratio and the learning rate the step: the step of plain QAT and fixed α at the
+    same rate (kendall and heldout start at a sum of 2, twice that step). The student's loss
     is then Σ w̃_k·L_k with w̃ held constant; the parameters still follow their own objective
     (kendall's or liebel's on the losses' values, or the held-out alignments), whose value
     joins the total as zero (`gradient_only`), so `loss` logs the student's weighted loss.
@@ -200,12 +201,12 @@ class GoR(LossBalancer):
 
     def _effective(self, values: Tensor, sizes: Tensor | None) -> Tensor:
         """The weights on the raw losses: each divided by its loss-size estimate (`scale`) and,
-        with `normalize`, rescaled to sum to the number of terms."""
+        with `normalize`, rescaled to sum to 1."""
         weights = self._weight(values)
         if sizes is not None:
             weights = weights / sizes
         if self.normalize:
-            weights = len(weights) * weights / weights.sum()
+            weights = weights / weights.sum()
         return weights
 
     def _sizes(self, losses: Tensor) -> Tensor:

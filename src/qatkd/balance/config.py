@@ -33,9 +33,9 @@ class BalancerConfig(BaseModel):
     )
     normalize: bool = Field(
         False,
-        description="GoR: rescale the weights to sum to the number of terms (2; k+1 with "
-        "per_teacher) before they weigh the losses, so the form sets the ratio and train.lr "
-        "the step",
+        description="GoR: rescale the weights to sum to 1 before they weigh the losses, as "
+        "fixed α's (1-α, α) do, so the form sets the ratio and train.lr the step, the same "
+        "step as plain QAT's and fixed α's",
     )
     held_out: float = Field(
         0.05,
