@@ -13,6 +13,7 @@ from qatkd.export.frozen import ActRange, freeze
 from qatkd.export.onnx_export import (
     INPUT_NAME,
     OUTPUT_NAME,
+    TORCH_ONNX_OPS,
     as_exported,
     check_exportable,
     class_names_of,
@@ -26,6 +27,7 @@ from qatkd.export.runtime import fused_ops, load_runner
 __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
+    "TORCH_ONNX_OPS",
     "ActRange",
     "QPack",
     "Target",

@@ -60,11 +60,15 @@ from qatkd.export.onnx_graph import INPUT_NAME, OPSET, OUTPUT_NAME, GraphBuilder
 ACTIVATION_CODES = "activation_codes"
 """`metadata_props` key of an int8 graph: {quantized tensor's hint: [the tensor holding its codes,
 their zero point]}."""
+TORCH_ONNX_OPS = "torch_onnx_ops"
+"""`metadata_props` key: the ops of the nodes that no handler wrote, which torch.onnx exported in
+float (`onnx_fallback`), in graph order; absent when there are none."""
 Precision = Literal["int8", "fp32"]
 __all__ = [
     "ACTIVATION_CODES",
     "INPUT_NAME",
     "OUTPUT_NAME",
+    "TORCH_ONNX_OPS",
     "as_exported",
     "check_exportable",
     "class_names_of",
@@ -94,6 +98,8 @@ def to_onnx(
     metadata = dict(metadata or {})
     if builder.code_tensors:
         metadata[ACTIVATION_CODES] = builder.code_tensors
+    if builder.torch_onnx_ops:
+        metadata[TORCH_ONNX_OPS] = builder.torch_onnx_ops
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)

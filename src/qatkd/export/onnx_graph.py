@@ -41,7 +41,7 @@ from qatkd.export.bias_grid import (
     spare_bits,
 )
 from qatkd.export.frozen import ActRange, FrozenLayer, run_time_input_error
-from qatkd.export.onnx_fallback import island_graph, run_examples
+from qatkd.export.onnx_fallback import island_graph, op_name, run_examples
 
 OPSET = 17
 """The ONNX opset of the exported graph (and of the islands torch.onnx writes into it)."""
@@ -136,6 +136,8 @@ class GraphBuilder:
         self._codes: dict[tuple[str, ActRange], str] = {}
         self._widened: dict[str, str] = {}
         self.dequantized: dict[str, Dequantized] = {}
+        self.torch_onnx_ops: list[str] = []
+        """The ops (`op_name`) of the nodes torch.onnx wrote in float, in graph order."""
 
     def build(self, input_shape: list[int]) -> onnx.GraphProto:
         self.examples = run_examples(self.gm, input_shape)
@@ -466,6 +468,7 @@ class GraphBuilder:
     def _emit_island(self, members: list[fx.Node]) -> None:
         """Splice in torch.onnx's float graph of `members` (`onnx_fallback`) under fresh names."""
         graph, inputs, outputs = island_graph(self.gm, members, self.examples, OPSET)
+        self.torch_onnx_ops += [op_name(n) for n in members]
         renamed = {f"in{i}": self.names[n] for i, n in enumerate(inputs)}
         hint = members[0].name
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
+from qatkd.errors import QatkdError
 from qatkd.export.frozen import FrozenConv2d, FrozenLinear, act_range
 from qatkd.export.onnx_graph import Fallback, GraphBuilder, function_op, module_op, tensor_hint
 from qatkd.nn import QuantPoint
@@ -126,19 +127,29 @@ def max_pool(b: GraphBuilder, m: nn.MaxPool2d, x: str, hint: str) -> str:
 
 
 def average_pool(b: GraphBuilder, m: nn.AvgPool2d, x: str, hint: str) -> str:
-    if m.divisor_override is not None:
-        raise Fallback
+    """A `divisor_override` d (which torch.onnx drops without a word, dividing by the window's
+    area) is the average over the whole window, padding counted, times area / d; with
+    `ceil_mode` the last windows overhang the input and have no such form."""
     k, s, p = (_pair(v) for v in (m.kernel_size, m.stride, m.padding))
-    return b.emit(
+    divisor = m.divisor_override
+    if divisor is not None and m.ceil_mode:
+        raise QatkdError(
+            f"{hint}: an AvgPool2d with divisor_override and ceil_mode has no ONNX form"
+        )
+    average = b.emit(
         "AveragePool",
         [x],
-        hint,
+        f"{hint}.average" if divisor else hint,
         kernel_shape=k,
         strides=s,
         pads=p + p,
         ceil_mode=int(m.ceil_mode),
-        count_include_pad=int(m.count_include_pad),
+        count_include_pad=int(m.count_include_pad or divisor is not None),
     )
+    if divisor is None:
+        return average
+    factor = b.const(np.array(k[0] * k[1] / divisor, dtype=np.float32), f"{hint}.factor")
+    return b.emit("Mul", [average, factor], hint)
 
 
 def global_average_pool(b: GraphBuilder, m: nn.AdaptiveAvgPool2d, x: str, hint: str) -> str:

@@ -1,0 +1,141 @@
+"""Each op handler writes the op it is registered for, in every form a trace records, and
+computes what PyTorch does; a form it has no ONNX op for goes to torch.onnx's float export
+(`torch_onnx_ops`), and nothing else does."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatkd.errors import QatkdError
+from qatkd.export import INPUT_NAME, TORCH_ONNX_OPS, to_onnx
+from qatkd.export.codes import code_runner, pytorch_codes
+from qatkd.export.runtime import ort_session
+
+SHAPE = [4, 6, 6]
+
+
+class Op(nn.Module):
+    """`fn(self, x)` as a network, with `layers` for the modules it calls."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], *layers: nn.Module) -> None:
+        super().__init__()
+        self.fn, self.layers = fn, nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self, x)
+
+
+def with_stats(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """Statistics and (where affine) parameters away from the identity's."""
+    gen = torch.Generator().manual_seed(0)
+    bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen))
+    bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+    if bn.affine:
+        bn.weight.data.copy_(torch.randn(bn.num_features, generator=gen))
+        bn.bias.data.copy_(torch.randn(bn.num_features, generator=gen))
+    return bn
+
+
+def first(s: Op, x: torch.Tensor) -> torch.Tensor:
+    return s.layers[0](x)
+
+
+CASES = {
+    "softmax, dim positional": (Op(lambda s, x: torch.softmax(x, 1)), []),
+    "softmax, dim by keyword": (Op(lambda s, x: F.softmax(x, dim=-1)), []),
+    "softmax, the method": (Op(lambda s, x: x.softmax(2)), []),
+    "softmax to another dtype": (
+        Op(lambda s, x: F.softmax(x, dim=1, dtype=torch.float64).float()),
+        ["softmax", "float"],
+    ),
+    "softmax to another dtype, positional": (
+        Op(lambda s, x: torch.softmax(x, 1, torch.float64).float()),
+        ["softmax", "float"],
+    ),
+    "dropout in eval, positional": (Op(lambda s, x: F.dropout(x, 0.5, False) + 1), []),
+    "dropout in eval, by keyword": (Op(lambda s, x: F.dropout(x, p=0.5, training=False) + 1), []),
+    "average pool, padded, ceil mode, padding not counted": (
+        Op(first, nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False)),
+        [],
+    ),
+    "average pool, padding counted": (Op(first, nn.AvgPool2d(3, 1, padding=1)), []),
+    "average pool with a divisor": (Op(first, nn.AvgPool2d(3, 2, 1, divisor_override=5)), []),
+    "global average pool": (Op(first, nn.AdaptiveAvgPool2d(1)), []),
+    "global average pool, (1, 1)": (Op(first, nn.AdaptiveAvgPool2d((1, 1))), []),
+    "adaptive average pool to 2 x 1": (Op(first, nn.AdaptiveAvgPool2d((2, 1))), ["layers.0"]),
+    "adaptive average pool to 1 x 2": (Op(first, nn.AdaptiveAvgPool2d((1, 2))), ["layers.0"]),
+    "batch norm after a ReLU": (
+        Op(lambda s, x: s.layers[0](torch.relu(x)), with_stats(nn.BatchNorm2d(4, eps=0.1))),
+        [],
+    ),
+    "batch norm without affine parameters": (
+        Op(first, with_stats(nn.BatchNorm2d(4, eps=0.1, affine=False))),
+        ["layers.0"],
+    ),
+    "hardtanh": (Op(first, nn.Hardtanh(-0.5, 0.75)), []),
+    "relu6": (Op(first, nn.ReLU6()), []),
+    "matmul": (Op(lambda s, x: x @ x.transpose(-1, -2)), []),
+    "matmul, the function": (Op(lambda s, x: torch.matmul(x, x)), []),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_form_is_written_by_its_handler_or_by_torch_onnx_as_expected(case):
+    model, expected_fallbacks = CASES[case]
+    model.eval()
+    proto = to_onnx(model, SHAPE, "fp32")
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(metadata.get(TORCH_ONNX_OPS, "[]")) == expected_fallbacks
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_average_pool_with_a_divisor_and_ceil_mode_is_refused_by_name():
+    """No ONNX form divides the overhanging windows by the divisor: one line, not a wrong graph."""
+    model = Op(first, nn.AvgPool2d(2, 2, divisor_override=3, ceil_mode=True)).eval()
+    with pytest.raises(QatkdError, match=r"^layers\.0: an AvgPool2d with divisor_override and "):
+        to_onnx(model, [4, 5, 5], "fp32")
+
+
+def test_dropout_that_stays_on_in_eval_is_left_to_torch_onnx():
+    """`F.dropout(x, p)` drops in eval too (training defaults to True): not the identity."""
+    proto = to_onnx(Op(lambda s, x: F.dropout(x, 0.5)).eval(), SHAPE, "fp32")
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(metadata[TORCH_ONNX_OPS]) == ["dropout"]
+
+
+class Clamped(nn.Module):
+    """A Hardtanh between two convolutions, read by the second one's signed input quantizer,
+    whose power-of-two range (±0.25, from max |x| = 0.2) holds both bounds."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(in_channels, 8, 3, 1, 1), nn.BatchNorm2d(8))
+        self.clamp = nn.Hardtanh(-0.1, 0.2)
+        self.b = nn.Conv2d(8, 8, 3, 1, 1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.clamp(self.a(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+@pytest.mark.parametrize("bits", ["W8A8", "W4A4"])
+def test_a_clamp_moved_onto_the_codes_keeps_both_bounds(tiny_model, bits):
+    """The Clip runs on the codes after the quantizer (`emit_commuting`), its bounds turned into
+    codes: dyadic, so every code must equal PyTorch's, the ones each bound cuts too."""
+    model, x = tiny_model(bits, dyadic=True, name=Clamped)
+    expected = pytorch_codes(model, x)
+    got = code_runner(to_onnx(model, [1, 16, 16]), expected, optimize=True)(x)
+    for name, codes in expected.items():
+        np.testing.assert_array_equal(got[name], codes, err_msg=name)
