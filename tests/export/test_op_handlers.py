@@ -17,6 +17,7 @@ from qatkd.errors import QatkdError
 from qatkd.export import INPUT_NAME, TORCH_ONNX_OPS, to_onnx
 from qatkd.export.codes import code_runner, pytorch_codes
 from qatkd.export.runtime import ort_session
+from qatkd.quant import QuantSiLU
 
 SHAPE = [4, 6, 6]
 
@@ -139,3 +140,24 @@ def test_a_clamp_moved_onto_the_codes_keeps_both_bounds(tiny_model, bits):
     got = code_runner(to_onnx(model, [1, 16, 16]), expected, optimize=True)(x)
     for name, codes in expected.items():
         np.testing.assert_array_equal(got[name], codes, err_msg=name)
+
+
+class Swish(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(in_channels, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.SiLU())
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.a(x), 1), 1))
+
+
+def test_a_quantized_silu_is_quantized_in_the_int8_graph_only(tiny_model):
+    """QuantSiLU's input and gate quantizers become Q/DQ pairs in the int8 graph; the FP32
+    graph of the same model (the speed reference) has none."""
+    model, _ = tiny_model("W8A8", name=Swish)
+    assert any(isinstance(m, QuantSiLU) for m in model.modules())
+    for precision, quantized in (("int8", True), ("fp32", False)):
+        ops = [n.op_type for n in to_onnx(model, [1, 16, 16], precision).graph.node]
+        assert "Sigmoid" in ops and "Mul" in ops
+        assert ("QuantizeLinear" in ops) == quantized and ("DequantizeLinear" in ops) == quantized

@@ -137,7 +137,8 @@ class GraphBuilder:
         self._widened: dict[str, str] = {}
         self.dequantized: dict[str, Dequantized] = {}
         self.torch_onnx_ops: list[str] = []
-        """The ops (`op_name`) of the nodes torch.onnx wrote in float, in graph order."""
+        """The ops (`op_name`) of the nodes torch.onnx wrote in float, in graph order (the
+        graph's `TORCH_ONNX_OPS` metadata)."""
 
     def build(self, input_shape: list[int]) -> onnx.GraphProto:
         self.examples = run_examples(self.gm, input_shape)
@@ -468,7 +469,8 @@ class GraphBuilder:
     def _emit_island(self, members: list[fx.Node]) -> None:
         """Splice in torch.onnx's float graph of `members` (`onnx_fallback`) under fresh names."""
         graph, inputs, outputs = island_graph(self.gm, members, self.examples, OPSET)
-        self.torch_onnx_ops += [op_name(n) for n in members]
+        if outputs:  # an island nothing reads (a chunk whose parts are Slices) adds nothing
+            self.torch_onnx_ops += [op_name(n) for n in members]
         renamed = {f"in{i}": self.names[n] for i, n in enumerate(inputs)}
         hint = members[0].name
 
