@@ -3,7 +3,8 @@ full) with their token budgets, and each row's command, overrides and run folder
 
 A row is a start point (post-training quantization: `rtn`, round-to-nearest on min-max groups;
 `gptq`, `quant.method=lsq quant.init=gptq`, GPTQ of the teacher on a learned grid) or a student
-trained from one: the method comparison (QAT, KD at α = 0.5, GoR) from the RTN start with
+trained from one: the method comparison (QAT, KD at α = 0.5, GoR in its default form and in
+the held-out form, plain and normalised) from the RTN start with
 min-max grids on the short budget, and the headline QAT-KD-GoR students from the GPTQ start
 with learned grids, symmetric and asymmetric, on the budget picked on held-out text. Every run
 of a schedule reads the same generated text; the short budget is its first blocks
@@ -122,10 +123,15 @@ METHODS = {
     "qat": ("train", []),
     "kd_fixed_0.5": ("distill", ["balancer.name=fixed", "balancer.alpha=0.5"]),
     "kd_gor": ("distill", ["balancer.name=gor", f"balancer.form={BalancerConfig().form}"]),
+    "kd_gor_heldout": ("distill", ["balancer.name=gor", "balancer.form=heldout"]),
+    "kd_gor_heldout_normalized": (
+        "distill",
+        ["balancer.name=gor", "balancer.form=heldout", "balancer.normalize=true"],
+    ),
 }
 """Each row method's command and overrides; GoR's form is named, so that runs of another form
 are not reused."""
-COMPARED = ("qat", "kd_fixed_0.5", "kd_gor")
+COMPARED = ("qat", "kd_fixed_0.5", "kd_gor", "kd_gor_heldout", "kd_gor_heldout_normalized")
 TEACHER = "teachers=[smollm2-135m]"
 
 

