@@ -15,7 +15,8 @@ from torch import nn
 
 from qatkd.errors import QatkdError
 from qatkd.export import INPUT_NAME, TORCH_ONNX_OPS, to_onnx
-from qatkd.export.codes import code_runner, pytorch_codes
+from qatkd.export.codes import activation_quantizers, code_runner, pytorch_codes
+from qatkd.export.onnx_export import ACTIVATION_CODES
 from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantSiLU
 
@@ -82,6 +83,15 @@ CASES = {
     ),
     "hardtanh": (Op(first, nn.Hardtanh(-0.5, 0.75)), []),
     "relu6": (Op(first, nn.ReLU6()), []),
+    "flatten from dim 1": (Op(lambda s, x: first(s, x) + 1, nn.Flatten()), []),
+    "flatten from dim 1 to -1, the function": (Op(lambda s, x: torch.flatten(x, 1, -1) + 1), []),
+    "flatten from dim 2": (Op(lambda s, x: first(s, x) + 1, nn.Flatten(2)), ["layers.0"]),
+    "flatten, the function, from dim 2": (
+        Op(lambda s, x: torch.flatten(x, 2) + 1),
+        ["flatten"],
+    ),
+    "flatten, the method, from dim 0": (Op(lambda s, x: x.flatten() + 1), ["flatten"]),
+    "flatten from dim 1 to 2": (Op(lambda s, x: x.flatten(1, 2) + 1), ["flatten"]),
     "matmul": (Op(lambda s, x: x @ x.transpose(-1, -2)), []),
     "matmul, the function": (Op(lambda s, x: torch.matmul(x, x)), []),
 }
@@ -158,6 +168,10 @@ def test_a_quantized_silu_is_quantized_in_the_int8_graph_only(tiny_model):
     model, _ = tiny_model("W8A8", name=Swish)
     assert any(isinstance(m, QuantSiLU) for m in model.modules())
     for precision, quantized in (("int8", True), ("fp32", False)):
-        ops = [n.op_type for n in to_onnx(model, [1, 16, 16], precision).graph.node]
+        proto = to_onnx(model, [1, 16, 16], precision)
+        ops = [n.op_type for n in proto.graph.node]
         assert "Sigmoid" in ops and "Mul" in ops
         assert ("QuantizeLinear" in ops) == quantized and ("DequantizeLinear" in ops) == quantized
+    # each quantized tensor's codes under its quantizer's name, the SiLU's input and gate too
+    metadata = {p.key: p.value for p in to_onnx(model, [1, 16, 16]).metadata_props}
+    assert set(json.loads(metadata[ACTIVATION_CODES])) == set(activation_quantizers(model))

@@ -165,10 +165,18 @@ def quant_global_average_pool(b: GraphBuilder, m: QuantGlobalAvgPool2d, x: str, 
     return b.emit("GlobalAveragePool", [x], hint)
 
 
-def flatten_module(b: GraphBuilder, m: nn.Flatten, x: str, hint: str) -> str:
-    if m.end_dim != -1:
+def _flatten(b: GraphBuilder, x: str, start: int, end: int, hint: str) -> str:
+    """ONNX's Flatten always makes a matrix, [d0 ... d(axis-1)] x [the rest]: it is torch's
+    flatten only from dim 1 to the last (the batch kept, the rest in one); any other span is
+    torch.onnx's Reshape."""
+    rank = b.rank(x)
+    if start % rank != 1 or end % rank != rank - 1:
         raise Fallback
-    return b.emit_moving("Flatten", [x], hint, axis=m.start_dim)
+    return b.emit_moving("Flatten", [x], hint, axis=1)
+
+
+def flatten_module(b: GraphBuilder, m: nn.Flatten, x: str, hint: str) -> str:
+    return _flatten(b, x, m.start_dim, m.end_dim, hint)
 
 
 # -- functions and methods -----------------------------------------------------------------------
@@ -189,9 +197,7 @@ def flatten_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     args = node.args
     start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
     end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
-    if end != -1:
-        raise Fallback
-    return b.emit_moving("Flatten", [b.names[args[0]]], hint, axis=start)
+    return _flatten(b, b.names[args[0]], start, end, hint)
 
 
 def identity_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
