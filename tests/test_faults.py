@@ -2,6 +2,7 @@
 never costs work: kill -9, non-finite losses, and a table of bad inputs, each one line."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,24 +101,38 @@ def _nan_weights_after_step(monkeypatch: pytest.MonkeyPatch, bad_step: int) -> N
 
 def test_skipping_stops_once_the_weights_are_not_finite(npz_root, tmp_path, monkeypatch):
     """A skipped step cannot repair NaN weights: the run stops at the first skip after them
-    rather than skipping every step to the end, and points at the last good checkpoint."""
-    _nan_weights_after_step(monkeypatch, bad_step=5)  # 3 steps per epoch: in epoch 2
+    (here in the middle of an epoch) rather than skipping every step to the end, and points at
+    the last good checkpoint."""
+    _nan_weights_after_step(monkeypatch, bad_step=4)  # 3 steps per epoch: the first of epoch 2
     run = tmp_path / "run"
     config = load_config(overrides=tiny_overrides(npz_root, run, "train.on_nonfinite=skip"))
-    message = rf"weights became non-finite \(.+\) by step 6 \(epoch 2\).*{run / 'last.pt'}"
+    last = re.escape(str(run / "last.pt"))
+    message = rf"weights became non-finite \(student: .+\) by step 5 \(epoch 2\).*{last}"
     with pytest.raises(QatkdError, match=message):
         pipeline.train(config)
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_non_finite_weights_are_never_saved(npz_root, tmp_path, monkeypatch):
+def test_non_finite_weights_are_never_saved_at_an_epochs_end(npz_root, tmp_path, monkeypatch):
     """The last step of epoch 1 leaves a NaN weight: the epoch's end refuses to write it."""
     _nan_weights_after_step(monkeypatch, bad_step=3)  # 3 steps per epoch
     run = tmp_path / "run"
     with pytest.raises(QatkdError, match=r"by step 3 .*no checkpoint was written yet"):
         pipeline.train(load_config(overrides=tiny_overrides(npz_root, run)))
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
+
+
+def test_non_finite_weights_are_never_saved_inside_an_epoch(npz_root, tmp_path, monkeypatch):
+    """A checkpoint due after every step (`train.save_every_min`): step 1's is written, step 2
+    leaves a NaN weight and its checkpoint is refused, so last.pt stays step 1's."""
+    _nan_weights_after_step(monkeypatch, bad_step=2)
+    run = tmp_path / "run"
+    overrides = tiny_overrides(npz_root, run, "train.save_every_min=1e-9")
+    with pytest.raises(QatkdError, match=r"by step 2 \(epoch 1\); the last good checkpoint"):
+        pipeline.train(load_config(overrides=overrides))
+    state = load_checkpoint(run / "last.pt")
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 @pytest.fixture(scope="module")

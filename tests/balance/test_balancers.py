@@ -393,3 +393,17 @@ def test_observe_names_the_balancer_that_cannot_learn_from_held_out_data(balance
     with pytest.raises(TypeError) as error:
         balancer.observe(torch.zeros(2))
     assert str(error.value) == f"{name} does not learn from held-out data"
+
+
+def test_a_non_finite_step_leaves_the_loss_sizes_and_the_alignments_as_they_were() -> None:
+    """A NaN loss (a step that train.on_nonfinite=skip skips) or the NaN alignments measured on
+    it must not enter the running loss sizes or the held-out form's next update."""
+    running = GoR(form="liebel", scale="running").train()
+    running(torch.tensor(2.0), torch.tensor(0.5))
+    sizes, updates = running.loss_sizes.clone(), running.size_updates.clone()
+    running(torch.tensor(float("nan")), torch.tensor(0.5))
+    assert torch.equal(running.loss_sizes, sizes) and torch.equal(running.size_updates, updates)
+    held = GoR(form="heldout").train()
+    held.observe(torch.tensor([0.25, -0.5]))
+    held.observe(torch.tensor([float("nan"), 0.1]))
+    assert held.alignment.tolist() == [0.25, -0.5] and held.pending.tolist() == [0.25, -0.5]

@@ -69,6 +69,10 @@ CASES = {
     ),
     "average pool, padding counted": (Op(first, nn.AvgPool2d(3, 1, padding=1)), []),
     "average pool with a divisor": (Op(first, nn.AvgPool2d(3, 2, 1, divisor_override=5)), []),
+    "average pool with a divisor, padding not counted": (
+        Op(first, nn.AvgPool2d(3, 2, 1, count_include_pad=False, divisor_override=5)),
+        [],
+    ),
     "global average pool": (Op(first, nn.AdaptiveAvgPool2d(1)), []),
     "global average pool, (1, 1)": (Op(first, nn.AdaptiveAvgPool2d((1, 1))), []),
     "adaptive average pool to 2 x 1": (Op(first, nn.AdaptiveAvgPool2d((2, 1))), ["layers.0"]),

@@ -158,6 +158,8 @@ class GoR(LossBalancer):
             super().observe(alignments)
         if alignments.shape != self.alignment.shape:
             raise ValueError(f"{len(self.params)} alignments expected, got {alignments.shape}")
+        if not bool(torch.isfinite(alignments).all()):
+            return  # measured on a non-finite loss (a step train.on_nonfinite=skip skips)
         self.alignment.copy_(alignments.detach())
         self.pending = self.alignment.clone()
 
@@ -211,8 +213,10 @@ class GoR(LossBalancer):
 
     def _sizes(self, losses: Tensor) -> Tensor:
         """The loss-size estimate, updated with this step's losses in training mode (the first
-        step sets it for `initial`); before any update, the losses themselves."""
-        if self.training and (self.scale == "running" or self.size_updates == 0):
+        step sets it for `initial`) where they are finite (a step with a non-finite loss is
+        skipped or stops the run); before any update, the losses themselves."""
+        finite = bool(torch.isfinite(losses).all())
+        if self.training and finite and (self.scale == "running" or self.size_updates == 0):
             with torch.no_grad():
                 momentum = RUNNING_MOMENTUM if self.scale == "running" else 0.0
                 self.loss_sizes.mul_(momentum).add_((1 - momentum) * losses)

@@ -61,8 +61,9 @@ ACTIVATION_CODES = "activation_codes"
 """`metadata_props` key of an int8 graph: {quantized tensor's hint: [the tensor holding its codes,
 their zero point]}."""
 TORCH_ONNX_OPS = "torch_onnx_ops"
-"""`metadata_props` key: the ops of the nodes that no handler wrote, which torch.onnx exported in
-float (`onnx_fallback`), in graph order; absent when there are none."""
+"""`metadata_props` key: the nodes that no handler wrote, which torch.onnx exported in float
+(`onnx_fallback`), in graph order, each as a function or method's name or a module's path;
+absent when there are none."""
 Precision = Literal["int8", "fp32"]
 __all__ = [
     "ACTIVATION_CODES",

@@ -493,8 +493,9 @@ _SAFE = re.compile(r"[^A-Za-z0-9_]+")
 
 
 class Fallback(Exception):
-    """Raised by a handler, before it emits anything, for a node it has no integer form for
-    (an AvgPool2d with divisor_override, ...): the builder exports that node in float."""
+    """Raised by a handler, before it emits anything, for a form it has no ONNX op for (an
+    AdaptiveAvgPool2d to more than one pixel, a flatten of other dims than 1 to the last, ...):
+    the builder exports that node in float with torch.onnx."""
 
 
 def _rename_node(node: onnx.NodeProto, rename: Callable[[str], str]) -> None:

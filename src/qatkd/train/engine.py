@@ -227,9 +227,13 @@ def fit(
         """Raise `QatkdError` if the student, the balancer or the KD parts hold a non-finite
         value on any rank: before every checkpoint, so that last.pt stays a good one, and after
         a skipped step, which cannot repair them."""
-        parts = (student, balancer, kd_parts)
-        found = (first_nonfinite(p.state_dict()) for p in parts if p is not None)
-        name = next((n for n in found if n is not None), None)
+        parts = {"student": student, "balancer": balancer, "kd_parts": kd_parts}
+        found = (
+            f"{part}: {key}"
+            for part, module in parts.items()
+            if module is not None and (key := first_nonfinite(module.state_dict())) is not None
+        )
+        name = next(found, None)
         if any_rank(world, name is not None):
             where = f" ({name})" if name else ""
             raise QatkdError(
