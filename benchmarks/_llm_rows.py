@@ -183,9 +183,15 @@ class Row:
         return command, overrides + ([TEACHER] if command == "distill" else [])
 
 
-PROBE = Row("kd_gor", W3, "gptq")
-"""The row trained at every probed rate on the short budget, then on the full budget at the
-picked rate: the learning rate and the step count are picked on its held-out perplexity."""
+def probe(grid: Grid, blocks: int | None) -> Row:
+    """The row of `grid` trained at every probed rate on the short budget (the rate is picked on
+    its held-out perplexity, per headline grid) and, for `BUDGET_GRID`, on all the text at the
+    picked rate (the step count is picked the same way): QAT-KD-GoR from the GPTQ start."""
+    return Row("kd_gor", grid, "gptq", blocks=blocks)
+
+
+BUDGET_GRID = W3
+"""The grid whose probe also picks the step count, and whose short-budget probe is a page row."""
 
 
 def page_rows(schedule: Schedule, blocks: int | None) -> list[Row]:
@@ -205,7 +211,7 @@ def page_rows(schedule: Schedule, blocks: int | None) -> list[Row]:
             rows.append(Row("gptq", grid, "gptq", asymmetric))
             student = Row("kd_gor", grid, "gptq", asymmetric, blocks)
             short = replace(student, blocks=schedule.short_blocks)
-            if replace(student, blocks=None) == PROBE and short != student:
+            if grid == BUDGET_GRID and not asymmetric and short != student:
                 rows.append(short)  # the probe's run at the picked rate
             rows.append(student)
     return rows

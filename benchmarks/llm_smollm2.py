@@ -40,14 +40,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from _llamacpp_quantize import TYPES
 from _llm_page import Record, plot, table, targets, targets_table
 from _llm_peers import PEERS, missing_packages
-from _llm_rows import FULL, PROBE, QUICK, Row, Schedule, page_rows
+from _llm_rows import BUDGET_GRID, FULL, QUICK, Grid, Row, Schedule, page_rows, probe
 from _llm_scores import Scores, llamacpp_missing
 from _protocol import trained
 from _provenance import default_work, markdown_header, start
@@ -92,34 +91,53 @@ def prune(folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
-def pick_rate(work: Path, schedule: Schedule) -> tuple[float, dict[float, float]]:
-    """The rate whose probe student (short budget) has the lowest held-out perplexity, and
-    that perplexity at every rate."""
-    probe = replace(PROBE, blocks=schedule.short_blocks)
-    val = {lr: run(work, schedule, probe, lr)["best_val_ppl"] for lr in schedule.rates}
+Rates = dict[Grid, tuple[float, dict[float, float]]]
+"""Per headline grid: the picked rate and the held-out perplexity at every probed rate."""
+
+
+def pick_rate(work: Path, schedule: Schedule, grid: Grid) -> tuple[float, dict[float, float]]:
+    """The rate whose probe student of `grid` (short budget) has the lowest held-out perplexity,
+    and that perplexity at every rate. The probes' checkpoints are pruned, but for the picked
+    one of `BUDGET_GRID`, which trains on."""
+    short = probe(grid, schedule.short_blocks)
+    val = {lr: run(work, schedule, short, lr)["best_val_ppl"] for lr in schedule.rates}
     lr = min(val, key=lambda rate: val[rate])
-    for other in set(schedule.rates) - {lr}:
-        prune(probe.folder(work, other))
+    for other in schedule.rates:
+        if other != lr or grid != BUDGET_GRID:
+            prune(short.folder(work, other))
     return lr, val
 
 
+def pick_rates(work: Path, schedule: Schedule) -> Rates:
+    """Each headline grid's own rate: one rate for all, picked on the 3-bit student, was too
+    high for the 4-bit ones (the quick page's Q4_1 student ended worse than its GPTQ start)."""
+    return {grid: pick_rate(work, schedule, grid) for grid in schedule.headline}
+
+
+def rate_for(rates: Rates, grid: Grid) -> float:
+    """`grid`'s picked rate; a grid without a probe (W2, a quick run's W4) takes
+    `BUDGET_GRID`'s."""
+    return rates.get(grid, rates[BUDGET_GRID])[0]
+
+
 def pick_budget(work: Path, schedule: Schedule, lr: float) -> tuple[int | None, dict[str, float]]:
-    """The training blocks (None: all) whose probe student at `lr` has the lower held-out
-    perplexity, the short budget or all the text, and both perplexities."""
+    """The training blocks (None: all) whose `BUDGET_GRID` probe student at `lr` has the lower
+    held-out perplexity, the short budget or all the text, and both perplexities."""
     val = {
-        blocks: run(work, schedule, replace(PROBE, blocks=blocks), lr)["best_val_ppl"]
+        blocks: run(work, schedule, probe(BUDGET_GRID, blocks), lr)["best_val_ppl"]
         for blocks in (schedule.short_blocks, None)
     }
     blocks = min(val, key=lambda b: val[b])
     return blocks, {("all" if b is None else str(b)): v for b, v in val.items()}
 
 
-def runtime_schedule(quick: bool) -> list[str]:
-    """The overrides of the runtime benchmarks' students: this benchmark's short budget at its
-    held-out rate, reusing the probe runs in its default work folder (quick mode: 8 windows)."""
+def runtime_schedule(quick: bool, grid: Grid) -> list[str]:
+    """The overrides of the runtime benchmarks' students on `grid`: this benchmark's short
+    budget at the grid's held-out rate, reusing the probe runs in its default work folder
+    (quick mode: 8 windows)."""
     schedule = QUICK if quick else FULL
     check_eval_text(schedule)
-    lr, _ = pick_rate(default_work(NAME, quick), schedule)
+    lr = rate_for(pick_rates(default_work(NAME, quick), schedule), grid)
     limits = [f"data.train_limit={schedule.short_blocks}"]
     return [
         *schedule.common(),
@@ -185,12 +203,14 @@ def record(grid: str, model: str, kind: str, metrics: dict, size: int | None) ->
 
 
 def qatkd_rows(
-    work: Path, schedule: Schedule, lr: float, blocks: int | None, scores: Scores | None
+    work: Path, schedule: Schedule, rates: Rates, blocks: int | None, scores: Scores | None
 ) -> tuple[dict[Row, Record], dict[Row, dict[str, Any]]]:
-    """The qatkd rows' records and exports, each run pruned once exported; the GGUF students
-    also scored in llama.cpp (unless `scores` is None: llama.cpp is missing)."""
+    """The qatkd rows' records and exports, each trained at its grid's rate and pruned once
+    exported; the GGUF students also scored in llama.cpp (unless `scores` is None: llama.cpp is
+    missing)."""
     records, exports = {}, {}
     for row in page_rows(schedule, blocks):
+        lr = rate_for(rates, row.grid)
         metrics = run(work, schedule, row, lr)
         folder = row.folder(work, lr)
         export = exports[row] = exported(folder, row == checked_row(schedule, blocks))
@@ -239,13 +259,13 @@ def main() -> None:
     schedule = QUICK if invocation.quick else FULL
     check_eval_text(schedule)
     work = invocation.work
-    lr, val_by_rate = pick_rate(work, schedule)
-    blocks, val_by_budget = pick_budget(work, schedule, lr)
+    rates = pick_rates(work, schedule)
+    blocks, val_by_budget = pick_budget(work, schedule, rate_for(rates, BUDGET_GRID))
     missing = missing_packages()
     left_out = llamacpp_missing()
     scores = Scores(schedule, work)
     llamacpp = None if left_out else scores
-    by_row, exports = qatkd_rows(work, schedule, lr, blocks, llamacpp)
+    by_row, exports = qatkd_rows(work, schedule, rates, blocks, llamacpp)
     records = list(by_row.values())
     sizes = {
         (row.grid, row.asymmetric): e["bytes"]["packed_total"]
@@ -261,7 +281,8 @@ def main() -> None:
         records += llamacpp_rows(llamacpp)
     fp = records[0]["ppl"]
     goals, checked_goals = targets_table(targets(records, fp))
-    reproduced = transformers_check(checked.folder(work, lr), schedule)
+    checked_folder = checked.folder(work, rate_for(rates, checked.grid))
+    reproduced = transformers_check(checked_folder, schedule)
     provenance = invocation.provenance()
     stem = invocation.stem
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -274,21 +295,24 @@ def main() -> None:
                 "schedule": schedule.common(),
                 "short_blocks": schedule.short_blocks,
                 "learning_rate": {
-                    "picked": lr,
-                    "val_ppl": {f"{k:g}": v for k, v in val_by_rate.items()},
+                    grid.name: {"picked": lr, "val_ppl": {f"{k:g}": v for k, v in val.items()}}
+                    for grid, (lr, val) in rates.items()
                 },
                 "budget": {"picked": budget, "val_ppl": val_by_budget},
                 "records": records,
                 "peers_missing": missing + left_out,
                 "targets": checked_goals,
-                "export_check": {"run": checked.folder(work, lr).name, **reproduced},
+                "export_check": {"run": checked_folder.name, **reproduced},
             },
             indent=2,
         )
         + "\n"
     )
     plot(records, RESULTS / f"{stem}.png", text)
-    rates = ", ".join(f"{k:g}: {v:.2f}" for k, v in val_by_rate.items())
+    picks = "; ".join(
+        f"{grid.name} {lr:g} ({', '.join(f'{k:g}: {v:.2f}' for k, v in val.items())})"
+        for grid, (lr, val) in rates.items()
+    )
     budgets = ", ".join(f"{k}: {v:.2f}" for k, v in val_by_budget.items())
     reported = exports[checked]
     schedule_text = (
@@ -315,8 +339,9 @@ def main() -> None:
         "128; tokens/s: of the training steps, the run's own time less its epoch-end "
         "evaluation; wall min: the run's training time, evaluation included; front: no other "
         "row is smaller or as small and better. Headline students in bold.\n\n"
-        f"Picked on held-out generated text (the W3 g128 GPTQ student's perplexity on the "
-        f"held-out prompts' samples): learning rate {lr:g} ({rates}), then the budget "
+        "Picked on held-out generated text (each headline grid's GPTQ student's perplexity on "
+        f"the held-out prompts' samples): the learning rate per grid, {picks} (the other grids "
+        f"take {BUDGET_GRID.name}'s); then, on the {BUDGET_GRID.name} student, the budget "
         f"{budget} ({budgets}).\n\n"
         f"{table(records)}\n\n{left_out_text}{PEER_NOTE}\n\n"
         f"![perplexity against size]({stem}.png)\n\n"
@@ -325,7 +350,7 @@ def main() -> None:
         "`llm_runtime.md`'s. Caveat: the FP teacher is SmolLM2-135M-Instruct Q4_1 dequantized, "
         "its weights already on a 4-bit grid in blocks of 32 (the teacher's own Q4_1 file is "
         "its exact copy).\n\n"
-        f"Export check ({checked.folder(work, lr).name}): its perplexity recomputed from the "
+        f"Export check ({checked_folder.name}): its perplexity recomputed from the "
         "rebuilt transformers folder with transformers only (`llm_transformers_ppl.py`) is "
         f"{reproduced['eval_ppl']:.3f} on {reproduced['eval_tokens']} tokens (qatkd reported "
         f"{by_row[checked]['ppl']:.3f}; packed {reported['bytes']['packed_total']:,} bytes).\n"
