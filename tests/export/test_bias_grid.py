@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
+from torch import fx, nn
 
-from qatkd.export import align_biases, aligned_copy, fold_batchnorm, int32_bias_layers
+from qatkd.export import (
+    INPUT_NAME,
+    align_biases,
+    aligned_copy,
+    fold_batchnorm,
+    int32_bias_layers,
+    load_runner,
+)
 from qatkd.export.bias_grid import bias_scale, fine_input_scale, spare_bits
 from qatkd.export.frozen import ActRange, FrozenLayer
+from qatkd.export.onnx_graph import OPSET, GraphBuilder
 from qatkd.quant import QuantConfig, calibrate, prepare
 
 
@@ -87,3 +98,34 @@ def test_only_layers_with_an_int32_bias_are_aligned():
     head_shift = model[4].bias.detach().clone()
     assert align_biases(model, layers) == 1
     assert torch.equal(model[4].bias, head_shift)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize(
+    "r",
+    [ActRange(0.25, -8, 7, 4), ActRange(0.5, 0, 15, 4), ActRange(1, -2, 1, 2)],
+    ids=["signed 4-bit", "unsigned 4-bit", "signed 2-bit"],
+)
+def test_widened_codes_are_the_codes_on_the_finer_grid_in_both_runtimes(tmp_path, backend, r):
+    """What a conv reads (`GraphBuilder.qdq(widen=True)`): the codes shifted to the top of the
+    8-bit range at a scale 2^(8-b) times finer, the same values exactly. Signed codes (uint8 at
+    zero point 128) are moved to unsigned ones first: OpenVINO's BitShift saturates where a
+    shift of c + 128 would need to wrap."""
+    builder = GraphBuilder(fx.symbolic_trace(nn.Identity()), quantized=True)
+    out, fine = builder.qdq(INPUT_NAME, r, "t", widen=True)
+    assert fine == r.scale / 2 ** (8 - r.bits)
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        builder.nodes,
+        "widen",
+        [value(INPUT_NAME, TensorProto.FLOAT, [None])],
+        [value(out, TensorProto.FLOAT, [None])],
+        builder.inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "widen.onnx")
+    x = np.linspace(-12, 20, 129, dtype=np.float32) * r.scale  # beyond both ends of the range
+    expected = np.clip(np.round(x / r.scale), r.qmin, r.qmax) * r.scale
+    got = load_runner(tmp_path / "widen.onnx", backend)(x)
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
