@@ -96,6 +96,31 @@ CASES = {
     ),
     "flatten, the method, from dim 0": (Op(lambda s, x: x.flatten() + 1), ["flatten"]),
     "flatten from dim 1 to 2": (Op(lambda s, x: x.flatten(1, 2) + 1), ["flatten"]),
+    "max pool, dilated, ceil mode": (
+        Op(first, nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True)),
+        [],
+    ),
+    "mean over H and W": (Op(lambda s, x: x.mean((2, 3))), []),
+    "mean over H and W, dims kept": (Op(lambda s, x: x.mean((2, 3), keepdim=True)), []),
+    # placement (`quant.tensors.global_pool_call`) does not know the rank, so negative dims are
+    # not global pooling to it: torch.onnx writes that mean
+    "mean over dims -2 and -1": (Op(lambda s, x: x.mean((-2, -1)) + 1), ["mean"]),
+    "mean over H and W, dims kept, positional": (Op(lambda s, x: x.mean((2, 3), True)), []),
+    "adaptive average pool to 1, the function": (
+        Op(lambda s, x: F.adaptive_avg_pool2d(x, 1) + 1),
+        [],
+    ),
+    "mean over the channels": (Op(lambda s, x: x.mean(1) + 1), ["mean"]),
+    "permute, dims as a tuple": (Op(lambda s, x: x.permute((0, 2, 1, 3)) + 1), []),
+    "permute, dims one by one": (Op(lambda s, x: x.permute(0, 3, 1, 2) + 1), []),
+    "transpose by keyword": (
+        Op(lambda s, x: torch.transpose(x, dim0=1, dim1=2) + 1),
+        ["transpose"],
+    ),
+    "cat, default dim (not the batch's)": (
+        Op(lambda s, x: torch.cat([x.transpose(0, 1), 2 * x.transpose(0, 1)]).transpose(0, 1)),
+        [],
+    ),
     "matmul": (Op(lambda s, x: x @ x.transpose(-1, -2)), []),
     "matmul, the function": (Op(lambda s, x: torch.matmul(x, x)), []),
 }
