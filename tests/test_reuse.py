@@ -107,6 +107,26 @@ def test_run_or_reuse_compares_every_key_not_only_those_set(npz_root, tmp_path):
         reuse.run_or_reuse(run, "train", [*unset, "train.epochs=1"])
 
 
+def test_a_key_declared_with_the_old_behaviour_may_be_missing_from_a_saved_config(
+    npz_root, tmp_path
+):
+    """`quant.asymmetric` came after symmetric grids, its default False: a quantized run saved
+    without it (or without `quant.init_samples`) is that run. Nothing is added to a section the
+    saved config does not have: an FP32 run (quant null) is still reused as FP32."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(npz_root, run, "train.epochs=1", "quant.bits=W4A4")
+    first = reuse.run_or_reuse(run, "train", overrides)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["quant"]["asymmetric"], saved["quant"]["init_samples"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert reuse.run_or_reuse(run, "train", overrides) == first
+    fp32 = tmp_path / "fp32"
+    fp32_overrides = tiny_overrides(npz_root, fp32, "train.epochs=1")
+    assert reuse.run_or_reuse(fp32, "train", fp32_overrides) == reuse.run_or_reuse(
+        fp32, "train", fp32_overrides
+    )
+
+
 def test_run_or_reuse_refuses_a_run_made_from_another_teacher(npz_root, tmp_path, teacher):
     run = tmp_path / "student"
     overrides = tiny_overrides(npz_root, run, "train.epochs=1", f"teachers=[{teacher}]")

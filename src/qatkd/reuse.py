@@ -35,6 +35,27 @@ def command_config(command: str, overrides: list[str]) -> Config:
     return task_family(config.task).resolve(config)
 
 
+KEYS_WITH_OLD_BEHAVIOUR: dict[str, Any] = {
+    "quant.asymmetric": False,  # symmetric grids, all there were before the key
+    "quant.init_samples": 128,  # read only with quant.init=gptq, which came with it
+}
+"""Config keys added after runs were made whose value here is what qatkd did before the key
+existed: a saved config.yaml without one (but with its section) is read as holding this value.
+Any other key missing from a saved config refuses the folder, as a new key's default need not
+reproduce the older code. Add a key here only when that is so."""
+
+
+def _saved_config(saved: Path) -> dict[str, Any]:
+    """A run folder's config.yaml, dotted, with the keys of `KEYS_WITH_OLD_BEHAVIOUR` that an
+    earlier qatkd did not write."""
+    made = dotted(read_yaml(saved))
+    for key, value in KEYS_WITH_OLD_BEHAVIOUR.items():
+        section = key.rsplit(".", 1)[0] + "."
+        if key not in made and any(k.startswith(section) for k in made):
+            made[key] = value
+    return made
+
+
 def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
     """Refuse a run folder made with another resolved configuration (any key but `out`), or
     from other model files (`input_digests`): its metrics would be another experiment's,
@@ -44,7 +65,7 @@ def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
         return
     config = command_config(command, overrides)
     wanted = dotted(config_to_dict(config))
-    made = dotted(read_yaml(saved))
+    made = _saved_config(saved)
     differ = [
         k
         for k in sorted(wanted.keys() | made.keys())
