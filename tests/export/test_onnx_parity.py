@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import pytest
@@ -13,12 +11,12 @@ from torchvision.ops import SqueezeExcitation
 
 from qatkd.export import (
     INPUT_NAME,
-    TORCH_ONNX_OPS,
     align_biases,
     class_names_of,
     fused_ops,
     int32_bias_layers,
     to_onnx,
+    torch_onnx_ops_of,
 )
 from qatkd.export.codes import (
     CodeMismatch,
@@ -259,8 +257,7 @@ def test_chunks_in_every_form_and_other_items_export_exactly(tiny_model):
     was cut along the dim the call names (a wrong dim or a max taken for a split changes them)."""
     model, x = tiny_model("W4A4", dyadic=True, name=Parts)
     proto = to_onnx(model, SHAPE)
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(metadata[TORCH_ONNX_OPS]) == ["max", "getitem"]  # the chunks are Slices
+    assert torch_onnx_ops_of(proto) == ["max", "getitem"]  # the chunks are Slices
     expected = pytorch_codes(model, x)
     got = code_runner(proto, expected, optimize=True)(x)
     for name, codes in expected.items():

@@ -4,7 +4,6 @@ computes what PyTorch does; a form it has no ONNX op for goes to torch.onnx's fl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import numpy as np
@@ -14,9 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatkd.errors import QatkdError
-from qatkd.export import INPUT_NAME, TORCH_ONNX_OPS, to_onnx
-from qatkd.export.codes import activation_quantizers, code_runner, pytorch_codes
-from qatkd.export.onnx_export import ACTIVATION_CODES
+from qatkd.export import INPUT_NAME, to_onnx, torch_onnx_ops_of
+from qatkd.export.codes import (
+    activation_codes,
+    activation_quantizers,
+    code_runner,
+    pytorch_codes,
+)
 from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantSiLU
 
@@ -131,8 +134,7 @@ def test_each_form_is_written_by_its_handler_or_by_torch_onnx_as_expected(case):
     model, expected_fallbacks = CASES[case]
     model.eval()
     proto = to_onnx(model, SHAPE, "fp32")
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(metadata.get(TORCH_ONNX_OPS, "[]")) == expected_fallbacks
+    assert torch_onnx_ops_of(proto) == expected_fallbacks
     x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(x).numpy()
@@ -150,8 +152,7 @@ def test_an_average_pool_with_a_divisor_and_ceil_mode_is_refused_by_name():
 def test_dropout_that_stays_on_in_eval_is_left_to_torch_onnx():
     """`F.dropout(x, p)` drops in eval too (training defaults to True): not the identity."""
     proto = to_onnx(Op(lambda s, x: F.dropout(x, 0.5)).eval(), SHAPE, "fp32")
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(metadata[TORCH_ONNX_OPS]) == ["dropout"]
+    assert torch_onnx_ops_of(proto) == ["dropout"]
 
 
 class Clamped(nn.Module):
@@ -202,5 +203,5 @@ def test_a_quantized_silu_is_quantized_in_the_int8_graph_only(tiny_model):
         assert "Sigmoid" in ops and "Mul" in ops
         assert ("QuantizeLinear" in ops) == quantized and ("DequantizeLinear" in ops) == quantized
     # each quantized tensor's codes under its quantizer's name, the SiLU's input and gate too
-    metadata = {p.key: p.value for p in to_onnx(model, [1, 16, 16]).metadata_props}
-    assert set(json.loads(metadata[ACTIVATION_CODES])) == set(activation_quantizers(model))
+    codes = activation_codes(to_onnx(model, [1, 16, 16]))
+    assert set(codes) == set(activation_quantizers(model))

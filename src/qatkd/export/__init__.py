@@ -19,6 +19,7 @@ from qatkd.export.onnx_export import (
     class_names_of,
     int32_bias_layers,
     to_onnx,
+    torch_onnx_ops_of,
 )
 from qatkd.export.qpack import QPack, load_qpack, pack_codes, save_qpack, unpack_codes
 from qatkd.export.run import bench_exported, export_onnx
@@ -48,5 +49,6 @@ __all__ = [
     "pack_codes",
     "save_qpack",
     "to_onnx",
+    "torch_onnx_ops_of",
     "unpack_codes",
 ]

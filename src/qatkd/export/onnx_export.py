@@ -76,6 +76,7 @@ __all__ = [
     "int32_bias_layers",
     "save_onnx",
     "to_onnx",
+    "torch_onnx_ops_of",
 ]
 
 
@@ -137,6 +138,14 @@ def class_names_of(proto: onnx.ModelProto) -> list[str] | None:
         if entry.key == "class_names":
             return json.loads(entry.value)
     return None
+
+
+def torch_onnx_ops_of(proto: onnx.ModelProto) -> list[str]:
+    """What torch.onnx exported in float (`TORCH_ONNX_OPS`), or [] where nothing was."""
+    for entry in proto.metadata_props:
+        if entry.key == TORCH_ONNX_OPS:
+            return json.loads(entry.value)
+    return []
 
 
 def save_onnx(proto: onnx.ModelProto, path: str) -> int:
