@@ -72,6 +72,8 @@ _SIGNATURES = {
 
 def library_path() -> Path | None:
     """xllamacpp's library, or None when the `llamacpp` extra is not installed."""
+    if importlib.util.find_spec("xllamacpp") is None:  # a submodule's find_spec would raise
+        return None
     spec = importlib.util.find_spec("xllamacpp.xllamacpp")
     return Path(spec.origin) if spec is not None and spec.origin else None
 
