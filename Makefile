@@ -79,7 +79,7 @@ lint: setup
 
 # Mutation testing (benchmarks/mutation_report.py; not in CI: minutes per module). Writes
 # benchmarks/results/mutation.{md,json}; `make mutate MODULES="balance distill"` runs only those.
-MODULES ?= quant balance distill train export
+MODULES ?= quant balance distill train-engine train-step train-logs export-codes export-graph export-ops
 MUTATE_JOBS ?= 1
 
 $(VENV)/.mutation: $(VENV)/.installed
