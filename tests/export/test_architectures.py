@@ -1,17 +1,21 @@
 """Every torchvision classification family exports to int8 ONNX, its quantizers sit where
 onnxruntime's integer kernels need them (`quant.placement`), and the kernels compute what the
-fake-quantized PyTorch model computes: top-1 agreement >= 99.9 %.
+fake-quantized PyTorch model computes: its logits within 2 % of their spread on average, and
+the same top-1 class on >= 98.5 % of the images.
 
 A small member of each family (a few blocks, narrow; 32 x 32 Fashion-MNIST images in 3
 channels) is trained for a few dozen steps, its BatchNorm statistics measured on the training
 images, then prepared W8A8 and calibrated (PTQ). Trained, because agreement on untrained weights
 measures noise: the kernels and PyTorch round a few values one step apart (integer sums against
-float sums, `test_onnx_parity`), an untrained network's logits are nearly tied, and a deep one
-amplifies each step (a squeeze-excite gate one code off moves its whole channel): untrained, the
-full-size graphs agree on 62 to 100 % of the images. Trained, none of the 2048 test images
-differs here; the 99.9 % allow 2, the near-ties of the PyTorch model itself, which another CPU's
-kernels may round the other way. (MnasNet, GoogLeNet and ResNet share these blocks; ResNet's
-graph is checked code for code in `test_onnx_parity`.)
+float sums, `test_onnx_parity`; here 7 of 2 million codes after the first convolution), an
+untrained network's logits are nearly tied, and a deep one amplifies each step (a sigmoid gate
+reads one input code as up to 15 output codes and moves its whole channel): untrained, the
+full-size graphs agree on 62 to 100 % of the images. How far a trained one amplifies depends on
+the weights, so on the seed and on the CPU that trained them: over the ten families and seeds
+0-2 on an Intel Xeon (AMX), the mean deviation was at most 0.83 % of the logits' spread and at
+most 18 of the 2048 test images changed class (EfficientNet, seed 0; SqueezeNet, whose logits
+are closest, 5), where an AMD EPYC changed none. A wrong handler moves every logit: its
+deviation is of the order of the spread itself.
 
 Each case names the ops that still run in float in the graph onnxruntime optimizes (those that
 read a DequantizeLinear): the ops without an integer kernel (Hardswish, which onnxruntime splits
@@ -44,7 +48,11 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 SIZE = 32
 MEAN, STD = [0.29] * 3, [0.35] * 3
 IMAGES = 2048
-"""Training images, and test images on which agreement is measured (99.9 %: at most 2 differ)."""
+"""Training images, and test images on which agreement is measured."""
+MAX_DEVIATION = 0.02
+"""Mean |onnxruntime - PyTorch| logit over the logits' standard deviation (measured <= 0.0083)."""
+MIN_AGREEMENT = 0.985
+"""Top-1 agreement: at most 30 of the 2048 images change class (measured <= 18)."""
 STEPS, BATCH = 40, 64
 
 
@@ -186,11 +194,16 @@ def test_architecture_exports_int8_with_parity(fashion, tmp_path, name):
     with torch.no_grad():
         expected = as_exported(model, shape)(test).numpy()
     agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+    deviation = float(abs(got - expected).mean() / expected.std())
     accuracy = float((expected.argmax(1) == test_labels.numpy()).mean())
     graph = onnx.load(str(optimized)).graph
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     ops = collections.Counter(n.op_type for n in graph.node if dequantized & set(n.input))
-    print(f"{name}: top-1 agreement {agreement:.2%} (accuracy {accuracy:.1%}), float ops {ops}")
+    print(
+        f"{name}: top-1 agreement {agreement:.2%}, mean deviation {deviation:.2%} of the logits' "
+        f"spread (accuracy {accuracy:.1%}), float ops {ops}"
+    )
     assert accuracy > 0.3  # trained: the logits tell the images apart
-    assert agreement >= 0.999
+    assert deviation <= MAX_DEVIATION
+    assert agreement >= MIN_AGREEMENT
     assert set(ops) == expected_float
