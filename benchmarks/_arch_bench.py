@@ -1,10 +1,11 @@
 """One architecture of the per-architecture speed page, measured: its fine-tuned float model
 quantized by qatkd (`prepare(W8A8, minmax)`, calibrated on training images, exported int8) and
 by the peers (`_peers`: onnxruntime's `quantize_static`, `nncf.quantize`, on the same float
-graph and the same calibration images); top-1 agreement on test images in onnxruntime and
-OpenVINO (qatkd's int8 graph against its fake-quantized PyTorch model, the peers' against the
-float one); the float ops of each onnxruntime int8 graph; b1 and b64 latency of every target,
-round-robin in this process (`qatkd.export.bench`).
+graph and the same calibration images); in each runtime, the fastest of qatkd's graphs with some
+blocks left float (`_float_blocks`) where one beats the all-int8 graph; top-1 agreement on test
+images in onnxruntime and OpenVINO (qatkd's int8 graphs against their fake-quantized PyTorch
+models, the peers' against the float one); the float ops of each onnxruntime int8 graph; b1 and
+b64 latency of every target, round-robin in this process (`qatkd.export.bench`).
 
 The result is cached in the work folder (`_cache`), keyed by the architecture, the schedule,
 the machine, the library versions and the code that computes it (qatkd's sources and these
@@ -28,6 +29,7 @@ import onnx
 import torch
 from _arch_models import FineTuning, Images, fine_tuned
 from _cache import ROOT, entry, load, save, source_digest
+from _float_blocks import MIXED, choose_float_blocks
 from _peers import NNCF_PEER, ORT_PEER, peer_targets
 from _speed import w8a8
 from torch import nn
@@ -41,10 +43,18 @@ from qatkd.machine import machine
 PEERS = (ORT_PEER, NNCF_PEER)
 LATENCY_BATCHES = (1, 64)
 PARITY_BATCH = 50
-MEASURED = {(backend, p) for backend in ("onnxruntime", "openvino") for p in ("fp32", "int8")}
+RUNTIMES = ("onnxruntime", "openvino")
+MEASURED = {(backend, p) for backend in RUNTIMES for p in ("fp32", "int8")}
 """qatkd's targets that are timed (not PyTorch eager, not OpenVINO bf16)."""
 VERSIONED = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf")
-SOURCES = ("_arch_bench.py", "_arch_models.py", "_cache.py", "_peers.py", "_speed.py")
+SOURCES = (
+    "_arch_bench.py",
+    "_arch_models.py",
+    "_cache.py",
+    "_float_blocks.py",
+    "_peers.py",
+    "_speed.py",
+)
 """The benchmark modules a result depends on (besides qatkd's sources)."""
 
 
@@ -100,8 +110,9 @@ def measure_architecture(
 ) -> dict[str, Any]:
     """Everything the page shows of `name`: `export` ("ok" or the one-line reason it failed,
     with nothing measured then), `peers` (likewise), `accuracy` (%) of the float and the
-    fake-quantized PyTorch models on the test images, `parity` per int8 target, `float_ops`,
-    latency `records`, and the seconds fine-tuning and the rest took."""
+    fake-quantized PyTorch models on the test images, `float_blocks` (the selection round of
+    `_float_blocks`, per runtime), `parity` per int8 target, `float_ops`, latency `records`, and
+    the seconds fine-tuning and the rest took."""
     start = time.time()
     model, fine_tune_s = fine_tuned(name, train, schedule.fine_tuning, work)
     size = schedule.fine_tuning.size
@@ -125,11 +136,15 @@ def measure_architecture(
             result["export"] = _one_line(e)
             result["accuracy"] = {"float": _accuracy(_torch_run(model), test, schedule)}
             return result | {"seconds": time.time() - start}
+        result["float_blocks"], mixed, references = choose_float_blocks(
+            name, model, calibration, shape, folder / INT8_ONNX, folder, schedule.threads, RUNTIMES
+        )
+        targets += mixed
         try:
             targets += peer_targets(name, folder / FP32_ONNX, folder, calibration, schedule.threads)
         except Exception as e:
             result["peers"] = _one_line(e)
-        result |= agreement(model, quantized, targets, test, schedule)
+        result |= agreement(model, quantized, references, targets, test, schedule)
         result["float_ops"] = {"qatkd int8": float_ops(folder / INT8_ONNX)}
         if result["peers"] == "ok":
             result["float_ops"][ORT_PEER] = float_ops(folder / "quantize_static.onnx")
@@ -142,14 +157,23 @@ def measure_architecture(
 
 
 def agreement(
-    model: nn.Module, quantized: nn.Module, targets: list[Target], test: Images, schedule: Schedule
+    model: nn.Module,
+    quantized: nn.Module,
+    mixed: dict[str, nn.Module],
+    targets: list[Target],
+    test: Images,
+    schedule: Schedule,
 ) -> dict[str, Any]:
     """`accuracy` (%) of the float and fake-quantized PyTorch models on the test images, and
     `parity` of every int8 target: its top-1 agreement (%) with its reference (qatkd's graph:
-    the fake-quantized model; a peer's: the float model) and its accuracy."""
+    the fake-quantized model; an `int8 mixed` graph: its own, `mixed` by runtime; a peer's: the
+    float model) and its accuracy."""
     logits = {
         "float": _logits(_torch_run(model), test, schedule),
         "qatkd fake-quant": _logits(_torch_run(quantized), test, schedule),
+    }
+    logits |= {
+        f"{runtime} {MIXED}": _logits(_torch_run(m), test, schedule) for runtime, m in mixed.items()
     }
     labels = test.labels[: schedule.test_images].numpy()
     parity = {}
@@ -157,7 +181,10 @@ def agreement(
         if t.precision == "fp32":
             continue
         got = _logits(t.run, test, schedule).argmax(1)
-        reference = logits["float" if t.precision in PEERS else "qatkd fake-quant"].argmax(1)
+        if t.precision == MIXED:
+            reference = logits[f"{t.backend} {MIXED}"].argmax(1)
+        else:
+            reference = logits["float" if t.precision in PEERS else "qatkd fake-quant"].argmax(1)
         parity[f"{t.backend} {t.precision}"] = {
             "agreement": 100 * float((got == reference).mean()),
             "accuracy": 100 * float((got == labels).mean()),

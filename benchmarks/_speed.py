@@ -19,11 +19,14 @@ MET = {True: "yes", False: "**no**", None: "-"}
 """How a targets table shows `meets`."""
 
 
-def w8a8(model: nn.Module, images: Sequence[np.ndarray], shape: Sequence[int]) -> nn.Module:
-    """A W8A8 copy of `model` (min-max), calibrated on `images` (each a batch of one, as the
-    peers read them), with its biases aligned to the int32 grid as `qatkd export` does: the
-    PyTorch model the int8 graph computes."""
-    quantized = prepare(copy.deepcopy(model), QuantConfig(bits="W8A8", method="minmax"))
+def w8a8(
+    model: nn.Module, images: Sequence[np.ndarray], shape: Sequence[int], skip: Sequence[str] = ()
+) -> nn.Module:
+    """A W8A8 copy of `model` (min-max; the modules matching `skip` left float), calibrated on
+    `images` (each a batch of one, as the peers read them), with its biases aligned to the int32
+    grid as `qatkd export` does: the PyTorch model the int8 graph computes."""
+    config = QuantConfig(bits="W8A8", method="minmax", skip=list(skip))
+    quantized = prepare(copy.deepcopy(model), config)
     batches = [
         torch.from_numpy(np.concatenate(images[i : i + CALIBRATION_BATCH]))
         for i in range(0, len(images), CALIBRATION_BATCH)

@@ -35,6 +35,7 @@ from _arch_bench import (
 )
 from _arch_models import ARCHITECTURES, FineTuning, fashion_images
 from _figures import plt, save_figure
+from _float_blocks import ALL_INT8, MIXED, SELECTION_REPEATS
 from _peers import NNCF_PEER, ORT_PEER
 from _provenance import command, default_work, git_commit, markdown_header, result_stem
 from _speed import MET, latency, meets
@@ -57,7 +58,11 @@ RUNTIMES = {"onnxruntime": ORT_PEER, "openvino": NNCF_PEER}
 INT8_GRAPHS = {
     f"{who} {runtime}": (runtime, precision)
     for runtime, peer in RUNTIMES.items()
-    for who, precision in (("qatkd", "int8"), (peer.removeprefix("int8 "), peer))
+    for who, precision in (
+        ("qatkd", "int8"),
+        ("qatkd mixed", MIXED),
+        (peer.removeprefix("int8 "), peer),
+    )
 }
 """The int8 graphs timed, by label: (runtime, precision of their records)."""
 
@@ -114,7 +119,9 @@ def target_rows(name: str, result: Result) -> list[tuple[str, Any, str, bool]]:
     rows: list[tuple[str, Any, str]] = [("export", result["export"], "ok")]
     parity = result.get("parity", {})
     for runtime in RUNTIMES:
-        agreement = parity.get(f"{runtime} int8", {}).get("agreement")
+        # the lower of qatkd's int8 graph's and, where one was chosen, its mixed graph's
+        ours = [parity.get(f"{runtime} {p}", {}).get("agreement") for p in ("int8", MIXED)]
+        agreement = None if ours[0] is None else min(a for a in ours if a is not None)
         rows.append((f"agreement {runtime} (%)", agreement, PARITY_GOAL))
     records = result.get("records", [])
     for runtime, peer in RUNTIMES.items():
@@ -123,7 +130,11 @@ def target_rows(name: str, result: Result) -> list[tuple[str, Any, str, bool]]:
             ratio = _ratio(records, name, batch, ours, {"backend": runtime, "precision": peer})
             rows.append((f"qatkd / {peer.removeprefix('int8 ')} b{batch}", ratio, PEER_GOAL))
     for batch in LATENCY_BATCHES:
-        speedup = _ratio(records, name, batch, {"precision": "fp32"}, {"precision": "int8"})
+        ours = (
+            _ratio(records, name, batch, {"precision": "fp32"}, {"precision": precision})
+            for precision in ("int8", MIXED)
+        )
+        speedup = max((r for r in ours if r is not None), default=None)
         rows.append((f"best FP32 / best qatkd b{batch}", speedup, FP32_GOALS[batch]))
     return [
         (what, value, goal, value == "ok" if goal == "ok" else bool(value and meets(value, goal)))
@@ -236,6 +247,16 @@ def markdown(
         "",
         _export_table(measured),
         "",
+        "## Blocks kept in float, chosen by latency",
+        "",
+        "Where int8 is slower than FP32 (squeeze-excite gates, Hardswish, SiLU), qatkd may",
+        "leave those blocks float (`quant.skip`). Each kind alone and all together were",
+        f"quantized, exported and timed at b1 ({SELECTION_REPEATS} rounds) in each runtime beside",
+        "the all-int8 graph; the fastest is that runtime's `qatkd mixed` graph above where it is",
+        "not the all-int8 one (`none`). b1 latency in ms:",
+        "",
+        *_float_block_lines(measured),
+        "",
         "## What runs in float where a target is missed",
         "",
         "The ops that read a DequantizeLinear in the graph onnxruntime optimizes (so run in float",
@@ -304,8 +325,22 @@ def _speedup_table(records: list[Result], measured: dict[str, Result]) -> str:
     return "\n".join(lines)
 
 
+def _float_block_lines(measured: dict[str, Result]) -> list[str]:
+    lines = []
+    for name, r in measured.items():
+        selection = r.get("float_blocks") or {}
+        for runtime, chosen in selection.items():
+            times = ", ".join(f"{label} {ms:.2f}" for label, ms in chosen["b1_ms"].items())
+            pick = "all-int8" if chosen["choice"] == ALL_INT8 else chosen["choice"] + " float"
+            failed = "".join(
+                f"; {k} did not export ({why})" for k, why in chosen["not_exported"].items()
+            )
+            lines.append(f"- **{name}**, {runtime}: {times}: {pick}{failed}")
+    return lines or ["No architecture here has such blocks."]
+
+
 def _export_table(measured: dict[str, Result]) -> str:
-    backends = [f"{runtime} int8" for runtime in RUNTIMES]
+    backends = [f"{runtime} {p}" for p in ("int8", MIXED) for runtime in RUNTIMES]
     backends += [f"{runtime} {peer}" for runtime, peer in RUNTIMES.items()]
     lines = [
         "| architecture | qatkd export | float top-1 % | fake-quant top-1 % | "
