@@ -237,6 +237,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "for name, module in model.named_modules(remove_duplicate=None):",
         "named_modules only tests `remove_duplicate` for truth, and None is false as False is",
     ),
+    "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_13": (
+        "diff = np.abs(got[name].astype(None) - codes)",
+        "numpy's astype(None) is astype(float64), the dtype the original names",
+    ),
+    "qatkd.export.codes.x_code_parity__mutmut_2": (
+        'run = ""',
+        "`run` is only tested for truth before the first batch sets it; '' is as false as None",
+    ),
 }
 """Surviving mutant -> (its mutated line, why no test can tell it from the original). The line
 ties the note to the change it was written for: mutmut numbers mutants per function, so an edit

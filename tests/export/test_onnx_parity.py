@@ -69,8 +69,22 @@ def test_aligned_model_matches_the_kernels_codes_within_one_rounding_step(tiny_m
     np.testing.assert_allclose(got["logits"][exact], expected["logits"][exact], rtol=0, atol=1e-4)
 
 
+def test_code_mismatch_of_equal_codes_is_zero_with_no_first_mismatch():
+    codes = {"logits": np.zeros((2, 10)), "a": np.arange(8.0).reshape(2, 4)}
+    mismatch = CodeMismatch()
+    np.testing.assert_array_equal(mismatch.add(codes, dict(codes)), [True, True])
+    assert mismatch.figures() == {
+        "codes_compared": 8,
+        "code_mismatch_rate": 0.0,
+        "code_max_diff": 0.0,
+        "code_first_mismatch": None,
+        "code_first_mismatch_max_diff": 0.0,
+    }
+
+
 def test_code_mismatch_counts_differences_and_finds_the_first():
-    codes = {"a": np.zeros((2, 4)), "b": np.zeros((2, 3)), "logits": np.zeros((2, 10))}
+    # the logits first: they are skipped, and the tensors after them still compared
+    codes = {"logits": np.zeros((2, 10)), "a": np.zeros((2, 4)), "b": np.zeros((2, 3))}
     got = {"a": np.zeros((2, 4)), "b": np.array([[0, 1, 0], [0, 0, 0]]), "logits": codes["logits"]}
     got["b"] = got["b"] * 1.0
     later = {**got, "a": np.array([[0, 0, 0, 0], [2, 0, 0, 0]]) * 1.0}
