@@ -151,3 +151,16 @@ def test_calibration_on_fewer_tokens_than_a_layers_inputs_is_noted(tiny_lm, text
         "raise quant.init_samples"
     ) in capsys.readouterr().out
     assert too_few_calibration_tokens(128, start, decoder_stages(start)) == ""
+
+
+def test_a_second_student_from_the_same_start_reads_it_from_the_cache(tiny_lm, text_files, capsys):
+    """The cache is keyed by content (`tests/quant/test_gptq_cache.py`); here it serves the
+    family: the second build reads the start the first computed, and says so."""
+    first, _ = _student(tiny_lm, text_files, "quant.init=gptq")
+    assert "GPTQ start read from" not in capsys.readouterr().out
+    second, _ = _student(tiny_lm, text_files, "quant.init=gptq")
+    assert "GPTQ start read from" in capsys.readouterr().out
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    _student(tiny_lm, text_files, "quant.init=gptq", "quant.init_samples=1")
+    assert "GPTQ start read from" not in capsys.readouterr().out  # other calibration blocks

