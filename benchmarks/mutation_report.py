@@ -237,6 +237,23 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "for name, module in model.named_modules(remove_duplicate=None):",
         "named_modules only tests `remove_duplicate` for truth, and None is false as False is",
     ),
+    "qatkd.export.codes.x_code_runner__mutmut_6": (
+        "tensors = {OUTPUT_NAME: (OUTPUT_NAME, 1)} | activation_codes(proto)",
+        "the output's zero point is never read: `run` returns the float logits as they are",
+    ),
+    "qatkd.export.codes.x_code_runner__mutmut_17": (
+        "session = ort_session(proto.SerializeToString(), optimize=optimize)",
+        "onnxruntime splits a kernel's work over threads by output rows, never inside a sum, so "
+        "the codes are the same on 1 or 2 threads; only the speed differs",
+    ),
+    "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_39": (
+        "exact &= ~(diff > 0).reshape(len(exact), -2).any(1)",
+        "numpy takes any negative size as the one unknown dimension: -2 reshapes as -1 does",
+    ),
+    "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_49": (
+        "first_here = None",
+        "`first_here` is only tested for truth; None is as false as False",
+    ),
     "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_13": (
         "diff = np.abs(got[name].astype(None) - codes)",
         "numpy's astype(None) is astype(float64), the dtype the original names",

@@ -82,6 +82,22 @@ def test_code_mismatch_of_equal_codes_is_zero_with_no_first_mismatch():
     }
 
 
+def test_code_mismatch_takes_the_first_differing_tensor_of_a_batch_only():
+    codes = {"logits": np.zeros((1, 10)), "a": np.zeros((1, 2)), "b": np.zeros((1, 2))}
+    got = {**codes, "a": np.array([[1.0, 0.0]]), "b": np.array([[3.0, 0.0]])}
+    mismatch = CodeMismatch()
+    mismatch.add(codes, got)
+    figures = mismatch.figures()
+    assert (figures["code_first_mismatch"], figures["code_first_mismatch_max_diff"]) == ("a", 1.0)
+    assert figures["code_max_diff"] == 3.0
+
+
+def test_code_mismatch_rate_of_a_single_code():
+    mismatch = CodeMismatch()
+    mismatch.add({"logits": np.zeros((1, 1)), "a": np.zeros((1, 1))}, {"a": np.ones((1, 1))})
+    assert mismatch.figures()["code_mismatch_rate"] == 100.0
+
+
 def test_code_mismatch_counts_differences_and_finds_the_first():
     # the logits first: they are skipped, and the tensors after them still compared
     codes = {"logits": np.zeros((2, 10)), "a": np.zeros((2, 4)), "b": np.zeros((2, 3))}
