@@ -85,6 +85,8 @@ slow tests), so that each part finishes within one session: a stopped run resume
 machine that holds its work folder."""
 
 _STRICT_ZIP = "the two sequences always have the same length, so `strict` never fires"
+_RUNNER = "qatkd.export.codes.x_code_runner__mutmut_"
+_RUNNER_ZIP = "for hint, value in zip(outputs, values, "
 _WEIGHTS = "qatkd.balance.balancers.xǁGoRǁweights__mutmut_"
 _WEIGHTS_ZIP = "return dict(zip(self.weight_names, weights.tolist(), "
 _MEASURED = "qatkd.balance.balancers.xǁGoRǁmeasured__mutmut_"
@@ -246,6 +248,20 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "onnxruntime splits a kernel's work over threads by output rows, never inside a sum, so "
         "the codes are the same on 1 or 2 threads; only the speed differs",
     ),
+    "qatkd.export.codes.x_code_runner__mutmut_19": (
+        "session = ort_session(proto.SerializeToString(), threads=2, optimize=optimize)",
+        "onnxruntime splits a kernel's work over threads by output rows, never inside a sum, so "
+        "the codes are the same on 1 or 2 threads; only the speed differs",
+    ),
+    "qatkd.export.codes.x_code_runner__mutmut_30": (
+        "hint: value if hint == OUTPUT_NAME else value.astype(None) - tensors[hint][1]",
+        "the cast only keeps the uint8 codes from wrapping below zero when the zero point is "
+        "subtracted; float64 (astype(None)) holds the same integers, and every reader compares "
+        "values",
+    ),
+    f"{_RUNNER}34": (f"{_RUNNER_ZIP}strict=None)", _STRICT_ZIP),
+    f"{_RUNNER}37": (f"{_RUNNER_ZIP})", _STRICT_ZIP),
+    f"{_RUNNER}38": (f"{_RUNNER_ZIP}strict=False)", _STRICT_ZIP),
     "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_39": (
         "exact &= ~(diff > 0).reshape(len(exact), -2).any(1)",
         "numpy takes any negative size as the one unknown dimension: -2 reshapes as -1 does",

@@ -80,6 +80,9 @@ def test_grid_arithmetic():
     assert spare_bits(torch.tensor([-8, 7])) == 4
     assert spare_bits(torch.tensor([-2, 1])) == 6
     assert spare_bits(torch.tensor([-128, 127])) == 0
+    assert spare_bits(torch.tensor([-100, 10])) == 0  # the negative side binds: -200 < -128
+    assert spare_bits(torch.tensor([-20, 5])) == 2  # -20 * 8 = -160: not 3
+    assert spare_bits(torch.tensor([0, 0])) == 7
 
 
 def test_only_layers_with_an_int32_bias_are_aligned():
@@ -96,6 +99,9 @@ def test_only_layers_with_an_int32_bias_are_aligned():
     layers = int32_bias_layers(model, [1, 8, 8])
     assert layers == {"0"}
     head_shift = model[4].bias.detach().clone()
+    copied = aligned_copy(model, layers)  # the copy honours `layers` as align_biases does
+    assert torch.equal(copied[4].bias, head_shift)
+    assert not torch.equal(copied[1].bias, model[1].bias)
     assert align_biases(model, layers) == 1
     assert torch.equal(model[4].bias, head_shift)
 

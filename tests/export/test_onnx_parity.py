@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
+from qatkd.errors import QatkdError
 from qatkd.export import (
     INPUT_NAME,
     align_biases,
@@ -26,7 +27,7 @@ from qatkd.export.codes import (
     pytorch_codes,
 )
 from qatkd.export.runtime import ort_session
-from qatkd.quant import QuantConv2d, Quantizer, QuantLinear
+from qatkd.quant import QuantConfig, QuantConv2d, Quantizer, QuantLinear, prepare
 
 SHAPE = [1, 16, 16]
 
@@ -292,3 +293,12 @@ def test_chunks_in_every_form_and_other_items_export_exactly(tiny_model):
     got = code_runner(proto, expected, optimize=True)(x)
     for name, codes in expected.items():
         np.testing.assert_array_equal(got[name], codes, err_msg=name)
+
+
+def test_codes_of_an_input_quantized_at_run_time_are_refused_naming_the_layer():
+    model = prepare(
+        nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32)),
+        QuantConfig(bits="W4A8", act_method="dynamic", group_size=32, first_last_bits=None),
+    )
+    with pytest.raises(QatkdError, match=r"^0\.input: the input is quantized per row at run"):
+        activation_quantizers(model)
