@@ -255,7 +255,7 @@ def llamacpp_rows(scores: Scores) -> list[Record]:
 
 
 def main() -> None:
-    invocation = start(__doc__, NAME, "48 samples, 30 windows (about 20 min on 2 idle cores)")
+    invocation = start(__doc__, NAME, "48 samples, 30 windows (about 26 min on 2 idle cores)")
     schedule = QUICK if invocation.quick else FULL
     check_eval_text(schedule)
     work = invocation.work
