@@ -86,6 +86,7 @@ machine that holds its work folder."""
 
 _STRICT_ZIP = "the two sequences always have the same length, so `strict` never fires"
 _RUNNER = "qatkd.export.codes.x_code_runner__mutmut_"
+_EVEN = "an integer code times 2^(k + 1) is even, never -129 or 127: the bound moves nothing"
 _RUNNER_ZIP = "for hint, value in zip(outputs, values, "
 _WEIGHTS = "qatkd.balance.balancers.xǁGoRǁweights__mutmut_"
 _WEIGHTS_ZIP = "return dict(zip(self.weight_names, weights.tolist(), "
@@ -238,6 +239,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "qatkd.quant.tensors.x_check_state_fits_shared_quantizers__mutmut_3": (
         "for name, module in model.named_modules(remove_duplicate=None):",
         "named_modules only tests `remove_duplicate` for truth, and None is false as False is",
+    ),
+    "qatkd.export.bias_grid.x_spare_bits__mutmut_15": (
+        "while low * 2 ** (k + 1) >= -129 and high * 2 ** (k + 1) <= 127 and k < 7:",
+        _EVEN,
+    ),
+    "qatkd.export.bias_grid.x_spare_bits__mutmut_21": (
+        "while low * 2 ** (k + 1) >= -128 and high * 2 ** (k + 1) < 127 and k < 7:",
+        _EVEN,
     ),
     "qatkd.export.codes.x_code_runner__mutmut_6": (
         "tensors = {OUTPUT_NAME: (OUTPUT_NAME, 1)} | activation_codes(proto)",
