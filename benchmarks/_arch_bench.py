@@ -43,8 +43,8 @@ from qatkd.machine import machine
 PEERS = (ORT_PEER, NNCF_PEER)
 LATENCY_BATCHES = (1, 64)
 PARITY_BATCH = 50
-RUNTIMES = ("onnxruntime", "openvino")
-MEASURED = {(backend, p) for backend in RUNTIMES for p in ("fp32", "int8")}
+INT8_RUNTIMES = ("onnxruntime", "openvino")
+MEASURED = {(backend, p) for backend in INT8_RUNTIMES for p in ("fp32", "int8")}
 """qatkd's targets that are timed (not PyTorch eager, not OpenVINO bf16)."""
 VERSIONED = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf")
 SOURCES = (
@@ -137,7 +137,14 @@ def measure_architecture(
             result["accuracy"] = {"float": _accuracy(_torch_run(model), test, schedule)}
             return result | {"seconds": time.time() - start}
         result["float_blocks"], mixed, references = choose_float_blocks(
-            name, model, calibration, shape, folder / INT8_ONNX, folder, schedule.threads, RUNTIMES
+            name,
+            model,
+            calibration,
+            shape,
+            folder / INT8_ONNX,
+            folder,
+            schedule.threads,
+            INT8_RUNTIMES,
         )
         targets += mixed
         try:
