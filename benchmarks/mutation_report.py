@@ -88,6 +88,10 @@ _STRICT_ZIP = "the two sequences always have the same length, so `strict` never 
 _RUNNER = "qatkd.export.codes.x_code_runner__mutmut_"
 _EVEN = "an integer code times 2^(k + 1) is even, never -129 or 127: the bound moves nothing"
 _RUNNER_ZIP = "for hint, value in zip(outputs, values, "
+_THREADS = (
+    "onnxruntime splits a kernel's work over threads by output rows, never inside a sum, so the "
+    "codes are the same on 1 or 2 threads; only the speed differs"
+)
 _WEIGHTS = "qatkd.balance.balancers.xǁGoRǁweights__mutmut_"
 _WEIGHTS_ZIP = "return dict(zip(self.weight_names, weights.tolist(), "
 _MEASURED = "qatkd.balance.balancers.xǁGoRǁmeasured__mutmut_"
@@ -254,13 +258,11 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     "qatkd.export.codes.x_code_runner__mutmut_17": (
         "session = ort_session(proto.SerializeToString(), optimize=optimize)",
-        "onnxruntime splits a kernel's work over threads by output rows, never inside a sum, so "
-        "the codes are the same on 1 or 2 threads; only the speed differs",
+        _THREADS,
     ),
     "qatkd.export.codes.x_code_runner__mutmut_19": (
         "session = ort_session(proto.SerializeToString(), threads=2, optimize=optimize)",
-        "onnxruntime splits a kernel's work over threads by output rows, never inside a sum, so "
-        "the codes are the same on 1 or 2 threads; only the speed differs",
+        _THREADS,
     ),
     "qatkd.export.codes.x_code_runner__mutmut_30": (
         "hint: value if hint == OUTPUT_NAME else value.astype(None) - tensors[hint][1]",
