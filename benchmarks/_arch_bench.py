@@ -18,7 +18,6 @@ import collections
 import importlib.metadata
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from _arch_models import FineTuning, Images, fine_tuned
 from _cache import ROOT, entry, load, save, source_digest
 from _float_blocks import MIXED, choose_float_blocks
 from _peers import NNCF_PEER, ORT_PEER, peer_targets
-from _speed import w8a8
+from _speed import one_line, w8a8
 from torch import nn
 
 from qatkd.export import to_onnx
@@ -133,7 +132,7 @@ def measure_architecture(
                 if (t.backend, t.precision) in MEASURED
             ]
         except Exception as e:  # the page reports why; the other architectures go on
-            result["export"] = _one_line(e)
+            result["export"] = one_line(e)
             result["accuracy"] = {"float": _accuracy(_torch_run(model), test, schedule)}
             return result | {"seconds": time.time() - start}
         result["float_blocks"], mixed, references = choose_float_blocks(
@@ -150,7 +149,7 @@ def measure_architecture(
         try:
             targets += peer_targets(name, folder / FP32_ONNX, folder, calibration, schedule.threads)
         except Exception as e:
-            result["peers"] = _one_line(e)
+            result["peers"] = one_line(e)
         result |= agreement(model, quantized, references, targets, test, schedule)
         result["float_ops"] = {"qatkd int8": float_ops(folder / INT8_ONNX)}
         if result["peers"] == "ok":
@@ -236,10 +235,3 @@ def _logits(run: Run, test: Images, schedule: Schedule) -> np.ndarray:
 def _accuracy(run: Run, test: Images, schedule: Schedule) -> float:
     labels = test.labels[: schedule.test_images].numpy()
     return 100 * float((_logits(run, test, schedule).argmax(1) == labels).mean())
-
-
-def _one_line(e: Exception) -> str:
-    """`e` in one line for the page's tables; its traceback goes to stderr, for the log."""
-    traceback.print_exc()
-    first = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {first[0] if first else ''}".replace("|", "\\|")

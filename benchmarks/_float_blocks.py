@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from _speed import w8a8
+from _speed import one_line, w8a8
 from torch import nn
 from torchvision.ops.misc import SqueezeExcitation
 
@@ -76,7 +76,7 @@ def choose_float_blocks(
             path = folder / f"int8_float_blocks_{i}.onnx"
             onnx.save(to_onnx(quantized, shape, "int8"), str(path))
         except Exception as e:  # left out of the round, with its reason on the page
-            not_exported[label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            not_exported[label] = one_line(e)
             continue
         models[label], variants[label] = quantized, path
     selection: dict[str, Any] = {}

@@ -1,9 +1,11 @@
 """What the CNN speed pages share: the W8A8 model as qatkd exports it, the fastest latency among
-a run's records, and the issue's targets checked against measured values."""
+a run's records, the issue's targets checked against measured values, and a failure in one line
+for the tables."""
 
 from __future__ import annotations
 
 import copy
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,3 +55,10 @@ def meets(value: float, goal: str) -> bool | None:
         return None
     op, bound = goal.split()
     return value <= float(bound) if op == "<=" else value >= float(bound)
+
+
+def one_line(e: Exception) -> str:
+    """`e` in one line for the page's tables; its traceback goes to stderr, for the log."""
+    traceback.print_exc()
+    first = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {first[0] if first else ''}".replace("|", "\\|")
