@@ -57,6 +57,13 @@ def _changed_weight() -> tuple[nn.Module, list[torch.Tensor], list[list[str]]]:
     return model, _batches(), STAGES
 
 
+def _float16_scales() -> tuple[nn.Module, list[torch.Tensor], list[list[str]]]:
+    """A setting that no tensor of the state shows: GPTQ's grids get float16 scales (GGUF)."""
+    model = _model()
+    model[2].weight_quantizer.float16_scale = True
+    return model, _batches(), STAGES
+
+
 def _changed_batch() -> tuple[nn.Module, list[torch.Tensor], list[list[str]]]:
     batches = _batches()
     batches[2][0, 0] += 1e-3
@@ -69,11 +76,12 @@ def _changed_batch() -> tuple[nn.Module, list[torch.Tensor], list[list[str]]]:
         _changed_weight,
         lambda: (_model(group_size=64), _batches(), STAGES),  # another grid
         lambda: (_model(bits="W4A16"), _batches(), STAGES),
+        _float16_scales,
         _changed_batch,
         lambda: (_model(), _batches()[:2], STAGES),  # fewer batches
         lambda: (_model(), _batches(), [["0", "2"]]),  # other stages
     ],
-    ids=["weight", "group size", "bits", "batch", "batches", "stages"],
+    ids=["weight", "group size", "bits", "float16 scales", "batch", "batches", "stages"],
 )
 def test_each_input_of_gptq_changes_the_key(tmp_path, changed):
     assert not gptq_cached(_model(), _batches(), STAGES, tmp_path)

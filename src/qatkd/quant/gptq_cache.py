@@ -5,7 +5,8 @@ for SmolLM2-135M on 2 CPU cores, half of the LLM benchmark's quick mode.
 
 The result, the state of every layer GPTQ set (its weight and its quantizers), is kept in a file
 named by a key of everything it depends on, by content: every tensor of the model's state (the
-teacher's weights and each quantizer's grid before GPTQ), the calibration batches, the stages,
+teacher's weights and each quantizer's grid before GPTQ) and every module's plain settings (a
+quantizer's bits, groups, float16 scales), the calibration batches, the stages,
 GPTQ's constants, the source files of the model's module classes (the forward passes that make
 the Hessians) and of `qatkd.quant.gptq`, and the torch and transformers versions. A file that
 cannot be read, or that does not fit the model, is computed again and replaced.
@@ -57,12 +58,13 @@ def gptq_key(model: nn.Module, batches: Sequence[Tensor], stages: Sequence[Seque
         inspect.getsourcefile(gptq)
     }
     settings = {
+        "modules": {name: _settings(m) for name, m in model.named_modules()},
         "stages": [list(stage) for stage in stages],
         "damp": DAMP,
         "block": BLOCK,
         "versions": {p: _version(p) for p in ("torch", "transformers")},
     }
-    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps(settings, sort_keys=True, default=repr).encode())
     for file in sorted(f for f in files if f is not None):
         digest.update(Path(file).read_bytes())
     for name, tensor in model.state_dict().items():
@@ -70,6 +72,20 @@ def gptq_key(model: nn.Module, batches: Sequence[Tensor], stages: Sequence[Seque
     for i, batch in enumerate(batches):
         _update(digest, f"batch {i}", batch)
     return digest.hexdigest()
+
+
+def _settings(module: nn.Module) -> dict[str, Any]:
+    """A module's plain attributes (a quantizer's bits, groups, float16 scales; a layer's sizes):
+    what its state's tensors may not show."""
+    plain = (bool, int, float, str, type(None), list, tuple)
+    return {
+        "class": type(module).__qualname__,
+        **{
+            k: v
+            for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, plain)
+        },
+    }
 
 
 def _update(digest: Any, name: str, tensor: Tensor) -> None:
