@@ -4,8 +4,9 @@ by the peers (`_peers`: onnxruntime's `quantize_static`, `nncf.quantize`, on the
 graph and the same calibration images); in each runtime, the fastest of qatkd's graphs with some
 blocks left float (`_float_blocks`) where one beats the all-int8 graph; top-1 agreement on test
 images in onnxruntime and OpenVINO (qatkd's int8 graphs against their fake-quantized PyTorch
-models, the peers' against the float one); the float ops of each onnxruntime int8 graph; b1 and
-b64 latency of every target, round-robin in this process (`qatkd.export.bench`).
+models, the peers' against the float one) with its yardsticks (`_parity`); the float ops of
+each onnxruntime int8 graph; b1 and b64 latency of every target, round-robin in this process
+(`qatkd.export.bench`).
 
 The result is cached in the work folder (`_cache`), keyed by the architecture, the schedule,
 the machine, the library versions and the code that computes it (qatkd's sources and these
@@ -29,6 +30,7 @@ import torch
 from _arch_models import FineTuning, Images, fine_tuned
 from _cache import ROOT, entry, load, save, source_digest
 from _float_blocks import MIXED, choose_float_blocks
+from _parity import logit_deviation, with_noise
 from _peers import NNCF_PEER, ORT_PEER, peer_targets
 from _speed import one_line, w8a8
 from torch import nn
@@ -51,6 +53,7 @@ SOURCES = (
     "_arch_models.py",
     "_cache.py",
     "_float_blocks.py",
+    "_parity.py",
     "_peers.py",
     "_speed.py",
 )
@@ -170,10 +173,12 @@ def agreement(
     test: Images,
     schedule: Schedule,
 ) -> dict[str, Any]:
-    """`accuracy` (%) of the float and fake-quantized PyTorch models on the test images, and
+    """`accuracy` (%) of the float and fake-quantized PyTorch models on the test images;
     `parity` of every int8 target: its top-1 agreement (%) with its reference (qatkd's graph:
     the fake-quantized model; an `int8 mixed` graph: its own, `mixed` by runtime; a peer's: the
-    float model) and its accuracy."""
+    float model), its logits' deviation from the reference's (`_parity`) and its accuracy; and
+    `noise_agreement`, the fake-quantized model's top-1 agreement (%) with itself on the test
+    images plus noise (`_parity`), the yardstick of the agreements."""
     logits = {
         "float": _logits(_torch_run(model), test, schedule),
         "qatkd fake-quant": _logits(_torch_run(quantized), test, schedule),
@@ -186,17 +191,21 @@ def agreement(
     for t in targets:
         if t.precision == "fp32":
             continue
-        got = _logits(t.run, test, schedule).argmax(1)
+        got = _logits(t.run, test, schedule)
         if t.precision == MIXED:
-            reference = logits[f"{t.backend} {MIXED}"].argmax(1)
+            reference = logits[f"{t.backend} {MIXED}"]
         else:
-            reference = logits["float" if t.precision in PEERS else "qatkd fake-quant"].argmax(1)
+            reference = logits["float" if t.precision in PEERS else "qatkd fake-quant"]
         parity[f"{t.backend} {t.precision}"] = {
-            "agreement": 100 * float((got == reference).mean()),
-            "accuracy": 100 * float((got == labels).mean()),
+            "agreement": 100 * float((got.argmax(1) == reference.argmax(1)).mean()),
+            "deviation": logit_deviation(got, reference),
+            "accuracy": 100 * float((got.argmax(1) == labels).mean()),
         }
     accuracy = {k: 100 * float((v.argmax(1) == labels).mean()) for k, v in logits.items()}
-    return {"accuracy": accuracy, "parity": parity}
+    generator = torch.Generator().manual_seed(0)
+    noisy = _logits(_torch_run(quantized), test, schedule, lambda x: with_noise(x, generator))
+    noise_agreement = 100 * float((noisy.argmax(1) == logits["qatkd fake-quant"].argmax(1)).mean())
+    return {"accuracy": accuracy, "parity": parity, "noise_agreement": noise_agreement}
 
 
 def float_ops(path: Path) -> dict[str, int]:
@@ -222,11 +231,16 @@ def _torch_run(model: nn.Module) -> Run:
     return run
 
 
-def _logits(run: Run, test: Images, schedule: Schedule) -> np.ndarray:
-    """`run`'s logits of the first test images."""
+def _logits(
+    run: Run,
+    test: Images,
+    schedule: Schedule,
+    change: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> np.ndarray:
+    """`run`'s logits of the first test images, each batch passed through `change` first."""
     return np.concatenate(
         [
-            np.asarray(run(test(index).numpy()))
+            np.asarray(run(change(test(index)).numpy()))
             for index in test.batches(schedule.test_images, PARITY_BATCH)
         ]
     )

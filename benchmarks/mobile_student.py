@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _parity import NOISE, with_noise
 from _protocol import DEFAULT_GOR, GOR, mean_present, method_overrides, paired, trained
 from _provenance import default_work, markdown_header, start
 from _seeds import cell, summarize
@@ -166,10 +167,6 @@ def openvino_vs_trained(checkpoint: Path) -> float | None:
     return compare(model, runner, loader, desc="parity openvino, trained")["agreement"]
 
 
-NOISE = 1e-3
-"""The input noise (std, pixels in [0, 1]: a quarter of a grey level) of `noise_agreement`."""
-
-
 @torch.no_grad()
 def noise_agreement(checkpoint: Path) -> float:
     """Top-1 agreement (%) of the trained fake-quantized model with itself on test images plus
@@ -179,8 +176,7 @@ def noise_agreement(checkpoint: Path) -> float:
     generator = torch.Generator().manual_seed(0)
     same = total = 0
     for x, _ in DataLoader(checkpoint_source(state).test, batch_size=256):
-        noisy = (x + NOISE * torch.randn(x.shape, generator=generator)).clamp(0, 1)
-        same += int((model(x).argmax(1) == model(noisy).argmax(1)).sum())
+        same += int((model(x).argmax(1) == model(with_noise(x, generator)).argmax(1)).sum())
         total += len(x)
     return 100 * same / total
 
