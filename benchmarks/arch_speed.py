@@ -123,7 +123,7 @@ def target_rows(name: str, result: Result) -> list[tuple[str, Any, str, bool]]:
         # the lower of qatkd's int8 graph's and, where one was chosen, its mixed graph's
         ours = [parity.get(f"{runtime} {p}", {}).get("agreement") for p in ("int8", MIXED)]
         agreement = None if ours[0] is None else min(a for a in ours if a is not None)
-        rows.append((f"agreement {runtime} (%)", agreement, PARITY_GOAL))
+        rows.append((_agreement_target(runtime), agreement, PARITY_GOAL))
     records = result.get("records", [])
     for runtime, peer in RUNTIMES.items():
         for batch in LATENCY_BATCHES:
@@ -141,6 +141,11 @@ def target_rows(name: str, result: Result) -> list[tuple[str, Any, str, bool]]:
         (what, value, goal, value == "ok" if goal == "ok" else bool(value and meets(value, goal)))
         for what, value, goal in rows
     ]
+
+
+def _agreement_target(runtime: str) -> str:
+    """The label of `runtime`'s agreement target in `target_rows`."""
+    return f"agreement {runtime} (%)"
 
 
 def _ratio(
@@ -387,10 +392,11 @@ def _agreement_lines(
     lines = []
     for name, r in measured.items():
         noise = r.get("noise_agreement")
-        for what, value, _, met in targets[name]:
-            if met or not what.startswith("agreement") or value is None or noise is None:
+        rows = {what: (value, met) for what, value, _, met in targets[name]}
+        for runtime in RUNTIMES:
+            value, met = rows[_agreement_target(runtime)]
+            if met or value is None or noise is None:
                 continue
-            runtime = what.split()[1]
             graphs = ", ".join(
                 f"{precision} {p['agreement']:.2f} % (logit deviation {p['deviation']:.2f} %)"
                 for precision in ("int8", MIXED)
