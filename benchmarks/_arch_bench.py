@@ -149,13 +149,15 @@ def measure_architecture(
             INT8_RUNTIMES,
         )
         targets += mixed
-        try:
-            targets += peer_targets(name, folder / FP32_ONNX, folder, calibration, schedule.threads)
-        except Exception as e:
-            result["peers"] = one_line(e)
+        peers, failures = peer_targets(
+            name, folder / FP32_ONNX, folder, calibration, schedule.threads
+        )
+        targets += peers
+        if failures:
+            result["peers"] = "; ".join(f"{peer}: {why}" for peer, why in failures.items())
         result |= agreement(model, quantized, references, targets, test, schedule)
         result["float_ops"] = {"qatkd int8": float_ops(folder / INT8_ONNX)}
-        if result["peers"] == "ok":
+        if ORT_PEER not in failures:
             result["float_ops"][ORT_PEER] = float_ops(folder / "quantize_static.onnx")
         result["records"] = [
             r

@@ -1,7 +1,11 @@
 """The post-training quantizers a user would pick instead of qatkd, each run the way its own
 documentation shows, on the same float ONNX model and the same calibration images:
 onnxruntime's `quantize_static` (QDQ, per-channel weights) and OpenVINO's `nncf.quantize`.
-NNCF is the optional `peers` dependency group: make peers."""
+NNCF is the optional `peers` dependency group: make peers.
+
+`quant_pre_process` gives up on some graphs ("Incomplete symbolic shape inference": Swin-T's
+shifted windows); it then runs again with `skip_symbolic_shape=True`, the switch its own
+documentation offers (ONNX shape inference still runs), as a user would."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from _speed import one_line
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -42,7 +47,12 @@ def ort_quantize_static(fp32_onnx: Path, out: Path, images: Sequence[np.ndarray]
     weights, min-max calibration on `images` (each a batch of one)."""
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_onnx), str(prepared))
+        try:
+            quant_pre_process(str(fp32_onnx), str(prepared))
+        except Exception as e:  # onnxruntime raises a bare Exception
+            if "symbolic shape inference" not in str(e):
+                raise
+            quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(out),
@@ -71,18 +81,21 @@ def nncf_quantize(fp32_onnx: Path, out: Path, images: Sequence[np.ndarray]) -> P
 
 def peer_targets(
     name: str, fp32_onnx: Path, work: Path, images: Sequence[np.ndarray], threads: int
-) -> list[Target]:
-    """The two peers' runners for the model `name`, with their file sizes."""
-    ort_file = ort_quantize_static(fp32_onnx, work / "quantize_static.onnx", images)
-    ov_file = nncf_quantize(fp32_onnx, work / "nncf.xml", images)
-    ov_bytes = ov_file.stat().st_size + ov_file.with_suffix(".bin").stat().st_size
-    return [
-        Target(
-            name,
-            "onnxruntime",
-            ORT_PEER,
-            load_runner(ort_file, threads=threads),
-            ort_file.stat().st_size,
-        ),
-        Target(name, "openvino", NNCF_PEER, load_runner(ov_file, "openvino", threads), ov_bytes),
-    ]
+) -> tuple[list[Target], dict[str, str]]:
+    """The runners (with their file sizes) of the peers that quantized the model `name`, and
+    for each that failed, the one-line reason: one peer's failure does not hide the other."""
+    targets, failures = [], {}
+    try:
+        ort_file = ort_quantize_static(fp32_onnx, work / "quantize_static.onnx", images)
+        runner = load_runner(ort_file, threads=threads)
+        targets.append(Target(name, "onnxruntime", ORT_PEER, runner, ort_file.stat().st_size))
+    except Exception as e:  # the page reports why
+        failures[ORT_PEER] = one_line(e)
+    try:
+        ov_file = nncf_quantize(fp32_onnx, work / "nncf.xml", images)
+        ov_bytes = ov_file.stat().st_size + ov_file.with_suffix(".bin").stat().st_size
+        runner = load_runner(ov_file, "openvino", threads)
+        targets.append(Target(name, "openvino", NNCF_PEER, runner, ov_bytes))
+    except Exception as e:
+        failures[NNCF_PEER] = one_line(e)
+    return targets, failures

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from qatkd.artifacts import checkpoint_source, load_model
 from qatkd.checkpoint import load_checkpoint
+from qatkd.errors import QatkdError
 from qatkd.export import as_exported, fused_ops, to_onnx
 from qatkd.export.bench import add_speedups, measure, speed_table
 from qatkd.export.codes import activation_codes, code_parity
@@ -88,7 +89,10 @@ def bench_torchvision(name: str, args: argparse.Namespace, tmp: Path) -> dict[st
     onnx.save(to_onnx(quantized, SHAPE, "int8"), str(tmp / INT8_ONNX))
     onnx.save(to_onnx(float_net, SHAPE, "fp32"), str(tmp / FP32_ONNX))
     targets = backend_targets(name, float_net, tmp / FP32_ONNX, tmp / INT8_ONNX, args.threads)
-    targets += peer_targets(name, tmp / FP32_ONNX, tmp, images, args.threads)
+    peers, failures = peer_targets(name, tmp / FP32_ONNX, tmp, images, args.threads)
+    if failures:
+        raise QatkdError(f"{name}: a peer failed: {failures}")
+    targets += peers
     x = torch.rand(16 if args.quick else 64, *SHAPE)
     labels = torch.zeros(len(x), dtype=torch.long)
     batches = [(x[i : i + 8], labels[i : i + 8]) for i in range(0, len(x), 8)]
