@@ -12,8 +12,7 @@ last layers at 8 bits, exported to int8 ONNX and measured, beside the ResNet stu
   taking one channel, 10 classes) at the data's own 28 x 28, trained in FP32 on the ResNet
   students' schedule. MobileNetV3-small is not the student: torchvision builds its BatchNorms
   with momentum 0.01, so after a short schedule their running statistics are still far from the
-  data's (a 3-epoch probe on 6k images: 69 % training, 10 % validation top-1), and its Hardswish
-  runs in float in the int8 graph.
+  data's (a 3-epoch probe on 6k images: 69 % training, 10 % validation top-1).
 - Quantized students, both architectures, each bit-width and seed, from their FP32 checkpoint
   (`model.init`) on `cls_fashion.py`'s QAT schedule: PTQ (min-max calibration, no training),
   plain QAT (`balancer.name=ts_only`) and QAT-EKD-GoR, distilled from both teachers with the
@@ -458,8 +457,7 @@ def write_results(
         f"balancer (GoR form `{GOR[DEFAULT_GOR][0].split('=')[1]}`), weights and activations at "
         f"the bit-width, first and last layers at {FIRST_LAST_BITS} bits. MobileNetV3-small is "
         "not the student: torchvision's BatchNorm momentum 0.01 leaves its running statistics "
-        "unconverged on a short schedule (a 3-epoch probe on 6k images: 10 % validation top-1) "
-        "and its Hardswish runs in float in the int8 graph.\n\n"
+        "unconverged on a short schedule (a 3-epoch probe on 6k images: 10 % validation top-1).\n\n"
         f"Teachers and FP32 ResNet students are `cls_fashion.py`'s own runs in `{cls_work}` "
         f"({cls_reused} of {len(TEACHERS) + len(STUDENTS)} were there already, the rest "
         "trained by this run).\n\n"

@@ -262,6 +262,70 @@ def test_concatenation_shuffle_squeeze_excite_and_add_run_on_integers_exactly(
             np.testing.assert_array_equal(got[name], codes, err_msg=f"{name} {optimize}")
 
 
+class HardGate(nn.Module):
+    """The hardsigmoid function, whose output the module's boundary can quantize."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.hardsigmoid(x)
+
+
+class Hard(nn.Module):
+    """MobileNetV3's float islands: Hardswish activations, a squeeze-excite block gated by a
+    Hardsigmoid module, and a product gated by the hardsigmoid function."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.Hardswish()
+        )
+        self.se = SqueezeExcitation(8, 4, scale_activation=nn.Hardsigmoid)
+        self.gate = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), HardGate())
+        self.head = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.Hardswish())
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.se(self.stem(x))
+        y = y * self.gate(y)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.head(y), 1), 1))
+
+
+@pytest.mark.parametrize("bits", ["W8A8", "W4A4"])
+@pytest.mark.parametrize("gate_range", [1, 2], ids=["gate-range-1", "gate-range-2"])
+def test_hardswish_and_hardsigmoid_gates_run_on_integers_exactly(
+    tiny_model, tmp_path, bits, gate_range
+):
+    """Dyadic: a hardsigmoid's codes at scale s are those of x + 3 at 6 s, clipped at 1 / s, so
+    onnxruntime runs every Hardswish and Hardsigmoid as an integer add (QLinearAdd) and every
+    product as QLinearMul, and the codes of every tensor equal PyTorch's bit for bit. A gate
+    quantizer whose range passes 1 (a learned scale can grow) needs the clip at the code of 1."""
+    model, x = tiny_model(bits, dyadic=True, name=Hard)
+    gates = ["stem.2.gate", "se.scale_activation.quant_output", "gate.2.quant_output"]
+    quantizers = ["stem.2.gate_quantizer", *(f"{g}.quantizer" for g in gates[1:])]
+    with torch.no_grad():
+        for quantizer in quantizers:
+            model.net.get_submodule(quantizer).step.mul_(gate_range)
+    proto = to_onnx(model, SHAPE)
+    onnx.save(proto, tmp_path / "m.onnx")
+    ops = fused_ops(tmp_path / "m.onnx")
+    assert {op: ops.get(op) for op in ("QLinearAdd", "QLinearMul")} == {
+        "QLinearAdd": 4, "QLinearMul": 4,
+    }, ops  # fmt: skip
+    float_ops = {"HardSigmoid", "HardSwish", "Mul", "Add", "DequantizeLinear"}
+    assert not float_ops & set(ops), ops
+    expected = pytorch_codes(model, x)
+    assert {f"net.{g}" for g in [*gates, "head.2.gate"]} <= set(expected), list(expected)
+    if gate_range == 2:  # gates at 1 saturate at the code of 1, inside the codes' range
+        tops = [
+            (expected[f"net.{g}"].max(), model.net.get_submodule(q))
+            for g, q in zip(gates, quantizers, strict=True)
+        ]
+        assert any(top == round(1 / float(q.scale)) < q.qrange[1] for top, q in tops), tops
+    for optimize in (False, True):
+        got = code_runner(proto, expected, optimize)(x)
+        for name, codes in expected.items():
+            np.testing.assert_array_equal(got[name], codes, err_msg=f"{name} {optimize}")
+
+
 class Parts(nn.Module):
     """Items of calls in the forms a trace records beside the zoo's `chunk(2, dim=1)`: a chunk
     with its dim positional, one with the default dim 0 (the channels, after a permute that

@@ -12,7 +12,16 @@ from torch import nn
 from torchvision.ops import SqueezeExcitation
 
 from qatkd.nn import Attention
-from qatkd.quant import QuantAct, QuantConfig, Quantizer, QuantLinear, QuantSiLU, calibrate, prepare
+from qatkd.quant import (
+    QuantAct,
+    QuantConfig,
+    QuantHardswish,
+    Quantizer,
+    QuantLinear,
+    QuantSiLU,
+    calibrate,
+    prepare,
+)
 from qatkd.quant.sites import InputSite, OutputSite, carrier, input_sites, output_sites
 from qatkd.quant.tensors import trace
 
@@ -138,6 +147,35 @@ def test_squeeze_excite_and_silu_are_quantized_as_integer_sigmoid_and_products()
         x_q = silu.input_quantizer(inner)
         product = x_q * silu.gate_quantizer(torch.sigmoid(x_q))
         assert torch.equal(silu(inner), silu.quant_output(product))  # and its output hook
+
+
+def test_hardswish_and_a_hardsigmoid_gate_are_quantized_like_silu_and_sigmoid():
+    """MobileNetV3's blocks: each Hardswish becomes a QuantHardswish (its input and its
+    hardsigmoid quantized), the squeeze-excite Hardsigmoid gets its input and output quantized;
+    `quant.skip` leaves a Hardswish float, its conv's output quantized for it."""
+    block = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Hardswish(),
+        SqueezeExcitation(8, 4, scale_activation=nn.Hardsigmoid),
+        nn.Conv2d(8, 8, 1),
+        nn.Hardswish(),
+        nn.Conv2d(8, 4, 1),
+    )
+    model = prepare(copy.deepcopy(block), QuantConfig(bits="W8A8", first_last_bits=None))
+    assert isinstance(model[1], QuantHardswish) and isinstance(model[4], QuantHardswish)
+    assert sites_of(model) == [
+        "1.quant_output", "2.fc2.quant_output", "2.scale_activation.quant_output",
+    ]  # fmt: skip
+    x = torch.randn(2, 3, 5, 5) * 4
+    calibrate(model, [x], 2)
+    hardswish = model[1].eval()
+    with torch.no_grad():
+        inner = model[0](x)
+        x_q = hardswish.input_quantizer(inner)
+        product = x_q * hardswish.gate_quantizer(F.hardsigmoid(x_q))
+        assert torch.equal(hardswish(inner), hardswish.quant_output(product))
+    skipped = prepare(copy.deepcopy(block), QuantConfig(bits="W8A8", skip=["4"]))
+    assert type(skipped[4]) is nn.Hardswish and "3.quant_output" in sites_of(skipped)
 
 
 def test_ops_whose_result_reaches_no_quantized_layer_stay_float():

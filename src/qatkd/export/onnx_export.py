@@ -22,9 +22,10 @@ number in it is one that training used:
   codes transposed, axis 1 -> MatMul, then an Add of the float bias, which no int8 kernel
   adds); the bias is int32 at scale input_scale * weight_scale -> DequantizeLinear, the
   standard QDQ form that int8 kernels need;
-- every other op (SiLU, Hardswish, cat, permute, LayerNorm, attention, ...) is torch.onnx's own
-  float export of it (`onnx_fallback`), reading DequantizeLinear outputs where its inputs are
-  quantized: the fake-quantized model computes it in float too.
+- every op that no handler writes (GELU, LayerNorm, a SiLU or Hardswish that `quant.skip` leaves
+  float, ...) is torch.onnx's own float export of it (`onnx_fallback`), reading
+  DequantizeLinear outputs where its inputs are quantized: the fake-quantized model computes it
+  in float too.
 
 That int32 bias is the one number the integer kernel rounds which training kept in float (BN's
 folded shift). So the exporter puts the grid as fine as int8 allows without changing a single

@@ -16,6 +16,7 @@ tensor and the runtime fuses them into one integer kernel. ReLU and ReLU6 become
 the integer Clip; the others run on the codes. Conversely a tensor that is dequantized from
 codes is not quantized again at the same scale, and the ops that only move values run on its
 codes (`emit_moving`): a concatenation or a channel shuffle of quantized tensors stays integer.
+A quantized hardsigmoid becomes an integer add (`emit_hardsigmoid`).
 """
 
 from __future__ import annotations
@@ -86,10 +87,15 @@ def function_op(
     return register
 
 
+HARDSIGMOID_RANGE = 6
+"""PyTorch's hardsigmoid is clamp(x + 3, 0, 6) / 6: the width of its linear part."""
+
+
 @dataclass(frozen=True)
 class Commuting:
     """A float node whose output the exporter may quantize on its input instead (module doc):
-    a clamp to [low, high] (ReLU, ReLU6) or an order-preserving op (MaxPool, Flatten, a
+    a clamp to [low, high] (ReLU, ReLU6; a hardsigmoid, which also shifts and scales) or an
+    order-preserving op (MaxPool, Flatten, a
     reshape or transpose; `extra`: its other inputs, such as a shape)."""
 
     op: str
@@ -235,6 +241,15 @@ class GraphBuilder:
         self.commuting[out] = Commuting(op, inputs[0], attrs, low, high, tuple(inputs[1:]))
         return out
 
+    def emit_hardsigmoid(self, x: str, hint: str) -> str:
+        """PyTorch's hardsigmoid, clamp(x + 3, 0, 6) / 6, as a float HardSigmoid; where `codes`
+        quantizes its output at scale s, it quantizes x + 3 at 6 s instead, the codes clipped
+        at those of 0 and 1 (the same codes): onnxruntime then runs an integer add (QLinearAdd,
+        the 3 a DequantizeLinear of an integer), where it has no integer hardsigmoid."""
+        return self.emit_commuting(
+            "HardSigmoid", [x], hint, low=0.0, high=1.0, alpha=1 / HARDSIGMOID_RANGE, beta=0.5
+        )
+
     def emit_moving(self, op: str, inputs: list[str], hint: str, **attrs: Any) -> str:
         """Emit an op that only moves, reshapes or cuts the values of `inputs[0]`: on its codes
         where it is quantized (the output is then the DequantizeLinear of the moved codes, at
@@ -307,8 +322,18 @@ class GraphBuilder:
         self, x: str, r: ActRange, zero_point: np.ndarray, hint: str, low: int, high: int
     ) -> str:
         source = self.commuting.get(x)
-        if source is not None and source.op in ("Relu", "Clip"):
+        if source is not None and source.op in ("Relu", "Clip", "HardSigmoid"):
             low, high = max(low, code_of(source.low, r)), min(high, code_of(source.high, r))
+            if source.op == "HardSigmoid":  # x + 3 at 6 s (`emit_hardsigmoid`)
+                offset = self.dequantize(
+                    self.const(np.array(1, dtype=np.uint8), f"{hint}.offset_code"),
+                    ActRange(HARDSIGMOID_RANGE / 2, 0, 255, 8),
+                    f"{hint}.offset",
+                    f"{hint}.offset",
+                )
+                shifted = self.emit("Add", [source.input, offset], f"{hint}.plus_3")
+                wide = ActRange(HARDSIGMOID_RANGE * r.scale, r.qmin, r.qmax, r.bits)
+                return self._quantize(shifted, wide, zero_point, hint, low, high)
             return self._quantize(source.input, r, zero_point, hint, low, high)
         if source is not None:  # MaxPool, Flatten, a reshape, ...: on the codes
             inner_hint = f"{hint}.before_{source.op}"

@@ -23,7 +23,7 @@ from qatkd.errors import QatkdError
 from qatkd.export.frozen import FrozenConv2d, FrozenLinear, act_range
 from qatkd.export.onnx_graph import Fallback, GraphBuilder, function_op, module_op, tensor_hint
 from qatkd.nn import QuantPoint
-from qatkd.quant import QuantAct, QuantGlobalAvgPool2d, QuantSiLU
+from qatkd.quant import QuantAct, QuantGlobalAvgPool2d, QuantHardswish, QuantSiLU
 from qatkd.quant.tensors import SPLITS, calls, global_pool_call
 
 BINARY = {
@@ -100,12 +100,16 @@ def batch_norm(b: GraphBuilder, m: nn.BatchNorm2d, x: str, hint: str) -> str:
     return b.emit("BatchNormalization", [x, *names], hint, epsilon=m.eps)
 
 
-def quant_silu(b: GraphBuilder, m: QuantSiLU, x: str, hint: str) -> str:
-    """x · sigmoid(x), the sigmoid's output quantized: QLinearSigmoid and QLinearMul."""
+def quant_gated(b: GraphBuilder, m: QuantSiLU, x: str, hint: str) -> str:
+    """x · gate(x), the gate's output quantized: QLinearSigmoid (SiLU) or QLinearAdd
+    (Hardswish: `GraphBuilder.emit_hardsigmoid`), and QLinearMul."""
     r = act_range(m.input_quantizer, f"{hint}.input_quantizer")
     if b.quantized and r is not None:
         x = b.qdq(x, r, tensor_hint(m.input_quantizer, f"{hint}.input"))[0]
-    gate = b.emit("Sigmoid", [x], f"{hint}.sigmoid")
+    if isinstance(m, QuantHardswish):
+        gate = b.emit_hardsigmoid(x, f"{hint}.hardsigmoid")
+    else:
+        gate = b.emit("Sigmoid", [x], f"{hint}.sigmoid")
     g = act_range(m.gate_quantizer, f"{hint}.gate_quantizer")
     if b.quantized and g is not None:
         gate = b.qdq(gate, g, tensor_hint(m.gate_quantizer, f"{hint}.gate"))[0]
@@ -187,6 +191,14 @@ def binary(b: GraphBuilder, node: fx.Node, hint: str) -> str:
         raise Fallback
     x, y = (b.operand(arg, f"{hint}.operand") for arg in node.args)
     return b.emit(BINARY[node.target], [x, y], hint)
+
+
+def hardsigmoid(b: GraphBuilder, m: nn.Hardsigmoid, x: str, hint: str) -> str:
+    return b.emit_hardsigmoid(x, hint)
+
+
+def hardsigmoid_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    return b.emit_hardsigmoid(b.names[node.args[0]], hint)
 
 
 def relu_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
@@ -346,7 +358,8 @@ module_op(QuantAct, subclasses=True)(quant_act)
 module_op(nn.ReLU)(relu)
 module_op(nn.ReLU6, nn.Hardtanh)(clamp)
 module_op(nn.BatchNorm2d)(batch_norm)
-module_op(QuantSiLU)(quant_silu)
+module_op(QuantSiLU, QuantHardswish)(quant_gated)
+module_op(nn.Hardsigmoid)(hardsigmoid)
 module_op(nn.MaxPool2d)(max_pool)
 module_op(nn.AvgPool2d)(average_pool)
 module_op(nn.AdaptiveAvgPool2d)(global_average_pool)
@@ -354,6 +367,7 @@ module_op(QuantGlobalAvgPool2d)(quant_global_average_pool)
 module_op(nn.Flatten)(flatten_module)
 function_op(*BINARY)(binary)
 function_op(torch.relu, F.relu, "relu")(relu_call)
+function_op(F.hardsigmoid)(hardsigmoid_call)
 function_op(torch.flatten, "flatten")(flatten_call)
 function_op(stochastic_depth, "contiguous")(identity_call)
 function_op(torch.permute, torch.transpose, "permute", "transpose")(transpose)

@@ -11,6 +11,7 @@ from qatkd.quant.modules import (
     QuantAct,
     QuantConv2d,
     QuantGlobalAvgPool2d,
+    QuantHardswish,
     QuantLinear,
     QuantSiLU,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "QuantConfig",
     "QuantConv2d",
     "QuantGlobalAvgPool2d",
+    "QuantHardswish",
     "QuantLinear",
     "QuantSiLU",
     "Quantizer",

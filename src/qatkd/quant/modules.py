@@ -95,6 +95,9 @@ class QuantSiLU(nn.Module):
     has no integer SiLU, but it runs this as an integer sigmoid (a table of the 256 codes) and an
     integer multiplication, so that the conv before it is an integer kernel too."""
 
+    gate = staticmethod(torch.sigmoid)
+    """The gate that multiplies the input."""
+
     def __init__(self, input_quantizer: Quantizer, gate_quantizer: Quantizer) -> None:
         super().__init__()
         self.input_quantizer = input_quantizer
@@ -102,4 +105,13 @@ class QuantSiLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x)
-        return x * self.gate_quantizer(torch.sigmoid(x))
+        return x * self.gate_quantizer(self.gate(x))
+
+
+class QuantHardswish(QuantSiLU):
+    """Hardswish as x · hardsigmoid(x), quantized as `QuantSiLU` is. onnxruntime has no integer
+    Hardswish or Hardsigmoid, but hardsigmoid(x) = clamp(x + 3, 0, 6) / 6 quantized at scale s
+    is x + 3 quantized at 6 s, its codes clipped at 1 / s: an integer add (the exporter writes
+    it so), then an integer multiplication."""
+
+    gate = staticmethod(F.hardsigmoid)

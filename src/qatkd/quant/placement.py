@@ -9,18 +9,21 @@ output is quantized at once (a QuantizeLinear). Matched on a torch.fx trace of t
   both operands and the result (QLinearAdd, QLinearMul);
 - a concatenation: its inputs and its result, at one scale (`quant.tensors`; QLinearConcat, or
   a Concat of the codes);
-- a sigmoid, an average pooling, and a global average pooling written as a function
-  (`x.mean((2, 3))`, `F.adaptive_avg_pool2d(x, 1)`): the input and the output
-  (QLinearSigmoid, QLinearAveragePool, QLinearGlobalAveragePool);
-- a SiLU: it becomes `QuantSiLU`, x · sigmoid(x) with the sigmoid quantized (QLinearSigmoid and
-  QLinearMul; onnxruntime has no integer SiLU);
+- a sigmoid, a hardsigmoid, an average pooling, and a global average pooling written as a
+  function (`x.mean((2, 3))`, `F.adaptive_avg_pool2d(x, 1)`): the input and the output
+  (QLinearSigmoid, QLinearAdd of 3 (`QuantHardswish`), QLinearAveragePool,
+  QLinearGlobalAveragePool);
+- a SiLU or a Hardswish: it becomes `QuantSiLU` / `QuantHardswish`, x · sigmoid(x) or
+  x · hardsigmoid(x) with the gate quantized (QLinearSigmoid or QLinearAdd, and QLinearMul;
+  onnxruntime has no integer SiLU or Hardswish);
 - an `nn.MultiheadAttention`: it becomes `qatkd.nn.Attention` before the layers are swapped
   (`split_attention`), whose projections are Linear layers and whose QuantPoints quantize the
   query, key, value, scores and probabilities (MatMulIntegerToFloat, QLinearSoftmax,
   QLinearMatMul); LayerNorm stays float (no runtime has an integer one);
-- a conv or linear layer: its output, where an op without an integer kernel reads it (Hardswish,
-  Hardsigmoid, GELU, LayerNorm, a float add): the layer is then an integer kernel and the float
-  op runs between a DequantizeLinear and a QuantizeLinear, as `quantize_static` leaves it.
+- a conv or linear layer: its output, where an op without an integer kernel reads it (GELU,
+  LayerNorm, a float add, an activation that `quant.skip` leaves float): the layer is then an
+  integer kernel and the float op runs between a DequantizeLinear and a QuantizeLinear, as
+  `quantize_static` leaves it.
 
 An output is taken after the ops the exporter moves a QuantizeLinear before (the layer's
 BatchNorm, ReLU, MaxPool, Flatten, reshapes, Dropout and stochastic depth in eval). A rule applies
@@ -48,6 +51,7 @@ from qatkd.quant.modules import (
     QuantAct,
     QuantConv2d,
     QuantGlobalAvgPool2d,
+    QuantHardswish,
     QuantLinear,
     QuantSiLU,
 )
@@ -67,7 +71,9 @@ from qatkd.quant.tensors import (
 
 Site = tuple[str, sites.Side]
 BINARY = {operator.add, operator.mul, torch.add, torch.mul, "add", "mul"}
-SIGMOIDS = {torch.sigmoid, F.sigmoid, "sigmoid"}
+SIGMOIDS = {torch.sigmoid, F.sigmoid, "sigmoid", F.hardsigmoid}
+GATED = {nn.SiLU: QuantSiLU, nn.Hardswish: QuantHardswish}
+"""Activation modules that are x · gate(x), and the module that quantizes the gate."""
 SHAPES = {"size", "dim", getattr, len}
 """Calls whose result is a shape or a number: what depends on the input only through them is
 not an activation (a class token expanded to the batch)."""
@@ -78,14 +84,17 @@ _COMMUTING_CALLS = {torch.relu, F.relu, "relu", *SAME_VALUE_CALLS}
 def place_quantizers(
     model: nn.Module, make: Callable[[str], Quantizer], skipped: Callable[[str], bool]
 ) -> None:
-    """Swap `model`'s SiLU modules for `QuantSiLU` and put a QuantAct on each module boundary
-    that the rules (module doc) need, with quantizers from `make(name)`; modules whose path
-    `skipped` says are left as they are. Raises `QatkdError` where fx cannot trace the model."""
+    """Swap `model`'s SiLU and Hardswish modules for `GATED`'s and put a QuantAct on each
+    module boundary that the rules (module doc) need, with quantizers from `make(name)`; modules
+    whose path `skipped` says are left as they are. Raises `QatkdError` where fx cannot trace
+    the model."""
     gm = trace(model)
     for node in gm.graph.nodes:
-        silu = node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.SiLU
-        if silu and gm.meta[MODULE_CALLS][node.target] == 1 and not skipped(node.target):
-            quantized = QuantSiLU(make(f"{node.target}.input"), make(f"{node.target}.gate"))
+        if node.op != "call_module" or skipped(node.target):
+            continue
+        gated = GATED.get(type(gm.get_submodule(node.target)))
+        if gated is not None and gm.meta[MODULE_CALLS][node.target] == 1:
+            quantized = gated(make(f"{node.target}.input"), make(f"{node.target}.gate"))
             model.set_submodule(node.target, quantized)
     gm = trace(model)
     boundaries = _Boundaries(model, gm, skipped)
@@ -130,14 +139,14 @@ def _rules(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, list[list[fx.Node]]]]:
 def _integer_operands(
     gm: fx.GraphModule, node: fx.Node, activations: set[fx.Node]
 ) -> list[fx.Node] | None:
-    """The activation operands of `node` if a rule quantizes it (a layer or a QuantSiLU: none,
-    it quantizes its own input), else None."""
+    """The activation operands of `node` if a rule quantizes it (a layer or a gated activation:
+    none, it quantizes its own input), else None."""
     args = node.args
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if isinstance(module, QuantConv2d | QuantLinear | QuantSiLU | QuantGlobalAvgPool2d):
             return []
-        if isinstance(module, nn.Sigmoid | nn.AvgPool2d):
+        if isinstance(module, nn.Sigmoid | nn.Hardsigmoid | nn.AvgPool2d):
             return [args[0]]
         return None
     if calls(node, BINARY) and len(args) == 2 and not node.kwargs:
