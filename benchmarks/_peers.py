@@ -9,6 +9,7 @@ documentation offers (ONNX shape inference still runs), as a user would."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import tempfile
 from collections.abc import Sequence
@@ -45,7 +46,9 @@ class _Images(CalibrationDataReader):
 def ort_quantize_static(fp32_onnx: Path, out: Path, images: Sequence[np.ndarray]) -> Path:
     """`quant_pre_process` then `quantize_static`: QDQ, uint8 activations, int8 per-channel
     weights, min-max calibration on `images` (each a batch of one)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    fp32_onnx, out = fp32_onnx.resolve(), out.resolve()
+    # a failing symbolic shape inference dumps the model into the working directory: the tmp one
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         prepared = Path(tmp) / "prepared.onnx"
         try:
             quant_pre_process(str(fp32_onnx), str(prepared))
