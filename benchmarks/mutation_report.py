@@ -34,7 +34,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from _provenance import command, git_commit, machine
+import _mutation_progress as progress
+from _provenance import command, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -297,6 +298,10 @@ of the function renumbers them and a stale note no longer applies."""
 STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped")
 
 
+KEYED = ("src", "tests", "pyproject.toml")
+"""What a module's verdicts depend on in the repository (`content_key`)."""
+
+
 def mutmut_config(spec: dict[str, list[str]]) -> str:
     """The `[tool.mutmut]` section for one module (TOML arrays of strings are JSON arrays)."""
     return (
@@ -310,11 +315,24 @@ def mutmut_config(spec: dict[str, list[str]]) -> str:
     )
 
 
+def tested_commit() -> str:
+    """The commit whose sources and tests were mutated, flagged where they (not the benchmark
+    scripts, which a run from an older commit's worktree may take from a newer one) differ."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", *KEYED)
+    return git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)" if dirty else "")
+
+
 def content_key(spec: dict[str, list[str]]) -> str:
     """Hash of everything a module's verdicts depend on: the tracked files under `src/` and
     `tests/` as they are on disk, `pyproject.toml`, mutmut's version and the module's selection."""
     tracked = subprocess.run(
-        ["git", "ls-files", "src", "tests", "pyproject.toml"],
+        ["git", "ls-files", *KEYED],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -328,11 +346,10 @@ def content_key(spec: dict[str, list[str]]) -> str:
     return digest.hexdigest()
 
 
-def prepare_work(name: str, spec: dict[str, list[str]]) -> tuple[Path, float]:
+def prepare_work(name: str, spec: dict[str, list[str]], key: str) -> tuple[Path, float | None]:
     """The module's work folder, and the wall seconds an earlier, stopped run of the same
-    content already spent there (0 for a fresh start)."""
+    content (`key`) already spent there (None for a fresh folder)."""
     work = WORK / name
-    key = content_key(spec)
     stamp, spent = work / "key.txt", work / "wall_s.txt"
     if stamp.exists() and stamp.read_text() == key and (work / "mutants").is_dir():
         print(f"mutmut: {name}: resuming the stopped run in {work}")
@@ -344,39 +361,77 @@ def prepare_work(name: str, spec: dict[str, list[str]]) -> tuple[Path, float]:
     pyproject = (ROOT / "pyproject.toml").read_text()
     (work / "pyproject.toml").write_text(pyproject + mutmut_config(spec))
     stamp.write_text(key)
-    return work, 0.0
+    return work, None
 
 
 def run_module(name: str, jobs: int) -> dict[str, Any]:
-    """Run mutmut over one module (resuming a stopped run of the same content); its counts,
-    score and surviving mutants."""
+    """Run mutmut over one module (resuming a stopped run of the same content, from its work
+    folder or from its committed progress); its counts, score and surviving mutants."""
     spec = MODULES[name]
-    work, spent = prepare_work(name, spec)
-    # mutmut puts mutants/src first on sys.path and drops src/; PYTHONPATH must not bring it back
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    key = content_key(spec)
+    work, spent = prepare_work(name, spec, key)
     started = time.time()
-    log = work / "mutmut.log"
     print(f"mutmut: {name} ({', '.join(spec['mutate'])}; tests {' '.join(spec['tests'])})")
+    if spent is None:
+        saved = progress.load(name, key)
+        spent = resume(name, work, saved, jobs) if saved else 0.0
+
+    def wall() -> float:
+        return round(spent + time.time() - started, 1)
+
     try:
-        with log.open("a") as out:
-            rc = subprocess.run(
-                [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
-                cwd=work,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                check=False,
-            ).returncode
+        with progress.saving(name, key, tested_commit().split()[0], work, wall):
+            rc = mutmut(work, jobs)
     finally:
-        wall = round(spent + time.time() - started, 1)
-        (work / "wall_s.txt").write_text(str(wall))
+        (work / "wall_s.txt").write_text(str(wall()))
     if rc != 0:
+        log = work / "mutmut.log"
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(
             f"mutmut stopped on {name} (exit {rc}); run the same command again to resume. "
             f"The end of {log}:\n{tail}"
         )
-    return {"wall_s": wall, **collect(work, spec)}
+    progress.remove(name)
+    return {"wall_s": wall(), **collect(work, spec)}
+
+
+def mutmut(work: Path, jobs: int, *mutants: str) -> int:
+    """`mutmut run` in `work` (only `mutants` if given), its output appended to mutmut.log."""
+    # mutmut puts mutants/src first on sys.path and drops src/; PYTHONPATH must not bring it back
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with (work / "mutmut.log").open("a") as out:
+        return subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *mutants],
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
+
+
+def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> float:
+    """Put the committed verdicts of `saved` into the fresh work folder, once one of them is
+    found again live (mutmut generates the mutants and tests that one); the wall seconds they
+    took, or 0 where they are not used."""
+    check = progress.probe(saved["verdicts"])
+    if check is None:
+        return 0.0
+    mutant, status = check
+    rc = mutmut(work, jobs, mutant)
+    live = progress.status_of(work, mutant)
+    if rc != 0 or live != status:
+        print(
+            f"mutmut: {name}: the saved verdict on {mutant} ({status}) is {live} when tested "
+            "again: the saved verdicts are not used"
+        )
+        return 0.0
+    restored = progress.restore(work, saved["verdicts"])
+    print(
+        f"mutmut: {name}: {restored} verdicts restored from {progress.PROGRESS.name}/{name}.json "
+        f"(commit {saved['commit']}); {mutant} tested again: {status}, as saved"
+    )
+    return float(saved["wall_s"])
 
 
 def collect(work: Path, spec: dict[str, list[str]]) -> dict[str, Any]:
@@ -544,7 +599,7 @@ def main() -> None:
             ]
         write_report(results)
         return
-    commit = git_commit()
+    commit = tested_commit()
     results |= {"mutmut": version("mutmut"), "machine": machine()}
     for name in args.modules or list(MODULES):
         date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,151 @@
+"""The verdicts of a mutation run that stopped before its end, kept where git keeps them, so that
+a later session resumes the run on any machine: a module of the trainer or the exporter takes
+longer than a session, and mutmut's own work folder lives only on the machine that made it.
+
+    benchmarks/results/mutation_progress/<module>.json
+        {"key": ..., "commit": ..., "wall_s": ..., "verdicts": {source file: {mutant: exit code}}}
+
+`key` is the module's content key (`mutation_report.content_key`: the sources, the tests,
+pyproject.toml, mutmut's version and the selection), so verdicts are reused only for the very
+code and tests they were found on: resume from a worktree at `commit`. Reuse is checked against
+the live computation once: one saved verdict is tested again first, and a different answer
+discards them all. The file is written every few minutes while mutmut runs and removed when the
+module finishes (its results are then in mutation.json)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+PROGRESS = Path(__file__).resolve().parent / "results" / "mutation_progress"
+SAVE_EVERY_S = 300.0
+"""How often the verdicts are saved while mutmut runs (a session's end kills it unannounced)."""
+
+Verdicts = dict[str, dict[str, int]]
+"""Source file (as in `mutants/`) -> mutant name -> mutmut's exit code."""
+
+
+def _path(module: str) -> Path:
+    return PROGRESS / f"{module}.json"
+
+
+def load(module: str, key: str) -> dict[str, Any] | None:
+    """The saved progress of `module` if it was made on the same content (`key`), else None,
+    saying why it is not used."""
+    path = _path(module)
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        missing = {"key", "commit", "wall_s", "verdicts"} - set(saved)
+        if missing:
+            raise ValueError(f"no {', '.join(sorted(missing))}")
+    except (ValueError, TypeError) as e:
+        print(f"mutmut: {module}: ignoring unreadable {path} ({e})")
+        return None
+    if saved["key"] != key:
+        print(
+            f"mutmut: {module}: {path} holds verdicts for other sources or tests (commit "
+            f"{saved['commit']}): starting from scratch. To resume it instead, run this command "
+            f"in a worktree at that commit (git worktree add DIR {saved['commit']})."
+        )
+        return None
+    return saved
+
+
+def verdicts_in(work: Path) -> Verdicts:
+    """The verdicts mutmut has reached in its work folder (`mutants/**/*.py.meta`); a mutant
+    not yet checked, or whose check was interrupted, has none."""
+    from mutmut.stats import status_by_exit_code
+
+    unreached = ("not checked", "check was interrupted by user")
+    found: Verdicts = {}
+    for meta in sorted((work / "mutants").rglob("*.py.meta")):
+        source = str(meta.relative_to(work / "mutants"))[: -len(".meta")]
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        found[source] = {k: v for k, v in codes.items() if status_by_exit_code[v] not in unreached}
+    return found
+
+
+def save(module: str, key: str, commit: str, wall_s: float, work: Path) -> None:
+    """Write the verdicts of `work` (atomically: a session may end mid-write)."""
+    try:
+        verdicts = verdicts_in(work)
+    except (OSError, ValueError):  # mutmut is rewriting a meta file: next time
+        return
+    PROGRESS.mkdir(parents=True, exist_ok=True)
+    path = _path(module)
+    record = {"key": key, "commit": commit, "wall_s": round(wall_s, 1), "verdicts": verdicts}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def remove(module: str) -> None:
+    _path(module).unlink(missing_ok=True)
+
+
+def restore(work: Path, verdicts: Verdicts) -> int:
+    """Write the saved verdicts into mutmut's fresh meta files, for the mutants that exist there
+    and have none yet; how many were restored."""
+    restored = 0
+    for source, saved in verdicts.items():
+        meta = work / "mutants" / f"{source}.meta"
+        if not meta.exists():
+            continue
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        for mutant, code in saved.items():
+            if mutant in codes and codes[mutant] is None:
+                codes[mutant] = code
+                restored += 1
+        meta.write_text(json.dumps(data))
+    return restored
+
+
+def status_of(work: Path, mutant: str) -> str | None:
+    """The status (killed, survived, ...) mutmut gave `mutant` in `work`, None if none yet."""
+    from mutmut.stats import status_by_exit_code
+
+    for codes in verdicts_in(work).values():
+        if mutant in codes:
+            return str(status_by_exit_code[codes[mutant]])
+    return None
+
+
+def probe(verdicts: Verdicts) -> tuple[str, str] | None:
+    """A saved verdict to test again live, (mutant, its status): a killed mutant (the quickest
+    to rerun), else a survivor; None if there is neither."""
+    from mutmut.stats import status_by_exit_code
+
+    found = {
+        status: (mutant, status)
+        for codes in verdicts.values()
+        for mutant, code in sorted(codes.items(), reverse=True)
+        if (status := status_by_exit_code[code]) in ("killed", "survived")
+    }
+    return found.get("killed") or found.get("survived")
+
+
+@contextmanager
+def saving(module: str, key: str, commit: str, work: Path, wall_s: Any) -> Iterator[None]:
+    """Save the verdicts of `work` every `SAVE_EVERY_S` while the block runs, and once at its
+    end; `wall_s()` gives the run's wall seconds so far."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(SAVE_EVERY_S):
+            save(module, key, commit, wall_s(), work)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        save(module, key, commit, wall_s(), work)
