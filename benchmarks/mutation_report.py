@@ -43,6 +43,7 @@ WORK = ROOT / ".mutation"
 
 TRAIN_TESTS = [
     "tests/test_engine.py",
+    "tests/test_faults.py",
     "tests/test_learning.py",
     "tests/test_stops.py",
     "tests/test_logs.py",
@@ -107,6 +108,38 @@ _WEIGHTS_ONLY = (
     "weights_only=False is killed by test_a_file_that_needs_arbitrary_unpickling_is_refused"
 )
 _ROWS = "qatkd.distill.cache.xǁTeacherLogitCacheǁrows__mutmut_"
+_ENGINE = "qatkd.train.engine.x_"
+_CUDA_RNG = (
+    "not equivalent on a GPU: the CUDA generator's state is saved and restored only where the "
+    "run trains on CUDA; on a CPU-only machine that branch never runs (no GPU test here)"
+)
+_RNG_STATES = {
+    5: 'if device.type == "XXcudaXX":',
+    6: 'if device.type == "CUDA":',
+    7: 'states["cuda"] = None',
+    8: 'states["XXcudaXX"] = torch.cuda.get_rng_state(device)',
+    9: 'states["CUDA"] = torch.cuda.get_rng_state(device)',
+    10: 'states["cuda"] = torch.cuda.get_rng_state(None)',
+}
+_SET_RNG_STATES = {
+    4: 'if "cuda" in states or device.type == "cuda":',
+    5: 'if "XXcudaXX" in states and device.type == "cuda":',
+    6: 'if "CUDA" in states and device.type == "cuda":',
+    7: 'if "cuda" not in states and device.type == "cuda":',
+    8: 'if "cuda" in states and device.type != "cuda":',
+    9: 'if "cuda" in states and device.type == "XXcudaXX":',
+    10: 'if "cuda" in states and device.type == "CUDA":',
+    11: "torch.cuda.set_rng_state(None, device)",
+    12: 'torch.cuda.set_rng_state(states["cuda"], None)',
+    13: "torch.cuda.set_rng_state(device)",
+    14: 'torch.cuda.set_rng_state(states["cuda"], )',
+    15: 'torch.cuda.set_rng_state(states["XXcudaXX"], device)',
+    16: 'torch.cuda.set_rng_state(states["CUDA"], device)',
+}
+_TO_DEVICE = (
+    "not equivalent on a GPU: `.to(None)` leaves a CPU module where it is, and the tests train "
+    "on the CPU"
+)
 _TO_CPU = (
     "not equivalent on a GPU: a teacher on CUDA returns CUDA logits, which the CPU table cannot "
     "take without `.to('cpu')`; on a CPU-only machine nothing can tell (no GPU test here)"
@@ -289,6 +322,31 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "qatkd.export.codes.x_code_parity__mutmut_2": (
         'run = ""',
         "`run` is only tested for truth before the first batch sets it; '' is as false as None",
+    ),
+    f"{_ENGINE}epoch_seed__mutmut_1": (
+        "return seed * 1_000_003 - epoch",
+        "any map of (seed, epoch) to distinct integers serves; this one keeps them distinct too "
+        "(killed where it does not: test_each_seed_and_epoch_draw_their_own_random_numbers)",
+    ),
+    f"{_ENGINE}epoch_seed__mutmut_3": (
+        "return seed * 1000004 + epoch",
+        "any map of (seed, epoch) to distinct integers serves; this one keeps them distinct too",
+    ),
+    **{f"{_ENGINE}rng_states__mutmut_{n}": (line, _CUDA_RNG) for n, line in _RNG_STATES.items()},
+    **{
+        f"{_ENGINE}set_rng_states__mutmut_{n}": (line, _CUDA_RNG)
+        for n, line in _SET_RNG_STATES.items()
+    },
+    f"{_ENGINE}fit__mutmut_2": (
+        "world = world and World()",
+        "the pipeline and the torchrun worker always pass a World; None is only a default",
+    ),
+    f"{_ENGINE}fit__mutmut_5": ("model.to(None)", _TO_DEVICE),
+    f"{_ENGINE}fit__mutmut_6": ("balancer.to(None)", _TO_DEVICE),
+    f"{_ENGINE}fit__mutmut_23": (
+        "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
+        "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
+        "shuffles_the_training_images_and_the_seed_decides_the_order)",
     ),
 }
 """Surviving mutant -> (its mutated line, why no test can tell it from the original). The line

@@ -1,9 +1,12 @@
 """The engine on the tiny npz data: it learns, it is deterministic, and resume is exact."""
 
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from qatkd import pipeline
 from qatkd.checkpoint import load_checkpoint
@@ -11,6 +14,8 @@ from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.tasks import task_family
 from qatkd.train import engine, optim
+from qatkd.train.distributed import World
+from qatkd.train.stops import RunStopped
 from testdata import tiny_overrides
 
 
@@ -69,6 +74,80 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     assert (full / "log.csv").read_text().count("\n") == (resumed / "log.csv").read_text().count(
         "\n"
     )
+
+
+def test_a_stop_inside_an_epoch_resumes_to_the_uninterrupted_weights(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """In this process (tests/test_stops.py signals a CLI process, which mutation testing cannot
+    trace): a stop request after the second of three steps saves the position in epoch 1 and the
+    RNG state (the last batch's augmentation draws from it), and the resumed run ends on the
+    weights and the steps of the run never stopped."""
+    full, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "full")))
+    steps = 0
+
+    def step_then_stop(*args: object) -> None:
+        nonlocal steps
+        original(*args)
+        steps += 1
+        if steps == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    original = engine.optimizer_step
+    with monkeypatch.context() as m:
+        m.setattr(engine, "optimizer_step", step_then_stop)
+        with pytest.raises(RunStopped):
+            pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "cut")))
+    state = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (state["epoch"], state["step"], state["position"]["batches"]) == (0, 2, 2)
+    resumed, _ = pipeline.resume(tmp_path / "cut")
+    a, b = final_weights(full), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (resumed / "steps.csv").read_text() == (full / "steps.csv").read_text()
+
+
+def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
+    order = [5, 3, 8, 1]  # a sampler's indices
+    remaining = engine.SkipFirst(order)
+    assert list(remaining) == order and len(remaining) == 4
+    remaining.count = 3
+    assert list(remaining) == [1] and len(remaining) == 1
+
+
+def test_each_seed_and_epoch_draw_their_own_random_numbers():
+    draws = set()
+    for seed in range(3):
+        for epoch in range(4):
+            torch.manual_seed(engine.epoch_seed(seed, epoch))
+            draws.add(torch.rand(1).item())
+    assert len(draws) == 12
+
+
+def test_each_epoch_shuffles_the_training_images_and_the_seed_decides_the_order(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    orders: list[list[int]] = []
+
+    class Recording(DistributedSampler):
+        def __iter__(self) -> Iterator[int]:
+            orders.append(list(super().__iter__()))
+            return iter(orders[-1])
+
+    monkeypatch.setattr(engine, "DistributedSampler", Recording)
+    for seed in (0, 1):
+        overrides = tiny_overrides(npz_root, tmp_path / f"seed{seed}", f"seed={seed}")
+        pipeline.train(load_config(overrides=overrides))
+    assert len(orders) == 4  # two runs of two epochs
+    assert all(sorted(order) == list(range(len(order))) for order in orders)
+    assert orders[0] != sorted(orders[0]) and orders[0] != orders[1]  # shuffled, anew each epoch
+    assert orders[:2] != orders[2:]  # another seed, another order
+
+
+def test_the_global_batch_splits_evenly_over_the_processes_or_is_refused():
+    assert engine.per_rank_batch_size(12, World(size=4)) == 3
+    message = r"^train\.batch_size=10 does not split over 4 processes: use a multiple of 4$"
+    with pytest.raises(QatkdError, match=message):
+        engine.per_rank_batch_size(10, World(size=4))
 
 
 def test_existing_run_folder_is_not_overwritten(npz_root: Path, tmp_path: Path):
