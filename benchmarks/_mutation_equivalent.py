@@ -1,0 +1,271 @@
+"""The surviving mutants of `mutation_report` that no test can kill, each with the reason:
+equivalent to the original, or told apart only on a GPU, which the tests do not use."""
+
+from __future__ import annotations
+
+_STRICT_ZIP = "the two sequences always have the same length, so `strict` never fires"
+_RUNNER = "qatkd.export.codes.x_code_runner__mutmut_"
+_EVEN = "an integer code times 2^(k + 1) is even, never -129 or 127: the bound moves nothing"
+_RUNNER_ZIP = "for hint, value in zip(outputs, values, "
+_THREADS = (
+    "onnxruntime splits a kernel's work over threads by output rows, never inside a sum, so the "
+    "codes are the same on 1 or 2 threads; only the speed differs"
+)
+_WEIGHTS = "qatkd.balance.balancers.xǁGoRǁweights__mutmut_"
+_WEIGHTS_ZIP = "return dict(zip(self.weight_names, weights.tolist(), "
+_MEASURED = "qatkd.balance.balancers.xǁGoRǁmeasured__mutmut_"
+_MEASURED_ZIP = "return dict(zip(names, self.alignment.tolist(), "
+_READ = "qatkd.distill.cache.xǁTeacherLogitCacheǁ_read__mutmut_"
+_ON_CPU = (
+    "the cache only writes CPU tensors (`rows` moves them before `_write`), so they load onto "
+    "the CPU without `map_location`"
+)
+_WEIGHTS_ONLY = (
+    "torch >= 2.6 (the project pins 2.14.1) loads with weights_only=True unless told otherwise; "
+    "weights_only=False is killed by test_a_file_that_needs_arbitrary_unpickling_is_refused"
+)
+_ROWS = "qatkd.distill.cache.xǁTeacherLogitCacheǁrows__mutmut_"
+_ENGINE = "qatkd.train.engine.x_"
+_CUDA_RNG = (
+    "not equivalent on a GPU: the CUDA generator's state is saved and restored only where the "
+    "run trains on CUDA; on a CPU-only machine that branch never runs (no GPU test here)"
+)
+_RNG_STATES = {
+    5: 'if device.type == "XXcudaXX":',
+    6: 'if device.type == "CUDA":',
+    7: 'states["cuda"] = None',
+    8: 'states["XXcudaXX"] = torch.cuda.get_rng_state(device)',
+    9: 'states["CUDA"] = torch.cuda.get_rng_state(device)',
+    10: 'states["cuda"] = torch.cuda.get_rng_state(None)',
+}
+_SET_RNG_STATES = {
+    4: 'if "cuda" in states or device.type == "cuda":',
+    5: 'if "XXcudaXX" in states and device.type == "cuda":',
+    6: 'if "CUDA" in states and device.type == "cuda":',
+    7: 'if "cuda" not in states and device.type == "cuda":',
+    8: 'if "cuda" in states and device.type != "cuda":',
+    9: 'if "cuda" in states and device.type == "XXcudaXX":',
+    10: 'if "cuda" in states and device.type == "CUDA":',
+    11: "torch.cuda.set_rng_state(None, device)",
+    12: 'torch.cuda.set_rng_state(states["cuda"], None)',
+    13: "torch.cuda.set_rng_state(device)",
+    14: 'torch.cuda.set_rng_state(states["cuda"], )',
+    15: 'torch.cuda.set_rng_state(states["XXcudaXX"], device)',
+    16: 'torch.cuda.set_rng_state(states["CUDA"], device)',
+}
+_TO_DEVICE = (
+    "not equivalent on a GPU: `.to(None)` leaves a CPU module where it is, and the tests train "
+    "on the CPU"
+)
+_TO_CPU = (
+    "not equivalent on a GPU: a teacher on CUDA returns CUDA logits, which the CPU table cannot "
+    "take without `.to('cpu')`; on a CPU-only machine nothing can tell (no GPU test here)"
+)
+_CHECK = "qatkd.distill.ensemble.xǁTeacherEnsembleǁcheck_num_classes__mutmut_"
+_CHECK_ZIP = "for label, logits in zip(self.labels, self(example), "
+_HOOKS = "qatkd.distill.ensemble.xǁTeacherEnsembleǁ__init____mutmut_"
+_HOOKS_ZIP = "for teacher, label in zip(self.teachers, self.labels, "
+_WITH_FEATURES = "qatkd.distill.ensemble.xǁTeacherEnsembleǁwith_features__mutmut_"
+_WITH_FEATURES_ZIP = "for t, named in zip(logits, features, "
+_KEEPERS = "qatkd.distill.features.xǁFeatureHooksǁ__init____mutmut_"
+_KEEPERS_ZIP = "for name, module in zip(names, modules, "
+_REVERSE = "qatkd.distill.losses.x_kd_reverse_kl__mutmut_"
+_LAST_DIM = "`_rows` makes the logits 2-D, so dimension 1 is the last one"
+_BASE = "qatkd.quant.base.xǁQuantizerǁ"
+_WIDTHS_ON_CPU = (
+    "not equivalent on a GPU: repeat_interleave selects with its repeats as indices, and CUDA's "
+    "index_select refuses CPU ones; on a CPU-only machine nothing can tell (no GPU test here)"
+)
+_CONV = "qatkd.quant.modules.xǁQuantConv2dǁfrom_float__mutmut_"
+_CONV_ARGS = "conv.dilation, conv.groups, "
+_LINEAR = "qatkd.quant.modules.xǁQuantLinearǁfrom_float__mutmut_"
+_LINEAR_NEW = "new = cls(linear.in_features, linear.out_features, "
+_BIAS = (
+    "`_adopt` then sets `bias` to the float layer's own (a Parameter or None), so the meta "
+    "placeholder made or not first is never seen"
+)
+_SUMMARY = "qatkd.quant.prepare.x_quant_summary__mutmut_"
+_SUMMARY_ZIP = '"  ".join(cell.ljust(width) for cell, width in zip(row, widths, '
+_FLOAT_CODES = "qatkd.quant.quantizers.xǁFloatQuantizerǁ_codes__mutmut_"
+_ONES = "return x, torch.ones((), "
+_UNREAD = (
+    "the scale `_codes` returns at 16 bits is never read: FloatQuantizer's forward returns its "
+    "input, and quantize_int keeps the codes only"
+)
+
+EQUIVALENT: dict[str, tuple[str, str]] = {
+    "qatkd.balance.balancers.xǁGoRǁobserve__mutmut_2": (
+        "super().observe(None)",
+        "`LossBalancer.observe` raises its TypeError without reading the alignments it is handed",
+    ),
+    f"{_WEIGHTS}29": (f"{_WEIGHTS_ZIP}strict=None))", _STRICT_ZIP),
+    f"{_WEIGHTS}32": (f"{_WEIGHTS_ZIP}))", _STRICT_ZIP),
+    f"{_WEIGHTS}33": (f"{_WEIGHTS_ZIP}strict=False))", _STRICT_ZIP),
+    f"{_MEASURED}7": (f"{_MEASURED_ZIP}strict=None))", _STRICT_ZIP),
+    f"{_MEASURED}10": (f"{_MEASURED_ZIP}))", _STRICT_ZIP),
+    f"{_MEASURED}11": (f"{_MEASURED_ZIP}strict=False))", _STRICT_ZIP),
+    "qatkd.balance.diagnostics.x_dot__mutmut_18": (
+        "total = total.to(None) + (x.double() * y.double()).sum()",
+        "not equivalent with the parameters split over two GPUs, where a 0-d tensor on one does "
+        "not add to one on the other; the 0-d CPU zero adds to a tensor on any one device (the "
+        "sum lands there), so on a CPU or one GPU nothing can tell (no multi-GPU test here)",
+    ),
+    f"{_READ}4": ("stored = torch.load(self.path, map_location=None, weights_only=True)", _ON_CPU),
+    f"{_READ}7": ("stored = torch.load(self.path, weights_only=True)", _ON_CPU),
+    f"{_READ}5": (
+        'stored = torch.load(self.path, map_location="cpu", weights_only=None)',
+        _WEIGHTS_ONLY,
+    ),
+    f"{_READ}8": ('stored = torch.load(self.path, map_location="cpu", )', _WEIGHTS_ONLY),
+    f"{_READ}24": ("ok = None  # not a torch file, or a truncated one", "None is false too"),
+    f"{_READ}26": ("ok = None  # a torch file of another layout", "None is false too"),
+    f"{_ROWS}27": ("computed = compute_fn(missing).detach().to(None, self.dtype)", _TO_CPU),
+    f"{_ROWS}29": ("computed = compute_fn(missing).detach().to(self.dtype)", _TO_CPU),
+    "qatkd.distill.ensemble.xǁTeacherEnsembleǁtrain__mutmut_1": (
+        "def train(self, mode: bool = False) -> TeacherEnsemble:",
+        "`train` ignores its mode: the teachers stay in eval mode whatever it is",
+    ),
+    f"{_CHECK}3": (f"{_CHECK_ZIP}strict=None):", _STRICT_ZIP),
+    f"{_CHECK}6": (f"{_CHECK_ZIP}):", _STRICT_ZIP),
+    f"{_CHECK}8": (f"{_CHECK_ZIP}strict=False):", _STRICT_ZIP),
+    f"{_HOOKS}29": (f"{_HOOKS_ZIP}strict=None)", _STRICT_ZIP),
+    f"{_HOOKS}32": (f"{_HOOKS_ZIP})", _STRICT_ZIP),
+    f"{_HOOKS}33": (f"{_HOOKS_ZIP}strict=False)", _STRICT_ZIP),
+    f"{_WITH_FEATURES}11": (f"{_WITH_FEATURES_ZIP}strict=None)", _STRICT_ZIP),
+    f"{_WITH_FEATURES}14": (f"{_WITH_FEATURES_ZIP})", _STRICT_ZIP),
+    f"{_WITH_FEATURES}15": (f"{_WITH_FEATURES_ZIP}strict=False)", _STRICT_ZIP),
+    f"{_KEEPERS}14": (f"{_KEEPERS_ZIP}strict=None)", _STRICT_ZIP),
+    f"{_KEEPERS}17": (f"{_KEEPERS_ZIP})", _STRICT_ZIP),
+    f"{_KEEPERS}18": (f"{_KEEPERS_ZIP}strict=False)", _STRICT_ZIP),
+    f"{_REVERSE}8": (
+        "log_p_student = F.log_softmax(_rows(student_logits).float() / temperature, dim=+1)",
+        _LAST_DIM,
+    ),
+    f"{_REVERSE}18": (
+        "kl = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(+1).mean()",
+        _LAST_DIM,
+    ),
+    f"{_BASE}_reduce__mutmut_3": (
+        "return op(x.reshape(-1), None)",
+        "the flattened tensor is 1-D, so reducing dimension 0 is reducing every dimension (None)",
+    ),
+    f"{_BASE}__init____mutmut_15": (
+        "self.group_widths: list[int] = None",
+        "only a grouped quantizer reads `group_widths` (its numel_per_scale and `_broadcast`), and "
+        "it always replaces the initial value; an ungrouped one only tests it for truth, and None "
+        "is as false as []",
+    ),
+    f"{_BASE}__init____mutmut_35": (
+        "else math.prod(weight_shape) / math.prod(self.param_shape)",
+        "the division is exact (each scale covers whole rows of the weight), and the quotient "
+        "only enters LSQ's gradient scale 1 / sqrt(N Q_p), the same for 27 and 27.0",
+    ),
+    f"{_BASE}__init____mutmut_38": (
+        "else 1",
+        "an activation quantizer never reads `numel_per_scale`: `_elements_per_scale` takes its N "
+        "from the input",
+    ),
+    f"{_BASE}__init____mutmut_39": (
+        "self.calibrating = None",
+        "`calibrating` is only tested for truth (`training or calibrating`, `elif calibrating`) "
+        "and `calibrate` sets it to True and back to False; None is as false as False",
+    ),
+    f"{_BASE}_broadcast__mutmut_4": (
+        "widths = torch.tensor(self.group_widths, device=None)",
+        _WIDTHS_ON_CPU,
+    ),
+    f"{_BASE}_broadcast__mutmut_6": ("widths = torch.tensor(self.group_widths, )", _WIDTHS_ON_CPU),
+    f"{_CONV}9": (f'{_CONV_ARGS}None, conv.padding_mode, device="meta",', _BIAS),
+    f"{_CONV}22": (f'{_CONV_ARGS}conv.bias is None, conv.padding_mode, device="meta",', _BIAS),
+    f"{_LINEAR}4": (f'{_LINEAR_NEW}None, device="meta")', _BIAS),
+    f"{_LINEAR}8": (f'{_LINEAR_NEW}device="meta")', _BIAS),
+    f"{_LINEAR}10": (f'{_LINEAR_NEW}linear.bias is None, device="meta")', _BIAS),
+    f"{_SUMMARY}38": (f"{_SUMMARY_ZIP}strict=None)).rstrip()", _STRICT_ZIP),
+    f"{_SUMMARY}41": (f"{_SUMMARY_ZIP})).rstrip()", _STRICT_ZIP),
+    f"{_SUMMARY}42": (f"{_SUMMARY_ZIP}strict=False)).rstrip()", _STRICT_ZIP),
+    f"{_FLOAT_CODES}2": (f"{_ONES}dtype=None, device=x.device)", _UNREAD),
+    f"{_FLOAT_CODES}3": (f"{_ONES}dtype=x.dtype, device=None)", _UNREAD),
+    f"{_FLOAT_CODES}5": (f"{_ONES}device=x.device)", _UNREAD),
+    f"{_FLOAT_CODES}6": (f"{_ONES}dtype=x.dtype, )", _UNREAD),
+    "qatkd.quant.tensors.xǁLeafTracerǁis_leaf_module__mutmut_3": (
+        "return isinstance(m, self.leaves) or super().is_leaf_module(m, None)",
+        "fx's own is_leaf_module decides by the module's class and never reads the qualified name",
+    ),
+    "qatkd.quant.tensors.x_check_state_fits_shared_quantizers__mutmut_3": (
+        "for name, module in model.named_modules(remove_duplicate=None):",
+        "named_modules only tests `remove_duplicate` for truth, and None is false as False is",
+    ),
+    "qatkd.export.bias_grid.x_spare_bits__mutmut_15": (
+        "while low * 2 ** (k + 1) >= -129 and high * 2 ** (k + 1) <= 127 and k < 7:",
+        _EVEN,
+    ),
+    "qatkd.export.bias_grid.x_spare_bits__mutmut_21": (
+        "while low * 2 ** (k + 1) >= -128 and high * 2 ** (k + 1) < 127 and k < 7:",
+        _EVEN,
+    ),
+    "qatkd.export.codes.x_code_runner__mutmut_6": (
+        "tensors = {OUTPUT_NAME: (OUTPUT_NAME, 1)} | activation_codes(proto)",
+        "the output's zero point is never read: `run` returns the float logits as they are",
+    ),
+    "qatkd.export.codes.x_code_runner__mutmut_17": (
+        "session = ort_session(proto.SerializeToString(), optimize=optimize)",
+        _THREADS,
+    ),
+    "qatkd.export.codes.x_code_runner__mutmut_19": (
+        "session = ort_session(proto.SerializeToString(), threads=2, optimize=optimize)",
+        _THREADS,
+    ),
+    "qatkd.export.codes.x_code_runner__mutmut_30": (
+        "hint: value if hint == OUTPUT_NAME else value.astype(None) - tensors[hint][1]",
+        "the cast only keeps the uint8 codes from wrapping below zero when the zero point is "
+        "subtracted; float64 (astype(None)) holds the same integers, and every reader compares "
+        "values",
+    ),
+    f"{_RUNNER}34": (f"{_RUNNER_ZIP}strict=None)", _STRICT_ZIP),
+    f"{_RUNNER}37": (f"{_RUNNER_ZIP})", _STRICT_ZIP),
+    f"{_RUNNER}38": (f"{_RUNNER_ZIP}strict=False)", _STRICT_ZIP),
+    "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_39": (
+        "exact &= ~(diff > 0).reshape(len(exact), -2).any(1)",
+        "numpy takes any negative size as the one unknown dimension: -2 reshapes as -1 does",
+    ),
+    "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_49": (
+        "first_here = None",
+        "`first_here` is only tested for truth; None is as false as False",
+    ),
+    "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_13": (
+        "diff = np.abs(got[name].astype(None) - codes)",
+        "numpy's astype(None) is astype(float64), the dtype the original names",
+    ),
+    "qatkd.export.codes.x_code_parity__mutmut_2": (
+        'run = ""',
+        "`run` is only tested for truth before the first batch sets it; '' is as false as None",
+    ),
+    f"{_ENGINE}epoch_seed__mutmut_1": (
+        "return seed * 1_000_003 - epoch",
+        "any map of (seed, epoch) to distinct integers serves; this one keeps them distinct too "
+        "(killed where it does not: test_each_seed_and_epoch_draw_their_own_random_numbers)",
+    ),
+    f"{_ENGINE}epoch_seed__mutmut_3": (
+        "return seed * 1000004 + epoch",
+        "any map of (seed, epoch) to distinct integers serves; this one keeps them distinct too",
+    ),
+    **{f"{_ENGINE}rng_states__mutmut_{n}": (line, _CUDA_RNG) for n, line in _RNG_STATES.items()},
+    **{
+        f"{_ENGINE}set_rng_states__mutmut_{n}": (line, _CUDA_RNG)
+        for n, line in _SET_RNG_STATES.items()
+    },
+    f"{_ENGINE}fit__mutmut_2": (
+        "world = world and World()",
+        "the pipeline and the torchrun worker always pass a World; None is only a default",
+    ),
+    f"{_ENGINE}fit__mutmut_5": ("model.to(None)", _TO_DEVICE),
+    f"{_ENGINE}fit__mutmut_6": ("balancer.to(None)", _TO_DEVICE),
+    f"{_ENGINE}fit__mutmut_23": (
+        "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
+        "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
+        "shuffles_the_training_images_and_the_seed_decides_the_order)",
+    ),
+}
+"""Surviving mutant -> (its mutated line, why no test can tell it from the original). The line
+ties the note to the change it was written for: mutmut numbers mutants per function, so an edit
+of the function renumbers them and a stale note no longer applies."""
