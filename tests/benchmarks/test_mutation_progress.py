@@ -1,0 +1,52 @@
+"""The committed progress of a stopped mutation run (benchmarks/_mutation_progress.py): reused
+only for the content it was found on, restored only where mutmut has no verdict yet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import _mutation_progress as progress
+import pytest
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(progress, "PROGRESS", tmp_path / "progress")
+    (tmp_path / "progress").mkdir()
+    return tmp_path / "progress"
+
+
+def write(folder: Path, **record: object) -> None:
+    (folder / "engine.json").write_text(json.dumps(record))
+
+
+def test_saved_verdicts_are_used_only_for_the_same_content(folder, capsys):
+    verdicts = {"src/qatkd/train/engine.py": {"m_1": 1, "m_2": 0}}
+    write(folder, key="abc", commit="31006db", wall_s=60.0, verdicts=verdicts)
+    assert progress.load("engine", "abc")["verdicts"] == verdicts
+    assert progress.load("engine", "other") is None
+    said = capsys.readouterr().out
+    assert "other sources or tests (commit 31006db)" in said
+    assert "git worktree add DIR 31006db" in said
+    assert progress.load("absent", "abc") is None
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"key": "abc"}', "[1, 2]"])
+def test_an_unreadable_progress_file_is_ignored_and_named(folder, capsys, text):
+    (folder / "engine.json").write_text(text)
+    assert progress.load("engine", "abc") is None
+    assert f"ignoring unreadable {folder / 'engine.json'}" in capsys.readouterr().out
+
+
+def test_restore_fills_only_the_mutants_mutmut_has_not_decided(tmp_path):
+    meta = tmp_path / "mutants" / "src" / "qatkd" / "train" / "engine.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": {"m_1": None, "m_2": 1, "m_3": None}}))
+    saved = {
+        "src/qatkd/train/engine.py": {"m_1": 0, "m_2": 0, "m_gone": 1},
+        "src/qatkd/train/absent.py": {"m_9": 1},
+    }
+    assert progress.restore(tmp_path, saved) == 1
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    assert codes == {"m_1": 0, "m_2": 1, "m_3": None}  # m_2 keeps mutmut's own verdict
