@@ -95,8 +95,8 @@ HARDSIGMOID_RANGE = 6
 class Commuting:
     """A float node whose output the exporter may quantize on its input instead (module doc):
     a clamp to [low, high] (ReLU, ReLU6; a hardsigmoid, which also shifts and scales) or an
-    order-preserving op (MaxPool, Flatten, a
-    reshape or transpose; `extra`: its other inputs, such as a shape)."""
+    order-preserving op (MaxPool, Flatten, a reshape or transpose; `extra`: its other inputs,
+    such as a shape)."""
 
     op: str
     input: str

@@ -11,8 +11,8 @@ output is quantized at once (a QuantizeLinear). Matched on a torch.fx trace of t
   a Concat of the codes);
 - a sigmoid, a hardsigmoid, an average pooling, and a global average pooling written as a
   function (`x.mean((2, 3))`, `F.adaptive_avg_pool2d(x, 1)`): the input and the output
-  (QLinearSigmoid, QLinearAdd of 3 (`QuantHardswish`), QLinearAveragePool,
-  QLinearGlobalAveragePool);
+  (QLinearSigmoid, an add of 3 (QLinearAdd: `GraphBuilder.emit_hardsigmoid`),
+  QLinearAveragePool, QLinearGlobalAveragePool);
 - a SiLU or a Hardswish: it becomes `QuantSiLU` / `QuantHardswish`, x · sigmoid(x) or
   x · hardsigmoid(x) with the gate quantized (QLinearSigmoid or QLinearAdd, and QLinearMul;
   onnxruntime has no integer SiLU or Hardswish);
