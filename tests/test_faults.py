@@ -68,7 +68,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 ):
     _nan_at_step(monkeypatch, bad_step=6)  # 4 steps per epoch: epoch 2, step 6
     config = load_config(overrides=tiny_overrides(npz_root, tmp_path / "run"))
-    message = r"loss became non-finite at step 6 \(epoch 2; nan .*last\.pt"
+    last = re.escape(str(tmp_path / "run" / "last.pt"))
+    message = (
+        rf"^the loss became non-finite at step 6 \(epoch 2; nan on this process\); the last good "
+        rf"checkpoint is {last}: lower train\.lr and resume, or set train\.on_nonfinite=skip$"
+    )
     with pytest.raises(QatkdError, match=message):
         pipeline.train(config)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
@@ -107,7 +111,10 @@ def test_skipping_stops_once_the_weights_are_not_finite(npz_root, tmp_path, monk
     run = tmp_path / "run"
     config = load_config(overrides=tiny_overrides(npz_root, run, "train.on_nonfinite=skip"))
     last = re.escape(str(run / "last.pt"))
-    message = rf"weights became non-finite \(student: .+\) by step 5 \(epoch 2\).*{last}"
+    message = (
+        rf"^the weights became non-finite \(student: .+\) by step 5 \(epoch 2\); the last good "
+        rf"checkpoint is {last}: lower train\.lr and resume$"
+    )
     with pytest.raises(QatkdError, match=message):
         pipeline.train(config)
     state = load_checkpoint(run / "last.pt")
@@ -118,7 +125,11 @@ def test_non_finite_weights_are_never_saved_at_an_epochs_end(npz_root, tmp_path,
     """The last step of epoch 1 leaves a NaN weight: the epoch's end refuses to write it."""
     _nan_weights_after_step(monkeypatch, bad_step=3)  # 3 steps per epoch
     run = tmp_path / "run"
-    with pytest.raises(QatkdError, match=r"by step 3 .*no checkpoint was written yet"):
+    message = (
+        r"^the weights became non-finite \(student: .+\) by step 3 \(epoch 1\); no checkpoint "
+        r"was written yet: lower train\.lr and start again$"
+    )
+    with pytest.raises(QatkdError, match=message):
         pipeline.train(load_config(overrides=tiny_overrides(npz_root, run)))
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
 
@@ -129,7 +140,11 @@ def test_non_finite_weights_are_never_saved_inside_an_epoch(npz_root, tmp_path, 
     _nan_weights_after_step(monkeypatch, bad_step=2)
     run = tmp_path / "run"
     overrides = tiny_overrides(npz_root, run, "train.save_every_min=1e-9")
-    with pytest.raises(QatkdError, match=r"by step 2 \(epoch 1\); the last good checkpoint"):
+    last = re.escape(str(run / "last.pt"))
+    message = (
+        rf"by step 2 \(epoch 1\); the last good checkpoint is {last}: lower train\.lr and resume$"
+    )
+    with pytest.raises(QatkdError, match=message):
         pipeline.train(load_config(overrides=overrides))
     state = load_checkpoint(run / "last.pt")
     assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
