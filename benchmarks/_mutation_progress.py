@@ -3,23 +3,27 @@ a later session resumes the run on any machine: a module of the trainer or the e
 longer than a session, and mutmut's own work folder lives only on the machine that made it.
 
     benchmarks/results/mutation_progress/<module>.json
-        {"key": ..., "commit": ..., "wall_s": ..., "verdicts": {source file: {mutant: exit code}}}
+        {"key": ..., "source_key": ..., "commit": ..., "wall_s": ..., "carried_from": [...],
+         "verdicts": {source file: {mutant: exit code}}}
 
 `key` is the module's content key (`mutation_report.content_key`: the sources, the tests,
-pyproject.toml, mutmut's version and the selection), so verdicts are reused only for the very
-code and tests they were found on: resume from a worktree at `commit`. Reuse is checked against
-the live computation once: one saved verdict is tested again first, and a different answer
-discards them all. The file is written every few minutes while mutmut runs and removed when the
-module finishes (its results are then in mutation.json)."""
+pyproject.toml, mutmut's version and the selection): with the same key every verdict is reused.
+`source_key` leaves the tests out: where only the tests changed (a session adds tests for the
+survivors it has seen), the mutants are the same and their killed verdicts still hold, so those
+are reused, and the survivors are tested again; the commit they were found on is listed in
+`carried_from`, which the report shows. Reuse is checked against the live computation once: one
+reused verdict is tested again first, and a different answer discards them all. The file is
+written every few minutes while mutmut runs and removed when the module finishes (its results
+are then in mutation.json)."""
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 PROGRESS = Path(__file__).resolve().parent / "results" / "mutation_progress"
 SAVE_EVERY_S = 300.0
@@ -29,32 +33,59 @@ Verdicts = dict[str, dict[str, int]]
 """Source file (as in `mutants/`) -> mutant name -> mutmut's exit code."""
 
 
+class Keys(NamedTuple):
+    """A module's content key (sources and tests) and its sources-only key."""
+
+    content: str
+    sources: str
+
+
 def _path(module: str) -> Path:
     return PROGRESS / f"{module}.json"
 
 
-def load(module: str, key: str) -> dict[str, Any] | None:
-    """The saved progress of `module` if it was made on the same content (`key`), else None,
-    saying why it is not used."""
+def _read(module: str) -> dict[str, Any] | None:
     path = _path(module)
     if not path.exists():
         return None
     try:
         saved = json.loads(path.read_text())
-        missing = {"key", "commit", "wall_s", "verdicts"} - set(saved)
+        missing = {"key", "source_key", "commit", "wall_s", "carried_from", "verdicts"}
+        missing -= set(saved)
         if missing:
             raise ValueError(f"no {', '.join(sorted(missing))}")
     except (ValueError, TypeError) as e:
         print(f"mutmut: {module}: ignoring unreadable {path} ({e})")
         return None
-    if saved["key"] != key:
-        print(
-            f"mutmut: {module}: {path} holds verdicts for other sources or tests (commit "
-            f"{saved['commit']}): starting from scratch. To resume it instead, run this command "
-            f"in a worktree at that commit (git worktree add DIR {saved['commit']})."
-        )
-        return None
     return saved
+
+
+def load(module: str, keys: Keys) -> dict[str, Any] | None:
+    """The saved progress of `module`, with `reuse`: "all" where it was made on the same
+    content, "killed" where only the tests differ; None (saying why) where the sources do."""
+    saved = _read(module)
+    if saved is None:
+        return None
+    if saved["key"] == keys.content:
+        return saved | {"reuse": "all"}
+    if saved["source_key"] == keys.sources:
+        print(
+            f"mutmut: {module}: the tests changed since commit {saved['commit']}: its killed "
+            "verdicts are reused, its survivors tested again"
+        )
+        return saved | {"reuse": "killed"}
+    print(
+        f"mutmut: {module}: {_path(module)} holds verdicts for other sources (commit "
+        f"{saved['commit']}): starting from scratch. To resume it instead, run this command in "
+        f"a worktree at that commit (git worktree add DIR {saved['commit']})."
+    )
+    return None
+
+
+def carried(module: str) -> list[str]:
+    """The commits whose killed verdicts the saved progress of `module` carries."""
+    saved = _read(module)
+    return [] if saved is None else list(saved["carried_from"])
 
 
 def verdicts_in(work: Path) -> Verdicts:
@@ -71,7 +102,9 @@ def verdicts_in(work: Path) -> Verdicts:
     return found
 
 
-def save(module: str, key: str, commit: str, wall_s: float, work: Path) -> None:
+def save(
+    module: str, keys: Keys, commit: str, wall_s: float, work: Path, carried_from: list[str]
+) -> None:
     """Write the verdicts of `work` (atomically: a session may end mid-write)."""
     try:
         verdicts = verdicts_in(work)
@@ -79,7 +112,14 @@ def save(module: str, key: str, commit: str, wall_s: float, work: Path) -> None:
         return
     PROGRESS.mkdir(parents=True, exist_ok=True)
     path = _path(module)
-    record = {"key": key, "commit": commit, "wall_s": round(wall_s, 1), "verdicts": verdicts}
+    record = {
+        "key": keys.content,
+        "source_key": keys.sources,
+        "commit": commit,
+        "wall_s": round(wall_s, 1),
+        "carried_from": carried_from,
+        "verdicts": verdicts,
+    }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
@@ -107,6 +147,17 @@ def restore(work: Path, verdicts: Verdicts) -> int:
     return restored
 
 
+def killed(verdicts: Verdicts) -> Verdicts:
+    """The verdicts that caught their mutant (killed, or a timeout)."""
+    from mutmut.stats import status_by_exit_code
+
+    caught = ("killed", "timeout")
+    return {
+        source: {m: c for m, c in codes.items() if status_by_exit_code[c] in caught}
+        for source, codes in verdicts.items()
+    }
+
+
 def status_of(work: Path, mutant: str) -> str | None:
     """The status (killed, survived, ...) mutmut gave `mutant` in `work`, None if none yet."""
     from mutmut.stats import status_by_exit_code
@@ -132,14 +183,21 @@ def probe(verdicts: Verdicts) -> tuple[str, str] | None:
 
 
 @contextmanager
-def saving(module: str, key: str, commit: str, work: Path, wall_s: Any) -> Iterator[None]:
+def saving(
+    module: str,
+    keys: Keys,
+    commit: str,
+    work: Path,
+    wall_s: Callable[[], float],
+    carried_from: list[str],
+) -> Iterator[None]:
     """Save the verdicts of `work` every `SAVE_EVERY_S` while the block runs, and once at its
     end; `wall_s()` gives the run's wall seconds so far."""
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(SAVE_EVERY_S):
-            save(module, key, commit, wall_s(), work)
+            save(module, keys, commit, wall_s(), work, carried_from)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -148,4 +206,4 @@ def saving(module: str, key: str, commit: str, work: Path, wall_s: Any) -> Itera
     finally:
         stop.set()
         thread.join()
-        save(module, key, commit, wall_s(), work)
+        save(module, keys, commit, wall_s(), work, carried_from)

@@ -94,6 +94,9 @@ STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault
 
 KEYED = ("src", "tests", "pyproject.toml")
 """What a module's verdicts depend on in the repository (`content_key`)."""
+SOURCES_KEYED = ("src", "pyproject.toml")
+"""What its mutants and the code under test depend on: with these unchanged and the tests
+changed, the killed verdicts of a stopped run still hold for the mutants they name."""
 
 
 def mutmut_config(spec: dict[str, list[str]]) -> str:
@@ -122,11 +125,12 @@ def tested_commit() -> str:
     return git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)" if dirty else "")
 
 
-def content_key(spec: dict[str, list[str]]) -> str:
-    """Hash of everything a module's verdicts depend on: the tracked files under `src/` and
-    `tests/` as they are on disk, `pyproject.toml`, mutmut's version and the module's selection."""
+def content_key(spec: dict[str, list[str]], paths: tuple[str, ...] = KEYED) -> str:
+    """Hash of everything a module's verdicts depend on: the tracked files under `paths` (`src/`,
+    `tests/`, `pyproject.toml`) as they are on disk, mutmut's version and the module's
+    selection."""
     tracked = subprocess.run(
-        ["git", "ls-files", *KEYED],
+        ["git", "ls-files", *paths],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -162,19 +166,21 @@ def run_module(name: str, jobs: int) -> dict[str, Any]:
     """Run mutmut over one module (resuming a stopped run of the same content, from its work
     folder or from its committed progress); its counts, score and surviving mutants."""
     spec = MODULES[name]
-    key = content_key(spec)
-    work, spent = prepare_work(name, spec, key)
+    keys = progress.Keys(content_key(spec), content_key(spec, SOURCES_KEYED))
+    work, spent = prepare_work(name, spec, keys.content)
     started = time.time()
     print(f"mutmut: {name} ({', '.join(spec['mutate'])}; tests {' '.join(spec['tests'])})")
+    carried = progress.carried(name) if spent is not None else []
     if spent is None:
-        saved = progress.load(name, key)
-        spent = resume(name, work, saved, jobs) if saved else 0.0
+        saved = progress.load(name, keys)
+        spent, carried = resume(name, work, saved, jobs) if saved else (0.0, [])
 
     def wall() -> float:
         return round(spent + time.time() - started, 1)
 
     try:
-        with progress.saving(name, key, tested_commit().split()[0], work, wall):
+        commit = tested_commit().split()[0]
+        with progress.saving(name, keys, commit, work, wall, carried):
             rc = mutmut(work, jobs)
     finally:
         (work / "wall_s.txt").write_text(str(wall()))
@@ -186,7 +192,7 @@ def run_module(name: str, jobs: int) -> dict[str, Any]:
             f"The end of {log}:\n{tail}"
         )
     progress.remove(name)
-    return {"wall_s": wall(), **collect(work, spec)}
+    return {"wall_s": wall(), "carried_from": carried, **collect(work, spec)}
 
 
 def mutmut(work: Path, jobs: int, *mutants: str) -> int:
@@ -204,13 +210,15 @@ def mutmut(work: Path, jobs: int, *mutants: str) -> int:
         ).returncode
 
 
-def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> float:
-    """Put the committed verdicts of `saved` into the fresh work folder, once one of them is
-    found again live (mutmut generates the mutants and tests that one); the wall seconds they
-    took, or 0 where they are not used."""
-    check = progress.probe(saved["verdicts"])
+def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[float, list[str]]:
+    """Put the committed verdicts of `saved` into the fresh work folder (only the killed ones
+    where the tests have changed since), once one of them is found again live (mutmut
+    generates the mutants and tests that one); the wall seconds they took and the commits whose
+    killed verdicts they carry, or (0, []) where they are not used."""
+    verdicts = saved["verdicts"] if saved["reuse"] == "all" else progress.killed(saved["verdicts"])
+    check = progress.probe(verdicts)
     if check is None:
-        return 0.0
+        return 0.0, []
     mutant, status = check
     rc = mutmut(work, jobs, mutant)
     live = progress.status_of(work, mutant)
@@ -219,13 +227,14 @@ def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> float:
             f"mutmut: {name}: the saved verdict on {mutant} ({status}) is {live} when tested "
             "again: the saved verdicts are not used"
         )
-        return 0.0
-    restored = progress.restore(work, saved["verdicts"])
+        return 0.0, []
+    restored = progress.restore(work, verdicts)
     print(
         f"mutmut: {name}: {restored} verdicts restored from {progress.PROGRESS.name}/{name}.json "
         f"(commit {saved['commit']}); {mutant} tested again: {status}, as saved"
     )
-    return float(saved["wall_s"])
+    carried = saved["carried_from"] + ([saved["commit"]] if saved["reuse"] == "killed" else [])
+    return float(saved["wall_s"]), sorted(set(carried))
 
 
 def collect(work: Path, spec: dict[str, list[str]]) -> dict[str, Any]:
@@ -325,9 +334,14 @@ def module_section(name: str, entry: dict[str, Any]) -> list[str]:
         "",
         f"- command: `{entry['command']}` ({entry['jobs']} mutant(s) at a time)",
         f"- commit {entry['commit']}, {entry['date']}, wall time {entry['wall_s'] / 60:.1f} min",
-        "",
     ]
+    if entry.get("carried_from"):
+        lines.append(
+            f"- killed verdicts carried from commit {', '.join(entry['carried_from'])}: the same "
+            "sources and mutants, the tests changed since; every other verdict is this commit's"
+        )
     lines += [
+        "",
         "| file | mutants | killed | survived | timeouts | other |",
         "|---|---:|---:|---:|---:|---:|",
     ]

@@ -21,21 +21,29 @@ def write(folder: Path, **record: object) -> None:
     (folder / "engine.json").write_text(json.dumps(record))
 
 
-def test_saved_verdicts_are_used_only_for_the_same_content(folder, capsys):
+def test_saved_verdicts_are_reused_all_for_the_same_content_and_killed_for_new_tests(
+    folder, capsys
+):
     verdicts = {"src/qatkd/train/engine.py": {"m_1": 1, "m_2": 0}}
-    write(folder, key="abc", commit="31006db", wall_s=60.0, verdicts=verdicts)
-    assert progress.load("engine", "abc")["verdicts"] == verdicts
-    assert progress.load("engine", "other") is None
+    record = {"key": "abc", "source_key": "src", "commit": "31006db", "wall_s": 60.0}
+    write(folder, **record, carried_from=["20b7562"], verdicts=verdicts)
+    same = progress.load("engine", progress.Keys("abc", "src"))
+    assert same["reuse"] == "all" and same["verdicts"] == verdicts
+    assert progress.carried("engine") == ["20b7562"]
+    new_tests = progress.load("engine", progress.Keys("other", "src"))
+    assert new_tests["reuse"] == "killed"
+    assert "the tests changed since commit 31006db" in capsys.readouterr().out
+    assert progress.load("engine", progress.Keys("other", "other sources")) is None
     said = capsys.readouterr().out
-    assert "other sources or tests (commit 31006db)" in said
+    assert "verdicts for other sources (commit 31006db)" in said
     assert "git worktree add DIR 31006db" in said
-    assert progress.load("absent", "abc") is None
+    assert progress.load("absent", progress.Keys("abc", "src")) is None
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"key": "abc"}', "[1, 2]"])
 def test_an_unreadable_progress_file_is_ignored_and_named(folder, capsys, text):
     (folder / "engine.json").write_text(text)
-    assert progress.load("engine", "abc") is None
+    assert progress.load("engine", progress.Keys("abc", "src")) is None
     assert f"ignoring unreadable {folder / 'engine.json'}" in capsys.readouterr().out
 
 
