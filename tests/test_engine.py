@@ -1,5 +1,6 @@
 """The engine on the tiny npz data: it learns, it is deterministic, and resume is exact."""
 
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,6 +149,30 @@ def test_the_global_batch_splits_evenly_over_the_processes_or_is_refused():
     message = r"^train\.batch_size=10 does not split over 4 processes: use a multiple of 4$"
     with pytest.raises(QatkdError, match=message):
         engine.per_rank_batch_size(10, World(size=4))
+
+
+def test_each_epoch_prints_one_line_of_its_figures_and_the_balancers_weights(
+    npz_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    def figures(epoch: int) -> str:
+        two = r"\d+\.\d\d"
+        return (
+            rf"epoch {epoch}/2  loss \d+\.\d{{4}}  train_acc {two}  val_acc {two}  test_acc {two}"
+        )
+
+    def epoch_lines() -> list[str]:
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+
+    teacher, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "t")))
+    lines = epoch_lines()
+    assert len(lines) == 2, lines
+    assert all(re.fullmatch(figures(i + 1), line) for i, line in enumerate(lines)), lines
+    overrides = tiny_overrides(npz_root, tmp_path / "s", f"teachers=[{teacher / 'last.pt'}]")
+    pipeline.distill(load_config(overrides=overrides))
+    lines = epoch_lines()
+    weights = r"  w_ts=\S+ w_kd=\S+"  # the default balancer's, one per loss
+    assert len(lines) == 2, lines
+    assert all(re.fullmatch(figures(i + 1) + weights, x) for i, x in enumerate(lines)), lines
 
 
 def test_existing_run_folder_is_not_overwritten(npz_root: Path, tmp_path: Path):
