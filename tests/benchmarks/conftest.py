@@ -8,4 +8,4 @@ from pathlib import Path
 
 BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
 if BENCHMARKS not in sys.path:
-    sys.path.insert(0, BENCHMARKS)
+    sys.path.append(BENCHMARKS)  # after everything else: a benchmark never shadows a package
