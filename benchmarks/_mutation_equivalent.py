@@ -53,6 +53,12 @@ _SET_RNG_STATES = {
     15: 'torch.cuda.set_rng_state(states["XXcudaXX"], device)',
     16: 'torch.cuda.set_rng_state(states["CUDA"], device)',
 }
+_SCALER = (
+    "not equivalent on a GPU: loss scaling is on only for float16 on CUDA (`precision.scaled`); "
+    "on the CPU the scaler is off whatever the device or flag it is given"
+)
+_SIGN = "  # best is tracked as sign * main_metric"
+_ORDER = "a positive factor keeps the order of the scores, so the same epoch is the best"
 _TO_DEVICE = (
     "not equivalent on a GPU: `.to(None)` leaves a CPU module where it is, and the tests train "
     "on the CPU"
@@ -268,6 +274,26 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_ENGINE}fit__mutmut_43": (
         "drop_last=len(train_set) >= train_cfg.batch_size,",
         "with exactly one batch of samples there is no partial batch for drop_last to drop",
+    ),
+    **{
+        f"{_ENGINE}fit__mutmut_{n}": (f"scaler = torch.amp.GradScaler({args})", _SCALER)
+        for n, args in (
+            (86, "None, enabled=precision.scaled"),
+            (87, "device.type, enabled=None"),
+            (88, "enabled=precision.scaled"),
+        )
+    },
+    f"{_ENGINE}fit__mutmut_89": (
+        "scaler = torch.amp.GradScaler(device.type, )",
+        "an enabled scaler on the CPU multiplies the loss by a power of two and divides the "
+        "gradients by it again, which is exact in float; only an overflow would differ",
+    ),
+    f"{_ENGINE}fit__mutmut_93": (f"sign = 2.0 if task.maximize else -1.0{_SIGN}", _ORDER),
+    f"{_ENGINE}fit__mutmut_95": (f"sign = 1.0 if task.maximize else -2.0{_SIGN}", _ORDER),
+    f"{_ENGINE}fit__mutmut_113": (
+        "start_epoch, step, best, best_epoch = 0, 0, -math.inf, 1",
+        "every finite metric beats the initial -inf, so the first epoch always replaces the "
+        "initial best_epoch",
     ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",

@@ -1,5 +1,7 @@
 """The engine on the tiny npz data: it learns, it is deterministic, and resume is exact."""
 
+import itertools
+import math
 import re
 import signal
 from collections.abc import Iterator
@@ -14,10 +16,12 @@ from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.tasks import task_family
+from qatkd.tasks.classification.task import ClassificationTask
 from qatkd.train import engine, optim
 from qatkd.train.distributed import World
+from qatkd.train.logs import read_csv
 from qatkd.train.stops import RunStopped
-from testdata import tiny_overrides
+from testdata import learning_overrides, tiny_overrides
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -173,6 +177,54 @@ def test_each_epoch_prints_one_line_of_its_figures_and_the_balancers_weights(
     weights = r"  w_ts=\S+ w_kd=\S+"  # the default balancer's, one per loss
     assert len(lines) == 2, lines
     assert all(re.fullmatch(figures(i + 1) + weights, x) for i, x in enumerate(lines)), lines
+
+
+def test_the_learning_rate_warms_up_over_the_first_epoch_then_decays_to_zero(
+    npz_root: Path, tmp_path: Path
+):
+    run_dir, metrics = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
+    total = metrics["steps"]
+    warmup = total // 2  # train.warmup_epochs=1 of 2
+    rows = read_csv(run_dir / "steps.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, total + 1))
+
+    def factor(k: int) -> float:  # LambdaLR after k steps
+        if k < warmup:
+            return (k + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
+
+    assert [r["lr"] for r in rows] == pytest.approx([0.05 * factor(k) for k in range(1, total + 1)])
+
+
+def test_the_kept_epoch_is_the_best_in_the_tasks_direction(
+    learn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """best.pt is the epoch with the highest validation accuracy, or the lowest where the task
+    minimizes its metric (a language model's perplexity)."""
+    kept = {}
+    for maximize in (True, False):
+        monkeypatch.setattr(ClassificationTask, "maximize", maximize)
+        out = tmp_path / str(maximize)
+        run_dir, metrics = pipeline.train(
+            load_config(overrides=learning_overrides(learn_root, out))
+        )
+        accuracy = [row["val_acc"] for row in read_csv(run_dir / "log.csv")]
+        best = max(accuracy) if maximize else min(accuracy)
+        assert metrics["best_epoch"] == accuracy.index(best) + 1, (accuracy, metrics)
+        assert load_checkpoint(run_dir / "best.pt")["epoch"] == metrics["best_epoch"]
+        kept[maximize] = metrics["best_epoch"]
+    assert kept[True] != kept[False]  # the run learns: its best and worst epochs differ
+
+
+def test_a_fresh_run_counts_its_training_and_evaluation_time_from_zero(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """On a clock that moves a millisecond a reading, the whole run reads it a few hundred
+    times: its times stay below a second unless they start from more than zero."""
+    ticks = itertools.count()
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    _, metrics = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
+    assert 0 <= metrics["eval_seconds"] <= metrics["train_seconds"] < 0.9, metrics
 
 
 def test_existing_run_folder_is_not_overwritten(npz_root: Path, tmp_path: Path):
