@@ -277,12 +277,12 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     **{
         f"{_ENGINE}fit__mutmut_{n}": (f"scaler = torch.amp.GradScaler({args})", _SCALER)
-        for n, args in (
-            (86, "None, enabled=precision.scaled"),
-            (87, "device.type, enabled=None"),
-            (88, "enabled=precision.scaled"),
-        )
+        for n, args in ((86, "None, enabled=precision.scaled"), (87, "device.type, enabled=None"))
     },
+    f"{_ENGINE}fit__mutmut_88": (
+        "scaler = torch.amp.GradScaler(enabled=precision.scaled)",
+        'GradScaler\'s device defaults to "cuda", the only device it is ever enabled on',
+    ),
     f"{_ENGINE}fit__mutmut_89": (
         "scaler = torch.amp.GradScaler(device.type, )",
         "an enabled scaler on the CPU multiplies the loss by a power of two and divides the "
