@@ -5,6 +5,8 @@ student, in its checkpoints, resumed exactly, and never exported."""
 from __future__ import annotations
 
 import math
+import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from qatkd import pipeline
-from qatkd.checkpoint import load_checkpoint
+from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.config import load_config
 from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
@@ -255,6 +257,17 @@ def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -
         pipeline.distill(load_config(overrides=[*runs["student"], f"out={halves}"]))
     first = load_checkpoint(halves / "last.pt")["kd_parts"]
     monkeypatch.setattr(engine, "_print_epoch", print_epoch)
+    stripped = shutil.copytree(halves, work / "stripped")  # a checkpoint without the adapters
+    save_checkpoint(
+        {k: v for k, v in load_checkpoint(halves / "last.pt").items() if k != "kd_parts"},
+        stripped / "last.pt",
+    )
+    message = (
+        f"^{re.escape(str(stripped / 'last.pt'))} holds no state of the KD loss's trainable "
+        r"parts \(feature adapters\), which this run has: it cannot resume exactly; start it again$"
+    )
+    with pytest.raises(QatkdError, match=message):
+        pipeline.resume(stripped)
     pipeline.resume(halves)
     resumed = load_checkpoint(halves / "last.pt")
     for key, value in state["kd_parts"].items():
