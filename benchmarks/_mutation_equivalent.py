@@ -57,6 +57,10 @@ _SCALER = (
     "not equivalent on a GPU: loss scaling is on only for float16 on CUDA (`precision.scaled`); "
     "on the CPU the scaler is off whatever the device or flag it is given"
 )
+_SCALER_STATE = (
+    "not equivalent on a GPU: a scaler that is off (always, on the CPU) saves an empty state, "
+    "which a resume never loads"
+)
 _SIGN = "  # best is tracked as sign * main_metric"
 _ORDER = "a positive factor keeps the order of the scores, so the same epoch is the best"
 _TO_DEVICE = (
@@ -295,6 +299,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "every finite metric beats the initial -inf, so the first epoch always replaces the "
         "initial best_epoch",
     ),
+    **{
+        f"{_ENGINE}fit__mutmut_{n}": (line, _SCALER_STATE)
+        for n, line in (
+            (150, "if resume.get(None):"),
+            (151, 'if resume.get("XXscalerXX"):'),
+            (152, 'if resume.get("SCALER"):'),
+            (153, "scaler.load_state_dict(None)"),
+        )
+    },
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
