@@ -87,8 +87,7 @@ MODULES: dict[str, dict[str, list[str]]] = {
 }
 """Module -> the files mutmut mutates (globs from the repository root) and the tests it runs.
 The trainer and the exporter are three modules each (about 1,800 and 1,900 mutants, each run by
-slow tests), so that each part finishes within one session: a stopped run resumes only on the
-machine that holds its work folder."""
+slow tests: hours per part), each resumable across sessions (`_mutation_progress`)."""
 
 
 STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped")
