@@ -111,6 +111,8 @@ def mutmut_config(spec: dict[str, list[str]]) -> str:
         'pytest_add_cli_args = ["-p", "no:cacheprovider"]\n'
         # torch is not fork-safe once it has run: fork the workers from a clean server process
         'process_isolation = "forkserver"\n'
+        # the tests' output in mutmut.log: a failing clean run says which test and why
+        "debug = true\n"
     )
 
 
@@ -223,8 +225,15 @@ def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[flo
         return 0.0, []
     mutant, status = check
     rc = mutmut(work, jobs, mutant)
+    if rc != 0:  # nothing was learnt about the saved verdicts: keep them for the next try
+        log = work / "mutmut.log"
+        raise SystemExit(
+            f"mutmut stopped on {name} (exit {rc}) while testing a saved verdict again; "
+            f"{progress.PROGRESS.name}/{name}.json is kept. The end of {log}:\n"
+            + log.read_text(errors="replace")[-3000:]
+        )
     live = progress.status_of(work, mutant)
-    if rc != 0 or live != status:
+    if live != status:
         print(
             f"mutmut: {name}: the saved verdict on {mutant} ({status}) is {live} when tested "
             "again: the saved verdicts are not used"
