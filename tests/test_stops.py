@@ -111,10 +111,12 @@ def second_signal_aborts() -> None:
 def test_a_kill_after_a_periodic_checkpoint_loses_at_most_that(
     many_steps_root, uninterrupted, tmp_path
 ):
-    """`train.save_every_min` writes last.pt inside the epoch; SIGKILL leaves no chance to save
-    more, and the resumed run still ends with the uninterrupted run's weights."""
+    """`train.save_every_min` writes last.pt inside the epoch (here after every step: a longer
+    period lets a fast step skip a save, and the kill would land two steps after the last one);
+    SIGKILL leaves no chance to save more, and the resumed run still ends with the uninterrupted
+    run's weights."""
     out = tmp_path / "killed"
-    argv = command(many_steps_root, out, "train.save_every_min=0.0001")
+    argv = command(many_steps_root, out, "train.save_every_min=1e-9")
     code, _ = start_and_signal(argv, out, signal.SIGKILL, after_steps=80)
     assert code == -signal.SIGKILL
     state = load_checkpoint(out / "last.pt")
