@@ -103,17 +103,26 @@ _UNREAD = (
     "input, and quantize_int keeps the codes only"
 )
 
+
+def _strict_zip(
+    mutants: str, numbers: tuple[int, int, int], call: str, close: str
+) -> dict[str, tuple[str, str]]:
+    """The three mutants of one `zip(..., strict=True)` (strict=None, dropped, False), numbered
+    `numbers`: `call` is the line up to the strict argument, `close` what follows it."""
+    arguments = ("strict=None", "", "strict=False")
+    return {
+        f"{mutants}{n}": (f"{call}{argument}{close}", _STRICT_ZIP)
+        for n, argument in zip(numbers, arguments, strict=True)
+    }
+
+
 EQUIVALENT: dict[str, tuple[str, str]] = {
     "qatkd.balance.balancers.xǁGoRǁobserve__mutmut_2": (
         "super().observe(None)",
         "`LossBalancer.observe` raises its TypeError without reading the alignments it is handed",
     ),
-    f"{_WEIGHTS}29": (f"{_WEIGHTS_ZIP}strict=None))", _STRICT_ZIP),
-    f"{_WEIGHTS}32": (f"{_WEIGHTS_ZIP}))", _STRICT_ZIP),
-    f"{_WEIGHTS}33": (f"{_WEIGHTS_ZIP}strict=False))", _STRICT_ZIP),
-    f"{_MEASURED}7": (f"{_MEASURED_ZIP}strict=None))", _STRICT_ZIP),
-    f"{_MEASURED}10": (f"{_MEASURED_ZIP}))", _STRICT_ZIP),
-    f"{_MEASURED}11": (f"{_MEASURED_ZIP}strict=False))", _STRICT_ZIP),
+    **_strict_zip(_WEIGHTS, (29, 32, 33), _WEIGHTS_ZIP, "))"),
+    **_strict_zip(_MEASURED, (7, 10, 11), _MEASURED_ZIP, "))"),
     "qatkd.balance.diagnostics.x_dot__mutmut_18": (
         "total = total.to(None) + (x.double() * y.double()).sum()",
         "not equivalent with the parameters split over two GPUs, where a 0-d tensor on one does "
@@ -135,18 +144,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "def train(self, mode: bool = False) -> TeacherEnsemble:",
         "`train` ignores its mode: the teachers stay in eval mode whatever it is",
     ),
-    f"{_CHECK}3": (f"{_CHECK_ZIP}strict=None):", _STRICT_ZIP),
-    f"{_CHECK}6": (f"{_CHECK_ZIP}):", _STRICT_ZIP),
-    f"{_CHECK}8": (f"{_CHECK_ZIP}strict=False):", _STRICT_ZIP),
-    f"{_HOOKS}29": (f"{_HOOKS_ZIP}strict=None)", _STRICT_ZIP),
-    f"{_HOOKS}32": (f"{_HOOKS_ZIP})", _STRICT_ZIP),
-    f"{_HOOKS}33": (f"{_HOOKS_ZIP}strict=False)", _STRICT_ZIP),
-    f"{_WITH_FEATURES}11": (f"{_WITH_FEATURES_ZIP}strict=None)", _STRICT_ZIP),
-    f"{_WITH_FEATURES}14": (f"{_WITH_FEATURES_ZIP})", _STRICT_ZIP),
-    f"{_WITH_FEATURES}15": (f"{_WITH_FEATURES_ZIP}strict=False)", _STRICT_ZIP),
-    f"{_KEEPERS}14": (f"{_KEEPERS_ZIP}strict=None)", _STRICT_ZIP),
-    f"{_KEEPERS}17": (f"{_KEEPERS_ZIP})", _STRICT_ZIP),
-    f"{_KEEPERS}18": (f"{_KEEPERS_ZIP}strict=False)", _STRICT_ZIP),
+    **_strict_zip(_CHECK, (3, 6, 8), _CHECK_ZIP, "):"),
+    **_strict_zip(_HOOKS, (29, 32, 33), _HOOKS_ZIP, ")"),
+    **_strict_zip(_WITH_FEATURES, (11, 14, 15), _WITH_FEATURES_ZIP, ")"),
+    **_strict_zip(_KEEPERS, (14, 17, 18), _KEEPERS_ZIP, ")"),
     f"{_REVERSE}8": (
         "log_p_student = F.log_softmax(_rows(student_logits).float() / temperature, dim=+1)",
         _LAST_DIM,
@@ -190,9 +191,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_LINEAR}4": (f'{_LINEAR_NEW}None, device="meta")', _BIAS),
     f"{_LINEAR}8": (f'{_LINEAR_NEW}device="meta")', _BIAS),
     f"{_LINEAR}10": (f'{_LINEAR_NEW}linear.bias is None, device="meta")', _BIAS),
-    f"{_SUMMARY}38": (f"{_SUMMARY_ZIP}strict=None)).rstrip()", _STRICT_ZIP),
-    f"{_SUMMARY}41": (f"{_SUMMARY_ZIP})).rstrip()", _STRICT_ZIP),
-    f"{_SUMMARY}42": (f"{_SUMMARY_ZIP}strict=False)).rstrip()", _STRICT_ZIP),
+    **_strict_zip(_SUMMARY, (38, 41, 42), _SUMMARY_ZIP, ")).rstrip()"),
     f"{_FLOAT_CODES}2": (f"{_ONES}dtype=None, device=x.device)", _UNREAD),
     f"{_FLOAT_CODES}3": (f"{_ONES}dtype=x.dtype, device=None)", _UNREAD),
     f"{_FLOAT_CODES}5": (f"{_ONES}device=x.device)", _UNREAD),
@@ -231,9 +230,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "subtracted; float64 (astype(None)) holds the same integers, and every reader compares "
         "values",
     ),
-    f"{_RUNNER}34": (f"{_RUNNER_ZIP}strict=None)", _STRICT_ZIP),
-    f"{_RUNNER}37": (f"{_RUNNER_ZIP})", _STRICT_ZIP),
-    f"{_RUNNER}38": (f"{_RUNNER_ZIP}strict=False)", _STRICT_ZIP),
+    **_strict_zip(_RUNNER, (34, 37, 38), _RUNNER_ZIP, ")"),
     "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_39": (
         "exact &= ~(diff > 0).reshape(len(exact), -2).any(1)",
         "numpy takes any negative size as the one unknown dimension: -2 reshapes as -1 does",
