@@ -189,11 +189,8 @@ def run_module(name: str, jobs: int) -> dict[str, Any]:
     finally:
         (work / "wall_s.txt").write_text(str(wall()))
     if rc != 0:
-        log = work / "mutmut.log"
-        tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(
-            f"mutmut stopped on {name} (exit {rc}); run the same command again to resume. "
-            f"The end of {log}:\n{tail}"
+        raise stopped(
+            work, f"mutmut stopped on {name} (exit {rc}); run the same command again to resume"
         )
     progress.remove(name)
     return {"wall_s": wall(), "carried_from": carried, **collect(work, spec)}
@@ -214,6 +211,12 @@ def mutmut(work: Path, jobs: int, *mutants: str) -> int:
         ).returncode
 
 
+def stopped(work: Path, message: str) -> SystemExit:
+    """`message` and the end of mutmut's log in `work`, to exit with."""
+    log = work / "mutmut.log"
+    return SystemExit(f"{message}. The end of {log}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
 def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[float, list[str]]:
     """Put the committed verdicts of `saved` into the fresh work folder (only the killed ones
     where the tests have changed since), once one of them is found again live (mutmut
@@ -226,12 +229,12 @@ def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[flo
     mutant, status = check
     rc = mutmut(work, jobs, mutant)
     if rc != 0:  # nothing was learnt about the saved verdicts: keep them for the next try
-        log = work / "mutmut.log"
-        raise SystemExit(
+        error = stopped(
+            work,
             f"mutmut stopped on {name} (exit {rc}) while testing a saved verdict again; "
-            f"{progress.PROGRESS.name}/{name}.json is kept. The end of {log}:\n"
-            + log.read_text(errors="replace")[-3000:]
+            f"{progress.PROGRESS.name}/{name}.json is kept",
         )
+        raise error
     live = progress.status_of(work, mutant)
     if live != status:
         print(
