@@ -234,6 +234,9 @@ def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[flo
             f"mutmut stopped on {name} (exit {rc}) while testing a saved verdict again; "
             f"{progress.PROGRESS.name}/{name}.json is kept",
         )
+        # the next run must start from a fresh folder again, or it would resume this one,
+        # which holds none of the saved verdicts, and save it over them
+        shutil.rmtree(work / "mutants")
         raise error
     live = progress.status_of(work, mutant)
     if live != status:
