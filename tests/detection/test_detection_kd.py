@@ -255,13 +255,11 @@ def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -
     halves = work / "halves"
     with pytest.raises(RunStopped):
         pipeline.distill(load_config(overrides=[*runs["student"], f"out={halves}"]))
-    first = load_checkpoint(halves / "last.pt")["kd_parts"]
+    stopped = load_checkpoint(halves / "last.pt")
+    first = stopped["kd_parts"]
     monkeypatch.setattr(engine, "_print_epoch", print_epoch)
     stripped = shutil.copytree(halves, work / "stripped")  # a checkpoint without the adapters
-    save_checkpoint(
-        {k: v for k, v in load_checkpoint(halves / "last.pt").items() if k != "kd_parts"},
-        stripped / "last.pt",
-    )
+    save_checkpoint({k: v for k, v in stopped.items() if k != "kd_parts"}, stripped / "last.pt")
     message = (
         f"^{re.escape(str(stripped / 'last.pt'))} holds no state of the KD loss's trainable "
         r"parts \(feature adapters\), which this run has: it cannot resume exactly; start it again$"
