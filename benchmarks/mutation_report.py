@@ -4,8 +4,9 @@ turned into `<=`, a constant changed, an argument dropped) make a focused test s
     python benchmarks/mutation_report.py [--jobs N] [MODULE ...]      (what `make mutate` runs)
 
 MODULE is one of the keys of `MODULES` below (default: all of them). Each module runs on its
-own, in `.mutation/<module>/`: links to `src/` and `tests/`, a copy of `pyproject.toml` with a
-`[tool.mutmut]` section naming the files to mutate and the tests to run, and mutmut's `mutants/`
+own, in `.mutation/<module>/`: links to `src/`, `tests/` and the plugin that runs each mutant's
+tests quickest first (`_mutation_order`), a copy of `pyproject.toml` with a `[tool.mutmut]`
+section naming the files to mutate and the tests to run, and mutmut's `mutants/`
 folder. A run that was stopped (a session's end, Ctrl-C) resumes where it stopped when the same
 command runs again, but only while `src/`, `tests/`, `pyproject.toml`, mutmut's version and the
 module's selection are the same, byte for byte (`key.txt` holds their hash); anything else
@@ -42,6 +43,9 @@ from _provenance import command, machine
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / ".mutation"
+ORDER_PLUGIN = ROOT / "benchmarks" / "_mutation_order.py"
+"""Runs each mutant's tests quickest first: linked into the work folder, and copied from there
+into `mutants/`, the folder mutmut puts on the tests' path."""
 
 TRAIN_TESTS = [
     "tests/test_engine.py",
@@ -93,7 +97,7 @@ slow tests: hours per part), each resumable across sessions (`_mutation_progress
 STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped")
 
 
-KEYED = ("src", "tests", "pyproject.toml")
+KEYED = ("src", "tests", "pyproject.toml", "benchmarks/_mutation_order.py")
 """What a module's verdicts depend on in the repository (`content_key`)."""
 SOURCES_KEYED = ("src", "pyproject.toml")
 """What its mutants and the code under test depend on (with the files mutated): with these
@@ -108,7 +112,8 @@ def mutmut_config(spec: dict[str, list[str]]) -> str:
         'source_paths = ["src/qatkd"]\n'
         f"only_mutate = {json.dumps(spec['mutate'])}\n"
         f"pytest_add_cli_args_test_selection = {json.dumps(spec['tests'])}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider"]\n'
+        f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "{ORDER_PLUGIN.stem}"]\n'
+        f'also_copy = ["{ORDER_PLUGIN.name}"]\n'
         # torch is not fork-safe once it has run: fork the workers from a clean server process
         'process_isolation = "forkserver"\n'
         # the tests' output in mutmut.log: a failing clean run says which test and why
@@ -131,8 +136,8 @@ def tested_commit() -> str:
 
 def content_key(spec: dict[str, list[str]], paths: tuple[str, ...] = KEYED) -> str:
     """Hash of everything a module's verdicts depend on: the tracked files under `paths` (`src/`,
-    `tests/`, `pyproject.toml`) as they are on disk, mutmut's version and the module's
-    selection."""
+    `tests/`, `pyproject.toml`, the test-order plugin) as they are on disk, mutmut's version and
+    the module's selection."""
     tracked = subprocess.run(
         ["git", "ls-files", *paths],
         cwd=ROOT,
@@ -160,6 +165,7 @@ def prepare_work(name: str, spec: dict[str, list[str]], key: str) -> tuple[Path,
     work.mkdir(parents=True)
     (work / "src").symlink_to(ROOT / "src")
     (work / "tests").symlink_to(ROOT / "tests")
+    (work / ORDER_PLUGIN.name).symlink_to(ORDER_PLUGIN)
     pyproject = (ROOT / "pyproject.toml").read_text()
     (work / "pyproject.toml").write_text(pyproject + mutmut_config(spec))
     stamp.write_text(key)

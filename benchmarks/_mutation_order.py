@@ -1,0 +1,34 @@
+"""A pytest plugin for the mutation runs: the selected tests run quickest first, by the durations
+mutmut recorded in its stats run (`mutmut-stats.json` in its `mutants/` folder).
+
+mutmut hands a mutant's tests to pytest in no particular order and stops at the first failure
+(`-x`), so a killed mutant costs the tests that ran before the one that failed it: on the
+trainer, where the covering tests take from 0.1 s to 20 s, quickest first kills most mutants
+in seconds. The order changes no verdict (the tests are independent), and a survivor still
+runs them all. Without a stats file (mutmut's own stats run), the order is left as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+STATS = Path("mutmut-stats.json")
+
+
+def recorded_durations(stats: Path = STATS) -> dict[str, float]:
+    """Seconds per test node id, as mutmut recorded them; empty where there is no stats file."""
+    if not stats.is_file():
+        return {}
+    return json.loads(stats.read_text())["duration_by_test"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests quickest first; a test without a recorded duration keeps its place among
+    those that take no time (the sort is stable)."""
+    durations = recorded_durations()
+    if durations:
+        items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
