@@ -9,8 +9,11 @@ each onnxruntime int8 graph; b1 and b64 latency of every target, round-robin in 
 (`qatkd.export.bench`).
 
 The result is cached in the work folder (`_cache`), keyed by the architecture, the schedule,
-the machine, the library versions and the code that computes it (qatkd's sources and these
-modules): a rerun measures only what is missing.
+the library versions and the code that computes it (qatkd's sources and these modules), and
+records the machine it ran on and its key: a rerun measures only what is missing, in the work
+folder or on the committed page (a run of the whole page takes longer than a session, and the
+machine can change between sessions: each architecture's ratios come from one run on one
+machine, and the page names it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import onnx
 import torch
 from _arch_models import FineTuning, Images, fine_tuned
-from _cache import ROOT, entry, load, save, source_digest
+from _cache import ROOT, entry, load, plain, save, source_digest
 from _float_blocks import MIXED, choose_float_blocks
 from _parity import logit_deviation, with_noise
 from _peers import NNCF_PEER, ORT_PEER, peer_targets
@@ -72,29 +75,36 @@ class Schedule:
     threads: int
 
 
-def cached(name: str, schedule: Schedule, work: Path) -> dict[str, Any] | None:
-    """`name`'s result from the cache in `work`, if an earlier run measured it under this key."""
+def cached(
+    name: str, schedule: Schedule, work: Path, page: dict[str, Any]
+) -> dict[str, Any] | None:
+    """`name`'s result from the cache in `work`, or else from `page` (the committed page's
+    results by architecture), where an earlier run measured it under this key."""
     key = result_key(name, schedule)
-    return load(entry(work / name, "result", key), key)
+    found = load(entry(work / name, "result", key), key)
+    if found is None and (page.get(name) or {}).get("key") == plain(key):
+        found = page[name]
+    return found
 
 
 def measure_and_cache(
     name: str, schedule: Schedule, train: Images, test: Images, work: Path, commit: str
 ) -> dict[str, Any]:
-    """`measure_architecture`, with the `commit` it ran on, cached in `work`."""
-    result = measure_architecture(name, schedule, train, test, work) | {"commit": commit}
+    """`measure_architecture`, with the `commit` and the machine it ran on and its key, cached in
+    `work`."""
     key = result_key(name, schedule)
+    result = measure_architecture(name, schedule, train, test, work)
+    result |= {"commit": commit, "machine": machine(), "key": plain(key)}
     save(entry(work / name, "result", key), key, result)
     return result
 
 
 def result_key(name: str, schedule: Schedule) -> dict[str, Any]:
-    """What a result depends on."""
+    """What a result depends on (not the machine: a result records its own)."""
     code = [ROOT / "src/qatkd", *(Path(__file__).parent / f for f in SOURCES)]
     return {
         "architecture": name,
         "schedule": asdict(schedule),
-        "machine": machine(),
         "versions": {p: _version(p) for p in VERSIONED},
         "source": source_digest(code),
     }

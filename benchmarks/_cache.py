@@ -47,7 +47,7 @@ def load(path: Path, key: dict[str, Any]) -> Any | None:
         stored = torch.load(path, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError):
         return None
-    return stored["value"] if stored["key"] == _plain(key) else None
+    return stored["value"] if stored["key"] == plain(key) else None
 
 
 def save(path: Path, key: dict[str, Any], value: Any) -> None:
@@ -55,10 +55,10 @@ def save(path: Path, key: dict[str, Any], value: Any) -> None:
     file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    torch.save({"key": _plain(key), "value": value}, partial)
+    torch.save({"key": plain(key), "value": value}, partial)
     os.replace(partial, path)
 
 
-def _plain(key: dict[str, Any]) -> Any:
+def plain(key: dict[str, Any]) -> Any:
     """`key` in JSON's types (lists, not tuples; str, not its subclasses such as a version)."""
     return json.loads(json.dumps(key))

@@ -8,9 +8,10 @@ calibrated on training images, exported int8) and by onnxruntime's `quantize_sta
 `nncf.quantize` from the same float model and calibration images (`_peers`), and measured
 (`_arch_bench`): top-1 agreement on test images in onnxruntime and OpenVINO, b1 and b64 latency
 of every int8 graph and of FP32, round-robin in one process per architecture. Each
-architecture's result is cached in the work folder under a key of everything it depends on, so
-an interrupted run continues where it stopped, and the page is rewritten after each
-architecture. Writes benchmarks/results/arch_speed[_quick].{md,json,png}.
+architecture's result is cached in the work folder under a key of everything it depends on
+(not the machine: each result names its own), so an interrupted run continues where it
+stopped, and the page is rewritten after each architecture; a run also reuses the committed
+page's results under its key, so a later session, on another machine, finishes the page. Writes benchmarks/results/arch_speed[_quick].{md,json,png}.
 
     make peers
     python benchmarks/arch_speed.py [--quick] [--arch NAME ...] [--work DIR] [--threads N]
@@ -79,7 +80,11 @@ def main() -> None:
     mode = QUICK_ARCHITECTURES if args.quick else ARCHITECTURES
     selected = args.arch or mode
     shown = [a for a in ARCHITECTURES if a in selected or a in mode]
-    results = {a: cached(a, schedule, work) for a in shown}
+    page = committed_results(args.quick)
+    results = {a: cached(a, schedule, work, page) for a in shown}
+    for name, result in results.items():
+        if result is not None:
+            print(f"{name}: reused, measured at commit {result['commit']} on {result['machine']}")
     run["reused"] = sum(r is not None for r in results.values())
     train, test = fashion_images(schedule.fine_tuning.size)
     for name in shown:
@@ -88,6 +93,14 @@ def main() -> None:
             results[name] = measure_and_cache(name, schedule, train, test, work, run["commit"])
             write_results(args.quick, schedule, results, run)  # a killed run leaves a page
     write_results(args.quick, schedule, results, run)
+
+
+def committed_results(quick: bool) -> dict[str, Result]:
+    """The results by architecture on the committed page (empty where there is none): a run
+    reuses those measured under its key, so that the page can be finished in another session,
+    on another machine."""
+    path = RESULTS / f"{result_stem(NAME, quick)}.json"
+    return json.loads(path.read_text())["architectures"] if path.is_file() else {}
 
 
 def _arguments() -> argparse.Namespace:
@@ -190,7 +203,7 @@ def write_results(
     provenance = {
         "commit": run["commit"],
         "command": command(),
-        "machine": machine(),
+        "machine": page_machine(measured),
         "wall_s": round(time.time() - run["started"], 1),
         "runs_reused": run["reused"],
         "train_s": round(sum(r["fine_tune_s"] for r in measured.values()), 1),
@@ -294,7 +307,32 @@ def markdown(
     commits = sorted({r["commit"] for r in measured.values()})
     if len(commits) > 1:
         lines += [f"Architectures measured at commits {', '.join(commits)} (same sources).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + machine_lines(measured))
+
+
+def machine_lines(measured: dict[str, Result]) -> list[str]:
+    """The page's section naming each architecture's machine, where they ran on several."""
+    by_machine = _by_machine(measured)
+    if len(by_machine) < 2:
+        return []
+    intro = "Each architecture's figures come from one run on one of:"
+    listed = [f"- {m}: {', '.join(names)}" for m, names in by_machine.items()]
+    return ["## Machines", "", intro, "", *listed, ""]
+
+
+def page_machine(measured: dict[str, Result]) -> str:
+    """The machine the page's results ran on, or where they ran on several, where to look."""
+    by_machine = _by_machine(measured)
+    if len(by_machine) > 1:
+        return f"{len(by_machine)} machines, one per architecture (see Machines, below)"
+    return next(iter(by_machine), machine())
+
+
+def _by_machine(measured: dict[str, Result]) -> dict[str, list[str]]:
+    by_machine: dict[str, list[str]] = {}
+    for name, result in measured.items():
+        by_machine.setdefault(result["machine"], []).append(name)
+    return by_machine
 
 
 def _schedule_text(schedule: Schedule) -> str:
