@@ -11,7 +11,8 @@ of every int8 graph and of FP32, round-robin in one process per architecture. Ea
 architecture's result is cached in the work folder under a key of everything it depends on
 (not the machine: each result names its own), so an interrupted run continues where it
 stopped, and the page is rewritten after each architecture; a run also reuses the committed
-page's results under its key, so a later session, on another machine, finishes the page. Writes benchmarks/results/arch_speed[_quick].{md,json,png}.
+page's results under its key, so a later session, on another machine, finishes the page.
+Writes benchmarks/results/arch_speed[_quick].{md,json,png}.
 
     make peers
     python benchmarks/arch_speed.py [--quick] [--arch NAME ...] [--work DIR] [--threads N]

@@ -8,11 +8,12 @@ own, in `.mutation/<module>/`: links to `src/`, `tests/` and the plugin that run
 tests quickest first (`_mutation_order`), a copy of `pyproject.toml` with a `[tool.mutmut]`
 section naming the files to mutate and the tests to run, and mutmut's `mutants/`
 folder. A run that was stopped (a session's end, Ctrl-C) resumes where it stopped when the same
-command runs again, but only while `src/`, `tests/`, `pyproject.toml`, mutmut's version and the
-module's selection are the same, byte for byte (`key.txt` holds their hash); anything else
-starts the module from scratch. The whole `qatkd` package is copied
-into `mutants/` (the tests import all of it); only the module's files are mutated. mutmut runs
-each mutant against the tests that called the mutated function, in a forked worker.
+command runs again, but only while `src/`, `tests/` (the selected tests and every helper),
+`pyproject.toml`, mutmut's version and the module's selection are the same, byte for byte
+(`key.txt` holds their hash); anything else starts the module from scratch. The whole `qatkd`
+package is copied into `mutants/` (the tests import all of it); only the module's files are
+mutated. mutmut runs each mutant against the tests that called the mutated function, in a
+forked worker.
 
 Writes benchmarks/results/mutation.{md,json}. A run replaces the entries of the modules it ran
 and keeps the others', each with its own commit and date; a module never run is listed as such.
@@ -33,7 +34,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from importlib.metadata import version
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import _mutation_progress as progress
@@ -136,21 +137,33 @@ def tested_commit() -> str:
 
 def content_key(spec: dict[str, list[str]], paths: tuple[str, ...] = KEYED) -> str:
     """Hash of everything a module's verdicts depend on: the tracked files under `paths` (`src/`,
-    `tests/`, `pyproject.toml`, the test-order plugin) as they are on disk, mutmut's version and
-    the module's selection."""
-    tracked = subprocess.run(
-        ["git", "ls-files", *paths],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    `tests/`, `pyproject.toml`, the test-order plugin) as they are on disk, but for the test
+    modules outside the module's selection (`keyed`), mutmut's version and the selection."""
     digest = hashlib.sha256(json.dumps([version("mutmut"), spec]).encode())
-    for name in sorted(tracked):
+    for name in sorted(tracked_files(paths)):
         path = ROOT / name
-        if path.is_file():  # a tracked file deleted on disk is simply absent
+        if path.is_file() and keyed(name, spec):  # a deleted tracked file is simply absent
             digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def tracked_files(paths: tuple[str, ...]) -> list[str]:
+    """The files git tracks under `paths`, relative to the repository root."""
+    listed = subprocess.run(
+        ["git", "ls-files", *paths], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return listed.stdout.split()
+
+
+def keyed(name: str, spec: dict[str, list[str]]) -> bool:
+    """Whether the verdicts of `spec`'s module depend on the repository file `name`: every file
+    but the test modules outside its selection, which never run (a test added elsewhere then
+    costs a stopped run none of its verdicts); the tests' helpers and conftests count."""
+    path = PurePosixPath(name)
+    if path.parts[0] != "tests" or not path.name.startswith("test_"):
+        return True
+    selected = [PurePosixPath(t) for t in spec.get("tests", [])]
+    return any(path == t or t in path.parents for t in selected)
 
 
 def prepare_work(name: str, spec: dict[str, list[str]], key: str) -> tuple[Path, float | None]:
