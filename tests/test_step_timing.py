@@ -1,0 +1,56 @@
+"""The step timing behind `qatkd check` (qatkd.train.step.time_steps), on a fake clock: the mean
+of three real steps after a warm-up step, and a held-out balancer pass, timed on every step,
+counted at its share of one every `balancer.every` steps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from qatkd import pipeline
+from qatkd.config import load_config
+from qatkd.train import step
+from testdata import learning_overrides, tiny_overrides
+
+
+def fake_clock(monkeypatch: pytest.MonkeyPatch, ticks: list[float]) -> Iterator[float]:
+    """Make `time_steps` read `ticks`, one a call; what is left of them, to check that every
+    one was read."""
+    left = iter(ticks)
+    monkeypatch.setattr(step, "time", SimpleNamespace(perf_counter=lambda: next(left)))
+    return left
+
+
+def test_a_step_takes_the_mean_of_three_after_a_warm_up_step(npz_root, tmp_path, monkeypatch):
+    # (start, end) of each step: the warm-up takes 100 s, the next three 1, 2 and 3 s
+    left = fake_clock(monkeypatch, [0, 100, 100, 101, 101, 103, 103, 106])
+    facts = pipeline.check(load_config(overrides=tiny_overrides(npz_root, tmp_path / "r")))
+    assert facts["seconds_per_step"] == 2.0
+    assert next(left, None) is None
+    expected = facts["seconds_per_step"] * facts["steps"]
+    expected += facts["evaluation_seconds_per_epoch"] * facts["epochs"]
+    assert facts["estimated_seconds"] == pytest.approx(expected)
+
+
+def test_a_held_out_pass_counts_at_its_share_of_the_steps(
+    learn_root: Path, learned_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # (start, pass start, pass end, end) of each step: after the warm-up, 6 s a step of which
+    # the pass takes 5; it runs one step in ten, so a step costs 1 + 5 / 10 on average
+    ticks = [0, 0, 50, 100]
+    for start in (100, 106, 112):
+        ticks += [start, start, start + 5, start + 6]
+    left = fake_clock(monkeypatch, ticks)
+    overrides = learning_overrides(
+        learn_root,
+        tmp_path / "r",
+        f"teachers=[{learned_fp32 / 'best.pt'}]",
+        "balancer.form=heldout",
+        "balancer.every=10",
+    )
+    facts = pipeline.check(load_config(overrides=overrides), "distill")
+    assert facts["seconds_per_step"] == pytest.approx(1.5)
+    assert next(left, None) is None
