@@ -74,7 +74,12 @@ MODULES: dict[str, dict[str, list[str]]] = {
     },
     "train-step": {
         "mutate": [f"src/qatkd/train/{f}.py" for f in ("step", "optim", "distributed", "held_out")],
-        "tests": [*TRAIN_TESTS, "tests/test_optim.py", "tests/test_step_timing.py"],
+        "tests": [
+            *TRAIN_TESTS,
+            "tests/test_optim.py",
+            "tests/test_step_timing.py",
+            "tests/test_device.py",
+        ],
     },
     "train-logs": {
         "mutate": [
