@@ -86,7 +86,7 @@ MODULES: dict[str, dict[str, list[str]]] = {
             f"src/qatkd/train/{f}.py"
             for f in ("logs", "plots", "tensorboard", "stops", "validation", "task")
         ],
-        "tests": TRAIN_TESTS,
+        "tests": [*TRAIN_TESTS, "tests/test_plots.py"],
     },
     "export-codes": {
         "mutate": ["src/qatkd/export/codes.py", "src/qatkd/export/bias_grid.py"],
