@@ -303,6 +303,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             (151, 'if resume.get("XXscalerXX"):'),
             (152, 'if resume.get("SCALER"):'),
             (153, "scaler.load_state_dict(None)"),
+            (154, 'scaler.load_state_dict(resume["XXscalerXX"])'),
+            (155, 'scaler.load_state_dict(resume["SCALER"])'),
         )
     },
     f"{_ENGINE}fit__mutmut_23": (
