@@ -7,8 +7,8 @@ longer than a session, and mutmut's own work folder lives only on the machine th
          "verdicts": {source file: {mutant: exit code}}}
 
 `key` is the module's content key (`mutation_report.content_key`: the sources, the selected
-tests and the tests' helpers, pyproject.toml, mutmut's version and the selection): with the
-same key every verdict is reused.
+tests and the tests' helpers, pyproject.toml, the test-order plugin, mutmut's version and the
+selection): with the same key every verdict is reused.
 `source_key` leaves the tests out: where only the tests changed (a session adds tests for the
 survivors it has seen), the mutants are the same and their killed verdicts still hold, so those
 are reused, and the survivors are tested again; the commit they were found on is listed in

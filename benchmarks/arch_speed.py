@@ -80,9 +80,14 @@ def main() -> None:
     work = args.work or default_work(NAME, args.quick)
     mode = QUICK_ARCHITECTURES if args.quick else ARCHITECTURES
     selected = args.arch or mode
-    shown = [a for a in ARCHITECTURES if a in selected or a in mode]
     page = committed_results(args.quick)
-    results = {a: cached(a, schedule, work, page) for a in shown}
+    wanted = [a for a in ARCHITECTURES if a in selected or a in mode]
+    results = {
+        a: cached(a, schedule, work, page) for a in ARCHITECTURES if a in wanted or a in page
+    }
+    # the page keeps what it showed that still holds (an architecture measured with --arch)
+    results = {a: r for a, r in results.items() if a in wanted or r is not None}
+    shown = list(results)
     for name, result in results.items():
         if result is not None:
             print(f"{name}: reused, measured at commit {result['commit']} on {result['machine']}")
@@ -325,11 +330,12 @@ def page_machine(measured: dict[str, Result]) -> str:
     """The machine the page's results ran on, or where they ran on several, where to look."""
     by_machine = _by_machine(measured)
     if len(by_machine) > 1:
-        return f"{len(by_machine)} machines, one per architecture (see Machines, below)"
+        return f"{len(by_machine)} machines (each architecture on one: the page's Machines section)"
     return next(iter(by_machine), machine())
 
 
 def _by_machine(measured: dict[str, Result]) -> dict[str, list[str]]:
+    """The architectures measured on each machine, in page order."""
     by_machine: dict[str, list[str]] = {}
     for name, result in measured.items():
         by_machine.setdefault(result["machine"], []).append(name)

@@ -9,11 +9,11 @@ tests quickest first (`_mutation_order`), a copy of `pyproject.toml` with a `[to
 section naming the files to mutate and the tests to run, and mutmut's `mutants/`
 folder. A run that was stopped (a session's end, Ctrl-C) resumes where it stopped when the same
 command runs again, but only while `src/`, `tests/` (the selected tests and every helper),
-`pyproject.toml`, mutmut's version and the module's selection are the same, byte for byte
-(`key.txt` holds their hash); anything else starts the module from scratch. The whole `qatkd`
-package is copied into `mutants/` (the tests import all of it); only the module's files are
-mutated. mutmut runs each mutant against the tests that called the mutated function, in a
-forked worker.
+`pyproject.toml`, the test-order plugin, mutmut's version and the module's selection are the
+same, byte for byte (`key.txt` holds their hash); anything else starts the module from
+scratch. The whole `qatkd` package is copied into `mutants/` (the tests import all of it); only
+the module's files are mutated. mutmut runs each mutant against the tests that called the
+mutated function, in a forked worker.
 
 Writes benchmarks/results/mutation.{md,json}. A run replaces the entries of the modules it ran
 and keeps the others', each with its own commit and date; a module never run is listed as such.
@@ -143,11 +143,12 @@ def tested_commit() -> str:
 def content_key(spec: dict[str, list[str]], paths: tuple[str, ...] = KEYED) -> str:
     """Hash of everything a module's verdicts depend on: the tracked files under `paths` (`src/`,
     `tests/`, `pyproject.toml`, the test-order plugin) as they are on disk, but for the test
-    modules outside the module's selection (`keyed`), mutmut's version and the selection."""
+    modules outside the module's selection (`counts_in_key`), mutmut's version and the
+    selection."""
     digest = hashlib.sha256(json.dumps([version("mutmut"), spec]).encode())
     for name in sorted(tracked_files(paths)):
         path = ROOT / name
-        if path.is_file() and keyed(name, spec):  # a deleted tracked file is simply absent
+        if path.is_file() and counts_in_key(name, spec):  # a deleted file is simply absent
             digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -160,14 +161,16 @@ def tracked_files(paths: tuple[str, ...]) -> list[str]:
     return listed.stdout.split()
 
 
-def keyed(name: str, spec: dict[str, list[str]]) -> bool:
+def counts_in_key(name: str, spec: dict[str, list[str]]) -> bool:
     """Whether the verdicts of `spec`'s module depend on the repository file `name`: every file
     but the test modules outside its selection, which never run (a test added elsewhere then
-    costs a stopped run none of its verdicts); the tests' helpers and conftests count."""
+    costs a stopped run none of its verdicts); the tests' helpers and conftests count, and
+    without a selection every test does."""
     path = PurePosixPath(name)
-    if path.parts[0] != "tests" or not path.name.startswith("test_"):
+    is_test_module = path.parts[0] == "tests" and path.name.startswith("test_")
+    if not is_test_module or path.suffix != ".py" or "tests" not in spec:
         return True
-    selected = [PurePosixPath(t) for t in spec.get("tests", [])]
+    selected = [PurePosixPath(t.split("::")[0]) for t in spec["tests"]]
     return any(path == t or t in path.parents for t in selected)
 
 

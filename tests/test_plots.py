@@ -4,6 +4,7 @@ draws: which panels it shows for which logs, and that every curve plots its log'
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,14 @@ def write(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 @pytest.fixture
-def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
-    """The figures `plot_run` draws (kept open)."""
+def drawn(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Figure]]:
+    """The figures `plot_run` draws, kept open until the test ends."""
     figures: list[Figure] = []
+    close = plots.plt.close
     monkeypatch.setattr(plots.plt, "close", figures.append)
-    return figures
+    yield figures
+    for figure in figures:
+        close(figure)
 
 
 def curves(ax) -> dict[str, tuple[list[float], list[float]]]:

@@ -5,9 +5,12 @@ the machine it ran on."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import _arch_bench as bench
+import arch_speed
+import pytest
 from _arch_models import FineTuning
 from _cache import entry, plain, save
 
@@ -45,13 +48,34 @@ def test_the_key_names_what_the_result_depends_on_but_not_the_machine():
     assert key["schedule"]["fine_tuning"]["size"] == 32 and key["architecture"] == "resnet18"
 
 
-def test_a_page_from_several_machines_says_so_and_lists_each_architecture_under_its_own():
-    import arch_speed
+def test_a_measured_result_names_its_machine_and_key_and_is_found_again_on_the_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(bench, "measure_architecture", lambda *args: {"export": "ok"})
+    monkeypatch.setattr(bench, "machine", lambda: "this CPU")
+    result = bench.measure_and_cache("resnet18", SCHEDULE, None, None, tmp_path / "a", "abc1234")
+    assert result == {
+        "export": "ok",
+        "commit": "abc1234",
+        "machine": "this CPU",
+        "key": plain(bench.result_key("resnet18", SCHEDULE)),
+    }
+    assert bench.cached("resnet18", SCHEDULE, tmp_path / "a", {}) == result  # the work folder
+    monkeypatch.setattr(arch_speed, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    page = {"architectures": {"resnet18": result, "vit_b_16": None}}
+    (tmp_path / "results" / "arch_speed.json").write_text(json.dumps(page))
+    committed = arch_speed.committed_results(quick=False)
+    assert bench.cached("resnet18", SCHEDULE, tmp_path / "elsewhere", committed) == result
+    assert bench.cached("vit_b_16", SCHEDULE, tmp_path / "elsewhere", committed) is None
+    assert arch_speed.committed_results(quick=True) == {}  # no quick page yet
 
+
+def test_a_page_from_several_machines_says_so_and_lists_each_architecture_under_its_own():
     one = {"resnet18": {"machine": "CPU A"}, "swin_t": {"machine": "CPU A"}}
     assert arch_speed.page_machine(one) == "CPU A"
     two = one | {"vit_b_16": {"machine": "CPU B"}}
-    assert arch_speed.page_machine(two) == "2 machines, one per architecture (see Machines, below)"
+    assert arch_speed.page_machine(two).startswith("2 machines (each architecture on one")
     assert arch_speed.machine_lines(two) == [
         "## Machines",
         "",
