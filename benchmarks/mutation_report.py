@@ -103,7 +103,7 @@ slow tests: hours per part), each resumable across sessions (`_mutation_progress
 STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped")
 
 
-KEYED = ("src", "tests", "pyproject.toml", "benchmarks/_mutation_order.py")
+KEYED = ("src", "tests", "pyproject.toml", str(ORDER_PLUGIN.relative_to(ROOT)))
 """What a module's verdicts depend on in the repository (`content_key`)."""
 SOURCES_KEYED = ("src", "pyproject.toml")
 """What its mutants and the code under test depend on (with the files mutated): with these
