@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from qatkd import pipeline
-from qatkd.checkpoint import load_checkpoint
+from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.tasks import task_family
@@ -109,6 +109,72 @@ def test_a_stop_inside_an_epoch_resumes_to_the_uninterrupted_weights(
     a, b = final_weights(full), final_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (resumed / "steps.csv").read_text() == (full / "steps.csv").read_text()
+
+
+def test_a_run_resumed_twice_keeps_its_best_epoch_and_the_metrics_before_each_stop(
+    learn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The best epoch comes before both stops (the task minimizes, and the run learns: epoch 1
+    is its worst), so only the checkpoints carry it: stopped after epoch 1, resumed and stopped
+    inside epoch 2 (that checkpoint holds epoch 1's figures), resumed to the end, the run
+    reports what the run never stopped reports, but for its times."""
+    monkeypatch.setattr(ClassificationTask, "maximize", False)
+    _, expected = pipeline.train(
+        load_config(overrides=learning_overrides(learn_root, tmp_path / "full"))
+    )
+    assert expected["best_epoch"] == 1, expected  # or this test tests nothing
+    cut = tmp_path / "cut"
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
+        m.setattr(engine, "plot_run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.train(load_config(overrides=learning_overrides(learn_root, cut)))
+    epoch_1 = load_checkpoint(cut / "last.pt")["metrics"]
+    original = engine.optimizer_step
+
+    def step_then_stop(*args: object) -> None:
+        original(*args)
+        signal.raise_signal(signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "optimizer_step", step_then_stop)
+        with pytest.raises(RunStopped):
+            pipeline.resume(cut)
+    inside = load_checkpoint(cut / "last.pt")
+    assert (inside["epoch"], inside["position"]["batches"]) == (1, 1)
+    assert inside["metrics"] == epoch_1 and inside["best_epoch"] == 1
+    _, metrics = pipeline.resume(cut)
+    times = ("train_seconds", "eval_seconds")
+    assert {k: v for k, v in metrics.items() if k not in times} == {
+        k: v for k, v in expected.items() if k not in times
+    }
+
+
+def test_a_checkpoint_from_before_best_epochs_were_recorded_resumes_with_the_best_unknown(
+    learn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Such a checkpoint holds the best score but not its epoch or figures: the resumed run
+    reports epoch 0 and no best figures until an epoch beats that score (none here: the task
+    minimizes, and the run learns, so epoch 1 stays the best)."""
+    monkeypatch.setattr(ClassificationTask, "maximize", False)
+    overrides = learning_overrides(learn_root, tmp_path / "cut", "train.epochs=2")
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
+        m.setattr(engine, "plot_run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.train(load_config(overrides=overrides))
+    state = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert state.pop("best_epoch") == 1 and state.pop("best_metrics")
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, tmp_path / "cut" / "last.pt")
+    _, metrics = pipeline.resume(tmp_path / "cut")
+    assert metrics["best_epoch"] == 0
+    assert not [k for k in metrics if k.startswith("best_") and k != "best_epoch"], metrics
 
 
 def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
