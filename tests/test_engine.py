@@ -177,6 +177,38 @@ def test_a_checkpoint_from_before_best_epochs_were_recorded_resumes_with_the_bes
     assert not [k for k in metrics if k.startswith("best_") and k != "best_epoch"], metrics
 
 
+@pytest.mark.parametrize("before", [(1000.0, 400.0), None])
+def test_a_resumed_run_adds_the_times_its_checkpoint_counted(
+    npz_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    before: tuple[float, float] | None,
+):
+    """The training and evaluation seconds before a stop count in the resumed run's, and a
+    checkpoint from before they were recorded counts none; on a clock that moves a millisecond
+    a reading, the resumed part adds less than a second."""
+    overrides = tiny_overrides(npz_root, tmp_path / "cut")
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
+        m.setattr(engine, "plot_run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.train(load_config(overrides=overrides))
+    state = load_checkpoint(tmp_path / "cut" / "last.pt")
+    state = {k: v for k, v in state.items() if k not in ("format", "train_seconds", "eval_seconds")}
+    if before is not None:
+        state["train_seconds"], state["eval_seconds"] = before
+    save_checkpoint(state, tmp_path / "cut" / "last.pt")
+    ticks = itertools.count()
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    _, metrics = pipeline.resume(tmp_path / "cut")
+    train, evaluation = before or (0.0, 0.0)
+    assert train <= metrics["train_seconds"] < train + 0.9, metrics
+    assert evaluation <= metrics["eval_seconds"] < evaluation + 0.9, metrics
+
+
 def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
     order = [5, 3, 8, 1]  # a sampler's indices
     remaining = engine.SkipFirst(order)
