@@ -143,9 +143,10 @@ def tested_commit() -> str:
 def content_key(spec: dict[str, list[str]], paths: tuple[str, ...] = KEYED) -> str:
     """Hash of everything a module's verdicts depend on: the tracked files under `paths` (`src/`,
     `tests/`, `pyproject.toml`, the test-order plugin) as they are on disk, but for the test
-    modules outside the module's selection (`counts_in_key`), mutmut's version and the
-    selection."""
-    digest = hashlib.sha256(json.dumps([version("mutmut"), spec]).encode())
+    modules outside the module's selection (`counts_in_key`), mutmut's version, the selection
+    and, with its tests, the `[tool.mutmut]` section the run takes."""
+    settings = [mutmut_config(spec)] if "tests" in spec else []  # what the verdicts ran under
+    digest = hashlib.sha256(json.dumps([version("mutmut"), spec, *settings]).encode())
     for name in sorted(tracked_files(paths)):
         path = ROOT / name
         if path.is_file() and counts_in_key(name, spec):  # a deleted file is simply absent

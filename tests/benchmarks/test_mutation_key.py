@@ -47,3 +47,15 @@ def test_changing_a_test_outside_the_selection_keeps_the_key(tmp_path, monkeypat
     assert report.content_key(ENGINE) == before
     (tmp_path / "tests" / "test_engine.py").write_text("def test_a(): assert False\n")
     assert report.content_key(ENGINE) != before
+
+
+def test_the_settings_the_run_takes_change_the_key_of_its_verdicts_not_of_its_sources(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(report, "tracked_files", lambda paths: [])
+    monkeypatch.setattr(report, "version", lambda package: "3.8.1")
+    verdicts, sources = report.content_key(ENGINE), report.content_key({"mutate": ENGINE["mutate"]})
+    monkeypatch.setattr(report, "mutmut_config", lambda spec: "\n[tool.mutmut]\ndebug = false\n")
+    assert report.content_key(ENGINE) != verdicts
+    assert report.content_key({"mutate": ENGINE["mutate"]}) == sources

@@ -1,5 +1,5 @@
-"""The mutation runs' test order (benchmarks/_mutation_order.py): quickest first by mutmut's
-recorded durations, untouched without them."""
+"""The mutation runs' test order (benchmarks/_mutation_order.py): quickest module first, each
+module's tests quickest first, by mutmut's recorded durations; untouched without them."""
 
 from __future__ import annotations
 
@@ -15,21 +15,38 @@ def items(*node_ids: str) -> list[SimpleNamespace]:
     return [SimpleNamespace(nodeid=n) for n in node_ids]
 
 
-def test_the_tests_run_quickest_first_and_unrecorded_ones_keep_their_place_among_the_instant(
+def test_modules_run_whole_quickest_first_and_their_tests_quickest_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    durations = {"t.py::slow": 20.5, "t.py::quick": 0.1, "t.py::medium": 2.0, "t.py::zero": 0.0}
+    durations = {
+        "a.py::slow": 20.5,  # module a: 20.6 s
+        "a.py::quick": 0.1,
+        "b.py::medium": 2.0,  # module b: 2.0 s
+        "b.py::zero": 0.0,
+        "c.py::one": 1.0,  # module c: 1.0 s, and its unrecorded test counts as taking none
+    }
     (tmp_path / order.STATS.name).write_text(json.dumps({"duration_by_test": durations}))
     monkeypatch.chdir(tmp_path)
-    selected = items("t.py::slow", "t.py::new", "t.py::medium", "t.py::zero", "t.py::quick")
+    selected = items("a.py::slow", "b.py::medium", "c.py::one", "a.py::quick", "b.py::zero")
+    selected += items("c.py::new")
     order.pytest_collection_modifyitems(selected)
     assert [i.nodeid for i in selected] == [
-        "t.py::new",
-        "t.py::zero",
-        "t.py::quick",
-        "t.py::medium",
-        "t.py::slow",
+        "c.py::new",
+        "c.py::one",
+        "b.py::zero",
+        "b.py::medium",
+        "a.py::quick",
+        "a.py::slow",
     ]
+
+
+def test_modules_of_equal_time_do_not_interleave(tmp_path: Path, monkeypatch):
+    durations = {"a.py::x": 1.0, "a.py::y": 2.0, "b.py::x": 2.0, "b.py::y": 1.0}
+    (tmp_path / order.STATS.name).write_text(json.dumps({"duration_by_test": durations}))
+    monkeypatch.chdir(tmp_path)
+    selected = items("b.py::x", "a.py::y", "b.py::y", "a.py::x")
+    order.pytest_collection_modifyitems(selected)
+    assert [i.nodeid for i in selected] == ["a.py::x", "a.py::y", "b.py::y", "b.py::x"]
 
 
 def test_without_a_stats_file_the_order_is_left_alone(tmp_path: Path, monkeypatch):
