@@ -67,6 +67,11 @@ _TO_DEVICE = (
     "not equivalent on a GPU: `.to(None)` leaves a CPU module where it is, and the tests train "
     "on the CPU"
 )
+_DDP_DEVICE = (
+    "not equivalent on a GPU: a CPU module takes no device ids in DistributedDataParallel, and "
+    "every mutant gives it none on the CPU (the two-process tests run on the CPU, with gloo); on "
+    "CUDA the ids name the rank's GPU"
+)
 _TO_CPU = (
     "not equivalent on a GPU: a teacher on CUDA returns CUDA logits, which the CPU table cannot "
     "take without `.to('cpu')`; on a CPU-only machine nothing can tell (no GPU test here)"
@@ -267,6 +272,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     f"{_ENGINE}fit__mutmut_5": ("model.to(None)", _TO_DEVICE),
     f"{_ENGINE}fit__mutmut_6": ("balancer.to(None)", _TO_DEVICE),
+    **{
+        f"{_ENGINE}fit__mutmut_{n}": (line, _DDP_DEVICE)
+        for n, line in (
+            (204, "model, device_ids=None"),
+            (206, "model, )"),
+            (
+                207,
+                'model, device_ids=[device.index] if (device.type == "cuda") and False else None',
+            ),
+            (210, 'model, device_ids=[device.index] if device.type == "XXcudaXX" else None'),
+            (211, 'model, device_ids=[device.index] if device.type == "CUDA" else None'),
+        )
+    },
     f"{_ENGINE}fit__mutmut_42": (
         ")",  # the loader's `**loader_options(device)` dropped
         "not equivalent on a GPU: `loader_options` is {} on the CPU (pinned memory and loader "
