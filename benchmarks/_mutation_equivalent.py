@@ -323,6 +323,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             (153, "scaler.load_state_dict(None)"),
             (154, 'scaler.load_state_dict(resume["XXscalerXX"])'),
             (155, 'scaler.load_state_dict(resume["SCALER"])'),
+            (264, '"XXscalerXX": scaler.state_dict(),'),
+            (265, '"SCALER": scaler.state_dict(),'),
         )
     },
     f"{_ENGINE}fit__mutmut_23": (

@@ -197,6 +197,7 @@ def test_a_resumed_run_adds_the_times_its_checkpoint_counted(
         with pytest.raises(KeyboardInterrupt):
             pipeline.train(load_config(overrides=overrides))
     state = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert state["train_seconds"] > 0 and state["eval_seconds"] > 0  # epoch 1's, recorded
     state = {k: v for k, v in state.items() if k not in ("format", "train_seconds", "eval_seconds")}
     if before is not None:
         state["train_seconds"], state["eval_seconds"] = before
