@@ -20,8 +20,7 @@ from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.tasks.classification.models import build_model
 from qatkd.tasks.classification.task import ClassificationTask
-from qatkd.train import engine
-from testdata import make_images, tiny_overrides, write_idx, write_npz
+from testdata import make_images, nan_after_step, tiny_overrides, write_idx, write_npz
 
 QATKD = [sys.executable, "-m", "qatkd"]
 
@@ -88,26 +87,11 @@ def test_nan_loss_can_skip_the_step(npz_root, tmp_path, monkeypatch, capsys):
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "run")["model"].values())
 
 
-def _nan_weights_after_step(monkeypatch: pytest.MonkeyPatch, bad_step: int) -> None:
-    """The update of step `bad_step` leaves a NaN in the student's first weight (its loss was
-    finite): what an overflowing update does."""
-    original, calls = engine.optimizer_step, []
-
-    def optimizer_step(total, optimizer, *args, **kwargs):
-        original(total, optimizer, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == bad_step:
-            with torch.no_grad():
-                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
-
-    monkeypatch.setattr(engine, "optimizer_step", optimizer_step)
-
-
 def test_skipping_stops_once_the_weights_are_not_finite(npz_root, tmp_path, monkeypatch):
     """A skipped step cannot repair NaN weights: the run stops at the first skip after them
     (here in the middle of an epoch) rather than skipping every step to the end, and points at
     the last good checkpoint."""
-    _nan_weights_after_step(monkeypatch, bad_step=4)  # 3 steps per epoch: the first of epoch 2
+    nan_after_step(monkeypatch, bad_step=4)  # 3 steps per epoch: the first of epoch 2
     run = tmp_path / "run"
     config = load_config(overrides=tiny_overrides(npz_root, run, "train.on_nonfinite=skip"))
     last = re.escape(str(run / "last.pt"))
@@ -123,7 +107,7 @@ def test_skipping_stops_once_the_weights_are_not_finite(npz_root, tmp_path, monk
 
 def test_non_finite_weights_are_never_saved_at_an_epochs_end(npz_root, tmp_path, monkeypatch):
     """The last step of epoch 1 leaves a NaN weight: the epoch's end refuses to write it."""
-    _nan_weights_after_step(monkeypatch, bad_step=3)  # 3 steps per epoch
+    nan_after_step(monkeypatch, bad_step=3)  # 3 steps per epoch
     run = tmp_path / "run"
     message = (
         r"^the weights became non-finite \(student: .+\) by step 3 \(epoch 1\); no checkpoint "
@@ -134,10 +118,24 @@ def test_non_finite_weights_are_never_saved_at_an_epochs_end(npz_root, tmp_path,
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
 
 
+def test_non_finite_balancer_weights_are_named_as_the_balancers(npz_root, tmp_path, monkeypatch):
+    """GoR's learned weights become NaN in the last step of epoch 1: the message names them."""
+    teacher, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "t")))
+    nan_after_step(monkeypatch, bad_step=3, group="balancer")  # 3 steps per epoch
+    run = tmp_path / "run"
+    overrides = tiny_overrides(npz_root, run, f"teachers=[{teacher / 'last.pt'}]")
+    message = (
+        r"^the weights became non-finite \(balancer: params\.0\) by step 3 \(epoch 1\); no "
+        r"checkpoint was written yet: lower train\.lr and start again$"
+    )
+    with pytest.raises(QatkdError, match=message):
+        pipeline.distill(load_config(overrides=overrides))
+
+
 def test_non_finite_weights_are_never_saved_inside_an_epoch(npz_root, tmp_path, monkeypatch):
     """A checkpoint due after every step (`train.save_every_min`): step 1's is written, step 2
     leaves a NaN weight and its checkpoint is refused, so last.pt stays step 1's."""
-    _nan_weights_after_step(monkeypatch, bad_step=2)
+    nan_after_step(monkeypatch, bad_step=2)
     run = tmp_path / "run"
     overrides = tiny_overrides(npz_root, run, "train.save_every_min=1e-9")
     last = re.escape(str(run / "last.pt"))

@@ -8,8 +8,11 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from qatkd.checkpoint import load_checkpoint, save_checkpoint
+from qatkd.train import engine
 
 
 def make_images(n: int, num_classes: int, size: int, channels: int, seed: int):
@@ -150,3 +153,20 @@ def permuted_teacher(teacher: Path, out: Path) -> Path:
         state["model"][key] = state["model"][key].roll(1, dims=0)
     save_checkpoint({k: v for k, v in state.items() if k != "format"}, out)
     return out
+
+
+def nan_after_step(monkeypatch: pytest.MonkeyPatch, bad_step: int, group: str = "weights") -> None:
+    """The update of step `bad_step` leaves a NaN in the first parameter of the optimizer's
+    `group` (the student's weights, the balancer's, the KD loss's parts' `kd_weights`), its loss
+    finite: what an overflowing update does."""
+    original, calls = engine.optimizer_step, []
+
+    def optimizer_step(total, optimizer, *args, **kwargs):
+        original(total, optimizer, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == bad_step:
+            params = next(g["params"] for g in optimizer.param_groups if g["name"] == group)
+            with torch.no_grad():
+                params[0].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(engine, "optimizer_step", optimizer_step)

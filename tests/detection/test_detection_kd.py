@@ -33,7 +33,7 @@ from qatkd.tasks.detection.kd import (
 from qatkd.tasks.detection.models import build_detector
 from qatkd.train import engine
 from qatkd.train.stops import RunStopped
-from testdata import make_images, measured_alignments, write_idx
+from testdata import make_images, measured_alignments, nan_after_step, write_idx
 
 K = 1  # classes in the hand-computed maps
 
@@ -230,6 +230,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         "train.epochs=2",
     ]
     return {"student": student, "work": [str(work)]}
+
+
+def test_non_finite_adapter_weights_are_named_as_the_kd_parts(runs, monkeypatch) -> None:
+    """The adapters' weights become NaN in the last step of epoch 1: the message names them."""
+    nan_after_step(monkeypatch, bad_step=2, group="kd_weights")  # 16 images, 8 a step
+    out = Path(runs["work"][0]) / "diverged"
+    message = (
+        r"^the weights became non-finite \(kd_parts: adapters\.0\.0\.weight\) by step 2 "
+        r"\(epoch 1\); no checkpoint was written yet: lower train\.lr and start again$"
+    )
+    with pytest.raises(QatkdError, match=message):
+        pipeline.distill(load_config(overrides=[*runs["student"], f"out={out}"]))
 
 
 def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -> None:
