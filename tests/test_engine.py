@@ -4,8 +4,10 @@ import itertools
 import math
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -208,6 +210,29 @@ def test_a_resumed_run_adds_the_times_its_checkpoint_counted(
     train, evaluation = before or (0.0, 0.0)
     assert train <= metrics["train_seconds"] < train + 0.9, metrics
     assert evaluation <= metrics["eval_seconds"] < evaluation + 0.9, metrics
+
+
+def test_the_position_is_saved_each_time_the_save_period_has_passed(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """On a clock that moves 30 s a reading, with train.save_every_min=1: the period is read
+    after every step and restarts at each save and at each epoch's end, so the position is saved
+    when 60 s have passed, at steps 2 and 5 of two epochs of 3."""
+    readings = itertools.count(step=30.0)
+    clock = SimpleNamespace(monotonic=lambda: next(readings), perf_counter=time.perf_counter)
+    monkeypatch.setattr(engine, "time", clock)
+    saved: list[int] = []
+    original = engine.save_checkpoint
+
+    def save(state: dict, path: Path) -> None:
+        if state["position"] is not None:
+            saved.append(state["step"])
+        original(state, path)
+
+    monkeypatch.setattr(engine, "save_checkpoint", save)
+    overrides = tiny_overrides(npz_root, tmp_path / "run", "train.save_every_min=1")
+    _, metrics = pipeline.train(load_config(overrides=overrides))
+    assert metrics["steps"] == 6 and saved == [2, 5]
 
 
 def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
