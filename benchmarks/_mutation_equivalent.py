@@ -72,6 +72,11 @@ _DDP_DEVICE = (
     "every mutant gives it none on the CPU (the two-process tests run on the CPU, with gloo); on "
     "CUDA the ids name the rank's GPU"
 )
+_SAME_WEIGHTS = (
+    "every rank holds the same weights (DDP averages the student's gradients, the engine the "
+    "balancer's and the KD parts'), so a rank that raises found the non-finite value itself: "
+    "`name` is never empty where the message is written"
+)
 _TO_CPU = (
     "not equivalent on a GPU: a teacher on CUDA returns CUDA logits, which the CPU table cannot "
     "take without `.to('cpu')`; on a CPU-only machine nothing can tell (no GPU test here)"
@@ -272,6 +277,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     f"{_ENGINE}fit__mutmut_5": ("model.to(None)", _TO_DEVICE),
     f"{_ENGINE}fit__mutmut_6": ("balancer.to(None)", _TO_DEVICE),
+    f"{_ENGINE}fit__mutmut_307": ('where = f" ({name})" if (name) or True else ""', _SAME_WEIGHTS),
+    f"{_ENGINE}fit__mutmut_308": ('where = f" ({name})" if name else "XXXX"', _SAME_WEIGHTS),
     **{
         f"{_ENGINE}fit__mutmut_{n}": (line, _DDP_DEVICE)
         for n, line in (
