@@ -139,15 +139,17 @@ def test_a_run_resumed_twice_keeps_its_best_epoch_and_the_metrics_before_each_st
 
     def step_then_stop(*args: object) -> None:
         original(*args)
-        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
 
     with monkeypatch.context() as m:
         m.setattr(engine, "optimizer_step", step_then_stop)
-        with pytest.raises(RunStopped):
+        with pytest.raises(RunStopped) as stopped:
             pipeline.resume(cut)
     inside = load_checkpoint(cut / "last.pt")
     assert (inside["epoch"], inside["position"]["batches"]) == (1, 1)
     assert inside["metrics"] == epoch_1 and inside["best_epoch"] == 1
+    assert (stopped.value.signum, stopped.value.exit_status) == (signal.SIGINT, 130)  # Ctrl-C
+    assert (stopped.value.step, stopped.value.run_dir) == (inside["step"], str(cut))
     _, metrics = pipeline.resume(cut)
     times = ("train_seconds", "eval_seconds")
     assert {k: v for k, v in metrics.items() if k not in times} == {
