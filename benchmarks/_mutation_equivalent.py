@@ -277,6 +277,11 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     f"{_ENGINE}fit__mutmut_5": ("model.to(None)", _TO_DEVICE),
     f"{_ENGINE}fit__mutmut_6": ("balancer.to(None)", _TO_DEVICE),
+    f"{_ENGINE}fit__mutmut_396": (
+        "done, sums, rng = 0, [0.0, 0.0, 0, 1], None  # sums: loss, acc, samples, units",
+        "the units' sum is read only as a difference from its value at the epoch's start (the "
+        "progress bar's rate) and carried in a stop's position: an offset cancels",
+    ),
     f"{_ENGINE}fit__mutmut_307": ('where = f" ({name})" if (name) or True else ""', _SAME_WEIGHTS),
     f"{_ENGINE}fit__mutmut_308": ('where = f" ({name})" if name else "XXXX"', _SAME_WEIGHTS),
     **{

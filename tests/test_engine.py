@@ -3,6 +3,7 @@
 import itertools
 import math
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -150,6 +151,15 @@ def test_a_run_resumed_twice_keeps_its_best_epoch_and_the_metrics_before_each_st
     assert inside["metrics"] == epoch_1 and inside["best_epoch"] == 1
     assert (stopped.value.signum, stopped.value.exit_status) == (signal.SIGINT, 130)  # Ctrl-C
     assert (stopped.value.step, stopped.value.run_dir) == (inside["step"], str(cut))
+    other = shutil.copytree(cut, tmp_path / "two_processes")  # as if stopped under torchrun
+    inside["position"]["rng"] *= 2
+    save_checkpoint({k: v for k, v in inside.items() if k != "format"}, other / "last.pt")
+    message = (
+        f"^{re.escape(str(other / 'last.pt'))} stopped inside an epoch of a run of 2 processes: "
+        "resume it with as many$"
+    )
+    with pytest.raises(QatkdError, match=message):
+        pipeline.resume(other)
     _, metrics = pipeline.resume(cut)
     times = ("train_seconds", "eval_seconds")
     assert {k: v for k, v in metrics.items() if k not in times} == {
@@ -235,6 +245,32 @@ def test_the_position_is_saved_each_time_the_save_period_has_passed(
     overrides = tiny_overrides(npz_root, tmp_path / "run", "train.save_every_min=1")
     _, metrics = pipeline.train(load_config(overrides=overrides))
     assert metrics["steps"] == 6 and saved == [2, 5]
+
+
+def test_the_training_time_is_the_clocks_since_the_start_to_a_tenth_of_a_second(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The engine's clock reads 1000 s at the start, then 1001.26 s (and a few microseconds
+    more on each later reading): the run trained for 1.3 s."""
+    readings = itertools.chain([1000.0], (1001.26 + i * 1e-7 for i in itertools.count()))
+    clock = SimpleNamespace(perf_counter=lambda: next(readings), monotonic=time.monotonic)
+    monkeypatch.setattr(engine, "time", clock)
+    _, metrics = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
+    assert metrics["train_seconds"] == 1.3 and metrics["eval_seconds"] == 0.0
+
+
+def test_an_epochs_training_figures_are_the_means_of_its_steps(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """train_loss: the mean of the epoch's logged step losses (equal batches); train_acc: the
+    mean of the batches' accuracies, all 50 % here."""
+    monkeypatch.setattr(ClassificationTask, "batch_metrics", lambda *args: {"train_acc": 50.0})
+    run_dir, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
+    steps, epochs = read_csv(run_dir / "steps.csv"), read_csv(run_dir / "log.csv")
+    for row in epochs:
+        losses = [s["loss"] for s in steps if s["epoch"] == row["epoch"]]
+        assert len(losses) == 3 and row["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+        assert row["train_acc"] == 50.0
 
 
 def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
