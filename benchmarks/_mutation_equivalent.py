@@ -277,6 +277,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     f"{_ENGINE}fit__mutmut_5": ("model.to(None)", _TO_DEVICE),
     f"{_ENGINE}fit__mutmut_6": ("balancer.to(None)", _TO_DEVICE),
+    f"{_ENGINE}fit__mutmut_418": ("set_rng_states(rng, None)", _CUDA_RNG),
     f"{_ENGINE}fit__mutmut_396": (
         "done, sums, rng = 0, [0.0, 0.0, 0, 1], None  # sums: loss, acc, samples, units",
         "the units' sum is read only as a difference from its value at the epoch's start (the "

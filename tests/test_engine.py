@@ -273,6 +273,35 @@ def test_an_epochs_training_figures_are_the_means_of_its_steps(
         assert row["train_acc"] == 50.0
 
 
+def test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_stopped(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """stderr is no terminal here: progress comes as plain lines, each epoch's last at 3 of 3
+    steps, a resumed epoch's too (it starts at the steps done before the stop)."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(npz_root, run)
+    original = engine.optimizer_step
+
+    steps = itertools.count(1)
+
+    def second_step_then_stop(*args: object) -> None:
+        original(*args)
+        if next(steps) == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "optimizer_step", second_step_then_stop)
+        with pytest.raises(RunStopped):
+            pipeline.train(load_config(overrides=overrides))
+    stopped = capsys.readouterr().err.splitlines()
+    assert stopped and all(line.startswith("epoch 1/2: ") for line in stopped), stopped
+    pipeline.resume(run)
+    lines = capsys.readouterr().err.splitlines()
+    for epoch in (1, 2):
+        last = [line for line in lines if line.startswith(f"epoch {epoch}/2: ")][-1]
+        assert re.match(rf"epoch {epoch}/2: 100% 3/3, loss=[\d.]+, acc=[\d.]+, ", last), last
+
+
 def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
     order = [5, 3, 8, 1]  # a sampler's indices
     remaining = engine.SkipFirst(order)
