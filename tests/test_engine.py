@@ -200,18 +200,22 @@ def test_a_resumed_run_adds_the_times_its_checkpoint_counted(
 ):
     """The training and evaluation seconds before a stop count in the resumed run's, and a
     checkpoint from before they were recorded counts none; on a clock that moves a millisecond
-    a reading, the resumed part adds less than a second."""
+    a reading, the resumed part adds less than a second (the first part's clock moves a second
+    a reading, so that its checkpoint holds whole seconds)."""
     overrides = tiny_overrides(npz_root, tmp_path / "cut")
 
     def interrupt(*args: object) -> None:
         raise KeyboardInterrupt
 
+    seconds = itertools.count()
     with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
         m.setattr(engine, "plot_run", interrupt)
+        clock = SimpleNamespace(perf_counter=lambda: float(next(seconds)), monotonic=time.monotonic)
+        m.setattr(engine, "time", clock)
         with pytest.raises(KeyboardInterrupt):
             pipeline.train(load_config(overrides=overrides))
     state = load_checkpoint(tmp_path / "cut" / "last.pt")
-    assert state["train_seconds"] > 0 and state["eval_seconds"] > 0  # epoch 1's, recorded
+    assert state["train_seconds"] >= 1 and state["eval_seconds"] >= 1  # epoch 1's, recorded
     state = {k: v for k, v in state.items() if k not in ("format", "train_seconds", "eval_seconds")}
     if before is not None:
         state["train_seconds"], state["eval_seconds"] = before
