@@ -87,13 +87,12 @@ def main() -> None:
     }
     # the page keeps what it showed that still holds (an architecture measured with --arch)
     results = {a: r for a, r in results.items() if a in wanted or r is not None}
-    shown = list(results)
     for name, result in results.items():
         if result is not None:
             print(f"{name}: reused, measured at commit {result['commit']} on {result['machine']}")
     run["reused"] = sum(r is not None for r in results.values())
     train, test = fashion_images(schedule.fine_tuning.size)
-    for name in shown:
+    for name in list(results):
         if results[name] is None and name in selected:
             print(f"{name}: measuring", flush=True)
             results[name] = measure_and_cache(name, schedule, train, test, work, run["commit"])
