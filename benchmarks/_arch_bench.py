@@ -19,6 +19,7 @@ machine, and the page names it).
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.metadata
 import tempfile
 import time
@@ -101,13 +102,19 @@ def measure_and_cache(
 
 def result_key(name: str, schedule: Schedule) -> dict[str, Any]:
     """What a result depends on (not the machine: a result records its own)."""
-    code = [ROOT / "src/qatkd", *(Path(__file__).parent / f for f in SOURCES)]
     return {
         "architecture": name,
         "schedule": asdict(schedule),
         "versions": {p: _version(p) for p in VERSIONED},
-        "source": source_digest(code),
+        "source": _code_digest(),
     }
+
+
+@functools.cache
+def _code_digest() -> str:
+    """qatkd's and the benchmark modules' sources, hashed once a run (they do not change
+    during one)."""
+    return source_digest([ROOT / "src/qatkd", *(Path(__file__).parent / f for f in SOURCES)])
 
 
 def _version(package: str) -> str | None:
