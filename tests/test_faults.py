@@ -20,6 +20,7 @@ from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.tasks.classification.models import build_model
 from qatkd.tasks.classification.task import ClassificationTask
+from qatkd.train.stops import RunStopped
 from testdata import make_images, nan_after_step, tiny_overrides, write_idx, write_npz
 
 QATKD = [sys.executable, "-m", "qatkd"]
@@ -85,6 +86,43 @@ def test_nan_loss_can_skip_the_step(npz_root, tmp_path, monkeypatch, capsys):
     _, metrics = pipeline.train(load_config(overrides=overrides))  # 64 images: 4 steps an epoch
     assert metrics["steps"] == 8 and "skipped step 2" in capsys.readouterr().out
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "run")["model"].values())
+
+
+def test_a_stop_at_a_skipped_step_resumes_to_the_run_that_skipped_it_and_went_on(
+    npz_root, tmp_path, monkeypatch
+):
+    """A stop request arrives with step 2's non-finite loss: the step is skipped, the checkpoint
+    holds epoch 1 after two batches with step 1's figures, and the resumed run ends on the
+    weights and figures of the run never stopped."""
+    extra = ("train.on_nonfinite=skip", "data.val_split=0")
+    plain = ClassificationTask.task_loss
+    _nan_at_step(monkeypatch, bad_step=2)
+    full, _ = pipeline.train(
+        load_config(overrides=tiny_overrides(npz_root, tmp_path / "full", *extra))
+    )
+    calls = []
+
+    def stop_with_a_nan(self, outputs, batch):
+        calls.append(1)
+        loss = plain(self, outputs, batch)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(ClassificationTask, "task_loss", stop_with_a_nan)
+    cut = tmp_path / "cut"
+    with pytest.raises(RunStopped):
+        pipeline.train(load_config(overrides=tiny_overrides(npz_root, cut, *extra)))
+    state = load_checkpoint(cut / "last.pt")
+    position = state["position"]
+    assert (state["epoch"], state["step"], position["batches"]) == (0, 2, 2)
+    assert position["sums"][2] == 16  # the samples of step 1 only: batches of 16
+    monkeypatch.setattr(ClassificationTask, "task_loss", plain)
+    resumed, _ = pipeline.resume(cut)
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(resumed / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["metrics"] == b["metrics"]
 
 
 def test_skipping_stops_once_the_weights_are_not_finite(npz_root, tmp_path, monkeypatch):

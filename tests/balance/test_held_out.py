@@ -193,6 +193,26 @@ def test_a_helpful_teacher_stays_on(learn_root: Path, learned_fp32: Path, tmp_pa
     assert metrics["final_align_kd"] != 0
 
 
+def test_the_pass_runs_every_every_steps_on_the_next_held_out_batch(
+    learn_root: Path, learned_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """At balancer.every=3, steps 1, 4, 7, ... measure, each on a held-out batch of its own."""
+    passes: list[int] = []
+    indices = HeldOutPass.indices
+
+    def recorded(self: HeldOutPass, update: int) -> list[int]:
+        passes.append(update)
+        return indices(self, update)
+
+    monkeypatch.setattr(HeldOutPass, "indices", recorded)
+    extra = [*HELDOUT, "balancer.every=3", f"teachers=[{learned_fp32 / 'last.pt'}]"]
+    run_dir, _ = pipeline.distill(
+        load_config(overrides=learning_overrides(learn_root, tmp_path / "run", *extra))
+    )
+    steps = load_checkpoint(run_dir / "last.pt")["step"]
+    assert steps >= 7 and passes == list(range(math.ceil(steps / 3)))
+
+
 def test_resume_reproduces_the_uninterrupted_run(
     learn_root: Path, learned_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -31,7 +31,8 @@ from qatkd.tasks.detection.kd import (
     quality_focal_kd,
 )
 from qatkd.tasks.detection.models import build_detector
-from qatkd.train import engine
+from qatkd.train import engine, step
+from qatkd.train.distributed import World
 from qatkd.train.stops import RunStopped
 from testdata import make_images, measured_alignments, nan_after_step, write_idx
 
@@ -242,6 +243,26 @@ def test_non_finite_adapter_weights_are_named_as_the_kd_parts(runs, monkeypatch)
     )
     with pytest.raises(QatkdError, match=message):
         pipeline.distill(load_config(overrides=[*runs["student"], f"out={out}"]))
+
+
+def test_the_adapters_gradients_are_averaged_over_the_processes_with_the_balancers(
+    runs, monkeypatch
+) -> None:
+    """DDP averages the student's gradients; each step averages the balancer's and the
+    adapters' itself, or every process would train adapters of its own. One process averages
+    over itself, so what is checked is which parts each step hands over."""
+    averaged: list[set[str]] = []
+    average = step.average_gradients
+
+    def recorded(world: World, module: torch.nn.Module) -> None:
+        averaged.append({name for name, _ in module.named_parameters()})
+        average(world, module)
+
+    monkeypatch.setattr(step, "average_gradients", recorded)
+    out = Path(runs["work"][0]) / "averaged"
+    pipeline.distill(load_config(overrides=[*runs["student"], "train.epochs=1", f"out={out}"]))
+    adapters = {"adapters.0.0.weight", "adapters.0.0.bias"}
+    assert averaged == [set(), adapters] * 2  # the fixed balancer has no parameters; 2 steps
 
 
 def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -> None:
