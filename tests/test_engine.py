@@ -281,9 +281,15 @@ def test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_st
     npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
     """stderr is no terminal here: progress comes as plain lines, each epoch's last at 3 of 3
-    steps, a resumed epoch's too (it starts at the steps done before the stop)."""
+    steps, a resumed epoch's too (it starts at the steps done before the stop). On a clock that
+    moves a second a reading (read once at the epoch's start and once a step), each step of 16
+    images shows a rate of 16 images a second, the resumed epoch's too (its rate counts only the
+    images it trained on)."""
     run = tmp_path / "run"
     overrides = tiny_overrides(npz_root, run)
+    seconds = itertools.count()
+    clock = SimpleNamespace(perf_counter=lambda: float(next(seconds)), monotonic=time.monotonic)
+    monkeypatch.setattr(engine, "time", clock)
     original = engine.optimizer_step
 
     steps = itertools.count(1)
@@ -299,11 +305,12 @@ def test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_st
             pipeline.train(load_config(overrides=overrides))
     stopped = capsys.readouterr().err.splitlines()
     assert stopped and all(line.startswith("epoch 1/2: ") for line in stopped), stopped
+    assert all(", img_s=16, " in line for line in stopped), stopped
     pipeline.resume(run)
     lines = capsys.readouterr().err.splitlines()
     for epoch in (1, 2):
         last = [line for line in lines if line.startswith(f"epoch {epoch}/2: ")][-1]
-        assert re.match(rf"epoch {epoch}/2: 100% 3/3, loss=[\d.]+, acc=[\d.]+, ", last), last
+        assert re.match(rf"epoch {epoch}/2: 100% 3/3, loss=[\d.]+, acc=[\d.]+, img_s=16, ", last)
 
 
 def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
