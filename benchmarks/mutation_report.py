@@ -17,9 +17,8 @@ mutated function, in a forked worker.
 
 Writes benchmarks/results/mutation.{md,json}. A run replaces the entries of the modules it ran
 and keeps the others', each with its own commit and date; a module never run is listed as such.
-A surviving mutant that a note of `_mutation_equivalent.EQUIVALENT` describes (a mutant of the
-same function making the same change: mutmut numbers a function's mutants anew whenever it is
-edited) is reported with the reason it cannot be killed; every other survivor is a gap in the
+A surviving mutant named in `_mutation_equivalent.EQUIVALENT` (with the mutated line it
+expects) is reported with the reason it cannot be killed; every other survivor is a gap in the
 tests.
 """
 
@@ -330,17 +329,10 @@ def survivor(key: str, status: str, diff: str) -> dict[str, Any]:
         for line in diff.splitlines()
         if line.startswith("+") and not line.startswith("+++")
     ]
-    return {"mutant": key, "status": status, "diff": diff, "equivalent": note(key, changed)}
-
-
-def note(key: str, changed: list[str]) -> str | None:
-    """The reason of the EQUIVALENT note on a mutant of `key`'s function whose mutated line is
-    one of `changed` (the numbers may have moved since the note was written), or None."""
-    function = key.rpartition("__mutmut_")[0]
-    for noted, (line, reason) in EQUIVALENT.items():
-        if noted.rpartition("__mutmut_")[0] == function and line in changed:
-            return reason
-    return None
+    line, reason = EQUIVALENT.get(key, ("", ""))
+    # a note holds only while the mutant (numbered per function) still makes the same change
+    equivalent = reason if reason and line in changed else None
+    return {"mutant": key, "status": status, "diff": diff, "equivalent": equivalent}
 
 
 def write_report(results: dict[str, Any]) -> None:
