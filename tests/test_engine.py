@@ -308,9 +308,14 @@ def test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_st
     assert all(", img_s=16, " in line for line in stopped), stopped
     pipeline.resume(run)
     lines = capsys.readouterr().err.splitlines()
-    for epoch in (1, 2):
+    for epoch, logged in zip((1, 2), read_csv(run / "log.csv"), strict=True):
         last = [line for line in lines if line.startswith(f"epoch {epoch}/2: ")][-1]
-        assert re.match(rf"epoch {epoch}/2: 100% 3/3, loss=[\d.]+, acc=[\d.]+, img_s=16, ", last)
+        shown = re.match(
+            rf"epoch {epoch}/2: 100% 3/3, loss=([\d.]+), acc=([\d.]+), img_s=16, ", last
+        )
+        assert shown, last  # the epoch's means, as log.csv holds them (to its 6 digits)
+        assert float(shown[1]) == pytest.approx(logged["train_loss"], abs=6e-4), last
+        assert float(shown[2]) == pytest.approx(logged["train_acc"], abs=6e-2), last
 
 
 def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
