@@ -125,6 +125,19 @@ def test_a_stop_at_a_skipped_step_resumes_to_the_run_that_skipped_it_and_went_on
     assert a["metrics"] == b["metrics"]
 
 
+def test_an_epoch_whose_every_step_was_skipped_stops_the_run(npz_root, tmp_path, monkeypatch):
+    """Nothing was learnt and there are no figures to report: one line says so."""
+    original = ClassificationTask.task_loss
+    monkeypatch.setattr(
+        ClassificationTask, "task_loss", lambda self, *args: original(self, *args) * float("nan")
+    )
+    run = tmp_path / "run"
+    config = load_config(overrides=tiny_overrides(npz_root, run, "train.on_nonfinite=skip"))
+    with pytest.raises(QatkdError, match=r"^every step of epoch 1 had a non-finite loss$"):
+        pipeline.train(config)
+    assert not (run / "last.pt").exists()
+
+
 def test_skipping_stops_once_the_weights_are_not_finite(npz_root, tmp_path, monkeypatch):
     """A skipped step cannot repair NaN weights: the run stops at the first skip after them
     (here in the middle of an epoch) rather than skipping every step to the end, and points at
