@@ -267,14 +267,20 @@ def test_an_epochs_training_figures_are_the_means_of_its_steps(
     npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """train_loss: the mean of the epoch's logged step losses (equal batches); train_acc: the
-    mean of the batches' accuracies, all 50 % here."""
+    mean of the batches' accuracies, all 50 % here; the step and rate: its last step's; its
+    seconds: within the run's."""
     monkeypatch.setattr(ClassificationTask, "batch_metrics", lambda *args: {"train_acc": 50.0})
-    run_dir, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
+    run_dir, metrics = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
     steps, epochs = read_csv(run_dir / "steps.csv"), read_csv(run_dir / "log.csv")
     for row in epochs:
-        losses = [s["loss"] for s in steps if s["epoch"] == row["epoch"]]
+        rows = [s for s in steps if s["epoch"] == row["epoch"]]
+        losses = [s["loss"] for s in rows]
         assert len(losses) == 3 and row["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
         assert row["train_acc"] == 50.0
+        assert (row["step"], row["lr"]) == (rows[-1]["step"], rows[-1]["lr"])
+        assert row["seconds"] > 0
+    assert sum(row["seconds"] for row in epochs) <= metrics["train_seconds"] + 0.05
+    assert [row["lr"] for row in epochs] == sorted({row["lr"] for row in epochs}, reverse=True)
 
 
 def test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_stopped(
