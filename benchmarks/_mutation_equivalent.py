@@ -77,6 +77,10 @@ _REFRESH = (
     "next redraw shows it anyway; None is as false as False): the lines the tests read, and "
     "what a terminal shows, do not change"
 )
+_SAME_RATE = (
+    "groups 0 and 1 are the model's weights and its norms, biases and quantizer scales, always "
+    "at the same rate on the same schedule (only the balancer's group has its own)"
+)
 _UNITS_ARE_SAMPLES = (
     "not equivalent for language models, whose unit is the token: an image model's units are "
     "its samples (classification and detection count images), and the trainer's tests train "
@@ -310,11 +314,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             (560, '{"loss": f"{sums[0] / sums[2]:.3f}", "acc": f"{sums[1] / sums[3]:.1f}"}'),
         )
     },
-    f"{_ENGINE}fit__mutmut_580": (
-        '"lr": schedule.get_last_lr()[1],',
-        "groups 0 and 1 are the model's weights and its norms, biases and quantizer scales, "
-        "always at the same rate on the same schedule (only the balancer's group has its own)",
-    ),
+    f"{_ENGINE}fit__mutmut_580": ('"lr": schedule.get_last_lr()[1],', _SAME_RATE),
+    f"{_ENGINE}fit__mutmut_655": ("lr = schedule.get_last_lr()[1]", _SAME_RATE),
     f"{_ENGINE}fit__mutmut_396": (
         "done, sums, rng = 0, [0.0, 0.0, 0, 1], None  # sums: loss, acc, samples, units",
         "the units' sum is read only as a difference from its value at the epoch's start (the "
