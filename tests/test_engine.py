@@ -54,6 +54,15 @@ def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_
     assert len((run_dir / "log.csv").read_text().splitlines()) == 1 + 2
 
 
+def test_each_epoch_redraws_the_curves_titled_with_the_model_and_the_run(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    drawn = []
+    monkeypatch.setattr(engine, "plot_run", lambda *args: drawn.append(args))
+    pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "run")))
+    assert drawn == [(tmp_path / "run", "resnet8 — run")] * 2
+
+
 def test_same_seed_same_numbers(npz_root: Path, tmp_path: Path):
     runs = [
         pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / f"r{i}")))[0]
