@@ -316,6 +316,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     },
     f"{_ENGINE}fit__mutmut_580": ('"lr": schedule.get_last_lr()[1],', _SAME_RATE),
     f"{_ENGINE}fit__mutmut_655": ("lr = schedule.get_last_lr()[1]", _SAME_RATE),
+    **{
+        f"{_ENGINE}fit__mutmut_{n}": (
+            f"plot_run(run_dir, f\"{{meta.get('model_name', {default})}} — {{run_dir.name}}\")",
+            "every task family's meta names its model (`model_name`), so the default is never "
+            "read (the title's other mutants are killed by "
+            "test_each_epoch_redraws_the_curves_titled_with_the_model_and_the_run)",
+        )
+        for n, default in ((672, "None"), (674, ""))
+    },
     f"{_ENGINE}fit__mutmut_396": (
         "done, sums, rng = 0, [0.0, 0.0, 0, 1], None  # sums: loss, acc, samples, units",
         "the units' sum is read only as a difference from its value at the epoch's start (the "
