@@ -123,6 +123,22 @@ def test_a_stop_inside_an_epoch_resumes_to_the_uninterrupted_weights(
     assert (resumed / "steps.csv").read_text() == (full / "steps.csv").read_text()
 
 
+def test_a_stop_request_once_the_last_epoch_is_saved_lets_the_run_finish(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Nothing would be left to resume: the run writes its metrics and returns."""
+    print_epoch = engine._print_epoch
+
+    def stop_after_the_last(epoch: int, epochs: int, *args: object) -> None:
+        print_epoch(epoch, epochs, *args)
+        if epoch + 1 == epochs:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(engine, "_print_epoch", stop_after_the_last)
+    run_dir, metrics = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
+    assert metrics["steps"] == 6 and (run_dir / "metrics.json").is_file()
+
+
 def test_a_run_resumed_twice_keeps_its_best_epoch_and_the_metrics_before_each_stop(
     learn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
