@@ -323,7 +323,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             "read (the title's other mutants are killed by "
             "test_each_epoch_redraws_the_curves_titled_with_the_model_and_the_run)",
         )
-        for n, default in ((672, "None"), (674, ""))
+        for n, default in ((672, "None"), (674, ""), (677, "'XXmodelXX'"), (678, "'MODEL'"))
     },
     f"{_ENGINE}fit__mutmut_396": (
         "done, sums, rng = 0, [0.0, 0.0, 0, 1], None  # sums: loss, acc, samples, units",
