@@ -123,6 +123,27 @@ def test_a_stop_inside_an_epoch_resumes_to_the_uninterrupted_weights(
     assert (resumed / "steps.csv").read_text() == (full / "steps.csv").read_text()
 
 
+def test_a_stop_request_at_an_epochs_end_stops_the_run_there(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Epoch 1's checkpoint is written when the request comes: the run stops on it, without a
+    step of epoch 2, and RunStopped says where (step 3 of 6) and which folder resumes."""
+    print_epoch = engine._print_epoch
+
+    def stop_after_the_first(epoch: int, *args: object) -> None:
+        print_epoch(epoch, *args)
+        if epoch == 0:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(engine, "_print_epoch", stop_after_the_first)
+    run = tmp_path / "run"
+    with pytest.raises(RunStopped, match=r"^stopped at step 3 of 6$") as stopped:
+        pipeline.train(load_config(overrides=tiny_overrides(npz_root, run)))
+    state = load_checkpoint(run / "last.pt")
+    assert (state["epoch"], state["step"], state.get("position")) == (1, 3, None)
+    assert (stopped.value.signum, stopped.value.run_dir) == (signal.SIGTERM, str(run))
+
+
 def test_a_stop_request_once_the_last_epoch_is_saved_lets_the_run_finish(
     npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
