@@ -133,7 +133,7 @@ def test_a_stop_request_at_an_epochs_end_stops_the_run_there(
     def stop_after_the_first(epoch: int, *args: object) -> None:
         print_epoch(epoch, *args)
         if epoch == 0:
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C
 
     monkeypatch.setattr(engine, "_print_epoch", stop_after_the_first)
     run = tmp_path / "run"
@@ -141,7 +141,7 @@ def test_a_stop_request_at_an_epochs_end_stops_the_run_there(
         pipeline.train(load_config(overrides=tiny_overrides(npz_root, run)))
     state = load_checkpoint(run / "last.pt")
     assert (state["epoch"], state["step"], state.get("position")) == (1, 3, None)
-    assert (stopped.value.signum, stopped.value.run_dir) == (signal.SIGTERM, str(run))
+    assert (stopped.value.signum, stopped.value.run_dir) == (signal.SIGINT, str(run))
 
 
 def test_a_stop_request_once_the_last_epoch_is_saved_lets_the_run_finish(
