@@ -1,6 +1,7 @@
 """The engine on the tiny npz data: it learns, it is deterministic, and resume is exact."""
 
 import itertools
+import json
 import math
 import re
 import shutil
@@ -52,6 +53,8 @@ def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_
     assert 0 <= metrics["test_acc"] <= 100 and metrics["epochs"] == 2
     assert metrics["device"] == "cpu"  # what benchmark pages name when a GPU trained a run
     assert len((run_dir / "log.csv").read_text().splitlines()) == 1 + 2
+    # what the run returned, indented for a person to read
+    assert (run_dir / "metrics.json").read_text() == json.dumps(metrics, indent=2) + "\n"
 
 
 def test_each_epoch_redraws_the_curves_titled_with_the_model_and_the_run(
