@@ -1,6 +1,7 @@
-"""The verdicts of a mutation run that stopped before its end, kept where git keeps them, so that
-a later session resumes the run on any machine: a module of the trainer or the exporter takes
-longer than a session, and mutmut's own work folder lives only on the machine that made it.
+"""The verdicts of a mutation run, kept where git keeps them, so that a later session resumes a
+stopped run on any machine (a module of the trainer or the exporter takes longer than a
+session, and mutmut's own work folder lives only on the machine that made it), and tests only
+the survivors of a finished one again once tests are added for them.
 
     benchmarks/results/mutation_progress/<module>.json
         {"key": ..., "source_key": ..., "commit": ..., "wall_s": ..., "carried_from": [...],
@@ -14,8 +15,8 @@ survivors it has seen), the mutants are the same and their killed verdicts still
 are reused, and the survivors are tested again; the commit they were found on is listed in
 `carried_from`, which the report shows. Reuse is checked against the live computation once: one
 reused verdict is tested again first, and a different answer discards them all. The file is
-written every few minutes while mutmut runs and removed when the module finishes (its results
-are then in mutation.json)."""
+written every few minutes while mutmut runs, and kept when the module finishes (its results are
+then in mutation.json too)."""
 
 from __future__ import annotations
 
@@ -124,10 +125,6 @@ def save(
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
-
-
-def remove(module: str) -> None:
-    _path(module).unlink(missing_ok=True)
 
 
 def restore(work: Path, verdicts: Verdicts) -> int:

@@ -220,7 +220,6 @@ def run_module(name: str, jobs: int) -> dict[str, Any]:
         raise stopped(
             work, f"mutmut stopped on {name} (exit {rc}); run the same command again to resume"
         )
-    progress.remove(name)
     return {"wall_s": wall(), "carried_from": carried, **collect(work, spec)}
 
 
