@@ -25,7 +25,7 @@ from qatkd.train import engine, optim
 from qatkd.train.distributed import World
 from qatkd.train.logs import read_csv
 from qatkd.train.stops import RunStopped
-from testdata import learning_overrides, tiny_overrides
+from testdata import learning_overrides, stop_after_epoch_1, tiny_overrides
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -79,14 +79,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     full, _ = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "full")))
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
-        m.setattr(engine, "plot_run", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "cut")))
+    stop_after_epoch_1(
+        monkeypatch,
+        lambda: pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "cut"))),
+    )
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
     resumed, _ = pipeline.resume(tmp_path / "cut")
     a, b = final_weights(full), final_weights(resumed)
@@ -176,14 +172,10 @@ def test_a_run_resumed_twice_keeps_its_best_epoch_and_the_metrics_before_each_st
     )
     assert expected["best_epoch"] == 1, expected  # or this test tests nothing
     cut = tmp_path / "cut"
-
-    def interrupt(*args: object) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
-        m.setattr(engine, "plot_run", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.train(load_config(overrides=learning_overrides(learn_root, cut)))
+    stop_after_epoch_1(
+        monkeypatch,
+        lambda: pipeline.train(load_config(overrides=learning_overrides(learn_root, cut))),
+    )
     epoch_1 = load_checkpoint(cut / "last.pt")["metrics"]
     original = engine.optimizer_step
 
@@ -224,14 +216,7 @@ def test_a_checkpoint_from_before_best_epochs_were_recorded_resumes_with_the_bes
     minimizes, and the run learns, so epoch 1 stays the best)."""
     monkeypatch.setattr(ClassificationTask, "maximize", False)
     overrides = learning_overrides(learn_root, tmp_path / "cut", "train.epochs=2")
-
-    def interrupt(*args: object) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
-        m.setattr(engine, "plot_run", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.train(load_config(overrides=overrides))
+    stop_after_epoch_1(monkeypatch, lambda: pipeline.train(load_config(overrides=overrides)))
     state = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert state.pop("best_epoch") == 1 and state.pop("best_metrics")
     save_checkpoint({k: v for k, v in state.items() if k != "format"}, tmp_path / "cut" / "last.pt")
@@ -252,17 +237,11 @@ def test_a_resumed_run_adds_the_times_its_checkpoint_counted(
     a reading, the resumed part adds less than a second (the first part's clock moves a second
     a reading, so that its checkpoint holds whole seconds)."""
     overrides = tiny_overrides(npz_root, tmp_path / "cut")
-
-    def interrupt(*args: object) -> None:
-        raise KeyboardInterrupt
-
     seconds = itertools.count()
-    with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
-        m.setattr(engine, "plot_run", interrupt)
+    with monkeypatch.context() as m:
         clock = SimpleNamespace(perf_counter=lambda: float(next(seconds)), monotonic=time.monotonic)
         m.setattr(engine, "time", clock)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.train(load_config(overrides=overrides))
+        stop_after_epoch_1(m, lambda: pipeline.train(load_config(overrides=overrides)))
     state = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert state["train_seconds"] >= 1 and state["eval_seconds"] >= 1  # epoch 1's, recorded
     state = {k: v for k, v in state.items() if k not in ("format", "train_seconds", "eval_seconds")}

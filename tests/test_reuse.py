@@ -19,8 +19,7 @@ from qatkd.errors import QatkdError
 from qatkd.tasks import task_family
 from qatkd.tasks.classification.data import TensorImages
 from qatkd.tasks.teacher_cache import content_digest
-from qatkd.train import engine
-from testdata import tiny_overrides
+from testdata import stop_after_epoch_1, tiny_overrides
 
 
 @pytest.fixture
@@ -167,14 +166,9 @@ def test_run_or_reuse_resumes_an_interrupted_run_to_the_uninterrupted_weights(
     refused or started again: its weights end as those of a run never stopped."""
     whole = reuse.run_or_reuse(tmp_path / "whole", "train", tiny_overrides(npz_root, tmp_path))
     cut = tmp_path / "cut"
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:  # stopped right after epoch 1's checkpoint is written
-        m.setattr(engine, "plot_run", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            reuse.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path))
+    stop_after_epoch_1(
+        monkeypatch, lambda: reuse.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path))
+    )
     assert load_checkpoint(cut / "last.pt")["epoch"] == 1
     assert not (cut / "metrics.json").exists()
     resumed = reuse.run_or_reuse(cut, "train", tiny_overrides(npz_root, tmp_path))

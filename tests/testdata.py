@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,16 @@ def nan_after_step(monkeypatch: pytest.MonkeyPatch, bad_step: int, group: str = 
                 params[0].view(-1)[0] = float("nan")
 
     monkeypatch.setattr(engine, "optimizer_step", optimizer_step)
+
+
+def stop_after_epoch_1(monkeypatch: pytest.MonkeyPatch, start: Callable[[], object]) -> None:
+    """Call `start` (a run), stopping it right after epoch 1's checkpoint is written: the
+    figure drawn next raises Ctrl-C's KeyboardInterrupt."""
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "plot_run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            start()

@@ -17,11 +17,10 @@ from qatkd.balance.balancers import HELDOUT_PULL
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
-from qatkd.train import engine
 from qatkd.train.distributed import World
 from qatkd.train.held_out import HeldOutPass, reserve_held_out
 from qatkd.train.logs import read_csv
-from testdata import learning_overrides, permuted_teacher
+from testdata import learning_overrides, permuted_teacher, stop_after_epoch_1
 
 L_TS, L_KD = 2.0, 0.3
 
@@ -221,14 +220,9 @@ def test_resume_reproduces_the_uninterrupted_run(
         return learning_overrides(learn_root, tmp_path / name, *extra, "train.epochs=2")
 
     full, _ = pipeline.distill(load_config(overrides=overrides("full")))
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:  # stop right after epoch 1's checkpoint is written
-        m.setattr(engine, "plot_run", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.distill(load_config(overrides=overrides("cut")))
+    stop_after_epoch_1(
+        monkeypatch, lambda: pipeline.distill(load_config(overrides=overrides("cut")))
+    )
     resumed, _ = pipeline.resume(tmp_path / "cut")
     a, b = (load_checkpoint(r / "last.pt") for r in (full, resumed))
     for part in ("model", "balancer"):
