@@ -40,13 +40,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     module_seconds: dict[str, float] = defaultdict(float)
     for item in items:
         module_seconds[_module(item)] += durations.get(item.nodeid, 0.0)
-    items.sort(
-        key=lambda item: (
-            module_seconds[_module(item)],
-            _module(item),
-            durations.get(item.nodeid, 0.0),
-        )
-    )
+
+    def order(item: pytest.Item) -> tuple[float, str, float]:
+        module = _module(item)
+        return module_seconds[module], module, durations.get(item.nodeid, 0.0)
+
+    items.sort(key=order)
 
 
 def _module(item: pytest.Item) -> str:
