@@ -372,13 +372,16 @@ def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
     assert list(remaining) == [1] and len(remaining) == 1
 
 
-def test_each_seed_and_epoch_draw_their_own_random_numbers():
+def test_each_seed_epoch_and_process_draw_their_own_random_numbers():
     draws = set()
     for seed in range(3):
         for epoch in range(4):
-            torch.manual_seed(engine.epoch_seed(seed, epoch))
-            draws.add(torch.rand(1).item())
-    assert len(draws) == 12
+            for rank in range(2):
+                torch.manual_seed(engine.epoch_seed(seed, epoch, rank))
+                draws.add(torch.rand(1).item())
+    assert len(draws) == 24
+    assert engine.epoch_seed(3, 2) == engine.epoch_seed(3, 2, rank=0) == 3 * 1_000_003 + 2
+    assert engine.epoch_seed(3, 2, rank=1) == 3 * 1_000_003 + 2 + 2**20
 
 
 def test_each_epoch_shuffles_the_training_images_and_the_seed_decides_the_order(

@@ -57,8 +57,11 @@ def evaluate_splits(
     return metrics
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of process `rank`'s random draws (augmentation, dropout) in `epoch`: rank 0 draws
+    what a single process draws, and another rank never what some epoch of rank 0 draws (within
+    2**20 epochs: the CPU generator keeps a seed's low 32 bits)."""
+    return seed * 1_000_003 + epoch + (rank << 20)
 
 
 class SkipFirst(Sampler):
@@ -273,7 +276,7 @@ def fit(
             model.train()
             balancer.train()
             sampler.set_epoch(epoch)
-            torch.manual_seed(epoch_seed(config.seed, epoch) + world.rank)
+            torch.manual_seed(epoch_seed(config.seed, epoch, world.rank))
             done, sums, rng = 0, [0.0, 0.0, 0, 0], None  # sums: loss, acc, samples, units
             if position is not None:  # resumed inside this epoch
                 if len(position["rng"]) != world.size:
