@@ -92,7 +92,10 @@ MODULES: dict[str, dict[str, list[str]]] = {
         "mutate": ["src/qatkd/export/codes.py", "src/qatkd/export/bias_grid.py"],
         "tests": ["tests/export"],
     },
-    "export-graph": {"mutate": ["src/qatkd/export/onnx_graph.py"], "tests": ["tests/export"]},
+    "export-graph": {
+        "mutate": ["src/qatkd/export/onnx_graph.py", "src/qatkd/export/onnx_registry.py"],
+        "tests": ["tests/export"],
+    },
     "export-ops": {"mutate": ["src/qatkd/export/onnx_ops.py"], "tests": ["tests/export"]},
 }
 """Module -> the files mutmut mutates (globs from the repository root) and the tests it runs.

@@ -23,9 +23,8 @@ import onnx
 import torch
 from torch import nn
 
-from qatkd.export.frozen import act_range
+from qatkd.export.frozen import act_range, tensor_hint
 from qatkd.export.onnx_export import ACTIVATION_CODES, INPUT_NAME, OUTPUT_NAME
-from qatkd.export.onnx_graph import tensor_hint
 from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantAct, Quantizer, QuantSiLU
 from qatkd.quant.tensors import QUANTIZED_INPUT

@@ -44,6 +44,12 @@ class ActRange:
         return self.qmin < 0
 
 
+def tensor_hint(quantizer: nn.Module, default: str) -> str:
+    """The name under which the graph quantizes the tensor `quantizer` reads (shared by all its
+    readers, `qatkd.quant.tensors`), or `default` where `prepare` gave it none."""
+    return getattr(quantizer, "tensor_hint", None) or default
+
+
 def act_range(quantizer: Quantizer, where: str) -> ActRange | None:
     """The quantizer's range, or None for a float (16-bit) quantizer: that input stays float.
     An input quantized at run time (`dynamic`) has no range: only onnxruntime's int8 MatMulNBits

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,3 +146,16 @@ def island_graph(
 def _order(gm: fx.GraphModule) -> Any:
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     return lambda n: position[n]
+
+
+def rename_tensors(node: onnx.NodeProto, rename: Callable[[str], str]) -> None:
+    """Rename the tensors `node` reads and writes, inside its subgraphs too (If, Loop)."""
+    node.input[:] = [rename(x) for x in node.input]
+    node.output[:] = [rename(x) for x in node.output]
+    node.name = node.output[0] if node.output else rename(node.name)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in sub.node:
+                rename_tensors(inner, rename)
+            for value in [*sub.input, *sub.output, *sub.initializer]:
+                value.name = rename(value.name)

@@ -1,6 +1,7 @@
 """The ONNX graph builder: walks the frozen, BN-folded fx graph once and emits ONNX nodes and
-initializers, asking a registry of small op handlers (`qatkd.export.onnx_ops`) for each module or
-function node. A new layer type is exported by registering a handler, not by editing the builder.
+initializers, asking a registry (`onnx_registry`) of small op handlers (`qatkd.export.onnx_ops`)
+for each module or function node. A new layer type is exported by registering a handler, not by
+editing the builder.
 A node that no handler takes (none registered, a shape or tuple value, or a handler that raises
 `Fallback`) is exported in float by torch.onnx (`onnx_fallback`), so coverage does not depend on
 the handlers: they are where integer kernels need care (conv, linear, add, pooling, ReLU).
@@ -41,51 +42,14 @@ from qatkd.export.bias_grid import (
     input_shift,
     spare_bits,
 )
-from qatkd.export.frozen import ActRange, FrozenLayer, run_time_input_error
-from qatkd.export.onnx_fallback import island_graph, op_name, run_examples
+from qatkd.export.frozen import ActRange, FrozenLayer, run_time_input_error, tensor_hint
+from qatkd.export.onnx_fallback import island_graph, op_name, rename_tensors, run_examples
+from qatkd.export.onnx_registry import FUNCTION_OPS, Fallback, module_handler
 
 OPSET = 17
 """The ONNX opset of the exported graph (and of the islands torch.onnx writes into it)."""
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
-
-ModuleHandler = Callable[["GraphBuilder", Any, str, str], str]
-"""(builder, module, input tensor name, name hint) -> output tensor name."""
-FunctionHandler = Callable[["GraphBuilder", fx.Node, str], str]
-"""(builder, fx node of a function or method call, name hint) -> output tensor name."""
-Accepts = Callable[["GraphBuilder", fx.Node], bool]
-"""(builder, fx node) -> whether a handler takes it (its default: every input is a tensor)."""
-MODULE_OPS: dict[type[nn.Module], tuple[ModuleHandler, bool]] = {}
-FUNCTION_OPS: dict[Any, tuple[FunctionHandler, Accepts | None]] = {}
-
-
-def module_op(
-    *types: type[nn.Module], subclasses: bool = False
-) -> Callable[[ModuleHandler], ModuleHandler]:
-    """Register the handler of modules of exactly these types (`subclasses`: or of a subclass)."""
-
-    def register(handler: ModuleHandler) -> ModuleHandler:
-        for t in types:
-            MODULE_OPS[t] = (handler, subclasses)
-        return handler
-
-    return register
-
-
-def function_op(
-    *targets: Any, accepts: Accepts | None = None
-) -> Callable[[FunctionHandler], FunctionHandler]:
-    """Register the handler of calls to these functions (or method names, e.g. "relu");
-    `accepts` decides which calls it takes, instead of requiring every input to be a tensor
-    (a reshape reads the batch size as a number)."""
-
-    def register(handler: FunctionHandler) -> FunctionHandler:
-        for t in targets:
-            FUNCTION_OPS[t] = (handler, accepts)
-        return handler
-
-    return register
-
 
 HARDSIGMOID_RANGE = 6
 """PyTorch's hardsigmoid is clamp(x + 3, 0, 6) / 6: the width of its linear part."""
@@ -113,16 +77,6 @@ class Dequantized:
     codes: str
     r: ActRange
     hint: str
-
-
-def _module_handler(m: nn.Module) -> ModuleHandler | None:
-    exact = MODULE_OPS.get(type(m))
-    if exact is not None:
-        return exact[0]
-    for t, (handler, subclasses) in MODULE_OPS.items():
-        if subclasses and isinstance(m, t):
-            return handler
-    return None
 
 
 class GraphBuilder:
@@ -468,10 +422,10 @@ class GraphBuilder:
         hint = str(node.target) if node.op == "call_module" else node.name
         if node.op == "call_module":
             m = self.gm.get_submodule(node.target)
-            module_handler = _module_handler(m)
-            if module_handler is None or not tensors or len(node.all_input_nodes) != 1:
+            for_module = module_handler(m)
+            if for_module is None or not tensors or len(node.all_input_nodes) != 1:
                 return None
-            return lambda n: module_handler(self, m, self.names[n.args[0]], hint)
+            return lambda n: for_module(self, m, self.names[n.args[0]], hint)
         function_handler, accepts = FUNCTION_OPS.get(node.target, (None, None))
         if function_handler is None or not (tensors if accepts is None else accepts(self, node)):
             return None
@@ -508,7 +462,7 @@ class GraphBuilder:
             tensor.name = rename(tensor.name)
             self.inits.append(tensor)
         for node in graph.node:
-            _rename_node(node, rename)
+            rename_tensors(node, rename)
             self.nodes.append(node)
         for i, n in enumerate(outputs):
             self.names[n] = rename(f"out{i}")
@@ -517,37 +471,12 @@ class GraphBuilder:
 _SAFE = re.compile(r"[^A-Za-z0-9_]+")
 
 
-class Fallback(Exception):
-    """Raised by a handler, before it emits anything, for a form it has no ONNX op for (an
-    AdaptiveAvgPool2d to more than one pixel, a flatten of other dims than 1 to the last, ...):
-    the builder exports that node in float with torch.onnx."""
-
-
-def _rename_node(node: onnx.NodeProto, rename: Callable[[str], str]) -> None:
-    """Rename the tensors `node` reads and writes, inside its subgraphs too (If, Loop)."""
-    node.input[:] = [rename(x) for x in node.input]
-    node.output[:] = [rename(x) for x in node.output]
-    node.name = node.output[0] if node.output else rename(node.name)
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-            for inner in sub.node:
-                _rename_node(inner, rename)
-            for value in [*sub.input, *sub.output, *sub.initializer]:
-                value.name = rename(value.name)
-
-
 def code_of(value: float, r: ActRange) -> int:
     """The code that `value` quantizes to at `r` (clamped; infinities to the range's ends)."""
     if np.isinf(value):
         return r.qmin if value < 0 else r.qmax
     code = np.round(np.float32(value) / np.float32(r.scale))
     return int(np.clip(code, r.qmin, r.qmax))
-
-
-def tensor_hint(quantizer: nn.Module, default: str) -> str:
-    """The name under which the graph quantizes the tensor `quantizer` reads (shared by all its
-    readers, `qatkd.quant.tensors`), or `default` where `prepare` gave it none."""
-    return getattr(quantizer, "tensor_hint", None) or default
 
 
 def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:

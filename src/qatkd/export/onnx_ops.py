@@ -20,8 +20,9 @@ from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
 from qatkd.errors import QatkdError
-from qatkd.export.frozen import FrozenConv2d, FrozenLinear, act_range
-from qatkd.export.onnx_graph import Fallback, GraphBuilder, function_op, module_op, tensor_hint
+from qatkd.export.frozen import FrozenConv2d, FrozenLinear, act_range, tensor_hint
+from qatkd.export.onnx_graph import GraphBuilder
+from qatkd.export.onnx_registry import Fallback, function_op, module_op
 from qatkd.nn import QuantPoint
 from qatkd.quant import QuantAct, QuantGlobalAvgPool2d, QuantHardswish, QuantSiLU
 from qatkd.quant.tensors import SPLITS, calls, global_pool_call
