@@ -364,6 +364,17 @@ def test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_st
         assert float(shown[2]) == pytest.approx(logged["train_acc"], abs=6e-2), last
 
 
+def test_only_the_main_process_shows_an_epochs_progress_from_where_it_resumed(
+    capsys: pytest.CaptureFixture[str],
+):
+    lines = {}
+    for rank in (0, 1):  # stderr is captured, not a terminal: the bar writes plain lines
+        bar = engine.epoch_progress(iter(range(3)), 1, 3, 4, 1, World(rank=rank, size=2))
+        assert list(bar) == [0, 1, 2]
+        lines[rank] = [line.split(",")[0] for line in capsys.readouterr().err.splitlines()]
+    assert lines == {0: ["epoch 2/3: 50% 2/4", "epoch 2/3: 75% 3/4", "epoch 2/3: 100% 4/4"], 1: []}
+
+
 def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
     order = [5, 3, 8, 1]  # a sampler's indices
     remaining = engine.SkipFirst(order)

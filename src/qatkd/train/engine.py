@@ -20,6 +20,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,20 @@ def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(states["cpu"])
     if "cuda" in states and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def epoch_progress(
+    batches: Iterator[Any], epoch: int, epochs: int, steps: int, done: int, world: World
+) -> Any:
+    """The bar of epoch `epoch` (counted from 0) of `steps` steps, from the `done` steps a
+    resumed run skipped; drawn by the main process only (every process takes the same steps)."""
+    return progress(
+        batches,
+        desc=f"epoch {epoch + 1}/{epochs}",
+        total=steps,
+        initial=done,
+        disable=not world.is_main,
+    )
 
 
 def per_rank_batch_size(batch_size: int, world: World) -> int:
@@ -291,13 +306,7 @@ def fit(
             if rng is not None:
                 set_rng_states(rng, device)
             epoch_start = time.perf_counter()
-            bar = progress(
-                batches,
-                desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
-                total=steps_per_epoch,
-                initial=done,
-                disable=not world.is_main,
-            )
+            bar = epoch_progress(batches, epoch, train_cfg.epochs, steps_per_epoch, done, world)
             units_before = sums[3]
             for batch in bar:
                 done += 1
