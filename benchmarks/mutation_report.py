@@ -93,7 +93,10 @@ MODULES: dict[str, dict[str, list[str]]] = {
         "tests": ["tests/export"],
     },
     "export-graph": {
-        "mutate": ["src/qatkd/export/onnx_graph.py", "src/qatkd/export/onnx_registry.py"],
+        "mutate": [
+            f"src/qatkd/export/{f}.py"
+            for f in ("onnx_graph", "onnx_registry", "onnx_fallback", "frozen")
+        ],
         "tests": ["tests/export"],
     },
     "export-ops": {"mutate": ["src/qatkd/export/onnx_ops.py"], "tests": ["tests/export"]},

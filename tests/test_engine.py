@@ -367,12 +367,16 @@ def test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_st
 def test_only_the_main_process_shows_an_epochs_progress_from_where_it_resumed(
     capsys: pytest.CaptureFixture[str],
 ):
+    """Every process iterates the epoch's batches, but a second one drawing its own bar would
+    print each line twice (stderr is captured here, not a terminal: the bar writes lines)."""
     lines = {}
-    for rank in (0, 1):  # stderr is captured, not a terminal: the bar writes plain lines
-        bar = engine.epoch_progress(iter(range(3)), 1, 3, 4, 1, World(rank=rank, size=2))
-        assert list(bar) == [0, 1, 2]
+    for rank in (0, 1):
+        world = World(rank=rank, size=2)
+        bar = engine.epoch_progress(iter(range(4)), epoch=2, epochs=4, steps=5, done=1, world=world)
+        assert list(bar) == [0, 1, 2, 3]
         lines[rank] = [line.split(",")[0] for line in capsys.readouterr().err.splitlines()]
-    assert lines == {0: ["epoch 2/3: 50% 2/4", "epoch 2/3: 75% 3/4", "epoch 2/3: 100% 4/4"], 1: []}
+    shown = [f"epoch 3/4: {100 * n // 5}% {n}/5" for n in (2, 3, 4, 5)]
+    assert lines == {0: shown, 1: []}
 
 
 def test_a_resumed_epoch_skips_the_samples_it_trained_on_and_nothing_else():
@@ -391,8 +395,8 @@ def test_each_seed_epoch_and_process_draw_their_own_random_numbers():
                 torch.manual_seed(engine.epoch_seed(seed, epoch, rank))
                 draws.add(torch.rand(1).item())
     assert len(draws) == 24
-    assert engine.epoch_seed(3, 2) == engine.epoch_seed(3, 2, rank=0) == 3 * 1_000_003 + 2
-    assert engine.epoch_seed(3, 2, rank=1) == 3 * 1_000_003 + 2 + 2**20
+    assert engine.epoch_seed(3, 2, 0) == 3 * 1_000_003 + 2
+    assert engine.epoch_seed(3, 2, 1) == 3 * 1_000_003 + 2 + 2**20
 
 
 def test_each_epoch_shuffles_the_training_images_and_the_seed_decides_the_order(

@@ -141,8 +141,8 @@ def test_resume_restores_the_balancer(npz_root, fp32_run, tmp_path, monkeypatch)
     full, _ = pipeline.distill(
         load_config(overrides=tiny_overrides(npz_root, tmp_path / "f", *extra))
     )
-    cut = tiny_overrides(npz_root, tmp_path / "c", *extra)
-    stop_after_epoch_1(monkeypatch, lambda: pipeline.distill(load_config(overrides=cut)))
+    cut_overrides = tiny_overrides(npz_root, tmp_path / "c", *extra)
+    stop_after_epoch_1(monkeypatch, lambda: pipeline.distill(load_config(overrides=cut_overrides)))
     # GoR's parameters are optimised: they moved from their initial values in the first epoch
     # (this fails if the balancer's parameter group never reaches the optimizer) ...
     initial = build_balancer(BalancerConfig(form="kendall"), num_teachers=1).state_dict()

@@ -1,7 +1,7 @@
 """The ONNX graph builder: walks the frozen, BN-folded fx graph once and emits ONNX nodes and
-initializers, asking a registry (`onnx_registry`) of small op handlers (`qatkd.export.onnx_ops`)
-for each module or function node. A new layer type is exported by registering a handler, not by
-editing the builder.
+initializers, asking the registry (`onnx_registry`) of small op handlers (`onnx_ops`) for each
+module or function node. A new layer type is exported by registering a handler, not by editing
+the builder.
 A node that no handler takes (none registered, a shape or tuple value, or a handler that raises
 `Fallback`) is exported in float by torch.onnx (`onnx_fallback`), so coverage does not depend on
 the handlers: they are where integer kernels need care (conv, linear, add, pooling, ReLU).
@@ -422,10 +422,10 @@ class GraphBuilder:
         hint = str(node.target) if node.op == "call_module" else node.name
         if node.op == "call_module":
             m = self.gm.get_submodule(node.target)
-            for_module = module_handler(m)
-            if for_module is None or not tensors or len(node.all_input_nodes) != 1:
+            handler = module_handler(m)
+            if handler is None or not tensors or len(node.all_input_nodes) != 1:
                 return None
-            return lambda n: for_module(self, m, self.names[n.args[0]], hint)
+            return lambda n: handler(self, m, self.names[n.args[0]], hint)
         function_handler, accepts = FUNCTION_OPS.get(node.target, (None, None))
         if function_handler is None or not (tensors if accepts is None else accepts(self, node)):
             return None

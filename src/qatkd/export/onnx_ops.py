@@ -1,5 +1,5 @@
 """The ONNX op handlers: one small function per kind of module or function node, registered with
-`module_op` / `function_op` (`qatkd.export.onnx_graph`). Each emits its ONNX node(s) through the
+`module_op` / `function_op` (`qatkd.export.onnx_registry`). Each emits its ONNX node(s) through the
 builder and returns the name of its output tensor, or raises `Fallback` (before emitting anything)
 for a form it does not write: torch.onnx then exports that node in float (`onnx_fallback`).
 

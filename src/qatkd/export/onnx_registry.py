@@ -1,6 +1,6 @@
-"""The registry of the ONNX graph builder's op handlers (`qatkd.export.onnx_ops` registers
-them): which handler exports a module of a given type, or a call to a given function or method.
-A new layer type is exported by registering a handler here, not by editing the builder.
+"""The registry of the ONNX graph builder's op handlers: which handler exports a module of a
+given type, or a call to a given function or method (`qatkd.export.onnx_ops` registers them in
+the table at its end).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Fallback(Exception):
 
 
 def module_handler(m: nn.Module) -> ModuleHandler | None:
+    """The handler of `m`'s exact type, else of the first registered type that also takes
+    subclasses and `m` is an instance of; None where there is none."""
     exact = MODULE_OPS.get(type(m))
     if exact is not None:
         return exact[0]

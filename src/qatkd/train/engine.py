@@ -58,10 +58,10 @@ def evaluate_splits(
     return metrics
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of process `rank`'s random draws (augmentation, dropout) in `epoch`: rank 0 draws
     what a single process draws, and another rank never what some epoch of rank 0 draws (within
-    2**20 epochs: the CPU generator keeps a seed's low 32 bits)."""
+    2**20 epochs, and 4,096 processes: the CPU generator keeps a seed's low 32 bits)."""
     return seed * 1_000_003 + epoch + (rank << 20)
 
 
@@ -93,7 +93,7 @@ def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
 
 
 def epoch_progress(
-    batches: Iterator[Any], epoch: int, epochs: int, steps: int, done: int, world: World
+    batches: Iterator[Any], *, epoch: int, epochs: int, steps: int, done: int, world: World
 ) -> Any:
     """The bar of epoch `epoch` (counted from 0) of `steps` steps, from the `done` steps a
     resumed run skipped; drawn by the main process only (every process takes the same steps)."""
@@ -306,7 +306,14 @@ def fit(
             if rng is not None:
                 set_rng_states(rng, device)
             epoch_start = time.perf_counter()
-            bar = epoch_progress(batches, epoch, train_cfg.epochs, steps_per_epoch, done, world)
+            bar = epoch_progress(
+                batches,
+                epoch=epoch,
+                epochs=train_cfg.epochs,
+                steps=steps_per_epoch,
+                done=done,
+                world=world,
+            )
             units_before = sums[3]
             for batch in bar:
                 done += 1
