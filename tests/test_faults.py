@@ -125,8 +125,11 @@ def test_a_stop_at_a_skipped_step_resumes_to_the_run_that_skipped_it_and_went_on
     assert a["metrics"] == b["metrics"]
 
 
-def test_an_epoch_whose_every_step_was_skipped_stops_the_run(npz_root, tmp_path, monkeypatch):
-    """Nothing was learnt and there are no figures to report: one line says so."""
+def test_an_epoch_whose_every_step_was_skipped_stops_the_run(
+    npz_root, tmp_path, monkeypatch, recwarn
+):
+    """Nothing was learnt and there are no figures to report: one line says so, and no warning
+    of PyTorch's that the schedule stepped before the optimizer (it does, on purpose)."""
     original = ClassificationTask.task_loss
     monkeypatch.setattr(
         ClassificationTask, "task_loss", lambda self, *args: original(self, *args) * float("nan")
@@ -136,6 +139,7 @@ def test_an_epoch_whose_every_step_was_skipped_stops_the_run(npz_root, tmp_path,
     with pytest.raises(QatkdError, match=r"^every step of epoch 1 had a non-finite loss$"):
         pipeline.train(config)
     assert not (run / "last.pt").exists()
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
 
 
 def test_skipping_stops_once_the_weights_are_not_finite(npz_root, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -334,7 +335,9 @@ def fit(
                         )
                     report(f"warning: skipped step {step}: non-finite loss ({total.item()} here)")
                     check_weights(epoch)
-                    schedule.step()
+                    with warnings.catch_warnings():  # the rate follows the step count, on purpose
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                        schedule.step()
                     stop_or_save(epoch, done, sums, stops)
                     continue
                 optimizer_step(total, optimizer, scaler, world, balancer, kd_parts)
