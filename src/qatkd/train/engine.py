@@ -394,7 +394,7 @@ def fit(
                 logger.epoch(
                     {"epoch": epoch + 1, "step": step, "lr": lr, **last_metrics, "seconds": seconds}
                 )
-                plot_run(run_dir, f"{meta.get('model_name', 'model')} — {run_dir.name}")
+                plot_run(run_dir, f"{meta['model_name']} — {run_dir.name}")
                 _print_epoch(epoch, train_cfg.epochs, last_metrics, task.main_metric, balancer)
             last_save = time.monotonic()
             barrier(world)
