@@ -66,6 +66,23 @@ def test_each_epoch_redraws_the_curves_titled_with_the_model_and_the_run(
     assert drawn == [(tmp_path / "run", "resnet8 — run")] * 2
 
 
+def test_each_split_is_evaluated_in_batches_of_the_tasks_evaluation_size(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Not one sample at a time: evaluation would take many times as long."""
+    sizes = []
+    evaluate = ClassificationTask.evaluate
+
+    def recorded(self: ClassificationTask, model: torch.nn.Module, loader, split: str = "test"):
+        sizes.append((split, loader.batch_size))
+        return evaluate(self, model, loader, split)
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", recorded)
+    pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
+    batch = ClassificationTask.eval_batch_size
+    assert sizes and all(size == batch for _, size in sizes) and batch > 1, sizes
+
+
 def test_same_seed_same_numbers(npz_root: Path, tmp_path: Path):
     runs = [
         pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / f"r{i}")))[0]
