@@ -6,18 +6,17 @@ the table at its end).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import fx, nn
 
-if TYPE_CHECKING:
-    from qatkd.export.onnx_graph import GraphBuilder
-
-ModuleHandler = Callable[["GraphBuilder", Any, str, str], str]
+# The builder is typed Any here: naming `onnx_graph.GraphBuilder`, even for type checking only,
+# would make the two modules import each other.
+ModuleHandler = Callable[[Any, Any, str, str], str]
 """(builder, module, input tensor name, name hint) -> output tensor name."""
-FunctionHandler = Callable[["GraphBuilder", fx.Node, str], str]
+FunctionHandler = Callable[[Any, fx.Node, str], str]
 """(builder, fx node of a function or method call, name hint) -> output tensor name."""
-Accepts = Callable[["GraphBuilder", fx.Node], bool]
+Accepts = Callable[[Any, fx.Node], bool]
 """(builder, fx node) -> whether a handler takes it (its default: every input is a tensor)."""
 MODULE_OPS: dict[type[nn.Module], tuple[ModuleHandler, bool]] = {}
 FUNCTION_OPS: dict[Any, tuple[FunctionHandler, Accepts | None]] = {}
