@@ -25,11 +25,21 @@ from qatkd.train import engine, optim
 from qatkd.train.distributed import World
 from qatkd.train.logs import read_csv
 from qatkd.train.stops import RunStopped
-from testdata import learning_overrides, stop_after_epoch_1, tiny_overrides
+from testdata import learning_overrides, signal_after_epoch, stop_after_epoch_1, tiny_overrides
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir / "last.pt")["model"]
+
+
+def fake_clock(
+    monkeypatch: pytest.MonkeyPatch, readings: Iterator[float], clock: str = "perf_counter"
+) -> None:
+    """The engine reads its `clock` (perf_counter: the training and evaluation times; monotonic:
+    the save period) from `readings`, and the other one from the machine."""
+    clocks = {"perf_counter": time.perf_counter, "monotonic": time.monotonic}
+    clocks[clock] = lambda: float(next(readings))
+    monkeypatch.setattr(engine, "time", SimpleNamespace(**clocks))
 
 
 def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_path: Path):
@@ -144,14 +154,7 @@ def test_a_stop_request_at_an_epochs_end_stops_the_run_there(
 ):
     """Epoch 1's checkpoint is written when the request comes: the run stops on it, without a
     step of epoch 2, and RunStopped says where (step 3 of 6) and which folder resumes."""
-    print_epoch = engine._print_epoch
-
-    def stop_after_the_first(epoch: int, *args: object) -> None:
-        print_epoch(epoch, *args)
-        if epoch == 0:
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C
-
-    monkeypatch.setattr(engine, "_print_epoch", stop_after_the_first)
+    signal_after_epoch(monkeypatch, 0, signal.SIGINT)  # Ctrl-C
     run = tmp_path / "run"
     with pytest.raises(RunStopped, match=r"^stopped at step 3 of 6$") as stopped:
         pipeline.train(load_config(overrides=tiny_overrides(npz_root, run)))
@@ -164,14 +167,7 @@ def test_a_stop_request_once_the_last_epoch_is_saved_lets_the_run_finish(
     npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Nothing would be left to resume: the run writes its metrics and returns."""
-    print_epoch = engine._print_epoch
-
-    def stop_after_the_last(epoch: int, epochs: int, *args: object) -> None:
-        print_epoch(epoch, epochs, *args)
-        if epoch + 1 == epochs:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(engine, "_print_epoch", stop_after_the_last)
+    signal_after_epoch(monkeypatch, 1, signal.SIGTERM)  # the last of 2
     run_dir, metrics = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
     assert metrics["steps"] == 6 and (run_dir / "metrics.json").is_file()
 
@@ -254,10 +250,8 @@ def test_a_resumed_run_adds_the_times_its_checkpoint_counted(
     a reading, the resumed part adds less than a second (the first part's clock moves a second
     a reading, so that its checkpoint holds whole seconds)."""
     overrides = tiny_overrides(npz_root, tmp_path / "cut")
-    seconds = itertools.count()
     with monkeypatch.context() as m:
-        clock = SimpleNamespace(perf_counter=lambda: float(next(seconds)), monotonic=time.monotonic)
-        m.setattr(engine, "time", clock)
+        fake_clock(m, itertools.count())
         stop_after_epoch_1(m, lambda: pipeline.train(load_config(overrides=overrides)))
     state = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert state["train_seconds"] >= 1 and state["eval_seconds"] >= 1  # epoch 1's, recorded
@@ -279,9 +273,7 @@ def test_the_position_is_saved_each_time_the_save_period_has_passed(
     """On a clock that moves 30 s a reading, with train.save_every_min=1: the period is read
     after every step and restarts at each save and at each epoch's end, so the position is saved
     when 60 s have passed, at steps 2 and 5 of two epochs of 3."""
-    readings = itertools.count(step=30.0)
-    clock = SimpleNamespace(monotonic=lambda: next(readings), perf_counter=time.perf_counter)
-    monkeypatch.setattr(engine, "time", clock)
+    fake_clock(monkeypatch, itertools.count(step=30.0), "monotonic")
     saved: list[int] = []
     original = engine.save_checkpoint
 
@@ -301,9 +293,9 @@ def test_the_training_time_is_the_clocks_since_the_start_to_a_tenth_of_a_second(
 ):
     """The engine's clock reads 1000 s at the start, then 1001.26 s (and a few microseconds
     more on each later reading): the run trained for 1.3 s."""
-    readings = itertools.chain([1000.0], (1001.26 + i * 1e-7 for i in itertools.count()))
-    clock = SimpleNamespace(perf_counter=lambda: next(readings), monotonic=time.monotonic)
-    monkeypatch.setattr(engine, "time", clock)
+    fake_clock(
+        monkeypatch, itertools.chain([1000.0], (1001.26 + i * 1e-7 for i in itertools.count()))
+    )
     _, metrics = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
     assert metrics["train_seconds"] == 1.3 and metrics["eval_seconds"] == 0.0
 
@@ -313,9 +305,7 @@ def test_the_evaluation_time_is_the_evaluations_clock_to_a_tenth_of_a_second(
 ):
     """On a clock that moves 0.13 s a reading, each epoch's evaluation (read before and after
     it) takes 0.13 s: 0.26 s over two epochs, reported as 0.3 s."""
-    readings = (i * 0.13 for i in itertools.count())
-    clock = SimpleNamespace(perf_counter=lambda: next(readings), monotonic=time.monotonic)
-    monkeypatch.setattr(engine, "time", clock)
+    fake_clock(monkeypatch, (i * 0.13 for i in itertools.count()))
     _, metrics = pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path)))
     assert metrics["eval_seconds"] == 0.3
 
@@ -350,9 +340,7 @@ def test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_st
     images it trained on)."""
     run = tmp_path / "run"
     overrides = tiny_overrides(npz_root, run)
-    seconds = itertools.count()
-    clock = SimpleNamespace(perf_counter=lambda: float(next(seconds)), monotonic=time.monotonic)
-    monkeypatch.setattr(engine, "time", clock)
+    fake_clock(monkeypatch, itertools.count())
     original = engine.optimizer_step
 
     steps = itertools.count(1)

@@ -52,13 +52,18 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(npz_root: Pat
     assert a["metrics"] == b["metrics"]
 
 
-def _nan_at_step(monkeypatch: pytest.MonkeyPatch, bad_step: int) -> None:
+def _nan_at_step(monkeypatch: pytest.MonkeyPatch, bad_step: int, signum: int | None = None) -> None:
+    """Step `bad_step`'s task loss is NaN (and, with `signum`, that signal arrives with it)."""
     original, calls = ClassificationTask.task_loss, []
 
     def task_loss(self, outputs, batch):
         calls.append(1)
         loss = original(self, outputs, batch)
-        return loss * float("nan") if len(calls) == bad_step else loss
+        if len(calls) != bad_step:
+            return loss
+        if signum is not None:
+            signal.raise_signal(signum)
+        return loss * float("nan")
 
     monkeypatch.setattr(ClassificationTask, "task_loss", task_loss)
 
@@ -95,30 +100,19 @@ def test_a_stop_at_a_skipped_step_resumes_to_the_run_that_skipped_it_and_went_on
     holds epoch 1 after two batches with step 1's figures, and the resumed run ends on the
     weights and figures of the run never stopped."""
     extra = ("train.on_nonfinite=skip", "data.val_split=0")
-    plain = ClassificationTask.task_loss
-    _nan_at_step(monkeypatch, bad_step=2)
-    full, _ = pipeline.train(
-        load_config(overrides=tiny_overrides(npz_root, tmp_path / "full", *extra))
-    )
-    calls = []
-
-    def stop_with_a_nan(self, outputs, batch):
-        calls.append(1)
-        loss = plain(self, outputs, batch)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGTERM)
-            return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(ClassificationTask, "task_loss", stop_with_a_nan)
+    with monkeypatch.context() as m:
+        _nan_at_step(m, bad_step=2)
+        full, _ = pipeline.train(
+            load_config(overrides=tiny_overrides(npz_root, tmp_path / "full", *extra))
+        )
     cut = tmp_path / "cut"
-    with pytest.raises(RunStopped):
+    with monkeypatch.context() as m, pytest.raises(RunStopped):
+        _nan_at_step(m, bad_step=2, signum=signal.SIGTERM)
         pipeline.train(load_config(overrides=tiny_overrides(npz_root, cut, *extra)))
     state = load_checkpoint(cut / "last.pt")
     position = state["position"]
     assert (state["epoch"], state["step"], position["batches"]) == (0, 2, 2)
     assert position["sums"][2] == 16  # the samples of step 1 only: batches of 16
-    monkeypatch.setattr(ClassificationTask, "task_loss", plain)
     resumed, _ = pipeline.resume(cut)
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(resumed / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

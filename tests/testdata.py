@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import signal
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -184,3 +185,16 @@ def stop_after_epoch_1(monkeypatch: pytest.MonkeyPatch, start: Callable[[], obje
         m.setattr(engine, "plot_run", interrupt)
         with pytest.raises(KeyboardInterrupt):
             start()
+
+
+def signal_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, signum: int) -> None:
+    """Send `signum` to this process once epoch `epoch` (counted from 0) has ended: its
+    checkpoint written and its figures printed."""
+    print_epoch = engine._print_epoch
+
+    def print_then_signal(ended: int, *args: object) -> None:
+        print_epoch(ended, *args)
+        if ended == epoch:
+            signal.raise_signal(signum)
+
+    monkeypatch.setattr(engine, "_print_epoch", print_then_signal)

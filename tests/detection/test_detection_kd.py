@@ -31,10 +31,16 @@ from qatkd.tasks.detection.kd import (
     quality_focal_kd,
 )
 from qatkd.tasks.detection.models import build_detector
-from qatkd.train import engine, step
+from qatkd.train import step
 from qatkd.train.distributed import World
 from qatkd.train.stops import RunStopped
-from testdata import make_images, measured_alignments, nan_after_step, write_idx
+from testdata import (
+    make_images,
+    measured_alignments,
+    nan_after_step,
+    signal_after_epoch,
+    write_idx,
+)
 
 K = 1  # classes in the hand-computed maps
 
@@ -277,20 +283,12 @@ def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -
     assert set(state["kd_parts"]) == {"adapters.0.0.weight", "adapters.0.0.bias"}
     assert not any("adapter" in key for key in state["model"])
 
-    print_epoch = engine._print_epoch
-
-    def stop_after_the_first_epoch(epoch: int, *args: object) -> None:
-        print_epoch(epoch, *args)
-        if epoch == 0:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(engine, "_print_epoch", stop_after_the_first_epoch)
     halves = work / "halves"
-    with pytest.raises(RunStopped):
+    with monkeypatch.context() as m, pytest.raises(RunStopped):
+        signal_after_epoch(m, 0, signal.SIGTERM)
         pipeline.distill(load_config(overrides=[*runs["student"], f"out={halves}"]))
     stopped = load_checkpoint(halves / "last.pt")
     first = stopped["kd_parts"]
-    monkeypatch.setattr(engine, "_print_epoch", print_epoch)
     stripped = shutil.copytree(halves, work / "stripped")  # a checkpoint without the adapters
     save_checkpoint({k: v for k, v in stopped.items() if k != "kd_parts"}, stripped / "last.pt")
     message = (
