@@ -327,17 +327,48 @@ def collect(work: Path, spec: dict[str, list[str]]) -> dict[str, Any]:
     }
 
 
-def survivor(key: str, status: str, diff: str) -> dict[str, Any]:
-    """One mutant that no test caught: its diff, and the reason it is equivalent if known."""
-    changed = [
+def changed_lines(diff: str) -> list[str]:
+    """The lines a mutant's diff writes, stripped."""
+    return [
         line[1:].strip()
         for line in diff.splitlines()
         if line.startswith("+") and not line.startswith("+++")
     ]
+
+
+def survivor(key: str, status: str, diff: str) -> dict[str, Any]:
+    """One mutant that no test caught: its diff, and the reason it is equivalent if known."""
     line, reason = EQUIVALENT.get(key, ("", ""))
     # a note holds only while the mutant (numbered per function) still makes the same change
-    equivalent = reason if reason and line in changed else None
+    equivalent = reason if reason and line in changed_lines(diff) else None
     return {"mutant": key, "status": status, "diff": diff, "equivalent": equivalent}
+
+
+def renumbered_notes(survivors: list[dict[str, Any]]) -> list[str]:
+    """Notes that may have moved: mutmut numbers a function's mutants in order, so a change to
+    the function renumbers them and a note no longer finds its mutant. For each survivor left
+    unexplained, the unused notes of its function that expect the change it makes: candidates
+    to check (`mutmut show`) and renumber by hand, never applied here (a function often has
+    several mutants that write the same line)."""
+    used = {s["mutant"] for s in survivors if s["equivalent"]}
+    hints = []
+    for s in survivors:
+        if s["equivalent"]:
+            continue
+        function = s["mutant"].rpartition("__mutmut_")[0]
+        changed = changed_lines(s["diff"])
+        hints += [
+            f"{s['mutant']} writes the line of the note on {key}: {line}"
+            for key, (line, _) in EQUIVALENT.items()
+            if key not in used and key.rpartition("__mutmut_")[0] == function and line in changed
+        ]
+    return hints
+
+
+def print_renumbered(results: dict[str, Any]) -> None:
+    for entry in results["modules"].values():
+        for hint in renumbered_notes(entry["survivors"]):
+            print(f"note moved? {hint}")
 
 
 def write_report(results: dict[str, Any]) -> None:
@@ -456,6 +487,7 @@ def main() -> None:
                 survivor(s["mutant"], s["status"], s["diff"]) for s in entry["survivors"]
             ]
         write_report(results)
+        print_renumbered(results)
         return
     commit = tested_commit()
     results |= {"mutmut": version("mutmut"), "machine": machine()}
@@ -476,6 +508,7 @@ def main() -> None:
             f"survived, {entry['timeout']} timeouts: {percent(entry['score'])} in "
             f"{entry['wall_s'] / 60:.1f} min"
         )
+    print_renumbered(results)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""The notes that explain surviving mutants (benchmarks/_mutation_equivalent.py), as the mutation
+report reads them: a note holds for its mutant only while the mutant writes the line it expects,
+and a note whose mutant was renumbered is pointed out, never applied."""
+
+from __future__ import annotations
+
+import mutation_report as report
+import pytest
+
+F = "qatkd.m.x_f__mutmut_"
+G = "qatkd.m.x_g__mutmut_"
+
+
+def diff(old: str, new: str) -> str:
+    return f"--- src/qatkd/m.py\n+++ src/qatkd/m.py\n@@ -1,1 +1,1 @@\n-    {old}\n+    {new}\n"
+
+
+@pytest.fixture(autouse=True)
+def notes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        report,
+        "EQUIVALENT",
+        {
+            f"{F}3": ("x = None", "None reads as empty"),
+            f"{F}4": ("return y or 0", "y is never falsy"),
+            f"{G}3": ("x = None", "another function's note"),
+        },
+    )
+
+
+def test_a_note_explains_its_mutant_only_while_it_writes_the_expected_line():
+    assert report.survivor(f"{F}3", "survived", diff("x = []", "x = None"))["equivalent"] == (
+        "None reads as empty"
+    )
+    assert report.survivor(f"{F}3", "survived", diff("x = []", "x = ()"))["equivalent"] is None
+    assert report.survivor(f"{F}9", "survived", diff("x = []", "x = None"))["equivalent"] is None
+
+
+def test_an_unexplained_survivor_names_the_unused_notes_of_its_function_that_fit_it():
+    survivors = [
+        report.survivor(f"{F}5", "survived", diff("x = []", "x = None")),  # was F3
+        report.survivor(f"{F}6", "survived", diff("return y", "return y or 0")),  # F4: used
+        report.survivor(f"{F}4", "survived", diff("return y", "return y or 0")),
+        report.survivor(f"{G}7", "survived", diff("z = 1", "z = 2")),
+    ]
+    assert [s["equivalent"] is not None for s in survivors] == [False, False, True, False]
+    assert report.renumbered_notes(survivors) == [
+        f"{F}5 writes the line of the note on {F}3: x = None"
+    ]
