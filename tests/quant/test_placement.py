@@ -4,6 +4,7 @@ get one, where it sits, what it shares, and that the model runs them in training
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from qatkd.quant import (
     calibrate,
     prepare,
 )
+from qatkd.quant.quantizers import LSQQuantizer
 from qatkd.quant.sites import InputSite, OutputSite, carrier, input_sites, output_sites
 from qatkd.quant.tensors import trace
 
@@ -112,6 +114,37 @@ def test_a_concatenations_inputs_and_output_share_one_quantizer_signed_unless_no
     assert shared.signed == signed  # before any data: a branch without ReLU may be negative
     calibrate(model, [torch.rand(4, 3, 4, 4)], 4)
     assert shared.signed == signed  # and the ReLU branch it saw first does not change it
+
+
+class ConcatOf(nn.Module):
+    """A ReLU branch concatenated with `branch(self, x)`, read by a conv."""
+
+    def __init__(self, branch: Any) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+        self.conv, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+        self.branch = branch
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.a(x), self.branch(self, x)], 1)).flatten(1)
+
+
+@pytest.mark.parametrize(
+    "branch, signed",
+    [
+        (lambda m, x: torch.relu(m.conv(x)), False),
+        (lambda m, x: F.max_pool2d(F.relu(m.conv(x)), 1), False),
+        (lambda m, x: F.max_pool2d(m.conv(x), 1), True),
+        (lambda m, x: m.conv2(F.relu(m.conv(x))), True),
+    ],
+    ids=["relu-call", "pooled-relu", "pooled-conv", "conv-of-relu"],
+)
+def test_a_concatenation_is_unsigned_where_each_input_is_non_negative_by_its_ops(branch, signed):
+    """A ReLU called as a function makes its output non-negative, pooling keeps its input's
+    sign, and a conv makes any sign of a non-negative input."""
+    model = prepare(ConcatOf(branch), QuantConfig(bits="W8A8"))
+    assert model.head.input_quantizer.signed == signed
 
 
 class Gated(nn.Module):
@@ -258,6 +291,16 @@ def test_a_reader_module_takes_the_quantizer_where_the_tensor_has_no_module_of_i
         model.eval()(x)
         product = model.a.quant_output(model.a(x)) * model.b.quant_output(model.b(x))
     assert torch.equal(seen[0], model.norm.quant_input(product))
+
+
+def test_an_input_site_quantizes_the_first_input_and_passes_the_others_as_they_are():
+    act = QuantAct(LSQQuantizer(2))  # signed: codes -2..1
+    act.quantizer.init_from(torch.tensor([-1.0, 1.0]))
+    with torch.no_grad():
+        act.quantizer.step.fill_(0.5)
+    x, mask, scale = torch.tensor([0.3, -0.9]), torch.tensor([1.0, 0.0]), 3.0
+    quantized, *rest = InputSite(act)(nn.Identity(), (x, mask, scale))
+    assert torch.equal(quantized, torch.tensor([0.5, -1.0])) and rest == [mask, scale]
 
 
 @pytest.mark.parametrize(
