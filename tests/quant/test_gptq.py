@@ -12,7 +12,7 @@ from torch import nn
 
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
-from qatkd.quant.gptq import gptq
+from qatkd.quant.gptq import _hessians, gptq
 
 
 def reference_gptq(weight, hessian, quantizer):
@@ -152,10 +152,45 @@ def test_stages_are_quantized_in_order_on_the_quantized_earlier_stages():
     assert torch.equal(model[3].weight_quantizer.quantize_int(model[3].weight), expected)
 
 
-def test_gptq_needs_a_stored_grid():
-    model = prepare(
-        nn.Sequential(nn.Linear(32, 8)),
-        QuantConfig(bits="W4A16", method="minmax", group_size=32, first_last_bits=None),
-    )
-    with pytest.raises(QatkdError, match=r"0: GPTQ sets the codes .* on a stored grid"):
+@pytest.mark.parametrize(
+    "config, found",
+    [
+        (QuantConfig(bits="W4A16", method="minmax", group_size=32, first_last_bits=None), None),
+        (None, "Linear with None"),
+    ],
+    ids=["minmax", "not prepared"],
+)
+def test_gptq_needs_a_stored_grid(config, found):
+    model = nn.Sequential(nn.Linear(32, 8))
+    if config is not None:
+        prepare(model, config)
+        found = f"QuantLinear with {model[0].weight_quantizer}"
+    with pytest.raises(QatkdError, match=r"0: GPTQ sets the codes .* on a stored grid") as e:
         gptq(model, [torch.randn(2, 32)], [["0"]])
+    assert str(e.value).endswith(f"this is a {found}")
+
+
+class Unreached(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the pass went on after every layer of the stage had read its input")
+
+
+def test_each_layers_hessian_is_the_mean_of_its_input_rows_outer_products_in_float64():
+    """Rows are the inputs' last dimension, over every batch; the pass stops at the stage's
+    last layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), Unreached())
+    prepare(model, QuantConfig(bits="W4A16", method="lsq", first_last_bits=None))
+    batches = [torch.randn(2, 3, 8), torch.randn(1, 5, 8)]
+    with torch.no_grad():
+        inputs = {
+            "0": torch.cat([b.reshape(-1, 8) for b in batches]).double(),
+            "2": torch.cat([model[1](model[0](b)).reshape(-1, 6) for b in batches]).double(),
+        }
+    hessians = _hessians(model, batches, {"0": model[0], "2": model[2]})
+    for name, x in inputs.items():
+        assert hessians[name].dtype == torch.float64
+        torch.testing.assert_close(hessians[name], x.T @ x / 11, rtol=1e-12, atol=0)
+    one_row = torch.randn(1, 8)
+    (hessian,) = _hessians(model, [one_row], {"0": model[0]}).values()
+    torch.testing.assert_close(hessian, one_row.double().T @ one_row.double(), rtol=1e-12, atol=0)
