@@ -121,6 +121,31 @@ _BIAS = (
 _SUMMARY = "qatkd.quant.prepare.x_quant_summary__mutmut_"
 _SUMMARY_ZIP = '"  ".join(cell.ljust(width) for cell, width in zip(row, widths, '
 _FLOAT_CODES = "qatkd.quant.quantizers.xǁFloatQuantizerǁ_codes__mutmut_"
+_MINMAX_INIT = "qatkd.quant.quantizers.xǁMinMaxQuantizerǁ_init__mutmut_"
+_GPTQ_CACHED = "qatkd.quant.gptq_cache.x_gptq_cached__mutmut_"
+_GPTQ_KEY = "qatkd.quant.gptq_cache.x_gptq_key__mutmut_"
+_GPTQ_SETTINGS = "qatkd.quant.gptq_cache.x__settings__mutmut_"
+_GPTQ_READ = "qatkd.quant.gptq_cache.x__read__mutmut_"
+_HESSIANS = "qatkd.quant.gptq.x__hessians__mutmut_"
+_LABEL = (
+    "the names only label the values of a document that is hashed and never read back: any "
+    "names that differ from each other serve"
+)
+_DUMPS = "digest.update(json.dumps(settings, "
+_ORDERED = (
+    "the document is built in the same order on every call (the modules in named_modules' "
+    "order, each one's attributes in the order its class sets them), so it hashes alike unsorted"
+)
+_PLAIN_JSON = (
+    "every value `_settings` keeps is a plain bool, int, float, str, None, list or tuple of "
+    "those, which JSON writes without `default`"
+)
+_LOAD = "stored = torch.load(path, "
+_HESSIAN_ZEROS = "name: torch.zeros(m.in_features, m.in_features, "
+_HESSIAN_ON_GPU = (
+    "not equivalent on a GPU: the sums would be made on the CPU while the inputs are on the "
+    "GPU; on a CPU-only machine every tensor is on the CPU (no GPU test here)"
+)
 _ONES = "return x, torch.ones((), "
 _UNREAD = (
     "the scale `_codes` returns at 16 bits is never read: FloatQuantizer's forward returns its "
@@ -216,10 +241,86 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_LINEAR}8": (f'{_LINEAR_NEW}device="meta")', _BIAS),
     f"{_LINEAR}10": (f'{_LINEAR_NEW}linear.bias is None, device="meta")', _BIAS),
     **_strict_zip(_SUMMARY, (38, 41, 42), _SUMMARY_ZIP, ")).rstrip()"),
-    f"{_FLOAT_CODES}2": (f"{_ONES}dtype=None, device=x.device)", _UNREAD),
-    f"{_FLOAT_CODES}3": (f"{_ONES}dtype=x.dtype, device=None)", _UNREAD),
-    f"{_FLOAT_CODES}5": (f"{_ONES}device=x.device)", _UNREAD),
-    f"{_FLOAT_CODES}6": (f"{_ONES}dtype=x.dtype, )", _UNREAD),
+    f"{_FLOAT_CODES}2": (f"{_ONES}dtype=None, device=x.device), None", _UNREAD),
+    f"{_FLOAT_CODES}3": (f"{_ONES}dtype=x.dtype, device=None), None", _UNREAD),
+    f"{_FLOAT_CODES}5": (f"{_ONES}device=x.device), None", _UNREAD),
+    f"{_FLOAT_CODES}6": (f"{_ONES}dtype=x.dtype, ), None", _UNREAD),
+    **_strict_zip(
+        _MINMAX_INIT, (3, 6, 8), "for buffer, value in zip(self._bounds(), self._range(x), ", "):"
+    ),
+    f"{_GPTQ_CACHED}10": (
+        'path = cache_dir / f"gptq-{key[:25]}.pt"',
+        "the file's name only has to differ between keys: a hit also compares the whole key "
+        "stored in the file",
+    ),
+    **{
+        f"{_GPTQ_KEY}{n}": (line, _LABEL)
+        for n, line in {
+            8: '"XXmodulesXX": {name: _settings(m) for name, m in model.named_modules()},',
+            9: '"MODULES": {name: _settings(m) for name, m in model.named_modules()},',
+            11: '"XXstagesXX": [list(stage) for stage in stages],',
+            12: '"STAGES": [list(stage) for stage in stages],',
+            14: '"XXdampXX": DAMP,',
+            15: '"DAMP": DAMP,',
+            16: '"XXblockXX": BLOCK,',
+            17: '"BLOCK": BLOCK,',
+            18: '"XXversionsXX": {p: _version(p) for p in ("torch", "transformers")},',
+            19: '"VERSIONS": {p: _version(p) for p in ("torch", "transformers")},',
+        }.items()
+    },
+    f"{_GPTQ_SETTINGS}2": ('"XXclassXX": type(module).__qualname__,', _LABEL),
+    f"{_GPTQ_SETTINGS}3": ('"CLASS": type(module).__qualname__,', _LABEL),
+    f"{_GPTQ_KEY}27": (f"{_DUMPS}sort_keys=None, default=repr).encode())", _ORDERED),
+    f"{_GPTQ_KEY}30": (f"{_DUMPS}default=repr).encode())", _ORDERED),
+    f"{_GPTQ_KEY}32": (f"{_DUMPS}sort_keys=False, default=repr).encode())", _ORDERED),
+    f"{_GPTQ_KEY}28": (f"{_DUMPS}sort_keys=True, default=None).encode())", _PLAIN_JSON),
+    f"{_GPTQ_KEY}31": (f"{_DUMPS}sort_keys=True, ).encode())", _PLAIN_JSON),
+    f"{_GPTQ_KEY}38": (
+        "_update(digest, None, tensor)",
+        "the state's names follow from the modules' names and classes, which the key holds, and "
+        "each tensor is hashed in the state's order with its dtype and shape",
+    ),
+    f"{_GPTQ_KEY}45": (
+        "_update(digest, None, batch)",
+        "the batches are hashed in order, each with its dtype and shape: the index adds nothing",
+    ),
+    f"{_GPTQ_SETTINGS}10": (
+        'if not k.startswith("XX_XX") and k != "training" and isinstance(v, plain)',
+        "it adds the modules' private plain attributes (torch's hook flags) to the key: more in a "
+        "key can only turn a hit into a miss, and for two models built alike they are the same",
+    ),
+    **{
+        f"{_GPTQ_READ}{n}": (
+            line,
+            "load_state_dict copies each stored tensor into the model's own, on the model's "
+            "device, wherever it was loaded",
+        )
+        for n, line in {
+            4: f"{_LOAD}map_location=None, weights_only=True)",
+            7: f"{_LOAD}weights_only=True)",
+        }.items()
+    },
+    **{
+        f"{_GPTQ_READ}{n}": (
+            line,
+            "torch >= 2.6 (the project pins 2.14.1) loads with weights_only=True unless told "
+            "otherwise; weights_only=False is killed by the `unpickling` case of "
+            "test_a_file_that_cannot_be_used_is_computed_again_and_replaced",
+        )
+        for n, line in {
+            5: f'{_LOAD}map_location="cpu", weights_only=None)',
+            8: f'{_LOAD}map_location="cpu", )',
+        }.items()
+    },
+    f"{_HESSIANS}5": (
+        f"{_HESSIAN_ZEROS}dtype=torch.float64, device=None)",
+        _HESSIAN_ON_GPU,
+    ),
+    f"{_HESSIANS}9": (f"{_HESSIAN_ZEROS}dtype=torch.float64, )", _HESSIAN_ON_GPU),
+    f"{_GPTQ_CACHED}45": (
+        'partial = path.with_suffix(".PARTIAL")',
+        "the unfinished file's name is never read: it is renamed to the final name once written",
+    ),
     "qatkd.quant.tensors.xǁLeafTracerǁis_leaf_module__mutmut_3": (
         "return isinstance(m, self.leaves) or super().is_leaf_module(m, None)",
         "fx's own is_leaf_module decides by the module's class and never reads the qualified name",
