@@ -3,14 +3,18 @@ they share, its name in the exported graph, and the torch.fx trace they are foun
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
+from torchvision.ops import stochastic_depth
 
 from qatkd.errors import QatkdError
 from qatkd.nn import QuantPoint
 from qatkd.quant import QuantConfig, make_quantizer, prepare
-from qatkd.quant.tensors import share_tensor_quantizers, trace
+from qatkd.quant.tensors import call_name, global_pool_call, share_tensor_quantizers, trace
 
 
 class Views(nn.Module):
@@ -129,3 +133,54 @@ def test_the_trace_is_a_copy_named_after_the_model():
     gm = trace(model)
     assert type(gm).__name__ == "Views" and not gm.training
     assert all(m.training for m in model.modules())  # the model itself is left as it was
+
+
+def _call(function: Any) -> fx.Node:
+    """The one function or method call of `function`, traced."""
+    (node,) = [
+        n
+        for n in fx.symbolic_trace(function).graph.nodes
+        if n.op in ("call_function", "call_method")
+    ]
+    return node
+
+
+@pytest.mark.parametrize(
+    "function, pooled",
+    [
+        (lambda x: F.adaptive_avg_pool2d(x, 1), True),
+        (lambda x: F.adaptive_avg_pool2d(x, (1, 1)), True),
+        (lambda x: F.adaptive_avg_pool2d(x, [1, 1]), True),
+        (lambda x: F.adaptive_avg_pool2d(x, 2), False),
+        (lambda x: F.adaptive_avg_pool2d(x, (2, 1)), False),
+        (lambda x: F.adaptive_avg_pool2d(x, (1, 2)), False),
+        (lambda x: F.adaptive_avg_pool2d(x, [2, 1]), False),
+        (lambda x: F.adaptive_avg_pool2d(x, [1, 2]), False),
+        (lambda x: x.mean((2, 3)), True),
+        (lambda x: torch.mean(x, dim=[3, 2]), True),
+        (lambda x: x.mean(2), False),
+        (lambda x: x.mean((1, 2)), False),
+    ],
+)
+def test_global_pooling_is_an_adaptive_pool_to_one_or_a_mean_over_the_spatial_dims(
+    function, pooled
+):
+    assert global_pool_call(_call(function)) is pooled
+
+
+@pytest.mark.parametrize("size, pooled", [(1, True), ((1, 1), True), (2, False)])
+def test_a_pool_size_given_by_keyword_counts_too(size, pooled):
+    """fx's tracer passes it by position; a graph made otherwise may keep the keyword."""
+    graph = fx.Graph()
+    node = graph.call_function(
+        F.adaptive_avg_pool2d, (graph.placeholder("x"),), {"output_size": size}
+    )
+    assert global_pool_call(node) is pooled
+
+
+def test_a_torchvision_function_traced_as_a_leaf_is_called_by_its_qualified_name():
+    graph = fx.Graph()
+    node = graph.call_function(stochastic_depth, (graph.placeholder("x"), 0.2, "row", True))
+    assert call_name(node) == "torchvision.ops.stochastic_depth.stochastic_depth"
+    assert call_name(_call(lambda x: torch.relu(x))) is torch.relu
+    assert call_name(_call(lambda x: x.relu())) == "relu"
