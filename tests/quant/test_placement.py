@@ -147,6 +147,93 @@ def test_a_concatenation_is_unsigned_where_each_input_is_non_negative_by_its_ops
     assert model.head.input_quantizer.signed == signed
 
 
+class Learned(nn.Module):
+    """A learned tensor of a given shape: it depends on no input, so it is no activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+    def forward(self, shape: torch.Size) -> torch.Tensor:
+        return self.p.expand(shape)
+
+
+class Ops(nn.Module):
+    """`body(self, x)` over two convs, a GELU, a ReLU, a learned tensor and a BatchNorm, read by
+    a conv (4 channels in and out of the body; concatenations join along the height)."""
+
+    def __init__(self, body: Any) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.act, self.relu, self.learned = nn.GELU(), nn.ReLU(), Learned()
+        self.norm = nn.BatchNorm2d(4)
+        self.body = body
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self, x)).flatten(1)
+
+
+def _added_learned(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    y = m.act(m.a(x))
+    return m.norm(y + m.learned(y.shape))
+
+
+def _joined_learned(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    y = m.act(m.a(x))
+    return torch.cat([y, m.learned(y.shape)], 2)
+
+
+def _added_reshaped(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    a, b = m.a(x), m.b(x)
+    return a.reshape(b.shape) + b.reshape(a.shape)
+
+
+def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    a, b = m.a(x), m.b(x)
+    return F.gelu(m.relu(a + b).reshape(a.shape))
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (lambda m, x: m.norm(torch.tanh(m.a(x))), ["a.quant_output"]),
+        (lambda m, x: m.norm(m.a(x) - m.b(x)), ["a.quant_output", "b.quant_output"]),
+        (_added_learned, ["a.quant_output"]),
+        (
+            lambda m, x: torch.cat([m.act(m.a(x)), m.b(x)], 2),
+            ["a.quant_output", "b.quant_output", "act.quant_output"],
+        ),
+        (lambda m, x: torch.cat([m.act(m.a(x))], 2), ["a.quant_output"]),
+        (_joined_learned, ["a.quant_output"]),
+        (lambda m, x: m.norm(torch.cat([m.a(x), m.b(x)], 2)), ["a.quant_output", "b.quant_output"]),
+        (_added_reshaped, ["a.quant_output", "b.quant_output"]),
+        (lambda m, x: m.norm(torch.sigmoid(m.a(x))), ["a.quant_output", "norm.quant_input"]),
+        (_add_relu_reshape, ["a.quant_output", "b.quant_output", "relu.quant_output"]),
+    ],
+    ids=[
+        "a float function",
+        "a difference",
+        "an add of a learned tensor",
+        "a concatenation",
+        "a concatenation of one",
+        "a concatenation of a learned tensor",
+        "a concatenation read by a float module",
+        "an add of reshaped operands",
+        "a sigmoid function",
+        "an add read through a ReLU and a reshape",
+    ],
+)
+def test_only_the_ops_with_an_integer_kernel_quantize_where_their_tensors_have_a_boundary(
+    body, expected
+):
+    """Ops with no integer kernel stay float (only the conv outputs they read are quantized), as
+    do adds and concatenations of a tensor that is no activation; a concatenation's output is
+    its inputs' codes; a tensor is quantized on the best of the nodes that hold it."""
+    model = prepare(Ops(body), QuantConfig(bits="W8A8"))
+    assert sites_of(model) == expected
+
+
 class Gated(nn.Module):
     """A squeeze-excite block (torchvision's: pooling, two 1x1 convs, sigmoid, product) between
     two convs, and SiLU activations as modules and as a function."""
