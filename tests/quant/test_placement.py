@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
-from qatkd.nn import Attention
+from qatkd.nn import Attention, QuantPoint
 from qatkd.quant import (
     QuantAct,
     QuantConfig,
@@ -159,14 +159,16 @@ class Learned(nn.Module):
 
 
 class Ops(nn.Module):
-    """`body(self, x)` over two convs, a GELU, a ReLU, a learned tensor and a BatchNorm, read by
-    a conv (4 channels in and out of the body; concatenations join along the height)."""
+    """`body(self, x)` over two convs, a GELU, a ReLU, a learned tensor, a BatchNorm, a float
+    op of two tensors (nn.Bilinear, traced as a leaf) and a QuantPoint, read by a conv (placement
+    runs on the trace only: no shapes are checked; concatenations join along the height)."""
 
     def __init__(self, body: Any) -> None:
         super().__init__()
         self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
         self.act, self.relu, self.learned = nn.GELU(), nn.ReLU(), Learned()
-        self.norm = nn.BatchNorm2d(4)
+        self.norm, self.mix = nn.BatchNorm2d(4), nn.Bilinear(4, 4, 4)
+        self.point = QuantPoint()
         self.body = body
         self.head = nn.Conv2d(4, 2, 1)
 
@@ -187,6 +189,16 @@ def _joined_learned(m: Ops, x: torch.Tensor) -> torch.Tensor:
 def _added_reshaped(m: Ops, x: torch.Tensor) -> torch.Tensor:
     a, b = m.a(x), m.b(x)
     return a.reshape(b.shape) + b.reshape(a.shape)
+
+
+def _added_to_joined(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    joined = torch.cat([m.a(x), m.b(x)], 2)
+    return m.norm(joined + m.act(joined))
+
+
+def _sum_read_second(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    a, b = m.a(x), m.b(x)
+    return m.mix(a, a + b)
 
 
 def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
@@ -210,6 +222,12 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
         (_added_reshaped, ["a.quant_output", "b.quant_output"]),
         (lambda m, x: m.norm(torch.sigmoid(m.a(x))), ["a.quant_output", "norm.quant_input"]),
         (_add_relu_reshape, ["a.quant_output", "b.quant_output", "relu.quant_output"]),
+        (lambda m, x: m.point(m.a(x)) + m.b(x), ["b.quant_output"]),
+        (
+            _added_to_joined,
+            ["a.quant_output", "b.quant_output", "act.quant_output", "norm.quant_input"],
+        ),
+        (_sum_read_second, ["a.quant_output", "b.quant_output"]),
     ],
     ids=[
         "a float function",
@@ -222,6 +240,9 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
         "an add of reshaped operands",
         "a sigmoid function",
         "an add read through a ReLU and a reshape",
+        "an add of a quantized tensor",
+        "an add of a concatenation",
+        "a sum read as a second input",
     ],
 )
 def test_only_the_ops_with_an_integer_kernel_quantize_where_their_tensors_have_a_boundary(
