@@ -23,8 +23,10 @@ def test_kd_kl_equals_reference_formula(tau: float) -> None:
 
 
 def test_kd_kl_is_zero_for_identical_logits() -> None:
+    """Zero up to float32 rounding of the log-probabilities, times tau^2 = 16."""
+    torch.manual_seed(0)
     logits = torch.randn(4, 10)
-    assert kd_kl(logits, soften(logits, 4.0), 4.0).abs().item() < 1e-6
+    assert kd_kl(logits, soften(logits, 4.0), 4.0).abs().item() < 1e-5
 
 
 def test_token_level_logits_are_flattened_to_rows() -> None:
