@@ -158,6 +158,8 @@ def _call(function: Any) -> fx.Node:
         (lambda x: F.adaptive_avg_pool2d(x, [1, 2]), False),
         (lambda x: x.mean((2, 3)), True),
         (lambda x: torch.mean(x, dim=[3, 2]), True),
+        (lambda x: x.mean(dim=(2, 3)), True),
+        (lambda x: x.mean(dim=(1, 2)), False),
         (lambda x: x.mean(2), False),
         (lambda x: x.mean((1, 2)), False),
     ],
