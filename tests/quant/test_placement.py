@@ -201,6 +201,11 @@ def _sum_read_second(m: Ops, x: torch.Tensor) -> torch.Tensor:
     return m.mix(a, a + b)
 
 
+def _chunks_added(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    top, bottom = torch.chunk(m.a(x), 2, dim=2)
+    return m.norm(top + bottom)
+
+
 def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
     a, b = m.a(x), m.b(x)
     return F.gelu(m.relu(a + b).reshape(a.shape))
@@ -228,6 +233,7 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
             ["a.quant_output", "b.quant_output", "act.quant_output", "norm.quant_input"],
         ),
         (_sum_read_second, ["a.quant_output", "b.quant_output"]),
+        (_chunks_added, ["a.quant_output", "norm.quant_input"]),
     ],
     ids=[
         "a float function",
@@ -243,6 +249,7 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
         "an add of a quantized tensor",
         "an add of a concatenation",
         "a sum read as a second input",
+        "an add of two chunks",
     ],
 )
 def test_only_the_ops_with_an_integer_kernel_quantize_where_their_tensors_have_a_boundary(
