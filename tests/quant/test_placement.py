@@ -433,21 +433,23 @@ def test_no_quantizer_is_placed_where_activations_have_no_fixed_scale(config):
     assert not any(isinstance(m, QuantAct) for m in model.modules())
 
 
+class AttentionBlock(nn.Module):
+    """A ViT block's attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(*[self.norm(x)] * 3, need_weights=False)[0])
+
+
 def test_multihead_attention_is_split_so_that_its_matmuls_read_quantized_operands():
-    """A ViT block's attention: the projections are quantized Linear layers reading one
-    quantized input, and the query, key, value and probabilities are quantized."""
-
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm = nn.LayerNorm(16)
-            self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.attention(*[self.norm(x)] * 3, need_weights=False)[0])
-
-    float_model = Block().eval()
+    """The projections are quantized Linear layers reading one quantized input, and the query,
+    key, value and probabilities are quantized."""
+    float_model = AttentionBlock().eval()
     model = prepare(copy.deepcopy(float_model), QuantConfig(bits="W8A8"))
     attention = model.attention
     assert isinstance(attention, Attention)
@@ -462,3 +464,16 @@ def test_multihead_attention_is_split_so_that_its_matmuls_read_quantized_operand
             m.forward = lambda t: t
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), float_model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(bits="W8A8", skip=["attention"]),
+        QuantConfig(bits="W8A8", act_method="dynamic", weight_method="lsq"),
+    ],
+    ids=["skipped", "dynamic"],
+)
+def test_attention_stays_whole_where_skipped_or_without_fixed_activation_scales(config):
+    model = prepare(AttentionBlock(), config)
+    assert type(model.attention) is nn.MultiheadAttention
