@@ -23,6 +23,7 @@ from qatkd.quant import (
     calibrate,
     prepare,
 )
+from qatkd.quant.placement import place_quantizers
 from qatkd.quant.quantizers import LSQQuantizer
 from qatkd.quant.sites import InputSite, OutputSite, carrier, input_sites, output_sites
 from qatkd.quant.tensors import trace
@@ -477,3 +478,17 @@ def test_multihead_attention_is_split_so_that_its_matmuls_read_quantized_operand
 def test_attention_stays_whole_where_skipped_or_without_fixed_activation_scales(config):
     model = prepare(AttentionBlock(), config)
     assert type(model.attention) is nn.MultiheadAttention
+
+
+def test_each_placed_quantizer_is_made_under_the_name_of_its_place():
+    model = nn.Sequential(Residual(), nn.SiLU(), nn.Linear(4, 2))
+    prepare(model, QuantConfig(bits="W8A16"))  # the layers only: nothing placed yet
+    names: list[str] = []
+
+    def make(name: str) -> Quantizer:
+        names.append(name)
+        return LSQQuantizer(8)
+
+    place_quantizers(model, make, lambda name: False)
+    assert names == ["1.input", "1.gate", "0.stem.1.output", "0.body.1.output"]
+    assert sites_of(model) == ["0.stem.1.quant_output", "0.body.1.quant_output"]
