@@ -127,6 +127,11 @@ _GPTQ_KEY = "qatkd.quant.gptq_cache.x_gptq_key__mutmut_"
 _GPTQ_SETTINGS = "qatkd.quant.gptq_cache.x__settings__mutmut_"
 _GPTQ_READ = "qatkd.quant.gptq_cache.x__read__mutmut_"
 _HESSIANS = "qatkd.quant.gptq.x__hessians__mutmut_"
+_CALL_MODULE = "qatkd.quant.tensors.xǁLeafTracerǁcall_module__mutmut_"
+_HOOK_ARGUMENT = (
+    "a site's hook takes the arguments torch passes to a hook, and reads only the tensor it "
+    "quantizes (the first input, or the output), never the module or the other arguments"
+)
 _LABEL = (
     "the names only label the values of a document that is hashed and never read back: any "
     "names that differ from each other serve"
@@ -312,6 +317,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             8: f'{_LOAD}map_location="cpu", )',
         }.items()
     },
+    f"{_CALL_MODULE}8": (
+        "leaf = self.is_leaf_module(m, None)",
+        "LeafTracer.is_leaf_module and fx's own decide by the module's class and never read the "
+        "qualified name",
+    ),
+    f"{_CALL_MODULE}12": (
+        "for site in sites.input_sites(m) if (leaf) or True else []:",
+        "placement puts input sites only on modules that are call_module nodes of the trace, "
+        "which are leaves: a module fx traces through has none",
+    ),
+    f"{_CALL_MODULE}15": ("args = site(None, args)", _HOOK_ARGUMENT),
+    f"{_CALL_MODULE}32": ("out = site(None, args, out)", _HOOK_ARGUMENT),
+    f"{_CALL_MODULE}33": ("out = site(m, None, out)", _HOOK_ARGUMENT),
     f"{_HESSIANS}5": (
         f"{_HESSIAN_ZEROS}dtype=torch.float64, device=None)",
         _HESSIAN_ON_GPU,

@@ -492,3 +492,47 @@ def test_each_placed_quantizer_is_made_under_the_name_of_its_place():
     place_quantizers(model, make, lambda name: False)
     assert names == ["1.input", "1.gate", "0.stem.1.output", "0.body.1.output"]
     assert sites_of(model) == ["0.stem.1.quant_output", "0.body.1.quant_output"]
+
+
+class SumBlock(nn.Module):
+    """A block fx traces through (not a leaf) whose output is a sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+class Squared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.norm, self.head = SumBlock(), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return self.head(self.norm(y * y)).flatten(1)
+
+
+def test_the_trace_quantizes_on_each_boundary_once_where_the_model_does():
+    """A leaf's input site is a QuantAct node before it; a traced-through module's output site
+    is one QuantAct node after its last op."""
+    model = prepare(Squared(), QuantConfig(bits="W8A8"))
+    assert sites_of(model) == [
+        "block.a.quant_output",
+        "block.b.quant_output",
+        "block.quant_output",
+        "norm.quant_input",
+    ]
+    called = [n.target for n in trace(model).graph.nodes if n.op == "call_module"]
+    assert called == [
+        "block.a",
+        "block.a.quant_output",
+        "block.b",
+        "block.b.quant_output",
+        "block.quant_output",
+        "norm.quant_input",
+        "norm",
+        "head",
+    ]
