@@ -128,6 +128,12 @@ _GPTQ_SETTINGS = "qatkd.quant.gptq_cache.x__settings__mutmut_"
 _GPTQ_READ = "qatkd.quant.gptq_cache.x__read__mutmut_"
 _HESSIANS = "qatkd.quant.gptq.x__hessians__mutmut_"
 _CALL_MODULE = "qatkd.quant.tensors.xǁLeafTracerǁcall_module__mutmut_"
+_CALL_NAME = "qatkd.quant.tensors.x_call_name__mutmut_"
+_CALL_NAME_LINE = 'if node.op == "call_function" and getattr(target, "__module__", '
+_HAS_MODULE = (
+    "every function fx records as a call_function target (Python functions, builtins, "
+    "operator's and torch's C functions) has a `__module__`, so the default is never read"
+)
 _HOOK_ARGUMENT = (
     "a site's hook takes the arguments torch passes to a hook, and reads only the tensor it "
     "quantizes (the first input, or the output), never the module or the other arguments"
@@ -316,6 +322,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             5: f'{_LOAD}map_location="cpu", weights_only=None)',
             8: f'{_LOAD}map_location="cpu", )',
         }.items()
+    },
+    **{
+        f"{_CALL_NAME}{n}": (f'{_CALL_NAME_LINE}{default}).startswith("torchvision"):', _HAS_MODULE)
+        for n, default in {9: "None", 12: "", 15: '"XXXX"'}.items()
     },
     f"{_CALL_MODULE}8": (
         "leaf = self.is_leaf_module(m, None)",

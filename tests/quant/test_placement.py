@@ -26,7 +26,7 @@ from qatkd.quant import (
 from qatkd.quant.placement import place_quantizers
 from qatkd.quant.quantizers import LSQQuantizer
 from qatkd.quant.sites import InputSite, OutputSite, carrier, input_sites, output_sites
-from qatkd.quant.tensors import trace
+from qatkd.quant.tensors import share_tensor_quantizers, trace
 
 
 def sites_of(model: nn.Module) -> list[str]:
@@ -115,6 +115,15 @@ def test_a_concatenations_inputs_and_output_share_one_quantizer_signed_unless_no
     assert shared.signed == signed  # before any data: a branch without ReLU may be negative
     calibrate(model, [torch.rand(4, 3, 4, 4)], 4)
     assert shared.signed == signed  # and the ReLU branch it saw first does not change it
+
+
+def test_a_calibrated_shared_quantizer_keeps_its_sign_when_its_tensors_are_shared_again():
+    model = prepare(Concat(signed=True), QuantConfig(bits="W8A8"))
+    calibrate(model, [torch.rand(4, 3, 4, 4)], 4)
+    shared = model.head.input_quantizer
+    shared.is_signed.fill_(False)  # as a checkpoint may hold it
+    share_tensor_quantizers(model)
+    assert model.head.input_quantizer is shared and not shared.signed
 
 
 class ConcatOf(nn.Module):
