@@ -216,6 +216,11 @@ def _chunks_added(m: Ops, x: torch.Tensor) -> torch.Tensor:
     return m.norm(top + bottom)
 
 
+def _chunk_normed_added(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    top, bottom = torch.chunk(m.a(x), 2, dim=2)
+    return m.norm(top) + bottom
+
+
 def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
     a, b = m.a(x), m.b(x)
     return F.gelu(m.relu(a + b).reshape(a.shape))
@@ -244,6 +249,7 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
         ),
         (_sum_read_second, ["a.quant_output", "b.quant_output"]),
         (_chunks_added, ["a.quant_output", "norm.quant_input"]),
+        (_chunk_normed_added, ["a.quant_output", "norm.quant_output"]),
     ],
     ids=[
         "a float function",
@@ -260,6 +266,7 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
         "an add of a concatenation",
         "a sum read as a second input",
         "an add of two chunks",
+        "an add of a chunk and a module's output",
     ],
 )
 def test_only_the_ops_with_an_integer_kernel_quantize_where_their_tensors_have_a_boundary(
