@@ -221,6 +221,19 @@ def _chunk_normed_added(m: Ops, x: torch.Tensor) -> torch.Tensor:
     return m.norm(top) + bottom
 
 
+def _sum_read_twice(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    total = m.a(x) + m.b(x)
+    read = m.act(total)  # its first reader
+    return read + m.head(total.contiguous())
+
+
+def _sum_read_and_chunked(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    total = m.a(x) + m.b(x)
+    read = m.act(total)  # its first reader
+    top, bottom = torch.chunk(total, 2, dim=2)
+    return read + m.head(top) + m.head(bottom)
+
+
 def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
     a, b = m.a(x), m.b(x)
     return F.gelu(m.relu(a + b).reshape(a.shape))
@@ -250,6 +263,8 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
         (_sum_read_second, ["a.quant_output", "b.quant_output"]),
         (_chunks_added, ["a.quant_output", "norm.quant_input"]),
         (_chunk_normed_added, ["a.quant_output", "norm.quant_output"]),
+        (_sum_read_twice, ["a.quant_output", "b.quant_output", "act.quant_input"]),
+        (_sum_read_and_chunked, ["a.quant_output", "b.quant_output", "act.quant_input"]),
     ],
     ids=[
         "a float function",
@@ -267,6 +282,8 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
         "a sum read as a second input",
         "an add of two chunks",
         "an add of a chunk and a module's output",
+        "a sum read by a float module and, made contiguous, by a layer",
+        "a sum read by a float module and, chunked, by a layer",
     ],
 )
 def test_only_the_ops_with_an_integer_kernel_quantize_where_their_tensors_have_a_boundary(
