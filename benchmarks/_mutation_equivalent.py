@@ -212,6 +212,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "log_p_student = F.log_softmax(_rows(student_logits).float() / temperature, dim=+1)",
         _LAST_DIM,
     ),
+    "qatkd.distill.losses.x_kd_kl__mutmut_8": (
+        "log_p_student = F.log_softmax(_rows(student_logits).float() / temperature, dim=+1)",
+        _LAST_DIM,
+    ),
     f"{_REVERSE}18": (
         "kl = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(+1).mean()",
         _LAST_DIM,
