@@ -171,14 +171,9 @@ def source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
-def tensor_quantizer_uses(gm: fx.GraphModule) -> list[list[tuple[str, str]]]:
-    """Groups of (module path, quantizer attribute) that quantize the same tensor of `gm`, or
-    tensors one concatenation joins (module doc), in graph order."""
-    return [[use for _, use in group] for group in _quantizer_groups(gm)]
-
-
 def _quantizer_groups(gm: fx.GraphModule) -> list[list[tuple[fx.Node, tuple[str, str]]]]:
-    """`tensor_quantizer_uses` with the node each quantizer reads."""
+    """Groups of (the node read, (module path, quantizer attribute)) that quantize the same
+    tensor of `gm`, or tensors one concatenation joins (module doc), in graph order."""
     joined = _Joined()
     for node in gm.graph.nodes:
         if calls(node, CONCATS) and isinstance(node.args[0], list | tuple):
