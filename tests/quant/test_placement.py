@@ -234,6 +234,12 @@ def _sum_read_and_chunked(m: Ops, x: torch.Tensor) -> torch.Tensor:
     return read + m.head(top) + m.head(bottom)
 
 
+def _joined_then_added_after_another_rule(m: Ops, x: torch.Tensor) -> torch.Tensor:
+    joined = torch.cat([m.a(x), m.b(x)], 2)
+    gate = m.norm(torch.sigmoid(m.act(x)))  # a rule between the concatenation and the add
+    return m.mix(joined + m.relu(joined), gate)
+
+
 def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
     a, b = m.a(x), m.b(x)
     return F.gelu(m.relu(a + b).reshape(a.shape))
@@ -265,6 +271,17 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
         (_chunk_normed_added, ["a.quant_output", "norm.quant_output"]),
         (_sum_read_twice, ["a.quant_output", "b.quant_output", "act.quant_input"]),
         (_sum_read_and_chunked, ["a.quant_output", "b.quant_output", "act.quant_input"]),
+        (
+            _joined_then_added_after_another_rule,
+            [
+                "a.quant_output",
+                "b.quant_output",
+                "act.quant_output",
+                "relu.quant_output",
+                "norm.quant_input",
+                "mix.quant_input",
+            ],
+        ),
     ],
     ids=[
         "a float function",
@@ -284,6 +301,7 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
         "an add of a chunk and a module's output",
         "a sum read by a float module and, made contiguous, by a layer",
         "a sum read by a float module and, chunked, by a layer",
+        "an add of a concatenation after another rule",
     ],
 )
 def test_only_the_ops_with_an_integer_kernel_quantize_where_their_tensors_have_a_boundary(
