@@ -195,8 +195,13 @@ def _backward(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
 
 
 def _commutes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the exporter moves a QuantizeLinear before `node` (a max pooling that also
+    returns its indices returns a tuple, which no quantizer takes)."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _COMMUTING_MODULES)
+        module = gm.get_submodule(node.target)
+        return isinstance(module, _COMMUTING_MODULES) and not getattr(
+            module, "return_indices", False
+        )
     return calls(node, _COMMUTING_CALLS)
 
 
