@@ -590,19 +590,24 @@ def test_the_trace_quantizes_on_each_boundary_once_where_the_model_does():
 
 
 class PooledWithIndices(nn.Module):
+    """A conv's max pooling that returns its indices, added to a strided conv's output."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.pool = nn.Conv2d(3, 4, 1), nn.MaxPool2d(2, return_indices=True)
+        self.strided, self.norm = nn.Conv2d(3, 4, 1, stride=2), nn.BatchNorm2d(4)
         self.head = nn.Conv2d(4, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.pool(self.conv(x))
-        return self.head(torch.tanh(pooled)).flatten(1)
+        return self.head(self.norm(pooled + self.strided(x))).flatten(1)
 
 
 def test_a_max_pooling_that_returns_its_indices_is_no_place_for_a_quantizer():
-    """Its output is a tuple: the conv's output before it is quantized instead."""
+    """Its output is a tuple: the conv's output before it is quantized instead. The pooled
+    tensor, taken from the tuple, holds no value of the conv's output and has no boundary of
+    its own: the add stays float."""
     model = prepare(PooledWithIndices(), QuantConfig(bits="W8A8"))
-    assert sites_of(model) == ["conv.quant_output"]
+    assert sites_of(model) == ["conv.quant_output", "strided.quant_output"]
     calibrate(model, [torch.randn(2, 3, 4, 4)], 2)
     assert model(torch.randn(2, 3, 4, 4)).shape == (2, 8)
