@@ -245,63 +245,66 @@ def _add_relu_reshape(m: Ops, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(m.relu(a + b).reshape(a.shape))
 
 
+A, B = "a.quant_output", "b.quant_output"
+
+
 @pytest.mark.parametrize(
     "body, expected",
     [
-        (lambda m, x: m.norm(torch.tanh(m.a(x))), ["a.quant_output"]),
-        (lambda m, x: m.norm(m.a(x) - m.b(x)), ["a.quant_output", "b.quant_output"]),
-        (_added_learned, ["a.quant_output"]),
-        (
+        pytest.param(lambda m, x: m.norm(torch.tanh(m.a(x))), [A], id="a float function"),
+        pytest.param(lambda m, x: m.norm(m.a(x) - m.b(x)), [A, B], id="a difference"),
+        pytest.param(_added_learned, [A], id="an add of a learned tensor"),
+        pytest.param(
             lambda m, x: torch.cat([m.act(m.a(x)), m.b(x)], 2),
-            ["a.quant_output", "b.quant_output", "act.quant_output"],
+            [A, B, "act.quant_output"],
+            id="a concatenation",
         ),
-        (lambda m, x: torch.cat([m.act(m.a(x))], 2), ["a.quant_output"]),
-        (_joined_learned, ["a.quant_output"]),
-        (lambda m, x: m.norm(torch.cat([m.a(x), m.b(x)], 2)), ["a.quant_output", "b.quant_output"]),
-        (_added_reshaped, ["a.quant_output", "b.quant_output"]),
-        (lambda m, x: m.norm(torch.sigmoid(m.a(x))), ["a.quant_output", "norm.quant_input"]),
-        (_add_relu_reshape, ["a.quant_output", "b.quant_output", "relu.quant_output"]),
-        (lambda m, x: m.point(m.a(x)) + m.b(x), ["b.quant_output"]),
-        (
+        pytest.param(lambda m, x: torch.cat([m.act(m.a(x))], 2), [A], id="a concatenation of one"),
+        pytest.param(_joined_learned, [A], id="a concatenation of a learned tensor"),
+        pytest.param(
+            lambda m, x: m.norm(torch.cat([m.a(x), m.b(x)], 2)),
+            [A, B],
+            id="a concatenation read by a float module",
+        ),
+        pytest.param(_added_reshaped, [A, B], id="an add of reshaped operands"),
+        pytest.param(
+            lambda m, x: m.norm(torch.sigmoid(m.a(x))),
+            [A, "norm.quant_input"],
+            id="a sigmoid function",
+        ),
+        pytest.param(
+            _add_relu_reshape,
+            [A, B, "relu.quant_output"],
+            id="an add read through a ReLU and a reshape",
+        ),
+        pytest.param(lambda m, x: m.point(m.a(x)) + m.b(x), [B], id="an add of a quantized tensor"),
+        pytest.param(
             _added_to_joined,
-            ["a.quant_output", "b.quant_output", "act.quant_output", "norm.quant_input"],
+            [A, B, "act.quant_output", "norm.quant_input"],
+            id="an add of a concatenation",
         ),
-        (_sum_read_second, ["a.quant_output", "b.quant_output"]),
-        (_chunks_added, ["a.quant_output", "norm.quant_input"]),
-        (_chunk_normed_added, ["a.quant_output", "norm.quant_output"]),
-        (_sum_read_twice, ["a.quant_output", "b.quant_output", "act.quant_input"]),
-        (_sum_read_and_chunked, ["a.quant_output", "b.quant_output", "act.quant_input"]),
-        (
+        pytest.param(_sum_read_second, [A, B], id="a sum read as a second input"),
+        pytest.param(_chunks_added, [A, "norm.quant_input"], id="an add of two chunks"),
+        pytest.param(
+            _chunk_normed_added,
+            [A, "norm.quant_output"],
+            id="an add of a chunk and a module's output",
+        ),
+        pytest.param(
+            _sum_read_twice,
+            [A, B, "act.quant_input"],
+            id="a sum read by a float module and, made contiguous, by a layer",
+        ),
+        pytest.param(
+            _sum_read_and_chunked,
+            [A, B, "act.quant_input"],
+            id="a sum read by a float module and, chunked, by a layer",
+        ),
+        pytest.param(
             _joined_then_added_after_another_rule,
-            [
-                "a.quant_output",
-                "b.quant_output",
-                "act.quant_output",
-                "relu.quant_output",
-                "norm.quant_input",
-                "mix.quant_input",
-            ],
+            [A, B, "act.quant_output", "relu.quant_output", "norm.quant_input", "mix.quant_input"],
+            id="an add of a concatenation after another rule",
         ),
-    ],
-    ids=[
-        "a float function",
-        "a difference",
-        "an add of a learned tensor",
-        "a concatenation",
-        "a concatenation of one",
-        "a concatenation of a learned tensor",
-        "a concatenation read by a float module",
-        "an add of reshaped operands",
-        "a sigmoid function",
-        "an add read through a ReLU and a reshape",
-        "an add of a quantized tensor",
-        "an add of a concatenation",
-        "a sum read as a second input",
-        "an add of two chunks",
-        "an add of a chunk and a module's output",
-        "a sum read by a float module and, made contiguous, by a layer",
-        "a sum read by a float module and, chunked, by a layer",
-        "an add of a concatenation after another rule",
     ],
 )
 def test_only_the_ops_with_an_integer_kernel_quantize_where_their_tensors_have_a_boundary(
