@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import pytest
@@ -45,6 +47,26 @@ def test_integer_exact_on_every_quantized_tensor(tiny_model, bits, optimize):
     assert len(expected) == 15  # 14 quantized tensors (each once, whatever reads it) + logits
     for name, codes in expected.items():
         np.testing.assert_array_equal(got[name], codes, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs, optimize", [({}, True), ({"optimize": True}, True), ({"optimize": False}, False)]
+)
+def test_the_codes_come_from_the_int8_kernels_unless_the_qdq_graph_is_asked_for(
+    tiny_model, monkeypatch, kwargs, optimize
+):
+    """Both give the same codes on an exact model, so which one ran is read from the session's
+    settings: int8 kernels (all graph optimizations) by default, as deployed."""
+    asked = []
+
+    def session(*args: Any, **options: Any) -> Any:
+        asked.append(options.get("optimize", True))
+        return ort_session(*args, **options)
+
+    monkeypatch.setattr("qatkd.export.codes.ort_session", session)
+    model, x = tiny_model("W8A8", dyadic=True)
+    code_runner(to_onnx(model, SHAPE), pytorch_codes(model, x), **kwargs)
+    assert asked == [optimize]
 
 
 @pytest.mark.parametrize("bits", ["W8A8", "W4A4", "W2A2"])
