@@ -331,6 +331,11 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         f"{_CALL_NAME}{n}": (f'{_CALL_NAME_LINE}{default}).startswith("torchvision"):', _HAS_MODULE)
         for n, default in {9: "None", 12: "", 15: '"XXXX"'}.items()
     },
+    "qatkd.quant.placement.x__commutes__mutmut_10": (
+        'module, "return_indices", None',
+        "only tested for truth (`not getattr(...)`): None, for the modules without the attribute, "
+        "is as false as False",
+    ),
     f"{_CALL_MODULE}8": (
         "leaf = self.is_leaf_module(m, None)",
         "LeafTracer.is_leaf_module and fx's own decide by the module's class and never read the "
