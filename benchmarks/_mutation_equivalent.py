@@ -106,6 +106,18 @@ _KEEPERS_ZIP = "for name, module in zip(names, modules, "
 _REVERSE = "qatkd.distill.losses.x_kd_reverse_kl__mutmut_"
 _LAST_DIM = "`_rows` makes the logits 2-D, so dimension 1 is the last one"
 _BASE = "qatkd.quant.base.xǁQuantizerǁ"
+_OPS = "qatkd.export.onnx_ops.x_"
+_FLATTEN_AXIS = (
+    "ONNX's Flatten takes axis 1 where none is given, and `helper.make_node` leaves a None "
+    "attribute out: the same node"
+)
+_INT64 = (
+    "numpy 2 makes an array of Python ints int64 on every platform, the dtype the original names"
+)
+_NAME = (
+    "only the name of an initializer or a node's output changes (`GraphBuilder.name` keeps each "
+    "unique); no op reads a name, and the activation codes are keyed by tensor hints instead"
+)
 _WIDTHS_ON_CPU = (
     "not equivalent on a GPU: repeat_interleave selects with its repeats as indices, and CUDA's "
     "index_select refuses CPU ones; on a CPU-only machine nothing can tell (no GPU test here)"
@@ -525,6 +537,45 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             (265, '"SCALER": scaler.state_dict(),'),
         )
     },
+    f"{_OPS}linear__mutmut_21": (
+        'return b.emit("Gemm", b.layer_inputs(m, x, hint), hint, transB=2)',
+        "onnxruntime reads Gemm's transB as a flag (gemm_base.h: any non-zero value transposes)",
+    ),
+    f"{_OPS}_flatten__mutmut_14": (
+        'return b.emit_moving("Flatten", [x], hint, axis=None)',
+        _FLATTEN_AXIS,
+    ),
+    f"{_OPS}_flatten__mutmut_18": ('return b.emit_moving("Flatten", [x], hint, )', _FLATTEN_AXIS),
+    f"{_OPS}reshape__mutmut_10": (
+        'target = b.const(np.array(shape, dtype=None), f"{hint}.shape")',
+        _INT64,
+    ),
+    f"{_OPS}reshape__mutmut_12": ('target = b.const(np.array(shape, ), f"{hint}.shape")', _INT64),
+    f"{_OPS}split_part__mutmut_18": (
+        'b.const(np.array([v], dtype=None), f"{hint}.{what}")',
+        _INT64,
+    ),
+    f"{_OPS}split_part__mutmut_20": ('b.const(np.array([v], ), f"{hint}.{what}")', _INT64),
+    **{
+        f"{_OPS}split_part__mutmut_{n}": (
+            f'for what, v in (("{start}", start), ("{end}", start + sizes[index]), '
+            f'("{axis}", dim))',
+            _NAME,
+        )
+        for n, start, end, axis in (
+            (21, "XXstartXX", "end", "axis"),
+            (22, "START", "end", "axis"),
+            (23, "start", "XXendXX", "axis"),
+            (24, "start", "END", "axis"),
+            (26, "start", "end", "XXaxisXX"),
+            (27, "start", "end", "AXIS"),
+        )
+    },
+    f"{_OPS}average_pool__mutmut_27": (
+        'f"{hint}.average" if (divisor) and False else hint,',
+        _NAME,
+    ),
+    f"{_OPS}average_pool__mutmut_28": ('f"{hint}.average" if (divisor) or True else hint,', _NAME),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"

@@ -4,6 +4,7 @@ computes what PyTorch does; a form it has no ONNX op for goes to torch.onnx's fl
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -21,7 +22,16 @@ from qatkd.export.codes import (
     pytorch_codes,
 )
 from qatkd.export.runtime import ort_session
-from qatkd.quant import QuantSiLU
+from qatkd.quant import (
+    QuantAct,
+    QuantConfig,
+    QuantGlobalAvgPool2d,
+    Quantizer,
+    QuantSiLU,
+    calibrate,
+    prepare,
+)
+from qatkd.quant.quantizers import DynamicBlockQuantizer, MinMaxQuantizer
 
 SHAPE = [4, 6, 6]
 
@@ -72,6 +82,10 @@ CASES = {
     ),
     "average pool, padding counted": (Op(first, nn.AvgPool2d(3, 1, padding=1)), []),
     "average pool with a divisor": (Op(first, nn.AvgPool2d(3, 2, 1, divisor_override=5)), []),
+    "average pool with a divisor, a 2 x 3 window": (
+        Op(first, nn.AvgPool2d((2, 3), 2, divisor_override=5)),
+        [],
+    ),
     "average pool with a divisor, padding not counted": (
         Op(first, nn.AvgPool2d(3, 2, 1, count_include_pad=False, divisor_override=5)),
         [],
@@ -99,6 +113,10 @@ CASES = {
     ),
     "flatten, the method, from dim 0": (Op(lambda s, x: x.flatten() + 1), ["flatten"]),
     "flatten from dim 1 to 2": (Op(lambda s, x: x.flatten(1, 2) + 1), ["flatten"]),
+    "flatten, the function, from dim 1 to 2 by keyword": (
+        Op(lambda s, x: torch.flatten(x, start_dim=1, end_dim=2) + 1),
+        ["flatten"],
+    ),
     "max pool, dilated, ceil mode": (
         Op(first, nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True)),
         [],
@@ -114,8 +132,13 @@ CASES = {
         [],
     ),
     "mean over the channels": (Op(lambda s, x: x.mean(1) + 1), ["mean"]),
+    "mean over dims 2 and 3 of a 5-D tensor": (
+        Op(lambda s, x: x.unsqueeze(-1).mean((2, 3)) + 1),
+        ["unsqueeze", "mean"],
+    ),
     "permute, dims as a tuple": (Op(lambda s, x: x.permute((0, 2, 1, 3)) + 1), []),
     "permute, dims one by one": (Op(lambda s, x: x.permute(0, 3, 1, 2) + 1), []),
+    "permute of a vector": (Op(lambda s, x: x.flatten().permute(0) + 1), ["flatten"]),
     "transpose by keyword": (
         Op(lambda s, x: torch.transpose(x, dim0=1, dim1=2) + 1),
         ["transpose"],
@@ -205,3 +228,110 @@ def test_a_quantized_silu_is_quantized_in_the_int8_graph_only(tiny_model):
     # each quantized tensor's codes under its quantizer's name, the SiLU's input and gate too
     codes = activation_codes(to_onnx(model, [1, 16, 16]))
     assert set(codes) == set(activation_quantizers(model))
+
+
+# -- quantizers placed by hand ------------------------------------------------------------------
+
+
+def quantizer(step: float, signed: bool) -> MinMaxQuantizer:
+    """An initialised 8-bit activation quantizer of step `step` (a power of two: exact)."""
+    q = MinMaxQuantizer(8)
+    q.is_signed.fill_(signed)
+    q.running_absmax.fill_(step * q.qrange[1])
+    q.initialized.fill_(True)
+    assert float(q.scale) == step
+    return q
+
+
+def int8_matches_pytorch(model: nn.Module) -> None:
+    model.eval()
+    proto = to_onnx(model, SHAPE)
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_the_relu_function_before_a_signed_quantizer_keeps_the_negative_codes_out():
+    """The QuantizeLinear moves before the ReLU (`emit_commuting`): the Clip after it must cut
+    the codes at that of 0, which a signed quantizer's range does not do by itself."""
+    int8_matches_pytorch(Op(lambda s, x: s.layers[0](F.relu(x)), QuantAct(quantizer(2**-6, True))))
+
+
+@pytest.mark.parametrize("second", ["at another scale", "in float"])
+def test_a_concatenation_of_tensors_not_at_one_scale_is_a_float_concat(second):
+    """Codes at two scales (or codes and floats) are no one tensor's codes: the Concat runs on
+    the dequantized values."""
+    layers = [QuantAct(quantizer(2**-6, True))]
+    if second == "at another scale":
+        layers.append(QuantAct(quantizer(2**-4, True)))
+    else:
+        layers.append(nn.Identity())
+    int8_matches_pytorch(
+        Op(lambda s, x: torch.cat([s.layers[0](x), s.layers[1](2 * x)], 1), *layers)
+    )
+
+
+class Quantized(nn.Module):
+    """A QuantAct, a QuantSiLU and a QuantGlobalAvgPool2d in a row, their quantizers given."""
+
+    def __init__(self, act: Quantizer, silu: Quantizer, gate: Quantizer, pool: Quantizer) -> None:
+        super().__init__()
+        self.act, self.silu, self.pool = (
+            QuantAct(act),
+            QuantSiLU(silu, gate),
+            QuantGlobalAvgPool2d(pool),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.silu(self.act(x)))
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["module names", "tensor hints"])
+def test_each_quantized_tensor_is_named_by_its_quantizers_hint_or_else_its_module(named):
+    """The graph's activation codes are keyed as `activation_quantizers` keys the model's:
+    by the quantizer's `tensor_hint` (`prepare` names shared tensors so), by its module where
+    it has none."""
+    quantizers = [quantizer(2**-5, True), quantizer(2**-5, True)]
+    quantizers += [quantizer(2**-7, False), quantizer(2**-6, True)]
+    if named:
+        for i, q in enumerate(quantizers):
+            q.tensor_hint = f"tensor{i}"
+    model = Quantized(*quantizers).eval()
+    expected = ["act", "silu.input", "silu.gate", "pool.input"]
+    assert list(activation_quantizers(model)) == (
+        [f"tensor{i}" for i in range(4)] if named else expected
+    )
+    assert set(activation_codes(to_onnx(model, SHAPE))) == set(activation_quantizers(model))
+
+
+@pytest.mark.parametrize(
+    "where", ["act", "silu.input_quantizer", "silu.gate_quantizer", "pool.input_quantizer"]
+)
+def test_a_tensor_quantized_at_run_time_is_refused_naming_its_quantizer(where):
+    """An activation quantizer of the `dynamic` method has no fixed scale for a Q/DQ pair."""
+    quantizers = {
+        "act": quantizer(2**-5, True),
+        "silu.input_quantizer": quantizer(2**-5, True),
+        "silu.gate_quantizer": quantizer(2**-7, False),
+        "pool.input_quantizer": quantizer(2**-6, True),
+    }
+    dynamic = quantizers[where] = DynamicBlockQuantizer(8)
+    dynamic.block = SHAPE[-1]
+    model = Quantized(*quantizers.values()).eval()
+    with pytest.raises(QatkdError, match=rf"^{re.escape(where)}: the input is quantized per row "):
+        to_onnx(model, SHAPE)
+
+
+@pytest.mark.parametrize("shape", [[64], [3, 64]], ids=["Gemm", "MatMul"])
+def test_a_linear_layer_with_weight_groups_is_refused_naming_it(shape):
+    """Per-group scales have no per-channel DequantizeLinear, for either form of a Linear."""
+    torch.manual_seed(0)
+    model = prepare(
+        nn.Sequential(nn.Linear(64, 6)),
+        QuantConfig(bits="W4A8", method="minmax", first_last_bits=None, group_size=32),
+    )
+    calibrate(model, [torch.randn(8, *shape)], 8)
+    with pytest.raises(QatkdError, match=r"^0: per-group weight scales \(group_size=32\) have "):
+        to_onnx(model.eval(), shape)
