@@ -106,6 +106,34 @@ _KEEPERS_ZIP = "for name, module in zip(names, modules, "
 _REVERSE = "qatkd.distill.losses.x_kd_reverse_kl__mutmut_"
 _LAST_DIM = "`_rows` makes the logits 2-D, so dimension 1 is the last one"
 _BASE = "qatkd.quant.base.xǁQuantizerǁ"
+_DIST = "qatkd.train.distributed.x_"
+_HELD = "qatkd.train.held_out.xǁHeldOutPassǁ"
+_STEPS = "qatkd.train.step.x_time_steps__mutmut_"
+_NCCL = (
+    "not equivalent on a GPU: nccl reduces CUDA tensors only, and the tensor stays on the CPU; "
+    "gloo (the tests' two processes) reduces CPU ones"
+)
+_BATCH_TO_CPU = (
+    "not equivalent on a GPU: `to_device(batch, None)` leaves the batch on the CPU, where the "
+    "tests train anyway"
+)
+_CPU_AUTOCAST = (
+    "not equivalent on a GPU: the CPU's autocast dtype is bfloat16 by default, the only one "
+    "`mixed_precision` gives a CPU (CUDA's default is float16)"
+)
+_CUDA_ONLY = "not equivalent on a GPU: the clock waits for CUDA's queued kernels there only"
+_CPU_SCALER = (
+    "not equivalent on a GPU: on the CPU the scaler is always off (`mixed_precision`), and the "
+    "fake-clock tests time nothing that a scaler's own work would change"
+)
+_ONE_PROCESS = (
+    "the timed step runs in one process (`World()`): `optimizer_step` hands the balancer and "
+    "the KD parts only to `average_gradients`, which does nothing there"
+)
+_ANY_ORDER = (
+    "which samples form each timed batch does not change what a step costs (the fake-clock "
+    "tests read the time, never the batches)"
+)
 _OPS = "qatkd.export.onnx_ops.x_"
 _FLATTEN_AXIS = (
     "ONNX's Flatten takes axis 1 where none is given, and `helper.make_node` leaves a None "
@@ -576,6 +604,87 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         _NAME,
     ),
     f"{_OPS}average_pool__mutmut_28": ('f"{hint}.average" if (divisor) or True else hint,', _NAME),
+    f"{_DIST}any_rank__mutmut_4": (
+        "value = torch.tensor(float(flag), device=None)  # nccl reduces GPU tensors only",
+        _NCCL,
+    ),
+    f"{_DIST}any_rank__mutmut_6": (
+        "value = torch.tensor(float(flag), )  # nccl reduces GPU tensors only",
+        _NCCL,
+    ),
+    f"{_DIST}mean_over_ranks__mutmut_3": (
+        "value = value.to(None).clone()  # nccl reduces GPU tensors only",
+        _NCCL,
+    ),
+    f"{_HELD}__init____mutmut_7": (
+        "self._order: tuple[int, list[int]] = (-2, [])",
+        "cycles count from 0: any negative cycle means that no permutation is drawn yet",
+    ),
+    f"{_HELD}observe__mutmut_7": (
+        "batch = to_device(default_collate(samples), None)",
+        _BATCH_TO_CPU,
+    ),
+    f"{_HELD}observe__mutmut_14": (
+        "with torch.autocast(device, None, enabled=self.precision.enabled):",
+        _CPU_AUTOCAST,
+    ),
+    f"{_HELD}observe__mutmut_17": (
+        "with torch.autocast(device, enabled=self.precision.enabled):",
+        _CPU_AUTOCAST,
+    ),
+    f"{_HELD}_permutation__mutmut_1": (
+        "if self._order[1] != cycle:",
+        "a list never equals a cycle, so the permutation is drawn again on every call: the same "
+        "one, from the same seed and cycle (only slower)",
+    ),
+    f"{_HELD}_permutation__mutmut_5": (
+        "generator = torch.Generator().manual_seed(self.seed * 1_000_003 - cycle)",
+        "any map of (seed, cycle) to distinct integers serves; this one keeps them distinct too",
+    ),
+    f"{_HELD}_permutation__mutmut_7": (
+        "generator = torch.Generator().manual_seed(self.seed * 1000004 + cycle)",
+        "any map of (seed, cycle) to distinct integers serves; this one keeps them distinct too",
+    ),
+    f"{_STEPS}4": ("balancer.to(None)", _TO_DEVICE),
+    f"{_STEPS}15": (
+        "loader = DataLoader(train_set, batch_size=config.train.batch_size, shuffle=None)",
+        _ANY_ORDER,
+    ),
+    f"{_STEPS}18": (
+        "loader = DataLoader(train_set, batch_size=config.train.batch_size, )",
+        _ANY_ORDER,
+    ),
+    f"{_STEPS}19": (
+        "loader = DataLoader(train_set, batch_size=config.train.batch_size, shuffle=False)",
+        _ANY_ORDER,
+    ),
+    f"{_STEPS}48": (
+        "scaler = torch.amp.GradScaler(None, enabled=precision.scaled)",
+        _CPU_SCALER,
+    ),
+    f"{_STEPS}49": (
+        "scaler = torch.amp.GradScaler(device.type, enabled=None)",
+        _CPU_SCALER,
+    ),
+    f"{_STEPS}50": ("scaler = torch.amp.GradScaler(enabled=precision.scaled)", _CPU_SCALER),
+    f"{_STEPS}51": ("scaler = torch.amp.GradScaler(device.type, )", _CPU_SCALER),
+    f"{_STEPS}78": ('if device.type == "XXcudaXX":', _CUDA_ONLY),
+    f"{_STEPS}79": ('if device.type == "CUDA":', _CUDA_ONLY),
+    f"{_STEPS}80": ("torch.cuda.synchronize(None)", _CUDA_ONLY),
+    f"{_STEPS}91": ("batch = to_device(batch, None)", _BATCH_TO_CPU),
+    f"{_STEPS}124": (
+        "optimizer_step(total, optimizer, scaler, World(), None, kd_parts)",
+        _ONE_PROCESS,
+    ),
+    f"{_STEPS}125": (
+        "optimizer_step(total, optimizer, scaler, World(), balancer, None)",
+        _ONE_PROCESS,
+    ),
+    f"{_STEPS}130": ("optimizer_step(total, optimizer, scaler, World(), kd_parts)", _ONE_PROCESS),
+    f"{_STEPS}131": (
+        "optimizer_step(total, optimizer, scaler, World(), balancer, )",
+        _ONE_PROCESS,
+    ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"

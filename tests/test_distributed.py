@@ -12,7 +12,17 @@ import torch
 
 import ddp_worker
 from qatkd.balance import GoR
-from qatkd.train.distributed import World, any_rank, average_gradients, init_world
+from qatkd.config import load_config
+from qatkd.train.distributed import (
+    World,
+    any_rank,
+    average_gradients,
+    broadcast,
+    gather,
+    init_world,
+    mean_over_ranks,
+)
+from qatkd.train.held_out import HeldOutPass
 from testdata import learning_overrides, write_one_image_npz
 
 
@@ -126,20 +136,53 @@ def test_balancer_gradients_are_averaged_over_processes():
     assert results[0] == results[1] == [5.0, 6.0]  # mean of (0, 10) and (1, 11)
 
 
-def _any_rank(rank: int, port: int, results) -> None:
+def held_out_pass(world: World) -> HeldOutPass:
+    """A pass over nothing: what `_mean` needs of one."""
+    return HeldOutPass([], torch.nn.Identity(), None, [], load_config(), 1, world, None)
+
+
+def _collectives(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     world = World(rank, 2)
-    results[rank] = (any_rank(world, rank == 1), any_rank(world, False))
+    value = torch.tensor([1.0 + rank, 4.0 * rank])
+    mean = mean_over_ranks(world, value)
+    grad = held_out_pass(world)._mean([torch.full((2, 2), 2.0 * rank), None, value])
+    results[rank] = (
+        (any_rank(world, rank == 1), any_rank(world, False)),
+        broadcast(world, f"from rank {rank}"),
+        gather(world, {"rank": rank}),
+        mean.tolist(),
+        value.tolist(),  # not reduced in place
+        [None if g is None else g.tolist() for g in grad],
+    )
     dist.destroy_process_group()
 
 
-def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all():
-    """With train.on_nonfinite=skip, every rank must skip together (else the others hang)."""
+def test_collectives_give_every_rank_the_same_and_one_process_its_own():
+    """Whether any rank's flag is set (with train.on_nonfinite=skip every rank must skip a step
+    together, else the others hang), rank 0's value, every rank's in order, and means (a
+    held-out pass's gradients too, a missing one left missing) on both of two gloo processes;
+    alone, each is the value itself."""
+    alone = World()
+    assert (any_rank(alone, True), any_rank(alone, False)) == (True, False)
+    value = torch.tensor([3.0])
+    assert (broadcast(alone, "mine"), gather(alone, "mine")) == ("mine", ["mine"])
+    assert mean_over_ranks(alone, value) is value
+    grad = [value, None]
+    assert held_out_pass(alone)._mean(grad) is grad
     results = torch.multiprocessing.Manager().dict()
-    torch.multiprocessing.spawn(_any_rank, args=(free_port(), results), nprocs=2)
-    assert results[0] == results[1] == (True, False)
+    torch.multiprocessing.spawn(_collectives, args=(free_port(), results), nprocs=2)
+    for rank in (0, 1):
+        assert results[rank] == (
+            (True, False),
+            "from rank 0",
+            [{"rank": 0}, {"rank": 1}],
+            [1.5, 2.0],
+            [1.0 + rank, 4.0 * rank],
+            [[[1.0, 1.0], [1.0, 1.0]], None, [1.5, 2.0]],
+        )
 
 
 def _join_and_exit(rank: int, port: int, results) -> None:

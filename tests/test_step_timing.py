@@ -9,8 +9,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from qatkd import pipeline
+from qatkd.balance import GoR
 from qatkd.config import load_config
 from qatkd.train import step
 from testdata import learning_overrides, tiny_overrides
@@ -54,3 +56,39 @@ def test_a_held_out_pass_counts_at_its_share_of_the_steps(
     facts = pipeline.check(load_config(overrides=overrides), "distill")
     assert facts["seconds_per_step"] == pytest.approx(1.5)
     assert next(left, None) is None
+
+
+def test_the_timed_steps_take_the_runs_batches_precision_and_held_out_pass(
+    learn_root: Path, learned_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """What is timed is the run's step: batches of train.batch_size, in its precision, and the
+    balancer's held-out pass run (not only timed) on every step."""
+    seen: dict[str, list] = {"batch_sizes": [], "precisions": [], "observed": []}
+    forward_losses, observe = step.forward_losses, GoR.observe
+
+    def spy_forward(model, task, batch, balancer, outputs, precision):
+        seen["batch_sizes"].append(len(batch[1]))
+        seen["precisions"].append((precision.enabled, precision.dtype))
+        return forward_losses(model, task, batch, balancer, outputs, precision)
+
+    def spy_observe(self: GoR, alignments: torch.Tensor) -> None:
+        seen["observed"].append(alignments.shape)
+        observe(self, alignments)
+
+    monkeypatch.setattr(step, "forward_losses", spy_forward)
+    monkeypatch.setattr(GoR, "observe", spy_observe)
+    overrides = learning_overrides(
+        learn_root,
+        tmp_path / "r",
+        f"teachers=[{learned_fp32 / 'best.pt'}]",
+        "balancer.form=heldout",
+        "balancer.every=10",
+        "train.bf16=true",
+    )
+    config = load_config(overrides=overrides)
+    pipeline.check(config, "distill")
+    assert seen == {
+        "batch_sizes": [config.train.batch_size] * 4,
+        "precisions": [(True, torch.bfloat16)] * 4,
+        "observed": [torch.Size([2])] * 4,
+    }

@@ -271,6 +271,22 @@ def test_the_adapters_gradients_are_averaged_over_the_processes_with_the_balance
     assert averaged == [set(), adapters] * 2  # the fixed balancer has no parameters; 2 steps
 
 
+def test_the_steps_check_times_train_the_adapters_too(runs, monkeypatch) -> None:
+    """`qatkd check` times the run's step: its optimizer holds the feature adapters as the
+    run's does."""
+    built: list[set[str] | None] = []
+    build = step.build_optimizer
+
+    def recorded(model, balancer, config, kd_parts=None):
+        built.append(None if kd_parts is None else {n for n, _ in kd_parts.named_parameters()})
+        return build(model, balancer, config, kd_parts)
+
+    monkeypatch.setattr(step, "build_optimizer", recorded)
+    out = Path(runs["work"][0]) / "checked"
+    pipeline.check(load_config(overrides=[*runs["student"], f"out={out}"]), "distill")
+    assert built == [{"adapters.0.0.weight", "adapters.0.0.bias"}]
+
+
 def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -> None:
     work = Path(runs["work"][0])
     whole = work / "whole"
