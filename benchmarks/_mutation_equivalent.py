@@ -109,6 +109,7 @@ _BASE = "qatkd.quant.base.xǁQuantizerǁ"
 _DIST = "qatkd.train.distributed.x_"
 _HELD = "qatkd.train.held_out.xǁHeldOutPassǁ"
 _STEPS = "qatkd.train.step.x_time_steps__mutmut_"
+_PARTS = "qatkd.train.step.x_make_kd_parts__mutmut_"
 _NCCL = (
     "not equivalent on a GPU: nccl reduces CUDA tensors only, and the tensor stays on the CPU; "
     "gloo (the tests' two processes) reduces CPU ones"
@@ -684,6 +685,24 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_STEPS}131": (
         "optimizer_step(total, optimizer, scaler, World(), balancer, )",
         _ONE_PROCESS,
+    ),
+    f"{_PARTS}4": ("device = None", _TO_DEVICE),
+    f"{_PARTS}6": (
+        "with torch.random.fork_rng(devices=None):",
+        "not equivalent on a GPU: `devices=None` forks every CUDA device's generator too, of "
+        "which a CPU-only machine has none",
+    ),
+    f"{_PARTS}10": ("example = to_device(default_collate([train_set[0]]), None)", _BATCH_TO_CPU),
+    f"{_PARTS}14": (
+        "example = to_device(default_collate([train_set[1]]), device)",
+        "the example only shows the parts the student's and the teachers' feature widths, the "
+        "same for every sample; their initial values come from the seed",
+    ),
+    f"{_PARTS}25": ("return None if parts is None else parts.to(None)", _TO_DEVICE),
+    "qatkd.train.step.x_forward_losses__mutmut_1": (
+        "step: int = 1,",
+        "`step` is read only with a held-out pass, and the engine, the one caller that passes a "
+        "pass, passes its step too",
     ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",

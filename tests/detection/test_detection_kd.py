@@ -271,9 +271,16 @@ def test_the_adapters_gradients_are_averaged_over_the_processes_with_the_balance
     assert averaged == [set(), adapters] * 2  # the fixed balancer has no parameters; 2 steps
 
 
-def test_the_steps_check_times_train_the_adapters_too(runs, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("alpha", "adapters"),
+    [("0.5", {"adapters.0.0.weight", "adapters.0.0.bias"}), ("0", None)],
+    ids=["the teachers used", "the teachers unused"],
+)
+def test_the_steps_check_times_train_the_adapters_where_the_run_has_them(
+    runs, monkeypatch, alpha, adapters
+) -> None:
     """`qatkd check` times the run's step: its optimizer holds the feature adapters as the
-    run's does."""
+    run's does, and none where the balancer gives the KD loss no weight."""
     built: list[set[str] | None] = []
     build = step.build_optimizer
 
@@ -283,8 +290,9 @@ def test_the_steps_check_times_train_the_adapters_too(runs, monkeypatch) -> None
 
     monkeypatch.setattr(step, "build_optimizer", recorded)
     out = Path(runs["work"][0]) / "checked"
-    pipeline.check(load_config(overrides=[*runs["student"], f"out={out}"]), "distill")
-    assert built == [{"adapters.0.0.weight", "adapters.0.0.bias"}]
+    overrides = [*runs["student"], f"balancer.alpha={alpha}", f"out={out}"]
+    pipeline.check(load_config(overrides=overrides), "distill")
+    assert built == [adapters]
 
 
 def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -> None:
