@@ -704,6 +704,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "`step` is read only with a held-out pass, and the engine, the one caller that passes a "
         "pass, passes its step too",
     ),
+    "qatkd.train.step.x_forward_losses__mutmut_5": (
+        "with torch.autocast(device.type, None, enabled=precision.enabled):",
+        _CPU_AUTOCAST,
+    ),
+    "qatkd.train.step.x_forward_losses__mutmut_8": (
+        "with torch.autocast(device.type, enabled=precision.enabled):",
+        _CPU_AUTOCAST,
+    ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"

@@ -17,8 +17,8 @@ from qatkd.train import optim
 
 
 class Quantized(nn.Module):
-    """A conv with a per-channel weight quantizer (its step has the weight's rank), a frozen
-    linear and a norm."""
+    """A conv with a per-channel weight quantizer (its step has the weight's rank), a norm, a
+    frozen linear and a trainable one after it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -27,6 +27,7 @@ class Quantized(nn.Module):
         self.norm = nn.BatchNorm2d(2)
         self.frozen = nn.Linear(2, 2)
         self.frozen.requires_grad_(False)
+        self.head = nn.Linear(2, 3)
 
 
 def names(group: dict, model: nn.Module) -> list[str]:
@@ -39,9 +40,15 @@ def test_only_trainable_conv_and_linear_weights_decay_not_quantizer_steps_of_any
     assert model.quantizer.step.ndim > 1  # so that only its being a quantizer's keeps it out
     decay, no_decay = optim.parameter_groups(model, 3e-4)
     assert (decay["name"], decay["weight_decay"]) == ("weights", 3e-4)
-    assert names(decay, model) == ["conv.weight"]
+    assert names(decay, model) == ["conv.weight", "head.weight"]
     assert (no_decay["name"], no_decay["weight_decay"]) == ("norms_biases_quantizers", 0.0)
-    assert names(no_decay, model) == ["conv.bias", "quantizer.step", "norm.weight", "norm.bias"]
+    assert names(no_decay, model) == [
+        "conv.bias",
+        "quantizer.step",
+        "norm.weight",
+        "norm.bias",
+        "head.bias",
+    ]
 
 
 @pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
