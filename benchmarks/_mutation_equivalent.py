@@ -110,6 +110,7 @@ _DIST = "qatkd.train.distributed.x_"
 _HELD = "qatkd.train.held_out.xǁHeldOutPassǁ"
 _STEPS = "qatkd.train.step.x_time_steps__mutmut_"
 _PARTS = "qatkd.train.step.x_make_kd_parts__mutmut_"
+_SOURCE_0 = "broadcast_object_list takes rank 0 as the source where none is given"
 _NCCL = (
     "not equivalent on a GPU: nccl reduces CUDA tensors only, and the tensor stays on the CPU; "
     "gloo (the tests' two processes) reduces CPU ones"
@@ -712,6 +713,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "with torch.autocast(device.type, enabled=precision.enabled):",
         _CPU_AUTOCAST,
     ),
+    f"{_DIST}broadcast__mutmut_4": ("dist.broadcast_object_list(box, src=None)", _SOURCE_0),
+    f"{_DIST}broadcast__mutmut_6": ("dist.broadcast_object_list(box, )", _SOURCE_0),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
