@@ -76,7 +76,6 @@ class Dequantized:
 
     codes: str
     r: ActRange
-    hint: str
 
 
 class GraphBuilder:
@@ -213,14 +212,14 @@ class GraphBuilder:
         if source is None:
             return self.emit_commuting(op, inputs, hint, **attrs)
         codes = self.emit(op, [source.codes, *extra], f"{hint}.codes", **attrs)
-        return self.dequantize(codes, source.r, source.hint, hint)
+        return self.dequantize(codes, source.r, hint)
 
-    def dequantize(self, codes: str, r: ActRange, tensor: str, hint: str) -> str:
-        """DequantizeLinear of `codes` (of the quantized tensor named `tensor`) at range `r`."""
+    def dequantize(self, codes: str, r: ActRange, hint: str) -> str:
+        """DequantizeLinear of `codes` at range `r`."""
         scale = self.const(np.array(r.scale, dtype=np.float32), f"{hint}.scale")
         zero = self.const(self._zero_point(r), f"{hint}.zero_point")
         out = self.emit("DequantizeLinear", [codes, scale, zero], f"{hint}.dq")
-        self.dequantized[out] = Dequantized(codes, r, tensor)
+        self.dequantized[out] = Dequantized(codes, r)
         return out
 
     def qdq(self, x: str, r: ActRange, hint: str, widen: bool = False) -> tuple[str, float]:
@@ -232,7 +231,7 @@ class GraphBuilder:
         codes = self.codes(x, r, hint)
         shift = input_shift(r) if widen else 0
         if shift == 0:
-            return self.dequantize(codes, r, hint, hint), r.scale
+            return self.dequantize(codes, r, hint), r.scale
         zero = self.const(self._zero_point(r), f"{hint}.zero_point")
         if codes not in self._widened:
             self._widened[codes] = self._widen(codes, r, shift, hint)
@@ -282,7 +281,6 @@ class GraphBuilder:
                 offset = self.dequantize(
                     self.const(np.array(1, dtype=np.uint8), f"{hint}.offset_code"),
                     ActRange(HARDSIGMOID_RANGE / 2, 0, 255, 8),
-                    f"{hint}.offset",
                     f"{hint}.offset",
                 )
                 shifted = self.emit("Add", [source.input, offset], f"{hint}.plus_3")

@@ -290,11 +290,10 @@ def split_part(b: GraphBuilder, node: fx.Node, hint: str) -> str:
 def concat(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """On the codes where every input is quantized at one scale (`quant.tensors` gives a
     concatenation's inputs one quantizer), else in float (onnxruntime's QLinearConcat where
-    its inputs are quantized at other scales)."""
+    its inputs are quantized at other scales). The builder hands it only a node whose inputs
+    are all tensors: a list of them, and an int dim (a computed dim is a node, no tensor)."""
     items = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if not isinstance(items, list | tuple) or not isinstance(dim, int):
-        raise Fallback
     inputs = [b.names[n] for n in items]
     axis = dim % b.examples.values[node].dim()
     sources = [b.dequantized.get(x) for x in inputs]
@@ -302,29 +301,29 @@ def concat(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     if first is None or any(s is None or s.r != first.r for s in sources):
         return b.emit("Concat", inputs, hint, axis=axis)
     codes = b.emit("Concat", [s.codes for s in sources], f"{hint}.codes", axis=axis)
-    return b.dequantize(codes, first.r, first.hint, hint)
+    return b.dequantize(codes, first.r, hint)
 
 
 def _global_mean(b: GraphBuilder, node: fx.Node) -> bool:
-    """Global average pooling (`quant.tensors.global_pool_call`) of a 4-D tensor."""
-    x = node.args[0]
-    four_d = isinstance(x, fx.Node) and b.examples.is_tensor(x) and b.examples.values[x].dim() == 4
-    return four_d and global_pool_call(node)
+    """Global average pooling (`quant.tensors.global_pool_call`) of a 4-D tensor (a mean's or a
+    pooling's input is a tensor node)."""
+    return b.examples.values[node.args[0]].dim() == 4 and global_pool_call(node)
 
 
 def global_mean(b: GraphBuilder, node: fx.Node, hint: str) -> str:
     """GlobalAveragePool (QLinearGlobalAveragePool where its input and output are quantized),
     then a Flatten where the mean drops the two dims."""
     pooled = b.emit("GlobalAveragePool", [b.names[node.args[0]]], hint)
-    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim")
     if node.target is F.adaptive_avg_pool2d or keep:
         return pooled
     return b.emit_moving("Flatten", [pooled], f"{hint}.flatten", axis=1)
 
 
 def matmul(b: GraphBuilder, node: fx.Node, hint: str) -> str:
-    """QLinearMatMul where both operands and the product are quantized (attention)."""
-    if len(node.args) != 2 or node.kwargs:
+    """QLinearMatMul where both operands and the product are quantized (attention); a call with
+    no keywords has its two operands by position."""
+    if node.kwargs:
         raise Fallback
     return b.emit("MatMul", [b.names[a] for a in node.args], hint)
 
@@ -339,9 +338,9 @@ def softmax(b: GraphBuilder, node: fx.Node, hint: str) -> str:
 
 
 def dropout_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
-    """The identity in eval (`training=False`, as the trace records it)."""
-    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
-    if training:
+    """The identity in eval (`training=False`). `F.dropout` hands its options to the trace by
+    keyword however it is called (its `handle_torch_function` call)."""
+    if node.kwargs["training"]:
         raise Fallback
     return b.names[node.args[0]]
 
