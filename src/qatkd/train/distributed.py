@@ -36,7 +36,7 @@ class World:
         return self.size > 1
 
 
-def init_world(device: str = "auto") -> World:
+def init_world(device: str) -> World:
     """Join the process group that torchrun describes in the environment (once), or run alone,
     on `device` (`train.device`, resolved for this process's local rank)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
