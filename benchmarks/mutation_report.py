@@ -481,11 +481,11 @@ def main() -> None:
         parser.error(f"unknown module(s) {', '.join(unknown)}: choose from {', '.join(MODULES)}")
     path = RESULTS / "mutation.json"
     results = json.loads(path.read_text()) if path.exists() else {"modules": {}}
+    for entry in results["modules"].values():  # the modules not run now: today's notes too
+        entry["survivors"] = [
+            survivor(s["mutant"], s["status"], s["diff"]) for s in entry["survivors"]
+        ]
     if args.render:
-        for entry in results["modules"].values():
-            entry["survivors"] = [
-                survivor(s["mutant"], s["status"], s["diff"]) for s in entry["survivors"]
-            ]
         write_report(results)
         print_renumbered(results)
         return
