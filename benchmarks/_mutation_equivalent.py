@@ -715,6 +715,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     f"{_DIST}broadcast__mutmut_4": ("dist.broadcast_object_list(box, src=None)", _SOURCE_0),
     f"{_DIST}broadcast__mutmut_6": ("dist.broadcast_object_list(box, )", _SOURCE_0),
+    f"{_OPS}concat__mutmut_54": ("return b.dequantize(codes, first.r, None)", _NAME),
+    f"{_OPS}global_mean__mutmut_26": (
+        'return b.emit_moving("Flatten", [pooled], f"{hint}.flatten", axis=None)',
+        _FLATTEN_AXIS,
+    ),
+    f"{_OPS}global_mean__mutmut_30": (
+        'return b.emit_moving("Flatten", [pooled], f"{hint}.flatten", )',
+        _FLATTEN_AXIS,
+    ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
