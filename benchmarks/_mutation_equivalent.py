@@ -111,6 +111,8 @@ _HELD = "qatkd.train.held_out.xǁHeldOutPassǁ"
 _STEPS = "qatkd.train.step.x_time_steps__mutmut_"
 _PARTS = "qatkd.train.step.x_make_kd_parts__mutmut_"
 _SOURCE_0 = "broadcast_object_list takes rank 0 as the source where none is given"
+_ISLAND = "qatkd.export.onnx_fallback.x_island_graph__mutmut_"
+_ISLAND_ZIP = "for name, n in [*zip(in_names, inputs, {}), *zip(out_names, outputs, {})]"
 _NCCL = (
     "not equivalent on a GPU: nccl reduces CUDA tensors only, and the tensor stays on the CPU; "
     "gloo (the tests' two processes) reduces CPU ones"
@@ -723,6 +725,30 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_OPS}global_mean__mutmut_30": (
         'return b.emit_moving("Flatten", [pooled], f"{hint}.flatten", )',
         _FLATTEN_AXIS,
+    ),
+    f"{_ISLAND}24": (
+        "inputs.sort(key=None)",
+        "fx nodes compare by their place in the graph, the order `_order` gives",
+    ),
+    **{
+        f"{_ISLAND}{n}": (_ISLAND_ZIP.format(a, b), _STRICT_ZIP)
+        for n, a, b in (
+            (52, "strict=None", "strict=True"),
+            (55, "", "strict=True"),
+            (56, "strict=False", "strict=True"),
+            (59, "strict=True", "strict=None"),
+            (62, "strict=True", ""),
+            (63, "strict=True", "strict=False"),
+        )
+    },
+    f"{_ISLAND}66": (
+        "torch.backends.mha.set_fastpath_enabled(None)",
+        "torch takes None for False here: the fast path is off either way (True is killed)",
+    ),
+    f"{_ISLAND}74": (
+        "dynamo=None,",
+        "torch.onnx.export takes its dynamo path only for `dynamo is True`: None is the "
+        "TorchScript exporter, as False",
     ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",

@@ -21,6 +21,13 @@ from qatkd.export.codes import (
     code_runner,
     pytorch_codes,
 )
+from qatkd.export.onnx_registry import (
+    FUNCTION_OPS,
+    MODULE_OPS,
+    function_op,
+    module_handler,
+    module_op,
+)
 from qatkd.export.runtime import ort_session
 from qatkd.quant import (
     QuantAct,
@@ -103,6 +110,8 @@ CASES = {
         ["layers.0"],
     ),
     "hardtanh": (Op(first, nn.Hardtanh(-0.5, 0.75)), []),
+    "hardsigmoid, the module": (Op(lambda s, x: s.layers[0](4 * x), nn.Hardsigmoid()), []),
+    "hardsigmoid, the function": (Op(lambda s, x: F.hardsigmoid(4 * x)), []),
     "relu6": (Op(first, nn.ReLU6()), []),
     "flatten from dim 1": (Op(lambda s, x: first(s, x) + 1, nn.Flatten()), []),
     "flatten from dim 1 to -1, the function": (Op(lambda s, x: torch.flatten(x, 1, -1) + 1), []),
@@ -320,7 +329,12 @@ def test_a_tensor_quantized_at_run_time_is_refused_naming_its_quantizer(where):
     dynamic = quantizers[where] = DynamicBlockQuantizer(8)
     dynamic.block = SHAPE[-1]
     model = Quantized(*quantizers.values()).eval()
-    with pytest.raises(QatkdError, match=rf"^{re.escape(where)}: the input is quantized per row "):
+    message = (
+        f"{where}: the input is quantized per row at run time (quant.act_method=dynamic), which "
+        "only the genai export of a language model deploys (int8 MatMulNBits); this export has "
+        "one fixed scale per tensor"
+    )
+    with pytest.raises(QatkdError, match=f"^{re.escape(message)}$"):
         to_onnx(model, SHAPE)
 
 
@@ -335,3 +349,59 @@ def test_a_linear_layer_with_weight_groups_is_refused_naming_it(shape):
     calibrate(model, [torch.randn(8, *shape)], 8)
     with pytest.raises(QatkdError, match=r"^0: per-group weight scales \(group_size=32\) have "):
         to_onnx(model.eval(), shape)
+
+
+def test_the_hardsigmoid_function_before_a_signed_quantizer_keeps_the_negative_codes_out():
+    """Quantized, the hardsigmoid is x + 3 at 6 times the scale (`emit_hardsigmoid`), its codes
+    clipped at those of 0 and 1: a signed quantizer's range holds codes below 0's."""
+    int8_matches_pytorch(
+        Op(lambda s, x: s.layers[0](F.hardsigmoid(4 * x)), QuantAct(quantizer(2**-7, True)))
+    )
+
+
+class Tripled(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * x
+
+
+class Sextupled(Tripled):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 6 * x
+
+
+def leaky_relu(b, m: nn.LeakyReLU, x: str, hint: str) -> str:
+    return b.emit("LeakyRelu", [x], hint, alpha=m.negative_slope)
+
+
+def sigmoid(b, node, hint: str) -> str:
+    return b.emit("Sigmoid", [b.names[node.args[0]]], hint)
+
+
+def test_a_module_handler_takes_its_exact_type_and_subclasses_only_where_registered_so():
+    module_op(Tripled)(leaky_relu)
+    try:
+        assert (module_handler(Tripled()), module_handler(Sextupled())) == (leaky_relu, None)
+        module_op(Tripled, subclasses=True)(leaky_relu)
+        assert module_handler(Sextupled()) == leaky_relu
+    finally:
+        del MODULE_OPS[Tripled]
+
+
+def test_handlers_registered_for_a_new_layer_and_function_export_them():
+    """The builder's extension point (`onnx_registry`): a handler for a module the trace keeps
+    whole (torch.nn's) and one for a function."""
+    model = Op(lambda s, x: torch.sigmoid(s.layers[0](x)), nn.LeakyReLU(0.25)).eval()
+    assert torch_onnx_ops_of(to_onnx(model, SHAPE, "fp32")) == ["layers.0", "sigmoid"]
+    module_op(nn.LeakyReLU)(leaky_relu)
+    function_op(torch.sigmoid)(sigmoid)
+    try:
+        assert FUNCTION_OPS[torch.sigmoid] == (sigmoid, None)
+        proto = to_onnx(model, SHAPE, "fp32")
+    finally:
+        del MODULE_OPS[nn.LeakyReLU], FUNCTION_OPS[torch.sigmoid]
+    assert torch_onnx_ops_of(proto) == []
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)

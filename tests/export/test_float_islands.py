@@ -1,0 +1,98 @@
+"""The float islands (`qatkd.export.onnx_fallback`): the nodes no handler takes, exported by
+torch.onnx and spliced into the graph under fresh names."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper
+from torch import fx, nn
+
+from qatkd.export import INPUT_NAME, to_onnx, torch_onnx_ops_of
+from qatkd.export.onnx_fallback import island_graph, rename_tensors, run_examples
+from qatkd.export.onnx_graph import OPSET
+from qatkd.export.runtime import ort_session
+
+
+class Twice(nn.Module):
+    """An island (maximum, minimum: no handler) that reads `x` twice and `y`, computed after
+    `x`, first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + 1
+        return torch.minimum(torch.maximum(y, x), x * x)
+
+
+def test_an_islands_inputs_are_the_tensors_it_reads_each_once_in_graph_order():
+    gm = fx.symbolic_trace(Twice())
+    examples = run_examples(gm, [3])
+    x, y = (n for n in gm.graph.nodes if n.name in ("x", "add"))
+    members = [n for n in gm.graph.nodes if n.name in ("maximum", "mul", "minimum")]
+    graph, inputs, outputs = island_graph(gm, members, examples, OPSET)
+    assert (inputs, outputs) == ([x, y], [members[-1]])
+    assert [i.name for i in graph.input] == ["in0", "in1"]
+    assert [o.name for o in graph.output] == ["out0"]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_attention_exports_on_its_plain_path_and_the_fast_path_setting_is_kept():
+    """The fused inference kernel has no ONNX form: the island turns it off while torch.onnx
+    exports, and puts the user's setting back after."""
+    model = SelfAttention().eval()
+    assert torch.backends.mha.get_fastpath_enabled()
+    proto = to_onnx(model, [5, 8], "fp32")
+    assert torch.backends.mha.get_fastpath_enabled()
+    assert torch_onnx_ops_of(proto) == ["attention", "getitem"]
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_renaming_reaches_every_tensor_of_a_node_and_of_its_subgraphs():
+    """Inputs, outputs, node names (a node's is its first output's; one without outputs keeps
+    its own, renamed), and in each subgraph (an If's branches, a list of graphs) its nodes'
+    tensors, its inputs, outputs and initializers."""
+
+    def branch(name: str) -> helper.GraphProto:
+        inner = helper.make_node("Identity", ["c"], [f"{name}_out"], name="inner")
+        return helper.make_graph(
+            [inner],
+            name,
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1])],
+            [helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])],
+        )
+
+    node = helper.make_node(
+        "If", ["cond"], ["out"], name="if", then_branch=branch("then"), else_branch=branch("else")
+    )
+    node.attribute.append(helper.make_attribute("branches", [branch("listed")]))
+    rename_tensors(node, lambda name: f"new_{name}")
+    assert (list(node.input), list(node.output), node.name) == (
+        ["new_cond"],
+        ["new_out"],
+        "new_out",
+    )
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            inner = sub.node[0]
+            assert (list(inner.input), inner.name) == (["new_c"], inner.output[0])
+            assert inner.output[0] == f"new_{sub.name}_out"
+            assert [v.name for v in [*sub.input, *sub.output, *sub.initializer]] == [
+                "new_c",
+                f"new_{sub.name}_out",
+                "new_w",
+            ]
+    sink = helper.make_node("Sink", ["x"], [], name="sink")
+    rename_tensors(sink, lambda name: f"new_{name}")
+    assert (list(sink.input), sink.name) == (["new_x"], "new_sink")
