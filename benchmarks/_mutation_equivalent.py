@@ -112,6 +112,11 @@ _STEPS = "qatkd.train.step.x_time_steps__mutmut_"
 _PARTS = "qatkd.train.step.x_make_kd_parts__mutmut_"
 _SOURCE_0 = "broadcast_object_list takes rank 0 as the source where none is given"
 _ISLAND = "qatkd.export.onnx_fallback.x_island_graph__mutmut_"
+_CODE_OF = "qatkd.export.onnx_graph.x_code_of__mutmut_"
+_BOUNDS = (
+    "the bounds `code_of` is given are those of a ReLU (0, +inf), a Clip (finite) and a "
+    "hardsigmoid (0, 1): -inf never, and an infinity is never 0 or between 0 and 1"
+)
 _ISLAND_ZIP = "for name, n in [*zip(in_names, inputs, {}), *zip(out_names, outputs, {})]"
 _NCCL = (
     "not equivalent on a GPU: nccl reduces CUDA tensors only, and the tensor stays on the CPU; "
@@ -749,6 +754,23 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "dynamo=None,",
         "torch.onnx.export takes its dynamo path only for `dynamo is True`: None is the "
         "TorchScript exporter, as False",
+    ),
+    f"{_CODE_OF}2": ("return r.qmin if (value < 0) and False else r.qmax", _BOUNDS),
+    f"{_CODE_OF}4": ("return r.qmin if value <= 0 else r.qmax", _BOUNDS),
+    f"{_CODE_OF}5": ("return r.qmin if value < 1 else r.qmax", _BOUNDS),
+    f"{_CODE_OF}13": (
+        "return int(np.clip(code, None, r.qmax))",
+        "its one caller (`_quantize`) takes the larger of the code and a low bound that is "
+        "at least qmin",
+    ),
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁ_emit_island__mutmut_27": (
+        "renamed[name] = self.name(f\"{hint}.{_SAFE.sub('_', name).strip('XX_XX')}\")",
+        _NAME,
+    ),
+    f"{_ISLAND}111": (
+        'what = "XX, XX".join(f"\'{op_name(n)}\'" for n in members)',
+        "reached only where every op of the island exports alone and not together, which no "
+        "op torch.onnx writes does (an op that fails alone is named alone)",
     ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",

@@ -4,10 +4,12 @@ torch.onnx and spliced into the graph under fresh names."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from onnx import TensorProto, helper
 from torch import fx, nn
 
+from qatkd.errors import QatkdError
 from qatkd.export import INPUT_NAME, to_onnx, torch_onnx_ops_of
 from qatkd.export.onnx_fallback import island_graph, rename_tensors, run_examples
 from qatkd.export.onnx_graph import OPSET
@@ -96,3 +98,29 @@ def test_renaming_reaches_every_tensor_of_a_node_and_of_its_subgraphs():
     sink = helper.make_node("Sink", ["x"], [], name="sink")
     rename_tensors(sink, lambda name: f"new_{name}")
     assert (list(sink.input), sink.name) == (["new_x"], "new_sink")
+
+
+class SineCumprod(nn.Module):
+    """An island of two ops (no handler for either), of which torch.onnx cannot write one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x).cumprod(1) + 1
+
+
+def test_the_op_torch_onnx_cannot_write_is_named_alone_with_what_torch_onnx_says():
+    with pytest.raises(QatkdError) as refused:
+        to_onnx(SineCumprod().eval(), [4], "fp32")
+    message = str(refused.value)
+    assert message.startswith("cannot export 'cumprod' (graph node cumprod) in float: torch.onnx ")
+    cause = refused.value.__cause__
+    assert message.endswith(f"says {str(cause).strip().splitlines()[0]}")
+
+
+def test_a_torch_onnx_error_without_words_is_named_by_its_type(monkeypatch):
+    def export(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    message = r"^cannot export 'sin' \(graph node sin\) in float: torch.onnx says RuntimeError$"
+    with pytest.raises(QatkdError, match=message):
+        to_onnx(SineCumprod().eval(), [4], "fp32")
