@@ -117,6 +117,10 @@ _BOUNDS = (
     "the bounds `code_of` is given are those of a ReLU (0, +inf), a Clip (finite) and a "
     "hardsigmoid (0, 1): -inf never, and an infinity is never 0 or between 0 and 1"
 )
+_ONE_CALLER = (
+    "its one caller (`_quantize`) bounds the code again: at least a low bound that is at "
+    "least qmin, at most a high bound that is at most qmax"
+)
 _ISLAND_ZIP = "for name, n in [*zip(in_names, inputs, {}), *zip(out_names, outputs, {})]"
 _NCCL = (
     "not equivalent on a GPU: nccl reduces CUDA tensors only, and the tensor stays on the CPU; "
@@ -758,10 +762,11 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_CODE_OF}2": ("return r.qmin if (value < 0) and False else r.qmax", _BOUNDS),
     f"{_CODE_OF}4": ("return r.qmin if value <= 0 else r.qmax", _BOUNDS),
     f"{_CODE_OF}5": ("return r.qmin if value < 1 else r.qmax", _BOUNDS),
-    f"{_CODE_OF}13": (
-        "return int(np.clip(code, None, r.qmax))",
-        "its one caller (`_quantize`) takes the larger of the code and a low bound that is "
-        "at least qmin",
+    f"{_CODE_OF}13": ("return int(np.clip(code, None, r.qmax))", _ONE_CALLER),
+    f"{_CODE_OF}14": ("return int(np.clip(code, r.qmin, None))", _ONE_CALLER),
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁemit_moving__mutmut_22": (
+        "return self.dequantize(codes, source.r, None)",
+        _NAME,
     ),
     "qatkd.export.onnx_graph.xǁGraphBuilderǁ_emit_island__mutmut_27": (
         "renamed[name] = self.name(f\"{hint}.{_SAFE.sub('_', name).strip('XX_XX')}\")",
