@@ -17,8 +17,8 @@ from qatkd.export.runtime import ort_session
 
 
 class Twice(nn.Module):
-    """An island (maximum, minimum: no handler) that reads `x` twice and `y`, computed after
-    `x`, first."""
+    """An island (its maximum, product and minimum) that reads `x` three times, and first `y`,
+    which the graph computes after `x`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x + 1
