@@ -110,6 +110,10 @@ CASES = {
         ["layers.0"],
     ),
     "hardtanh": (Op(first, nn.Hardtanh(-0.5, 0.75)), []),
+    "a float conv": (Op(first, nn.Conv2d(4, 3, 3, padding=1)), []),
+    "a float conv without a bias": (Op(first, nn.Conv2d(4, 3, 3, bias=False)), []),
+    "a float linear layer on the last dim": (Op(first, nn.Linear(6, 5)), []),
+    "a float linear layer without a bias": (Op(first, nn.Linear(6, 5, bias=False)), []),
     "hardsigmoid, the module": (Op(lambda s, x: s.layers[0](4 * x), nn.Hardsigmoid()), []),
     "hardsigmoid, the function": (Op(lambda s, x: F.hardsigmoid(4 * x)), []),
     "relu6": (Op(first, nn.ReLU6()), []),
@@ -242,9 +246,9 @@ def test_a_quantized_silu_is_quantized_in_the_int8_graph_only(tiny_model):
 # -- quantizers placed by hand ------------------------------------------------------------------
 
 
-def quantizer(step: float, signed: bool) -> MinMaxQuantizer:
-    """An initialised 8-bit activation quantizer of step `step` (a power of two: exact)."""
-    q = MinMaxQuantizer(8)
+def quantizer(step: float, signed: bool, bits: int = 8) -> MinMaxQuantizer:
+    """An initialised activation quantizer of step `step` (a power of two: exact)."""
+    q = MinMaxQuantizer(bits)
     q.is_signed.fill_(signed)
     q.running_absmax.fill_(step * q.qrange[1])
     q.initialized.fill_(True)
@@ -405,3 +409,67 @@ def test_handlers_registered_for_a_new_layer_and_function_export_them():
         expected = model(x).numpy()
     got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_quantized_layer_without_a_bias_exports_in_both_precisions():
+    torch.manual_seed(0)
+    model = prepare(
+        Op(first, nn.Conv2d(4, 3, 3, bias=False)), QuantConfig(bits="W8A8", first_last_bits=None)
+    )
+    calibrate(model, [torch.randn(8, *SHAPE)], 8)
+    model.eval()
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
+    # the FP32 graph keeps the quantized weights and leaves the activations float
+    for precision, atol in (("fp32", 0.05), ("int8", 1e-3)):
+        proto = to_onnx(model, SHAPE, precision)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=atol, err_msg=precision)
+
+
+def test_a_layer_whose_input_is_quantized_at_run_time_is_refused_naming_its_quantizer():
+    model = prepare(
+        nn.Sequential(nn.Linear(64, 32)),
+        QuantConfig(bits="W8A8", act_method="dynamic", first_last_bits=None),
+    )
+    message = r"^0\.input_quantizer: the input is quantized per row at run time "
+    with pytest.raises(QatkdError, match=message):
+        to_onnx(model.eval(), [64])
+
+
+def test_a_quantizer_without_a_tensor_hint_names_the_codes_by_its_layer(tiny_model):
+    """`prepare` names every quantized tensor; one whose quantizer lost its name is keyed as
+    `activation_quantizers` keys it, by its layer."""
+    model, _ = tiny_model("W8A8")
+    model.net.conv1.input_quantizer.tensor_hint = None
+    names = set(activation_quantizers(model))
+    assert "net.conv1.input" in names
+    assert set(activation_codes(to_onnx(model, [1, 16, 16]))) == names
+
+
+def test_only_the_inputs_of_convolutions_and_linear_layers_are_widened(tiny_model):
+    """At 4 bits the codes a conv or linear layer reads are shifted left onto a finer grid for
+    its int32 bias (`GraphBuilder.qdq`); an add, a pooling or a product reads them as they are."""
+    model, _ = tiny_model("W4A4")
+    proto = to_onnx(model, [1, 16, 16])
+    readers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    widened = [n.output[0] for n in proto.graph.node if n.op_type == "BitShift"]
+    assert widened
+    for codes in widened:
+        dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and codes in n.input]
+        assert dq and {op for n in dq for op in readers[n.output[0]]} <= {"Conv", "Gemm"}
+    layers = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    dq_of = {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    plain = [n for n in proto.graph.node if n.op_type in ("Add", "GlobalAveragePool")]
+    assert layers and plain
+    for node in plain:  # the float inputs an add or pooling reads are no widened codes
+        assert not {dq_of[i].input[0] for i in node.input if i in dq_of} & set(widened)
+    # 4-bit tensors that no conv or linear layer reads
+    quantizers = [quantizer(2**-2, True, 4), quantizer(2**-2, True, 4)]
+    quantizers += [quantizer(2**-4, False, 4), quantizer(2**-3, True, 4)]
+    ops = {n.op_type for n in to_onnx(Quantized(*quantizers).eval(), SHAPE).graph.node}
+    assert "QuantizeLinear" in ops and "BitShift" not in ops
