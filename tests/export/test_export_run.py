@@ -16,6 +16,8 @@ from qatkd.checkpoint import save_checkpoint
 from qatkd.config import build_config, config_to_dict
 from qatkd.errors import QatkdError
 from qatkd.export import INPUT_NAME, as_exported, class_names_of, load_qpack, to_onnx
+from qatkd.export.bias_grid import bias_scale
+from qatkd.export.frozen import FrozenLinear
 from qatkd.export.runtime import ort_session
 from qatkd.pipeline import bench, export
 from qatkd.quant import QuantConfig, Quantizer, calibrate, prepare
@@ -219,3 +221,27 @@ def test_forms_a_handler_declines_are_exported_in_float():
         expected = as_exported(model, [1, 8, 8])(x).numpy()
     got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "codes", [2**30, 2**31 - 128, 2**31], ids=["int32", "overflowing sums", "past int32"]
+)
+def test_a_bias_is_int32_only_where_the_accumulator_holds_it_with_every_sum(codes):
+    """A bias of 2^30 codes stays int32; one of 2^31 - 128 (an int32) plus the products of an
+    input would wrap around the kernel's int32 accumulator, so it stays float, as one of 2^31
+    codes (no int32) does: each computes the bias."""
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(nn.Linear(4, 2)), QuantConfig(bits="W8A8", method="minmax"))
+    x = torch.rand(8, 4)
+    calibrate(model, [x], 8)
+    grid = bias_scale(FrozenLinear(model[0], "0"))
+    with torch.no_grad():
+        model[0].bias.copy_(torch.from_numpy(grid * np.float32(codes)))
+    proto = to_onnx(model.eval(), [4])
+    bias_codes = [t for t in proto.graph.initializer if t.name == "0_bias_codes"]
+    assert len(bias_codes) == (1 if codes == 2**30 else 0)
+    session = ort_session(proto.SerializeToString())
+    with torch.no_grad():
+        expected = as_exported(model, [4])(x).numpy()
+    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)

@@ -29,6 +29,17 @@ from torch import Tensor, nn
 from qatkd.export.fold import FOLDED_BATCHNORM, fold_batchnorm
 from qatkd.export.frozen import ActRange, FrozenLayer
 
+INPUT_CODE_REACH = 255
+"""The largest |input code - zero point| an int8 kernel multiplies (widened unsigned codes)."""
+
+
+def int32_bias_fits(bias_codes: np.ndarray, weight_codes: np.ndarray) -> bool:
+    """Whether a kernel's int32 accumulator holds each output's bias codes plus the largest sum
+    of products any input can give it (255 times the sum of the output's |weight codes|): a
+    bias past that would wrap around in the kernel."""
+    magnitude = np.abs(weight_codes.astype(np.int64)).reshape(len(weight_codes), -1).sum(1)
+    return bool((np.abs(bias_codes) + INPUT_CODE_REACH * magnitude).max() <= 2**31 - 1)
+
 
 def input_shift(r: ActRange) -> int:
     """Left shift that moves b-bit input codes to the top of the 8-bit range: unsigned codes to

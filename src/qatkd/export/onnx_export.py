@@ -35,7 +35,9 @@ left by 8 - b (BitShift, after the Clip; signed codes moved to unsigned ones by 
 with the DQ scale divided by 2^(8-b); codes * scale is the same float bit for bit (powers of
 two). The remaining rounding (~1e-4 of an output step at W4A4, ~1e-2 at W8A8) is what
 `bias_grid.align_biases` takes into the PyTorch model before a parity check. A conv whose output
-is not quantized (no int8 kernel can run it) keeps its float bias, exactly. With power-of-two
+is not quantized (no int8 kernel can run it) keeps its float bias, exactly, as does a bias whose
+codes, with the largest sum of products an input can add, would overflow the kernel's int32
+accumulator (`bias_grid.int32_bias_fits`: an input scale made very fine). With power-of-two
 scales every op is exact and the tests demand bitwise equality.
 
 `precision="fp32"` writes the same network with float weights (codes * scale) and no Q/DQ: the

@@ -40,6 +40,7 @@ from qatkd.export.bias_grid import (
     fine_input_scale,
     fine_weight_scale,
     input_shift,
+    int32_bias_fits,
     spare_bits,
 )
 from qatkd.export.frozen import ActRange, FrozenLayer, run_time_input_error, tensor_hint
@@ -357,9 +358,9 @@ class GraphBuilder:
         if bias_values is None:
             return [x, weight]
         b_codes = None if b_scale is None else np.round(bias_values.astype(np.float64) / b_scale)
-        if b_codes is None or np.abs(b_codes).max() > 2**31 - 1:
-            # a float input, or one at a scale so fine (dead in calibration) that the bias has
-            # no int32 codes: the bias stays float, exactly
+        if b_codes is None or not int32_bias_fits(b_codes, stored):
+            # a float input, or one at a scale so fine (dead in calibration) that the bias and
+            # the products would overflow the int32 accumulator: the bias stays float, exactly
             return [x, weight, self.const(bias_values, f"{hint}.bias")]
         b_codes = b_codes.astype(np.int32)
         b_zero = self.const(np.zeros(scale.shape, np.int32), f"{hint}.bias_zero_point")
