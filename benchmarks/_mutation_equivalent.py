@@ -777,6 +777,18 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "reached only where every op of the island exports alone and not together, which no "
         "op torch.onnx writes does (an op that fails alone is named alone)",
     ),
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁqdq__mutmut_18": (
+        "return self.dequantize(codes, r, None), r.scale",
+        _NAME,
+    ),
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁqdq__mutmut_33": (
+        "self._widened[codes] = self._widen(codes, r, shift, None)",
+        _NAME,
+    ),
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁlayer_inputs__mutmut_118": (
+        "b_codes = None if b_scale is None else np.round(bias_values.astype(None) / b_scale)",
+        "numpy's astype(None) is astype(float64), the dtype the original names",
+    ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
