@@ -101,6 +101,8 @@ class GraphBuilder:
         graph's `TORCH_ONNX_OPS` metadata)."""
 
     def build(self, input_shape: list[int]) -> onnx.GraphProto:
+        if sum(node.op == "placeholder" for node in self.gm.graph.nodes) != 1:
+            raise QatkdError("export supports models with a single input tensor")
         self.examples = run_examples(self.gm, input_shape)
         inputs, outputs = [], []
         nodes = list(self.gm.graph.nodes)
@@ -113,8 +115,6 @@ class GraphBuilder:
             if node in done:
                 continue
             if node.op == "placeholder":
-                if inputs:
-                    raise QatkdError("export supports models with a single input tensor")
                 self.names[node] = INPUT_NAME
                 inputs.append(
                     helper.make_tensor_value_info(
