@@ -473,3 +473,53 @@ def test_only_the_inputs_of_convolutions_and_linear_layers_are_widened(tiny_mode
     quantizers += [quantizer(2**-4, False, 4), quantizer(2**-3, True, 4)]
     ops = {n.op_type for n in to_onnx(Quantized(*quantizers).eval(), SHAPE).graph.node}
     assert "QuantizeLinear" in ops and "BitShift" not in ops
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+
+class TwoOutputs(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + 1, x - 1
+
+
+@pytest.mark.parametrize(
+    ("model", "what"), [(TwoInputs(), "input"), (TwoOutputs(), "output")], ids=["in", "out"]
+)
+def test_a_model_of_several_inputs_or_outputs_is_refused_in_one_line(model, what):
+    with pytest.raises(QatkdError, match=f"^export supports models with a single {what} tensor$"):
+        to_onnx(model.eval(), SHAPE, "fp32")
+
+
+def test_exporting_leaves_the_global_random_state_as_it_was():
+    """The example runs draw from a generator of their own: a user's seeded run goes on as if
+    the export had not happened."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    to_onnx(Op(lambda s, x: x.mean((2, 3))).eval(), SHAPE, "fp32")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_tensor_dequantized_from_codes_is_not_quantized_again_at_their_scale():
+    """A concatenation of codes read by the quantizer that made them reads those codes: one
+    QuantizeLinear a tensor (x and 2x), none for the concatenation."""
+    q = quantizer(2**-5, True)
+    model = Op(
+        lambda s, x: s.layers[1](torch.cat([s.layers[0](x), s.layers[0](2 * x)], 1)),
+        QuantAct(q),
+        QuantAct(q),
+    )
+    proto = to_onnx(model.eval(), SHAPE)
+    assert [n.op_type for n in proto.graph.node].count("QuantizeLinear") == 2
+    int8_matches_pytorch(model)
+
+
+def test_the_graph_holds_no_initializer_that_no_node_reads(tiny_model):
+    """Dropping the float ops a QuantizeLinear moved before also drops their constants."""
+    model, _ = tiny_model("W4A4")
+    proto = to_onnx(model, [1, 16, 16])
+    read = {name for node in proto.graph.node for name in node.input}
+    assert [t.name for t in proto.graph.initializer if t.name not in read] == []
