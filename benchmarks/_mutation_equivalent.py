@@ -121,6 +121,16 @@ _ONE_CALLER = (
     "its one caller (`_quantize`) bounds the code again: at least a low bound that is at "
     "least qmin, at most a high bound that is at most qmax"
 )
+_QUANTIZE = "qatkd.export.onnx_graph.xǁGraphBuilderǁ_quantize__mutmut_"
+_OFFSET_RANGE = (
+    "`dequantize` reads only the scale of the hardsigmoid's offset range and its sign (qmin < 0, "
+    "false for 0 and 1 alike): its other fields are never read"
+)
+_WIDE_RANGE = (
+    "the shifted hardsigmoid's codes take the bounds they are given and the zero point of the "
+    "original range: `wide` lends only its scale (no DequantizeLinear of the Add's output "
+    "compares ranges with it)"
+)
 _ISLAND_ZIP = "for name, n in [*zip(in_names, inputs, {}), *zip(out_names, outputs, {})]"
 _NCCL = (
     "not equivalent on a GPU: nccl reduces CUDA tensors only, and the tensor stays on the CPU; "
@@ -789,6 +799,60 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "b_codes = None if b_scale is None else np.round(bias_values.astype(None) / b_scale)",
         "numpy's astype(None) is astype(float64), the dtype the original names",
     ),
+    **{
+        f"{_QUANTIZE}{n}": (f"ActRange(HARDSIGMOID_RANGE / 2, {fields}),", _OFFSET_RANGE)
+        for n, fields in (
+            (54, "0, None, 8"),
+            (55, "0, 255, None"),
+            (62, "1, 255, 8"),
+            (63, "0, 256, 8"),
+            (64, "0, 255, 9"),
+        )
+    },
+    **{
+        f"{_QUANTIZE}{n}": (f"wide = ActRange(HARDSIGMOID_RANGE * r.scale, {fields})", _WIDE_RANGE)
+        for n, fields in (
+            (77, "None, r.qmax, r.bits"),
+            (78, "r.qmin, None, r.bits"),
+            (79, "r.qmin, r.qmax, None"),
+        )
+    },
+    f"{_QUANTIZE}39": ("None,", _NAME),
+    f"{_QUANTIZE}88": ("return self._quantize(shifted, wide, zero_point, None, low, high)", _NAME),
+    f"{_QUANTIZE}100": (
+        "return self._quantize(source.input, r, zero_point, None, low, high)",
+        _NAME,
+    ),
+    f"{_QUANTIZE}110": ("inner_hint = None", _NAME),
+    f"{_QUANTIZE}115": (
+        "inner = self._quantize(source.input, r, zero_point, None, low, high)",
+        _NAME,
+    ),
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_46": (
+        'INPUT_NAME, TensorProto.FLOAT, ["XXbatchXX", *input_shape]',
+        "only the name of the input's dynamic batch dim: any name leaves it dynamic",
+    ),
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_47": (
+        'INPUT_NAME, TensorProto.FLOAT, ["BATCH", *input_shape]',
+        "only the name of the input's dynamic batch dim: any name leaves it dynamic",
+    ),
+    "qatkd.export.frozen.x_tensor_hint__mutmut_6": (
+        'return getattr(quantizer, "tensor_hint", ) or default',
+        "every quantizer has the attribute (`Quantizer.tensor_hint`, None unless `prepare` "
+        "names it), so the default of getattr is never used",
+    ),
+    "qatkd.export.onnx_fallback.x_run_examples__mutmut_5": (
+        "interpreter = fx.Interpreter(gm, garbage_collect_values=None)",
+        "None is as false as False: the interpreter keeps every value either way",
+    ),
+    **{
+        f"qatkd.export.onnx_graph.xǁGraphBuilderǁ_float_bias_where_unfused__mutmut_{n}": (
+            f"readers = users.get(node.output[0], {default})",
+            "every Conv's output has a reader: `_drop_unused` removed the unread nodes first, "
+            "and the last one is read by the output's Identity",
+        )
+        for n, default in ((15, "None"), (17, ""))
+    },
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
