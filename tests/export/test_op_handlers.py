@@ -523,3 +523,9 @@ def test_the_graph_holds_no_initializer_that_no_node_reads(tiny_model):
     proto = to_onnx(model, [1, 16, 16])
     read = {name for node in proto.graph.node for name in node.input}
     assert [t.name for t in proto.graph.initializer if t.name not in read] == []
+
+
+def test_an_operand_that_is_no_tensor_and_no_real_number_is_refused_by_its_type():
+    model = Op(lambda s, x: torch.view_as_real(x * 1j)).eval()
+    with pytest.raises(QatkdError, match=r"^mul\.operand: cannot export a complex operand$"):
+        to_onnx(model, SHAPE, "fp32")
