@@ -21,6 +21,7 @@ from qatkd.export.codes import (
     code_runner,
     pytorch_codes,
 )
+from qatkd.export.frozen import _check_int8
 from qatkd.export.onnx_registry import (
     FUNCTION_OPS,
     MODULE_OPS,
@@ -67,6 +68,12 @@ def with_stats(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
 
 def first(s: Op, x: torch.Tensor) -> torch.Tensor:
     return s.layers[0](x)
+
+
+class IntBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.tensor(3))
 
 
 CASES = {
@@ -162,6 +169,12 @@ CASES = {
     ),
     "matmul": (Op(lambda s, x: x @ x.transpose(-1, -2)), []),
     "matmul, the function": (Op(lambda s, x: torch.matmul(x, x)), []),
+    # a node that reads a number (no tensor) or an integer buffer has no integer handler
+    "a product with a size of the input": (
+        Op(lambda s, x: x * x.shape[1]),
+        ["getattr", "getitem", "mul"],
+    ),
+    "a product with an integer buffer": (Op(lambda s, x: x * s.layers[0].k, IntBuffer()), ["mul"]),
 }
 
 
@@ -529,3 +542,78 @@ def test_an_operand_that_is_no_tensor_and_no_real_number_is_refused_by_its_type(
     model = Op(lambda s, x: torch.view_as_real(x * 1j)).eval()
     with pytest.raises(QatkdError, match=r"^mul\.operand: cannot export a complex operand$"):
         to_onnx(model, SHAPE, "fp32")
+
+
+class Named(nn.Module):
+    """Layers named as the graph's input and output are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pixels = nn.Conv2d(4, 4, 3, padding=1)
+        self.logits = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.pixels(x)).relu() + 1
+
+
+def test_layers_named_as_the_graphs_input_and_output_take_other_names():
+    model = Named().eval()
+    proto = to_onnx(model, SHAPE, "fp32")
+    assert [i.name for i in proto.graph.input] == [INPUT_NAME]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("layer", "config", "shape", "message"),
+    [
+        (
+            nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"),
+            QuantConfig(bits="W8A8", first_last_bits=None),
+            [1, 6, 6],
+            "only explicit zero padding can be exported",
+        ),
+        (
+            nn.Conv2d(1, 2, 3, padding="same"),
+            QuantConfig(bits="W8A8", first_last_bits=None),
+            [1, 6, 6],
+            "only explicit zero padding can be exported",
+        ),
+        (
+            nn.Linear(4, 2),
+            QuantConfig(bits="W16A8", first_last_bits=None),
+            [4],
+            "the weight is not quantized (16 bits); nothing to freeze",
+        ),
+        (
+            nn.Linear(4, 2),
+            QuantConfig(bits="W8A8", method="dorefa", first_last_bits=None),
+            [4],
+            "integer codes [-255, 255] do not fit 8 bits, so no int8 kernel can run them (DoReFa "
+            "8-bit weights need 9); use another method or fewer bits",
+        ),
+    ],
+    ids=["reflect padding", "same padding", "16-bit weights", "9-bit codes"],
+)
+def test_a_layer_that_no_int8_kernel_runs_is_refused_by_name(layer, config, shape, message):
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(layer), config)
+    calibrate(model, [torch.randn(4, *shape)], 4)
+    with pytest.raises(QatkdError, match=f"^0: {re.escape(message)}$"):
+        to_onnx(model.eval(), shape)
+
+
+@pytest.mark.parametrize(
+    ("qmin", "qmax", "fits"),
+    [(-128, 127, True), (0, 255, True), (-129, 127, False), (0, 256, False), (-1, 128, False)],
+)
+def test_codes_fit_8_bits_signed_or_unsigned_but_not_both_at_once(qmin, qmax, fits):
+    if fits:
+        _check_int8(qmin, qmax, "q")
+    else:
+        with pytest.raises(QatkdError, match=rf"^q: integer codes \[{qmin}, {qmax}\] do not fit"):
+            _check_int8(qmin, qmax, "q")

@@ -87,7 +87,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self.names: dict[fx.Node, str] = {}
-        self.used: set[str] = set()
+        self.used = {INPUT_NAME, OUTPUT_NAME}  # a layer called `logits` gets another name
         self.int_biases: dict[str, tuple[np.ndarray, list[str], str]] = {}
         """Bias DequantizeLinear output -> (float values, its initializers, layer name)."""
         self.commuting: dict[str, Commuting] = {}
@@ -125,7 +125,10 @@ class GraphBuilder:
                 result = node.args[0]
                 if not (isinstance(result, fx.Node) and self.examples.is_tensor(result)):
                     raise QatkdError("export supports models with a single output tensor")
-                self.emit("Identity", [self.names[result]], OUTPUT_NAME)
+                output = helper.make_node(
+                    "Identity", [self.names[result]], [OUTPUT_NAME], name=OUTPUT_NAME
+                )
+                self.nodes.append(output)
                 rank = self.examples.values[result].dim()  # logits [N, K], a dense map, ...
                 outputs.append(
                     helper.make_tensor_value_info(
@@ -167,7 +170,7 @@ class GraphBuilder:
         return name
 
     def emit(self, op: str, inputs: list[str], hint: str, **attrs: Any) -> str:
-        out = hint if hint == OUTPUT_NAME else self.name(hint)
+        out = self.name(hint)
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
