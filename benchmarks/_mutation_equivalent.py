@@ -853,6 +853,46 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         )
         for n, default in ((15, "None"), (17, ""))
     },
+    **{
+        f"qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_{n}": (
+            f'OUTPUT_NAME, TensorProto.FLOAT, ["{dim}", *[None] * (rank - 1)]',
+            "only the name of the output's dynamic batch dim: any name leaves it dynamic",
+        )
+        for n, dim in ((76, "XXbatchXX"), (77, "BATCH"))
+    },
+    **{
+        f"qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_{n}": (
+            f'return helper.make_graph(self.nodes, "{name}", inputs, outputs, self.inits)',
+            "only the graph's name, which nothing reads",
+        )
+        for n, name in ((103, "XXqatkdXX"), (104, "QATKD"))
+    },
+    **{
+        f"qatkd.export.onnx_graph.xǁGraphBuilderǁname__mutmut_{n}": (line, _NAME)
+        for n, line in (
+            (9, 'base = hint.replace(".", "_") or "XXtXX"'),
+            (10, 'base = hint.replace(".", "_") or "T"'),
+            (12, "name, i = base, 2"),
+            (15, 'name, i = f"{base}_{i}", i - 1'),
+            (16, 'name, i = f"{base}_{i}", i + 2'),
+        )
+    },
+    **{
+        f"qatkd.export.onnx_graph.xǁGraphBuilderǁconst__mutmut_{n}": (
+            f"numpy_helper.from_array(np.array(array, {order}), name)",
+            "`numpy_helper.from_array` writes the values in C order whatever the array's layout",
+        )
+        for n, order in ((9, "order=None"), (11, ""), (13, 'order="c"'))
+    },
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁ_handler__mutmut_14": (
+        'hint = str(node.target) if (node.op == "call_module") or True else node.name',
+        _NAME,
+    ),
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁ_handler__mutmut_26": (
+        "if handler is None or not tensors and len(node.all_input_nodes) != 1:",
+        "every registered module reads one tensor; an Identity given more returns its first, "
+        "as its handler (`pass_through`) does",
+    ),
     f"{_ENGINE}fit__mutmut_23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
