@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,17 @@ class Op(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(self, x)
+
+
+def assert_runs_as_pytorch(
+    model: nn.Module, proto: onnx.ModelProto, rtol: float, atol: float, err_msg: str = ""
+) -> None:
+    """onnxruntime running `proto` computes what `model` computes, on three seeded inputs."""
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol, err_msg=err_msg)
 
 
 def with_stats(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
@@ -184,11 +196,7 @@ def test_each_form_is_written_by_its_handler_or_by_torch_onnx_as_expected(case):
     model.eval()
     proto = to_onnx(model, SHAPE, "fp32")
     assert torch_onnx_ops_of(proto) == expected_fallbacks
-    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(x).numpy()
-    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert_runs_as_pytorch(model, proto, rtol=1e-5, atol=1e-5)
 
 
 def test_an_average_pool_with_a_divisor_and_ceil_mode_is_refused_by_name():
@@ -272,11 +280,7 @@ def quantizer(step: float, signed: bool, bits: int = 8) -> MinMaxQuantizer:
 def int8_matches_pytorch(model: nn.Module) -> None:
     model.eval()
     proto = to_onnx(model, SHAPE)
-    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(x).numpy()
-    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert_runs_as_pytorch(model, proto, rtol=0, atol=1e-6)
 
 
 def test_the_relu_function_before_a_signed_quantizer_keeps_the_negative_codes_out():
@@ -417,11 +421,7 @@ def test_handlers_registered_for_a_new_layer_and_function_export_them():
     finally:
         del MODULE_OPS[nn.LeakyReLU], FUNCTION_OPS[torch.sigmoid]
     assert torch_onnx_ops_of(proto) == []
-    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(x).numpy()
-    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert_runs_as_pytorch(model, proto, rtol=1e-6, atol=1e-6)
 
 
 def test_a_quantized_layer_without_a_bias_exports_in_both_precisions():
@@ -431,14 +431,10 @@ def test_a_quantized_layer_without_a_bias_exports_in_both_precisions():
     )
     calibrate(model, [torch.randn(8, *SHAPE)], 8)
     model.eval()
-    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
     # the FP32 graph keeps the quantized weights and leaves the activations float
     for precision, atol in (("fp32", 0.05), ("int8", 1e-3)):
         proto = to_onnx(model, SHAPE, precision)
-        with torch.no_grad():
-            expected = model(x).numpy()
-        got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
-        np.testing.assert_allclose(got, expected, rtol=0, atol=atol, err_msg=precision)
+        assert_runs_as_pytorch(model, proto, rtol=0, atol=atol, err_msg=precision)
 
 
 def test_a_layer_whose_input_is_quantized_at_run_time_is_refused_naming_its_quantizer():
@@ -561,11 +557,7 @@ def test_layers_named_as_the_graphs_input_and_output_take_other_names():
     proto = to_onnx(model, SHAPE, "fp32")
     assert [i.name for i in proto.graph.input] == [INPUT_NAME]
     assert [o.name for o in proto.graph.output] == ["logits"]
-    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(x).numpy()
-    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert_runs_as_pytorch(model, proto, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
