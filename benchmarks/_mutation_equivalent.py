@@ -828,14 +828,18 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "inner = self._quantize(source.input, r, zero_point, None, low, high)",
         _NAME,
     ),
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_46": (
-        'INPUT_NAME, TensorProto.FLOAT, ["XXbatchXX", *input_shape]',
-        "only the name of the input's dynamic batch dim: any name leaves it dynamic",
+    "qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_69": (
+        '"Identity", [self.names[result]], [OUTPUT_NAME], name=None',
+        "only the output Identity's node name, which ONNX keeps for diagnostics: no op or "
+        "runtime reads it",
     ),
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_47": (
-        'INPUT_NAME, TensorProto.FLOAT, ["BATCH", *input_shape]',
-        "only the name of the input's dynamic batch dim: any name leaves it dynamic",
-    ),
+    **{
+        f"qatkd.export.onnx_graph.xǁGraphBuilderǁemit_hardsigmoid__mutmut_{n}": (
+            f'"HardSigmoid", [x], hint, low=0.0, high=1.0, alpha=1 / HARDSIGMOID_RANGE, {beta}',
+            "ONNX's HardSigmoid defaults beta to 0.5, the value written",
+        )
+        for n, beta in ((7, "beta=None"), (14, ")"))
+    },
     "qatkd.export.frozen.x_tensor_hint__mutmut_6": (
         'return getattr(quantizer, "tensor_hint", ) or default',
         "every quantizer has the attribute (`Quantizer.tensor_hint`, None unless `prepare` "
@@ -852,13 +856,6 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             "and the last one is read by the output's Identity",
         )
         for n, default in ((15, "None"), (17, ""))
-    },
-    **{
-        f"qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_{n}": (
-            f'OUTPUT_NAME, TensorProto.FLOAT, ["{dim}", *[None] * (rank - 1)]',
-            "only the name of the output's dynamic batch dim: any name leaves it dynamic",
-        )
-        for n, dim in ((76, "XXbatchXX"), (77, "BATCH"))
     },
     **{
         f"qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_{n}": (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import fx, nn
 
@@ -107,11 +108,25 @@ class SineCumprod(nn.Module):
         return torch.sin(x).cumprod(1) + 1
 
 
-def test_the_op_torch_onnx_cannot_write_is_named_alone_with_what_torch_onnx_says():
+class FoldSine(nn.Module):
+    """An island of two ops, of which torch.onnx writes one (`F.fold`, as Col2Im) only from
+    opset 18, past the graph's `OPSET`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(F.fold(x, (3, 3), 2)) + 1
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "op"),
+    [(SineCumprod(), [4], "cumprod"), (FoldSine(), [4, 4], "fold")],
+    ids=["never", "not-at-the-graphs-opset"],
+)
+def test_the_op_torch_onnx_cannot_write_is_named_alone_with_what_torch_onnx_says(model, shape, op):
+    assert OPSET < 18
     with pytest.raises(QatkdError) as refused:
-        to_onnx(SineCumprod().eval(), [4], "fp32")
+        to_onnx(model.eval(), shape, "fp32")
     message = str(refused.value)
-    assert message.startswith("cannot export 'cumprod' (graph node cumprod) in float: torch.onnx ")
+    assert message.startswith(f"cannot export '{op}' (graph node {op}) in float: torch.onnx ")
     cause = refused.value.__cause__
     assert message.endswith(f"says {str(cause).strip().splitlines()[0]}")
 

@@ -495,11 +495,23 @@ class TwoOutputs(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("model", "what"), [(TwoInputs(), "input"), (TwoOutputs(), "output")], ids=["in", "out"]
+    ("model", "what"),
+    [(TwoInputs(), "input"), (TwoOutputs(), "output"), (Op(lambda s, x: x.size()), "output")],
+    ids=["in", "out", "out-no-tensor"],
 )
 def test_a_model_of_several_inputs_or_outputs_is_refused_in_one_line(model, what):
     with pytest.raises(QatkdError, match=f"^export supports models with a single {what} tensor$"):
         to_onnx(model.eval(), SHAPE, "fp32")
+
+
+def test_the_input_and_output_share_one_symbolic_batch_dimension():
+    """`pixels` and `logits` are [batch, ...] with the same `batch`: any batch size runs, and
+    a consumer knows the output has as many rows as the input."""
+    model = Named().eval()
+    proto = to_onnx(model, SHAPE, "fp32")
+    ends = [*proto.graph.input, *proto.graph.output]
+    assert [v.type.tensor_type.shape.dim[0].dim_param for v in ends] == ["batch", "batch"]
+    assert_runs_as_pytorch(model, proto, rtol=1e-5, atol=1e-5)  # a batch of 3
 
 
 def test_exporting_leaves_the_global_random_state_as_it_was():
@@ -526,9 +538,11 @@ def test_a_tensor_dequantized_from_codes_is_not_quantized_again_at_their_scale()
     int8_matches_pytorch(model)
 
 
-def test_the_graph_holds_no_initializer_that_no_node_reads(tiny_model):
-    """Dropping the float ops a QuantizeLinear moved before also drops their constants."""
-    model, _ = tiny_model("W4A4")
+@pytest.mark.parametrize("name", [None, Clamped], ids=["plain", "clamp-on-codes"])
+def test_the_graph_holds_no_initializer_that_no_node_reads(tiny_model, name):
+    """Dropping the float ops a QuantizeLinear moved before (the Clip and its bounds) also
+    drops their constants."""
+    model, _ = tiny_model("W4A4", **({"name": name} if name else {}))
     proto = to_onnx(model, [1, 16, 16])
     read = {name for node in proto.graph.node for name in node.input}
     assert [t.name for t in proto.graph.initializer if t.name not in read] == []
