@@ -828,11 +828,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "inner = self._quantize(source.input, r, zero_point, None, low, high)",
         _NAME,
     ),
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_69": (
-        '"Identity", [self.names[result]], [OUTPUT_NAME], name=None',
-        "only the output Identity's node name, which ONNX keeps for diagnostics: no op or "
-        "runtime reads it",
-    ),
+    **{
+        f"qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_{n}": (
+            f'"Identity", [self.names[result]], [OUTPUT_NAME], {name}',
+            "only the output Identity's node name, which ONNX keeps for diagnostics: no op or "
+            "runtime reads it",
+        )
+        for n, name in ((69, "name=None"), (73, ")"))
+    },
     **{
         f"qatkd.export.onnx_graph.xǁGraphBuilderǁemit_hardsigmoid__mutmut_{n}": (
             f'"HardSigmoid", [x], hint, low=0.0, high=1.0, alpha=1 / HARDSIGMOID_RANGE, {beta}',
@@ -862,7 +865,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             f'return helper.make_graph(self.nodes, "{name}", inputs, outputs, self.inits)',
             "only the graph's name, which nothing reads",
         )
-        for n, name in ((103, "XXqatkdXX"), (104, "QATKD"))
+        for n, name in ((113, "XXqatkdXX"), (114, "QATKD"))
     },
     **{
         f"qatkd.export.onnx_graph.xǁGraphBuilderǁname__mutmut_{n}": (line, _NAME)

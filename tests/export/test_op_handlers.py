@@ -613,6 +613,40 @@ def test_a_layer_that_no_int8_kernel_runs_is_refused_by_name(layer, config, shap
         to_onnx(model.eval(), shape)
 
 
+class PerChannelActs(MinMaxQuantizer):
+    """A user's activation method with a scale per channel (of 2)."""
+
+    def _scale(self) -> torch.Tensor:
+        return super()._scale() * torch.ones(1, 2, 1, 1)
+
+
+class WideActs(MinMaxQuantizer):
+    """A user's activation method with DoReFa's symmetric codes, [-255, 255] at 8 bits."""
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return -255, 255
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        (PerChannelActs, "activation scales must be per tensor for export"),
+        (WideActs, "integer codes [-255, 255] do not fit 8 bits"),
+    ],
+    ids=["per-channel", "9-bit codes"],
+)
+def test_a_users_input_quantizer_that_no_int8_kernel_reads_is_refused_by_name(method, message):
+    torch.manual_seed(0)
+    model = prepare(
+        nn.Sequential(nn.Conv2d(2, 2, 3)), QuantConfig(bits="W8A8", first_last_bits=None)
+    )
+    model[0].input_quantizer = method(8)
+    calibrate(model, [torch.randn(4, 2, 6, 6)], 4)
+    with pytest.raises(QatkdError, match=f"^0\\.input_quantizer: {re.escape(message)}"):
+        to_onnx(model.eval(), [2, 6, 6])
+
+
 @pytest.mark.parametrize(
     ("qmin", "qmax", "fits"),
     [(-128, 127, True), (0, 255, True), (-129, 127, False), (0, 256, False), (-1, 128, False)],
