@@ -239,6 +239,12 @@ def _strict_zip(
     }
 
 
+_NEWLINE = (
+    "on POSIX, newline=None writes the csv module's \\r\\n as it is, as newline='' does (only "
+    "Windows would turn its \\n into \\r\\n)"
+)
+
+
 EQUIVALENT: dict[str, tuple[str, str]] = {
     "qatkd.balance.balancers.xǁGoRǁobserve__mutmut_2": (
         "super().observe(None)",
@@ -897,6 +903,43 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
         "shuffles_the_training_images_and_the_seed_decides_the_order)",
+    ),
+    **{
+        f"qatkd.train.logs.xǁCsvLogǁappend__mutmut_{n}": (
+            f'with self.path.open("a", {arg}) as f:',
+            _NEWLINE,
+        )
+        for n, arg in ((2, "newline=None"), (4, ""))
+    },
+    "qatkd.train.logs.xǁCsvLogǁstart__mutmut_5": (
+        "with self.path.open(newline=None) as f:",
+        "reading, newline=None turns the \\r\\n that ends each row into \\n, which the csv "
+        "reader splits alike (no cell holds a line break)",
+    ),
+    **{
+        f"qatkd.train.logs.xǁCsvLogǁstart__mutmut_{n}": (
+            f'with self.path.open("w", {arg}) as f:',
+            _NEWLINE,
+        )
+        for n, arg in ((14, "newline=None"), (16, ""))
+    },
+    "qatkd.train.logs.xǁCsvLogǁappend__mutmut_16": (
+        'csv.DictWriter(f, self.fields, extrasaction="IGNORE").writerow(',
+        'DictWriter checks extrasaction case-insensitively and raises only for "raise": '
+        '"IGNORE" ignores',
+    ),
+    **{
+        f"qatkd.train.task.xǁTaskǁevaluate__mutmut_{n}": (
+            f'self, model: nn.Module, loader: DataLoader, split: str = "{split}"',
+            "the default of a Protocol's signature: no one calls the Protocol, each family's "
+            "`evaluate` has its own",
+        )
+        for n, split in ((1, "XXtestXX"), (2, "TEST"))
+    },
+    "qatkd.train.validation.x_split_indices__mutmut_33": (
+        "if size == 0 and len(group) >= 1:",
+        "a class of one sample taken to 1 is cut back to 0 by `min(size, len(group) - 1)` on "
+        "the next line",
     ),
 }
 """Surviving mutant -> (its mutated line, why no test can tell it from the original). The line

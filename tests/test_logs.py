@@ -1,12 +1,43 @@
-"""What a run writes when its output goes to a file: plain, throttled progress lines; `--quiet`
-leaves only the result."""
+"""What a run writes: CSV logs that survive a resume, and, when its output goes to a file, plain,
+throttled progress lines (`--quiet` leaves only the result)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from qatkd.train.logs import CsvLog
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_resume_keeps_the_rows_up_to_its_checkpoint_and_a_fresh_start_none(tmp_path):
+    log = CsvLog(tmp_path / "steps.csv", ["step", "loss"])
+    log.start(None)
+    for step in (1, 2, 3):
+        log.append({"step": step, "loss": 1 / step, "not_a_column": 0})
+    assert rows(log.path) == [
+        {"step": "1", "loss": "1"},
+        {"step": "2", "loss": "0.5"},
+        {"step": "3", "loss": "0.333333"},  # 6 significant digits
+    ]
+    log.start(("step", 2))  # resumed from the checkpoint of step 2: step 3 runs again
+    log.append({"step": 3, "loss": 0.25})
+    assert [r["loss"] for r in rows(log.path)] == ["1", "0.5", "0.25"]
+    log.start(None)  # a fresh run in the same folder
+    assert log.path.read_bytes() == b"step,loss\r\n"
+
+
+def test_a_resume_whose_log_is_gone_starts_it_again(tmp_path):
+    log = CsvLog(tmp_path / "log.csv", ["epoch", "seconds"])
+    log.start(("epoch", 3))
+    assert log.path.read_bytes() == b"epoch,seconds\r\n"
 
 
 def train(root: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:

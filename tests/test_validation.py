@@ -31,12 +31,26 @@ def test_split_is_stratified_disjoint_and_seeded():
     assert len(split_indices(100, 0.25, seed=0)[1]) == 25  # no labels: a plain random share
 
 
+@pytest.mark.parametrize(
+    ("share", "per_class"),
+    [(0.1, [0, 1, 1, 2]), (0.5, [0, 1, 2, 10]), (0.9, [0, 1, 2, 18])],
+)
+def test_each_class_keeps_its_rounded_share_one_of_two_or_more_and_never_all(share, per_class):
+    """Classes of 1, 2, 3 and 20 samples: round(share * n) of each, at least one where a
+    class has two or more, and always one left to train on."""
+    y = torch.tensor([0] + [1] * 2 + [2] * 3 + [3] * 20)
+    held = split_indices(len(y), share, seed=0, labels=y)[1]
+    assert torch.bincount(y[held], minlength=4).tolist() == per_class
+
+
 def test_split_share_zero_and_bad_shares():
     assert split_indices(10, 0.0, seed=0) == (list(range(10)), [])
     with pytest.raises(QatkdError, match=r"data\.val_split=1\.0: use a share in"):
         split_indices(10, 1.0, seed=0)
     with pytest.raises(QatkdError, match="holds out no sample of 1"):
         split_indices(1, 0.1, seed=0)
+    with pytest.raises(QatkdError, match="^2 labels for 3 training samples$"):
+        split_indices(3, 0.5, seed=0, labels=[0, 1])
     with pytest.raises(QatkdError, match=r"data\.val_split"):
         load_config(overrides=["data.val_split=1"])
 
