@@ -63,6 +63,8 @@ def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_
     assert 0 <= metrics["test_acc"] <= 100 and metrics["epochs"] == 2
     assert metrics["device"] == "cpu"  # what benchmark pages name when a GPU trained a run
     assert len((run_dir / "log.csv").read_text().splitlines()) == 1 + 2
+    header = (run_dir / "steps.csv").read_text().splitlines()[0]  # no diagnostics (diag.every=0)
+    assert header == "step,epoch,lr,loss,l_ts,l_kd,w_ts,w_kd"
     # what the run returned, indented for a person to read
     assert (run_dir / "metrics.json").read_text() == json.dumps(metrics, indent=2) + "\n"
 
