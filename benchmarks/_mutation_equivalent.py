@@ -936,6 +936,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         )
         for n, split in ((1, "XXtestXX"), (2, "TEST"))
     },
+    **{
+        f"qatkd.train.plots.x_plot_run__mutmut_{n}": (
+            f"panels.append({name})",
+            "the conflict panel is the `else` of the panels' if/elif chain: any name the other "
+            "branches do not test draws it",
+        )
+        for n, name in ((35, "None"), (36, '"XXconflictXX"'), (37, '"CONFLICT"'))
+    },
     "qatkd.train.validation.x_split_indices__mutmut_33": (
         "if size == 0 and len(group) >= 1:",
         "a class of one sample taken to 1 is cut back to 0 by `min(size, len(group) - 1)` on "

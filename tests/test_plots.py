@@ -80,6 +80,7 @@ def test_a_distilled_run_adds_its_losses_weights_alignments_and_conflict(
     plots.plot_run(tmp_path, "t")
     (figure,) = drawn
     loss, metric, weights, alignment, conflict, twin = figure.axes
+    assert tuple(figure.get_size_inches()) == pytest.approx((5 * 4.2, 3.4))  # as wide a panel
     assert curves(loss) == {
         "loss": ([1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 1.0, 0.9]),
         "l_ts": ([1.0, 2.0], [2.0, 1.5]),
@@ -100,4 +101,5 @@ def test_a_run_without_logs_yet_draws_empty_panels(tmp_path: Path, drawn: list[F
     plots.plot_run(tmp_path, "new")
     (figure,) = drawn
     assert [ax.get_title() for ax in figure.axes] == ["training loss", "accuracy (%)"]
+    assert tuple(figure.get_size_inches()) == pytest.approx((2 * 4.2, 3.4))  # as any run's
     assert all(not ax.get_lines() and ax.get_legend() is None for ax in figure.axes)

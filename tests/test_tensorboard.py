@@ -175,6 +175,18 @@ def test_a_stop_signal_closes_the_writer_and_the_resume_continues_it(data, tmp_p
     assert [s for s, _ in scalars(out)["steps/loss"]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_started_afresh_in_a_folder_shows_only_its_own_steps(data, tmp_path):
+    """A run that left events but no checkpoint (killed before its first one) is run again
+    from step 1: TensorBoard shows the new run's steps once, as its CSV logs do."""
+    overrides = tiny_overrides(data, tmp_path / "again", BOARD)
+    out, _ = pipeline.train(load_config(overrides=overrides))
+    for name in ("last.pt", "metrics.json"):  # as if killed before its first checkpoint
+        (out / name).unlink()
+    pipeline.train(load_config(overrides=[*overrides, "train.lr=0.01"]))
+    assert len(event_files(out)) == 2
+    assert_mirrors_csv(out)
+
+
 def test_a_fresh_start_hides_the_events_of_a_run_that_left_no_checkpoint(tmp_path):
     """A folder without last.pt is started afresh, its CSV logs emptied: so are its scalars."""
     runs = [(0, [(1, 1.0), (2, 2.0)]), (0, [(1, 3.0), (2, 4.0)]), (1, [(2, 5.0)])]

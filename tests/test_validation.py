@@ -49,7 +49,7 @@ def test_split_share_zero_and_bad_shares():
         split_indices(10, 1.0, seed=0)
     with pytest.raises(QatkdError, match="holds out no sample of 1"):
         split_indices(1, 0.1, seed=0)
-    with pytest.raises(QatkdError, match="^2 labels for 3 training samples$"):
+    with pytest.raises(QatkdError, match=r"^2 labels for 3 training samples$"):
         split_indices(3, 0.5, seed=0, labels=[0, 1])
     with pytest.raises(QatkdError, match=r"data\.val_split"):
         load_config(overrides=["data.val_split=1"])
