@@ -937,6 +937,24 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         for n, split in ((1, "XXtestXX"), (2, "TEST"))
     },
     **{
+        f"qatkd.train.logs.xǁCsvLogǁstart__mutmut_{n}": (
+            f"writer = csv.DictWriter(f, self.fields, {arg})",
+            "the rows it writes back were read from the log under the same columns (a resume "
+            "takes the run's own config): no row has a column to ignore or to raise for",
+        )
+        for n, arg in ((26, ""), (28, 'extrasaction="IGNORE"'))
+    },
+    "qatkd.train.plots.x_plot_run__mutmut_42": (
+        "fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=None)",
+        "None is as false as False: subplots keeps the 2-D array of axes",
+    ),
+    **_strict_zip(
+        "qatkd.train.plots.x_plot_run__mutmut_",
+        (54, 57, 59),
+        "for ax, panel in zip(axes[0], panels, ",
+        "):",
+    ),
+    **{
         f"qatkd.train.plots.x_plot_run__mutmut_{n}": (
             f"panels.append({name})",
             "the conflict panel is the `else` of the panels' if/elif chain: any name the other "

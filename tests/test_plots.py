@@ -95,6 +95,10 @@ def test_a_distilled_run_adds_its_losses_weights_alignments_and_conflict(
     assert curves(conflict) == {"‖∇TS‖/‖∇KD‖": ([4.0], [4.0])}
     assert curves(twin) == {"cosine": ([4.0], [-0.5])} and twin.get_ylim() == (-1.0, 1.0)
     assert all(ax.get_xlabel() == "step" for ax in (loss, weights, alignment, conflict))
+    markers = {ax: {line.get_marker() for line in ax.get_lines()} for ax in figure.axes}
+    assert markers.pop(metric) == {"o"} and set(map(frozenset, markers.values())) == {
+        frozenset(".")
+    }  # every logged point marked: a dot a step, a disc an epoch
 
 
 def test_a_run_without_logs_yet_draws_empty_panels(tmp_path: Path, drawn: list[Figure]):
