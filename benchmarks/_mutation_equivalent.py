@@ -954,6 +954,16 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "for ax, panel in zip(axes[0], panels, ",
         "):",
     ),
+    **{  # each point is a (step or epoch, value) pair
+        key: note
+        for numbers, marker in (((78, 80, 81), "."), ((120, 122, 123), "o"), ((153, 155, 156), "."))
+        for key, note in _strict_zip(
+            "qatkd.train.plots.x_plot_run__mutmut_",
+            numbers,
+            "ax.plot(*zip(*pts, ",
+            f'), marker="{marker}", label=key)',
+        ).items()
+    },
     **{
         f"qatkd.train.plots.x_plot_run__mutmut_{n}": (
             f"panels.append({name})",
