@@ -954,6 +954,12 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "for ax, panel in zip(axes[0], panels, ",
         "):",
     ),
+    **_strict_zip(  # each point is a (step, ratio, cosine) triple
+        "qatkd.train.plots.x_plot_run__mutmut_",
+        (194, 196, 197),
+        "s, ratio, cosine = zip(*pts, ",
+        ")",
+    ),
     **{  # each point is a (step or epoch, value) pair
         key: note
         for numbers, marker in (((78, 80, 81), "."), ((120, 122, 123), "o"), ((153, 155, 156), "."))

@@ -94,6 +94,8 @@ def test_a_distilled_run_adds_its_losses_weights_alignments_and_conflict(
     assert (conflict.get_title(), conflict.get_yscale()) == ("gradient conflict", "log")
     assert curves(conflict) == {"‖∇TS‖/‖∇KD‖": ([4.0], [4.0])}
     assert curves(twin) == {"cosine": ([4.0], [-0.5])} and twin.get_ylim() == (-1.0, 1.0)
+    (ratio,), (cosine,) = conflict.get_lines(), twin.get_lines()
+    assert ratio.get_color() != cosine.get_color()  # two axes, two colours
     assert all(ax.get_xlabel() == "step" for ax in (loss, weights, alignment, conflict))
     markers = {ax: {line.get_marker() for line in ax.get_lines()} for ax in figure.axes}
     assert markers.pop(metric) == {"o"} and set(map(frozenset, markers.values())) == {
