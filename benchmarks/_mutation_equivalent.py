@@ -954,6 +954,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "for ax, panel in zip(axes[0], panels, ",
         "):",
     ),
+    "qatkd.train.plots.x_plot_run__mutmut_233": (
+        'twin.plot(s, cosine, color="TAB:RED", marker=".", label="cosine")',
+        "matplotlib reads colour names case-insensitively: the same red",
+    ),
     **_strict_zip(  # each point is a (step, ratio, cosine) triple
         "qatkd.train.plots.x_plot_run__mutmut_",
         (194, 196, 197),

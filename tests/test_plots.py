@@ -96,6 +96,14 @@ def test_a_distilled_run_adds_its_losses_weights_alignments_and_conflict(
     assert curves(twin) == {"cosine": ([4.0], [-0.5])} and twin.get_ylim() == (-1.0, 1.0)
     (ratio,), (cosine,) = conflict.get_lines(), twin.get_lines()
     assert ratio.get_color() != cosine.get_color()  # two axes, two colours
+    legends = [ax.get_legend() for ax in figure.axes]
+    assert len({t.get_fontsize() for legend in legends for t in legend.get_texts()}) == 1
+    figure.canvas.draw()  # where the two legends of the conflict panel are
+    assert (
+        not conflict.get_legend()
+        .get_window_extent()
+        .overlaps(twin.get_legend().get_window_extent())
+    )
     assert all(ax.get_xlabel() == "step" for ax in (loss, weights, alignment, conflict))
     markers = {ax: {line.get_marker() for line in ax.get_lines()} for ax in figure.axes}
     assert markers.pop(metric) == {"o"} and set(map(frozenset, markers.values())) == {
