@@ -96,6 +96,8 @@ def test_a_distilled_run_adds_its_losses_weights_alignments_and_conflict(
     assert curves(twin) == {"cosine": ([4.0], [-0.5])} and twin.get_ylim() == (-1.0, 1.0)
     (ratio,), (cosine,) = conflict.get_lines(), twin.get_lines()
     assert ratio.get_color() != cosine.get_color()  # two axes, two colours
+    gridlines = [line for ax in figure.axes[:-1] for line in ax.get_xgridlines()]
+    assert gridlines and all(0 < line.get_alpha() < 1 for line in gridlines)  # a faint grid
     legends = [ax.get_legend() for ax in figure.axes]
     assert len({t.get_fontsize() for legend in legends for t in legend.get_texts()}) == 1
     figure.canvas.draw()  # where the two legends of the conflict panel are
