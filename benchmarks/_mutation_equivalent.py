@@ -911,11 +911,20 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         )
         for n, arg in ((2, "newline=None"), (4, ""))
     },
-    "qatkd.train.logs.xǁCsvLogǁstart__mutmut_5": (
-        "with self.path.open(newline=None) as f:",
-        "reading, newline=None turns the \\r\\n that ends each row into \\n, which the csv "
-        "reader splits alike (no cell holds a line break)",
-    ),
+    **{
+        key: (
+            line,
+            "reading, newline=None turns the \\r\\n that ends each row into \\n, which the "
+            "csv reader splits alike (no cell holds a line break)",
+        )
+        for key, line in (
+            (
+                "qatkd.train.logs.xǁCsvLogǁstart__mutmut_5",
+                "with self.path.open(newline=None) as f:",
+            ),
+            ("qatkd.train.logs.x_read_csv__mutmut_2", "with path.open(newline=None) as f:"),
+        )
+    },
     **{
         f"qatkd.train.logs.xǁCsvLogǁstart__mutmut_{n}": (
             f'with self.path.open("w", {arg}) as f:',
