@@ -12,8 +12,10 @@ tests and the tests' helpers, pyproject.toml, the test-order plugin, mutmut's ve
 selection): with the same key every verdict is reused.
 `source_key` leaves the tests out: where only the tests changed (a session adds tests for the
 survivors it has seen), the mutants are the same and their killed verdicts still hold, so those
-are reused, and the survivors are tested again; the commit they were found on is listed in
-`carried_from`, which the report shows. Reuse is checked against the live computation once: one
+are reused, as are the survivors a note explains (`_mutation_equivalent`: a new test can only
+kill one, so keeping it survived can only understate the score), and the other survivors are
+tested again; the commit they were found on is listed in `carried_from`, which the report
+shows. Reuse is checked against the live computation once: one
 reused verdict is tested again first, and a different answer discards them all. The file is
 written every few minutes while mutmut runs, and kept when the module finishes (its results are
 then in mutation.json too)."""
@@ -145,13 +147,12 @@ def restore(work: Path, verdicts: Verdicts) -> int:
     return restored
 
 
-def killed(verdicts: Verdicts) -> Verdicts:
-    """The verdicts that caught their mutant (killed, or a timeout)."""
+def with_status(verdicts: Verdicts, statuses: tuple[str, ...]) -> Verdicts:
+    """The verdicts whose status (killed, timeout, survived, ...) is one of `statuses`."""
     from mutmut.stats import status_by_exit_code
 
-    caught = ("killed", "timeout")
     return {
-        source: {m: c for m, c in codes.items() if status_by_exit_code[c] in caught}
+        source: {m: c for m, c in codes.items() if status_by_exit_code[c] in statuses}
         for source, codes in verdicts.items()
     }
 

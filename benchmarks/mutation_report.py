@@ -25,6 +25,7 @@ tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path, PurePosixPath
@@ -251,11 +253,13 @@ def stopped(work: Path, message: str) -> SystemExit:
 
 
 def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[float, list[str]]:
-    """Put the committed verdicts of `saved` into the fresh work folder (only the killed ones
-    where the tests have changed since), once one of them is found again live (mutmut
-    generates the mutants and tests that one); the wall seconds they took and the commits whose
-    killed verdicts they carry, or (0, []) where they are not used."""
-    verdicts = saved["verdicts"] if saved["reuse"] == "all" else progress.killed(saved["verdicts"])
+    """Put the committed verdicts of `saved` into the fresh work folder (where the tests have
+    changed since, only the killed ones and the survivors a note explains), once one of them is
+    found again live (mutmut generates the mutants and tests that one); the wall seconds they
+    took and the commits whose verdicts they carry, or (0, []) where they are not used."""
+    verdicts = saved["verdicts"]
+    if saved["reuse"] == "killed":
+        verdicts = progress.with_status(verdicts, ("killed", "timeout"))
     check = progress.probe(verdicts)
     if check is None:
         return 0.0, []
@@ -278,6 +282,14 @@ def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[flo
             "again: the saved verdicts are not used"
         )
         return 0.0, []
+    if saved["reuse"] == "killed":
+        from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+        survivors = progress.with_status(saved["verdicts"], ("survived",))
+        with contextlib.chdir(work):  # where mutmut finds the mutants' sources
+            notes = explained(survivors, lambda m, source: get_diff_for_mutant(m, path=source))
+        restored = progress.restore(work, notes)
+        print(f"mutmut: {name}: {restored} survivors a note explains are not tested again")
     restored = progress.restore(work, verdicts)
     print(
         f"mutmut: {name}: {restored} verdicts restored from {progress.PROGRESS.name}/{name}.json "
@@ -285,6 +297,20 @@ def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[flo
     )
     carried = saved["carried_from"] + ([saved["commit"]] if saved["reuse"] == "killed" else [])
     return float(saved["wall_s"]), sorted(set(carried))
+
+
+def explained(
+    survivors: progress.Verdicts, diff_of: Callable[[str, str], str]
+) -> progress.Verdicts:
+    """The survivors that a note explains; `diff_of(mutant, source file)` gives a mutant's diff."""
+    return {
+        source: {
+            mutant: code
+            for mutant, code in codes.items()
+            if survivor(mutant, "survived", diff_of(mutant, source))["equivalent"]
+        }
+        for source, codes in survivors.items()
+    }
 
 
 def collect(work: Path, spec: dict[str, list[str]]) -> dict[str, Any]:
@@ -418,8 +444,9 @@ def module_section(name: str, entry: dict[str, Any]) -> list[str]:
     ]
     if entry.get("carried_from"):
         lines.append(
-            f"- killed verdicts carried from commit {', '.join(entry['carried_from'])}: the same "
-            "sources and mutants, the tests changed since; every other verdict is this commit's"
+            f"- killed verdicts, and survivors a note explains, carried from commit "
+            f"{', '.join(entry['carried_from'])}: the same sources and mutants, the tests "
+            "changed since; every other verdict is this commit's"
         )
     lines += [
         "",

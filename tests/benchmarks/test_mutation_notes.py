@@ -47,3 +47,15 @@ def test_an_unexplained_survivor_names_the_unused_notes_of_its_function_that_fit
     assert report.renumbered_notes(survivors) == [
         f"{F}5 writes the line of the note on {F}3: x = None"
     ]
+
+
+def test_past_new_tests_only_the_survivors_a_note_explains_keep_their_verdict():
+    """The others are tested again: one without a note, one whose note expects another line."""
+    diffs = {
+        f"{F}3": diff("x = []", "x = None"),
+        f"{F}4": diff("return y or 0", "return y or 1"),
+        f"{F}6": diff("x = []", "x = None"),
+    }
+    survivors = {"src/qatkd/m.py": {f"{F}3": 0, f"{F}4": 0, f"{F}6": 0}}
+    kept = report.explained(survivors, lambda mutant, source: diffs[mutant])
+    assert kept == {"src/qatkd/m.py": {f"{F}3": 0}}
