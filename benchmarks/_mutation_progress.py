@@ -66,7 +66,8 @@ def _read(module: str) -> dict[str, Any] | None:
 
 def load(module: str, keys: Keys) -> dict[str, Any] | None:
     """The saved progress of `module`, with `reuse`: "all" where it was made on the same
-    content, "killed" where only the tests differ; None (saying why) where the sources do."""
+    content, "killed" where only the tests differ (the killed verdicts, and the survivors a note
+    explains); None (saying why) where the sources do."""
     saved = _read(module)
     if saved is None:
         return None
@@ -75,7 +76,8 @@ def load(module: str, keys: Keys) -> dict[str, Any] | None:
     if saved["source_key"] == keys.sources:
         print(
             f"mutmut: {module}: the tests changed since commit {saved['commit']}: its killed "
-            "verdicts are reused, its survivors tested again"
+            "verdicts and the survivors a note explains are reused, its other survivors tested "
+            "again"
         )
         return saved | {"reuse": "killed"}
     print(
