@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,9 @@ def test_a_fresh_start_hides_the_events_of_a_run_that_left_no_checkpoint(tmp_pat
     """A folder without last.pt is started afresh, its CSV logs emptied: so are its scalars."""
     runs = [(0, [(1, 1.0), (2, 2.0)]), (0, [(1, 3.0), (2, 4.0)]), (1, [(2, 5.0)])]
     for keep_until, points in runs:  # a start, a fresh start, a resume after step 1
+        # event files sort by the second they open in, then by a count of this process's
+        # writers (as text: 10 before 9); runs, unlike this loop, open theirs seconds apart
+        time.sleep(1 - time.time() % 1)
         board = ScalarLog(tmp_path, keep_until=keep_until)
         for step, loss in points:
             board.add("steps", {"step": step, "loss": loss, "l_kd": None, "note": "x"}, step)
