@@ -991,6 +991,11 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         )
         for n, name in ((35, "None"), (36, '"XXconflictXX"'), (37, '"CONFLICT"'))
     },
+    "qatkd.export.onnx_ops.x_conv__mutmut_7": (
+        "weight_shape = m.codes.shape if (isinstance(m, FrozenConv2d)) and False else "
+        "m.weight.shape",
+        "a FrozenConv2d's `weight` (codes times scales) has its codes' shape",
+    ),
     "qatkd.train.validation.x_split_indices__mutmut_33": (
         "if size == 0 and len(group) >= 1:",
         "a class of one sample taken to 1 is cut back to 0 by `min(size, len(group) - 1)` on "

@@ -131,6 +131,11 @@ CASES = {
     "hardtanh": (Op(first, nn.Hardtanh(-0.5, 0.75)), []),
     "a float conv": (Op(first, nn.Conv2d(4, 3, 3, padding=1)), []),
     "a float conv without a bias": (Op(first, nn.Conv2d(4, 3, 3, bias=False)), []),
+    "a dilated float conv": (Op(first, nn.Conv2d(4, 3, 3, padding=2, dilation=2)), []),
+    "a float conv that pads by reflection": (
+        Op(first, nn.Conv2d(4, 3, 3, padding=1, padding_mode="reflect")),
+        ["layers.0"],
+    ),
     "a float linear layer on the last dim": (Op(first, nn.Linear(6, 5)), []),
     "a float linear layer without a bias": (Op(first, nn.Linear(6, 5, bias=False)), []),
     "hardsigmoid, the module": (Op(lambda s, x: s.layers[0](4 * x), nn.Hardsigmoid()), []),
@@ -197,6 +202,21 @@ def test_each_form_is_written_by_its_handler_or_by_torch_onnx_as_expected(case):
     proto = to_onnx(model, SHAPE, "fp32")
     assert torch_onnx_ops_of(proto) == expected_fallbacks
     assert_runs_as_pytorch(model, proto, rtol=1e-5, atol=1e-5)
+
+
+def test_each_conv_states_its_kernel_strides_pads_dilations_and_group():
+    """Written out, not left to ONNX's defaults or to inference from the weight: converters
+    from ONNX (and people reading the graph) take them from the node."""
+    layer = nn.Conv2d(4, 3, (3, 1), stride=(2, 1), padding=(2, 0), dilation=(2, 1))
+    proto = to_onnx(Op(first, layer).eval(), SHAPE, "fp32")
+    (conv,) = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute} == {
+        "kernel_shape": [3, 1],
+        "strides": [2, 1],
+        "pads": [2, 0, 2, 0],
+        "dilations": [2, 1],
+        "group": 1,
+    }
 
 
 def test_an_average_pool_with_a_divisor_and_ceil_mode_is_refused_by_name():
