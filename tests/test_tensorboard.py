@@ -64,6 +64,13 @@ def event_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("events.out.tfevents.*"))
 
 
+def next_second() -> None:
+    """Wait for the next second before opening an event file: the files of one second sort by a
+    count of this process's writers, as text (10 before 9), so two opened in one second may be
+    read in the wrong order; runs, each in its own process, never open theirs so close."""
+    time.sleep(1 - time.time() % 1)
+
+
 def open_writers() -> int:
     """Event writers still open in this process: each holds a thread until it is closed."""
     return sum(type(t).__name__ == "_AsyncWriterThread" for t in threading.enumerate())
@@ -183,6 +190,7 @@ def test_a_run_started_afresh_in_a_folder_shows_only_its_own_steps(data, tmp_pat
     out, _ = pipeline.train(load_config(overrides=overrides))
     for name in ("last.pt", "metrics.json"):  # as if killed before its first checkpoint
         (out / name).unlink()
+    next_second()
     pipeline.train(load_config(overrides=[*overrides, "train.lr=0.01"]))
     assert len(event_files(out)) == 2
     assert_mirrors_csv(out)
@@ -192,9 +200,7 @@ def test_a_fresh_start_hides_the_events_of_a_run_that_left_no_checkpoint(tmp_pat
     """A folder without last.pt is started afresh, its CSV logs emptied: so are its scalars."""
     runs = [(0, [(1, 1.0), (2, 2.0)]), (0, [(1, 3.0), (2, 4.0)]), (1, [(2, 5.0)])]
     for keep_until, points in runs:  # a start, a fresh start, a resume after step 1
-        # event files sort by the second they open in, then by a count of this process's
-        # writers (as text: 10 before 9); runs, unlike this loop, open theirs seconds apart
-        time.sleep(1 - time.time() % 1)
+        next_second()
         board = ScalarLog(tmp_path, keep_until=keep_until)
         for step, loss in points:
             board.add("steps", {"step": step, "loss": loss, "l_kd": None, "note": "x"}, step)
