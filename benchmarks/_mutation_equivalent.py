@@ -3,6 +3,8 @@ equivalent to the original, or told apart only on a GPU, which the tests do not 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 _STRICT_ZIP = "the two sequences always have the same length, so `strict` never fires"
 _RUNNER = "qatkd.export.codes.x_code_runner__mutmut_"
 _EVEN = "an integer code times 2^(k + 1) is even, never -129 or 127: the bound moves nothing"
@@ -26,6 +28,7 @@ _WEIGHTS_ONLY = (
 )
 _ROWS = "qatkd.distill.cache.xǁTeacherLogitCacheǁrows__mutmut_"
 _ENGINE = "qatkd.train.engine.x_"
+_FIT = f"{_ENGINE}fit__mutmut_"
 _CUDA_RNG = (
     "not equivalent on a GPU: the CUDA generator's state is saved and restored only where the "
     "run trains on CUDA; on a CPU-only machine that branch never runs (no GPU test here)"
@@ -121,7 +124,8 @@ _ONE_CALLER = (
     "its one caller (`_quantize`) bounds the code again: at least a low bound that is at "
     "least qmin, at most a high bound that is at most qmax"
 )
-_QUANTIZE = "qatkd.export.onnx_graph.xǁGraphBuilderǁ_quantize__mutmut_"
+_GRAPH = "qatkd.export.onnx_graph.xǁGraphBuilderǁ"
+_QUANTIZE = f"{_GRAPH}_quantize__mutmut_"
 _OFFSET_RANGE = (
     "`dequantize` reads only the scale of the hardsigmoid's offset range and its sign (qmin < 0, "
     "false for 0 and 1 alike): its other fields are never read"
@@ -158,6 +162,8 @@ _ANY_ORDER = (
     "tests read the time, never the batches)"
 )
 _OPS = "qatkd.export.onnx_ops.x_"
+_PLOT = "qatkd.train.plots.x_plot_run__mutmut_"
+_PLOT_ZIP = "ax.plot(*zip(*pts, "
 _FLATTEN_AXIS = (
     "ONNX's Flatten takes axis 1 where none is given, and `helper.make_node` leaves a None "
     "attribute out: the same node"
@@ -227,21 +233,43 @@ _UNREAD = (
 )
 
 
+def _alike(
+    mutants: str,
+    reason: str,
+    parts: Mapping[int, str | tuple[str, ...]],
+    line: str = "{}",
+) -> dict[str, tuple[str, str]]:
+    """The mutants of one function that one reason explains: `parts` maps each mutant's number
+    to what it writes in place of each `{}` of `line` (by default, the whole line)."""
+    notes: dict[str, tuple[str, str]] = {}
+    for n, part in parts.items():
+        pieces = line.split("{}")
+        values = (part,) if isinstance(part, str) else part
+        if len(values) != len(pieces) - 1:
+            raise ValueError(f"{mutants}{n}: {len(values)} parts for {len(pieces) - 1} places")
+        filled = pieces[0] + "".join(v + rest for v, rest in zip(values, pieces[1:], strict=True))
+        notes[f"{mutants}{n}"] = (filled, reason)
+    return notes
+
+
 def _strict_zip(
     mutants: str, numbers: tuple[int, int, int], call: str, close: str
 ) -> dict[str, tuple[str, str]]:
     """The three mutants of one `zip(..., strict=True)` (strict=None, dropped, False), numbered
     `numbers`: `call` is the line up to the strict argument, `close` what follows it."""
     arguments = ("strict=None", "", "strict=False")
-    return {
-        f"{mutants}{n}": (f"{call}{argument}{close}", _STRICT_ZIP)
-        for n, argument in zip(numbers, arguments, strict=True)
-    }
+    return _alike(
+        mutants, _STRICT_ZIP, dict(zip(numbers, arguments, strict=True)), call + "{}" + close
+    )
 
 
 _NEWLINE = (
     "on POSIX, newline=None writes the csv module's \\r\\n as it is, as newline='' does (only "
     "Windows would turn its \\n into \\r\\n)"
+)
+_NEWLINE_READ = (
+    "reading, newline=None turns the \\r\\n that ends each row into \\n, which the csv reader "
+    "splits alike (no cell holds a line break)"
 )
 
 
@@ -337,9 +365,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "the file's name only has to differ between keys: a hit also compares the whole key "
         "stored in the file",
     ),
-    **{
-        f"{_GPTQ_KEY}{n}": (line, _LABEL)
-        for n, line in {
+    **_alike(
+        _GPTQ_KEY,
+        _LABEL,
+        {
             8: '"XXmodulesXX": {name: _settings(m) for name, m in model.named_modules()},',
             9: '"MODULES": {name: _settings(m) for name, m in model.named_modules()},',
             11: '"XXstagesXX": [list(stage) for stage in stages],',
@@ -350,8 +379,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
             17: '"BLOCK": BLOCK,',
             18: '"XXversionsXX": {p: _version(p) for p in ("torch", "transformers")},',
             19: '"VERSIONS": {p: _version(p) for p in ("torch", "transformers")},',
-        }.items()
-    },
+        },
+    ),
     f"{_GPTQ_SETTINGS}2": ('"XXclassXX": type(module).__qualname__,', _LABEL),
     f"{_GPTQ_SETTINGS}3": ('"CLASS": type(module).__qualname__,', _LABEL),
     f"{_GPTQ_KEY}27": (f"{_DUMPS}sort_keys=None, default=repr).encode())", _ORDERED),
@@ -373,33 +402,27 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "it adds the modules' private plain attributes (torch's hook flags) to the key: more in a "
         "key can only turn a hit into a miss, and for two models built alike they are the same",
     ),
-    **{
-        f"{_GPTQ_READ}{n}": (
-            line,
-            "load_state_dict copies each stored tensor into the model's own, on the model's "
-            "device, wherever it was loaded",
-        )
-        for n, line in {
-            4: f"{_LOAD}map_location=None, weights_only=True)",
-            7: f"{_LOAD}weights_only=True)",
-        }.items()
-    },
-    **{
-        f"{_GPTQ_READ}{n}": (
-            line,
-            "torch >= 2.6 (the project pins 2.14.1) loads with weights_only=True unless told "
-            "otherwise; weights_only=False is killed by the `unpickling` case of "
-            "test_a_file_that_cannot_be_used_is_computed_again_and_replaced",
-        )
-        for n, line in {
-            5: f'{_LOAD}map_location="cpu", weights_only=None)',
-            8: f'{_LOAD}map_location="cpu", )',
-        }.items()
-    },
-    **{
-        f"{_CALL_NAME}{n}": (f'{_CALL_NAME_LINE}{default}).startswith("torchvision"):', _HAS_MODULE)
-        for n, default in {9: "None", 12: "", 15: '"XXXX"'}.items()
-    },
+    **_alike(
+        _GPTQ_READ,
+        "load_state_dict copies each stored tensor into the model's own, on the model's "
+        "device, wherever it was loaded",
+        {4: "map_location=None, weights_only=True", 7: "weights_only=True"},
+        f"{_LOAD}{{}})",
+    ),
+    **_alike(
+        _GPTQ_READ,
+        "torch >= 2.6 (the project pins 2.14.1) loads with weights_only=True unless told "
+        "otherwise; weights_only=False is killed by the `unpickling` case of "
+        "test_a_file_that_cannot_be_used_is_computed_again_and_replaced",
+        {5: 'map_location="cpu", weights_only=None', 8: 'map_location="cpu", '},
+        f"{_LOAD}{{}})",
+    ),
+    **_alike(
+        _CALL_NAME,
+        _HAS_MODULE,
+        {9: "None", 12: "", 15: '"XXXX"'},
+        f'{_CALL_NAME_LINE}{{}}).startswith("torchvision"):',
+    ),
     "qatkd.quant.placement.x__commutes__mutmut_10": (
         'module, "return_indices", None',
         "only tested for truth (`not getattr(...)`): None, for the modules without the attribute, "
@@ -487,113 +510,107 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "return seed * 1000004 + epoch",
         "any map of (seed, epoch) to distinct integers serves; this one keeps them distinct too",
     ),
-    **{f"{_ENGINE}rng_states__mutmut_{n}": (line, _CUDA_RNG) for n, line in _RNG_STATES.items()},
-    **{
-        f"{_ENGINE}set_rng_states__mutmut_{n}": (line, _CUDA_RNG)
-        for n, line in _SET_RNG_STATES.items()
-    },
-    f"{_ENGINE}fit__mutmut_2": (
+    **_alike(f"{_ENGINE}rng_states__mutmut_", _CUDA_RNG, _RNG_STATES),
+    **_alike(f"{_ENGINE}set_rng_states__mutmut_", _CUDA_RNG, _SET_RNG_STATES),
+    f"{_FIT}2": (
         "world = world and World()",
         "the pipeline and the torchrun worker always pass a World; None is only a default",
     ),
-    f"{_ENGINE}fit__mutmut_5": ("model.to(None)", _TO_DEVICE),
-    f"{_ENGINE}fit__mutmut_6": ("balancer.to(None)", _TO_DEVICE),
-    f"{_ENGINE}fit__mutmut_418": ("set_rng_states(rng, None)", _CUDA_RNG),
-    f"{_ENGINE}fit__mutmut_443": (
+    f"{_FIT}5": ("model.to(None)", _TO_DEVICE),
+    f"{_FIT}6": ("balancer.to(None)", _TO_DEVICE),
+    f"{_FIT}418": ("set_rng_states(rng, None)", _CUDA_RNG),
+    f"{_FIT}443": (
         "batch = to_device(batch, None)",
         "not equivalent on a GPU: `.to(None)` leaves a CPU tensor where it is, and the tests "
         "train on the CPU",
     ),
-    f"{_ENGINE}fit__mutmut_543": (
+    f"{_FIT}543": (
         "rate = (sums[3] - units_before) / world.size / elapsed",
         "not equivalent with two processes or more: dividing by a world of one multiplies by it "
         "(the shown rate's other mutants are killed by "
         "test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_stopped)",
     ),
-    **{
-        f"{_ENGINE}fit__mutmut_{n}": (line, _REFRESH)
-        for n, line in ((547, "refresh=None,"), (549, ")"), (561, "refresh=True,"))
-    },
-    **{
-        f"{_ENGINE}fit__mutmut_{n}": (line, _UNITS_ARE_SAMPLES)
-        for n, line in (
-            (555, '{"loss": f"{sums[0] / sums[3]:.3f}", "acc": f"{sums[1] / sums[2]:.1f}"}'),
-            (560, '{"loss": f"{sums[0] / sums[2]:.3f}", "acc": f"{sums[1] / sums[3]:.1f}"}'),
-        )
-    },
-    f"{_ENGINE}fit__mutmut_580": ('"lr": schedule.get_last_lr()[1],', _SAME_RATE),
-    f"{_ENGINE}fit__mutmut_655": ("lr = schedule.get_last_lr()[1]", _SAME_RATE),
-    **{
-        f"{_ENGINE}fit__mutmut_{n}": (
-            f"plot_run(run_dir, f\"{{meta.get('model_name', {default})}} — {{run_dir.name}}\")",
-            "every task family's meta names its model (`model_name`), so the default is never "
-            "read (the title's other mutants are killed by "
-            "test_each_epoch_redraws_the_curves_titled_with_the_model_and_the_run)",
-        )
-        for n, default in ((672, "None"), (674, ""), (677, "'XXmodelXX'"), (678, "'MODEL'"))
-    },
-    f"{_ENGINE}fit__mutmut_396": (
+    **_alike(_FIT, _REFRESH, {547: "refresh=None,", 549: ")", 561: "refresh=True,"}),
+    **_alike(
+        _FIT,
+        _UNITS_ARE_SAMPLES,
+        {555: ("3", "2"), 560: ("2", "3")},
+        '{"loss": f"{sums[0] / sums[{}]:.3f}", "acc": f"{sums[1] / sums[{}]:.1f}"}',
+    ),
+    f"{_FIT}580": ('"lr": schedule.get_last_lr()[1],', _SAME_RATE),
+    f"{_FIT}655": ("lr = schedule.get_last_lr()[1]", _SAME_RATE),
+    **_alike(
+        _FIT,
+        "every task family's meta names its model (`model_name`), so the default is never "
+        "read (the title's other mutants are killed by "
+        "test_each_epoch_redraws_the_curves_titled_with_the_model_and_the_run)",
+        {672: "None", 674: "", 677: "'XXmodelXX'", 678: "'MODEL'"},
+        "plot_run(run_dir, f\"{meta.get('model_name', {})} — {run_dir.name}\")",
+    ),
+    f"{_FIT}396": (
         "done, sums, rng = 0, [0.0, 0.0, 0, 1], None  # sums: loss, acc, samples, units",
         "the units' sum is read only as a difference from its value at the epoch's start (the "
         "progress bar's rate) and carried in a stop's position: an offset cancels",
     ),
-    f"{_ENGINE}fit__mutmut_307": ('where = f" ({name})" if (name) or True else ""', _SAME_WEIGHTS),
-    f"{_ENGINE}fit__mutmut_308": ('where = f" ({name})" if name else "XXXX"', _SAME_WEIGHTS),
-    **{
-        f"{_ENGINE}fit__mutmut_{n}": (line, _DDP_DEVICE)
-        for n, line in (
-            (204, "model, device_ids=None"),
-            (206, "model, )"),
-            (
-                207,
-                'model, device_ids=[device.index] if (device.type == "cuda") and False else None',
-            ),
-            (210, 'model, device_ids=[device.index] if device.type == "XXcudaXX" else None'),
-            (211, 'model, device_ids=[device.index] if device.type == "CUDA" else None'),
-        )
-    },
-    f"{_ENGINE}fit__mutmut_42": (
+    f"{_FIT}307": ('where = f" ({name})" if (name) or True else ""', _SAME_WEIGHTS),
+    f"{_FIT}308": ('where = f" ({name})" if name else "XXXX"', _SAME_WEIGHTS),
+    **_alike(
+        _FIT,
+        _DDP_DEVICE,
+        {
+            204: "device_ids=None",
+            206: ")",
+            207: 'device_ids=[device.index] if (device.type == "cuda") and False else None',
+            210: 'device_ids=[device.index] if device.type == "XXcudaXX" else None',
+            211: 'device_ids=[device.index] if device.type == "CUDA" else None',
+        },
+        "model, {}",
+    ),
+    f"{_FIT}42": (
         ")",  # the loader's `**loader_options(device)` dropped
         "not equivalent on a GPU: `loader_options` is {} on the CPU (pinned memory and loader "
         "workers only feed a GPU), and the tests train on the CPU",
     ),
-    f"{_ENGINE}fit__mutmut_43": (
+    f"{_FIT}43": (
         "drop_last=len(train_set) >= train_cfg.batch_size,",
         "with exactly one batch of samples there is no partial batch for drop_last to drop",
     ),
-    **{
-        f"{_ENGINE}fit__mutmut_{n}": (f"scaler = torch.amp.GradScaler({args})", _SCALER)
-        for n, args in ((86, "None, enabled=precision.scaled"), (87, "device.type, enabled=None"))
-    },
-    f"{_ENGINE}fit__mutmut_88": (
+    **_alike(
+        _FIT,
+        _SCALER,
+        {86: "None, enabled=precision.scaled", 87: "device.type, enabled=None"},
+        "scaler = torch.amp.GradScaler({})",
+    ),
+    f"{_FIT}88": (
         "scaler = torch.amp.GradScaler(enabled=precision.scaled)",
         'GradScaler\'s device defaults to "cuda", the only device it is ever enabled on',
     ),
-    f"{_ENGINE}fit__mutmut_89": (
+    f"{_FIT}89": (
         "scaler = torch.amp.GradScaler(device.type, )",
         "an enabled scaler on the CPU multiplies the loss by a power of two and divides the "
         "gradients by it again, which is exact in float; only an overflow would differ",
     ),
-    f"{_ENGINE}fit__mutmut_93": (f"sign = 2.0 if task.maximize else -1.0{_SIGN}", _ORDER),
-    f"{_ENGINE}fit__mutmut_95": (f"sign = 1.0 if task.maximize else -2.0{_SIGN}", _ORDER),
-    f"{_ENGINE}fit__mutmut_113": (
+    f"{_FIT}93": (f"sign = 2.0 if task.maximize else -1.0{_SIGN}", _ORDER),
+    f"{_FIT}95": (f"sign = 1.0 if task.maximize else -2.0{_SIGN}", _ORDER),
+    f"{_FIT}113": (
         "start_epoch, step, best, best_epoch = 0, 0, -math.inf, 1",
         "every finite metric beats the initial -inf, so the first epoch always replaces the "
         "initial best_epoch",
     ),
-    **{
-        f"{_ENGINE}fit__mutmut_{n}": (line, _SCALER_STATE)
-        for n, line in (
-            (150, "if resume.get(None):"),
-            (151, 'if resume.get("XXscalerXX"):'),
-            (152, 'if resume.get("SCALER"):'),
-            (153, "scaler.load_state_dict(None)"),
-            (154, 'scaler.load_state_dict(resume["XXscalerXX"])'),
-            (155, 'scaler.load_state_dict(resume["SCALER"])'),
-            (264, '"XXscalerXX": scaler.state_dict(),'),
-            (265, '"SCALER": scaler.state_dict(),'),
-        )
-    },
+    **_alike(
+        _FIT,
+        _SCALER_STATE,
+        {
+            150: "if resume.get(None):",
+            151: 'if resume.get("XXscalerXX"):',
+            152: 'if resume.get("SCALER"):',
+            153: "scaler.load_state_dict(None)",
+            154: 'scaler.load_state_dict(resume["XXscalerXX"])',
+            155: 'scaler.load_state_dict(resume["SCALER"])',
+            264: '"XXscalerXX": scaler.state_dict(),',
+            265: '"SCALER": scaler.state_dict(),',
+        },
+    ),
     f"{_OPS}linear__mutmut_21": (
         'return b.emit("Gemm", b.layer_inputs(m, x, hint), hint, transB=2)',
         "onnxruntime reads Gemm's transB as a flag (gemm_base.h: any non-zero value transposes)",
@@ -613,21 +630,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         _INT64,
     ),
     f"{_OPS}split_part__mutmut_20": ('b.const(np.array([v], ), f"{hint}.{what}")', _INT64),
-    **{
-        f"{_OPS}split_part__mutmut_{n}": (
-            f'for what, v in (("{start}", start), ("{end}", start + sizes[index]), '
-            f'("{axis}", dim))',
-            _NAME,
-        )
-        for n, start, end, axis in (
-            (21, "XXstartXX", "end", "axis"),
-            (22, "START", "end", "axis"),
-            (23, "start", "XXendXX", "axis"),
-            (24, "start", "END", "axis"),
-            (26, "start", "end", "XXaxisXX"),
-            (27, "start", "end", "AXIS"),
-        )
-    },
+    **_alike(
+        f"{_OPS}split_part__mutmut_",
+        _NAME,
+        {
+            21: ("XXstartXX", "end", "axis"),
+            22: ("START", "end", "axis"),
+            23: ("start", "XXendXX", "axis"),
+            24: ("start", "END", "axis"),
+            26: ("start", "end", "XXaxisXX"),
+            27: ("start", "end", "AXIS"),
+        },
+        'for what, v in (("{}", start), ("{}", start + sizes[index]), ("{}", dim))',
+    ),
     f"{_OPS}average_pool__mutmut_27": (
         'f"{hint}.average" if (divisor) and False else hint,',
         _NAME,
@@ -755,17 +770,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "inputs.sort(key=None)",
         "fx nodes compare by their place in the graph, the order `_order` gives",
     ),
-    **{
-        f"{_ISLAND}{n}": (_ISLAND_ZIP.format(a, b), _STRICT_ZIP)
-        for n, a, b in (
-            (52, "strict=None", "strict=True"),
-            (55, "", "strict=True"),
-            (56, "strict=False", "strict=True"),
-            (59, "strict=True", "strict=None"),
-            (62, "strict=True", ""),
-            (63, "strict=True", "strict=False"),
-        )
-    },
+    **_alike(
+        _ISLAND,
+        _STRICT_ZIP,
+        {
+            52: ("strict=None", "strict=True"),
+            55: ("", "strict=True"),
+            56: ("strict=False", "strict=True"),
+            59: ("strict=True", "strict=None"),
+            62: ("strict=True", ""),
+            63: ("strict=True", "strict=False"),
+        },
+        _ISLAND_ZIP,
+    ),
     f"{_ISLAND}66": (
         "torch.backends.mha.set_fastpath_enabled(None)",
         "torch takes None for False here: the fast path is off either way (True is killed)",
@@ -780,11 +797,11 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     f"{_CODE_OF}5": ("return r.qmin if value < 1 else r.qmax", _BOUNDS),
     f"{_CODE_OF}13": ("return int(np.clip(code, None, r.qmax))", _ONE_CALLER),
     f"{_CODE_OF}14": ("return int(np.clip(code, r.qmin, None))", _ONE_CALLER),
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁemit_moving__mutmut_22": (
+    f"{_GRAPH}emit_moving__mutmut_22": (
         "return self.dequantize(codes, source.r, None)",
         _NAME,
     ),
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁ_emit_island__mutmut_27": (
+    f"{_GRAPH}_emit_island__mutmut_27": (
         "renamed[name] = self.name(f\"{hint}.{_SAFE.sub('_', name).strip('XX_XX')}\")",
         _NAME,
     ),
@@ -793,36 +810,30 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "reached only where every op of the island exports alone and not together, which no "
         "op torch.onnx writes does (an op that fails alone is named alone)",
     ),
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁqdq__mutmut_18": (
+    f"{_GRAPH}qdq__mutmut_18": (
         "return self.dequantize(codes, r, None), r.scale",
         _NAME,
     ),
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁqdq__mutmut_33": (
+    f"{_GRAPH}qdq__mutmut_33": (
         "self._widened[codes] = self._widen(codes, r, shift, None)",
         _NAME,
     ),
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁlayer_inputs__mutmut_118": (
+    f"{_GRAPH}layer_inputs__mutmut_118": (
         "b_codes = None if b_scale is None else np.round(bias_values.astype(None) / b_scale)",
         "numpy's astype(None) is astype(float64), the dtype the original names",
     ),
-    **{
-        f"{_QUANTIZE}{n}": (f"ActRange(HARDSIGMOID_RANGE / 2, {fields}),", _OFFSET_RANGE)
-        for n, fields in (
-            (54, "0, None, 8"),
-            (55, "0, 255, None"),
-            (62, "1, 255, 8"),
-            (63, "0, 256, 8"),
-            (64, "0, 255, 9"),
-        )
-    },
-    **{
-        f"{_QUANTIZE}{n}": (f"wide = ActRange(HARDSIGMOID_RANGE * r.scale, {fields})", _WIDE_RANGE)
-        for n, fields in (
-            (77, "None, r.qmax, r.bits"),
-            (78, "r.qmin, None, r.bits"),
-            (79, "r.qmin, r.qmax, None"),
-        )
-    },
+    **_alike(
+        _QUANTIZE,
+        _OFFSET_RANGE,
+        {54: "0, None, 8", 55: "0, 255, None", 62: "1, 255, 8", 63: "0, 256, 8", 64: "0, 255, 9"},
+        "ActRange(HARDSIGMOID_RANGE / 2, {}),",
+    ),
+    **_alike(
+        _QUANTIZE,
+        _WIDE_RANGE,
+        {77: "None, r.qmax, r.bits", 78: "r.qmin, None, r.bits", 79: "r.qmin, r.qmax, None"},
+        "wide = ActRange(HARDSIGMOID_RANGE * r.scale, {})",
+    ),
     f"{_QUANTIZE}39": ("None,", _NAME),
     f"{_QUANTIZE}88": ("return self._quantize(shifted, wide, zero_point, None, low, high)", _NAME),
     f"{_QUANTIZE}100": (
@@ -834,21 +845,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "inner = self._quantize(source.input, r, zero_point, None, low, high)",
         _NAME,
     ),
-    **{
-        f"qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_{n}": (
-            f'"Identity", [self.names[result]], [OUTPUT_NAME], {name}',
-            "only the output Identity's node name, which ONNX keeps for diagnostics: no op or "
-            "runtime reads it",
-        )
-        for n, name in ((69, "name=None"), (73, ")"))
-    },
-    **{
-        f"qatkd.export.onnx_graph.xǁGraphBuilderǁemit_hardsigmoid__mutmut_{n}": (
-            f'"HardSigmoid", [x], hint, low=0.0, high=1.0, alpha=1 / HARDSIGMOID_RANGE, {beta}',
-            "ONNX's HardSigmoid defaults beta to 0.5, the value written",
-        )
-        for n, beta in ((7, "beta=None"), (14, ")"))
-    },
+    **_alike(
+        f"{_GRAPH}build__mutmut_",
+        "only the output Identity's node name, which ONNX keeps for diagnostics: no op or "
+        "runtime reads it",
+        {69: "name=None", 73: ")"},
+        '"Identity", [self.names[result]], [OUTPUT_NAME], {}',
+    ),
+    **_alike(
+        f"{_GRAPH}emit_hardsigmoid__mutmut_",
+        "ONNX's HardSigmoid defaults beta to 0.5, the value written",
+        {7: "beta=None", 14: ")"},
+        '"HardSigmoid", [x], hint, low=0.0, high=1.0, alpha=1 / HARDSIGMOID_RANGE, {}',
+    ),
     "qatkd.export.frozen.x_tensor_hint__mutmut_6": (
         'return getattr(quantizer, "tensor_hint", ) or default',
         "every quantizer has the attribute (`Quantizer.tensor_hint`, None unless `prepare` "
@@ -858,139 +867,117 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "interpreter = fx.Interpreter(gm, garbage_collect_values=None)",
         "None is as false as False: the interpreter keeps every value either way",
     ),
-    **{
-        f"qatkd.export.onnx_graph.xǁGraphBuilderǁ_float_bias_where_unfused__mutmut_{n}": (
-            f"readers = users.get(node.output[0], {default})",
-            "every Conv's output has a reader: `_drop_unused` removed the unread nodes first, "
-            "and the last one is read by the output's Identity",
-        )
-        for n, default in ((15, "None"), (17, ""))
-    },
-    **{
-        f"qatkd.export.onnx_graph.xǁGraphBuilderǁbuild__mutmut_{n}": (
-            f'return helper.make_graph(self.nodes, "{name}", inputs, outputs, self.inits)',
-            "only the graph's name, which nothing reads",
-        )
-        for n, name in ((113, "XXqatkdXX"), (114, "QATKD"))
-    },
-    **{
-        f"qatkd.export.onnx_graph.xǁGraphBuilderǁname__mutmut_{n}": (line, _NAME)
-        for n, line in (
-            (9, 'base = hint.replace(".", "_") or "XXtXX"'),
-            (10, 'base = hint.replace(".", "_") or "T"'),
-            (12, "name, i = base, 2"),
-            (15, 'name, i = f"{base}_{i}", i - 1'),
-            (16, 'name, i = f"{base}_{i}", i + 2'),
-        )
-    },
-    **{
-        f"qatkd.export.onnx_graph.xǁGraphBuilderǁconst__mutmut_{n}": (
-            f"numpy_helper.from_array(np.array(array, {order}), name)",
-            "`numpy_helper.from_array` writes the values in C order whatever the array's layout",
-        )
-        for n, order in ((9, "order=None"), (11, ""), (13, 'order="c"'))
-    },
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁ_handler__mutmut_14": (
+    **_alike(
+        f"{_GRAPH}_float_bias_where_unfused__mutmut_",
+        "every Conv's output has a reader: `_drop_unused` removed the unread nodes first, "
+        "and the last one is read by the output's Identity",
+        {15: "None", 17: ""},
+        "readers = users.get(node.output[0], {})",
+    ),
+    **_alike(
+        f"{_GRAPH}build__mutmut_",
+        "only the graph's name, which nothing reads",
+        {113: "XXqatkdXX", 114: "QATKD"},
+        'return helper.make_graph(self.nodes, "{}", inputs, outputs, self.inits)',
+    ),
+    **_alike(
+        f"{_GRAPH}name__mutmut_",
+        _NAME,
+        {
+            9: 'base = hint.replace(".", "_") or "XXtXX"',
+            10: 'base = hint.replace(".", "_") or "T"',
+            12: "name, i = base, 2",
+            15: 'name, i = f"{base}_{i}", i - 1',
+            16: 'name, i = f"{base}_{i}", i + 2',
+        },
+    ),
+    **_alike(
+        f"{_GRAPH}const__mutmut_",
+        "`numpy_helper.from_array` writes the values in C order whatever the array's layout",
+        {9: "order=None", 11: "", 13: 'order="c"'},
+        "numpy_helper.from_array(np.array(array, {}), name)",
+    ),
+    f"{_GRAPH}_handler__mutmut_14": (
         'hint = str(node.target) if (node.op == "call_module") or True else node.name',
         _NAME,
     ),
-    "qatkd.export.onnx_graph.xǁGraphBuilderǁ_handler__mutmut_26": (
+    f"{_GRAPH}_handler__mutmut_26": (
         "if handler is None or not tensors and len(node.all_input_nodes) != 1:",
         "every registered module reads one tensor; an Identity given more returns its first, "
         "as its handler (`pass_through`) does",
     ),
-    f"{_ENGINE}fit__mutmut_23": (
+    f"{_FIT}23": (
         "train_set, num_replicas=world.size, rank=world.rank, seed=config.seed",
         "DistributedSampler shuffles by default (shuffle=None is killed: test_each_epoch_"
         "shuffles_the_training_images_and_the_seed_decides_the_order)",
     ),
-    **{
-        f"qatkd.train.logs.xǁCsvLogǁappend__mutmut_{n}": (
-            f'with self.path.open("a", {arg}) as f:',
-            _NEWLINE,
-        )
-        for n, arg in ((2, "newline=None"), (4, ""))
-    },
-    **{
-        key: (
-            line,
-            "reading, newline=None turns the \\r\\n that ends each row into \\n, which the "
-            "csv reader splits alike (no cell holds a line break)",
-        )
-        for key, line in (
-            (
-                "qatkd.train.logs.xǁCsvLogǁstart__mutmut_5",
-                "with self.path.open(newline=None) as f:",
-            ),
-            ("qatkd.train.logs.x_read_csv__mutmut_2", "with path.open(newline=None) as f:"),
-        )
-    },
-    **{
-        f"qatkd.train.logs.xǁCsvLogǁstart__mutmut_{n}": (
-            f'with self.path.open("w", {arg}) as f:',
-            _NEWLINE,
-        )
-        for n, arg in ((14, "newline=None"), (16, ""))
-    },
+    **_alike(
+        "qatkd.train.logs.xǁCsvLogǁappend__mutmut_",
+        _NEWLINE,
+        {2: "newline=None", 4: ""},
+        'with self.path.open("a", {}) as f:',
+    ),
+    "qatkd.train.logs.xǁCsvLogǁstart__mutmut_5": (
+        "with self.path.open(newline=None) as f:",
+        _NEWLINE_READ,
+    ),
+    "qatkd.train.logs.x_read_csv__mutmut_2": ("with path.open(newline=None) as f:", _NEWLINE_READ),
+    **_alike(
+        "qatkd.train.logs.xǁCsvLogǁstart__mutmut_",
+        _NEWLINE,
+        {14: "newline=None", 16: ""},
+        'with self.path.open("w", {}) as f:',
+    ),
     "qatkd.train.logs.xǁCsvLogǁappend__mutmut_16": (
         'csv.DictWriter(f, self.fields, extrasaction="IGNORE").writerow(',
         'DictWriter checks extrasaction case-insensitively and raises only for "raise": '
         '"IGNORE" ignores',
     ),
-    **{
-        f"qatkd.train.task.xǁTaskǁevaluate__mutmut_{n}": (
-            f'self, model: nn.Module, loader: DataLoader, split: str = "{split}"',
-            "the default of a Protocol's signature: no one calls the Protocol, each family's "
-            "`evaluate` has its own",
-        )
-        for n, split in ((1, "XXtestXX"), (2, "TEST"))
-    },
-    **{
-        f"qatkd.train.logs.xǁCsvLogǁstart__mutmut_{n}": (
-            f"writer = csv.DictWriter(f, self.fields, {arg})",
-            "the rows it writes back were read from the log under the same columns (a resume "
-            "takes the run's own config): no row has a column to ignore or to raise for",
-        )
-        for n, arg in ((26, ""), (28, 'extrasaction="IGNORE"'))
-    },
-    "qatkd.train.plots.x_plot_run__mutmut_42": (
+    **_alike(
+        "qatkd.train.task.xǁTaskǁevaluate__mutmut_",
+        "the default of a Protocol's signature: no one calls the Protocol, each family's "
+        "`evaluate` has its own",
+        {1: "XXtestXX", 2: "TEST"},
+        'self, model: nn.Module, loader: DataLoader, split: str = "{}"',
+    ),
+    **_alike(
+        "qatkd.train.logs.xǁCsvLogǁstart__mutmut_",
+        "the rows it writes back were read from the log under the same columns (a resume "
+        "takes the run's own config): no row has a column to ignore or to raise for",
+        {26: "", 28: 'extrasaction="IGNORE"'},
+        "writer = csv.DictWriter(f, self.fields, {})",
+    ),
+    f"{_PLOT}42": (
         "fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=None)",
         "None is as false as False: subplots keeps the 2-D array of axes",
     ),
     **_strict_zip(
-        "qatkd.train.plots.x_plot_run__mutmut_",
+        _PLOT,
         (54, 57, 59),
         "for ax, panel in zip(axes[0], panels, ",
         "):",
     ),
-    "qatkd.train.plots.x_plot_run__mutmut_233": (
+    f"{_PLOT}233": (
         'twin.plot(s, cosine, color="TAB:RED", marker=".", label="cosine")',
         "matplotlib reads colour names case-insensitively: the same red",
     ),
     **_strict_zip(  # each point is a (step, ratio, cosine) triple
-        "qatkd.train.plots.x_plot_run__mutmut_",
+        _PLOT,
         (194, 196, 197),
         "s, ratio, cosine = zip(*pts, ",
         ")",
     ),
-    **{  # each point is a (step or epoch, value) pair
-        key: note
-        for numbers, marker in (((78, 80, 81), "."), ((120, 122, 123), "o"), ((153, 155, 156), "."))
-        for key, note in _strict_zip(
-            "qatkd.train.plots.x_plot_run__mutmut_",
-            numbers,
-            "ax.plot(*zip(*pts, ",
-            f'), marker="{marker}", label=key)',
-        ).items()
-    },
-    **{
-        f"qatkd.train.plots.x_plot_run__mutmut_{n}": (
-            f"panels.append({name})",
-            "the conflict panel is the `else` of the panels' if/elif chain: any name the other "
-            "branches do not test draws it",
-        )
-        for n, name in ((35, "None"), (36, '"XXconflictXX"'), (37, '"CONFLICT"'))
-    },
+    # each point is a (step or epoch, value) pair
+    **_strict_zip(_PLOT, (78, 80, 81), _PLOT_ZIP, '), marker=".", label=key)'),
+    **_strict_zip(_PLOT, (120, 122, 123), _PLOT_ZIP, '), marker="o", label=key)'),
+    **_strict_zip(_PLOT, (153, 155, 156), _PLOT_ZIP, '), marker=".", label=key)'),
+    **_alike(
+        _PLOT,
+        "the conflict panel is the `else` of the panels' if/elif chain: any name the other "
+        "branches do not test draws it",
+        {35: "None", 36: '"XXconflictXX"', 37: '"CONFLICT"'},
+        "panels.append({})",
+    ),
     "qatkd.export.onnx_ops.x_conv__mutmut_7": (
         "weight_shape = m.codes.shape if (isinstance(m, FrozenConv2d)) and False else "
         "m.weight.shape",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mutation_report as report
 import pytest
+from _mutation_equivalent import _alike
 
 F = "qatkd.m.x_f__mutmut_"
 G = "qatkd.m.x_g__mutmut_"
@@ -59,3 +60,15 @@ def test_past_new_tests_only_the_survivors_a_note_explains_keep_their_verdict():
     survivors = {"src/qatkd/m.py": {f"{F}3": 0, f"{F}4": 0, f"{F}6": 0}}
     kept = report.explained(survivors, lambda mutant, source: diffs[mutant])
     assert kept == {"src/qatkd/m.py": {f"{F}3": 0}}
+
+
+def test_notes_made_alike_fill_each_place_of_their_line_in_order():
+    assert _alike(F, "why", {2: "a", 5: ""}, "f({})") == {
+        f"{F}2": ("f(a)", "why"),
+        f"{F}5": ("f()", "why"),
+    }
+    # a part may hold braces of its own: only the line's places are filled
+    assert _alike(F, "why", {7: ("{x}", "1")}, "g({}, {})") == {f"{F}7": ("g({x}, 1)", "why")}
+    assert _alike(G, "why", {3: 'return {"a": 1}'}) == {f"{G}3": ('return {"a": 1}', "why")}
+    with pytest.raises(ValueError, match=r"x_f__mutmut_8: 1 parts for 2 places"):
+        _alike(F, "why", {8: "a"}, "g({}, {})")
