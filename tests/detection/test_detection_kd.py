@@ -143,6 +143,8 @@ def test_feature_term_is_two_times_one_minus_pearson_and_blind_to_scale() -> Non
     loss = pkd_loss(student, teacher)
     assert loss.item() == pytest.approx(reference, rel=1e-3)
     assert pkd_loss(student, 10 * teacher + 3).item() == pytest.approx(loss.item(), rel=1e-4)
+    shift = torch.tensor([5.0, -3.0, 0.7]).view(1, 3, 1, 1)  # per channel: what a bias adds
+    assert pkd_loss(student + shift, teacher).item() == pytest.approx(loss.item(), rel=1e-4)
     assert pkd_loss(teacher * 0.1 - 2, teacher).item() == pytest.approx(0.0, abs=1e-4)
     loss.backward()
     stepped = (student - 0.05 * student.grad).detach().numpy()
@@ -178,6 +180,7 @@ def test_adapters_map_the_student_width_to_each_teacher_and_leave_the_student_as
     assert isinstance(parts, FeatureAdapters)
     conv, same = parts.adapters[0][0], parts.adapters[1][0]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (64, 96, (1, 1))
+    assert conv.bias is None  # the feature term is blind to a channel's shift
     assert isinstance(same, torch.nn.Identity)  # det_s teaches det_s: the widths match
     assert student.training
     for key, value in student.state_dict().items():  # BatchNorm statistics untouched
@@ -267,13 +270,14 @@ def test_the_adapters_gradients_are_averaged_over_the_processes_with_the_balance
     monkeypatch.setattr(step, "average_gradients", recorded)
     out = Path(runs["work"][0]) / "averaged"
     pipeline.distill(load_config(overrides=[*runs["student"], "train.epochs=1", f"out={out}"]))
-    adapters = {"adapters.0.0.weight", "adapters.0.0.bias"}
-    assert averaged == [set(), adapters] * 2  # the fixed balancer has no parameters; 2 steps
+    assert (
+        averaged == [set(), {"adapters.0.0.weight"}] * 2
+    )  # the fixed balancer has no parameters; 2 steps
 
 
 @pytest.mark.parametrize(
     ("alpha", "adapters"),
-    [("0.5", {"adapters.0.0.weight", "adapters.0.0.bias"}), ("0", None)],
+    [("0.5", {"adapters.0.0.weight"}), ("0", None)],
     ids=["the teachers used", "the teachers unused"],
 )
 def test_the_steps_check_times_train_the_adapters_where_the_run_has_them(
@@ -301,10 +305,10 @@ def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -
     pipeline.distill(load_config(overrides=[*runs["student"], f"out={whole}"]))
     state = load_checkpoint(whole / "last.pt")
     groups = {g["name"]: g["params"] for g in state["optimizer"]["param_groups"]}
-    assert len(groups["kd_weights"]) == 1 and len(groups["kd_norms_biases_quantizers"]) == 1
+    assert len(groups["kd_weights"]) == 1 and "kd_norms_biases_quantizers" not in groups
     trained = state["optimizer"]["state"]
     assert all(trained[i]["momentum_buffer"].abs().sum() > 0 for i in groups["kd_weights"])
-    assert set(state["kd_parts"]) == {"adapters.0.0.weight", "adapters.0.0.bias"}
+    assert set(state["kd_parts"]) == {"adapters.0.0.weight"}  # no bias: standardising cancels it
     assert not any("adapter" in key for key in state["model"])
 
     halves = work / "halves"
@@ -321,6 +325,17 @@ def test_adapters_train_with_the_student_and_resume_exactly(runs, monkeypatch) -
     )
     with pytest.raises(QatkdError, match=message):
         pipeline.resume(stripped)
+    foreign = shutil.copytree(halves, work / "foreign")  # adapters with a bias, as once saved
+    biased = {**stopped["kd_parts"], "adapters.0.0.bias": torch.zeros(96)}
+    save_checkpoint({**stopped, "kd_parts": biased}, foreign / "last.pt")
+    message = (
+        f"^{re.escape(str(foreign / 'last.pt'))} holds a state of the KD loss's trainable parts "
+        r"that does not fit this run's \(Error\(s\) in loading state_dict for FeatureAdapters: "
+        r'Unexpected key\(s\) in state_dict: "adapters\.0\.0\.bias"\.\): it cannot resume; '
+        "start it again$"
+    )
+    with pytest.raises(QatkdError, match=message):
+        pipeline.resume(foreign)
     pipeline.resume(halves)
     resumed = load_checkpoint(halves / "last.pt")
     for key, value in state["kd_parts"].items():

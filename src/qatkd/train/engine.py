@@ -193,7 +193,14 @@ def fit(
                     "(feature adapters), which this run has: it cannot resume exactly; "
                     "start it again"
                 )
-            kd_parts.load_state_dict(resume["kd_parts"])
+            try:
+                kd_parts.load_state_dict(resume["kd_parts"])
+            except RuntimeError as e:  # saved by a qatkd whose parts differ (adapter biases)
+                raise QatkdError(
+                    f"{run_dir / 'last.pt'} holds a state of the KD loss's trainable parts that "
+                    f"does not fit this run's ({' '.join(str(e).split())}): it cannot resume; "
+                    "start it again"
+                ) from e
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["scheduler"])
         if resume.get("scaler"):

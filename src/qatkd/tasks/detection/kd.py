@@ -129,13 +129,14 @@ def pkd_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 
 class FeatureAdapters(nn.Module):
     """For each teacher and named feature, a 1×1 conv from the student's width to the teacher's,
-    or an identity where they are equal."""
+    or an identity where they are equal. No bias: `pkd_loss` standardises each channel, which
+    removes any shift, so a bias would get no gradient (rounding noise moved it, or not, by CPU)."""
 
     def __init__(self, student_widths: Sequence[int], teacher_widths: Sequence[Sequence[int]]):
         super().__init__()
         self.adapters = nn.ModuleList(
             nn.ModuleList(
-                nn.Conv2d(s, t, 1) if s != t else nn.Identity()
+                nn.Conv2d(s, t, 1, bias=False) if s != t else nn.Identity()
                 for s, t in zip(student_widths, widths, strict=True)
             )
             for widths in teacher_widths
