@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from qatkd.artifacts import checkpoint_source, load_model
 from qatkd.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from qatkd.cli import main
+from qatkd.export.runtime import ort_session
 
 FILES = ("model.int8.onnx", "model.fp32.onnx", "model.qpack", "parity.json")
 
@@ -53,8 +53,9 @@ def export_and_bench(capsys, run: Path, limit: int) -> None:
 
 
 def onnx_outputs(path: Path, x: torch.Tensor) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"pixels": x.numpy()})[0]
+    """The file's outputs in onnxruntime, as docs/deployment.md tells a user to run it (exact
+    int8 kernels on a CPU without VNNI, whose default ones saturate 16-bit pair sums)."""
+    return ort_session(path).run(None, {"pixels": x.numpy()})[0]
 
 
 def pytorch_outputs(run: Path, x: torch.Tensor) -> np.ndarray:
