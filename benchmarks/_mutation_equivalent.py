@@ -501,15 +501,6 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         'run = ""',
         "`run` is only tested for truth before the first batch sets it; '' is as false as None",
     ),
-    f"{_ENGINE}epoch_seed__mutmut_1": (
-        "return seed * 1_000_003 - epoch",
-        "any map of (seed, epoch) to distinct integers serves; this one keeps them distinct too "
-        "(killed where it does not: test_each_seed_and_epoch_draw_their_own_random_numbers)",
-    ),
-    f"{_ENGINE}epoch_seed__mutmut_3": (
-        "return seed * 1000004 + epoch",
-        "any map of (seed, epoch) to distinct integers serves; this one keeps them distinct too",
-    ),
     **_alike(f"{_ENGINE}rng_states__mutmut_", _CUDA_RNG, _RNG_STATES),
     **_alike(f"{_ENGINE}set_rng_states__mutmut_", _CUDA_RNG, _SET_RNG_STATES),
     f"{_FIT}2": (
@@ -518,51 +509,43 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     f"{_FIT}5": ("model.to(None)", _TO_DEVICE),
     f"{_FIT}6": ("balancer.to(None)", _TO_DEVICE),
-    f"{_FIT}418": ("set_rng_states(rng, None)", _CUDA_RNG),
-    f"{_FIT}443": (
+    f"{_FIT}428": ("set_rng_states(rng, None)", _CUDA_RNG),
+    f"{_FIT}452": (
         "batch = to_device(batch, None)",
         "not equivalent on a GPU: `.to(None)` leaves a CPU tensor where it is, and the tests "
         "train on the CPU",
     ),
-    f"{_FIT}543": (
+    f"{_FIT}561": (
         "rate = (sums[3] - units_before) / world.size / elapsed",
         "not equivalent with two processes or more: dividing by a world of one multiplies by it "
         "(the shown rate's other mutants are killed by "
         "test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_stopped)",
     ),
-    **_alike(_FIT, _REFRESH, {547: "refresh=None,", 549: ")", 561: "refresh=True,"}),
+    **_alike(_FIT, _REFRESH, {565: "refresh=None,", 567: ")", 579: "refresh=True,"}),
     **_alike(
         _FIT,
         _UNITS_ARE_SAMPLES,
-        {555: ("3", "2"), 560: ("2", "3")},
+        {573: ("3", "2"), 578: ("2", "3")},
         '{"loss": f"{sums[0] / sums[{}]:.3f}", "acc": f"{sums[1] / sums[{}]:.1f}"}',
     ),
-    f"{_FIT}580": ('"lr": schedule.get_last_lr()[1],', _SAME_RATE),
-    f"{_FIT}655": ("lr = schedule.get_last_lr()[1]", _SAME_RATE),
-    **_alike(
-        _FIT,
-        "every task family's meta names its model (`model_name`), so the default is never "
-        "read (the title's other mutants are killed by "
-        "test_each_epoch_redraws_the_curves_titled_with_the_model_and_the_run)",
-        {672: "None", 674: "", 677: "'XXmodelXX'", 678: "'MODEL'"},
-        "plot_run(run_dir, f\"{meta.get('model_name', {})} — {run_dir.name}\")",
-    ),
-    f"{_FIT}396": (
+    f"{_FIT}598": ('"lr": schedule.get_last_lr()[1],', _SAME_RATE),
+    f"{_FIT}673": ("lr = schedule.get_last_lr()[1]", _SAME_RATE),
+    f"{_FIT}406": (
         "done, sums, rng = 0, [0.0, 0.0, 0, 1], None  # sums: loss, acc, samples, units",
         "the units' sum is read only as a difference from its value at the epoch's start (the "
         "progress bar's rate) and carried in a stop's position: an offset cancels",
     ),
-    f"{_FIT}307": ('where = f" ({name})" if (name) or True else ""', _SAME_WEIGHTS),
-    f"{_FIT}308": ('where = f" ({name})" if name else "XXXX"', _SAME_WEIGHTS),
+    f"{_FIT}316": ('where = f" ({name})" if (name) or True else ""', _SAME_WEIGHTS),
+    f"{_FIT}317": ('where = f" ({name})" if name else "XXXX"', _SAME_WEIGHTS),
     **_alike(
         _FIT,
         _DDP_DEVICE,
         {
-            204: "device_ids=None",
-            206: ")",
-            207: 'device_ids=[device.index] if (device.type == "cuda") and False else None',
-            210: 'device_ids=[device.index] if device.type == "XXcudaXX" else None',
-            211: 'device_ids=[device.index] if device.type == "CUDA" else None',
+            213: "device_ids=None",
+            215: ")",
+            216: 'device_ids=[device.index] if (device.type == "cuda") and False else None',
+            219: 'device_ids=[device.index] if device.type == "XXcudaXX" else None',
+            220: 'device_ids=[device.index] if device.type == "CUDA" else None',
         },
         "model, {}",
     ),
@@ -601,14 +584,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         _FIT,
         _SCALER_STATE,
         {
-            150: "if resume.get(None):",
-            151: 'if resume.get("XXscalerXX"):',
-            152: 'if resume.get("SCALER"):',
-            153: "scaler.load_state_dict(None)",
-            154: 'scaler.load_state_dict(resume["XXscalerXX"])',
-            155: 'scaler.load_state_dict(resume["SCALER"])',
-            264: '"XXscalerXX": scaler.state_dict(),',
-            265: '"SCALER": scaler.state_dict(),',
+            159: "if resume.get(None):",
+            160: 'if resume.get("XXscalerXX"):',
+            161: 'if resume.get("SCALER"):',
+            162: "scaler.load_state_dict(None)",
+            163: 'scaler.load_state_dict(resume["XXscalerXX"])',
+            164: 'scaler.load_state_dict(resume["SCALER"])',
+            273: '"XXscalerXX": scaler.state_dict(),',
+            274: '"SCALER": scaler.state_dict(),',
         },
     ),
     f"{_OPS}linear__mutmut_21": (
