@@ -16,7 +16,10 @@ are reused, as are the survivors a note explains (`_mutation_equivalent`: a new 
 kill one, so keeping it survived can only understate the score), and the other survivors are
 tested again; the commit they were found on is listed in `carried_from`, which the report
 shows. Reuse is checked against the live computation once: one
-reused verdict is tested again first, and a different answer discards them all. The file is
+reused verdict is tested again first, and a different answer discards them all. A resumed run
+does not run the mutants a note explains that have no verdict yet either: they are `skipped`,
+counted as not killed, which can only understate the score (a survivor costs every test of its
+function, the longest runs of a module). The file is
 written every few minutes while mutmut runs, and kept when the module finishes (its results are
 then in mutation.json too)."""
 
@@ -35,6 +38,8 @@ SAVE_EVERY_S = 300.0
 
 Verdicts = dict[str, dict[str, int]]
 """Source file (as in `mutants/`) -> mutant name -> mutmut's exit code."""
+SKIPPED = 34
+"""mutmut's exit code for a mutant it was told not to run (status `skipped`)."""
 
 
 class Keys(NamedTuple):
@@ -147,6 +152,17 @@ def restore(work: Path, verdicts: Verdicts) -> int:
                 restored += 1
         meta.write_text(json.dumps(data))
     return restored
+
+
+def undecided(work: Path) -> Verdicts:
+    """The mutants mutmut has no verdict on yet in `work`, each with mutmut's `skipped` code:
+    restored, a mutant is not run."""
+    found: Verdicts = {}
+    for meta in sorted((work / "mutants").rglob("*.py.meta")):
+        source = str(meta.relative_to(work / "mutants"))[: -len(".meta")]
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        found[source] = {k: SKIPPED for k, v in codes.items() if v is None}
+    return found
 
 
 def with_status(verdicts: Verdicts, statuses: tuple[str, ...]) -> Verdicts:

@@ -218,6 +218,10 @@ def run_module(name: str, jobs: int) -> dict[str, Any]:
     def wall() -> float:
         return round(spent + time.time() - started, 1)
 
+    # a resumed run (its mutants made) does not run the undecided mutants a note explains
+    skipped = progress.restore(work, explained(progress.undecided(work), diffs_in(work)))
+    if skipped:
+        print(f"mutmut: {name}: {skipped} mutants a note explains are not run (skipped)")
     try:
         commit = tested_commit().split()[0]
         with progress.saving(name, keys, commit, work, wall, carried):
@@ -283,12 +287,8 @@ def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[flo
         )
         return 0.0, []
     if saved["reuse"] == "killed":
-        from mutmut.mutation.diff_apply import get_diff_for_mutant
-
         survivors = progress.with_status(saved["verdicts"], ("survived",))
-        with contextlib.chdir(work):  # where mutmut finds the mutants' sources
-            notes = explained(survivors, lambda m, source: get_diff_for_mutant(m, path=source))
-        restored = progress.restore(work, notes)
+        restored = progress.restore(work, explained(survivors, diffs_in(work)))
         print(f"mutmut: {name}: {restored} survivors a note explains are not tested again")
     restored = progress.restore(work, verdicts)
     print(
@@ -299,10 +299,22 @@ def resume(name: str, work: Path, saved: dict[str, Any], jobs: int) -> tuple[flo
     return float(saved["wall_s"]), sorted(set(carried))
 
 
+def diffs_in(work: Path) -> Callable[[str, str], str]:
+    """`diff(mutant, source file)` of the mutants mutmut made in `work`."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    def diff(mutant: str, source: str) -> str:
+        with contextlib.chdir(work):  # where mutmut finds the mutants' sources
+            return get_diff_for_mutant(mutant, path=source)
+
+    return diff
+
+
 def explained(
     survivors: progress.Verdicts, diff_of: Callable[[str, str], str]
 ) -> progress.Verdicts:
-    """The survivors that a note explains; `diff_of(mutant, source file)` gives a mutant's diff."""
+    """The mutants of `survivors` that a note explains; `diff_of(mutant, source file)` gives a
+    mutant's diff."""
     return {
         source: {
             mutant: code
@@ -406,7 +418,8 @@ def write_report(results: dict[str, Any]) -> None:
         "Each module's row names the commit and date of its own run, its section the command.",
         "A mutant is *killed* when a test fails on it, a *timeout* when the tests ran past",
         "mutmut's limit (caught too); the score is (killed + timeouts) / mutants. *Other*: no",
-        "test of the selection calls the mutated function, or mutmut found the result suspicious.",
+        "test of the selection calls the mutated function, mutmut found the result suspicious,",
+        "or a note explains the mutant and a resumed run did not run it (skipped).",
         "Not in CI (too slow); the target is 80 % per module.",
         "",
         "| module | mutated | tests | mutants | killed | survived | timeouts | other | score "
@@ -471,7 +484,8 @@ def module_section(name: str, entry: dict[str, Any]) -> list[str]:
             "",
         ]
         for s in equivalent:
-            lines += [f"- `{s['mutant']}`: {s['equivalent']}", "", *diff_block(s["diff"]), ""]
+            run = " (not run: resumed, the note explains it)" if s["status"] == "skipped" else ""
+            lines += [f"- `{s['mutant']}`{run}: {s['equivalent']}", "", *diff_block(s["diff"]), ""]
     if gaps:
         lines += [f"Surviving mutants not yet explained ({len(gaps)}): gaps in the tests.", ""]
         for s in gaps:

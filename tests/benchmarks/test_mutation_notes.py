@@ -72,3 +72,22 @@ def test_notes_made_alike_fill_each_place_of_their_line_in_order():
     assert _alike(G, "why", {3: 'return {"a": 1}'}) == {f"{G}3": ('return {"a": 1}', "why")}
     with pytest.raises(ValueError, match=r"x_f__mutmut_8: 1 parts for 2 places"):
         _alike(F, "why", {8: "a"}, "g({}, {})")
+
+
+def test_of_the_undecided_mutants_only_those_a_note_explains_are_skipped_and_shown_as_not_run():
+    diffs = {f"{F}3": diff("x = []", "x = None"), f"{F}5": diff("x = []", "x = ()")}
+    undecided = {"src/qatkd/m.py": {f"{F}3": 34, f"{F}5": 34}}
+    skipped = report.explained(undecided, lambda mutant, source: diffs[mutant])
+    assert skipped == {"src/qatkd/m.py": {f"{F}3": 34}}
+    entry = {
+        "command": "python benchmarks/mutation_report.py m",
+        "jobs": 2,
+        "commit": "abc1234",
+        "date": "2026-12-07",
+        "wall_s": 60.0,
+        "files": {"src/qatkd/m.py": {"mutants": 2, "killed": 1, "survived": 0, "timeout": 0}},
+        "survivors": [report.survivor(f"{F}3", "skipped", diffs[f"{F}3"])],
+    }
+    section = "\n".join(report.module_section("m", entry))
+    assert f"- `{F}3` (not run: resumed, the note explains it): None reads as empty" in section
+    assert "| `src/qatkd/m.py` | 2 | 1 | 0 | 0 | 1 |" in section  # skipped: other, not killed

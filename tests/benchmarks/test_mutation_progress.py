@@ -58,3 +58,14 @@ def test_restore_fills_only_the_mutants_mutmut_has_not_decided(tmp_path):
     assert progress.restore(tmp_path, saved) == 1
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     assert codes == {"m_1": 0, "m_2": 1, "m_3": None}  # m_2 keeps mutmut's own verdict
+
+
+def test_undecided_mutants_are_offered_as_skipped_and_decided_ones_are_not(tmp_path):
+    meta = tmp_path / "mutants" / "src" / "qatkd" / "train" / "engine.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": {"m_1": None, "m_2": 0, "m_3": 1}}))
+    undecided = progress.undecided(tmp_path)
+    assert undecided == {"src/qatkd/train/engine.py": {"m_1": progress.SKIPPED}}
+    assert progress.restore(tmp_path, undecided) == 1
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    assert codes == {"m_1": 34, "m_2": 0, "m_3": 1}
