@@ -155,14 +155,32 @@ def restore(work: Path, verdicts: Verdicts) -> int:
 
 
 def undecided(work: Path) -> Verdicts:
-    """The mutants mutmut has no verdict on yet in `work`, each with mutmut's `skipped` code:
-    restored, a mutant is not run."""
+    """The mutants mutmut has not decided in `work` (no verdict yet, or `skipped`: not run),
+    each with the `skipped` code."""
     found: Verdicts = {}
     for meta in sorted((work / "mutants").rglob("*.py.meta")):
         source = str(meta.relative_to(work / "mutants"))[: -len(".meta")]
         codes = json.loads(meta.read_text())["exit_code_by_key"]
-        found[source] = {k: SKIPPED for k, v in codes.items() if v is None}
+        found[source] = {k: SKIPPED for k, v in codes.items() if v in (None, SKIPPED)}
     return found
+
+
+def skip(work: Path, mutants: Verdicts) -> int:
+    """Mark `mutants` skipped (mutmut does not run them) and give every other skipped mutant of
+    `work` back to mutmut (its note may be gone); how many are skipped."""
+    skipped = 0
+    for meta in sorted((work / "mutants").rglob("*.py.meta")):
+        source = str(meta.relative_to(work / "mutants"))[: -len(".meta")]
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        for mutant, code in codes.items():
+            if mutant in mutants.get(source, {}) and code in (None, SKIPPED):
+                codes[mutant] = SKIPPED
+                skipped += 1
+            elif code == SKIPPED:
+                codes[mutant] = None
+        meta.write_text(json.dumps(data))
+    return skipped
 
 
 def with_status(verdicts: Verdicts, statuses: tuple[str, ...]) -> Verdicts:

@@ -19,7 +19,7 @@ Writes benchmarks/results/mutation.{md,json}. A run replaces the entries of the 
 and keeps the others', each with its own commit and date; a module never run is listed as such.
 A surviving mutant named in `_mutation_equivalent.EQUIVALENT` (with the mutated line it
 expects) is reported with the reason it cannot be killed; every other survivor is a gap in the
-tests.
+tests. A resumed run does not run the mutants a note explains (reported as skipped, not killed).
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def run_module(name: str, jobs: int) -> dict[str, Any]:
         return round(spent + time.time() - started, 1)
 
     # a resumed run (its mutants made) does not run the undecided mutants a note explains
-    skipped = progress.restore(work, explained(progress.undecided(work), diffs_in(work)))
+    skipped = progress.skip(work, explained(progress.undecided(work), diffs_in(work)))
     if skipped:
         print(f"mutmut: {name}: {skipped} mutants a note explains are not run (skipped)")
     try:

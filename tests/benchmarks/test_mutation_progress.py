@@ -60,12 +60,14 @@ def test_restore_fills_only_the_mutants_mutmut_has_not_decided(tmp_path):
     assert codes == {"m_1": 0, "m_2": 1, "m_3": None}  # m_2 keeps mutmut's own verdict
 
 
-def test_undecided_mutants_are_offered_as_skipped_and_decided_ones_are_not(tmp_path):
+def test_the_undecided_mutants_a_note_explains_are_skipped_and_no_others(tmp_path):
     meta = tmp_path / "mutants" / "src" / "qatkd" / "train" / "engine.py.meta"
     meta.parent.mkdir(parents=True)
-    meta.write_text(json.dumps({"exit_code_by_key": {"m_1": None, "m_2": 0, "m_3": 1}}))
+    codes = {"m_1": None, "m_2": 0, "m_3": 1, "m_4": None, "m_5": progress.SKIPPED}
+    meta.write_text(json.dumps({"exit_code_by_key": codes}))
     undecided = progress.undecided(tmp_path)
-    assert undecided == {"src/qatkd/train/engine.py": {"m_1": progress.SKIPPED}}
-    assert progress.restore(tmp_path, undecided) == 1
+    assert undecided == {"src/qatkd/train/engine.py": {"m_1": 34, "m_4": 34, "m_5": 34}}
+    noted = {"src/qatkd/train/engine.py": {"m_1": 34, "m_2": 34}}  # m_5's note is gone
+    assert progress.skip(tmp_path, noted) == 1
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    assert codes == {"m_1": 34, "m_2": 0, "m_3": 1}
+    assert codes == {"m_1": 34, "m_2": 0, "m_3": 1, "m_4": None, "m_5": None}
