@@ -99,18 +99,24 @@ def carried(module: str) -> list[str]:
     return [] if saved is None else list(saved["carried_from"])
 
 
+def _codes_in(work: Path) -> Iterator[tuple[str, dict[str, int | None]]]:
+    """Each source file of mutmut's work folder (as in `mutants/`) and its mutants' exit codes
+    (None: not checked yet), from `mutants/**/*.py.meta`."""
+    for meta in sorted((work / "mutants").rglob("*.py.meta")):
+        source = str(meta.relative_to(work / "mutants"))[: -len(".meta")]
+        yield source, json.loads(meta.read_text())["exit_code_by_key"]
+
+
 def verdicts_in(work: Path) -> Verdicts:
     """The verdicts mutmut has reached in its work folder (`mutants/**/*.py.meta`); a mutant
     not yet checked, or whose check was interrupted, has none."""
     from mutmut.stats import status_by_exit_code
 
     unreached = ("not checked", "check was interrupted by user")
-    found: Verdicts = {}
-    for meta in sorted((work / "mutants").rglob("*.py.meta")):
-        source = str(meta.relative_to(work / "mutants"))[: -len(".meta")]
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
-        found[source] = {k: v for k, v in codes.items() if status_by_exit_code[v] not in unreached}
-    return found
+    return {
+        source: {k: v for k, v in codes.items() if status_by_exit_code[v] not in unreached}
+        for source, codes in _codes_in(work)
+    }
 
 
 def save(
@@ -157,12 +163,10 @@ def restore(work: Path, verdicts: Verdicts) -> int:
 def undecided(work: Path) -> Verdicts:
     """The mutants mutmut has not decided in `work` (no verdict yet, or `skipped`: not run),
     each with the `skipped` code."""
-    found: Verdicts = {}
-    for meta in sorted((work / "mutants").rglob("*.py.meta")):
-        source = str(meta.relative_to(work / "mutants"))[: -len(".meta")]
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
-        found[source] = {k: SKIPPED for k, v in codes.items() if v in (None, SKIPPED)}
-    return found
+    return {
+        source: {k: SKIPPED for k, v in codes.items() if v in (None, SKIPPED)}
+        for source, codes in _codes_in(work)
+    }
 
 
 def skip(work: Path, mutants: Verdicts) -> int:

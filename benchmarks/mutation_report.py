@@ -319,7 +319,9 @@ def explained(
         source: {
             mutant: code
             for mutant, code in codes.items()
-            if survivor(mutant, "survived", diff_of(mutant, source))["equivalent"]
+            # a diff costs a parse of the source file: only a mutant with a note needs one
+            if mutant in EQUIVALENT
+            and survivor(mutant, "survived", diff_of(mutant, source))["equivalent"]
         }
         for source, codes in survivors.items()
     }

@@ -270,9 +270,8 @@ def test_the_adapters_gradients_are_averaged_over_the_processes_with_the_balance
     monkeypatch.setattr(step, "average_gradients", recorded)
     out = Path(runs["work"][0]) / "averaged"
     pipeline.distill(load_config(overrides=[*runs["student"], "train.epochs=1", f"out={out}"]))
-    assert (
-        averaged == [set(), {"adapters.0.0.weight"}] * 2
-    )  # the fixed balancer has no parameters; 2 steps
+    # the fixed balancer has no parameters; 2 steps
+    assert averaged == [set(), {"adapters.0.0.weight"}] * 2
 
 
 @pytest.mark.parametrize(
