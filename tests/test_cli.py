@@ -13,7 +13,7 @@ import torch
 
 from qatkd.artifacts import load_model
 from qatkd.checkpoint import load_checkpoint, save_checkpoint
-from qatkd.cli import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, main
+from qatkd.cli import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, main
 from qatkd.config import config_to_dict, load_config
 from qatkd.progress import Settings
 from testdata import learning_overrides, majority_share
@@ -81,6 +81,22 @@ def test_an_unexpected_error_is_one_line_with_exit_status_1(capsys, monkeypatch)
     assert err == (
         "qatkd: internal error: RuntimeError: disk on fire (rerun with --debug for the traceback)\n"
     )
+
+
+def _press_ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_outside_a_training_run_is_one_line_with_exit_status_130(capsys, monkeypatch):
+    """A Ctrl-C that reaches the CLI (a run's own stop signals become RunStopped in the engine)
+    prints one line on how a run continues, not a traceback, with the shell's status for SIGINT."""
+    from qatkd import pipeline
+
+    monkeypatch.setattr(pipeline, "evaluate", _press_ctrl_c)
+    code, out, err = run_cli(capsys, "eval", "--ckpt", "anything")
+    assert code == EXIT_INTERRUPTED == 130
+    assert out == ""
+    assert err == "qatkd: interrupted; a train/distill run continues with --resume RUN_DIR\n"
 
 
 def test_debug_lets_an_unexpected_error_through_with_its_traceback(capsys, monkeypatch):

@@ -364,6 +364,11 @@ BAD_INPUTS = [
         "--resume continues a run with its saved config",
     ),
     (
+        "resume with a config file",
+        ["train", "--resume", "{run}", "--config", "other.yaml"],
+        "--resume continues a run with its saved config: drop --config and key=value",
+    ),
+    (
         "language folder without weights",
         ["train", "task=language", "model.path={no_weights}"],
         "holds no weights",

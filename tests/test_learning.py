@@ -16,6 +16,7 @@ from qatkd.artifacts import load_model
 from qatkd.checkpoint import load_checkpoint
 from qatkd.config import load_config
 from qatkd.quant import is_quantized
+from qatkd.tasks.classification.task import ClassificationTask
 from qatkd.train.logs import read_csv
 from testdata import learning_overrides, majority_share, permuted_teacher
 
@@ -71,15 +72,46 @@ def test_fp32_training_learns_and_eval_reproduces_it(learn_root: Path, learned_f
     assert accuracy == pytest.approx(metrics["test_acc"], abs=1e-4)
 
 
+@pytest.fixture
+def test_split_logits(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The logits of each evaluation of a test split, in order, as the pipeline's model gave
+    them (an extra eval-mode forward pass beside the real evaluation, which it leaves alone)."""
+    seen: list[torch.Tensor] = []
+    evaluate = ClassificationTask.evaluate
+
+    def spy(self, model, loader, split="test"):
+        if split == "test":
+            was_training = model.training
+            with torch.no_grad():
+                seen.append(torch.cat([model.eval()(x) for x, *_ in loader]))
+            model.train(was_training)
+        return evaluate(self, model, loader, split)
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", spy)
+    return seen
+
+
 @pytest.mark.parametrize("bits", ["W4A4", "W8A8"])
-def test_qat_from_scratch_learns(learn_root: Path, tmp_path: Path, bits: str):
+def test_qat_from_scratch_learns_and_eval_reproduces_its_logits(
+    learn_root: Path, tmp_path: Path, bits: str, test_split_logits: list[torch.Tensor]
+):
+    """The learned model's test logits at the end of training are those `qatkd eval` computes
+    from last.pt (quantizer steps and BatchNorm statistics restored), and those of the model
+    `load_model` gives."""
     config = load_config(
         overrides=learning_overrides(learn_root, tmp_path / "qat", f"quant.bits={bits}")
     )
     run_dir, metrics = pipeline.train(config)
-    assert is_quantized(load_model(run_dir / "last.pt")[0])
+    model = load_model(run_dir / "last.pt")[0]
+    assert is_quantized(model)
     assert_learned(run_dir, metrics, learn_root)
+    assert len(test_split_logits) == 5  # one test evaluation an epoch
+    trained = test_split_logits[-1]
     assert pipeline.evaluate(run_dir)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)
+    evaluated = test_split_logits[5]
+    torch.testing.assert_close(evaluated, trained, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(held_out(learn_root)[0]), trained, rtol=0, atol=1e-5)
 
 
 def test_a_kd_only_student_learns_its_teachers_answers_not_the_labels(

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from qatkd import pipeline, reuse
 from qatkd.checkpoint import file_sha256, load_checkpoint
+from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
 from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
@@ -65,17 +67,49 @@ def test_a_cache_that_disagrees_with_the_live_teacher_stops_the_run(npz_root, tm
         pipeline.distill(load_config(overrides=overrides))
 
 
+def test_a_corrupt_cache_file_is_one_line_from_the_cli(npz_root, tmp_path, teacher, capsys):
+    overrides = cached_overrides(npz_root, tmp_path, teacher)
+    pipeline.distill(load_config(overrides=overrides))
+    (file,) = (tmp_path / "cache").iterdir()
+    file.write_bytes(file.read_bytes()[:100])  # a copy cut short
+    shutil.rmtree(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["distill", *overrides]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"qatkd: error: teacher-logit cache {file} is unreadable")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_another_teacher_or_other_data_misses_the_cache(npz_root, tmp_path, teacher):
-    pipeline.distill(load_config(overrides=cached_overrides(npz_root, tmp_path, teacher)))
+    """One cache file per teacher content and data content: a changed teacher weight or one
+    changed pixel is a miss, the same images in another folder a hit."""
+
+    def cache_files_after_distill(root: Path, teacher_file: Path) -> set[str]:
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        pipeline.distill(load_config(overrides=cached_overrides(root, tmp_path, teacher_file)))
+        return {file.name for file in (tmp_path / "cache").iterdir()}
+
+    first = cache_files_after_distill(npz_root, teacher)
+    assert len(first) == 1
+    assert (
+        cache_files_after_distill(shutil.copytree(npz_root, tmp_path / "moved"), teacher) == first
+    )
+
     other = tmp_path / "other.pt"
     state = load_checkpoint(teacher)
     state["model"] = {
         k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()
     }
     torch.save(state, other)
-    shutil.rmtree(tmp_path / "run")
-    pipeline.distill(load_config(overrides=cached_overrides(npz_root, tmp_path, other)))
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    second = cache_files_after_distill(npz_root, other)
+    assert len(second) == 2 and first < second
+
+    changed = shutil.copytree(npz_root, tmp_path / "changed")
+    train = dict(np.load(changed / "train.npz"))
+    train["x"][0, 0, 0] ^= 1  # one pixel of one training image
+    np.savez(changed / "train.npz", **train)
+    assert len(cache_files_after_distill(changed, teacher)) == 3
 
 
 def test_content_digest_follows_images_labels_and_transform():
