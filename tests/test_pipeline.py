@@ -15,6 +15,7 @@ from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
 from qatkd.quant import is_quantized
+from qatkd.train.logs import read_csv
 from testdata import (
     learning_overrides,
     majority_share,
@@ -129,10 +130,24 @@ def test_distill_end_to_end_from_the_cli(capsys, npz_root, fp32_run, tmp_path):
     code, stdout, _ = cli(capsys, "distill", *argv)
     assert code == 0, stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"final_w_ts", "final_w_kd0", "final_w_kd1"} <= metrics.keys()
-    steps = (out / "steps.csv").read_text().splitlines()
-    assert steps[0].split(",")[-4:] == ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
-    assert len(load_checkpoint(out / "last.pt")["balancer"]) == 3
+    # The learned weights reported are those of the balancer saved in last.pt: one per teacher.
+    balancer = build_balancer(BalancerConfig(per_teacher=True), num_teachers=2)
+    balancer.load_state_dict(load_checkpoint(out / "last.pt")["balancer"])
+    weights = balancer.weights()
+    assert list(weights) == ["w_ts", "w_kd0", "w_kd1"] and weights["w_kd0"] != 1.0
+    assert {f"final_{k}": v for k, v in weights.items()} == {
+        k: metrics[k] for k in ("final_w_ts", "final_w_kd0", "final_w_kd1")
+    }
+    # Gradient diagnostics on every 2nd step from the first, the ratio the two norms' quotient.
+    header = (out / "steps.csv").read_text().splitlines()[0].split(",")
+    assert header[-4:] == ["grad_norm_ts", "grad_norm_kd", "grad_ratio", "grad_cosine"]
+    steps = read_csv(out / "steps.csv")  # empty cells dropped
+    rows = [row for row in steps if "grad_ratio" in row]
+    assert [row["step"] for row in rows] == list(range(1, len(steps) + 1, 2)) and len(rows) >= 2
+    for row in rows:
+        assert row["grad_norm_ts"] > 0 and row["grad_norm_kd"] > 0 and -1 <= row["grad_cosine"] <= 1
+        ratio = row["grad_norm_ts"] / row["grad_norm_kd"]
+        assert row["grad_ratio"] == pytest.approx(ratio, rel=3e-5)  # 6 digits in the CSV
 
 
 def test_resume_restores_the_balancer(npz_root, fp32_run, tmp_path, monkeypatch):

@@ -61,7 +61,11 @@ def test_export_and_bench_a_run_folder(tmp_path, npz_root):
     benched = bench(run, batch_sizes=(2,), repeats=2)
     kinds = {(r["backend"], r["precision"]) for r in benched["records"]}
     assert {("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")} <= kinds
-    assert all(r["latency_ms"] > 0 and r["speedup"] > 0 for r in benched["records"])
+    reference = ("onnxruntime", "fp32")  # the same network in FP32, same batch, same run
+    fp32 = next(r for r in benched["records"] if (r["backend"], r["precision"]) == reference)
+    for r in benched["records"]:
+        assert r["batch"] == 2 and r["latency_ms"] > 0
+        assert r["speedup"] == round(fp32["latency_ms"] / r["latency_ms"], 3)
     assert all(p["agreement"] == 100.0 for p in benched["parity"].values())
     assert json.loads((run / "bench.json").read_text())["records"] == benched["records"]
     assert "| onnxruntime | int8 | 2 |" in (run / "bench.md").read_text()
