@@ -67,6 +67,27 @@ def write_learnable_npz(root: Path) -> Path:
     return root
 
 
+def write_learnable_yolo(root: Path, size: int = 32) -> Path:
+    """A YOLO folder a detector learns in seconds: one bright square (12-16 px) per noisy dark
+    `size` × `size` image, at a random place; 128 training and 32 test images, class "square"."""
+    from PIL import Image
+
+    for split, n, seed in (("train", 128, 0), ("test", 32, 1)):
+        rng = np.random.default_rng(seed)
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir()
+        for i in range(n):
+            image = rng.integers(0, 40, (size, size)).astype(np.uint8)
+            side = int(rng.integers(12, 17))
+            x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
+            image[y0 : y0 + side, x0 : x0 + side] = 220
+            Image.fromarray(image).save(root / split / "images" / f"{i:03d}.png")
+            box = [(x0 + side / 2) / size, (y0 + side / 2) / size, side / size, side / size]
+            (root / split / "labels" / f"{i:03d}.txt").write_text(f"0 {' '.join(map(str, box))}\n")
+    (root / "classes.txt").write_text("square\n")
+    return root
+
+
 def write_one_image_npz(root: Path) -> Path:
     """train.npz (128) / test.npz (24): one image repeated, under random labels of 3 classes.
 
