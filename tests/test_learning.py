@@ -119,7 +119,7 @@ def test_a_kd_only_student_learns_its_teachers_answers_not_the_labels(
 ):
     """The teacher answers (c+1) % 3 for class c; a W4A4 student from scratch that learns from the
     teacher alone (no label term) takes its answers: all wrong, where a student trained on the
-    labels gets ~100 % (test_qat_from_scratch_learns)."""
+    labels gets ~100 % (test_qat_from_scratch_learns_and_eval_reproduces_its_logits)."""
     x, y = held_out(learn_root)
     teacher = permuted_teacher(learned_fp32, tmp_path / "permuted.pt")
     teacher_says = predictions(teacher, x)
