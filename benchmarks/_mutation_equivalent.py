@@ -84,6 +84,11 @@ _SAME_RATE = (
     "groups 0 and 1 are the model's weights and its norms, biases and quantizer scales, always "
     "at the same rate on the same schedule (only the balancer's group has its own)"
 )
+_SCHEDULER_WARNING = (
+    "the filter's message is matched case-insensitively (`warnings.filterwarnings` compiles it "
+    "with re.I), and the block it guards calls only the schedule's step, whose one warning is "
+    "this one: ignoring every warning there ignores the same (test_faults.py asserts none shows)"
+)
 _UNITS_ARE_SAMPLES = (
     "not equivalent for language models, whose unit is the token: an image model's units are "
     "its samples (classification and detection count images), and the trainer's tests train "
@@ -527,6 +532,16 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         _UNITS_ARE_SAMPLES,
         {573: ("3", "2"), 578: ("2", "3")},
         '{"loss": f"{sums[0] / sums[{}]:.3f}", "acc": f"{sums[1] / sums[{}]:.1f}"}',
+    ),
+    **_alike(
+        _FIT,
+        _SCHEDULER_WARNING,
+        {
+            508: "",
+            512: '"detected call of `lr_scheduler.step"',
+            513: '"DETECTED CALL OF `LR_SCHEDULER.STEP"',
+        },
+        'warnings.filterwarnings("ignore", {})',
     ),
     f"{_FIT}598": ('"lr": schedule.get_last_lr()[1],', _SAME_RATE),
     f"{_FIT}673": ("lr = schedule.get_last_lr()[1]", _SAME_RATE),
