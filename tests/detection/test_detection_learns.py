@@ -15,24 +15,32 @@ from qatkd.train.logs import read_csv
 from testdata import write_learnable_yolo
 
 
-def test_detector_training_loss_falls(fashion_root: Path, tmp_path: Path):
-    """24 steps on 96 generated canvases: the loss of the last 3 steps is ~0.6-0.75 of the first
-    3 over seeds 0-5 (it rises when the engine steps up the gradient)."""
-    overrides = [
+def detection_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    """A short detection run without augmentation or warm-up, every step logged, then `extra`."""
+    return [
         "task=detection",
-        f"data.root={fashion_root}",
-        "data.train_limit=96",
-        "data.test_limit=4",
-        "data.val_split=0",
         "data.augment=false",
-        "train.batch_size=4",
-        "train.epochs=1",
         "train.lr=0.05",
         "train.warmup_epochs=0",
         "train.log_every=1",
         "train.threads=1",
         f"out={tmp_path / 'det'}",
+        *extra,
     ]
+
+
+def test_detector_training_loss_falls(fashion_root: Path, tmp_path: Path):
+    """24 steps on 96 generated canvases: the loss of the last 3 steps is ~0.6-0.75 of the first
+    3 over seeds 0-5 (it rises when the engine steps up the gradient)."""
+    overrides = detection_overrides(
+        tmp_path,
+        f"data.root={fashion_root}",
+        "data.train_limit=96",
+        "data.test_limit=4",
+        "data.val_split=0",
+        "train.batch_size=4",
+        "train.epochs=1",
+    )
     run_dir, metrics = pipeline.train(load_config(overrides=overrides))
     losses = [row["loss"] for row in read_csv(run_dir / "steps.csv")]
     assert len(losses) == metrics["steps"] == 24
@@ -67,21 +75,15 @@ def test_a_detector_learns_to_find_a_square(tmp_path: Path, bits: str | None):
     (FP32 reaches 99-100 % in 4), where always answering the average box scores 7 %; the loss
     ends at about a third of its start; `qatkd eval` reproduces the result."""
     root = write_learnable_yolo(tmp_path / "yolo")
-    overrides = [
-        "task=detection",
+    overrides = detection_overrides(
+        tmp_path,
         "data.name=yolo",
         f"data.root={root}",
         "data.image_size=32",
-        "data.augment=false",
-        "train.epochs=6",
         "train.batch_size=16",
-        "train.lr=0.05",
-        "train.warmup_epochs=0",
-        "train.log_every=1",
-        "train.threads=1",
-        f"out={tmp_path / 'det'}",
+        "train.epochs=6",
         *([f"quant.bits={bits}"] if bits else []),
-    ]
+    )
     run_dir, metrics = pipeline.train(load_config(overrides=overrides))
     losses = [row["loss"] for row in read_csv(run_dir / "steps.csv")]
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
