@@ -69,13 +69,39 @@ def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_
     assert (run_dir / "metrics.json").read_text() == json.dumps(metrics, indent=2) + "\n"
 
 
-def test_each_epoch_redraws_the_curves_titled_with_the_model_and_the_run(
-    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("redraw_seconds", "drawings"), [(60.0, 1), (0.0, 3)])
+def test_the_curves_are_redrawn_once_a_minute_at_most_and_after_the_last_epoch(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redraw_seconds, drawings
 ):
+    """Titled with the model and the run; a run of three quick epochs draws them once."""
     drawn = []
     monkeypatch.setattr(engine, "plot_run", lambda *args: drawn.append(args))
-    pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "run")))
-    assert drawn == [(tmp_path / "run", "resnet8 — run")] * 2
+    monkeypatch.setattr(engine, "REDRAW_SECONDS", redraw_seconds)
+    overrides = tiny_overrides(npz_root, tmp_path / "run", "train.epochs=3")
+    pipeline.train(load_config(overrides=overrides))
+    assert drawn == [(tmp_path / "run", "resnet8 — run")] * drawings
+
+
+@pytest.mark.parametrize(("after", "step"), [("optimizer_step", 2), ("evaluate_splits", 3)])
+def test_a_stop_signal_draws_the_curves_before_the_run_stops(
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: str, step: int
+):
+    """A signal after step 2 stops the run inside epoch 1; one during epoch 1's evaluation,
+    after its last step, stops it at the epoch's end."""
+    drawn, original, calls = [], getattr(engine, after), []
+
+    def then_signal(*args: object, **kwargs: object) -> object:
+        result = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2 or after == "evaluate_splits":
+            signal.raise_signal(signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(engine, "plot_run", lambda *args: drawn.append(args))
+    monkeypatch.setattr(engine, after, then_signal)
+    with pytest.raises(RunStopped, match=rf"^stopped at step {step} of 6$"):
+        pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "run")))
+    assert drawn == [(tmp_path / "run", "resnet8 — run")]
 
 
 def test_each_split_is_evaluated_in_batches_of_the_tasks_evaluation_size(

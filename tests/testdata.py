@@ -197,13 +197,13 @@ def nan_after_step(monkeypatch: pytest.MonkeyPatch, bad_step: int, group: str = 
 
 def stop_after_epoch_1(monkeypatch: pytest.MonkeyPatch, start: Callable[[], object]) -> None:
     """Call `start` (a run), stopping it right after epoch 1's checkpoint is written: the
-    figure drawn next raises Ctrl-C's KeyboardInterrupt."""
+    epoch's line, printed next, raises Ctrl-C's KeyboardInterrupt."""
 
     def interrupt(*args: object) -> None:
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(engine, "plot_run", interrupt)
+        m.setattr(engine, "_print_epoch", interrupt)
         with pytest.raises(KeyboardInterrupt):
             start()
 

@@ -40,7 +40,7 @@ from qatkd.train.distributed import World, any_rank, barrier, gather
 from qatkd.train.held_out import HeldOutPass, reserve_held_out
 from qatkd.train.logs import RunLog
 from qatkd.train.optim import build_optimizer, warmup_cosine
-from qatkd.train.plots import plot_run
+from qatkd.train.plots import REDRAW_SECONDS, plot_run
 from qatkd.train.step import forward_losses, make_kd_parts, optimizer_step
 from qatkd.train.stops import RunStopped, StopRequests
 from qatkd.train.task import Task, TeacherOutputs
@@ -284,14 +284,23 @@ def fit(
             save_checkpoint(checkpoint_state(epoch, position), run_dir / "last.pt")
         last_save = time.monotonic()
         if stop:
+            if world.is_main:
+                draw_curves()
             barrier(world)
             raise RunStopped(step, total_steps, stops.signum or signal.SIGTERM, str(run_dir))
+
+    def draw_curves() -> None:
+        """curves.png from the logs so far (`qatkd.train.plots`)."""
+        nonlocal last_drawn
+        plot_run(run_dir, f"{meta['model_name']} — {run_dir.name}")
+        last_drawn = time.monotonic()
 
     def trained_seconds() -> float:
         """Seconds of training so far, the processes before a resume included."""
         return round(seconds_before + time.perf_counter() - started, 1)
 
     started, last_save = time.perf_counter(), time.monotonic()
+    last_drawn = last_save
     with StopRequests() as stops, contextlib.closing(logger):
         if world.is_main:
             logger.start(resume)
@@ -401,7 +410,9 @@ def fit(
                 logger.epoch(
                     {"epoch": epoch + 1, "step": step, "lr": lr, **last_metrics, "seconds": seconds}
                 )
-                plot_run(run_dir, f"{meta['model_name']} — {run_dir.name}")
+                run_ends = epoch + 1 == train_cfg.epochs or stops.signum is not None
+                if run_ends or time.monotonic() - last_drawn >= REDRAW_SECONDS:
+                    draw_curves()
                 _print_epoch(epoch, train_cfg.epochs, last_metrics, task.main_metric, balancer)
             last_save = time.monotonic()
             barrier(world)

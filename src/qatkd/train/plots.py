@@ -1,4 +1,6 @@
-"""The training-curves figure of a run folder, redrawn from its CSV logs after every epoch."""
+"""The training-curves figure of a run folder, redrawn from its CSV logs at the end of an epoch
+once a minute at most (`REDRAW_SECONDS`), after the run's last epoch, and when a stop signal
+stops it."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from qatkd.train.logs import read_csv
+
+REDRAW_SECONDS = 60.0
+"""The least time between two drawings during a run: a figure takes about 0.3 s to draw, as
+long as an epoch of a small run, and a person looks at it far less often."""
 
 
 def plot_run(run_dir: Path, title: str) -> Path:
