@@ -17,7 +17,7 @@ from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.train.logs import read_csv
 from qatkd.train.stops import StopRequests
 
-EPOCHS, BATCH = 3, 8
+EPOCHS, BATCH = 2, 8
 
 
 def command(root: Path, out: Path, *extra: str) -> list[str]:
@@ -54,6 +54,7 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_stop_signal_saves_the_position_and_resume_is_exact(
     many_steps_root, uninterrupted, tmp_path, signum, status
@@ -117,6 +118,7 @@ def second_signal_aborts() -> None:
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+@pytest.mark.slow
 def test_a_kill_after_a_periodic_checkpoint_loses_at_most_that(
     many_steps_root, uninterrupted, tmp_path
 ):

@@ -31,7 +31,9 @@ from testdata import language_overrides
 IDS = np.array([[5, 9, 17, 3, 40, 2, 33, 70]], dtype=np.int64)
 
 
-def exported_student(tiny_lm: Path, text_files, out: Path, bits: str, group: int, *extra: str):
+def exported_student(
+    tiny_lm: Path, text_files, out: Path, bits: str, group: int, *extra: str, genai: bool = True
+):
     config = load_config(
         overrides=language_overrides(
             tiny_lm, text_files, f"quant.bits={bits}", f"quant.group_size={group}", *extra
@@ -40,7 +42,7 @@ def exported_student(tiny_lm: Path, text_files, out: Path, bits: str, group: int
     config = config.model_copy(update={"quant": language_quant(config.quant)})
     loaded = Loaded(config, training=False)
     student = build_student(config, loaded).eval()
-    result = export_language({"meta": {}}, student, loaded.hf, loaded.tokenizer, out)
+    result = export_language({"meta": {}}, student, loaded.hf, loaded.tokenizer, out, genai=genai)
     return student, result
 
 
@@ -68,6 +70,7 @@ def nbits_attribute(graph, name: str) -> set[int]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("bits", "extra", "widths"),
     [
@@ -104,6 +107,7 @@ def test_genai_graph_computes_the_students_logits(
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_genai_generates_the_students_greedy_tokens_with_a_narrower_last_group(
     tiny_lm, text_files, tmp_path
 ):
@@ -127,7 +131,7 @@ def test_genai_generates_the_students_greedy_tokens_with_a_narrower_last_group(
 
 
 def test_a_graph_without_the_students_weights_is_refused(tiny_lm, text_files, tmp_path):
-    student, _ = exported_student(tiny_lm, text_files, tmp_path, "W4A16", 32)
+    student, _ = exported_student(tiny_lm, text_files, tmp_path, "W4A16", 32, genai=False)
     layers = [packed_linear(n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear)]
     layers[0].codes[0, 0] += 1  # the codes no longer match the weights the builder reads
     with pytest.raises(QatkdError, match="is not the student's dequantized weight"):
