@@ -62,11 +62,12 @@ demo: setup data
 	$(VENV)/bin/qatkd demo
 
 # Two workers (pytest-xdist; each test file whole on one worker, whose torch uses one thread):
-# the suite is about 6 min of CPU time, so it takes both cores of a 2-core machine.
+# the suite is about 5 min of CPU time, so it takes both cores of a 2-core machine. The files
+# with a `slow` test are handed out first (tests/conftest.py), so the workers finish together.
 # TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: setup data
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or page fails.
 docs: setup

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 import qatkd
-from testdata import learning_overrides, make_images, write_idx, write_learnable_npz, write_npz
+from testdata import (
+    learning_overrides,
+    make_images,
+    slow_files_first,
+    write_idx,
+    write_learnable_npz,
+    write_npz,
+)
 
 torch.set_num_threads(1)
 
@@ -20,6 +27,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     these tests import (a checkout's src/, or mutmut's mutated copy), not an installed copy."""
     root = str(Path(qatkd.__file__).parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow_files_first(items)
 
 
 @pytest.fixture

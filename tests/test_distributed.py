@@ -60,6 +60,7 @@ def update_difference(one: tuple[dict, dict], two: tuple[dict, dict], kind: str)
     return ((delta_two - delta_one).norm() / delta_one.norm()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("balancer", "tolerance"), [([], 1e-4), (["balancer.form=heldout", "balancer.every=2"], 1e-2)]
 )

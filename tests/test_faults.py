@@ -26,6 +26,7 @@ from testdata import make_images, nan_after_step, tiny_overrides, write_idx, wri
 QATKD = [sys.executable, "-m", "qatkd"]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(npz_root: Path, tmp_path: Path):
     args = ("train.epochs=6", "train.threads=1")
     subprocess.run(

@@ -219,3 +219,11 @@ def signal_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, signum: int)
             signal.raise_signal(signum)
 
     monkeypatch.setattr(engine, "_print_epoch", print_then_signal)
+
+
+def slow_files_first(items: list[pytest.Item]) -> None:
+    """Put the test files that hold a `slow` test first, in place: `make test`'s two workers take
+    a file at a time in this order (`--no-loadscope-reorder`), and a long file taken last would
+    leave the other worker idle to the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: else in collection order

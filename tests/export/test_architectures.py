@@ -176,6 +176,7 @@ def _train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, lr: float) -
     torch.optim.swa_utils.update_bn([x[:512]], model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_architecture_exports_int8_with_parity(fashion, tmp_path, name):
     (x, labels), (test, test_labels) = fashion["train"], fashion["t10k"]

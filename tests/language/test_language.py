@@ -238,6 +238,7 @@ def test_language_caches_follow_the_weights_content_not_the_folder(
     assert len(list((isolated_cache / "text").glob("reference-top1-*.pt"))) == 2
 
 
+@pytest.mark.slow
 def test_distill_eval_and_rtn_from_the_cli(tiny_lm, text_files, tmp_path, capsys):
     evaluation = text_files[1]
     common = language_overrides(
