@@ -514,38 +514,43 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     f"{_FIT}5": ("model.to(None)", _TO_DEVICE),
     f"{_FIT}6": ("balancer.to(None)", _TO_DEVICE),
-    f"{_FIT}428": ("set_rng_states(rng, None)", _CUDA_RNG),
-    f"{_FIT}452": (
+    f"{_FIT}436": ("set_rng_states(rng, None)", _CUDA_RNG),
+    f"{_FIT}460": (
         "batch = to_device(batch, None)",
         "not equivalent on a GPU: `.to(None)` leaves a CPU tensor where it is, and the tests "
         "train on the CPU",
     ),
-    f"{_FIT}561": (
+    f"{_FIT}569": (
         "rate = (sums[3] - units_before) / world.size / elapsed",
         "not equivalent with two processes or more: dividing by a world of one multiplies by it "
         "(the shown rate's other mutants are killed by "
         "test_each_epoch_shows_its_progress_and_a_resumed_one_counts_from_where_it_stopped)",
     ),
-    **_alike(_FIT, _REFRESH, {565: "refresh=None,", 567: ")", 579: "refresh=True,"}),
+    **_alike(_FIT, _REFRESH, {573: "refresh=None,", 575: ")", 587: "refresh=True,"}),
     **_alike(
         _FIT,
         _UNITS_ARE_SAMPLES,
-        {573: ("3", "2"), 578: ("2", "3")},
+        {581: ("3", "2"), 586: ("2", "3")},
         '{"loss": f"{sums[0] / sums[{}]:.3f}", "acc": f"{sums[1] / sums[{}]:.1f}"}',
     ),
     **_alike(
         _FIT,
         _SCHEDULER_WARNING,
         {
-            508: "",
-            512: '"detected call of `lr_scheduler.step"',
-            513: '"DETECTED CALL OF `LR_SCHEDULER.STEP"',
+            516: "",
+            520: '"detected call of `lr_scheduler.step"',
+            521: '"DETECTED CALL OF `LR_SCHEDULER.STEP"',
         },
         'warnings.filterwarnings("ignore", {})',
     ),
-    f"{_FIT}598": ('"lr": schedule.get_last_lr()[1],', _SAME_RATE),
-    f"{_FIT}673": ("lr = schedule.get_last_lr()[1]", _SAME_RATE),
-    f"{_FIT}406": (
+    f"{_FIT}701": (
+        "if run_ends or time.monotonic() - last_drawn > REDRAW_SECONDS:",
+        "the clock moves on between two epochs' ends: the time since the last drawing equals "
+        "the period only by the chance of one float, where drawing or not changes no result",
+    ),
+    f"{_FIT}606": ('"lr": schedule.get_last_lr()[1],', _SAME_RATE),
+    f"{_FIT}681": ("lr = schedule.get_last_lr()[1]", _SAME_RATE),
+    f"{_FIT}414": (
         "done, sums, rng = 0, [0.0, 0.0, 0, 1], None  # sums: loss, acc, samples, units",
         "the units' sum is read only as a difference from its value at the epoch's start (the "
         "progress bar's rate) and carried in a stop's position: an offset cancels",
