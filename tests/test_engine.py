@@ -69,17 +69,21 @@ def test_training_changes_weights_and_writes_the_run_folder(npz_root: Path, tmp_
     assert (run_dir / "metrics.json").read_text() == json.dumps(metrics, indent=2) + "\n"
 
 
-@pytest.mark.parametrize(("redraw_seconds", "drawings"), [(60.0, 1), (0.0, 3)])
+@pytest.mark.parametrize(("redraw_seconds", "after_epochs"), [(60.0, [3]), (0.0, [1, 2, 3])])
 def test_the_curves_are_redrawn_once_a_minute_at_most_and_after_the_last_epoch(
-    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redraw_seconds, drawings
+    npz_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redraw_seconds, after_epochs
 ):
-    """Titled with the model and the run; a run of three quick epochs draws them once."""
-    drawn = []
-    monkeypatch.setattr(engine, "plot_run", lambda *args: drawn.append(args))
+    """Titled with the model and the run; a run of three quick epochs draws them once, after
+    its last epoch (the epochs log.csv holds at each drawing)."""
+    drawn, run = [], tmp_path / "run"
+
+    def plot_run(*args: object) -> None:
+        drawn.append((*args, len(read_csv(run / "log.csv"))))
+
+    monkeypatch.setattr(engine, "plot_run", plot_run)
     monkeypatch.setattr(engine, "REDRAW_SECONDS", redraw_seconds)
-    overrides = tiny_overrides(npz_root, tmp_path / "run", "train.epochs=3")
-    pipeline.train(load_config(overrides=overrides))
-    assert drawn == [(tmp_path / "run", "resnet8 — run")] * drawings
+    pipeline.train(load_config(overrides=tiny_overrides(npz_root, run, "train.epochs=3")))
+    assert drawn == [(run, "resnet8 — run", epochs) for epochs in after_epochs]
 
 
 @pytest.mark.parametrize(("after", "step"), [("optimizer_step", 2), ("evaluate_splits", 3)])
