@@ -57,6 +57,7 @@ def test_codes_pack_low_bits_first_offset_by_the_default_zero_point():
 
 
 HEAD_8 = ("quant.skip=[]", "quant.layer_weight_bits={'*lm_head': 8}")
+MIXED = ("quant.skip=[]", "quant.layer_weight_bits={'*lm_head': 8, '*down_proj': 2}")
 
 
 DYNAMIC = ("quant.act_method=dynamic", *HEAD_8)
@@ -70,12 +71,11 @@ def nbits_attribute(graph, name: str) -> set[int]:
     }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("bits", "extra", "widths"),
     [
         ("W2A16", (), {"2": 2}),
-        ("W3A16", HEAD_8, {"3": 4, "8": 8}),
+        ("W3A16", MIXED, {"2": 2, "3": 4, "8": 8}),
         ("W4A8", DYNAMIC, {"4": 4, "8": 8}),
         ("W4A16", ASYMMETRIC, {"4": 4}),
     ],
@@ -83,16 +83,16 @@ def nbits_attribute(graph, name: str) -> set[int]:
 def test_genai_graph_computes_the_students_logits(
     tiny_lm, text_files, tmp_path, bits, extra, widths
 ):
-    """W2 in 2-bit blocks, float head; W3 in 4-bit blocks, the 8-bit head untied from the
-    float embedding; W4 with int8 inputs in the int8 kernels (accuracy_level 4), head included;
-    W4 asymmetric (learned grids) with float zero points."""
+    """W2 in 2-bit blocks, float head; W3 in 4-bit blocks beside W2 layers in 2-bit blocks and
+    the 8-bit head untied from the float embedding; W4 with int8 inputs in the int8 kernels
+    (accuracy_level 4), head included; W4 asymmetric (learned grids) with float zero points."""
     student, result = exported_student(tiny_lm, text_files, tmp_path, bits, 32, *extra)
     folder = tmp_path / GENAI_FOLDER
     graph = onnx.load(str(folder / GENAI_MODEL), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
     nbits_inputs = {len(n.input) for n in graph.node if n.op_type == "MatMulNBits"}
     assert nbits_inputs == {4 if extra == ASYMMETRIC else 3}  # zero points: the 4th input
-    head = int(HEAD_8[0] in extra)  # qkv, o, gate, up, down per layer, and the head
+    head = int("quant.skip=[]" in extra)  # qkv, o, gate, up, down per layer, and the head
     assert (ops["MatMulNBits"], ops["MatMul"]) == (2 * 5 + head, 1 - head)
     assert nbits_attribute(graph, "bits") == set(widths.values())
     int8 = extra == DYNAMIC
@@ -107,7 +107,6 @@ def test_genai_graph_computes_the_students_logits(
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_genai_generates_the_students_greedy_tokens_with_a_narrower_last_group(
     tiny_lm, text_files, tmp_path
 ):
@@ -130,12 +129,22 @@ def test_genai_generates_the_students_greedy_tokens_with_a_narrower_last_group(
     assert len(generated) > IDS.shape[1] and generated == ids[0].tolist()
 
 
-def test_a_graph_without_the_students_weights_is_refused(tiny_lm, text_files, tmp_path):
+def test_a_graph_without_the_students_weights_is_refused(tiny_lm, text_files, tmp_path, capsys):
+    """... and the builder, which runs in this process, prints nothing of its own."""
     student, _ = exported_student(tiny_lm, text_files, tmp_path, "W4A16", 32, genai=False)
     layers = [packed_linear(n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear)]
     layers[0].codes[0, 0] += 1  # the codes no longer match the weights the builder reads
+    capsys.readouterr()
     with pytest.raises(QatkdError, match="is not the student's dequantized weight"):
         build_genai(tmp_path / "hf", layers, tmp_path / "other")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_builder_failure_is_one_line_naming_the_folder(tmp_path):
+    (tmp_path / "hf").mkdir()
+    message = rf"^onnxruntime-genai's model builder failed on {tmp_path / 'hf'}: .+$"
+    with pytest.raises(QatkdError, match=message):
+        build_genai(tmp_path / "hf", [], tmp_path / "genai")
 
 
 def test_each_group_scale_is_repeated_over_its_blocks():

@@ -107,7 +107,6 @@ def test_a_gptq_start_without_the_training_text_is_refused(tiny_lm, text_files):
         build_student(config, Loaded(config, training=False))
 
 
-@pytest.mark.slow
 def test_a_learned_asymmetric_grid_trains_from_the_gptq_start_and_exports(
     tiny_lm, text_files, tmp_path, capsys
 ):

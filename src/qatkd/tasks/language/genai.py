@@ -1,7 +1,8 @@
 """An onnxruntime-genai folder for a weight-quantized language student, whose low-bit weights are
 the student's own integer codes and scales in `MatMulNBits` kernels, not a re-quantization.
 
-onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder ... -p fp32`) writes
+onnxruntime-genai's model builder (what `python -m onnxruntime_genai.models.builder ... -p fp32`
+runs, called in this process: a second interpreter would spend seconds importing torch) writes
 the float graph with its KV cache, `genai_config.json` and the tokenizer from the export's `hf/`
 folder (whose weights are the dequantized codes); each quantized `MatMul` of that graph is then
 replaced by a `MatMulNBits` holding the codes. The builder's weights are checked against the codes
@@ -25,10 +26,10 @@ The mapping keeps every trained value:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,14 +220,22 @@ def build_genai(hf_folder: Path, layers: list[PackedLayer], out: Path) -> dict[s
         raise QatkdError(
             "the genai folder needs onnxruntime-genai and onnx-ir: pip install -e '.[llm]'"
         ) from e
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-    command += ["-i", str(hf_folder), "-o", str(out), "-p", "fp32", "-e", "cpu"]
-    with tempfile.TemporaryDirectory() as cache:
-        command += ["-c", cache]
-        done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise QatkdError(f"onnxruntime-genai's model builder failed on {hf_folder}: {last}")
+    from onnxruntime_genai.models import builder
+
+    arguments = (None, str(hf_folder), str(out), "fp32", "cpu")
+    said = io.StringIO()  # its log and progress bars: the export reports its own progress
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        contextlib.redirect_stdout(said),
+        contextlib.redirect_stderr(said),
+    ):
+        try:  # its command line's two calls, in this process: no second start of torch
+            options = builder.parse_extra_options(*arguments, cache, [])
+            builder.create_model(*arguments, cache, **options)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            failed = f"onnxruntime-genai's model builder failed on {hf_folder}: {first}"
+            raise QatkdError(failed) from e
     replaced = replace_matmuls(out / GENAI_MODEL, layers)
     return {
         "layers_in_matmul_nbits": replaced,
