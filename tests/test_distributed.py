@@ -119,38 +119,24 @@ def test_two_processes_train_what_one_process_trains(
     assert update_difference(one, rank0, "balancer") < tolerance
 
 
-def _average_on_rank(rank: int, port: int, results) -> None:
+def _on_rank(rank: int, port: int, results) -> None:
+    """One gloo process of two, joined the way the CLI joins (`init_world`), for the tests below:
+    a spawn costs seconds, so the three share one."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    os.environ |= {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    init_world("cpu")
+    joined = dist.is_initialized()
+    world = World(rank, 2)
     balancer = GoR()
     for i, p in enumerate(balancer.parameters()):
         p.grad = torch.tensor(float(10 * rank + i))
-    average_gradients(World(rank, 2), balancer)
-    results[rank] = [p.grad.item() for p in balancer.parameters()]
-    dist.destroy_process_group()
-
-
-def test_balancer_gradients_are_averaged_over_processes():
-    results = torch.multiprocessing.Manager().dict()
-    torch.multiprocessing.spawn(_average_on_rank, args=(free_port(), results), nprocs=2)
-    assert results[0] == results[1] == [5.0, 6.0]  # mean of (0, 10) and (1, 11)
-
-
-def held_out_pass(world: World) -> HeldOutPass:
-    """A pass over nothing: what `_mean` needs of one."""
-    return HeldOutPass([], torch.nn.Identity(), None, [], load_config(), 1, world, None)
-
-
-def _collectives(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    world = World(rank, 2)
+    average_gradients(world, balancer)
     value = torch.tensor([1.0 + rank, 4.0 * rank])
     mean = mean_over_ranks(world, value)
     grad = held_out_pass(world)._mean([torch.full((2, 2), 2.0 * rank), None, value])
-    results[rank] = (
+    collectives = (
         (any_rank(world, rank == 1), any_rank(world, False)),
         broadcast(world, f"from rank {rank}"),
         gather(world, {"rank": rank}),
@@ -158,10 +144,35 @@ def _collectives(rank: int, port: int, results) -> None:
         value.tolist(),  # not reduced in place
         [None if g is None else g.tolist() for g in grad],
     )
-    dist.destroy_process_group()
+    # both ranks have finished connecting: a rank that tears down while the other is still
+    # completing gloo's mesh closes a connection the other needs (seen under load)
+    dist.barrier()
+    atexit._run_exitfuncs()  # what the interpreter runs as it shuts down
+    results[rank] = {
+        "averaged": [p.grad.item() for p in balancer.parameters()],
+        "collectives": collectives,
+        "exit": (joined, dist.is_initialized()),
+    }
 
 
-def test_collectives_give_every_rank_the_same_and_one_process_its_own():
+@pytest.fixture(scope="module")
+def two_ranks() -> dict:
+    """What each of two spawned gloo processes saw (`_on_rank`), by rank."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_on_rank, args=(free_port(), results), nprocs=2)
+    return dict(results)
+
+
+def test_balancer_gradients_are_averaged_over_processes(two_ranks):
+    assert two_ranks[0]["averaged"] == two_ranks[1]["averaged"] == [5.0, 6.0]  # (0, 10), (1, 11)
+
+
+def held_out_pass(world: World) -> HeldOutPass:
+    """A pass over nothing: what `_mean` needs of one."""
+    return HeldOutPass([], torch.nn.Identity(), None, [], load_config(), 1, world, None)
+
+
+def test_collectives_give_every_rank_the_same_and_one_process_its_own(two_ranks):
     """Whether any rank's flag is set (with train.on_nonfinite=skip every rank must skip a step
     together, else the others hang), rank 0's value, every rank's in order, and means (a
     held-out pass's gradients too, a missing one left missing) on both of two gloo processes;
@@ -173,10 +184,8 @@ def test_collectives_give_every_rank_the_same_and_one_process_its_own():
     assert mean_over_ranks(alone, value) is value
     grad = [value, None]
     assert held_out_pass(alone)._mean(grad) is grad
-    results = torch.multiprocessing.Manager().dict()
-    torch.multiprocessing.spawn(_collectives, args=(free_port(), results), nprocs=2)
     for rank in (0, 1):
-        assert results[rank] == (
+        assert two_ranks[rank]["collectives"] == (
             (True, False),
             "from rank 0",
             [{"rank": 0}, {"rank": 1}],
@@ -186,23 +195,7 @@ def test_collectives_give_every_rank_the_same_and_one_process_its_own():
         )
 
 
-def _join_and_exit(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    os.environ |= {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)}
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    init_world("cpu")
-    joined = dist.is_initialized()
-    # both ranks have finished connecting: a rank that tears down while the other is still
-    # completing gloo's mesh closes a connection the other needs (seen under load)
-    dist.barrier()
-    atexit._run_exitfuncs()  # what the interpreter runs as it shuts down
-    results[rank] = (joined, dist.is_initialized())
-
-
-def test_the_process_group_is_destroyed_at_exit():
+def test_the_process_group_is_destroyed_at_exit(two_ranks):
     """Left to the interpreter's teardown, a gloo rank that exits first can abort (SIGABRT) and
     fail a finished torchrun run."""
-    results = torch.multiprocessing.Manager().dict()
-    torch.multiprocessing.spawn(_join_and_exit, args=(free_port(), results), nprocs=2)
-    assert results[0] == results[1] == (True, False)
+    assert two_ranks[0]["exit"] == two_ranks[1]["exit"] == (True, False)
