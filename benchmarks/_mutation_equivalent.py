@@ -8,6 +8,7 @@ from collections.abc import Mapping
 _STRICT_ZIP = "the two sequences always have the same length, so `strict` never fires"
 _RUNNER = "qatkd.export.codes.x_code_runner__mutmut_"
 _EVEN = "an integer code times 2^(k + 1) is even, never -129 or 127: the bound moves nothing"
+_ANY_NEGATIVE = "numpy takes any negative size as the one unknown dimension: -2 reshapes as -1 does"
 _RUNNER_ZIP = "for hint, value in zip(outputs, values, "
 _THREADS = (
     "onnxruntime splits a kernel's work over threads by output rows, never inside a sum, so the "
@@ -471,6 +472,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "while low * 2 ** (k + 1) >= -128 and high * 2 ** (k + 1) < 127 and k < 7:",
         _EVEN,
     ),
+    "qatkd.export.bias_grid.x_int32_bias_fits__mutmut_8": (
+        "magnitude = np.abs(weight_codes.astype(None)).reshape(len(weight_codes), -1).sum(1)",
+        "float64 holds every sum of integer codes below 2^53 exactly, and its abs of -128 is 128 "
+        "as int64's is: the same magnitudes, compared with the same bound",
+    ),
+    "qatkd.export.bias_grid.x_int32_bias_fits__mutmut_10": (
+        "magnitude = np.abs(weight_codes.astype(np.int64)).reshape(len(weight_codes), -2).sum(1)",
+        _ANY_NEGATIVE,
+    ),
     "qatkd.export.codes.x_code_runner__mutmut_6": (
         "tensors = {OUTPUT_NAME: (OUTPUT_NAME, 1)} | activation_codes(proto)",
         "the output's zero point is never read: `run` returns the float logits as they are",
@@ -492,7 +502,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     **_strict_zip(_RUNNER, (34, 37, 38), _RUNNER_ZIP, ")"),
     "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_39": (
         "exact &= ~(diff > 0).reshape(len(exact), -2).any(1)",
-        "numpy takes any negative size as the one unknown dimension: -2 reshapes as -1 does",
+        _ANY_NEGATIVE,
     ),
     "qatkd.export.codes.xǁCodeMismatchǁadd__mutmut_49": (
         "first_here = None",

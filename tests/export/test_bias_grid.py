@@ -17,7 +17,13 @@ from qatkd.export import (
     int32_bias_layers,
     load_runner,
 )
-from qatkd.export.bias_grid import bias_scale, fine_input_scale, spare_bits
+from qatkd.export.bias_grid import (
+    INPUT_CODE_REACH,
+    bias_scale,
+    fine_input_scale,
+    int32_bias_fits,
+    spare_bits,
+)
 from qatkd.export.frozen import ActRange, FrozenLayer
 from qatkd.export.onnx_graph import OPSET, GraphBuilder
 from qatkd.quant import QuantConfig, calibrate, prepare
@@ -83,6 +89,22 @@ def test_grid_arithmetic():
     assert spare_bits(torch.tensor([-100, 10])) == 0  # the negative side binds: -200 < -128
     assert spare_bits(torch.tensor([-20, 5])) == 2  # -20 * 8 = -160: not 3
     assert spare_bits(torch.tensor([0, 0])) == 7
+
+
+def test_an_int32_bias_fits_up_to_the_accumulators_largest_value_row_by_row():
+    """Each output's bias codes plus 255 times the sum of its |weight codes| must be at most
+    2^31 - 1, the largest int32; every output is its own accumulator."""
+    largest = 2**31 - 1
+    weights = np.array([[3, -4], [-2, 1]], dtype=np.int8)  # |.| sums 7 and 3
+    exactly = largest - INPUT_CODE_REACH * 7
+    assert int32_bias_fits(np.array([exactly, 0]), weights)
+    assert int32_bias_fits(np.array([-exactly, 0]), weights)
+    assert not int32_bias_fits(np.array([exactly + 1, 0]), weights)
+    assert not int32_bias_fits(np.array([0, largest - INPUT_CODE_REACH * 3 + 1]), weights)
+    # two outputs that each fit, but not the sum of both rows' products
+    half = np.full((2, 1), largest // INPUT_CODE_REACH // 2 + 1, dtype=np.int64)
+    assert int32_bias_fits(np.zeros(2, np.int64), half)
+    assert not int32_bias_fits(np.zeros(2, np.int64), 2 * half)
 
 
 def test_only_layers_with_an_int32_bias_are_aligned():
