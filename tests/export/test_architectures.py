@@ -1,7 +1,8 @@
 """Every torchvision classification family exports to int8 ONNX, its quantizers sit where
 onnxruntime's integer kernels need them (`quant.placement`), and the kernels compute what the
 fake-quantized PyTorch model computes: its logits within 2 % of their spread on average, and
-the same top-1 class on >= 98.5 % of the images.
+the same top-1 class on >= 98.5 % of the images; in OpenVINO, which rounds in its own way,
+within 3 % and on >= 97 % (`OPENVINO_OPEN` names the architecture that misses, and why).
 
 A small member of each family (a few blocks, narrow; 32 x 32 Fashion-MNIST images in 3
 channels) is trained for a few dozen steps, its BatchNorm statistics measured on the training
@@ -30,6 +31,7 @@ import collections
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -39,7 +41,7 @@ from torch import nn
 from torchvision.models import convnext, efficientnet, mobilenetv3, regnet, swin_transformer
 
 from qatkd.export import INPUT_NAME, as_exported, to_onnx
-from qatkd.export.runtime import ort_session
+from qatkd.export.runtime import load_runner, ort_session
 from qatkd.nn import Classifier
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.tasks.fashion_mnist import read_idx
@@ -54,6 +56,14 @@ MAX_DEVIATION = 0.02
 MIN_AGREEMENT = 0.985
 """Top-1 agreement: at most 30 of the 2048 images change class (measured <= 18)."""
 STEPS, BATCH = 40, 64
+OPENVINO_MAX_DEVIATION, OPENVINO_MIN_AGREEMENT = 0.03, 0.97
+"""The same in OpenVINO, which rounds in its own int8 arithmetic (onnxruntime runs exact
+kernels, `PRECISE_INT8`): measured <= 1.2 % and >= 98.7 % (Intel Xeon, AMX). A transformation
+that goes wrong moves every logit: ConvNeXt's layer scale as a float Mul, 42 % and 62 %."""
+OPENVINO_OPEN = {
+    "vit": "from the class token's Concat on, OpenVINO deviates 3.6 % (94 % agreement): open"
+}
+"""Architectures whose OpenVINO figures are printed, not held to the bounds, and why."""
 
 
 def _small(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -118,7 +128,9 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], float, set[str]]] = {
             )
         ),
         3e-3,
-        {"LayerNormalization", *GELU},  # and the layer scale's Mul
+        # GELU's Mul, and the layer scale's requantization: a DequantizeLinear at per-channel
+        # steps (`onnx_ops`) read by a QuantizeLinear
+        {"LayerNormalization", *GELU, "QuantizeLinear"},
     ),
     "vit": (
         _small(
@@ -194,17 +206,31 @@ def test_architecture_exports_int8_with_parity(fashion, tmp_path, name):
     got = session.run(None, {INPUT_NAME: test.numpy()})[0]
     with torch.no_grad():
         expected = as_exported(model, shape)(test).numpy()
-    agreement = float((got.argmax(1) == expected.argmax(1)).mean())
-    deviation = float(abs(got - expected).mean() / expected.std())
+    onnx.save(proto, tmp_path / "model.onnx")
+    in_openvino = load_runner(tmp_path / "model.onnx", "openvino", threads=1)(test.numpy())
+    agreement, deviation = _agreement(got, expected), _deviation(got, expected)
+    openvino = _agreement(in_openvino, expected), _deviation(in_openvino, expected)
     accuracy = float((expected.argmax(1) == test_labels.numpy()).mean())
     graph = onnx.load(str(optimized)).graph
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     ops = collections.Counter(n.op_type for n in graph.node if dequantized & set(n.input))
     print(
         f"{name}: top-1 agreement {agreement:.2%}, mean deviation {deviation:.2%} of the logits' "
-        f"spread (accuracy {accuracy:.1%}), float ops {ops}"
+        f"spread (accuracy {accuracy:.1%}), float ops {ops}; OpenVINO {openvino[0]:.2%}, "
+        f"{openvino[1]:.2%}"
     )
     assert accuracy > 0.3  # trained: the logits tell the images apart
     assert deviation <= MAX_DEVIATION
     assert agreement >= MIN_AGREEMENT
+    if name not in OPENVINO_OPEN:
+        assert openvino[0] >= OPENVINO_MIN_AGREEMENT and openvino[1] <= OPENVINO_MAX_DEVIATION
     assert set(ops) == expected_float
+
+
+def _agreement(got: np.ndarray, expected: np.ndarray) -> float:
+    return float((got.argmax(1) == expected.argmax(1)).mean())
+
+
+def _deviation(got: np.ndarray, expected: np.ndarray) -> float:
+    """Mean |got - expected| over the spread of the expected logits."""
+    return float(abs(got - expected).mean() / expected.std())

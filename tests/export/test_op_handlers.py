@@ -30,7 +30,7 @@ from qatkd.export.onnx_registry import (
     module_handler,
     module_op,
 )
-from qatkd.export.runtime import ort_session
+from qatkd.export.runtime import load_runner, ort_session
 from qatkd.quant import (
     QuantAct,
     QuantConfig,
@@ -321,6 +321,52 @@ def test_a_concatenation_of_tensors_not_at_one_scale_is_a_float_concat(second):
     int8_matches_pytorch(
         Op(lambda s, x: torch.cat([s.layers[0](x), s.layers[1](2 * x)], 1), *layers)
     )
+
+
+class Factor(nn.Module):
+    """A parameter that multiplies a tensor (ConvNeXt's layer scale)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = nn.Parameter(value)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((4, 1, 1), 1), ((1, 1, 6), 3), ((1,), None), ((4, 6, 1), "no fold")],
+    ids=["channels", "last axis", "one value", "two axes"],
+)
+def test_a_dequantized_tensor_times_a_parameter_is_one_dequantize_at_scaled_steps(
+    tmp_path, shape, axis
+):
+    """Varying along one axis at most, the parameter scales the DequantizeLinear's step along
+    it, negative factors included; onnxruntime and OpenVINO both compute what PyTorch does.
+    (What the fold avoids, OpenVINO's wrong result for ConvNeXt's float Mul, needs a deeper
+    graph: test_architectures' convnext case.)"""
+    values = torch.tensor([-0.5, 0.25, -2.0, 1.0, -1.0, 0.5])  # powers of two: exact products
+    factor = values.repeat(24)[: int(np.prod(shape))].reshape(shape)
+    model = Op(
+        lambda s, x: s.layers[1](s.layers[2].value * s.layers[0](x)),
+        QuantAct(quantizer(2**-5, True)),
+        QuantAct(quantizer(2**-4, True)),
+        Factor(factor),
+    ).eval()
+    proto = to_onnx(model, SHAPE)
+    ops = [n.op_type for n in proto.graph.node]
+    dequantized = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    if axis == "no fold":
+        assert "Mul" in ops
+    else:
+        assert "Mul" not in ops
+        axes = [a.i for n in dequantized for a in n.attribute if a.name == "axis"]
+        assert axes == ([] if axis is None else [axis])
+    x = torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    onnx.save(proto, tmp_path / "model.onnx")
+    for backend in ("onnxruntime", "openvino"):
+        got = load_runner(tmp_path / "model.onnx", backend, threads=1)(x.numpy())
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=backend)
 
 
 class Quantized(nn.Module):
