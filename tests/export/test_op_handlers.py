@@ -331,35 +331,74 @@ class Factor(nn.Module):
         self.value = nn.Parameter(value)
 
 
-@pytest.mark.parametrize(
-    ("shape", "axis"),
-    [((4, 1, 1), 1), ((1, 1, 6), 3), ((1,), None), ((4, 6, 1), "no fold")],
-    ids=["channels", "last axis", "one value", "two axes"],
-)
-def test_a_dequantized_tensor_times_a_parameter_is_one_dequantize_at_scaled_steps(
-    tmp_path, shape, axis
-):
-    """Varying along one axis at most, the parameter scales the DequantizeLinear's step along
-    it, negative factors included; onnxruntime and OpenVINO both compute what PyTorch does.
-    (What the fold avoids, OpenVINO's wrong result for ConvNeXt's float Mul, needs a deeper
-    graph: test_architectures' convnext case.)"""
-    values = torch.tensor([-0.5, 0.25, -2.0, 1.0, -1.0, 0.5])  # powers of two: exact products
-    factor = values.repeat(24)[: int(np.prod(shape))].reshape(shape)
-    model = Op(
-        lambda s, x: s.layers[1](s.layers[2].value * s.layers[0](x)),
+def _times(shape: tuple[int, ...], first: bool = True, take: slice = slice(None)):
+    """`q2(factor * q1(x))` (or `q2(q1(x) * factor)`), factor a parameter of `shape` cycling
+    through powers of two of both signs (exact products), x cut to channels `take`."""
+    values = torch.tensor([-0.5, 0.25, -2.0, 1.0, -1.0, 0.5]).repeat(24)[: int(np.prod(shape))]
+    if first:
+        fn = lambda s, x: s.layers[1](s.layers[2].value * s.layers[0](x[:, take]))  # noqa: E731
+    else:
+        fn = lambda s, x: s.layers[1](s.layers[0](x[:, take]) * s.layers[2].value)  # noqa: E731
+    return Op(
+        fn,
         QuantAct(quantizer(2**-5, True)),
         QuantAct(quantizer(2**-4, True)),
-        Factor(factor),
-    ).eval()
-    proto = to_onnx(model, SHAPE)
+        Factor(values.reshape(shape)),
+    )
+
+
+def _with_zero() -> Op:
+    model = _times((4, 1, 1))
+    with torch.no_grad():
+        model.layers[2].value[1] = 0.0
+    return model
+
+
+SCALED = {  # model, the DequantizeLinear's axis where the Mul folds into it, else None
+    "channels": (_times((4, 1, 1)), 1),
+    "channels, factor second": (_times((4, 1, 1), first=False), 1),
+    "as many dims as the tensor": (_times((1, 4, 1, 1)), 1),
+    "last axis": (_times((1, 1, 6)), 3),
+    "one value": (_times((1,)), "none"),
+    "two axes": (_times((4, 6, 1)), None),
+    "widens the tensor": (_times((4, 1, 1), take=slice(0, 1)), None),
+    "more dims than the tensor": (_times((1, 1, 1, 1, 6)), None),
+    "a zero factor": (_with_zero(), None),
+    "a factor times a number": (
+        Op(
+            lambda s, x: s.layers[1]((s.layers[2].value * 2.0) * s.layers[0](x)),
+            QuantAct(quantizer(2**-5, True)),
+            QuantAct(quantizer(2**-4, True)),
+            Factor(torch.tensor([-0.5, 0.25, -2.0, 1.0]).reshape(4, 1, 1)),
+        ),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SCALED))
+def test_a_dequantized_tensor_times_a_parameter_is_one_dequantize_at_scaled_steps(tmp_path, case):
+    """Varying along one axis at most, the parameter scales the DequantizeLinear's step along
+    it (a scalar scale where it is one value), negative factors included; in every case
+    onnxruntime and OpenVINO compute what PyTorch does. (What the fold avoids, OpenVINO's wrong
+    result for ConvNeXt's float Mul, needs a deeper graph: test_architectures' convnext.)"""
+    model, axis = SCALED[case]
+    proto = to_onnx(model.eval(), SHAPE)
     ops = [n.op_type for n in proto.graph.node]
-    dequantized = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
-    if axis == "no fold":
+    names = [n.name for n in proto.graph.node] + [i.name for i in proto.graph.initializer]
+    assert not any("None" in name for name in names)  # named after the Mul's hint
+    if axis is None:
         assert "Mul" in ops
     else:
         assert "Mul" not in ops
-        axes = [a.i for n in dequantized for a in n.attribute if a.name == "axis"]
-        assert axes == ([] if axis is None else [axis])
+        second = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"][1]
+        folded = next(n for n in proto.graph.node if n.output[0] == second.input[0])
+        assert folded.op_type == "DequantizeLinear"
+        axes = [a.i for a in folded.attribute if a.name == "axis"]
+        dims = {i.name: list(i.dims) for i in proto.graph.initializer}
+        assert axes == ([] if axis == "none" else [axis])
+        assert dims[folded.input[1]] == dims[folded.input[2]]
+        assert dims[folded.input[1]] == ([] if axis == "none" else [[4, 6, 6][axis - 1]])
     x = torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(x).numpy()

@@ -203,31 +203,31 @@ def _scaled_dequantize(b: GraphBuilder, node: fx.Node, hint: str) -> str | None:
     values to float rounding, and no float Mul between a DequantizeLinear and the next
     QuantizeLinear, which OpenVINO folds into its FakeQuantize wrongly where the factor is
     negative (a small ConvNeXt's int8 graph there agreed with its fake-quantized model on 56 %
-    of the images). None where the node is not of that form."""
-    for tensor, factor in (node.args, node.args[::-1]):
-        if not (isinstance(factor, fx.Node) and factor.op == "get_attr"):
-            continue
-        source = b.dequantized.get(b.names.get(tensor, ""))
-        values, shape = b.examples.values[factor], b.examples.values[tensor].shape
-        if source is None or values.dim() > len(shape) or not values.is_floating_point():
-            continue
-        padded = (1,) * (len(shape) - values.dim()) + tuple(values.shape)
-        axes = [d for d, n in enumerate(padded) if n != 1]
-        batch = b.examples.batch_dims.get(tensor, [])
-        if len(axes) > 1 or any(padded[d] != shape[d] or d in batch for d in axes):
-            continue  # varies along two axes, widens the tensor or goes with the batch
-        scale = source.r.scale * values.detach().double().flatten().numpy()
-        if not (np.isfinite(scale).all() and (scale != 0).all()):
-            continue
-        zero = np.full(scale.shape, b._zero_point(source.r))
-        per_axis = {"axis": axes[0]} if axes else {}
-        inputs = [
-            source.codes,
-            b.const(scale.astype(np.float32).reshape(scale.shape if axes else ()), f"{hint}.scale"),
-            b.const(zero.reshape(zero.shape if axes else ()), f"{hint}.zero_point"),
-        ]
-        return b.emit("DequantizeLinear", inputs, f"{hint}.dq", **per_axis)
-    return None
+    of the images). None where the node is not of that form, or a factor is 0 (no step)."""
+    tensor, factor = node.args
+    if isinstance(tensor, fx.Node) and tensor.op == "get_attr":
+        tensor, factor = factor, tensor
+    if not (isinstance(factor, fx.Node) and factor.op == "get_attr"):
+        return None
+    source = b.dequantized.get(b.names[tensor]) if isinstance(tensor, fx.Node) else None
+    if source is None:
+        return None
+    values, shape = b.examples.values[factor], b.examples.values[tensor].shape
+    if values.dim() > len(shape):
+        return None
+    padded = (1,) * (len(shape) - values.dim()) + tuple(values.shape)
+    axes = [d for d, n in enumerate(padded) if n != 1]
+    if len(axes) > 1 or any(padded[d] != shape[d] for d in axes) or (values == 0).any():
+        return None  # varies along two axes, widens the tensor, or has no step somewhere
+    scale = source.r.scale * values.detach().double().flatten().numpy()
+    zero = np.full(scale.shape, b._zero_point(source.r))
+    per_axis = {"axis": axes[0]} if axes else {}
+    inputs = [
+        source.codes,
+        b.const(scale.astype(np.float32).reshape(scale.shape if axes else ()), f"{hint}.scale"),
+        b.const(zero.reshape(zero.shape if axes else ()), f"{hint}.zero_point"),
+    ]
+    return b.emit("DequantizeLinear", inputs, f"{hint}.dq", **per_axis)
 
 
 def hardsigmoid(b: GraphBuilder, m: nn.Hardsigmoid, x: str, hint: str) -> str:
