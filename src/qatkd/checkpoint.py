@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from qatkd.errors import QatkdError
+from qatkd.errors import QatkdError, first_line
 
 FORMAT = "qatkd-checkpoint-v1"
 
@@ -108,10 +108,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QatkdError(
             f"refusing checkpoint {path}: it holds pickled objects, not only tensors "
-            f"({first[:120]})"
+            f"({first_line(e)[:120]})"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise QatkdError(f"cannot read checkpoint {path}: the file is truncated or corrupt") from e

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from qatkd.errors import QatkdError
+from qatkd.errors import QatkdError, first_line
 from qatkd.export.qpack import PackedLayer
 from qatkd.quant.quantizers import matmul_nbits_block
 
@@ -233,8 +233,7 @@ def build_genai(hf_folder: Path, layers: list[PackedLayer], out: Path) -> dict[s
             options = builder.parse_extra_options(*arguments, cache, [])
             builder.create_model(*arguments, cache, **options)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            failed = f"onnxruntime-genai's model builder failed on {hf_folder}: {first}"
+            failed = f"onnxruntime-genai's model builder failed on {hf_folder}: {first_line(e)}"
             raise QatkdError(failed) from e
     replaced = replace_matmuls(out / GENAI_MODEL, layers)
     return {

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qatkd.errors import QatkdError
+from qatkd.errors import QatkdError, first_line
 from qatkd.progress import report
 
 SMOLLM2 = "smollm2-135m"
@@ -102,6 +102,7 @@ def load_pretrained(folder: Path) -> tuple[nn.Module, object]:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QatkdError(f"cannot load a causal language model from {folder}: {first}") from e
+        raise QatkdError(
+            f"cannot load a causal language model from {folder}: {first_line(e)}"
+        ) from e
     return model.eval(), tokenizer
