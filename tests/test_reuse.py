@@ -5,12 +5,13 @@ checkpoint they were made from."""
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from qatkd import pipeline, reuse
 from qatkd.checkpoint import file_sha256, load_checkpoint
@@ -18,6 +19,7 @@ from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
 from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
+from qatkd.run_dirs import data_digest
 from qatkd.tasks import task_family
 from qatkd.tasks.classification.data import TensorImages
 from qatkd.tasks.teacher_cache import content_digest
@@ -165,12 +167,60 @@ def test_run_or_reuse_refuses_a_run_made_from_another_teacher(npz_root, tmp_path
     overrides = tiny_overrides(npz_root, run, "train.epochs=1", f"teachers=[{teacher}]")
     reuse.run_or_reuse(run, "distill", overrides)
     inputs = json.loads((run / "inputs.json").read_text())
-    assert inputs == {f"teacher {teacher}": file_sha256(teacher)}
+    assert inputs.keys() == {f"teacher {teacher}", "data"}
+    assert inputs[f"teacher {teacher}"] == file_sha256(teacher)
     assert reuse.run_or_reuse(run, "distill", overrides)["epochs"] == 1  # reused
     pipeline.train(load_config(overrides=tiny_overrides(npz_root, tmp_path / "t2", "seed=5")))
     shutil.copy(tmp_path / "t2" / "last.pt", teacher)  # the teacher retrained in place
     with pytest.raises(QatkdError, match=rf"not made from the current teacher {teacher}"):
         reuse.run_or_reuse(run, "distill", overrides)
+
+
+@pytest.mark.parametrize(
+    ("command", "split"), [("train", "train"), ("train", "test"), ("ptq", "test")]
+)
+def test_run_or_reuse_refuses_a_run_made_from_other_data_under_the_same_root(
+    npz_root, tmp_path, command, split
+):
+    """The configuration names the data by its place; a file rewritten there is other data.
+    One pixel of a training image, or one test label, refuses the folder."""
+    run = tmp_path / "run"
+    fp32 = tmp_path / "fp32"
+    if command == "ptq":
+        pipeline.train(load_config(overrides=tiny_overrides(npz_root, fp32, "train.epochs=1")))
+    extra = [f"model.init={fp32}", "quant.bits=W4A4"] if command == "ptq" else []
+    overrides = tiny_overrides(npz_root, run, "train.epochs=1", *extra)
+    first = reuse.run_or_reuse(run, command, overrides)
+    assert reuse.run_or_reuse(run, command, overrides) == first
+    arrays = dict(np.load(npz_root / f"{split}.npz"))
+    if split == "train":
+        arrays["x"][0, 0, 0] ^= 1
+    else:
+        arrays["y"][0] = (arrays["y"][0] + 1) % 3
+    np.savez(npz_root / f"{split}.npz", **arrays)
+    with pytest.raises(QatkdError, match=rf"{run} was not made from the current data \("):
+        reuse.run_or_reuse(run, command, overrides)
+
+
+def test_the_data_digest_covers_every_split_of_any_family():
+    """Language text is a TensorDataset of token ids: another token anywhere, in the training,
+    validation or test text, is other data; the same tokens in new tensors are the same."""
+
+    def source(train, val, test):
+        return SimpleNamespace(
+            train=TensorDataset(train),
+            val=None if val is None else TensorDataset(val, val),
+            test=TensorDataset(test, test),
+        )
+
+    ids = [torch.arange(12).reshape(3, 4) + k for k in range(3)]
+    base = data_digest(source(*ids))
+    for k in range(3):
+        changed = [t.clone() for t in ids]
+        changed[k][1, 2] += 100
+        assert data_digest(source(*changed)) != base
+    assert data_digest(source(*(t.clone() for t in ids))) == base
+    assert data_digest(source(ids[0], None, ids[2])) != base
 
 
 def test_bench_re_exports_a_checkpoint_that_changed_since_its_export(npz_root, tmp_path, capsys):

@@ -105,7 +105,7 @@ def _student(
 def _start(config: Config, command: str) -> Started:
     """Everything that could refuse the run (`_student`), and only then the run folder."""
     config, family, source, world, model, meta = _student(config, command)
-    run_dir = create_run_dir(config, command, world)
+    run_dir = create_run_dir(config, command, world, source)
     return Started(config, family, source, world, model, meta, run_dir)
 
 

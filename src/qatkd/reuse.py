@@ -1,6 +1,6 @@
 """Reusing finished runs: `run_or_reuse` returns a finished run folder's metrics, resumes an
 interrupted one and otherwise runs the command, refusing a folder made with another resolved
-configuration or from other model files (`check_reusable`).
+configuration, from other model files or from other data (`check_reusable`).
 
 What a script that runs many stages (the demo, the benchmarks) needs to survive being stopped and
 started again; no command reuses a run by itself, so this sits above `qatkd.pipeline`, apart
@@ -16,7 +16,7 @@ from typing import Any
 from qatkd.config import Config, config_to_dict, dotted, load_config, read_yaml
 from qatkd.errors import QatkdError
 from qatkd.pipeline import distill, ptq, ptq_config, resume, train
-from qatkd.run_dirs import INPUTS, input_digests
+from qatkd.run_dirs import DATA, INPUTS, data_digest, input_digests
 from qatkd.tasks import task_family
 
 
@@ -57,9 +57,10 @@ def _saved_config(saved: Path) -> dict[str, Any]:
 
 
 def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
-    """Refuse a run folder made with another resolved configuration (any key but `out`), or
-    from other model files (`input_digests`): its metrics would be another experiment's,
-    reported under this one's name."""
+    """Refuse a run folder made with another resolved configuration (any key but `out`), from
+    other model files (`input_digests`) or from other data (`data_digest`: the data is loaded
+    and hashed, as the run itself does): its metrics would be another experiment's, reported
+    under this one's name."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
@@ -85,7 +86,9 @@ def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
         )
     inputs = run_dir / INPUTS
     recorded = json.loads(inputs.read_text()) if inputs.is_file() else {}
-    for key, digest in input_digests(config).items():
+    source = task_family(config.task).load(config, training=command != "ptq")
+    current = {**input_digests(config), DATA: data_digest(source)}
+    for key, digest in current.items():
         if recorded.get(key) != digest:
             raise QatkdError(
                 f"{run_dir} was not made from the current {key} (its content differs, or the "

@@ -8,6 +8,7 @@ records of a run's inputs (`INPUTS`, which `qatkd.reuse` compares), lives in one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ from torch import nn
 from qatkd.checkpoint import checkpoint_path, content_sha256
 from qatkd.config import Config, save_config
 from qatkd.errors import QatkdError
+from qatkd.tasks.family import Source
+from qatkd.tasks.teacher_cache import content_digest, underlying
 from qatkd.train.distributed import World, broadcast
 
 
@@ -81,7 +84,9 @@ def new_run_dir(config: Config, command: str) -> Path:
 
 
 INPUTS = "inputs.json"
-"""A run folder's record of the content of every model it started or learned from."""
+"""A run folder's record of the content of every model it started or learned from, and of its
+data (`DATA`)."""
+DATA = "data"
 
 
 def input_digests(config: Config) -> dict[str, str]:
@@ -99,16 +104,29 @@ def input_digests(config: Config) -> dict[str, str]:
     return digests
 
 
-def create_run_dir(config: Config, command: str, world: World) -> Path:
-    """The new run folder with its config.yaml and inputs.json, made by rank 0 and announced to
-    every rank (an error there, such as a folder that already holds a run, is raised on every
-    rank)."""
+def data_digest(source: Source) -> str:
+    """sha256 of the data a run reads: the content (`content_digest`) of the dataset below each
+    of its splits (training, validation, test). Which samples of it a split takes follows from
+    the configuration, which reuse compares apart. So an npz or image rewritten under the same
+    `data.root`, or other text in the same file, is other data."""
+    digest = hashlib.sha256()
+    for split in (source.train, source.val, source.test):
+        if split is not None:
+            digest.update(content_digest(underlying(split)[0]).encode())
+    return digest.hexdigest()
+
+
+def create_run_dir(config: Config, command: str, world: World, source: Source) -> Path:
+    """The new run folder with its config.yaml and inputs.json (the models' and the data's
+    digests), made by rank 0 and announced to every rank (an error there, such as a folder that
+    already holds a run, is raised on every rank)."""
     run_dir, error = None, None
     if world.is_main:
         try:
             run_dir = new_run_dir(config, command)
             save_config(config, run_dir / "config.yaml")
-            inputs = json.dumps(input_digests(config), indent=2)
+            digests = {**input_digests(config), DATA: data_digest(source)}
+            inputs = json.dumps(digests, indent=2)
             (run_dir / INPUTS).write_text(inputs + "\n")
         except QatkdError as e:
             error = str(e)
