@@ -39,8 +39,9 @@ from _peers import NNCF_PEER, ORT_PEER, peer_targets
 from _speed import one_line, w8a8
 from torch import nn
 
-from qatkd.export import to_onnx
+from qatkd.export import INPUT_NAME, to_onnx
 from qatkd.export.bench import Target, measure
+from qatkd.export.openvino_reference import openvino_reference
 from qatkd.export.run import FP32_ONNX, INT8_ONNX, backend_targets
 from qatkd.export.runtime import ort_session
 from qatkd.machine import machine
@@ -172,7 +173,8 @@ def measure_architecture(
         targets += peers
         if failures:
             result["peers"] = "; ".join(f"{peer}: {why}" for peer, why in failures.items())
-        result |= agreement(model, quantized, references, targets, test, schedule)
+        own = {"openvino int8": _as_openvino(folder / INT8_ONNX, schedule.threads)}
+        result |= agreement(model, quantized, references, targets, test, schedule, own)
         result["float_ops"] = {"qatkd int8": float_ops(folder / INT8_ONNX)}
         if ORT_PEER not in failures:
             result["float_ops"][ORT_PEER] = float_ops(folder / "quantize_static.onnx")
@@ -191,11 +193,14 @@ def agreement(
     targets: list[Target],
     test: Images,
     schedule: Schedule,
+    own: dict[str, Run],
 ) -> dict[str, Any]:
     """`accuracy` (%) of the float and fake-quantized PyTorch models on the test images;
     `parity` of every int8 target: its top-1 agreement (%) with its reference (qatkd's graph:
     the fake-quantized model; an `int8 mixed` graph: its own, `mixed` by runtime; a peer's: the
-    float model), its logits' deviation from the reference's (`_parity`) and its accuracy; and
+    float model), its logits' deviation from the reference's (`_parity`) and its accuracy, and
+    for a target in `own` (by "backend precision") the same against that run,
+    `own_agreement` and `own_deviation`: OpenVINO against the graph as it computes it; and
     `noise_agreement`, the fake-quantized model's top-1 agreement (%) with itself on the test
     images plus noise (`_parity`), the yardstick of the agreements."""
     logits = {
@@ -215,16 +220,33 @@ def agreement(
             reference = logits[f"{t.backend} {MIXED}"]
         else:
             reference = logits["float" if t.precision in PEERS else "qatkd fake-quant"]
-        parity[f"{t.backend} {t.precision}"] = {
-            "agreement": 100 * float((got.argmax(1) == reference.argmax(1)).mean()),
+        label = f"{t.backend} {t.precision}"
+        parity[label] = {
+            "agreement": _agreement(got, reference),
             "deviation": logit_deviation(got, reference),
             "accuracy": 100 * float((got.argmax(1) == labels).mean()),
         }
+        if label in own:
+            computed = _logits(own[label], test, schedule)
+            parity[label]["own_agreement"] = _agreement(got, computed)
+            parity[label]["own_deviation"] = logit_deviation(got, computed)
     accuracy = {k: 100 * float((v.argmax(1) == labels).mean()) for k, v in logits.items()}
     generator = torch.Generator().manual_seed(0)
     noisy = _logits(_torch_run(quantized), test, schedule, lambda x: with_noise(x, generator))
     noise_agreement = 100 * float((noisy.argmax(1) == logits["qatkd fake-quant"].argmax(1)).mean())
     return {"accuracy": accuracy, "parity": parity, "noise_agreement": noise_agreement}
+
+
+def _agreement(got: np.ndarray, reference: np.ndarray) -> float:
+    """Top-1 agreement, %."""
+    return 100 * float((got.argmax(1) == reference.argmax(1)).mean())
+
+
+def _as_openvino(int8_onnx: Path, threads: int) -> Run:
+    """onnxruntime on `openvino_reference` of the graph: what OpenVINO computes from it, without
+    the residual roundings it drops."""
+    session = ort_session(openvino_reference(int8_onnx).SerializeToString(), threads)
+    return lambda x: session.run(None, {INPUT_NAME: x})[0]
 
 
 def float_ops(path: Path) -> dict[str, int]:

@@ -11,7 +11,7 @@ import importlib.util
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -96,6 +96,13 @@ def load_runner(
         return lambda x: session.run(None, {INPUT_NAME: x})[0]
     if backend != "openvino":
         raise QatkdError(f"unknown backend '{backend}'; choose onnxruntime or openvino")
+    request = openvino_compiled(path, threads, hint).create_infer_request()
+    return lambda x: request.infer({INPUT_NAME: x})[0]
+
+
+def openvino_compiled(path: str | Path, threads: int = 2, hint: str = "f32") -> Any:
+    """The file at `path` compiled by OpenVINO for the CPU, with `load_runner`'s settings: an
+    `openvino.CompiledModel`, whose runtime model names the layers each kernel fused."""
     if not openvino_available():
         raise QatkdError("backend openvino needs the openvino package: pip install openvino")
     import openvino as ov
@@ -106,6 +113,4 @@ def load_runner(
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
     }
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
-    request = compiled.create_infer_request()
-    return lambda x: request.infer({INPUT_NAME: x})[0]
+    return ov.Core().compile_model(str(path), "CPU", config)
