@@ -1,7 +1,8 @@
 """`openvino_reference` is what OpenVINO computes for a residual network's int8 graph: the graph
 without the roundings OpenVINO drops when it fuses a residual Add into the convolution before it.
 On a model whose scales are powers of two every float op is exact, so the reference and OpenVINO
-agree bit for bit, while the graph itself (what onnxruntime and PyTorch compute) does not."""
+agree bit for bit, while the graph itself (what onnxruntime and PyTorch compute) does not. And
+OpenVINO runs each batch size on a graph compiled for that shape (`load_runner`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import onnx
 import pytest
 from torch import nn
 
-from qatkd.export import INPUT_NAME, to_onnx
+from qatkd.export import INPUT_NAME, runtime, to_onnx
 from qatkd.export.openvino_reference import dropped_roundings, openvino_reference
-from qatkd.export.runtime import load_runner, openvino_available, ort_session
+from qatkd.export.runtime import (
+    load_runner,
+    openvino_available,
+    openvino_compiled,
+    ort_session,
+)
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="needs openvino")
 
@@ -51,3 +57,27 @@ def _plain(channels: int, classes: int) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8, classes),
     )
+
+
+def test_openvino_runs_each_batch_size_on_a_graph_compiled_for_it(
+    tiny_model, tmp_path, monkeypatch
+):
+    """`load_runner` compiles the file for each input shape it is given, once: one image
+    alone, or in a batch of 32, gives the same logits."""
+    model, x = tiny_model("W8A8")
+    path = tmp_path / "model.onnx"
+    onnx.save(to_onnx(model, list(x.shape[1:])), path)
+    shapes = []
+
+    def compiled(path, shape, *settings):
+        shapes.append(tuple(shape))
+        return openvino_compiled(path, shape, *settings)
+
+    monkeypatch.setattr(runtime, "openvino_compiled", compiled)
+    run = load_runner(path, "openvino", threads=1)
+    whole = run(x.numpy())
+    np.testing.assert_allclose(run(x[:1].numpy()), whole[:1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(run(x[5:9].numpy()), whole[5:9], rtol=0, atol=1e-5)
+    run(x[1:2].numpy())
+    assert whole.shape == (32, 10)
+    assert shapes == [(32, 1, 16, 16), (1, 1, 16, 16), (4, 1, 16, 16)]

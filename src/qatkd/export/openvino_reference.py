@@ -25,7 +25,8 @@ from qatkd.export.runtime import openvino_compiled
 def dropped_roundings(path: str | Path) -> list[str]:
     """The QuantizeLinear outputs of the graph at `path` whose rounding OpenVINO drops: those of
     a Conv's output that OpenVINO fused, with the Add it feeds and a later quantization, into
-    one convolution kernel (its runtime model names the layers each kernel fused)."""
+    one convolution kernel (its runtime model, compiled for a batch of one, names the layers
+    each kernel fused)."""
     graph = onnx.load(str(path)).graph
     made_by = {out: node for node in graph.node for out in node.output}
     read_by: dict[str, list[onnx.NodeProto]] = {}
@@ -33,9 +34,10 @@ def dropped_roundings(path: str | Path) -> list[str]:
         for name in node.input:
             read_by.setdefault(name, []).append(node)
     quantized = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    one = [1, *(d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:])]
     kernels = [
         set(op.get_rt_info()["originalLayersNames"].astype(str).split(","))
-        for op in openvino_compiled(path).get_runtime_model().get_ordered_ops()
+        for op in openvino_compiled(path, one).get_runtime_model().get_ordered_ops()
         if op.get_rt_info()["layerType"].astype(str) == "Convolution"
     ]
     dropped = []
