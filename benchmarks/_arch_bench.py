@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import functools
 import importlib.metadata
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -96,6 +97,12 @@ def measure_and_cache(
     `work`."""
     key = result_key(name, schedule)
     result = measure_architecture(name, schedule, train, test, work)
+    unkeyed = sorted(str(f.relative_to(ROOT)) for f in _qatkd_files() - _keyed_files())
+    if unkeyed:
+        raise RuntimeError(
+            f"measuring {name} imported qatkd modules that its key does not hold: "
+            f"{', '.join(unkeyed)}; import them in _arch_bench.py"
+        )
     result |= {"commit": commit, "machine": machine(), "key": plain(key)}
     save(entry(work / name, "result", key), key, result)
     return result
@@ -111,11 +118,29 @@ def result_key(name: str, schedule: Schedule) -> dict[str, Any]:
     }
 
 
+def _qatkd_files() -> set[Path]:
+    """The source files of the qatkd modules this process has imported."""
+    return {
+        Path(module.__file__)
+        for name, module in list(sys.modules.items())
+        if name.split(".")[0] == "qatkd" and getattr(module, "__file__", None)
+    }
+
+
+@functools.cache
+def _keyed_files() -> frozenset[Path]:
+    """The qatkd modules a result depends on: those imported when the first key is made (the
+    benchmark's imports). `measure_and_cache` checks that a measurement imported no other."""
+    return frozenset(_qatkd_files())
+
+
 @functools.cache
 def _code_digest() -> str:
-    """qatkd's and the benchmark modules' sources, hashed once a run (they do not change
-    during one)."""
-    return source_digest([ROOT / "src/qatkd", *(Path(__file__).parent / f for f in SOURCES)])
+    """The sources of the qatkd modules the benchmark imports and of the benchmark modules,
+    hashed once a run (they do not change during one). Not all of qatkd's: a change to a module
+    the measurement never runs (the CLI, the training loop) keeps the results, so that a page
+    this long can be finished over several sessions."""
+    return source_digest([*_keyed_files(), *(Path(__file__).parent / f for f in SOURCES)])
 
 
 def _version(package: str) -> str | None:
