@@ -6,6 +6,9 @@ OpenVINO runs each batch size on a graph compiled for that shape (`load_runner`)
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -81,3 +84,25 @@ def test_openvino_runs_each_batch_size_on_a_graph_compiled_for_it(
     run(x[1:2].numpy())
     assert whole.shape == (32, 10)
     assert shapes == [(32, 1, 16, 16), (1, 1, 16, 16), (4, 1, 16, 16)]
+
+
+def test_freed_openvino_runners_leave_signals_to_their_handlers(tiny_model, tmp_path):
+    """With an `openvino.Core` for each compiled model, freeing a runner that compiled two batch
+    sizes made the next signal the process raised a segfault, where a stop handler should run
+    (the stop-signal tests died in a worker that had run OpenVINO's). In a fresh process."""
+    model, x = tiny_model("W8A8")
+    path = tmp_path / "model.onnx"
+    onnx.save(to_onnx(model, list(x.shape[1:])), path)
+    script = f"""
+import gc, signal, numpy as np
+from qatkd.export.runtime import load_runner
+run = load_runner({str(path)!r}, "openvino", threads=1)
+for batch in (2, 1):
+    run(np.zeros((batch, 1, 16, 16), np.float32))
+del run
+gc.collect()
+signal.signal(signal.SIGTERM, lambda *_: print("handled"))
+signal.raise_signal(signal.SIGTERM)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, "handled\n"), done.stderr[-500:]

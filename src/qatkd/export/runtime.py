@@ -7,6 +7,7 @@ reads the same QDQ file and runs it with its own int8 / bf16 kernels (AMX where 
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import tempfile
 from collections.abc import Callable, Sequence
@@ -118,17 +119,25 @@ def openvino_compiled(
     in the graph, and OpenVINO's CPU plugin computed a small ViT wrongly then: the class token,
     broadcast to the batch, made it add channel 0's conv bias to every channel of the patch
     embedding (94 % top-1 agreement with onnxruntime; 100 % with a static shape)."""
-    if not openvino_available():
-        raise QatkdError("backend openvino needs the openvino package: pip install openvino")
-    import openvino as ov
-
     config = {
         "INFERENCE_NUM_THREADS": threads,
         "INFERENCE_PRECISION_HINT": hint,
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
     }
-    core = ov.Core()
+    core = _openvino_core()
     model = core.read_model(str(path))
     model.reshape({INPUT_NAME: list(shape)})
     return core.compile_model(model, "CPU", config)
+
+
+@functools.cache
+def _openvino_core() -> Any:
+    """One `openvino.Core` for the process, never freed: with a Core for each compiled model,
+    once two of them were freed, the next signal the process raised killed it (a segfault where
+    qatkd's stop handler should have run; openvino 2026.4)."""
+    if not openvino_available():
+        raise QatkdError("backend openvino needs the openvino package: pip install openvino")
+    import openvino as ov
+
+    return ov.Core()
