@@ -22,7 +22,7 @@ from qatkd.errors import QatkdError
 from qatkd.run_dirs import data_digest
 from qatkd.tasks import task_family
 from qatkd.tasks.classification.data import TensorImages
-from qatkd.tasks.teacher_cache import content_digest
+from qatkd.tasks.data_identity import content_digest
 from testdata import stop_after_epoch_1, tiny_overrides
 
 

@@ -20,8 +20,8 @@ from torch import nn
 from qatkd.checkpoint import checkpoint_path, content_sha256
 from qatkd.config import Config, save_config
 from qatkd.errors import QatkdError
+from qatkd.tasks.data_identity import content_digest, underlying
 from qatkd.tasks.family import Source
-from qatkd.tasks.teacher_cache import content_digest, underlying
 from qatkd.train.distributed import World, broadcast
 
 

@@ -6,8 +6,7 @@ An image checkpoint rebuilds its model from `meta` alone (name, channels, classe
 teachers are checkpoints of the same family; export is the int8 ONNX of `qatkd.export`.
 
 The validation split belongs to the data (`data.val_seed`), and a training checkpoint records how
-it was drawn (`meta["held_out"]`: the data's content digest, the number of training samples, the
-split's share and seed, and a digest of the held-out indices), so a later run can tell whether a
+it was drawn (`meta["held_out"]`, `qatkd.tasks.data_identity`), so a later run can tell whether a
 teacher or its `model.init` trained on that run's validation images.
 """
 
@@ -30,14 +29,8 @@ from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.quant.tensors import check_state_fits_shared_quantizers
-from qatkd.tasks.teacher_cache import (
-    CachedTeacherOutputs,
-    WithIndex,
-    content_digest,
-    indices_digest,
-    predict_rows,
-    underlying,
-)
+from qatkd.tasks.data_identity import content_digest, held_out_record, overlap, underlying
+from qatkd.tasks.teacher_cache import CachedTeacherOutputs, WithIndex, predict_rows
 from qatkd.train.task import Task, TeacherOutputs
 from qatkd.train.validation import split_indices
 
@@ -169,54 +162,23 @@ class ImageFamily:
                 len(data.train), config.data.val_split, config.data.val_seed, labels
             )
             data.train, data.val = Subset(data.train, kept), Subset(plain.train, held)
-        base, positions = underlying(plain.train)
-        if positions == list(range(len(positions))):  # the loaders' limits keep a prefix
-            data.held_out = {
-                "data": content_digest(base),
-                "samples": len(positions),
-                "val_split": config.data.val_split,
-                "val_seed": config.data.val_seed,
-                "indices": indices_digest(held),
-            }
+        data.held_out = held_out_record(plain.train, held, config.data)
         return data
 
     def validation_independence(self, config: Config, data: ImageData) -> dict[str, str]:
         """For each teacher and `model.init` of a training run: "independent" when it trained
         on none of this run's validation samples, "N of M validation samples in its training
-        data" when it did, "unknown (...)" when its checkpoint cannot tell."""
+        data" when it did, "unknown (...)" when its checkpoint cannot tell (`overlap`)."""
         if data.val is None:
             return {}
-        base, held = underlying(data.val)
         roles = [("model.init", config.model.init)] + [("teacher", t) for t in config.teachers]
-        verdicts = {}
-        for role, path in roles:
-            if path is not None:
-                record = load_checkpoint(path)["meta"].get("held_out")
-                verdicts[f"{role} {path}"] = self._overlap(record, data.held_out, base, held)
-        return verdicts
-
-    def _overlap(
-        self, record: dict[str, Any] | None, ours: dict[str, Any] | None, base: Dataset, held: list
-    ) -> str:
-        """How many of the samples `held` (of `base`) the model with the split `record` trained
-        on: its held-out indices are drawn again from its recipe and checked by their digest."""
-        if record is None or ours is None:
-            return "unknown (its checkpoint does not record its validation split)"
-        if record["data"] != ours["data"]:
-            return "unknown (it trained on other data)"
-        count = record["samples"]
-        theirs: list[int] = []
-        if record["val_split"]:
-            prefix = Subset(base, range(count))
-            labels = None if self.labels is None else self.labels(prefix)
-            theirs = split_indices(count, record["val_split"], record["val_seed"], labels)[1]
-        if indices_digest(theirs) != record["indices"]:
-            return "unknown (its recorded split cannot be drawn again)"
-        trained = set(range(count)) - set(theirs)
-        overlap = sum(i in trained for i in held)
-        if not overlap:
-            return "independent"
-        return f"{overlap} of {len(held)} validation samples in its training data"
+        return {
+            f"{role} {path}": overlap(
+                load_checkpoint(path)["meta"].get("held_out"), data.held_out, data.val, self.labels
+            )
+            for role, path in roles
+            if path is not None
+        }
 
     def model_from_meta(self, meta: dict[str, Any]) -> nn.Module:
         """The network a checkpoint describes (quantized if it was), without its weights."""

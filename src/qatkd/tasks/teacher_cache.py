@@ -3,16 +3,13 @@ sample, computed once (`predict_all`, `predict_rows`) and looked up by sample in
 (`WithIndex`, `CachedTeacherOutputs`), with the first batch checked against the live teachers.
 
 A sample is keyed by its index in the dataset below any subsets (`underlying`) and the data by
-its content (`content_digest`); `qatkd.tasks.image` keys a run's validation split the same way
-(`indices_digest`). Apart from `qatkd.tasks.image` so that the shared image family stays about
-what a family does, and the cache about what it stores.
+its content (`content_digest`, both in `qatkd.tasks.data_identity`). Apart from
+`qatkd.tasks.image` so that the shared image family stays about what a family does, and the
+cache about what it stores.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +21,13 @@ from qatkd.device import module_device
 from qatkd.distill import TeacherEnsemble
 from qatkd.errors import QatkdError
 from qatkd.progress import progress
+from qatkd.tasks.data_identity import underlying
 from qatkd.train.task import Task
 
 PREDICT_BATCH_SIZE = 512
 CACHE_TOLERANCE = 1e-3
 """Cached and live teacher logits may differ by this share of the largest logit: batches of
 another size, or another machine, round differently; a wrong sample differs by far more."""
-
-
-def underlying(dataset: Dataset) -> tuple[Dataset, list[int]]:
-    """The dataset below any `Subset`s of `dataset`, and the index there of each of its
-    samples."""
-    positions = list(range(len(dataset)))
-    while isinstance(dataset, Subset):
-        positions = [int(dataset.indices[i]) for i in positions]
-        dataset = dataset.dataset
-    return dataset, positions
 
 
 class WithIndex(Dataset):
@@ -55,27 +43,6 @@ class WithIndex(Dataset):
 
     def __getitem__(self, i: int) -> tuple:
         return (*self.dataset[i], self.indices[i])
-
-
-def indices_digest(indices: Sequence[int]) -> str:
-    return hashlib.sha256(json.dumps([int(i) for i in indices]).encode()).hexdigest()
-
-
-def content_digest(dataset: Dataset) -> str:
-    """sha256 of what a model reads from `dataset`: the dataset's own `content_digest()` where
-    it holds its samples in memory, the bytes of every file for a torchvision image folder, and
-    otherwise every sample's tensors, read in order."""
-    if hasattr(dataset, "content_digest"):
-        return dataset.content_digest()
-    digest = hashlib.sha256(repr(getattr(dataset, "transform", None)).encode())
-    if hasattr(dataset, "samples"):  # torchvision's ImageFolder: (path, class) per sample
-        for path, target in dataset.samples:
-            digest.update(f"{target}:".encode() + Path(path).read_bytes())
-        return digest.hexdigest()
-    for i in range(len(dataset)):
-        for part in dataset[i]:
-            digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @torch.inference_mode()
