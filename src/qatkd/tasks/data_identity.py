@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,17 @@ def indices_digest(indices: Sequence[int]) -> str:
 def content_digest(dataset: Dataset) -> str:
     """sha256 of what a model reads from `dataset`: the dataset's own `content_digest()` where
     it holds its samples in memory, the bytes of every file for a torchvision image folder, and
-    otherwise every sample's tensors, read in order."""
+    otherwise every sample's tensors, read in order. Computed once per dataset object: a run
+    digests its training data for its held-out record and again for its run folder."""
+    if dataset not in _DIGESTS:
+        _DIGESTS[dataset] = _content_digest(dataset)
+    return _DIGESTS[dataset]
+
+
+_DIGESTS: weakref.WeakKeyDictionary[Dataset, str] = weakref.WeakKeyDictionary()
+
+
+def _content_digest(dataset: Dataset) -> str:
     if hasattr(dataset, "content_digest"):
         return dataset.content_digest()
     digest = hashlib.sha256(repr(getattr(dataset, "transform", None)).encode())

@@ -29,7 +29,13 @@ from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.quant.tensors import check_state_fits_shared_quantizers
-from qatkd.tasks.data_identity import content_digest, held_out_record, overlap, underlying
+from qatkd.tasks.data_identity import (
+    Labels,
+    content_digest,
+    held_out_record,
+    overlap,
+    underlying,
+)
 from qatkd.tasks.teacher_cache import CachedTeacherOutputs, WithIndex, predict_rows
 from qatkd.train.task import Task, TeacherOutputs
 from qatkd.train.validation import split_indices
@@ -100,7 +106,7 @@ class ImageFamily:
     make_task_for: Callable[[int, KDConfig | None, bool], Task]
     parity: Callable[..., dict[str, Any]]
     ptq_from_checkpoint: bool = True
-    labels: Callable[[Dataset], torch.Tensor] | None = None
+    labels: Labels = None
 
     def resolve(self, config: Config) -> Config:
         if config.train.gradient_checkpointing:
