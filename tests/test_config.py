@@ -92,7 +92,7 @@ def test_config_keys_cover_nested_sections():
 
 def test_task_defaults_apply_under_explicit_keys():
     language = load_config(overrides=["task=language", "train.epochs=2"])
-    assert language.train.optimizer == "adamw" and language.train.lr == 2e-5
+    assert language.train.optimizer == "adamw" and language.train.lr == 5e-4
     assert language.train.epochs == 2 and language.balancer.lr == 0.01
     given = load_config(overrides=["task=language", "balancer.lr=0.5"])
     assert given.balancer.lr == 0.5 and given.balancer.name == Config().balancer.name
