@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from qatkd import pipeline, reuse
+from qatkd import pipeline, reuse, run_dirs
 from qatkd.checkpoint import file_sha256, load_checkpoint
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
@@ -123,6 +123,42 @@ def test_content_digest_follows_images_labels_and_transform():
     assert content_digest(TensorImages(images, labels.flip(0))) != base
     assert content_digest(TensorImages(images, labels, torch.nn.Identity())) != base
     assert content_digest(TensorImages(images.clone(), labels.clone())) == base
+
+
+class _Augmenting(torch.utils.data.Dataset):
+    """A dataset with no digest of its own whose samples carry torch-random noise."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        return (self.images[i] + torch.rand(()),)
+
+
+def test_digest_of_samples_is_stable_under_augmentation_and_leaves_the_random_state():
+    images = torch.zeros(3, 2)
+    before = torch.get_rng_state()
+    base = content_digest(_Augmenting(images))
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(5)  # another random state
+    assert content_digest(_Augmenting(images.clone())) == base
+    assert content_digest(_Augmenting(images + 1)) != base
+
+
+def test_data_that_cannot_be_read_for_its_digest_leaves_no_run_folder(
+    npz_root, tmp_path, monkeypatch, capsys
+):
+    def unreadable(source: object) -> str:
+        raise QatkdError("cannot read image x.png: gone")
+
+    monkeypatch.setattr(run_dirs, "data_digest", unreadable)
+    out = tmp_path / "run"
+    assert main(["train", *tiny_overrides(npz_root, out)]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err == "qatkd: error: cannot read image x.png: gone\n"
+    assert not out.exists()
 
 
 def test_run_or_reuse_compares_every_key_not_only_those_set(npz_root, tmp_path):

@@ -87,9 +87,15 @@ def preflight(config: Config, command: str) -> tuple[Config, TaskFamily, Source,
     config = config.model_copy(update={"out": str(run_folder(config, command))})
     check_out_folder(Path(config.out))
     world = join_world(config)
-    source = family.load(config, training=command != "ptq")
+    source = load_data(config, command)
     family.preflight(config, source)
     return config, family, source, world
+
+
+def load_data(config: Config, command: str) -> Source:
+    """The data `command` reads (a PTQ trains nothing: no validation split is drawn from its
+    training data, which a family may leave unloaded)."""
+    return task_family(config.task).load(config, training=command != "ptq")
 
 
 def _student(

@@ -15,8 +15,8 @@ from typing import Any
 
 from qatkd.config import Config, config_to_dict, dotted, load_config, read_yaml
 from qatkd.errors import QatkdError
-from qatkd.pipeline import distill, ptq, ptq_config, resume, train
-from qatkd.run_dirs import DATA, INPUTS, data_digest, input_digests
+from qatkd.pipeline import distill, load_data, ptq, ptq_config, resume, train
+from qatkd.run_dirs import INPUTS, run_inputs
 from qatkd.tasks import task_family
 
 
@@ -86,9 +86,7 @@ def check_reusable(run_dir: Path, command: str, overrides: list[str]) -> None:
         )
     inputs = run_dir / INPUTS
     recorded = json.loads(inputs.read_text()) if inputs.is_file() else {}
-    source = task_family(config.task).load(config, training=command != "ptq")
-    current = {**input_digests(config), DATA: data_digest(source)}
-    for key, digest in current.items():
+    for key, digest in run_inputs(config, load_data(config, command)).items():
         if recorded.get(key) != digest:
             raise QatkdError(
                 f"{run_dir} was not made from the current {key} (its content differs, or the "

@@ -116,17 +116,23 @@ def data_digest(source: Source) -> str:
     return digest.hexdigest()
 
 
+def run_inputs(config: Config, source: Source) -> dict[str, str]:
+    """What a run folder's inputs.json records and reuse compares: the digests of the model
+    files (`input_digests`) and of the data (`data_digest`)."""
+    return {**input_digests(config), DATA: data_digest(source)}
+
+
 def create_run_dir(config: Config, command: str, world: World, source: Source) -> Path:
-    """The new run folder with its config.yaml and inputs.json (the models' and the data's
-    digests), made by rank 0 and announced to every rank (an error there, such as a folder that
-    already holds a run, is raised on every rank)."""
+    """The new run folder with its config.yaml and inputs.json (`run_inputs`, computed before
+    the folder is made: a file that cannot be read leaves no folder behind), made by rank 0 and
+    announced to every rank (an error there, such as a folder that already holds a run, is
+    raised on every rank)."""
     run_dir, error = None, None
     if world.is_main:
         try:
+            inputs = json.dumps(run_inputs(config, source), indent=2)
             run_dir = new_run_dir(config, command)
             save_config(config, run_dir / "config.yaml")
-            digests = {**input_digests(config), DATA: data_digest(source)}
-            inputs = json.dumps(digests, indent=2)
             (run_dir / INPUTS).write_text(inputs + "\n")
         except QatkdError as e:
             error = str(e)

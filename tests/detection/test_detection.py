@@ -15,6 +15,7 @@ from qatkd.errors import QatkdError
 from qatkd.export import as_exported, to_onnx
 from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantConfig, calibrate, prepare
+from qatkd.tasks.data_identity import content_digest
 from qatkd.tasks.detection.boxes import STRIDE, assign, locations
 from qatkd.tasks.detection.config import DetectionKDConfig
 from qatkd.tasks.detection.data import (
@@ -73,6 +74,20 @@ def test_yolo_folder_round_trip(tmp_path):
         assert torch.equal(image, data[i][0])
         assert torch.equal(item_labels, data[i][2])
         torch.testing.assert_close(boxes, data[i][1], rtol=0, atol=1e-3)
+
+
+def test_yolo_folder_digest_reads_files_and_labels_not_augmented_samples(tmp_path):
+    items, labels = _items()
+    write_yolo_folder(CanvasDetection(items, labels, 4, seed=1), tmp_path, NAMES)
+    augment = v2.RandomHorizontalFlip()
+    base = content_digest(YoloFolder(tmp_path, NAMES, size=96, augment=augment))
+    torch.rand(5)  # another random state: the same digest
+    assert content_digest(YoloFolder(tmp_path, NAMES, size=96, augment=augment)) == base
+    assert content_digest(YoloFolder(tmp_path, NAMES, size=64, augment=augment)) != base
+    assert content_digest(YoloFolder(tmp_path, NAMES, size=96)) != base
+    label = sorted((tmp_path / "labels").iterdir())[0]
+    label.write_text("1 0.5 0.5 0.2 0.2\n")
+    assert content_digest(YoloFolder(tmp_path, NAMES, size=96, augment=augment)) != base
 
 
 @pytest.mark.parametrize(

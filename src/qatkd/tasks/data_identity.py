@@ -46,8 +46,9 @@ def indices_digest(indices: Sequence[int]) -> str:
 def content_digest(dataset: Dataset) -> str:
     """sha256 of what a model reads from `dataset`: the dataset's own `content_digest()` where
     it holds its samples in memory, the bytes of every file for a torchvision image folder, and
-    otherwise every sample's tensors, read in order. Computed once per dataset object: a run
-    digests its training data for its held-out record and again for its run folder."""
+    otherwise every sample's tensors, read in order. Computed once per dataset object (a run
+    digests its training data for its held-out record and again for its run folder), so a
+    dataset must not change after its first digest: loaders finish before anything digests."""
     if dataset not in _DIGESTS:
         _DIGESTS[dataset] = _content_digest(dataset)
     return _DIGESTS[dataset]
@@ -64,9 +65,13 @@ def _content_digest(dataset: Dataset) -> str:
         for path, target in dataset.samples:
             digest.update(f"{target}:".encode() + Path(path).read_bytes())
         return digest.hexdigest()
-    for i in range(len(dataset)):
-        for part in dataset[i]:
-            digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
+    # A dataset that augments draws its augmentations from torch's generator: under a fixed
+    # seed the same data gives the same digest, and the run's own random sequence is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for i in range(len(dataset)):
+            for part in dataset[i]:
+                digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -248,6 +248,18 @@ class YoloFolder(Dataset):
         """Use only the first `count` images (data.train_limit / data.test_limit)."""
         self.paths, self.labels = self.paths[:count], self.labels[:count]
 
+    def content_digest(self) -> str:
+        """sha256 of the image files' bytes, their objects, the size and mode they are read at
+        and the augmentation: what `__getitem__` reads, without drawing an augmentation (a
+        digest of augmented samples would differ with the random state)."""
+        digest = hashlib.sha256(repr((self.size, self.mode, self.augment)).encode())
+        for path, objects in zip(self.paths, self.labels, strict=True):
+            try:
+                digest.update(repr(objects).encode() + path.read_bytes())
+            except OSError as e:
+                raise QatkdError(f"cannot read image {path}: {e}") from None
+        return digest.hexdigest()
+
     def __getitem__(self, i: int) -> Sample:
         try:
             with Image.open(self.paths[i]) as img:
