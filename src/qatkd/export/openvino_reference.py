@@ -52,7 +52,7 @@ def dropped_roundings(path: str | Path) -> list[str]:
             if add.op_type == "Add"
         ]
         for fused in kernels:
-            later = fused & quantized - {q.output[0]}
+            later = (fused & quantized) - {q.output[0]}
             if q.output[0] in fused and fused.intersection(adds) and later:
                 dropped.append(q.output[0])
                 break
@@ -60,9 +60,10 @@ def dropped_roundings(path: str | Path) -> list[str]:
 
 
 def openvino_reference(path: str | Path) -> onnx.ModelProto:
-    """The graph at `path` without the roundings OpenVINO drops (`dropped_roundings`): what
-    reads each such quantization's DequantizeLinear reads a Clip of the unrounded tensor to the
-    codes' range instead, as OpenVINO keeps the clipping and drops only the rounding."""
+    """The graph at `path` without the roundings OpenVINO drops (`dropped_roundings`): the
+    residual Add that reads each such quantization's DequantizeLinear reads a Clip of the
+    unrounded tensor to the codes' range instead, as OpenVINO keeps the clipping and drops only
+    the rounding, and only inside the fused sum (another reader keeps the rounded tensor)."""
     model = onnx.load(str(path))
     graph = model.graph
     dropped = set(dropped_roundings(path))
@@ -86,7 +87,8 @@ def openvino_reference(path: str | Path) -> onnx.ModelProto:
         if node.op_type == "DequantizeLinear" and node.input[0] in clipped
     }
     for node in nodes:
-        node.input[:] = [bypass.get(name, name) for name in node.input]
+        if node.op_type == "Add":
+            node.input[:] = [bypass.get(name, name) for name in node.input]
     del graph.node[:]
     graph.node.extend(nodes)
     return model
