@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qatkd.balance import BalancerConfig
 from qatkd.device import DEVICE_PATTERN
 from qatkd.distill import KDConfig
-from qatkd.errors import QatkdError
+from qatkd.errors import QatkdError, first_line
 from qatkd.quant import QuantConfig
 from qatkd.registry import closest
 
@@ -278,7 +278,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise QatkdError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise QatkdError(f"config file {path} is not valid YAML: {first_line(e)}") from e
     if not isinstance(data, dict):
         raise QatkdError(
             f"config file {path} must hold a mapping of keys, not {type(data).__name__}"

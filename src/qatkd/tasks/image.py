@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from qatkd.checkpoint import checkpoint_path, file_sha256, load_checkpoint, refuse_nonfinite
 from qatkd.config import Config, DataConfig, checkpoint_config
 from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache
-from qatkd.errors import QatkdError
+from qatkd.errors import QatkdError, first_line
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.quant.tensors import check_state_fits_shared_quantizers
 from qatkd.tasks.data_identity import (
@@ -216,7 +216,7 @@ class ImageFamily:
         except RuntimeError as e:
             raise QatkdError(
                 f"checkpoint {path} does not fit model '{state['meta']['model_name']}': "
-                f"{str(e).splitlines()[0]}"
+                f"{first_line(e)}"
             ) from e
         return model.eval()
 
