@@ -17,16 +17,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from collections.abc import Callable
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from _arch_models import fashion_images, fine_tuned
+from _peers import ort_quantize_static
 from _provenance import command, default_work, git_commit, machine
 from arch_speed import FULL, NAME
 from torch import Tensor, nn
 
+from qatkd.export import INPUT_NAME, to_onnx
+from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantConfig, calibrate, prepare
 from qatkd.quant.base import Quantizer
 
@@ -58,9 +62,10 @@ def ranges(model: nn.Module, batches: list[Tensor]) -> dict[int, tuple[float, fl
     return seen
 
 
-def with_zero_point_grids(model: nn.Module, batches: list[Tensor]) -> Callable[[], None]:
+def with_zero_point_grids(model: nn.Module, batches: list[Tensor]) -> None:
     """Make each activation quantizer of `model` compute a grid of 2^bits codes over its input's
-    calibration [min, max] with an integer zero point instead of its own; returns the undo."""
+    calibration [min, max] with an integer zero point instead of its own (forward hooks that
+    replace its output)."""
     bounds = ranges(model, batches)
 
     def quantize(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
@@ -70,8 +75,8 @@ def with_zero_point_grids(model: nn.Module, batches: list[Tensor]) -> Callable[[
         zero = round(-low / step)
         return (torch.clamp(torch.round(args[0] / step) + zero, 0, levels) - zero) * step
 
-    handles = [q.register_forward_hook(quantize) for q in activation_quantizers(model)]
-    return lambda: [handle.remove() for handle in handles]
+    for quantizer in activation_quantizers(model):
+        quantizer.register_forward_hook(quantize)
 
 
 def main() -> None:
@@ -104,16 +109,29 @@ def main() -> None:
         }
         print(f"{name}: {rows[name]}", flush=True)
 
-    score("float", reference)
-    for bits, name in (("W8A16", "weights only"), ("W16A8", "activations only"), ("W8A8", "W8A8")):
+    def ptq(bits: str) -> nn.Module:
         config = QuantConfig(bits=bits, method="minmax", first_last_bits=None)
         quantized = prepare(copy.deepcopy(model), config)
         calibrate(quantized, batches, count)
-        quantized.eval()
-        score(f"{name}, qatkd's grids", logits(quantized))
-    undo = with_zero_point_grids(quantized, batches)
-    score("W8A8, activations on zero-point grids", logits(quantized))
-    undo()
+        return quantized.eval()
+
+    score("float", reference)
+    for bits, name in (("W8A16", "weights only"), ("W16A8", "activations only")):
+        score(f"{name}, qatkd's grids", logits(ptq(bits)))
+    w8a8 = ptq("W8A8")
+    score("W8A8, qatkd's grids", logits(w8a8))
+    with_zero_point_grids(w8a8, batches)
+    score("W8A8, activations on zero-point grids", logits(w8a8))
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_onnx = Path(tmp) / "model.fp32.onnx"
+        size = FULL.fine_tuning.size
+        onnx.save(to_onnx(model, [3, size, size], "fp32"), str(fp32_onnx))
+        peer = ort_quantize_static(fp32_onnx, Path(tmp) / "peer.onnx", train.one_per_batch(count))
+        session = ort_session(str(peer), FULL.threads)
+        score(
+            "W8A8, onnxruntime quantize_static (u8 activations with zero points)",
+            np.concatenate([session.run(None, {INPUT_NAME: x.numpy()})[0] for x in images]),
+        )
     result = {
         "commit": git_commit(),
         "command": command(),
@@ -133,8 +151,10 @@ def main() -> None:
         f"- arch_speed's fine-tuned model and calibration ({count} training images); top-1 on "
         f"the first {TEST_IMAGES} test images at 224 x 224\n\n"
         "qatkd's activation grids are symmetric (codes -128..127 at abs-max / 127 for a signed "
-        "tensor); the last row replaces each with 256 codes over the tensor's calibration "
-        "[min, max] and an integer zero point, as onnxruntime's u8 activations.\n\n"
+        "tensor); the zero-point row replaces each with 256 codes over the tensor's calibration "
+        "[min, max] and an integer zero point, as onnxruntime's u8 activations; the last row is "
+        "onnxruntime's `quantize_static` of the float model (QDQ, u8 activations, per-channel s8 "
+        "weights, min-max on the same calibration images), run in onnxruntime.\n\n"
         f"| model | top-1 % | agreement with float % |\n|---|---:|---:|\n{table}\n"
     )
     print((RESULTS / "act_grid.md").read_text())
