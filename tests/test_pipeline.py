@@ -96,6 +96,24 @@ def test_qat_from_fp32_saves_and_restores_quantizer_state(learn_root, learned_fp
     assert pipeline.evaluate(run_dir)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)
 
 
+def test_a_checkpoint_saved_before_act_grid_loads_and_resumes_on_symmetric_grids(
+    npz_root, fp32_run, tmp_path
+):
+    """Checkpoints made before `quant.act_grid` trained on symmetric activation grids: loaded or
+    resumed, they get those grids back (no zero code in their state), not today's default."""
+    overrides = tiny_overrides(npz_root, tmp_path / "old", "quant.bits=W8A8", "train.epochs=1")
+    config = load_config(overrides=[*overrides, "quant.act_grid=symmetric"])
+    run_dir, metrics = pipeline.train(config)
+    state = load_checkpoint(run_dir / "last.pt")
+    del state["meta"]["quant"]["act_grid"], state["config"]["quant"]["act_grid"]
+    torch.save(state, run_dir / "last.pt")
+    model, _ = load_model(run_dir / "last.pt")
+    assert not any(getattr(m, "zero_point_grid", False) for m in model.modules())
+    assert pipeline.evaluate(run_dir)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)
+    _, resumed = pipeline.resume(run_dir)
+    assert resumed["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)
+
+
 def test_init_must_match_the_model(npz_root, fp32_run, tmp_path):
     overrides = tiny_overrides(
         npz_root, tmp_path / "x", "model.name=resnet20", f"model.init={fp32_run / 'last.pt'}"

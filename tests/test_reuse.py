@@ -182,15 +182,21 @@ def test_a_key_declared_with_the_old_behaviour_may_be_missing_from_a_saved_confi
     npz_root, tmp_path
 ):
     """`quant.asymmetric` came after symmetric grids, its default False: a quantized run saved
-    without it (or without `quant.init_samples`) is that run. Nothing is added to a section the
-    saved config does not have: an FP32 run (quant null) is still reused as FP32."""
+    without it (or without `quant.init_samples`, or `quant.act_grid` at symmetric) is that run;
+    one saved without `quant.act_grid` is not a run at today's default (auto). Nothing is added
+    to a section the saved config does not have: an FP32 run (quant null) is still reused as
+    FP32."""
     run = tmp_path / "run"
-    overrides = tiny_overrides(npz_root, run, "train.epochs=1", "quant.bits=W4A4")
+    symmetric = "quant.act_grid=symmetric"
+    overrides = tiny_overrides(npz_root, run, "train.epochs=1", "quant.bits=W4A4", symmetric)
     first = reuse.run_or_reuse(run, "train", overrides)
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    del saved["quant"]["asymmetric"], saved["quant"]["init_samples"]
+    del saved["quant"]["asymmetric"], saved["quant"]["init_samples"], saved["quant"]["act_grid"]
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert reuse.run_or_reuse(run, "train", overrides) == first
+    at_default = [o for o in overrides if o != symmetric]
+    with pytest.raises(QatkdError, match=r"quant\.act_grid: 'symmetric' there"):
+        reuse.run_or_reuse(run, "train", at_default)
     fp32 = tmp_path / "fp32"
     fp32_overrides = tiny_overrides(npz_root, fp32, "train.epochs=1")
     assert reuse.run_or_reuse(fp32, "train", fp32_overrides) == reuse.run_or_reuse(

@@ -22,6 +22,7 @@ from qatkd.device import DEVICE_PATTERN
 from qatkd.distill import KDConfig
 from qatkd.errors import QatkdError, first_line
 from qatkd.quant import QuantConfig
+from qatkd.quant.config import saved_quant
 from qatkd.registry import closest
 
 
@@ -312,8 +313,11 @@ def build_config(raw: dict[str, Any]) -> Config:
 def saved_config(raw: dict[str, Any]) -> dict[str, Any]:
     """A configuration as a checkpoint or config.yaml saved it, ready for `build_config`: the
     data keys its task family does not own are dropped (qatkd saved every family's data keys
-    before each family had its own configuration)."""
+    before each family had its own configuration); a quant section gets the keys it was saved
+    without as qatkd then did (`saved_quant`)."""
     raw = copy.deepcopy(raw)
+    if isinstance(raw.get("quant"), dict):
+        raw["quant"] = saved_quant(raw["quant"])
     data_type = family_config(raw.get("task", "classification")).config_type
     known = data_type.model_fields["data"].annotation.model_fields
     if isinstance(raw.get("data"), dict):

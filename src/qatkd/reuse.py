@@ -16,6 +16,7 @@ from typing import Any
 from qatkd.config import Config, config_to_dict, dotted, load_config, read_yaml
 from qatkd.errors import QatkdError
 from qatkd.pipeline import distill, load_data, ptq, ptq_config, resume, train
+from qatkd.quant.config import BEFORE_KEYS
 from qatkd.run_dirs import INPUTS, run_inputs
 from qatkd.tasks import task_family
 
@@ -38,6 +39,7 @@ def command_config(command: str, overrides: list[str]) -> Config:
 KEYS_WITH_OLD_BEHAVIOUR: dict[str, Any] = {
     "quant.asymmetric": False,  # symmetric grids, all there were before the key
     "quant.init_samples": 128,  # read only with quant.init=gptq, which came with it
+    **{f"quant.{key}": value for key, value in BEFORE_KEYS.items()},
 }
 """Config keys added after runs were made whose value here is what qatkd did before the key
 existed: a saved config.yaml without one (but with its section) is read as holding this value.

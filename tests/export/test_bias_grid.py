@@ -24,20 +24,38 @@ from qatkd.export.bias_grid import (
     int32_bias_fits,
     spare_bits,
 )
+from qatkd.export.fold import FOLDED_BATCHNORM
 from qatkd.export.frozen import ActRange, FrozenLayer
 from qatkd.export.onnx_graph import OPSET, GraphBuilder
 from qatkd.quant import QuantConfig, calibrate, prepare
 
 
-def _folded_biases(model: torch.nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Folded bias and its int32 grid, per quantized layer with an integer input."""
+def _folded_biases(
+    model: torch.nn.Module,
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Folded bias, its int32 grid, and the float32 spacing of the largest term folding adds
+    (beta and (b - mean) * k, whose rounding the bias carries), per quantized layer with an
+    integer input."""
     out = {}
-    for name, layer in fold_batchnorm(model).named_modules():
+    folded = fold_batchnorm(model)
+    for name, layer in folded.named_modules():
         if isinstance(layer, FrozenLayer) and layer.bias is not None:
             grid = bias_scale(layer)
             if grid is not None:
+                terms = [layer.bias]
+                if name in folded.meta[FOLDED_BATCHNORM]:
+                    bn = model.get_submodule(folded.meta[FOLDED_BATCHNORM][name])
+                    k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                    own = model.get_submodule(name).bias
+                    own = torch.zeros_like(k) if own is None else own
+                    terms += [bn.bias, (own - bn.running_mean) * k]
+                largest = torch.stack([t.detach().abs() for t in terms]).amax(0).numpy()
                 # |grid|: a negative BN gamma folds into a negative weight scale
-                out[name] = (layer.bias.numpy().astype(np.float64), np.abs(grid).astype(np.float64))
+                out[name] = (
+                    layer.bias.numpy().astype(np.float64),
+                    np.abs(grid).astype(np.float64),
+                    np.spacing(largest.astype(np.float32)).astype(np.float64),
+                )
     return out
 
 
@@ -47,15 +65,14 @@ def test_aligned_biases_lie_on_the_grid_and_move_less_than_half_a_step(tiny_mode
     before = _folded_biases(model)
     assert align_biases(model) == len(before) == 10  # 9 convs (2 shortcuts) + the classifier
     after = _folded_biases(model)
-    for name, (bias, grid) in after.items():
+    for name, (bias, grid, ulp) in after.items():
         # on the grid up to the float32 rounding of folding (beta - mean * k) again
         off_grid = np.abs(bias - np.round(bias / grid) * grid)
-        ulp = np.spacing(np.abs(bias).astype(np.float32)).astype(np.float64)
         assert np.all(off_grid <= np.maximum(0.01 * grid, 4 * ulp)), name
         moved = np.abs(bias - before[name][0])
         assert np.all(moved <= 0.51 * grid + 4 * ulp), name
     # the unaligned biases were not on the grid: the test exercises a real change
-    off = [np.abs(b / g - np.round(b / g)).max() for b, g in before.values()]
+    off = [np.abs(b / g - np.round(b / g)).max() for b, g, _ in before.values()]
     assert max(off) > 0.1
 
 
@@ -131,14 +148,19 @@ def test_only_layers_with_an_int32_bias_are_aligned():
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize(
     "r",
-    [ActRange(0.25, -8, 7, 4), ActRange(0.5, 0, 15, 4), ActRange(1, -2, 1, 2)],
-    ids=["signed 4-bit", "unsigned 4-bit", "signed 2-bit"],
+    [
+        ActRange(0.25, -8, 7, 4),
+        ActRange(0.5, 0, 15, 4),
+        ActRange(1, -2, 1, 2),
+        ActRange(0.25, -6, 9, 4),
+    ],
+    ids=["signed 4-bit", "unsigned 4-bit", "signed 2-bit", "4-bit at zero point 6"],
 )
 def test_widened_codes_are_the_codes_on_the_finer_grid_in_both_runtimes(tmp_path, backend, r):
     """What a conv reads (`GraphBuilder.qdq(widen=True)`): the codes shifted to the top of the
-    8-bit range at a scale 2^(8-b) times finer, the same values exactly. Signed codes (uint8 at
-    zero point 128) are moved to unsigned ones first: OpenVINO's BitShift saturates where a
-    shift of c + 128 would need to wrap."""
+    8-bit range at a scale 2^(8-b) times finer, the same values exactly. Codes are stored in
+    [0, 2^b) at zero point -qmin, which shifts with them: OpenVINO's BitShift saturates, so
+    nothing may wrap."""
     builder = GraphBuilder(fx.symbolic_trace(nn.Identity()), quantized=True)
     out, fine = builder.qdq(INPUT_NAME, r, "t", widen=True)
     assert fine == r.scale / 2 ** (8 - r.bits)

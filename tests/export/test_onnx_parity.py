@@ -166,14 +166,16 @@ def test_qdq_around_every_quantized_layer(tiny_model):
         assert inits[w_dq.input[0]].data_type == onnx.TensorProto.INT8, node.name
     q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert len(q_nodes) == len(activation_quantizers(model)) == 14  # each tensor once
-    # the metadata names every quantized tensor's codes: uint8, at zero point 128 where they
-    # are signed (the residual adds' operands)
+    # the metadata names every quantized tensor's codes: uint8, at zero point -qmin where they
+    # are signed (the residual adds' operands: 128 on a symmetric grid, even on one with a
+    # zero point)
     codes, quantizers = activation_codes(proto), activation_quantizers(model)
     assert set(codes) == set(quantizers)
     assert any(q.signed for q in quantizers.values())
     for hint, (tensor, zero_point) in codes.items():
         assert producer[tensor].op_type in ("QuantizeLinear", "Clip", "Flatten"), hint
-        assert zero_point == (128 if quantizers[hint].signed else 0)
+        qmin = quantizers[hint].qrange[0]
+        assert zero_point == -qmin and zero_point % 2 == 0, hint
     assert class_names_of(proto) == [f"c{i}" for i in range(10)]
     assert proto.graph.input[0].name == INPUT_NAME
 
@@ -272,11 +274,17 @@ def test_concatenation_shuffle_squeeze_excite_and_add_run_on_integers_exactly(
         "QLinearMul": 1, "QLinearAdd": 1, "Concat": 2,
     }  # fmt: skip
     assert "DequantizeLinear" not in ops and ops.get("QuantizeLinear") == 1, ops
-    # at 4 bits the signed input of se.fc1 is widened like the unsigned ones (a Sub moves it to
-    # unsigned codes first), for a 16 times finer int32 bias grid; the codes above stay exact
-    shifted = {n.input[0] for n in proto.graph.node if n.op_type == "BitShift"}
-    moved = [n for n in proto.graph.node if n.op_type == "Sub" and n.output[0] in shifted]
-    assert len(moved) == (1 if bits == "W4A4" else 0)
+    # at 4 bits the conv / linear inputs are widened (codes stored in [0, 16) at zero point
+    # -qmin, shifted with them: 0, or 8 << 4 for signed codes), for a 16 times finer int32 bias
+    # grid; the codes above stay exact
+    inits = {t.name: t for t in proto.graph.initializer}
+    widened = {n.output[0] for n in proto.graph.node if n.op_type == "BitShift"}
+    fine_zero_points = {
+        int(onnx.numpy_helper.to_array(inits[n.input[2]]))
+        for n in proto.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in widened
+    }
+    assert bool(widened) == (bits == "W4A4") and fine_zero_points <= {0, 128}
     expected = pytorch_codes(model, x)
     for optimize in (False, True):
         got = code_runner(proto, expected, optimize)(x)

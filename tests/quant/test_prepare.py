@@ -248,7 +248,8 @@ def test_summary_config_and_flags():
     # the grouped conv reads the tensor the shortcut also reads: one quantizer, at the higher bits
     assert lines[2].split() == ["grouped", "QuantConv2d", "4", "8", "lsq/lsq", "channel"]
     assert model.grouped.input_quantizer is model.shortcut.quantizer
-    assert ["branch", "QuantAct", "-", "8", "lsq", "tensor"] in [line.split() for line in lines]
+    branch = ["branch", "QuantAct", "-", "8", "lsq", "tensor+zero_point"]
+    assert branch in [line.split() for line in lines]
     assert len(lines) == 1 + 3 + 2
 
 
@@ -262,9 +263,9 @@ def test_summary_is_an_aligned_table_of_every_quantized_module():
     assert quant_summary(model) == (
         "layer  type                  w_bits  a_bits  method      granularity\n"
         "0      QuantConv2d           8       8       minmax/lsq  channel\n"
-        "2      QuantAct              -       8       lsq         tensor\n"
+        "2      QuantAct              -       8       lsq         tensor+zero_point\n"
         "3      QuantConv2d           4       8       minmax/lsq  channel\n"
-        "4      QuantGlobalAvgPool2d  -       8       lsq         tensor\n"
+        "4      QuantGlobalAvgPool2d  -       8       lsq         tensor+zero_point\n"
         "6      QuantLinear           8       8       minmax/lsq  channel"
     )
 
@@ -351,9 +352,12 @@ def test_calibrate_initialises_everything_and_restores_mode():
     assert len(consumed) == 3  # 8 + 8 + 8 >= 20
     assert model.training
     assert all(m.initialized for n, m in model.named_modules() if n.endswith("quantizer"))
-    assert model.stem[0].input_quantizer.signed  # normalised images have negatives
-    seen_max = max(x.abs().max() for x, _ in consumed)  # min-max: the range of every batch
-    assert torch.equal(model.stem[0].input_quantizer.running_absmax, seen_max)
+    stem = model.stem[0].input_quantizer  # 8 bits (the first layer): a grid with a zero point
+    assert stem.signed  # normalised images have negatives
+    assert stem.qrange[0] < 0 < stem.qrange[1]
+    # min-max: the range of every batch
+    assert torch.equal(stem.running_min, min(x.min() for x, _ in consumed))
+    assert torch.equal(stem.running_max, max(x.max() for x, _ in consumed))
     assert not model.grouped.input_quantizer.signed  # after ReLU
     assert model.bn.num_batches_tracked == 0  # BatchNorm ran in eval mode
 

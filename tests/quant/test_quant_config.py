@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from qatkd.errors import QatkdError
 from qatkd.quant import QuantConfig
+from qatkd.quant.config import saved_quant
 
 
 def test_defaults_and_shorthands():
@@ -40,6 +41,11 @@ def test_dump_round_trip():
         ({"bitz": "W4A4"}, "Extra inputs are not permitted"),
         ({"bits": "W4A4", "act_method": "dynamic"}, "act_method=dynamic quantizes activations to"),
         ({"method": "dynamic", "bits": "W4A8"}, "dynamic quantizes activations only"),
+        ({"act_grid": "asym"}, "Input should be 'auto', 'symmetric' or 'zero_point'"),
+        (
+            {"act_grid": "zero_point", "act_method": "pact"},
+            "act_grid=zero_point takes the minmax or lsq activation method, not pact",
+        ),
     ],
 )
 def test_errors_name_the_value_and_the_choices(kwargs, message):
@@ -84,3 +90,26 @@ def test_grids_that_do_not_fit_the_method_or_groups_are_refused(kwargs, message)
         config.check_grid()
     assert str(info.value).endswith(message)
     assert QuantConfig(group_size=32, asymmetric=True, init="gptq").check_grid().asymmetric
+
+
+@pytest.mark.parametrize(
+    ("act_grid", "method", "zero_point_at"),
+    [
+        ("auto", "lsq", {8}),
+        ("auto", "minmax", {8}),
+        ("auto", "pact", set()),
+        ("symmetric", "lsq", set()),
+        ("zero_point", "minmax", {2, 4, 8}),
+    ],
+)
+def test_act_grid_gives_a_zero_point_to_the_bit_widths_it_names(act_grid, method, zero_point_at):
+    """auto: the int8 runtimes' own grid at 8 bits, the paper's symmetric grids below."""
+    config = QuantConfig(act_grid=act_grid, act_method=method)
+    assert {b for b in (2, 4, 8) if config.act_zero_point(b)} == zero_point_at
+
+
+def test_a_quant_section_saved_before_act_grid_is_read_as_symmetric():
+    saved = QuantConfig().model_dump(mode="json")
+    del saved["act_grid"]
+    assert QuantConfig(**saved_quant(saved)).act_grid == "symmetric"
+    assert QuantConfig(**saved_quant({**saved, "act_grid": "zero_point"})).act_grid == "zero_point"

@@ -9,6 +9,7 @@ import torch
 
 from qatkd.errors import QatkdError
 from qatkd.quant import QUANTIZERS, LSQQuantizer, PACTQuantizer, make_quantizer
+from qatkd.quant.base import SCALE_RATIO, grid_with_zero_point
 from qatkd.quant.quantizers import matmul_nbits_block
 
 METHODS = [m for m in QUANTIZERS.names() if m != "dynamic"]
@@ -541,3 +542,79 @@ def test_asymmetric_grid_errors():
     for shape, group in (((4, 64), None), (None, None)):  # per channel, activations
         with pytest.raises(QatkdError, match=r"is for grouped Linear weights \(quant.group_size\)"):
             make_quantizer("lsq", 4, shape, group, asymmetric=True)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "zero", "reach"),
+    [
+        (-1.0, 3.0, 64, 3 / 191),  # 255 * 1 / 4 = 63.75 -> 64; the top end binds
+        (-0.28, 6.0, 12, 6 / 243),  # SiLU's range: 11.37 -> 12 (even)
+        (0.0, 2.0, 0, 2 / 255),  # non-negative: the unsigned grid
+        (-2.0, 0.0, 254, 2 / 254),  # non-positive: 255 -> 254 (even, at most 2^b - 2)
+        (0.5, 2.0, 0, 2 / 255),  # widened to hold 0
+    ],
+)
+def test_a_grid_with_a_zero_point_holds_its_range_on_an_even_zero_code(low, high, zero, reach):
+    """z = -low / ((high - low) / 255) rounded to an even integer; the scale is the smallest
+    that reaches both ends from z (`reach`, by hand), rounded up to a power of 1 + 2^-10."""
+    scale, z = grid_with_zero_point(torch.tensor(low), torch.tensor(high), 8)
+    assert int(z) == zero
+    assert reach <= float(scale) <= reach * SCALE_RATIO * (1 + 1e-6)
+    power = math.log(float(scale)) / math.log(SCALE_RATIO)
+    assert abs(power - round(power)) < 1e-3  # on the ratio's powers
+    # idempotent: the grid of its own codes' range is itself
+    again = grid_with_zero_point(-z * scale, (255 - z) * scale, 8)
+    assert torch.equal(again[0], scale) and torch.equal(again[1], z)
+
+
+@pytest.mark.parametrize("method", ["minmax", "lsq"])
+def test_a_zero_point_grid_quantizes_onto_shifted_codes(method):
+    q = make_quantizer(method, 8, zero_point_grid=True)
+    q.init_from(torch.tensor([-0.28, 6.0]))
+    scale, zero = grid_with_zero_point(torch.tensor(-0.28), torch.tensor(6.0), 8)
+    assert torch.equal(q.scale, scale) and q.qrange == (-int(zero), 255 - int(zero))
+    assert q.granularity == "tensor+zero_point"
+    x = torch.linspace(-1.0, 7.0, 97)
+    out = assert_exact(q.eval(), x)
+    expected = torch.clamp(torch.round(x / scale), -zero, 255 - zero) * scale
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    restored = make_quantizer(method, 8, zero_point_grid=True)
+    restored.load_state_dict(q.state_dict())  # the zero code is state
+    assert restored.qrange == q.qrange
+
+
+def test_minmax_zero_point_grid_tracks_min_and_max():
+    q = make_quantizer("minmax", 8, zero_point_grid=True)
+    q.calibrating = True
+    q(torch.tensor([-0.5, 1.0]))
+    q(torch.tensor([-0.25, 3.0]))
+    assert (float(q.running_min), float(q.running_max)) == (-0.5, 3.0)
+    q.calibrating = False
+    q.train()(torch.tensor([-1.5, 1.0]))  # EMA, momentum 0.1
+    assert float(q.running_min) == pytest.approx(-0.6)
+    assert float(q.running_max) == pytest.approx(2.8)
+    assert q.qrange[0] == -int(grid_with_zero_point(q.running_min, q.running_max, 8)[1])
+
+
+def test_lsq_zero_point_grid_learns_its_step_and_keeps_its_zero_code():
+    q = make_quantizer("lsq", 8, zero_point_grid=True)
+    q.init_from(torch.tensor([-1.0, 3.0]))
+    assert q.qrange == (-64, 191)
+    x = torch.tensor([-2.0, 0.5, 4.0])  # below, inside, above the range
+    q(x).sum().backward()
+    # LSQ+: d/ds of the clamped ends is the end code, inside round(x/s) - x/s; scaled by
+    # 1 / sqrt(N * (2^b - 1)), N = 3 features
+    s = float(q.step)
+    inside = round(0.5 / s) - 0.5 / s
+    expected = (-64 + inside + 191) / math.sqrt(3 * 255)
+    assert float(q.step.grad) == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        q.step.mul_(2)
+    assert q.qrange == (-64, 191)
+
+
+def test_a_zero_point_grid_is_for_activations_of_minmax_or_lsq():
+    with pytest.raises(QatkdError, match=r"^quant\.act_grid takes the minmax or lsq method"):
+        make_quantizer("pact", 8, zero_point_grid=True)
+    with pytest.raises(QatkdError, match=r"a grid with a zero point .* is for activations"):
+        make_quantizer("minmax", 8, (4, 4), zero_point_grid=True)

@@ -31,8 +31,9 @@ CODE_DTYPE = torch.int8
 @dataclass(frozen=True)
 class ActRange:
     """An activation quantizer as the exported graph sees it: codes = clamp(round(x / scale),
-    qmin, qmax), zero point 0. `bits` < 8 means the 8-bit runtime type must also saturate at
-    [qmin, qmax], which an 8-bit QuantizeLinear alone does not do."""
+    qmin, qmax), qmin <= 0 <= qmax, stored as uint8 at zero point -qmin (`zero_point`).
+    `bits` < 8 means the 8-bit runtime type must also saturate at [qmin, qmax], which an 8-bit
+    QuantizeLinear alone does not do."""
 
     scale: float
     qmin: int
@@ -40,8 +41,10 @@ class ActRange:
     bits: int
 
     @property
-    def signed(self) -> bool:
-        return self.qmin < 0
+    def zero_point(self) -> int:
+        """The uint8 zero point of the stored codes: 0 (unsigned), 2^(bits-1) (symmetric
+        signed), z (a grid with a zero point)."""
+        return -self.qmin
 
 
 def tensor_hint(quantizer: nn.Module, default: str) -> str:
@@ -61,7 +64,8 @@ def act_range(quantizer: Quantizer, where: str) -> ActRange | None:
     if quantizer.scale.numel() != 1:
         raise QatkdError(f"{where}: activation scales must be per tensor for export")
     qmin, qmax = quantizer.qrange
-    _check_int8(qmin, qmax, where)
+    if qmax - qmin > 255:
+        raise _wider_than_8_bits(qmin, qmax, where)
     return ActRange(float(quantizer.scale), qmin, qmax, quantizer.bits)
 
 
@@ -75,11 +79,16 @@ def run_time_input_error(where: str) -> QatkdError:
 
 
 def _check_int8(qmin: int, qmax: int, where: str) -> None:
+    """Weight codes: int8, or uint8 for an asymmetric grid."""
     if qmin < -128 or qmax > 255 or (qmin < 0 and qmax > 127):
-        raise QatkdError(
-            f"{where}: integer codes [{qmin}, {qmax}] do not fit 8 bits, so no int8 kernel can "
-            "run them (DoReFa 8-bit weights need 9); use another method or fewer bits"
-        )
+        raise _wider_than_8_bits(qmin, qmax, where)
+
+
+def _wider_than_8_bits(qmin: int, qmax: int, where: str) -> QatkdError:
+    return QatkdError(
+        f"{where}: integer codes [{qmin}, {qmax}] do not fit 8 bits, so no int8 kernel can "
+        "run them (DoReFa 8-bit weights need 9); use another method or fewer bits"
+    )
 
 
 class FrozenLayer(nn.Module):

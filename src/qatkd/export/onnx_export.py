@@ -7,9 +7,9 @@ number in it is one that training used:
   output `logits` (the network's output, of any rank); the class names are in `metadata_props`
   (`class_names`, a JSON list);
 - each quantized tensor (what a conv / linear / global pooling reads, a QuantAct) is quantized
-  once, QuantizeLinear -> DequantizeLinear at its trained scale, zero point 0, uint8 (unsigned)
-  or int8 (signed; uint8 at zero point 128 where a residual add reads it: the same values, and
-  one type for both inputs of the add), right after the conv / matmul / add that computes it
+  once, QuantizeLinear -> DequantizeLinear at its trained scale, uint8 at zero point -qmin (0
+  for unsigned codes, 2^(b-1) for signed ones, z for a grid with a zero point: one type for
+  every input of an add or a concatenation), right after the conv / matmul / add that computes it
   (moved before ReLU, ReLU6, MaxPool and Flatten, which commute with quantization:
   `onnx_graph`); every conv, residual add and global pooling then runs as one integer kernel.
   An 8-bit QuantizeLinear saturates at the 8-bit range only, so a b < 8-bit activation gets an
@@ -31,8 +31,8 @@ That int32 bias is the one number the integer kernel rounds which training kept 
 folded shift). So the exporter puts the grid as fine as int8 allows without changing a single
 value (`bias_grid`): weight codes are stored times 2^k (the largest power of two that still fits
 int8; k = 4 for 4-bit codes) with the scale divided by 2^k, and b-bit input codes are shifted
-left by 8 - b (BitShift, after the Clip; signed codes moved to unsigned ones by a Sub first)
-with the DQ scale divided by 2^(8-b); codes * scale is the same float bit for bit (powers of
+left by 8 - b (BitShift, after the Clip; the zero point shifted with them) with the DQ scale
+divided by 2^(8-b); codes * scale is the same float bit for bit (powers of
 two). The remaining rounding (~1e-4 of an output step at W4A4, ~1e-2 at W8A8) is what
 `bias_grid.align_biases` takes into the PyTorch model before a parity check. A conv whose output
 is not quantized (no int8 kernel can run it) keeps its float bias, exactly, as does a bias whose

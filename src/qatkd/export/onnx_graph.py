@@ -236,25 +236,17 @@ class GraphBuilder:
         shift = input_shift(r) if widen else 0
         if shift == 0:
             return self.dequantize(codes, r, hint), r.scale
-        zero = self.const(self._zero_point(r), f"{hint}.zero_point")
         if codes not in self._widened:
-            self._widened[codes] = self._widen(codes, r, shift, hint)
+            amount = self.const(np.array(shift, dtype=np.uint8), f"{hint}.shift")
+            self._widened[codes] = self.emit(
+                "BitShift", [codes, amount], f"{hint}.widen", direction="LEFT"
+            )
         fine = fine_input_scale(r)
         scale = self.const(np.array(fine, dtype=np.float32), f"{hint}.fine_scale")
+        zero = self.const(np.array(r.zero_point << shift, np.uint8), f"{hint}.fine_zero_point")
         return self.emit(
             "DequantizeLinear", [self._widened[codes], scale, zero], f"{hint}.dq"
         ), fine
-
-    def _widen(self, codes: str, r: ActRange, shift: int, hint: str) -> str:
-        """`codes` times 2^shift, as integers. Unsigned codes: a BitShift. Signed b-bit codes c
-        are held as c + 128 (uint8 at zero point 128), which a left shift would have to wrap
-        around 256 (OpenVINO's BitShift saturates instead): they are first moved to
-        c + 2^(b-1), in [0, 2^b), and shifted, which gives c * 2^shift + 128 exactly."""
-        if r.signed:
-            offset = self.const(np.array(128 - 2 ** (r.bits - 1), dtype=np.uint8), f"{hint}.offset")
-            codes = self.emit("Sub", [codes, offset], f"{hint}.unsigned")
-        amount = self.const(np.array(shift, dtype=np.uint8), f"{hint}.shift")
-        return self.emit("BitShift", [codes, amount], f"{hint}.widen", direction="LEFT")
 
     def codes(self, x: str, r: ActRange, hint: str) -> str:
         """The integer codes of tensor `x` at range `r`, made once per tensor: QuantizeLinear,
@@ -270,10 +262,10 @@ class GraphBuilder:
 
     @staticmethod
     def _zero_point(r: ActRange) -> np.ndarray:
-        """The codes' type and zero point: uint8 at 0 for unsigned codes, uint8 at 128 for
-        signed ones (the same values): the integer add, multiplication and concatenation take
-        one type for all their inputs and their output, and u8 is what x86 int8 kernels read."""
-        return np.array(128 if r.signed else 0, dtype=np.uint8)
+        """The codes' type and zero point: uint8 at -qmin (`ActRange.zero_point`), so b-bit codes
+        are stored in [0, 2^b): the integer add, multiplication and concatenation take one type
+        for all their inputs and their output, and u8 is what x86 int8 kernels read."""
+        return np.array(r.zero_point, dtype=np.uint8)
 
     def _quantize(
         self, x: str, r: ActRange, zero_point: np.ndarray, hint: str, low: int, high: int

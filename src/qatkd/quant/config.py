@@ -26,6 +26,10 @@ INIT_METHODS = {"rtn": ("minmax", "lsq"), "gptq": ("lsq",)}
 """The weight methods each `quant.init` takes: GPTQ picks codes on a stored grid, which minmax
 would recompute from the weights at the next step."""
 
+BEFORE_KEYS: dict[str, Any] = {"act_grid": "symmetric"}
+"""Quant keys added after checkpoints were saved, with what qatkd did before each existed:
+symmetric activation grids were all there were before `act_grid`."""
+
 
 def _value_error(check: Callable[[T], object], value: T) -> T:
     """Run a check that raises `QatkdError` and re-raise as `ValueError`, which pydantic reports."""
@@ -63,6 +67,10 @@ class QuantConfig(BaseModel):
     inputs, and `asymmetric` gives each such group an offset (unsigned codes). `init` starts the
     weight grids at RTN's min-max grid, and with `gptq` sets the codes (and each group's grid) by
     GPTQ on calibration activations (`qatkd.quant.gptq`; the task family supplies them).
+    `act_grid` chooses the activations' grid: symmetric (signed codes at abs-max / Q_p; unsigned
+    for non-negative tensors) or with a zero point (2^bits codes over the tensor's [min, max]);
+    `auto` gives the 8-bit activations of minmax and lsq a zero point, as the int8 runtimes'
+    own quantizers do, and keeps the paper's symmetric LSQ grids below 8 bits.
     `act_method=dynamic` (A8, Linear layers) quantizes each input row in blocks at run time, as
     onnxruntime's int8 MatMulNBits kernels do (`DynamicBlockQuantizer`). `format` trains on a
     deployed format's grid exactly: `q4_0` / `q8_0` / `q4_1` (GGUF) mean weight-only W4 / W8 /
@@ -82,6 +90,12 @@ class QuantConfig(BaseModel):
         None,
         description="the activations' quantizer, over method; dynamic (A8, Linear layers): int8 "
         "inputs quantized per row in blocks at run time, as onnxruntime's MatMulNBits kernels do",
+    )
+    act_grid: Literal["auto", "symmetric", "zero_point"] = Field(
+        "auto",
+        description="activation grids: symmetric (abs-max), zero_point (2^bits codes over "
+        "[min, max] with an integer zero point, minmax / lsq), auto: zero_point at 8 bits with "
+        "minmax / lsq, else symmetric",
     )
     first_last_bits: int | None = Field(
         8, description="bits of the first and last layer; null: the same as the rest"
@@ -157,6 +171,15 @@ class QuantConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_act_grid(self) -> QuantConfig:
+        method = self.act_method_name
+        if self.act_grid == "zero_point" and not QUANTIZERS.get(method).takes_offset:
+            raise ValueError(
+                f"act_grid=zero_point takes the minmax or lsq activation method, not {method}"
+            )
+        return self
+
     @field_validator("bits")
     @classmethod
     def _check_bits(cls, value: str) -> str:
@@ -211,6 +234,12 @@ class QuantConfig(BaseModel):
             )
         return self
 
+    def act_zero_point(self, bits: int) -> bool:
+        """Whether activation quantizers of `bits` bits get a grid with a zero point."""
+        if self.act_grid == "auto":
+            return bits == 8 and QUANTIZERS.get(self.act_method_name).takes_offset
+        return self.act_grid == "zero_point"
+
     @property
     def weight_bits(self) -> int:
         return parse_bits(self.bits)[0]
@@ -226,6 +255,12 @@ class QuantConfig(BaseModel):
     @property
     def act_method_name(self) -> str:
         return self.act_method or self.method
+
+
+def saved_quant(values: dict[str, Any]) -> dict[str, Any]:
+    """A `quant` section as a checkpoint recorded it, with the keys it was saved without set to
+    what qatkd did then (`BEFORE_KEYS`), whatever today's defaults are."""
+    return {**BEFORE_KEYS, **values}
 
 
 def _format_grid(fmt: str) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
             raise QatkdError(f"{name}: {e}") from None
         weight_q.float16_scale = config.format is not None
         weight_q.minmax_start = config.init is not None
-        input_q = make_quantizer(config.act_method_name, act_bits)
+        input_q = _act_quantizer(config, act_bits)
         if isinstance(input_q, DynamicBlockQuantizer):
             input_q.block = _dynamic_block(name, layer, group_size)
         model.set_submodule(name, _QUANT_LAYERS[type(layer)].from_float(
@@ -97,7 +97,7 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     reference = next(model.parameters())
 
     def point_quantizer(name: str) -> Quantizer:
-        quantizer = make_quantizer(config.act_method_name, max(8, config.act_bits))
+        quantizer = _act_quantizer(config, max(8, config.act_bits))
         if isinstance(quantizer, DynamicBlockQuantizer):
             raise QatkdError(f"{name}: {DYNAMIC_LINEAR_ONLY}")
         return _like(quantizer, reference)
@@ -143,6 +143,10 @@ def quant_summary(model: nn.Module) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def _act_quantizer(config: QuantConfig, bits: int) -> Quantizer:
+    return make_quantizer(config.act_method_name, bits, zero_point_grid=config.act_zero_point(bits))
 
 
 def _dynamic_block(name: str, layer: nn.Module, group_size: int | None) -> int:

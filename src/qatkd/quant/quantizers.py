@@ -18,6 +18,9 @@ from qatkd.quant.base import (
     abs_mean,
     check_bits,
     grad_scale,
+    grid_with_zero_point,
+    maximum,
+    minimum,
     range_grid,
     round_ste,
 )
@@ -28,7 +31,8 @@ class MinMaxQuantizer(Quantizer):
     """Scale = abs-max / Q_p, nothing learned. Weights use their exact per-channel abs-max at every
     call (asymmetric grids: each group's min and max, `range_grid`). Activations use the abs-max
     of all calibration batches, then in training an EMA (momentum 0.1) of the batch abs-max;
-    frozen in eval."""
+    frozen in eval. On a grid with a zero point, activations track their min and max the same
+    way."""
 
     method = "minmax"
     momentum = 0.1
@@ -40,14 +44,16 @@ class MinMaxQuantizer(Quantizer):
         weight_shape: Sequence[int] | None = None,
         group_size: int | None = None,
         asymmetric: bool = False,
+        zero_point_grid: bool = False,
     ) -> None:
-        super().__init__(bits, weight_shape, group_size, asymmetric)
-        for name in ("running_min", "running_max") if asymmetric else ("running_absmax",):
+        super().__init__(bits, weight_shape, group_size, asymmetric, zero_point_grid)
+        two_sided = asymmetric or zero_point_grid
+        for name in ("running_min", "running_max") if two_sided else ("running_absmax",):
             self.register_buffer(name, torch.zeros(self.param_shape))
 
     def _bounds(self) -> tuple[Tensor | None, Tensor]:
-        """The buffers of `range_grid`'s bounds."""
-        if self.asymmetric:
+        """The buffers of the grid's bounds."""
+        if self.asymmetric or self.zero_point_grid:
             return self.running_min, self.running_max
         return None, self.running_absmax
 
@@ -57,6 +63,10 @@ class MinMaxQuantizer(Quantizer):
                 buffer.copy_(value)
 
     def _scale(self) -> Tensor:
+        if self.zero_point_grid:
+            scale, zero = grid_with_zero_point(self.running_min, self.running_max, self.bits)
+            self.zero_code.copy_(zero)
+            return scale
         return range_grid(*self._bounds(), self.qrange[1])[0]
 
     def _offset(self) -> Tensor:
@@ -66,19 +76,36 @@ class MinMaxQuantizer(Quantizer):
         with torch.no_grad():
             if self.is_weight:
                 self._init(x)
-            elif self.calibrating:
-                batch_max = self._reduce(x, abs_max)
-                self.running_absmax.copy_(torch.maximum(self.running_absmax, batch_max))
-            elif update:
-                self.running_absmax.lerp_(self._reduce(x, abs_max), self.momentum)
-        return self._fake_codes(x, self._scale(), self._offset() if self.asymmetric else None)
+            elif self.calibrating or update:
+                self._track(x)
+            scale = self._scale()
+        return self._fake_codes(x, scale, self._offset() if self.asymmetric else None)
+
+    def _track(self, x: Tensor) -> None:
+        """Widen the activation's bounds to the batch's (calibrating) or move them towards them
+        (training)."""
+        if self.zero_point_grid:
+            bounds = (
+                (self.running_min, minimum, torch.minimum),
+                (self.running_max, maximum, torch.maximum),
+            )
+        else:
+            bounds = ((self.running_absmax, abs_max, torch.maximum),)
+        for buffer, statistic, widest in bounds:
+            batch = self._reduce(x, statistic)
+            if self.calibrating:
+                buffer.copy_(widest(buffer, batch))
+            else:
+                buffer.lerp_(batch, self.momentum)
 
 
 @QUANTIZERS.register("lsq")
 class LSQQuantizer(Quantizer):
     """Learned step size (Esser et al., ICLR 2020): the step's gradient is scaled by
     1/sqrt(N * Q_p) and the step starts at 2 * mean|x| / sqrt(Q_p). An asymmetric grid also
-    learns its offset `beta` (LSQ+, Bhalgat et al., 2020), with the same gradient scale."""
+    learns its offset `beta` (LSQ+, Bhalgat et al., 2020), with the same gradient scale. An
+    activation grid with a zero point starts at its data's min-max grid and keeps that zero
+    code: the step is learned, the zero stays on a code."""
 
     method = "lsq"
     takes_offset = True
@@ -89,8 +116,9 @@ class LSQQuantizer(Quantizer):
         weight_shape: Sequence[int] | None = None,
         group_size: int | None = None,
         asymmetric: bool = False,
+        zero_point_grid: bool = False,
     ) -> None:
-        super().__init__(bits, weight_shape, group_size, asymmetric)
+        super().__init__(bits, weight_shape, group_size, asymmetric, zero_point_grid)
         self.step = nn.Parameter(torch.ones(self.param_shape))
         if asymmetric:
             self.beta = nn.Parameter(torch.zeros(self.param_shape))
@@ -98,7 +126,13 @@ class LSQQuantizer(Quantizer):
     def _init(self, x: Tensor) -> None:
         """The paper's 2·mean|x|/sqrt(Q_p), capped at max|x|/Q_p: at 8 bits the paper's value
         clips far beyond the data and wastes most levels (PTQ starts from this init). With
-        `minmax_start`, and always for an asymmetric grid, the min-max grid (`range_grid`)."""
+        `minmax_start`, and always for an asymmetric grid, the min-max grid (`range_grid`); for
+        a grid with a zero point, `grid_with_zero_point`."""
+        if self.zero_point_grid:
+            step, zero = grid_with_zero_point(*self._range(x), self.bits)
+            self.step.copy_(step)
+            self.zero_code.copy_(zero)
+            return
         q_p = self.qrange[1]
         if self.minmax_start or self.asymmetric:
             step, beta = range_grid(*self._range(x), q_p)
@@ -118,7 +152,9 @@ class LSQQuantizer(Quantizer):
     def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         # |step|: an SGD update can carry a small step across zero; the magnitude stays a valid,
         # trainable scale, where clamping would freeze it at EPS with a zero gradient.
-        g = 1 / math.sqrt(self._elements_per_scale(x) * self.qrange[1])
+        # Q_p of a grid with a zero point: its 2^b - 1 steps, as LSQ+ takes for unsigned codes.
+        q_p = 2**self.bits - 1 if self.zero_point_grid else self.qrange[1]
+        g = 1 / math.sqrt(self._elements_per_scale(x) * q_p)
         offset = grad_scale(self.beta, g) if self.asymmetric else None
         return self._fake_codes(x, grad_scale(self.step, g).abs().clamp_min(EPS), offset)
 
@@ -297,18 +333,18 @@ def make_quantizer(
     weight_shape: Sequence[int] | None = None,
     group_size: int | None = None,
     asymmetric: bool = False,
+    zero_point_grid: bool = False,
 ) -> Quantizer:
     """A quantizer of a registered method; 16 bits gives the identity (`FloatQuantizer`).
     `weight_shape` makes it a weight quantizer (per channel, or per group for a Linear weight);
-    `asymmetric` gives grouped weights unsigned codes and an offset (minmax and lsq)."""
+    `asymmetric` gives grouped weights unsigned codes and an offset, `zero_point_grid` an
+    activation's codes a zero point (minmax and lsq)."""
     cls = QUANTIZERS.get(method)
     if check_bits(bits) == 16:
         return FloatQuantizer(weight_shape, group_size)
-    if asymmetric:
+    if asymmetric or zero_point_grid:
         if not cls.takes_offset:
-            raise QatkdError(
-                f"an asymmetric grid (quant.asymmetric) takes the minmax or lsq method, not "
-                f"{method}"
-            )
-        return cls(bits, weight_shape, group_size, asymmetric=True)
+            what = "an asymmetric grid (quant.asymmetric)" if asymmetric else "quant.act_grid"
+            raise QatkdError(f"{what} takes the minmax or lsq method, not {method}")
+        return cls(bits, weight_shape, group_size, asymmetric, zero_point_grid)
     return cls(bits, weight_shape, group_size)

@@ -28,6 +28,7 @@ from qatkd.config import Config, DataConfig, checkpoint_config
 from qatkd.distill import KDConfig, TeacherEnsemble, TeacherLogitCache
 from qatkd.errors import QatkdError, first_line
 from qatkd.quant import QuantConfig, calibrate, prepare
+from qatkd.quant.config import saved_quant
 from qatkd.quant.tensors import check_state_fits_shared_quantizers
 from qatkd.tasks.data_identity import (
     Labels,
@@ -193,7 +194,7 @@ class ImageFamily:
             meta["model_name"], meta["in_channels"], classes, meta["mean"], meta["std"]
         )
         if meta.get("quant"):
-            prepare(model, QuantConfig(**meta["quant"]))
+            prepare(model, QuantConfig(**saved_quant(meta["quant"])))
         return model
 
     def restore(
