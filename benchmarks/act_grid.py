@@ -1,8 +1,8 @@
-"""Where a W8A8 min-max PTQ loses an architecture's accuracy, and whether activation grids with a
-zero point would keep it: arch_speed's fine-tuned model (its full schedule and cache) quantized
-weights only, activations only and both, then with each activation quantizer replaced by a grid
-over its own calibration [min, max] with an integer zero point (onnxruntime's u8 activations;
-qatkd's own activation grids are symmetric).
+"""Where a W8A8 min-max PTQ loses an architecture's accuracy, and what activation grids with a
+zero point (`quant.act_grid`) give back: arch_speed's fine-tuned model (its full schedule and
+cache) quantized weights only, activations only and both, on symmetric grids and on grids with a
+zero point (qatkd's default at 8 bits), the latter also exported and run in onnxruntime, beside
+onnxruntime's own `quantize_static` of the same float model on the same calibration images.
 
     python benchmarks/act_grid.py [--arch efficientnet_b0] [--work DIR]
 
@@ -27,56 +27,16 @@ from _arch_models import fashion_images, fine_tuned
 from _peers import ort_quantize_static
 from _provenance import command, default_work, git_commit, machine
 from arch_speed import FULL, NAME
-from torch import Tensor, nn
+from torch import nn
 
-from qatkd.export import INPUT_NAME, to_onnx
+from qatkd.export import INPUT_NAME, as_exported, to_onnx
 from qatkd.export.runtime import ort_session
 from qatkd.quant import QuantConfig, calibrate, prepare
-from qatkd.quant.base import Quantizer
 
 RESULTS = Path(__file__).parent / "results"
 TEST_IMAGES = 1000
 CALIBRATION_BATCH = 32
-
-
-def activation_quantizers(model: nn.Module) -> list[Quantizer]:
-    """The model's activation quantizers, each once (a shared one has several names)."""
-    found = {id(m): m for m in model.modules() if isinstance(m, Quantizer) and not m.is_weight}
-    return list(found.values())
-
-
-def ranges(model: nn.Module, batches: list[Tensor]) -> dict[int, tuple[float, float]]:
-    """Each activation quantizer's input [min, max] over `batches`, the model in eval mode."""
-    seen: dict[int, tuple[float, float]] = {}
-
-    def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        low, high = seen.get(id(module), (0.0, 0.0))  # 0 stays on the grid
-        seen[id(module)] = (min(low, float(args[0].min())), max(high, float(args[0].max())))
-
-    handles = [q.register_forward_pre_hook(record) for q in activation_quantizers(model)]
-    with torch.no_grad():
-        for batch in batches:
-            model(batch)
-    for handle in handles:
-        handle.remove()
-    return seen
-
-
-def with_zero_point_grids(model: nn.Module, batches: list[Tensor]) -> None:
-    """Make each activation quantizer of `model` compute a grid of 2^bits codes over its input's
-    calibration [min, max] with an integer zero point instead of its own (forward hooks that
-    replace its output)."""
-    bounds = ranges(model, batches)
-
-    def quantize(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        low, high = bounds[id(module)]
-        levels = 2**module.bits - 1
-        step = max(high - low, 1e-8) / levels
-        zero = round(-low / step)
-        return (torch.clamp(torch.round(args[0] / step) + zero, 0, levels) - zero) * step
-
-    for quantizer in activation_quantizers(model):
-        quantizer.register_forward_hook(quantize)
+GRIDS = {"symmetric": "symmetric grids", "zero_point": "grids with a zero point"}
 
 
 def main() -> None:
@@ -109,29 +69,42 @@ def main() -> None:
         }
         print(f"{name}: {rows[name]}", flush=True)
 
-    def ptq(bits: str) -> nn.Module:
-        config = QuantConfig(bits=bits, method="minmax", first_last_bits=None)
+    def ptq(bits: str, act_grid: str) -> nn.Module:
+        config = QuantConfig(bits=bits, method="minmax", first_last_bits=None, act_grid=act_grid)
         quantized = prepare(copy.deepcopy(model), config)
         calibrate(quantized, batches, count)
         return quantized.eval()
 
+    size = FULL.fine_tuning.size
     score("float", reference)
-    for bits, name in (("W8A16", "weights only"), ("W16A8", "activations only")):
-        score(f"{name}, qatkd's grids", logits(ptq(bits)))
-    w8a8 = ptq("W8A8")
-    score("W8A8, qatkd's grids", logits(w8a8))
-    with_zero_point_grids(w8a8, batches)
-    score("W8A8, activations on zero-point grids", logits(w8a8))
+    score("weights only", logits(ptq("W8A16", "symmetric")))
+    for grid, name in GRIDS.items():
+        score(f"activations only, {name}", logits(ptq("W16A8", grid)))
+    for grid, name in GRIDS.items():
+        score(f"W8A8, {name}", logits(ptq("W8A8", grid)))
+    exported = as_exported(ptq("W8A8", "zero_point"), [3, size, size])
+    computed = logits(exported)
+    score("W8A8, grids with a zero point, PyTorch (the model the graph computes)", computed)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_onnx = Path(tmp) / "model.fp32.onnx"
-        size = FULL.fine_tuning.size
         onnx.save(to_onnx(model, [3, size, size], "fp32"), str(fp32_onnx))
-        peer = ort_quantize_static(fp32_onnx, Path(tmp) / "peer.onnx", train.one_per_batch(count))
-        session = ort_session(str(peer), FULL.threads)
-        score(
-            "W8A8, onnxruntime quantize_static (u8 activations with zero points)",
-            np.concatenate([session.run(None, {INPUT_NAME: x.numpy()})[0] for x in images]),
-        )
+        runs = {
+            "W8A8, grids with a zero point, qatkd's int8 graph in onnxruntime": to_onnx(
+                exported, [3, size, size], "int8"
+            ).SerializeToString(),
+            "W8A8, onnxruntime quantize_static (u8 activations with zero points)": str(
+                ort_quantize_static(fp32_onnx, Path(tmp) / "peer.onnx", train.one_per_batch(count))
+            ),
+        }
+        outputs = {}
+        for name, graph in runs.items():
+            session = ort_session(graph, FULL.threads)
+            outputs[name] = np.concatenate(
+                [session.run(None, {INPUT_NAME: x.numpy()})[0] for x in images]
+            )
+            score(name, outputs[name])
+    in_onnxruntime = next(iter(outputs.values()))
+    parity = round(100 * float((in_onnxruntime.argmax(1) == computed.argmax(1)).mean()), 2)
     result = {
         "commit": git_commit(),
         "command": command(),
@@ -140,6 +113,7 @@ def main() -> None:
         "test_images": TEST_IMAGES,
         "calibration_images": count,
         "rows": rows,
+        "parity_top1_agreement": parity,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "act_grid.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -150,12 +124,17 @@ def main() -> None:
         f"- machine: {result['machine']}\n"
         f"- arch_speed's fine-tuned model and calibration ({count} training images); top-1 on "
         f"the first {TEST_IMAGES} test images at 224 x 224\n\n"
-        "qatkd's activation grids are symmetric (codes -128..127 at abs-max / 127 for a signed "
-        "tensor); the zero-point row replaces each with 256 codes over the tensor's calibration "
-        "[min, max] and an integer zero point, as onnxruntime's u8 activations; the last row is "
-        "onnxruntime's `quantize_static` of the float model (QDQ, u8 activations, per-channel s8 "
-        "weights, min-max on the same calibration images), run in onnxruntime.\n\n"
-        f"| model | top-1 % | agreement with float % |\n|---|---:|---:|\n{table}\n"
+        "qatkd's min-max PTQ (`quant.method=minmax`, 8-bit first and last layers like the rest) "
+        "on symmetric activation grids (`quant.act_grid=symmetric`: codes -128..127 at abs-max "
+        "/ 127 for a signed tensor) and on grids with a zero point (`quant.act_grid=zero_point`, "
+        "the default at 8 bits: 256 codes over the tensor's calibration [min, max], an even zero "
+        "code), the latter also as the int8 graph `qatkd export` writes, run in onnxruntime; the "
+        "last row is onnxruntime's `quantize_static` of the float model (QDQ, u8 activations, "
+        "per-channel s8 weights, min-max on the same calibration images), run in onnxruntime."
+        "\n\n"
+        f"| model | top-1 % | agreement with float % |\n|---|---:|---:|\n{table}\n\n"
+        f"qatkd's int8 graph in onnxruntime agrees with the PyTorch model it computes on "
+        f"{parity:.2f} % of the images' top-1.\n"
     )
     print((RESULTS / "act_grid.md").read_text())
 
