@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,8 +53,8 @@ def ort_quantize_static(fp32_onnx: Path, out: Path, images: Sequence[np.ndarray]
         prepared = Path(tmp) / "prepared.onnx"
         try:
             quant_pre_process(str(fp32_onnx), str(prepared))
-        except Exception as e:  # onnxruntime raises a bare Exception
-            if "symbolic shape inference" not in str(e):
+        except Exception as e:  # a bare Exception, or an AssertionError from inside (ViT-B/16)
+            if not _in_symbolic_shape_inference(e):
                 raise
             quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
         quantize_static(
@@ -66,6 +67,14 @@ def ort_quantize_static(fp32_onnx: Path, out: Path, images: Sequence[np.ndarray]
             weight_type=QuantType.QInt8,
         )
     return out
+
+
+def _in_symbolic_shape_inference(error: Exception) -> bool:
+    """Whether `quant_pre_process` failed in its symbolic shape inference, which it can skip."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return "symbolic shape inference" in str(error) or any(
+        "symbolic_shape_infer" in frame.filename for frame in frames
+    )
 
 
 def nncf_quantize(fp32_onnx: Path, out: Path, images: Sequence[np.ndarray]) -> Path:
