@@ -537,7 +537,8 @@ def test_float16_offsets_keep_their_sign():
 
 
 def test_asymmetric_grid_errors():
-    with pytest.raises(QatkdError, match=r"asymmetric grid .* takes the minmax or lsq method, not"):
+    message = r"^an asymmetric grid \(quant\.asymmetric\) takes the minmax or lsq method, not pact$"
+    with pytest.raises(QatkdError, match=message):
         make_quantizer("pact", 4, (4, 64), 32, asymmetric=True)
     for shape, group in (((4, 64), None), (None, None)):  # per channel, activations
         with pytest.raises(QatkdError, match=r"is for grouped Linear weights \(quant.group_size\)"):
@@ -550,7 +551,10 @@ def test_asymmetric_grid_errors():
         (-1.0, 3.0, 64, 3 / 191),  # 255 * 1 / 4 = 63.75 -> 64; the top end binds
         (-0.28, 6.0, 12, 6 / 243),  # SiLU's range: 11.37 -> 12 (even)
         (0.0, 2.0, 0, 2 / 255),  # non-negative: the unsigned grid
-        (-2.0, 0.0, 254, 2 / 254),  # non-positive: 255 -> 254 (even, at most 2^b - 2)
+        (-2.0, 0.0, 254, 2 / 254),  # non-positive: 254.99 -> 254 (even)
+        (-255.0, 0.0, 254, 255 / 254),  # exactly 255 -> 256 (half to even) -> 254 (at most 2^b - 2)
+        (-0.0159, 2.0, 2, 0.0159 / 2),  # 2.01 -> 2; the bottom end binds
+        (-0.00786, 2.0, 0, 2 / 255),  # 0.99 -> 0: negatives clip at 0 and widen nothing
         (0.5, 2.0, 0, 2 / 255),  # widened to hold 0
     ],
 )
@@ -614,7 +618,12 @@ def test_lsq_zero_point_grid_learns_its_step_and_keeps_its_zero_code():
 
 
 def test_a_zero_point_grid_is_for_activations_of_minmax_or_lsq():
-    with pytest.raises(QatkdError, match=r"^quant\.act_grid takes the minmax or lsq method"):
+    message = r"^quant\.act_grid takes the minmax or lsq method, not pact$"
+    with pytest.raises(QatkdError, match=message):
         make_quantizer("pact", 8, zero_point_grid=True)
-    with pytest.raises(QatkdError, match=r"a grid with a zero point .* is for activations"):
+    message = (
+        r"^a grid with a zero point \(quant\.act_grid\) is for activations, with the minmax or "
+        r"lsq method$"
+    )
+    with pytest.raises(QatkdError, match=message):
         make_quantizer("minmax", 8, (4, 4), zero_point_grid=True)

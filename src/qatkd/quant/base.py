@@ -128,8 +128,9 @@ def grid_with_zero_point(low: Tensor, high: Tensor, bits: int) -> tuple[Tensor, 
     levels = 2**bits - 1
     low, high = low.clamp_max(0), high.clamp_min(0)
     spread = ((high - low) / levels).clamp_min(EPS)
-    zero = (2 * torch.round(-low / (2 * spread))).clamp_max(levels - 1)
-    below = torch.where(zero > 0, -low / zero.clamp_min(1), torch.zeros_like(low))
+    half = torch.round(-low / (2 * spread)).clamp_max(2 ** (bits - 1) - 1)
+    zero = 2 * half
+    below = torch.where(half > 0, -low / zero, torch.zeros_like(low))
     return _round_up(torch.maximum(below, high / (levels - zero)).clamp_min(EPS)), zero
 
 
