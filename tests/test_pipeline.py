@@ -10,7 +10,7 @@ import torch
 from qatkd import pipeline, reuse
 from qatkd.artifacts import load_model
 from qatkd.balance import BalancerConfig, build_balancer
-from qatkd.checkpoint import load_checkpoint
+from qatkd.checkpoint import load_checkpoint, save_checkpoint
 from qatkd.cli import EXIT_USER_ERROR, main
 from qatkd.config import load_config
 from qatkd.errors import QatkdError
@@ -97,7 +97,7 @@ def test_qat_from_fp32_saves_and_restores_quantizer_state(learn_root, learned_fp
 
 
 def test_a_checkpoint_saved_before_act_grid_loads_and_resumes_on_symmetric_grids(
-    npz_root, fp32_run, tmp_path
+    npz_root, tmp_path
 ):
     """Checkpoints made before `quant.act_grid` trained on symmetric activation grids: loaded or
     resumed, they get those grids back (no zero code in their state), not today's default."""
@@ -106,7 +106,7 @@ def test_a_checkpoint_saved_before_act_grid_loads_and_resumes_on_symmetric_grids
     run_dir, metrics = pipeline.train(config)
     state = load_checkpoint(run_dir / "last.pt")
     del state["meta"]["quant"]["act_grid"], state["config"]["quant"]["act_grid"]
-    torch.save(state, run_dir / "last.pt")
+    save_checkpoint(state, run_dir / "last.pt")
     model, _ = load_model(run_dir / "last.pt")
     assert not any(getattr(m, "zero_point_grid", False) for m in model.modules())
     assert pipeline.evaluate(run_dir)["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-4)

@@ -166,9 +166,9 @@ def test_qdq_around_every_quantized_layer(tiny_model):
         assert inits[w_dq.input[0]].data_type == onnx.TensorProto.INT8, node.name
     q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert len(q_nodes) == len(activation_quantizers(model)) == 14  # each tensor once
-    # the metadata names every quantized tensor's codes: uint8, at zero point -qmin where they
-    # are signed (the residual adds' operands: 128 on a symmetric grid, even on one with a
-    # zero point)
+    # the metadata names every quantized tensor's codes: uint8 at zero point -qmin, 0 for
+    # unsigned codes, nonzero for signed ones (the residual adds' operands: 128 on a symmetric
+    # grid, an even z on one with a zero point)
     codes, quantizers = activation_codes(proto), activation_quantizers(model)
     assert set(codes) == set(quantizers)
     assert any(q.signed for q in quantizers.values())
