@@ -327,23 +327,23 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "return op(x.reshape(-1), None)",
         "the flattened tensor is 1-D, so reducing dimension 0 is reducing every dimension (None)",
     ),
-    f"{_BASE}__init____mutmut_27": (
+    f"{_BASE}__init____mutmut_44": (
         "self.group_widths: list[int] = None",
         "only a grouped quantizer reads `group_widths` (its numel_per_scale and `_broadcast`), and "
         "it always replaces the initial value; an ungrouped one only tests it for truth, and None "
         "is as false as []",
     ),
-    f"{_BASE}__init____mutmut_47": (
+    f"{_BASE}__init____mutmut_64": (
         "else math.prod(weight_shape) / math.prod(self.param_shape)",
         "the division is exact (each scale covers whole rows of the weight), and the quotient "
         "only enters LSQ's gradient scale 1 / sqrt(N Q_p), the same for 27 and 27.0",
     ),
-    f"{_BASE}__init____mutmut_50": (
+    f"{_BASE}__init____mutmut_67": (
         "else 1",
         "an activation quantizer never reads `numel_per_scale`: `_elements_per_scale` takes its N "
         "from the input",
     ),
-    f"{_BASE}__init____mutmut_51": (
+    f"{_BASE}__init____mutmut_68": (
         "self.calibrating = None",
         "`calibrating` is only tested for truth (`training or calibrating`, `elif calibrating`) "
         "and `calibrate` sets it to True and back to False; None is as false as False",
