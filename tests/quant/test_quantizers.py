@@ -91,7 +91,7 @@ def test_values_beyond_the_clip_saturate(method):
 
 def test_signedness_decided_by_initialisation_data():
     assert act_quantizer("lsq", 4, torch.rand(10)).qrange == (0, 15)
-    assert act_quantizer("lsq", 4, torch.randn(10)).qrange == (-8, 7)
+    assert act_quantizer("lsq", 4, torch.tensor([0.5, -0.01, 2.0])).qrange == (-8, 7)
     assert make_quantizer("lsq", 4, (3, 4)).qrange == (-8, 7)
 
 
@@ -230,7 +230,7 @@ def test_dorefa_activations_clip_to_unit_range():
     out = q(torch.tensor([-1.0, 0.2, 0.5, 3.0]))
     torch.testing.assert_close(out, torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
     # signed inputs: the signed code range [-8, 7] times 1 / Q_p = 1 / 7
-    q = act_quantizer("dorefa", 4, torch.randn(8))
+    q = act_quantizer("dorefa", 4, torch.tensor([-0.5, 1.0]))
     out = q(torch.tensor([-5.0, -1.0, 0.3, 3.0]))
     torch.testing.assert_close(out, torch.tensor([-8 / 7, -1.0, 2 / 7, 1.0]))
 
