@@ -157,8 +157,9 @@ class Quantizer(nn.Module):
 
     Subclasses (one per method) define `_init` (data-driven start values), `_scale` (the scale in
     its stored shape), `_codes` (integer codes with their gradients, and the scale and offset they
-    use) and, if they take an asymmetric grid (`takes_offset`), `_offset`. All state lives in
-    parameters and buffers, so `state_dict()` round-trips it.
+    use) and, if they take an asymmetric grid (`takes_offset`), `_offset` and, for an activation
+    grid with a zero point, `_zero_code`. All state lives in parameters and buffers, so
+    `state_dict()` round-trips it.
     """
 
     method = ""
@@ -200,10 +201,8 @@ class Quantizer(nn.Module):
                 "or lsq method"
             )
         self.zero_point_grid = zero_point_grid
-        """2^bits codes over the activation's [min, max] with an integer zero point (the
-        `zero_code` buffer), not a symmetric or unsigned grid (`zero_point_grid`)."""
-        if zero_point_grid:
-            self.register_buffer("zero_code", torch.zeros(()))
+        """2^bits codes over the activation's [min, max] with an integer zero point
+        (`_zero_code`), not a symmetric or unsigned grid (`grid_with_zero_point`)."""
         self.param_shape = _param_shape(weight_shape, self.group_size)
         self.group_widths: list[int] = []
         """Inputs per group, in order: all `group_size` but the last, which holds the remainder
@@ -232,7 +231,7 @@ class Quantizer(nn.Module):
         """The integer codes' (min, max): unsigned for an asymmetric grid, [-z, 2^bits - 1 - z]
         for a grid with zero code z."""
         if self.zero_point_grid:
-            zero = int(self.zero_code)
+            zero = int(self._zero_code())
             return -zero, 2**self.bits - 1 - zero
         if self.signed and not self.asymmetric:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
@@ -314,6 +313,9 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def _offset(self) -> Tensor:
+        raise NotImplementedError
+
+    def _zero_code(self) -> Tensor:
         raise NotImplementedError
 
     def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -64,10 +64,12 @@ class MinMaxQuantizer(Quantizer):
 
     def _scale(self) -> Tensor:
         if self.zero_point_grid:
-            scale, zero = grid_with_zero_point(self.running_min, self.running_max, self.bits)
-            self.zero_code.copy_(zero)
-            return scale
+            return grid_with_zero_point(self.running_min, self.running_max, self.bits)[0]
         return range_grid(*self._bounds(), self.qrange[1])[0]
+
+    def _zero_code(self) -> Tensor:
+        """Derived from the tracked bounds, as the scale is."""
+        return grid_with_zero_point(self.running_min, self.running_max, self.bits)[1]
 
     def _offset(self) -> Tensor:
         return self.running_min
@@ -122,6 +124,8 @@ class LSQQuantizer(Quantizer):
         self.step = nn.Parameter(torch.ones(self.param_shape))
         if asymmetric:
             self.beta = nn.Parameter(torch.zeros(self.param_shape))
+        if zero_point_grid:
+            self.register_buffer("zero_code", torch.zeros(()))
 
     def _init(self, x: Tensor) -> None:
         """The paper's 2·mean|x|/sqrt(Q_p), capped at max|x|/Q_p: at 8 bits the paper's value
@@ -148,6 +152,10 @@ class LSQQuantizer(Quantizer):
 
     def _offset(self) -> Tensor:
         return self.beta
+
+    def _zero_code(self) -> Tensor:
+        """Fixed where the grid started: the step is learned around it."""
+        return self.zero_code
 
     def _codes(self, x: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         # |step|: an SGD update can carry a small step across zero; the magnitude stays a valid,
