@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import onnx
 import torch
 from _arch_models import fashion_images, fine_tuned
 from _peers import ort_quantize_static
-from _provenance import command, default_work, git_commit, machine
+from _provenance import command, default_work, git_commit, machine, markdown_header
 from arch_speed import FULL, NAME
 from torch import nn
 
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=default_work(NAME, False))
     args = parser.parse_args()
     commit = git_commit()  # now: the tree may change while the run goes on
+    started = time.time()
     torch.set_num_threads(FULL.threads)
     train, test = fashion_images(FULL.fine_tuning.size)
     model, _ = fine_tuned(args.arch, train, FULL.fine_tuning, args.work)
@@ -111,6 +113,7 @@ def main() -> None:
         "commit": commit,
         "command": command(),
         "machine": machine(),
+        "wall_s": round(time.time() - started, 1),
         "architecture": args.arch,
         "test_images": TEST_IMAGES,
         "calibration_images": count,
@@ -121,12 +124,13 @@ def main() -> None:
     (RESULTS / "act_grid.json").write_text(json.dumps(result, indent=2) + "\n")
     table = "\n".join(f"| {k} | {v['top1']:.2f} | {v['agreement']:.2f} |" for k, v in rows.items())
     (RESULTS / "act_grid.md").write_text(
-        f"# {args.arch}: where W8A8 min-max PTQ loses accuracy, and a grid with a zero point\n\n"
-        f"- commit: {result['commit']}\n- command: `{result['command']}`\n"
-        f"- machine: {result['machine']}\n"
-        f"- arch_speed's fine-tuned model and calibration ({count} training images); top-1 on "
-        f"the first {TEST_IMAGES} test images at 224 x 224\n\n"
-        "qatkd's min-max PTQ (`quant.method=minmax`, 8-bit first and last layers like the rest) "
+        markdown_header(
+            f"{args.arch}: where W8A8 min-max PTQ loses accuracy, and a grid with a zero point",
+            result,
+            f"arch_speed's fine-tuned model and calibration ({count} training images); top-1 on "
+            f"the first {TEST_IMAGES} test images at {size} x {size}",
+        )
+        + "qatkd's min-max PTQ (`quant.method=minmax`, 8-bit first and last layers like the rest) "
         "on symmetric activation grids (`quant.act_grid=symmetric`: codes -128..127 at abs-max "
         "/ 127 for a signed tensor) and on grids with a zero point (`quant.act_grid=zero_point`, "
         "the default at 8 bits: 256 codes over the tensor's calibration [min, max], an even zero "

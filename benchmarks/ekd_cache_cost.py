@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _provenance import command, git_commit, machine
+from _provenance import command, git_commit, machine, markdown_header
 
 from qatkd import pipeline
 from qatkd.config import load_config
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--student", required=True, type=Path, help="FP32 ResNet-8 checkpoint")
     parser.add_argument("--limit", type=int, default=6000, help="training images (6000)")
     args = parser.parse_args()
+    commit = git_commit()  # now: the tree may change while the run goes on
+    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         common = [
@@ -61,9 +63,10 @@ def main() -> None:
         }
     ratios = {k: round(v / seconds["kd_1_teacher"], 3) for k, v in seconds.items()}
     result = {
-        "commit": git_commit(),
+        "commit": commit,
         "command": command(),
         "machine": machine(),
+        "wall_s": round(time.time() - started, 1),
         "train_images": args.limit,
         "seconds": seconds,
         "ratio_to_single_teacher_kd": ratios,
@@ -72,11 +75,13 @@ def main() -> None:
     (RESULTS / "ekd_cache_cost.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(f"| {k} | {seconds[k]:.1f} | {ratios[k]:.2f}x |" for k in seconds)
     (RESULTS / "ekd_cache_cost.md").write_text(
-        f"# Cost of one EKD epoch: 3 teachers, cached vs live\n\n- commit: {result['commit']}\n"
-        f"- command: `{result['command']}`\n- machine: {result['machine']}\n"
-        f"- {args.limit} training images, W4A4 ResNet-8 student, one epoch each (with the "
-        f"end-of-epoch evaluation on 500 test images)\n\n"
-        f"| run | seconds | ratio to single-teacher KD |\n|---|---:|---:|\n{rows}\n"
+        markdown_header(
+            "Cost of one EKD epoch: 3 teachers, cached vs live",
+            result,
+            f"{args.limit} training images, W4A4 ResNet-8 student, one epoch each (with the "
+            "end-of-epoch evaluation on 500 test images)",
+        )
+        + f"| run | seconds | ratio to single-teacher KD |\n|---|---:|---:|\n{rows}\n"
     )
     print((RESULTS / "ekd_cache_cost.md").read_text())
 
