@@ -83,7 +83,7 @@ def _efficientnet() -> nn.Module:
     return efficientnet.EfficientNet(stages[:3], 0.2, last_channel=128, num_classes=10)
 
 
-GELU = {"Div", "Mul"}  # torch.onnx's x * (1 + erf(x / sqrt 2)) / 2
+GELU = {"Gelu"}  # onnxruntime's fused float kernel (`onnx_ops.gelu`)
 ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], float, set[str]]] = {
     # name: (model, learning rate, the op types that read a DequantizeLinear in the graph
     # onnxruntime runs: the float ops)

@@ -22,8 +22,11 @@ number in it is one that training used:
   codes transposed, axis 1 -> MatMul, then an Add of the float bias, which no int8 kernel
   adds); the bias is int32 at scale input_scale * weight_scale -> DequantizeLinear, the
   standard QDQ form that int8 kernels need;
-- every op that no handler writes (GELU, LayerNorm, a SiLU or Hardswish that `quant.skip` leaves
-  float, ...) is torch.onnx's own float export of it (`onnx_fallback`), reading
+- GELU (exact) is onnxruntime's contrib `Gelu` (`CONTRIB_DOMAIN`), one fused kernel, in float:
+  onnxruntime fuses torch.onnx's five-op form only where one tensor feeds its Div and Mul, and it
+  gives each reader of a DequantizeLinear its own copy first (five passes over the tensor);
+- every op that no handler writes (tanh-approximate GELU, LayerNorm, a SiLU or Hardswish that
+  `quant.skip` leaves float, ...) is torch.onnx's own float export of it (`onnx_fallback`), reading
   DequantizeLinear outputs where its inputs are quantized: the fake-quantized model computes it
   in float too.
 
@@ -96,8 +99,9 @@ def to_onnx(
     gm = fold_batchnorm(model)
     builder = GraphBuilder(gm, precision == "int8")
     graph = builder.build(list(input_shape))
+    opsets = [("", OPSET), *((domain, 1) for domain in sorted(builder.domains))]
     proto = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qatkd"
+        graph, opset_imports=[helper.make_opsetid(*o) for o in opsets], producer_name="qatkd"
     )
     proto.ir_version = 8
     metadata = dict(metadata or {})

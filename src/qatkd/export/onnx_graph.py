@@ -49,6 +49,9 @@ from qatkd.export.onnx_registry import FUNCTION_OPS, Fallback, module_handler
 
 OPSET = 17
 """The ONNX opset of the exported graph (and of the islands torch.onnx writes into it)."""
+CONTRIB_DOMAIN = "com.microsoft"
+"""onnxruntime's contrib ops (version 1), which OpenVINO reads too: the graph uses them where the
+runtime cannot fuse the standard ops itself once a DequantizeLinear feeds them (`Gelu`)."""
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 
@@ -96,6 +99,8 @@ class GraphBuilder:
         self._codes: dict[tuple[str, ActRange], str] = {}
         self._widened: dict[str, str] = {}
         self.dequantized: dict[str, Dequantized] = {}
+        self.domains: set[str] = set()
+        """The op domains the graph uses besides the standard one (`CONTRIB_DOMAIN`)."""
         self.torch_onnx_ops: list[str] = []
         """The ops (`op_name`) of the nodes torch.onnx wrote in float, in graph order (the
         graph's `TORCH_ONNX_OPS` metadata)."""
@@ -169,9 +174,11 @@ class GraphBuilder:
         )  # 0-d stays 0-d
         return name
 
-    def emit(self, op: str, inputs: list[str], hint: str, **attrs: Any) -> str:
+    def emit(self, op: str, inputs: list[str], hint: str, domain: str = "", **attrs: Any) -> str:
         out = self.name(hint)
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, domain=domain, **attrs))
+        if domain:
+            self.domains.add(domain)
         return out
 
     def operand(self, arg: Any, hint: str) -> str:

@@ -21,7 +21,7 @@ from torchvision.ops import stochastic_depth
 
 from qatkd.errors import QatkdError
 from qatkd.export.frozen import FrozenConv2d, FrozenLinear, act_range, tensor_hint
-from qatkd.export.onnx_graph import GraphBuilder
+from qatkd.export.onnx_graph import CONTRIB_DOMAIN, GraphBuilder
 from qatkd.export.onnx_registry import Fallback, function_op, module_op
 from qatkd.nn import QuantPoint
 from qatkd.quant import QuantAct, QuantGlobalAvgPool2d, QuantHardswish, QuantSiLU
@@ -230,6 +230,23 @@ def _scaled_dequantize(b: GraphBuilder, node: fx.Node, hint: str) -> str | None:
     return b.emit("DequantizeLinear", inputs, f"{hint}.dq", **per_axis)
 
 
+def gelu(b: GraphBuilder, m: nn.GELU, x: str, hint: str) -> str:
+    return _gelu(b, m.approximate, x, hint)
+
+
+def gelu_call(b: GraphBuilder, node: fx.Node, hint: str) -> str:
+    approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
+    return _gelu(b, approximate, b.names[node.args[0]], hint)
+
+
+def _gelu(b: GraphBuilder, approximate: Any, x: str, hint: str) -> str:
+    """The exact GELU as onnxruntime's fused float `Gelu` (`onnx_export` module doc); the tanh
+    approximation as torch.onnx writes it."""
+    if approximate != "none":
+        raise Fallback
+    return b.emit("Gelu", [x], hint, domain=CONTRIB_DOMAIN)
+
+
 def hardsigmoid(b: GraphBuilder, m: nn.Hardsigmoid, x: str, hint: str) -> str:
     return b.emit_hardsigmoid(x, hint)
 
@@ -396,6 +413,7 @@ module_op(nn.ReLU6, nn.Hardtanh)(clamp)
 module_op(nn.BatchNorm2d)(batch_norm)
 module_op(QuantSiLU, QuantHardswish)(quant_gated)
 module_op(nn.Hardsigmoid)(hardsigmoid)
+module_op(nn.GELU)(gelu)
 module_op(nn.MaxPool2d)(max_pool)
 module_op(nn.AvgPool2d)(average_pool)
 module_op(nn.AdaptiveAvgPool2d)(global_average_pool)
@@ -404,6 +422,7 @@ module_op(nn.Flatten)(flatten_module)
 function_op(*BINARY)(binary)
 function_op(torch.relu, F.relu, "relu")(relu_call)
 function_op(F.hardsigmoid)(hardsigmoid_call)
+function_op(F.gelu)(gelu_call)
 function_op(torch.flatten, "flatten")(flatten_call)
 function_op(stochastic_depth, "contiguous")(identity_call)
 function_op(torch.permute, torch.transpose, "permute", "transpose")(transpose)
