@@ -23,8 +23,8 @@ last layers at 8 bits, exported to int8 ONNX and measured, beside the ResNet stu
   the same network at batch 1 and 64, round-robin in one process.
 
 Cost on 2 cores: `--quick` about 9 min with cls_fashion's quick teachers trained; the full mode
-about 1.7 h (estimated from the quick run: 3 seeds, 54k images), plus about 50 min when
-cls_fashion's full FP32 runs are not in `--cls-work` yet.
+with `--seeds 1` 73 min, about 35 min of it cls_fashion's full FP32 runs where `--cls-work` does
+not hold them yet (AMD EPYC), and about 17 min more a seed.
 
 Writes benchmarks/results/mobile_student{,_quick}.{md,json}.
 """
