@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qatkd.checkpoint import save_checkpoint
@@ -88,10 +89,22 @@ class _FloatAct(nn.Module):
         return self.fc(self.act(self.conv(x)).mean((2, 3)))
 
 
+class _GeluCall(nn.Module):
+    """GELU as a function call in a forward (its fx node is the call, not a module)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="none")
+
+
 @pytest.mark.parametrize(
     "act, op",
-    [(nn.GELU(), "Gelu"), (nn.GELU(approximate="tanh"), "Tanh"), (nn.ELU(), "Elu")],
-    ids=["gelu", "tanh gelu", "elu"],
+    [
+        (nn.GELU(), "Gelu"),
+        (_GeluCall(), "Gelu"),
+        (nn.GELU(approximate="tanh"), "Tanh"),
+        (nn.ELU(), "Elu"),
+    ],
+    ids=["gelu", "gelu call", "tanh gelu", "elu"],
 )
 def test_ops_without_an_integer_kernel_run_in_float_between_dq_and_q(tmp_path, act, op):
     """GELU is onnxruntime's fused float Gelu; what no handler writes (the tanh approximation,
@@ -109,7 +122,7 @@ def test_ops_without_an_integer_kernel_run_in_float_between_dq_and_q(tmp_path, a
     float_op = [
         n
         for n in proto.graph.node
-        if n.name.startswith("act") and not n.name.startswith("act_quant_output")
+        if n.name.startswith(("act", "gelu")) and not n.name.startswith("act_quant_output")
     ]
     assert op in {n.op_type for n in float_op}
     made_here = {out for n in float_op for out in n.output}
