@@ -99,7 +99,8 @@ def to_onnx(
     gm = fold_batchnorm(model)
     builder = GraphBuilder(gm, precision == "int8")
     graph = builder.build(list(input_shape))
-    opsets = [("", OPSET), *((domain, 1) for domain in sorted(builder.domains))]
+    domains = sorted({node.domain for node in graph.node} - {""})  # CONTRIB_DOMAIN's, version 1
+    opsets = [("", OPSET), *((domain, 1) for domain in domains)]
     proto = helper.make_model(
         graph, opset_imports=[helper.make_opsetid(*o) for o in opsets], producer_name="qatkd"
     )

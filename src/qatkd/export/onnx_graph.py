@@ -99,8 +99,6 @@ class GraphBuilder:
         self._codes: dict[tuple[str, ActRange], str] = {}
         self._widened: dict[str, str] = {}
         self.dequantized: dict[str, Dequantized] = {}
-        self.domains: set[str] = set()
-        """The op domains the graph uses besides the standard one (`CONTRIB_DOMAIN`)."""
         self.torch_onnx_ops: list[str] = []
         """The ops (`op_name`) of the nodes torch.onnx wrote in float, in graph order (the
         graph's `TORCH_ONNX_OPS` metadata)."""
@@ -177,8 +175,6 @@ class GraphBuilder:
     def emit(self, op: str, inputs: list[str], hint: str, domain: str = "", **attrs: Any) -> str:
         out = self.name(hint)
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, domain=domain, **attrs))
-        if domain:
-            self.domains.add(domain)
         return out
 
     def operand(self, arg: Any, hint: str) -> str:
