@@ -21,9 +21,9 @@ deviation is of the order of the spread itself.
 
 Each case names the ops that still run in float in the graph onnxruntime optimizes (those that
 read a DequantizeLinear): the ops without an integer kernel (LayerNorm; GELU; a BatchNorm after
-a concatenation; Hardswish runs as an integer add and product) and the adds that
-have no module boundary to quantize on (ViT's, Swin's), and nothing else, so a quantizer that
-goes missing shows up as a float Conv, MatMul, Add, Mul or Concat.
+a concatenation; Hardswish runs as an integer add and product), the adds that have no module
+boundary to quantize on (ViT's, Swin's) and Swin's window partition, and nothing else, so a
+quantizer that goes missing shows up as a float Conv, MatMul, Add or Mul.
 """
 
 from __future__ import annotations
@@ -153,8 +153,9 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], float, set[str]]] = {
             )
         ),
         3e-3,
-        # its windowed attention is torchvision's own functions: float, as its residual adds
-        {"LayerNormalization", "Add", *GELU},
+        # the residual adds; the windows' padding, shift and partition read the block's
+        # quantized input in float (its Shape, the shift's Concat); the attention is integer
+        {"LayerNormalization", "Add", "Shape", "Concat", *GELU},
     ),
 }
 

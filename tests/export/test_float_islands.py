@@ -139,3 +139,34 @@ def test_a_torch_onnx_error_without_words_is_named_by_its_type(monkeypatch):
     message = r"^cannot export 'sin' \(graph node sin\) in float: torch.onnx says RuntimeError$"
     with pytest.raises(QatkdError, match=message):
         to_onnx(SineCumprod().eval(), [4], "fp32")
+
+
+def _relative_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return table[index].view(4, 4)
+
+
+fx.wrap("_relative_bias")
+
+
+class PositionBias(nn.Module):
+    """A term computed from parameters and buffers only (Swin's relative position bias): an
+    island without inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, generator=torch.Generator().manual_seed(0)))
+        self.register_buffer("index", torch.randint(0, 7, (16,)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + _relative_bias(self.table, self.index)
+
+
+def test_an_island_that_reads_parameters_only_is_its_values_as_constants():
+    model = PositionBias().eval()
+    proto = to_onnx(model, [4, 4], "fp32")
+    assert torch_onnx_ops_of(proto) == []  # the bias is no op of the graph: a constant
+    x = torch.randn(2, 4, 4)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ort_session(proto.SerializeToString()).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=0)

@@ -6,8 +6,9 @@ which `torch.onnx.export` (the TorchScript exporter: milliseconds per island, no
 turns into ONNX; the builder splices that graph in under fresh tensor names. Only tensors cross an
 island's border: a shape, an int or a tuple that a later island reads is recomputed there from the
 tensors it came from, and the parameters and buffers an island reads become its initializers with
-their own dtype. An island's inputs are the float tensors around it (a DequantizeLinear's output
-where the tensor is quantized), so it runs in float between DQ and Q, exactly as the
+their own dtype; an island that reads nothing else is its values, as initializers. An island's
+inputs are the float tensors around it (a DequantizeLinear's output where the tensor is
+quantized), so it runs in float between DQ and Q, exactly as the
 fake-quantized PyTorch model computes it in float.
 
 Dimensions that depend on the batch (found by running the graph at two batch sizes) are exported
@@ -24,6 +25,7 @@ from typing import Any
 
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import Tensor, fx
 
 from qatkd.errors import QatkdError
@@ -100,6 +102,10 @@ def island_graph(
     inputs.sort(key=_order(gm))
     if not outputs:  # nothing outside reads it (an assert, a shape no one uses)
         return onnx.GraphProto(), inputs, outputs
+    if not inputs:  # it reads parameters and buffers only (Swin's position bias): constants
+        values = [examples.values[n].detach().numpy() for n in outputs]
+        constants = [numpy_helper.from_array(v, f"out{i}") for i, v in enumerate(values)]
+        return onnx.GraphProto(initializer=constants), inputs, outputs
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {n: graph.placeholder(f"in{i}") for i, n in enumerate(inputs)}
     for node in gm.graph.nodes:

@@ -445,7 +445,7 @@ class GraphBuilder:
     def _emit_island(self, members: list[fx.Node]) -> None:
         """Splice in torch.onnx's float graph of `members` (`onnx_fallback`) under fresh names."""
         graph, inputs, outputs = island_graph(self.gm, members, self.examples, OPSET)
-        if outputs:  # an island nothing reads (a chunk whose parts are Slices) adds nothing
+        if graph.node:  # nothing read (a chunk whose parts are Slices), or constants only
             self.torch_onnx_ops += [op_name(n) for n in members]
         renamed = {f"in{i}": self.names[n] for i, n in enumerate(inputs)}
         hint = members[0].name

@@ -16,10 +16,11 @@ output is quantized at once (a QuantizeLinear). Matched on a torch.fx trace of t
 - a SiLU or a Hardswish: it becomes `QuantSiLU` / `QuantHardswish`, x · sigmoid(x) or
   x · hardsigmoid(x) with the gate quantized (QLinearSigmoid or QLinearAdd, and QLinearMul;
   onnxruntime has no integer SiLU or Hardswish);
-- an `nn.MultiheadAttention`: it becomes `qatkd.nn.Attention` before the layers are swapped
-  (`split_attention`), whose projections are Linear layers and whose QuantPoints quantize the
-  query, key, value, scores and probabilities (MatMulIntegerToFloat, QLinearSoftmax,
-  QLinearMatMul); LayerNorm stays float (no runtime has an integer one);
+- an `nn.MultiheadAttention` or Swin's shifted-window attention: it becomes `qatkd.nn.Attention`
+  or `quant.window_attention.WindowAttention` before the layers are swapped (`split_attention`),
+  whose projections are Linear layers and whose QuantPoints quantize the query, key, value and
+  probabilities (MatMulIntegerToFloat, QLinearMatMul); LayerNorm stays float (no runtime has an
+  integer one);
 - a conv or linear layer: its output, where an op without an integer kernel reads it (GELU,
   LayerNorm, a float add, an activation that `quant.skip` leaves float): the layer is then an
   integer kernel and the float op runs between a DequantizeLinear and a QuantizeLinear, as
@@ -68,6 +69,7 @@ from qatkd.quant.tensors import (
     same_value_input,
     trace,
 )
+from qatkd.quant.window_attention import WindowAttention
 
 Site = tuple[str, sites.Side]
 BINARY = {operator.add, operator.mul, torch.add, torch.mul, "add", "mul"}
@@ -111,11 +113,13 @@ def place_quantizers(
 
 
 def split_attention(model: nn.Module, skipped: Callable[[str], bool]) -> None:
-    """Swap each `nn.MultiheadAttention` of `model` that `Attention` splits, outside `skipped`,
-    for its `Attention`: the float computation, with its integer points marked."""
+    """Swap each attention of `model` outside `skipped` that `Attention` (an
+    `nn.MultiheadAttention`) or `WindowAttention` (Swin's) splits for that rewrite: the float
+    computation, its projections called as layers, its integer points marked."""
     for name, module in list(model.named_modules()):
-        if name and Attention.splits(module) and not skipped(name):
-            model.set_submodule(name, Attention.from_module(module))
+        for rewrite in (Attention, WindowAttention):
+            if name and rewrite.splits(module) and not skipped(name):
+                model.set_submodule(name, rewrite.from_module(module))
 
 
 def _rules(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, list[list[fx.Node]]]]:
