@@ -131,9 +131,8 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], float, set[str]]] = {
             )
         ),
         3e-3,
-        # GELU's Mul, and the layer scale's requantization: a DequantizeLinear at per-channel
-        # steps (`onnx_ops`) read by a QuantizeLinear
-        {"LayerNormalization", *GELU, "QuantizeLinear"},
+        # the layer scale is folded into the Linear before it (`fold_layer_scales`)
+        {"LayerNormalization", *GELU},
     ),
     "vit": (
         _small(

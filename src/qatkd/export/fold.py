@@ -1,10 +1,11 @@
-"""BatchNorm folding that keeps the trained integer weights.
+"""BatchNorm and layer-scale folding that keep the trained integer weights.
 
 Training fake-quantizes the *unfolded* weight and applies BatchNorm after the conv. Folding BN into
 the float weight and quantizing again would produce different codes than the ones trained. Instead
 BN's per-channel factor k = gamma / sqrt(var + eps) goes into the per-channel weight *scale*
 (scale' = scale * k) and into the bias (b' = beta + (b - mean) * k): the codes stay exactly the
-trained ones and the output is the same up to float rounding.
+trained ones and the output is the same up to float rounding. A layer scale (`quant.layer_scale`)
+folds the same way in the int8 graph: its factor goes into the weight scale and the bias.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from qatkd.export.frozen import FrozenConv2d, freeze
+from qatkd.export.frozen import FrozenConv2d, FrozenLayer, freeze
+from qatkd.quant.layer_scale import layer_scale
 
 FOLDED_BATCHNORM = "folded_batchnorm"
 """Key of `GraphModule.meta` holding {conv module path: path of the BatchNorm folded into it}."""
@@ -60,3 +62,35 @@ def _fold_into(conv: FrozenConv2d | nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     else:
         conv.weight = nn.Parameter(conv.weight * k.view(-1, 1, 1, 1))
         conv.bias = nn.Parameter(new_bias)
+
+
+def fold_layer_scales(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` (frozen, BN-folded) with each product of a frozen layer's output by a layer scale
+    folded into the layer's weight scales and bias, in place: the int8 graph's form, where the
+    layer's kernel writes the product at the quantizer `prepare` put after it. Not for a qpack,
+    whose reader runs the model's own forward, product included."""
+    for node in list(gm.graph.nodes):
+        found = layer_scale(gm, node, _frozen_channels)
+        if found is None:
+            continue
+        layer_node, operand, factor = found
+        layer = gm.get_submodule(str(layer_node.target))
+        with torch.no_grad():
+            layer.scale = layer.scale * factor.view(-1, *[1] * (layer.scale.dim() - 1))
+            if layer.bias is not None:
+                layer.bias = layer.bias * factor
+        node.replace_all_uses_with(operand)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _frozen_channels(module: nn.Module) -> tuple[int, int] | None:
+    """A frozen layer's output channels and their axis, where its weight has one scale per
+    output channel."""
+    if not isinstance(module, FrozenLayer) or module.group_size is not None:
+        return None
+    if module.offset is not None:
+        return None
+    return module.codes.shape[0], -3 if isinstance(module, FrozenConv2d) else -1

@@ -60,7 +60,7 @@ from torch import nn
 from qatkd.errors import QatkdError
 from qatkd.export import onnx_ops  # noqa: F401  (registers the op handlers)
 from qatkd.export.bias_grid import aligned_copy
-from qatkd.export.fold import fold_batchnorm
+from qatkd.export.fold import fold_batchnorm, fold_layer_scales
 from qatkd.export.onnx_graph import INPUT_NAME, OPSET, OUTPUT_NAME, GraphBuilder
 
 ACTIVATION_CODES = "activation_codes"
@@ -97,7 +97,9 @@ def to_onnx(
     if precision not in ("int8", "fp32"):
         raise QatkdError(f"precision must be int8 or fp32, not '{precision}'")
     gm = fold_batchnorm(model)
-    builder = GraphBuilder(gm, precision == "int8")
+    builder = GraphBuilder(
+        fold_layer_scales(gm) if precision == "int8" else gm, precision == "int8"
+    )
     graph = builder.build(list(input_shape))
     domains = sorted({node.domain for node in graph.node} - {""})  # CONTRIB_DOMAIN's, version 1
     opsets = [("", OPSET), *((domain, 1) for domain in domains)]
@@ -128,7 +130,7 @@ def int32_bias_layers(model: nn.Module, input_shape: Sequence[int]) -> set[str]:
     """Names of the layers whose bias the int8 graph holds as int32 (rounded to the kernel's
     grid): the ones `bias_grid.align_biases` must align, and only those (a float bias is exact,
     and moving it would change what the graph computes)."""
-    builder = GraphBuilder(fold_batchnorm(model), quantized=True)
+    builder = GraphBuilder(fold_layer_scales(fold_batchnorm(model)), quantized=True)
     builder.build(list(input_shape))
     return {layer for _, _, layer in builder.int_biases.values()}
 

@@ -24,7 +24,8 @@ output is quantized at once (a QuantizeLinear). Matched on a torch.fx trace of t
 - a conv or linear layer: its output, where an op without an integer kernel reads it (GELU,
   LayerNorm, a float add, an activation that `quant.skip` leaves float): the layer is then an
   integer kernel and the float op runs between a DequantizeLinear and a QuantizeLinear, as
-  `quantize_static` leaves it.
+  `quantize_static` leaves it. Where the layer's output is multiplied by a layer scale
+  (`quant.layer_scale`), after that product, which the exporter folds into the layer.
 
 An output is taken after the ops the exporter moves a QuantizeLinear before (the layer's
 BatchNorm, ReLU, MaxPool, Flatten, reshapes, Dropout and stochastic depth in eval). A rule applies
@@ -39,7 +40,9 @@ exporter writes it.
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +51,7 @@ from torch import fx, nn
 from qatkd.nn import Attention
 from qatkd.quant import sites
 from qatkd.quant.base import Quantizer
+from qatkd.quant.layer_scale import layer_scale
 from qatkd.quant.modules import (
     QuantAct,
     QuantConv2d,
@@ -69,7 +73,9 @@ from qatkd.quant.tensors import (
     same_value_input,
     trace,
 )
-from qatkd.quant.window_attention import WindowAttention
+
+if TYPE_CHECKING:  # torchvision loads only with a model that needs it
+    from qatkd.quant.window_attention import WindowAttention
 
 Site = tuple[str, sites.Side]
 BINARY = {operator.add, operator.mul, torch.add, torch.mul, "add", "mul"}
@@ -116,8 +122,13 @@ def split_attention(model: nn.Module, skipped: Callable[[str], bool]) -> None:
     """Swap each attention of `model` outside `skipped` that `Attention` (an
     `nn.MultiheadAttention`) or `WindowAttention` (Swin's) splits for that rewrite: the float
     computation, its projections called as layers, its integer points marked."""
+    rewrites: list[type[Attention] | type[WindowAttention]] = [Attention]
+    if "torchvision" in sys.modules:  # a Swin's modules are torchvision's: it is loaded already
+        from qatkd.quant.window_attention import WindowAttention
+
+        rewrites.append(WindowAttention)
     for name, module in list(model.named_modules()):
-        for rewrite in (Attention, WindowAttention):
+        for rewrite in rewrites:
             if name and rewrite.splits(module) and not skipped(name):
                 model.set_submodule(name, rewrite.from_module(module))
 
@@ -130,11 +141,15 @@ def _rules(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, list[list[fx.Node]]]]:
     (`quant.tensors` gives them one scale): only its inputs are listed."""
     inside = _feeding_quantized_layers(gm)
     activations = _activations(gm)
+    scaled = {}  # layer -> the product by its layer scale (folded into it at export)
+    for node in gm.graph.nodes:
+        if (found := layer_scale(gm, node, _layer_channels)) is not None:
+            scaled[found[0]] = node
     for node in gm.graph.nodes:
         operands = _integer_operands(gm, node, activations)
         if operands is None:
             continue
-        output = _advance(gm, _after_batchnorm(gm, node))
+        output = _advance(gm, scaled.get(node) or _after_batchnorm(gm, node))
         if output[-1] in inside:
             tensors = [_backward(gm, a) for a in operands]
             yield node, tensors if calls(node, CONCATS) else [*tensors, output[::-1]]
@@ -162,6 +177,15 @@ def _integer_operands(
         return list(parts) if joined else None
     if calls(node, SIGMOIDS) or global_pool_call(node):
         return [args[0]]
+    return None
+
+
+def _layer_channels(module: nn.Module) -> tuple[int, int] | None:
+    """A quantized layer's output channels and their axis (`quant.layer_scale`)."""
+    if isinstance(module, QuantConv2d):
+        return module.out_channels, -3
+    if isinstance(module, QuantLinear) and module.weight_quantizer.group_size is None:
+        return module.out_features, -1
     return None
 
 
