@@ -46,6 +46,7 @@ from qatkd.export.openvino_reference import openvino_reference
 from qatkd.export.run import FP32_ONNX, INT8_ONNX, backend_targets
 from qatkd.export.runtime import ort_session
 from qatkd.machine import machine
+from qatkd.quant import window_attention  # noqa: F401  (keyed: prepare imports it for a Swin)
 
 PEERS = (ORT_PEER, NNCF_PEER)
 LATENCY_BATCHES = (1, 64)

@@ -29,28 +29,42 @@ def _plain_channels(module: nn.Module) -> tuple[int, int] | None:
 class Scaled(nn.Module):
     """`factor * permute(linear(x))` on a [N, H, W, C] input, as ConvNeXt writes its block."""
 
-    def __init__(self, factor_shape: tuple[int, ...], permute: bool = True, relu: bool = False):
+    def __init__(
+        self,
+        factor_shape: tuple[int, ...],
+        dims: tuple[int, ...] | None = (0, 3, 1, 2),
+        between: str = "",
+    ) -> None:
         super().__init__()
         self.linear = nn.Linear(4, 6)
         self.factor = nn.Parameter(torch.linspace(-1.0, 2.0, int(np.prod(factor_shape))))
         self.factor.data = self.factor.data.reshape(factor_shape)
-        self.permute, self.relu = permute, relu
+        self.dims, self.between = dims, between
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
-        if self.relu:
+        if self.between == "relu":
             y = torch.relu(y)
-        if self.permute:
-            y = y.permute(0, 3, 1, 2)
-        return self.factor * y
+        if self.dims is not None:
+            y = y.permute(*self.dims)
+        out = self.factor * y
+        if self.between == "read twice":
+            return out + y
+        if self.between == "called twice":
+            return out + self.linear(x).permute(*self.dims)
+        return out
 
 
 CASES = {  # model, whether the product is a layer scale
     "channels after a permute": (Scaled((6, 1, 1)), True),
+    "negative permute dims": (Scaled((6, 1, 1), dims=(0, -1, 1, 2)), True),
     "one value": (Scaled((1,)), True),
-    "last axis, no permute": (Scaled((6,), permute=False), True),
-    "another axis": (Scaled((1, 6, 1, 1), permute=False), False),
-    "a relu between": (Scaled((6, 1, 1), relu=True), False),
+    "last axis, no permute": (Scaled((6,), dims=None), True),
+    "another axis": (Scaled((1, 6, 1, 1), dims=None), False),
+    "two axes": (Scaled((6, 2, 1)), False),
+    "a relu between": (Scaled((6, 1, 1), between="relu"), False),
+    "a layer output read twice": (Scaled((6, 1, 1), between="read twice"), False),
+    "a layer called twice": (Scaled((6, 1, 1), between="called twice"), False),
 }
 
 
@@ -58,7 +72,7 @@ CASES = {  # model, whether the product is a layer scale
 def test_a_layer_scale_is_a_per_channel_factor_on_a_layers_output_through_permutes(case):
     model, expected = CASES[case]
     gm = fx.symbolic_trace(model)
-    (mul,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.name.startswith("mul")]
+    mul = next(n for n in gm.graph.nodes if n.op == "call_function" and n.name.startswith("mul"))
     found = layer_scale(gm, mul, _plain_channels)
     assert (found is not None) == expected
     if found is not None:
