@@ -46,6 +46,7 @@ from qatkd.export.bias_grid import (
 from qatkd.export.frozen import ActRange, FrozenLayer, run_time_input_error, tensor_hint
 from qatkd.export.onnx_fallback import island_graph, op_name, rename_tensors, run_examples
 from qatkd.export.onnx_registry import FUNCTION_OPS, Fallback, module_handler
+from qatkd.quant.tensors import attribute
 
 OPSET = 17
 """The ONNX opset of the exported graph (and of the islands torch.onnx writes into it)."""
@@ -110,7 +111,7 @@ class GraphBuilder:
         inputs, outputs = [], []
         nodes = list(self.gm.graph.nodes)
         for node in nodes:  # parameters and buffers first: what reads them decides its form
-            value = _attr(self.gm, node.target) if node.op == "get_attr" else None
+            value = attribute(self.gm, node.target) if node.op == "get_attr" else None
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 self.names[node] = self.const(value.detach().float().numpy(), node.target)
         done = {n for n in nodes if n.op == "get_attr"}
@@ -474,8 +475,3 @@ def code_of(value: float, r: ActRange) -> int:
         return r.qmin if value < 0 else r.qmax
     code = np.round(np.float32(value) / np.float32(r.scale))
     return int(np.clip(code, r.qmin, r.qmax))
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name)

@@ -12,14 +12,13 @@ channel axis, which is followed; any other op ends the match.
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, fx, nn
 
-from qatkd.quant.tensors import calls
+from qatkd.quant.tensors import attribute, calls
 
 MULS = {operator.mul, torch.mul, "mul"}
 PERMUTES = {torch.permute, "permute"}
@@ -45,7 +44,7 @@ def layer_scale(
         return None
     if not isinstance(operand, fx.Node):
         return None
-    factor = functools.reduce(getattr, str(factor_node.target).split("."), gm)
+    factor = attribute(gm, str(factor_node.target))
     if not isinstance(factor, Tensor) or not factor.is_floating_point() or (factor == 0).any():
         return None
     varying = [d - factor.dim() for d, n in enumerate(factor.shape) if n != 1]
@@ -78,11 +77,9 @@ def layer_scale(
 
 
 def _permutation(node: fx.Node) -> list[int] | None:
-    """The dims of `x.permute(...)` / `torch.permute(x, dims)`, or None where not constants."""
-    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
-    if node.op == "call_method" and len(dims) == 1 and isinstance(dims[0], list | tuple):
+    """The dims of `x.permute(*dims)`, `x.permute(dims)` or `torch.permute(x, dims)`, or None
+    where they are not constants."""
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], list | tuple):
         dims = dims[0]
-    if node.op == "call_function" and dims:
-        dims = dims[0]
-    dims = list(dims) if isinstance(dims, list | tuple) else []
-    return dims if dims and all(isinstance(d, int) for d in dims) else None
+    return list(dims) if dims and all(isinstance(d, int) for d in dims) else None

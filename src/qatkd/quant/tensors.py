@@ -125,6 +125,12 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
+def attribute(gm: fx.GraphModule, target: str) -> Any:
+    """What a `get_attr` node with this target reads: a parameter, buffer or constant of `gm`."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
 def call_name(node: fx.Node) -> Any:
     """What a function or method node calls, as the `*_CALLS` sets name it (a function traced as
     a leaf, such as torchvision's stochastic depth, by its qualified name)."""
