@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import sys
+import warnings
 
 import pytest
 import torch
@@ -360,6 +362,66 @@ def test_calibrate_initialises_everything_and_restores_mode():
     assert torch.equal(stem.running_max, max(x.max() for x, _ in consumed))
     assert not model.grouped.input_quantizer.signed  # after ReLU
     assert model.bn.num_batches_tracked == 0  # BatchNorm ran in eval mode
+
+
+def test_calibrated_ranges_do_not_depend_on_how_the_samples_are_batched():
+    # with quantization on while calibrating, each range held the rounding noise of the layers
+    # before it, shaped by their ranges so far: batches of 2 and one batch of 16 disagreed
+    torch.manual_seed(0)
+    float_model, x = TinyCNN(), batches(1, size=16)[0][0]
+    states = []
+    for parts in (x.split(2), [x]):
+        model = prepare(copy.deepcopy(float_model), QuantConfig(bits="W2A2", method="minmax"))
+        calibrate(model, parts, len(x))
+        states.append(model.state_dict())
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_calibration_runs_the_float_model():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = batches(1)[0][0]
+    reference = model(x)
+    quantized = prepare(copy.deepcopy(model), QuantConfig(bits="W2A2", method="minmax"))
+    outputs = []
+    quantized.fc.register_forward_hook(lambda m, i, out: outputs.append(out))
+    calibrate(quantized, [x])
+    torch.testing.assert_close(outputs[0], reference)
+
+
+class ReadsWeightDirectly(nn.Module):
+    """A forward that passes a layer's weight to a function (as torchvision's Swin attention
+    did): the layer itself never runs, so its quantizers never see a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.proj = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).mean((2, 3))
+        return self.fc(nn.functional.linear(x, self.proj.weight, self.proj.bias))
+
+
+def test_calibrate_names_the_quantized_layers_no_batch_reached():
+    model = prepare(ReadsWeightDirectly(), QuantConfig(bits="W8A8", method="minmax"))
+    with pytest.warns(UserWarning) as said:
+        calibrate(model, batches(1))
+    assert [w.filename for w in said] == [__file__]
+    assert [str(w.message) for w in said] == [
+        "calibration never ran 1 quantized layer(s) (proj): the eval forward does not call "
+        "them, or reads their weights without calling them, which leaves those weights "
+        "unquantized"
+    ]
+
+
+def test_calibrate_is_silent_when_every_quantizer_saw_a_batch():
+    model = prepare(TinyCNN(), QuantConfig(bits="W4A4", method="minmax"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate(model, batches(1))
 
 
 def test_inference_before_calibration_is_refused():

@@ -218,7 +218,8 @@ class Quantizer(nn.Module):
             else 0
         )
         self.calibrating = False
-        """Set by `calibrate`: initialise and track ranges as in training, whatever the mode."""
+        """Set by `calibrate`: initialise and track ranges as in training, whatever the mode, on
+        the float model's tensors (`forward` passes them through unquantized)."""
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("is_signed", torch.tensor(self.is_weight))
 
@@ -275,7 +276,10 @@ class Quantizer(nn.Module):
         return torch.zeros_like(self.scale, dtype=torch.int32)
 
     def forward(self, x: Tensor) -> Tensor:
-        codes, scale, offset = self._quantize(x, update=self.training or self.calibrating)
+        if self.calibrating:  # ranges of float tensors: no rounding noise from earlier layers
+            self._quantize(x, update=True)
+            return x
+        codes, scale, offset = self._quantize(x, update=self.training)
         return codes * scale if offset is None else codes * scale + offset
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -21,8 +22,17 @@ def calibrate(
 ) -> nn.Module:
     """Run `model` on `batches` (tensors, or (x, y, ...) tuples whose first item is the input) until
     `num_samples` inputs were seen. The model runs in eval mode (BatchNorm keeps its statistics)
-    while its quantizers calibrate: each initialises on the first batch it sees, and min-max
-    activation ranges follow their EMA. The model's train/eval mode is restored afterwards."""
+    and in float while its quantizers calibrate, as onnxruntime's and NNCF's calibrators measure
+    the float model: each quantizer initialises on the first batch it sees and min-max
+    activation ranges widen to every batch's, so the ranges do not depend on how the samples
+    are batched (measured with quantization on, each layer's range held the rounding noise of
+    the layers before it as the ranges so far shaped it: EfficientNet-B0's W8A8 top-1 was 47.9 %
+    calibrated in batches of 32 and 26.7 % in batches of 8). The model's train/eval mode is
+    restored afterwards.
+
+    Warns naming the quantized layers that no batch reached: one the eval forward never calls,
+    such as an auxiliary head, is harmless, but one whose weights the forward reads directly (a
+    function given `layer.weight`) is not quantized at all, in training or export."""
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
     if not quantizers:
         raise QatkdError("calibrate needs a quantized model; call qatkd.quant.prepare first")
@@ -47,4 +57,17 @@ def calibrate(
         model.train(was_training)
     if seen == 0:
         raise QatkdError("calibrate got no batches; pass a non-empty iterable of inputs")
+    unreached = [
+        name
+        for name, layer in model.named_modules()
+        if hasattr(layer, "weight_quantizer") and not bool(layer.input_quantizer.initialized)
+    ]
+    if unreached:
+        warnings.warn(
+            f"calibration never ran {len(unreached)} quantized layer(s) "
+            f"({', '.join(unreached[:4])}{', ...' if len(unreached) > 4 else ''}): the eval "
+            "forward does not call them, or reads their weights without calling them, which "
+            "leaves those weights unquantized",
+            stacklevel=3,  # the caller's line, past torch.no_grad's wrapper
+        )
     return model
