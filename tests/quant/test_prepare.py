@@ -417,7 +417,7 @@ def test_calibrate_names_the_quantized_layers_no_batch_reached():
     ]
 
 
-def test_calibrate_is_silent_when_every_quantizer_saw_a_batch():
+def test_calibrate_is_silent_when_every_quantized_layer_ran():
     model = prepare(TinyCNN(), QuantConfig(bits="W4A4", method="minmax"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
