@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from qatkd.errors import QatkdError
 from qatkd.progress import progress as progress_bar
 from qatkd.quant.base import Quantizer
+from qatkd.quant.modules import QuantConv2d, QuantLinear
 
 
 @torch.no_grad()
@@ -60,7 +61,8 @@ def calibrate(
     unreached = [
         name
         for name, layer in model.named_modules()
-        if hasattr(layer, "weight_quantizer") and not bool(layer.input_quantizer.initialized)
+        if isinstance(layer, QuantConv2d | QuantLinear)
+        and not bool(layer.input_quantizer.initialized)
     ]
     if unreached:
         warnings.warn(
